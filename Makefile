@@ -1,0 +1,39 @@
+# make run   -- create .venv if missing, install netsvc, run every service in etc/netsvc.yaml
+# make test  -- install the test extras (and, as root, the Debian test peers), run the trial suite
+
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+CONFIG  ?= etc/netsvc.yaml
+
+.PHONY: run test install install-test peers bench clean
+
+run: install
+	$(BIN)/twistd -n --pidfile= netsvc --config $(CONFIG)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# A real (not editable) install: that is what puts twisted/plugins/netsvc_plugin.py
+# into site-packages.  Rebuilding the plugin cache afterwards means a stale
+# dropin.cache can never hide the plugin.
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet .
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+install-test: install
+	$(BIN)/python -m pip install --quiet ".[test]"
+
+peers:
+	@if [ "$$(id -u)" = 0 ]; then scripts/install-test-peers; \
+	else echo "not root: skipping scripts/install-test-peers (interop tests skip what is missing)"; fi
+
+test: install-test peers
+	$(BIN)/python scripts/run-tests
+
+bench: install
+	$(BIN)/python bench/echo.py
+
+clean:
+	rm -rf build dist *.egg-info _trial_temp* var

@@ -1,0 +1,3 @@
+from netsvc.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Echo (RFC 862): every byte or datagram received goes back to its sender."""

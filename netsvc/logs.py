@@ -1,0 +1,70 @@
+"""
+Log observers for C{log:} settings: text or JSON lines, filtered by level.
+
+Why not C{jsonFileLogObserver}: it serialises Twisted's internal fields
+(C{log_logger}, C{log_source} ...) and separates records with RS; operators want
+one flat JSON object per line (C{jq}-friendly): time, level, namespace, message,
+and the event's own structured fields.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    textFileLogObserver,
+)
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+          "error": LogLevel.error, "critical": LogLevel.critical}
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """Writes each event as one JSON object on one line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": getattr(event.get("log_level"), "name", "info"),
+            "namespace": event.get("log_namespace", ""),
+            "message": formatEvent(event),
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in ("format", "message", "time", "system", "isError"):
+                continue
+            record[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+def observerFor(settings: Any, stream: IO[str] | None = None) -> ILogObserver:
+    """
+    An observer for L{netsvc.config.LogSettings}, writing to C{stream}, or to
+    C{settings.file} (a rotating L{LogFile}), or to standard output.
+    """
+    if stream is None:
+        stream = LogFile.fromFullPath(settings.file) if settings.file else sys.stdout
+    if settings.format == "json":
+        observer: ILogObserver = JSONLinesObserver(stream)
+    else:
+        observer = textFileLogObserver(stream)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[settings.level])
+    return FilteringLogObserver(observer, [predicate])

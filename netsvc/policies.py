@@ -1,0 +1,391 @@
+"""
+Limits every listener shares: connections in total and per client IP, idle
+timeouts, message sizes, rates, and CIDR access lists.
+
+A service owns one L{Guard} (built from its L{Limits} and access lists) and wraps
+each listener's factory with L{Guard.wrap}.  The guard counts into the service's
+L{netsvc.metrics.ServiceMetrics}, and at shutdown L{Guard.drain} lets open
+connections finish for a bounded time before closing them.
+
+Wrapped protocols may define two optional methods:
+  - C{drain()}: the server is shutting down; finish politely (say goodbye).
+  - C{timedOut()}: the idle timeout fired; say so and close (default: close).
+A wrapped factory may define C{refusalProtocol(reason) -> Protocol | None} to
+answer a refused connection protocol-correctly (e.g. SMTP 421) before it closes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import directlyProvides, implementer, providedBy
+
+from netsvc.config import Limits
+from netsvc.metrics import ServiceMetrics
+
+log = Logger()
+
+
+# -- access lists --------------------------------------------------------------
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parseNetworks(specs: Iterable[str]) -> list[Network]:
+    """
+    Parse CIDR strings (a bare address is a /32 or /128).
+
+    @raise ValueError: naming the bad entry.
+    """
+    out = []
+    for spec in specs:
+        try:
+            out.append(ipaddress.ip_network(spec, strict=False))
+        except ValueError:
+            raise ValueError(f"not an address or CIDR network: {spec!r}") from None
+    return out
+
+
+class AccessList:
+    """
+    Who may connect: C{deny} wins, then an empty C{allow} admits everyone,
+    otherwise only addresses in C{allow}.  Decisions are cached per address.
+    """
+
+    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        self.allow = parseNetworks(allow)
+        self.deny = parseNetworks(deny)
+        self.open = not self.allow and not self.deny
+        self._cache: dict[str, bool] = {}
+
+    def permits(self, host: str) -> bool:
+        if self.open:
+            return True
+        verdict = self._cache.get(host)
+        if verdict is None:
+            verdict = self._decide(host)
+            if len(self._cache) >= 65536:
+                self._cache.clear()
+            self._cache[host] = verdict
+        return verdict
+
+    def _decide(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return not self.allow  # a unix socket peer: only when no allow list is set
+        mapped = getattr(addr, "ipv4_mapped", None)
+        if mapped is not None:
+            addr = mapped
+        if any(addr in net for net in self.deny):
+            return False
+        return not self.allow or any(addr in net for net in self.allow)
+
+
+# -- rates ---------------------------------------------------------------------
+
+
+class RateLimiter:
+    """
+    One token bucket per key (a client IP): C{rate} tokens per second, holding
+    at most C{burst}.  The table is bounded: when full, it is cleared (a reset
+    only ever errs toward admitting).
+    """
+
+    def __init__(self, rate: float, burst: float, clock: IReactorTime, maxKeys: int = 65536) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.maxKeys = maxKeys
+        self._buckets: dict[Any, list[float]] = {}
+
+    def allow(self, key: Any, cost: float = 1.0) -> bool:
+        """Take C{cost} tokens for C{key}; False when there are not enough."""
+        if self.rate <= 0:
+            return True
+        now = self.clock.seconds()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.maxKeys:
+                self._buckets.clear()
+            bucket = self._buckets[key] = [self.burst, now]
+        else:
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] >= cost:
+            bucket[0] -= cost
+            return True
+        return False
+
+
+# -- the guard -------------------------------------------------------------------
+
+
+def peerHost(address: Any) -> str:
+    """The client IP of an address (a unix socket peer gives C{"unix"})."""
+    return getattr(address, "host", None) or "unix"
+
+
+class Guard:
+    """
+    The limits of one service, shared by all of its listeners.
+    """
+
+    #: After the drain time, connections get loseConnection(); this long later, abortConnection().
+    abortGrace = 2.0
+
+    def __init__(self, limits: Limits, metrics: ServiceMetrics, clock: IReactorTime,
+                 access: AccessList | None = None) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.clock = clock
+        self.access = access or AccessList()
+        self.rates = RateLimiter(*limits.bucket(), clock)
+        self.connections: set[GuardedProtocol] = set()
+        self.perHost: dict[str, int] = {}
+        self.draining = False
+        self._drained: list[defer.Deferred] = []
+        metrics.active.setFunction(lambda: len(self.connections))
+
+    def wrap(self, factory: IProtocolFactory) -> "GuardedFactory":
+        """A factory enforcing these limits around C{factory}."""
+        return GuardedFactory(self, factory)
+
+    # -- connections
+
+    def refusal(self, host: str) -> str | None:
+        """Why a new connection from C{host} is refused, or None to accept it."""
+        if self.draining:
+            return "shutdown"
+        if not self.access.permits(host):
+            return "acl"
+        if len(self.connections) >= self.limits.max_connections:
+            return "max_connections"
+        if self.perHost.get(host, 0) >= self.limits.max_connections_per_ip:
+            return "max_connections_per_ip"
+        return None
+
+    def opened(self, conn: "GuardedProtocol") -> None:
+        self.connections.add(conn)
+        self.perHost[conn.host] = self.perHost.get(conn.host, 0) + 1
+        self.metrics.accepted.value += 1
+
+    def closed(self, conn: "GuardedProtocol") -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        left = self.perHost[conn.host] - 1
+        if left:
+            self.perHost[conn.host] = left
+        else:
+            del self.perHost[conn.host]
+        if not self.connections and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    # -- datagrams
+
+    def admitDatagram(self, host: str, size: int) -> bool:
+        """Count a datagram; False (and counted) when it must be dropped."""
+        self.metrics.datagramsIn.value += 1
+        self.metrics.bytesIn.value += size
+        if not self.access.permits(host):
+            self.metrics.refused("acl").value += 1
+            return False
+        if size > self.limits.max_message:
+            self.metrics.limit("max_message").value += 1
+            return False
+        if not self.rates.allow(host):
+            self.metrics.limit("rate").value += 1
+            return False
+        return True
+
+    # -- shutdown
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        """
+        Ask every open connection to finish (C{drain()} on protocols that have it),
+        wait up to C{timeout} seconds for them to close, then close the rest:
+        C{loseConnection()}, and C{abortConnection()} L{abortGrace} seconds later.
+        Fires when no connection is left.
+        """
+        self.draining = True
+        if not self.connections:
+            return defer.succeed(None)
+        for conn in list(self.connections):
+            conn.drain()
+        d = defer.Deferred()
+        self._drained.append(d)
+        close = self.clock.callLater(timeout, self._closeAll)
+        abort = self.clock.callLater(timeout + self.abortGrace, self._abortAll)
+
+        def cancelTimers(result):
+            for call in (close, abort):
+                if call.active():
+                    call.cancel()
+            return result
+
+        return d.addBoth(cancelTimers)
+
+    def _closeAll(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.loseConnection()
+
+    def _abortAll(self) -> None:
+        for conn in list(self.connections):
+            abort = getattr(conn.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                conn.transport.loseConnection()
+
+
+@implementer(IProtocolFactory)
+class GuardedFactory(Factory):
+    """Wraps a service's factory: refuses over-limit connections, wraps accepted ones."""
+
+    def __init__(self, guard: Guard, wrappedFactory: IProtocolFactory) -> None:
+        self.guard = guard
+        self.wrappedFactory = wrappedFactory
+        self.halfClose = None  # learnt from the first protocol built
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+
+    def logPrefix(self) -> str:
+        return self.wrappedFactory.logPrefix()
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        guard = self.guard
+        host = peerHost(addr)
+        reason = guard.refusal(host)
+        if reason is not None:
+            guard.metrics.refused(reason).value += 1
+            log.debug("refused {client}: {reason}", client=host, reason=reason,
+                      service=guard.metrics.service)
+            refuse = getattr(self.wrappedFactory, "refusalProtocol", None)
+            return refuse(reason) if refuse is not None else None
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        cls = HalfCloseableGuardedProtocol if IHalfCloseableProtocol.providedBy(wrapped) else GuardedProtocol
+        return cls(guard, wrapped, host)
+
+
+class GuardedProtocol(Protocol):
+    """
+    Sits between the transport and the service's protocol, which sees it as its
+    transport: counts bytes, enforces the idle timeout, keeps the guard's books.
+    Everything else is passed through to the real transport.
+    """
+
+    _idleCall = None
+    disconnecting = False
+
+    def __init__(self, guard: Guard, wrapped: Protocol, host: str) -> None:
+        self.guard = guard
+        self.wrappedProtocol = wrapped
+        self.host = host
+        m = guard.metrics
+        self._bytesIn = m.bytesIn
+        self._bytesOut = m.bytesOut
+        self._seconds = guard.clock.seconds
+        self._last = 0.0
+
+    # -- as a protocol, toward the real transport
+
+    def makeConnection(self, transport: Any) -> None:
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.guard.opened(self)
+        timeout = self.guard.limits.idle_timeout
+        if timeout:
+            self._last = self._seconds()
+            self._idleCall = self.guard.clock.callLater(timeout, self._checkIdle)
+        self.wrappedProtocol.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last = self._seconds()
+        self._bytesIn.value += len(data)
+        self.wrappedProtocol.dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        self.guard.closed(self)
+        self.wrappedProtocol.connectionLost(reason)
+
+    # -- as a transport, toward the service's protocol
+
+    def write(self, data: bytes) -> None:
+        self._last = self._seconds()
+        self._bytesOut.value += len(data)
+        self.transport.write(data)
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        self._last = self._seconds()
+        self._bytesOut.value += sum(map(len, seq))
+        self.transport.writeSequence(seq)
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        self.transport.loseConnection()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def __getattr__(self, name: str) -> Any:
+        # abortConnection, startTLS, loseWriteConnection, getHandle, pauseProducing ...
+        return getattr(self.transport, name)
+
+    # -- limits
+
+    def _checkIdle(self) -> None:
+        timeout = self.guard.limits.idle_timeout
+        quiet = self._seconds() - self._last
+        if quiet < timeout:
+            self._idleCall = self.guard.clock.callLater(timeout - quiet, self._checkIdle)
+            return
+        self._idleCall = None
+        self.guard.metrics.limit("idle_timeout").value += 1
+        log.debug("idle timeout for {client}", client=self.host, service=self.guard.metrics.service)
+        timedOut: Callable[[], None] | None = getattr(self.wrappedProtocol, "timedOut", None)
+        if timedOut is not None:
+            timedOut()
+        else:
+            self.transport.loseConnection()
+
+    def drain(self) -> None:
+        drain = getattr(self.wrappedProtocol, "drain", None)
+        if drain is not None:
+            drain()
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseableGuardedProtocol(GuardedProtocol):
+    """For wrapped protocols that handle half-close: pass the EOFs on."""
+
+    def readConnectionLost(self) -> None:
+        self.wrappedProtocol.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self.wrappedProtocol.writeConnectionLost()

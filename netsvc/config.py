@@ -296,6 +296,9 @@ class Listener:
 
         if isinstance(value, str):
             value = {"endpoint": value}
+        elif not isinstance(value, dict):
+            raise Invalid(f"expected an endpoint string (e.g. tcp:7007:interface=127.0.0.1) "
+                          f"or a mapping with endpoint:, got {_kind(value)}")
         instance = walker.structureClass(cls, value, path)
         if instance is attrs.NOTHING:
             return instance

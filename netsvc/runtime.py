@@ -110,14 +110,14 @@ class ListenerService(service.Service):
         self.description = description
         self.keyPath = keyPath
         self.target = target  # a protocol factory, or a DatagramProtocol for udp:
-        self.acceptableProtocols = acceptableProtocols
+        # Built now (nothing binds yet), so that a bad certificate fails before twistd starts.
+        self.endpoint = context.endpoint(description, acceptableProtocols)
         self.setName(keyPath)
 
     def privilegedStartService(self) -> None:
         service.Service.privilegedStartService(self)
-        endpoint = self.context.endpoint(self.description, self.acceptableProtocols)
         results: list[Any] = []
-        endpoint.listen(self.target).addBoth(results.append)
+        self.endpoint.listen(self.target).addBoth(results.append)
         if not results:  # every endpoint we allow listens synchronously
             raise StartupError([Problem(self.context.configFile, self.keyPath,
                                         f"{self.description!r} did not listen at once")])

@@ -1,0 +1,1 @@
+"""netsvc tests (trial)."""

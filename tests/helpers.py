@@ -1,0 +1,66 @@
+"""Shared test helpers: a daemon on loopback port 0, and ways to talk to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import defer, endpoints, reactor
+from twisted.internet.protocol import Protocol
+
+from netsvc import config
+from netsvc.echo.client import EchoClient
+from netsvc.runtime import buildDaemon
+
+
+def startDaemon(testCase, yaml: str):
+    """
+    Build and start a daemon from YAML text (listeners on port 0), with state in
+    a temporary folder; stopped at the end of the test.  Returns the daemon.
+    """
+    state = Path(testCase.mktemp()).absolute()
+    settings = config.parse(f"state_dir: {state}\n" + yaml, "test.yaml")
+    daemon = buildDaemon(settings, reactor, configFile="test.yaml")
+    daemon.privilegedStartService()
+    daemon.startService()
+    testCase.addCleanup(lambda: daemon.stopService() if daemon.running else None)
+    return daemon
+
+
+def port(daemon, index: int = 0, service: str = "echo") -> int:
+    """The port bound by listener C{index} of C{service}."""
+    return daemon.getServiceNamed(service).listeners[index].port.getHost().port
+
+
+def connectEcho(host: str, portNumber: int, tlsCreator=None) -> defer.Deferred:
+    endpoint = endpoints.HostnameEndpoint(reactor, host.encode(), portNumber)
+    if tlsCreator is not None:
+        endpoint = endpoints.wrapClientTLS(tlsCreator, endpoint)
+    return endpoints.connectProtocol(endpoint, EchoClient())
+
+
+class Collector(Protocol):
+    """Collects what arrives; C{closed} fires (with the reason's exception) at disconnection."""
+
+    def __init__(self):
+        self.data = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(reason.value)
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return defer.Deferred.fromCoroutine(_sleep(seconds))
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet import task
+
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+def stateDir(daemon) -> Path:
+    return Path(daemon.context.stateDir)

@@ -1,0 +1,240 @@
+"""
+Limits: connections in total and per IP, idle timeout, datagram size and rate,
+access lists, and the shutdown drain -- each counted in metrics when it triggers.
+"""
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+
+from netsvc.config import Limits
+from netsvc.metrics import Registry, ServiceMetrics
+from netsvc.policies import AccessList, Guard, RateLimiter
+
+
+class Recorder(Protocol):
+    def __init__(self):
+        self.received = []
+        self.lost = None
+        self.drained = False
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+    def drain(self):
+        self.drained = True
+
+
+def addr(host="10.0.0.1", port=40000):
+    return IPv4Address("TCP", host, port)
+
+
+class GuardTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.metrics = ServiceMetrics(Registry(), "test")
+
+    def guard(self, **limits):
+        return Guard(Limits(**limits), self.metrics, self.clock, AccessList(*limits.pop("acl", ((), ()))))
+
+    def connect(self, factory, host="10.0.0.1"):
+        proto = factory.buildProtocol(addr(host))
+        if proto is None:
+            return None, None
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_passesBytesBothWaysAndCountsThem(self):
+        factory = self.guard().wrap(Factory.forProtocol(Recorder))
+        proto, transport = self.connect(factory)
+        proto.dataReceived(b"hello")
+        proto.wrappedProtocol.transport.write(b"world!")
+        self.assertEqual(proto.wrappedProtocol.received, [b"hello"])
+        self.assertEqual(transport.value(), b"world!")
+        self.assertEqual(self.metrics.bytesIn.value, 5)
+        self.assertEqual(self.metrics.bytesOut.value, 6)
+        self.assertEqual(self.metrics.accepted.value, 1)
+        self.assertEqual(self.metrics.active.read(), 1)
+
+    def test_maxConnections(self):
+        guard = self.guard(max_connections=2)
+        factory = guard.wrap(Factory.forProtocol(Recorder))
+        first, _ = self.connect(factory, "10.0.0.1")
+        self.connect(factory, "10.0.0.2")
+        self.assertEqual(self.connect(factory, "10.0.0.3"), (None, None))
+        self.assertEqual(self.metrics.refused("max_connections").value, 1)
+        first.connectionLost(None)
+        self.assertIsNotNone(self.connect(factory, "10.0.0.3")[0])
+        self.assertEqual(self.metrics.active.read(), 2)
+
+    def test_maxConnectionsPerIP(self):
+        factory = self.guard(max_connections_per_ip=1).wrap(Factory.forProtocol(Recorder))
+        self.connect(factory, "10.0.0.1")
+        self.assertEqual(self.connect(factory, "10.0.0.1"), (None, None))
+        self.assertIsNotNone(self.connect(factory, "10.0.0.2")[0])
+        self.assertEqual(self.metrics.refused("max_connections_per_ip").value, 1)
+
+    def test_refusalProtocolOfTheWrappedFactory(self):
+        class Polite(Factory):
+            protocol = Recorder
+
+            def refusalProtocol(self, reason):
+                p = Protocol()
+                p.reason = reason
+                return p
+
+        proto = self.guard(max_connections=1).wrap(Polite())
+        self.connect(proto)
+        refused = proto.buildProtocol(addr("10.0.0.9"))
+        self.assertEqual(refused.reason, "max_connections")
+
+    def test_accessList(self):
+        guard = Guard(Limits(), self.metrics, self.clock, AccessList(["10.0.0.0/8"], ["10.6.6.0/24"]))
+        factory = guard.wrap(Factory.forProtocol(Recorder))
+        self.assertIsNotNone(self.connect(factory, "10.1.2.3")[0])
+        self.assertEqual(self.connect(factory, "10.6.6.6"), (None, None))
+        self.assertEqual(self.connect(factory, "192.0.2.1"), (None, None))
+        self.assertEqual(self.metrics.refused("acl").value, 2)
+
+    def test_idleTimeout(self):
+        factory = self.guard(idle_timeout=10).wrap(Factory.forProtocol(Recorder))
+        proto, transport = self.connect(factory)
+        self.clock.advance(6)
+        proto.dataReceived(b"x")  # activity pushes the deadline
+        self.clock.advance(6)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(4)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.metrics.limit("idle_timeout").value, 1)
+
+    def test_writesCountAsActivity(self):
+        factory = self.guard(idle_timeout=10).wrap(Factory.forProtocol(Recorder))
+        proto, transport = self.connect(factory)
+        self.clock.advance(9)
+        proto.write(b"still here")
+        self.clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+
+    def test_idleTimeoutCallsTimedOut(self):
+        class Polite(Recorder):
+            def timedOut(self):
+                self.transport.write(b"bye\n")
+                self.transport.loseConnection()
+
+        factory = self.guard(idle_timeout=1).wrap(Factory.forProtocol(Polite))
+        proto, transport = self.connect(factory)
+        self.clock.advance(1)
+        self.assertEqual(transport.value(), b"bye\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_idleTimerCancelledOnClose(self):
+        factory = self.guard(idle_timeout=10).wrap(Factory.forProtocol(Recorder))
+        proto, _ = self.connect(factory)
+        proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_halfCloseIsPassedOn(self):
+        from zope.interface import implementer
+
+        @implementer(IHalfCloseableProtocol)
+        class HalfCloser(Recorder):
+            readLost = False
+
+            def readConnectionLost(self):
+                self.readLost = True
+
+            def writeConnectionLost(self):
+                pass
+
+        plain, _ = self.connect(self.guard().wrap(Factory.forProtocol(Recorder)))
+        self.assertFalse(IHalfCloseableProtocol.providedBy(plain))
+        half, _ = self.connect(self.guard().wrap(Factory.forProtocol(HalfCloser)), "10.0.0.7")
+        self.assertTrue(IHalfCloseableProtocol.providedBy(half))
+        half.readConnectionLost()
+        self.assertTrue(half.wrappedProtocol.readLost)
+
+    def test_drainWaitsThenCloses(self):
+        guard = self.guard()
+        factory = guard.wrap(Factory.forProtocol(Recorder))
+        proto, transport = self.connect(factory)
+        d = guard.drain(5)
+        self.assertTrue(proto.wrappedProtocol.drained)
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(None)
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # and nothing new is accepted while shutting down
+        self.assertEqual(self.connect(factory), (None, None))
+
+    def test_drainEndsEarlyWhenConnectionsFinish(self):
+        guard = self.guard()
+        proto, transport = self.connect(guard.wrap(Factory.forProtocol(Recorder)))
+        d = guard.drain(30)
+        proto.connectionLost(None)
+        self.successResultOf(d)
+        self.assertFalse(transport.disconnecting)
+
+    def test_drainAbortsStuckConnections(self):
+        guard = self.guard()
+        proto, transport = self.connect(guard.wrap(Factory.forProtocol(Recorder)))
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)
+        guard.drain(1)
+        self.clock.advance(1 + guard.abortGrace)
+        self.assertEqual(aborted, [True])
+
+    def test_drainWithNothingOpen(self):
+        self.successResultOf(self.guard().drain(5))
+
+    def test_datagrams(self):
+        guard = self.guard(max_message=10, rate=2, burst=2)
+        self.assertTrue(guard.admitDatagram("10.0.0.1", 10))
+        self.assertFalse(guard.admitDatagram("10.0.0.1", 11))
+        self.assertTrue(guard.admitDatagram("10.0.0.1", 1))
+        self.assertFalse(guard.admitDatagram("10.0.0.1", 1))  # burst of 2 used up
+        self.assertTrue(guard.admitDatagram("10.0.0.2", 1))  # per client
+        self.clock.advance(0.5)
+        self.assertTrue(guard.admitDatagram("10.0.0.1", 1))  # refilled at 2/s
+        self.assertEqual(self.metrics.limit("max_message").value, 1)
+        self.assertEqual(self.metrics.limit("rate").value, 1)
+        self.assertEqual(self.metrics.datagramsIn.value, 6)
+
+
+class AccessListTests(unittest.TestCase):
+    def test_openByDefault(self):
+        self.assertTrue(AccessList().permits("203.0.113.5"))
+
+    def test_denyWins(self):
+        acl = AccessList(["0.0.0.0/0"], ["203.0.113.0/24"])
+        self.assertFalse(acl.permits("203.0.113.5"))
+        self.assertTrue(acl.permits("198.51.100.1"))
+
+    def test_ipv6AndMapped(self):
+        acl = AccessList(["127.0.0.0/8", "::1"])
+        self.assertTrue(acl.permits("::1"))
+        self.assertTrue(acl.permits("::ffff:127.0.0.1"))
+        self.assertFalse(acl.permits("2001:db8::1"))
+
+    def test_badNetwork(self):
+        self.assertRaises(ValueError, AccessList, ["nonsense"])
+
+
+class RateLimiterTests(unittest.TestCase):
+    def test_boundedTable(self):
+        clock = MemoryReactorClock()
+        limiter = RateLimiter(1, 1, clock, maxKeys=3)
+        for key in range(10):
+            self.assertTrue(limiter.allow(key))
+        self.assertLessEqual(len(limiter._buckets), 3)
+
+    def test_unlimited(self):
+        limiter = RateLimiter(0, 0, MemoryReactorClock())
+        self.assertTrue(all(limiter.allow("a") for _ in range(1000)))

@@ -1,0 +1,146 @@
+"""TLS: generated and loaded certificates, reload, client verification."""
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet._sslverify import ClientTLSOptions
+from twisted.trial import unittest
+
+from netsvc import tls
+from netsvc.config import TLSSettings
+from netsvc.tls import CertificateError, ServerCertificate
+
+
+def sans(path):
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(ext.get_values_for_type(x509.DNSName)), set(ext.get_values_for_type(x509.IPAddress))
+
+
+class GeneratedTests(unittest.TestCase):
+    def setUp(self):
+        self.state = Path(self.mktemp())
+
+    def test_generatedWithSANs(self):
+        cert = ServerCertificate.fromSettings(TLSSettings(), self.state)
+        self.assertTrue(cert.generated)
+        dns, ips = sans(cert.certPath)
+        self.assertEqual(dns, {"localhost"})
+        self.assertEqual(ips, {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+        self.assertEqual(cert.keyPath.stat().st_mode & 0o777, 0o600)
+
+    def test_reusedOnNextStart(self):
+        first = ServerCertificate.fromSettings(TLSSettings(), self.state)
+        second = ServerCertificate.fromSettings(TLSSettings(), self.state)
+        self.assertEqual(first.chain[0].serial_number, second.chain[0].serial_number)
+
+    def test_regeneratedWhenCloseToExpiry(self):
+        first = ServerCertificate.fromSettings(TLSSettings(), self.state)
+        self.patch(tls, "RENEW_BEFORE", tls.GENERATED_LIFETIME + datetime.timedelta(days=1))
+        second = ServerCertificate.fromSettings(TLSSettings(), self.state)
+        self.assertNotEqual(first.chain[0].serial_number, second.chain[0].serial_number)
+
+    def test_minimumVersion(self):
+        cert = ServerCertificate.fromSettings(TLSSettings(), self.state)
+        self.assertEqual(handshake(cert, SSL.TLS1_2_VERSION), b"TLSv1.2")
+        self.assertRaises(SSL.Error, handshake, cert, SSL.TLS1_1_VERSION)
+
+    def test_minimumVersion13(self):
+        cert = ServerCertificate.fromSettings(TLSSettings(min_version="1.3"), self.state)
+        self.assertRaises(SSL.Error, handshake, cert, SSL.TLS1_2_VERSION)
+
+
+def handshake(certificate, clientMaxVersion):
+    """An in-memory handshake with a client capped at C{clientMaxVersion}; the version agreed."""
+    server = certificate.connectionCreator().serverConnectionForTLS(None)
+    server.set_accept_state()
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_max_proto_version(clientMaxVersion)
+    ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    client = SSL.Connection(ctx, None)
+    client.set_connect_state()
+    done = set()
+    for _ in range(10):
+        for name, conn in (("client", client), ("server", server)):
+            try:
+                conn.do_handshake()
+                done.add(name)
+            except SSL.WantReadError:
+                pass
+        for a, b in ((client, server), (server, client)):
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if done == {"client", "server"}:
+            return client.get_protocol_version_name().encode()
+    raise AssertionError("handshake did not finish")
+
+
+class LoadedTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.cert, self.key = self.dir / "c.pem", self.dir / "k.pem"
+        tls.generateSelfSigned(self.cert, self.key, ["example.test"])
+
+    def test_loadsUserFiles(self):
+        cert = ServerCertificate(self.cert, self.key)
+        self.assertFalse(cert.generated)
+        self.assertEqual(sans(self.cert)[0], {"example.test"})
+
+    def test_combinedPEM(self):
+        combined = self.dir / "both.pem"
+        combined.write_bytes(self.cert.read_bytes() + self.key.read_bytes())
+        ServerCertificate(combined, combined)
+
+    def test_unreadable(self):
+        e = self.assertRaises(CertificateError, ServerCertificate, self.dir / "nope.pem", self.key)
+        self.assertIn("cannot read certificate", str(e))
+        self.assertIn("No such file", str(e))
+
+    def test_notPEM(self):
+        bad = self.dir / "bad.pem"
+        bad.write_text("hello")
+        self.assertIn("no PEM certificate", str(self.assertRaises(CertificateError, ServerCertificate, bad, self.key)))
+
+    def test_keyMismatch(self):
+        other = self.dir / "o.pem", self.dir / "ok.pem"
+        tls.generateSelfSigned(*other, ["x"])
+        e = self.assertRaises(CertificateError, ServerCertificate, self.cert, other[1])
+        self.assertIn("does not match", str(e))
+
+    def test_reloadSwitchesNewConnectionsOnly(self):
+        cert = ServerCertificate(self.cert, self.key)
+        creator = cert.connectionCreator()
+        before = creator.serverConnectionForTLS(None)
+        tls.generateSelfSigned(self.cert, self.key, ["renewed.test"])
+        cert.reload()
+        after = creator.serverConnectionForTLS(None)
+        self.assertIsNot(before.get_context(), after.get_context())
+        self.assertEqual(sans(self.cert)[0], {"renewed.test"})
+
+    def test_failedReloadKeepsOld(self):
+        cert = ServerCertificate(self.cert, self.key)
+        generation = cert.generation
+        self.key.write_text("garbage")
+        self.assertRaises(CertificateError, cert.reload)
+        self.assertEqual(cert.generation, generation)
+
+
+class ClientTests(unittest.TestCase):
+    def test_verifiesByDefault(self):
+        creator = tls.clientCreator("localhost")
+        self.assertIsInstance(creator, ClientTLSOptions)
+
+    def test_cafileUnreadable(self):
+        self.assertRaises(CertificateError, tls.clientCreator, "localhost", cafile="/nonexistent.pem")
+
+    def test_insecureIsExplicit(self):
+        creator = tls.clientCreator("localhost", insecure=True)
+        conn = creator.clientConnectionForTLS(None)
+        self.assertEqual(conn.get_servername(), b"localhost")
+        self.assertEqual(conn.get_context().get_verify_mode(), SSL.VERIFY_NONE)

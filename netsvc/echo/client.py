@@ -288,7 +288,7 @@ def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
         reason = f.value
         if isinstance(reason, defer.FirstError):
             reason = reason.subFailure.value
-        if isinstance(reason, defer.CancelledError):
+        if isinstance(reason, (defer.CancelledError, defer.TimeoutError, error.TimeoutError)):
             reason = f"timed out after {args.timeout:g}s"
         elif isinstance(reason, CertificateError):
             reason = str(reason)

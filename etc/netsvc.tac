@@ -5,7 +5,7 @@ import os
 from twisted.application import service
 from twisted.logger import ILogObserver
 
-from netsvc import echo, logs
+from netsvc import logs
 from netsvc.config import DatagramListener, Limits, Listener, LogSettings, MetricsSettings, Settings, Size
 from netsvc.echo.service import Settings as EchoSettings
 from netsvc.runtime import buildDaemon

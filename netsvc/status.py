@@ -46,6 +46,7 @@ def makeMetricsService(settings: MetricsSettings, context: Any) -> service.IServ
     root.putChild(b"metrics", MetricsResource(context.metrics, AccessList(settings.allow)))
     site = server.Site(root)
     site.displayTracebacks = False
+    site.noisy = False
     for i, listener in enumerate(settings.listen):
         svc.listen(i, listener, svc.guard.wrap(site))
     return svc

@@ -85,18 +85,24 @@ class Unavailable(Exception):
 @dataclass
 class Server:
     name: str
-    argv: list
+    argv: list[str]
     port: int
     log: Path
-    proc: subprocess.Popen = None
-    error: str = None
-    runs: list = field(default_factory=list)  # one dict per round-trip run
-    kb_per_idle: float = None
+    proc: subprocess.Popen | None = None
+    error: str | None = None  # why this server is not available
+    runs: list[dict] = field(default_factory=list)  # loadgen results, one per run
+    kb_per_idle: float | None = None
+
+    def exit_reason(self):
+        """None while the process runs; else its status and the last line it printed."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        lines = self.log.read_text(errors="replace").strip().splitlines() or ["no output"]
+        return f"exited with status {self.proc.returncode}: {lines[-1].strip()}"
 
     def check_alive(self):
-        if self.proc.poll() is not None:
-            lines = self.log.read_text(errors="replace").strip().splitlines() or ["no output"]
-            raise Unavailable(f"exited with status {self.proc.returncode}: {lines[-1].strip()}")
+        if reason := self.exit_reason():
+            raise Unavailable(reason)
 
 
 def log(msg):
@@ -154,7 +160,7 @@ def start(server, cpus):
         except OSError:
             return False
 
-    wait_for(server, accepting, 20, "did not echo on port %d" % server.port)
+    wait_for(server, accepting, 20, f"did not echo on port {server.port}")
 
 
 def stop(server):
@@ -185,8 +191,8 @@ def measure_round_trips(server, loadgen, args, cpus):
 
 
 def measure_idle_memory(server, count, batch=40):
-    """Open count idle connections, batch by batch (below every listen backlog), and return
-    the server's RSS growth per connection in KB."""
+    """Record the server's RSS growth per idle connection, in KB. The connections are opened in
+    batches smaller than any listen backlog, each batch waited for in the server's /proc/PID/fd."""
     pid = server.proc.pid
     fds_before, rss_before = fd_count(pid), proc_status_kb(pid)
     socks = []
@@ -210,8 +216,6 @@ def measure_idle_memory(server, count, batch=40):
 
 
 def table(servers, args):
-    asyncio_, twisted, netsvc = servers
-
     def median(server, key):
         return statistics.median(r[key] for r in server.runs) if server.runs and not server.error else None
 
@@ -242,7 +246,7 @@ def main():
     parser.add_argument("--idle", type=int, default=10000, help="idle connections (default 10000)")
     args = parser.parse_args()
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
     if args.idle + 100 > hard:
         parser.error(f"--idle {args.idle} needs more file descriptors than the hard limit {hard}")
@@ -260,7 +264,8 @@ def main():
         config = tmp / "netsvc.yaml"
         config.write_text(NETSVC_CONFIG.format(state_dir=tmp / "state", port=ports[2]))
         servers = [
-            Server("asyncio", [sys.executable, "-c", ASYNCIO_ECHO, str(ports[0])], ports[0], tmp / "asyncio.log"),
+            Server("asyncio", [sys.executable, "-c", ASYNCIO_ECHO, str(ports[0])], ports[0],
+                   tmp / "asyncio.log"),
             Server("twisted Echo", [sys.executable, "-c", TWISTED_ECHO, str(ports[1])], ports[1],
                    tmp / "twisted.log"),
             Server("netsvc", [str(BIN / "twistd"), "-n", "--pidfile=", "netsvc", "--config", str(config)],
@@ -271,9 +276,9 @@ def main():
             if server.error is None:
                 try:
                     step(server, *step_args)
-                except Unavailable as e:
-                    server.error = str(e)
-                    log(f"  {server.name:>12}: not available: {e}")
+                except (Unavailable, OSError) as e:
+                    server.error = server.exit_reason() or str(e)  # a crash explains more
+                    log(f"  {server.name:>12}: not available: {server.error}")
 
         try:
             log(f"starting servers on ports {ports}")

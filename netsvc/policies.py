@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Iterable
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -281,6 +281,10 @@ class GuardedFactory(Factory):
         return cls(guard, wrapped, host)
 
 
+#: Plain stream transports whose socket L{GuardedProtocol.write} may write to directly.
+_EAGER_TRANSPORTS = (tcp.Server, unix.Server)
+
+
 class GuardedProtocol(Protocol):
     """
     Sits between the transport and the service's protocol, which sees it as its
@@ -290,6 +294,8 @@ class GuardedProtocol(Protocol):
 
     _idleCall = None
     disconnecting = False
+    #: The socket, while writes may go straight to it (see L{write}).
+    _socket = None
 
     def __init__(self, guard: Guard, wrapped: Protocol, host: str) -> None:
         self.guard = guard
@@ -305,6 +311,8 @@ class GuardedProtocol(Protocol):
 
     def makeConnection(self, transport: Any) -> None:
         directlyProvides(self, providedBy(transport))
+        if type(transport) in _EAGER_TRANSPORTS:
+            self._socket = transport.getHandle()
         Protocol.makeConnection(self, transport)
         self.guard.opened(self)
         timeout = self.guard.limits.idle_timeout
@@ -328,14 +336,32 @@ class GuardedProtocol(Protocol):
     # -- as a transport, toward the service's protocol
 
     def write(self, data: bytes) -> None:
+        """
+        Eager writes: Twisted's TCP transport buffers every write until the next
+        reactor turn (two epoll_ctl calls per write); asyncio sends at once.  While
+        nothing is buffered, we send at once too; the first time the socket takes
+        less than everything, the rest and all later writes go through the
+        transport, with its buffering and producer/consumer back-pressure.
+        """
         self._last = self._seconds()
         self._bytesOut.value += len(data)
+        sock = self._socket
+        if sock is not None:
+            if self.disconnecting or self.transport.disconnecting:
+                self._socket = None
+            else:
+                try:
+                    sent = sock.send(data)
+                except OSError:  # EAGAIN, or an error the transport will report
+                    sent = 0
+                if sent == len(data):
+                    return
+                self._socket = None
+                data = data[sent:]
         self.transport.write(data)
 
     def writeSequence(self, seq: list[bytes]) -> None:
-        self._last = self._seconds()
-        self._bytesOut.value += sum(map(len, seq))
-        self.transport.writeSequence(seq)
+        self.write(b"".join(seq))
 
     def loseConnection(self) -> None:
         self.disconnecting = True

@@ -51,12 +51,15 @@ class Context:
     """
 
     def __init__(self, settings: Settings, reactor: Any = None, configFile: str = "",
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None,
+                 reloadSettings: Callable[[], Settings] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.reactor = reactor
         self.settings = settings
         self.configFile = configFile
+        #: Re-reads the configuration on SIGHUP (raises ConfigError); None: nothing to re-read.
+        self.reloadSettings = reloadSettings
         self.metrics = registry or Registry()
         self.stateDir = settings.stateDir
         self._certificate: ServerCertificate | None = None
@@ -247,14 +250,27 @@ class Daemon(service.MultiService):
         self.context.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        """Re-read what can change without a restart (certificates; services' own reload())."""
+        """
+        SIGHUP: reload the certificate, and re-read the configuration; services
+        with a C{reconfigure(settings)} method get their new settings (listeners
+        and services added or removed need a restart).  A file with problems is
+        logged and ignored: everything keeps running as it was.
+        """
         log.info("SIGHUP: reloading")
         for reloader in self.context.reloaders:
             reloader()
+        if self.context.reloadSettings is None:
+            return
+        try:
+            settings = self.context.reloadSettings()
+        except ConfigError as e:
+            for line in str(e).splitlines():
+                log.error("reload: {problem}; keeping the running configuration", problem=line)
+            return
         for svc in self:
-            reload = getattr(svc, "reload", None)
-            if reload is not None:
-                reload()
+            reconfigure = getattr(svc, "reconfigure", None)
+            if reconfigure is not None and svc.name in settings.services:
+                reconfigure(settings.services[svc.name])
 
     @property
     def statusPath(self) -> Path:
@@ -286,14 +302,16 @@ class Daemon(service.MultiService):
 
 
 def buildDaemon(settings: Settings, reactor: Any = None, configFile: str = "",
-                registry: Registry | None = None) -> Daemon:
+                registry: Registry | None = None,
+                reloadSettings: Callable[[], Settings] | None = None) -> Daemon:
     """
     Build (not start) the daemon for C{settings}: every enabled service, and the
-    C{metrics:} listener if configured.
+    C{metrics:} listener if configured.  C{reloadSettings}, if given, is called
+    on SIGHUP for the new settings (see L{Daemon.reload}).
 
     @raise StartupError: a service cannot be built (e.g. an unreadable certificate).
     """
-    context = Context(settings, reactor, configFile, registry)
+    context = Context(settings, reactor, configFile, registry, reloadSettings)
     daemon = Daemon(context)
     for name, svcSettings in settings.services.items():
         if not svcSettings.enabled:

@@ -125,7 +125,8 @@ def makeService(options: Options) -> Any:
     from netsvc.runtime import buildDaemon
 
     settings = settingsFromOptions(options)
-    daemon = buildDaemon(settings, configFile=options["config"] or "command line")
+    daemon = buildDaemon(settings, configFile=options["config"] or "command line",
+                         reloadSettings=lambda: settingsFromOptions(options))
     daemon.logObserver = logs.observerFor(settings.log, _twistdStream(options, settings))
     return daemon
 

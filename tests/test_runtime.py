@@ -186,3 +186,34 @@ class LogTests(unittest.TestCase):
         observer({"log_format": "loud", "log_level": LogLevel.error, "log_namespace": "x", "log_time": 0})
         self.assertNotIn("quiet", out.getvalue())
         self.assertIn("loud", out.getvalue())
+
+
+class ReconfigureTests(unittest.TestCase):
+    def test_reloadPassesNewSettingsToServices(self):
+        from twisted.application.service import Service
+
+        from netsvc.runtime import Daemon, Context
+
+        seen = []
+
+        class Reconfigurable(Service):
+            name = "echo"
+
+            def reconfigure(self, settings):
+                seen.append(settings)
+
+        texts = ["services:\n  echo:\n    limits: {idle_timeout: 7s}\n", "services: [broken\n"]
+        settings = config.parse("services:\n  echo: {}\n", "t.yaml")
+        context = Context(settings, reactor, "t.yaml",
+                          reloadSettings=lambda: config.parse(texts.pop(0), "t.yaml"))
+        daemon = Daemon(context)
+        Reconfigurable().setServiceParent(daemon)
+        daemon.reload()
+        self.assertEqual([s.limits.idle_timeout for s in seen], [7])
+        errors = []
+        observer = lambda e: errors.append(e) if e.get("log_level") == LogLevel.error else None  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        daemon.reload()  # a broken file is logged, and nothing changes
+        self.assertEqual(len(seen), 1)
+        self.assertIn("YAML syntax error", errors[0]["problem"])

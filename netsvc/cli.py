@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-CLIENTS = ["netsvc.echo.client"]
+CLIENTS = ["netsvc.echo.client", "netsvc.chat.client"]
 
 
 def checkConfig(reactor: Any, args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from twisted.internet import defer, endpoints, error, protocol, stdio
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.basic import LineReceiver
 
-from netsvc.tls import CertificateError, clientCreator
+from netsvc import clients
 
 
 class Mismatch(Exception):
@@ -68,19 +68,13 @@ class EchoClient(protocol.Protocol):
 
     def connectionLost(self, reason: Any) -> None:
         if reason.check(SSL.Error):
-            self._closed = error.ConnectionClosed(f"TLS failed: {_sslReason(reason.value)}")
+            self._closed = error.ConnectionClosed(clients.describe(reason.value))
         else:
             self._closed = error.ConnectionClosed(
                 f"connection closed with {self._count} of {self._expected} bytes back")
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.errback(self._closed)
-
-
-def _sslReason(e: SSL.Error) -> str:
-    """The OpenSSL reason strings of an error, e.g. 'certificate verify failed'."""
-    reasons = [r[2] for r in e.args[0] if isinstance(r, tuple) and len(r) == 3] if e.args else []
-    return ", ".join(reasons) or str(e)
 
 
 class DatagramEchoClient(protocol.DatagramProtocol):
@@ -129,20 +123,9 @@ class DatagramEchoClient(protocol.DatagramProtocol):
             d.errback(error.ConnectionRefusedError("port unreachable"))
 
 
-def parseAddress(text: str, defaultPort: int = 7) -> tuple[str, int]:
-    """C{host:port}, C{[v6addr]:port}, C{host} (default port); raises ValueError."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    if not host:
-        raise ValueError(f"no host in {text!r}")
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port) if port else defaultPort
+def parseAddress(text: str) -> tuple[str, int]:
+    """C{host:port}, C{[v6addr]:port}, or C{host} (port 7)."""
+    return clients.parseAddress(text, 7)
 
 
 @defer.inlineCallbacks
@@ -155,10 +138,7 @@ def connect(reactor: Any, args: argparse.Namespace) -> Any:
         transport = reactor.listenUDP(0, client, interface="::" if ":" in infos else "")
         transport.connect(infos, port)
         return client
-    endpoint = endpoints.HostnameEndpoint(reactor, host.encode("idna"), port, timeout=args.timeout)
-    if args.tls:
-        endpoint = endpoints.wrapClientTLS(
-            clientCreator(host, cafile=args.cacert, insecure=args.insecure), endpoint)
+    endpoint = clients.streamEndpoint(reactor, host, port, args.tls, args.cacert, args.insecure, args.timeout)
     d = endpoints.connectProtocol(endpoint, EchoClient())
     d.addTimeout(args.timeout, reactor)
     client = yield d
@@ -285,14 +265,7 @@ def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
     d = load(reactor, args) if args.count else sendMessages(reactor, args)
 
     def failed(f: Any) -> int:
-        reason = f.value
-        if isinstance(reason, defer.FirstError):
-            reason = reason.subFailure.value
-        if isinstance(reason, (defer.CancelledError, defer.TimeoutError, error.TimeoutError)):
-            reason = f"timed out after {args.timeout:g}s"
-        elif isinstance(reason, CertificateError):
-            reason = str(reason)
-        sys.stderr.write(f"netsvc echo: {args.address}: {reason}\n")
+        sys.stderr.write(f"netsvc echo: {args.address}: {clients.describe(f.value, args.timeout)}\n")
         return 1
 
     return d.addErrback(failed)
@@ -305,10 +278,7 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("messages", nargs="*", metavar="MESSAGE",
                    help="messages to send (default: each line of standard input)")
     p.add_argument("--udp", action="store_true", help="one datagram per message")
-    p.add_argument("--tls", action="store_true", help="TLS (certificate verified)")
-    p.add_argument("--cacert", metavar="FILE", help="trust the CA certificate(s) in FILE")
-    p.add_argument("--insecure", action="store_true", help="do not verify the certificate")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per round trip (default 5)")
+    clients.addConnectionOptions(p)
     p.add_argument("--count", type=int, default=0, metavar="N", help="load mode: N round trips")
     p.add_argument("--concurrency", type=int, default=1, metavar="C", help="load mode: C connections")
     p.add_argument("--size", type=int, default=32, help="load mode: message size (default 32)")

@@ -1,0 +1,1 @@
+"""Chat: rooms, nicknames, private messages, history, flood control; line and NUL framings."""

@@ -1,0 +1,255 @@
+"""
+The chat hub: rooms, nicknames, presence, history and fan-out.  No transport
+code here: members are anything with the L{Member} shape (the protocol, a
+WebSocket bridge later), and every room's traffic goes through L{publish}, the
+one place a multi-node fan-out (Redis pub/sub) would replace.
+
+Each member is in exactly one room at a time; everyone starts in C{#lobby}.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from twisted.logger import Logger
+
+log = Logger()
+
+LOBBY = "#lobby"
+NICK = re.compile(r"^[A-Za-z][A-Za-z0-9_\-\[\]\\^{}|`]{0,29}$")
+ROOM = re.compile(r"^#[A-Za-z0-9_\-.]{1,32}$")
+
+
+class ChatError(Exception):
+    """A command cannot be done; the message is shown to the member as an error notice."""
+
+
+class Event:
+    """
+    Something that happened, to be shown to members.  C{kind} is one of
+    C{message}, C{action}, C{notice}, C{private}, C{sent} (a private message's
+    copy for its sender).  Renderings are cached per framing, so a fan-out to a
+    thousand members renders once.
+    """
+
+    __slots__ = ("kind", "sender", "text", "room", "target", "time", "rendered", "replay")
+
+    def __init__(self, kind: str, text: str, sender: str = "", room: str = "", target: str = "",
+                 when: float | None = None, replay: bool = False) -> None:
+        self.kind = kind
+        self.text = text
+        self.sender = sender
+        self.room = room
+        self.target = target
+        self.time = time.time() if when is None else when
+        self.replay = replay
+        self.rendered: dict[Any, bytes] = {}
+
+    def replayed(self) -> "Event":
+        """A copy marked as history (shown with its time)."""
+        return Event(self.kind, self.text, self.sender, self.room, self.target, self.time, replay=True)
+
+    def __repr__(self) -> str:
+        return f"<Event {self.kind} {self.room} {self.sender!r}: {self.text!r}>"
+
+
+def notice(text: str) -> Event:
+    return Event("notice", text)
+
+
+class Member(Protocol):
+    """What the hub needs of a connected client."""
+
+    nick: str | None
+    address: str
+    room: "Room | None"
+
+    def deliver(self, event: Event) -> None:
+        """Queue C{event} for this member (must not block or raise)."""
+
+
+def displayName(member: Member) -> str:
+    """A member's name as others see it: its nickname, or its address when it has none."""
+    return member.nick or member.address
+
+
+class Room:
+    """A room: its members, its topic, and its last messages."""
+
+    def __init__(self, name: str, historySize: int) -> None:
+        self.name = name
+        self.topic = ""
+        self.members: dict[Member, None] = {}  # ordered, O(1) removal
+        self.history: deque[Event] = deque(maxlen=historySize)
+
+
+class NickAuthority(Protocol):
+    """Reserves nicknames: C{isReserved(nick)}, and C{check(nick, password) -> Deferred[bool]}."""
+
+    def isReserved(self, nick: str) -> bool: ...
+
+    def check(self, nick: str, password: str) -> Any: ...
+
+
+class Hub:
+    """
+    All rooms and nicknames of one chat service.
+
+    @param historySize: messages kept per room and replayed on join.
+    @param maxRooms: rooms that may exist at once (the lobby always does).
+    @param onEvent: called with (name, **fields) for metrics; optional.
+    """
+
+    def __init__(self, historySize: int = 50, maxRooms: int = 1000,
+                 authority: NickAuthority | None = None,
+                 onEvent: Callable[..., None] | None = None) -> None:
+        self.historySize = historySize
+        self.maxRooms = maxRooms
+        self.authority = authority
+        self.onEvent = onEvent or (lambda name, **kw: None)
+        self.rooms: dict[str, Room] = {}  # by folded name
+        self.nicks: dict[str, Member] = {}  # by folded nick
+        self._room(LOBBY)
+
+    # -- fan-out: the one place room traffic goes through
+
+    def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
+        """Deliver C{event} to every member of C{room} (but C{exclude}); the count delivered."""
+        n = 0
+        for member in room.members:
+            if member is not exclude:
+                member.deliver(event)
+                n += 1
+        self.onEvent("deliveries", count=n)
+        return n
+
+    # -- lifecycle
+
+    def connect(self, member: Member) -> None:
+        """A new member: it joins the lobby."""
+        member.nick = None
+        member.room = None
+        self._enter(member, self.rooms[LOBBY.lower()])
+
+    def disconnect(self, member: Member, why: str = "quit") -> None:
+        """A member is gone (quit, reset, kicked): announced to its room."""
+        room = member.room
+        if room is not None:
+            self._leave(member, f"{displayName(member)} left ({why})")
+        if member.nick is not None and self.nicks.get(member.nick.lower()) is member:
+            del self.nicks[member.nick.lower()]
+        log.info("chat: {name} disconnected ({why})", name=displayName(member), why=why)
+
+    # -- commands
+
+    def say(self, member: Member, text: str) -> None:
+        room = self._roomOf(member)
+        event = Event("message", text, displayName(member), room.name)
+        room.history.append(event)
+        self.publish(room, event)
+
+    def act(self, member: Member, text: str) -> None:
+        room = self._roomOf(member)
+        event = Event("action", text, displayName(member), room.name)
+        room.history.append(event)
+        self.publish(room, event)
+
+    def privmsg(self, member: Member, nick: str, text: str) -> None:
+        target = self.nicks.get(nick.lower())
+        if target is None:
+            raise ChatError(f"no such nickname: {nick}")
+        target.deliver(Event("private", text, displayName(member), target=target.nick or ""))
+        member.deliver(Event("sent", text, displayName(member), target=target.nick or ""))
+        self.onEvent("deliveries", count=1)
+
+    def setNick(self, member: Member, nick: str) -> None:
+        """Take C{nick} (unique, case-insensitively); announced to the room."""
+        if not NICK.match(nick):
+            raise ChatError(f"invalid nickname {nick!r}: a letter, then up to 29 letters, digits or _-[]\\^{{}}|`")
+        folded = nick.lower()
+        holder = self.nicks.get(folded)
+        if holder is not None and holder is not member:
+            raise ChatError(f"nickname {nick} is taken")
+        old = displayName(member)
+        if member.nick is not None:
+            self.nicks.pop(member.nick.lower(), None)
+        member.nick = nick
+        self.nicks[folded] = member
+        if member.room is not None:
+            self.publish(member.room, notice(f"{old} is now known as {nick}"))
+        log.info("chat: {old} is now {nick}", old=old, nick=nick)
+
+    def isReserved(self, nick: str) -> bool:
+        return self.authority is not None and self.authority.isReserved(nick)
+
+    def join(self, member: Member, name: str) -> None:
+        if not ROOM.match(name):
+            raise ChatError(f"invalid room {name!r}: # then 1 to 32 letters, digits or _-.")
+        current = member.room
+        if current is not None and current.name.lower() == name.lower():
+            raise ChatError(f"you are already in {current.name}")
+        if name.lower() not in self.rooms and len(self.rooms) >= self.maxRooms:
+            raise ChatError("too many rooms; join an existing one (/rooms)")
+        room = self._room(name)
+        if current is not None:
+            self._leave(member, f"{displayName(member)} left for {room.name}")
+        self._enter(member, room)
+
+    def part(self, member: Member) -> None:
+        """Leave the current room for the lobby."""
+        if member.room is None or member.room.name.lower() == LOBBY:
+            raise ChatError("you are in the lobby; /join #room or /quit")
+        self.join(member, LOBBY)
+
+    def topic(self, member: Member, text: str | None) -> None:
+        room = self._roomOf(member)
+        if text is None:
+            member.deliver(notice(f"topic of {room.name}: {room.topic}" if room.topic
+                                  else f"{room.name} has no topic"))
+            return
+        room.topic = text
+        self.publish(room, notice(f"{displayName(member)} set the topic of {room.name}: {text}"))
+
+    def who(self, member: Member) -> list[str]:
+        return sorted((displayName(m) for m in self._roomOf(member).members), key=str.lower)
+
+    def roomList(self) -> list[tuple[str, int, str]]:
+        return sorted(((r.name, len(r.members), r.topic) for r in self.rooms.values()),
+                      key=lambda r: r[0].lower())
+
+    # -- internals
+
+    def _room(self, name: str) -> Room:
+        room = self.rooms.get(name.lower())
+        if room is None:
+            room = self.rooms[name.lower()] = Room(name, self.historySize)
+            self.onEvent("rooms", count=len(self.rooms))
+        return room
+
+    def _roomOf(self, member: Member) -> Room:
+        if member.room is None:
+            raise ChatError("you are not in a room; /join #room")
+        return member.room
+
+    def _enter(self, member: Member, room: Room) -> None:
+        member.room = room
+        room.members[member] = None
+        self.publish(room, notice(f"{displayName(member)} joined {room.name}"))
+        if room.topic:
+            member.deliver(notice(f"topic of {room.name}: {room.topic}"))
+        for event in room.history:
+            member.deliver(event.replayed())
+        log.info("chat: {name} joined {room}", name=displayName(member), room=room.name)
+
+    def _leave(self, member: Member, announcement: str) -> None:
+        room = member.room
+        assert room is not None
+        del room.members[member]
+        member.room = None
+        self.publish(room, notice(announcement))
+        if not room.members and room.name.lower() != LOBBY:
+            del self.rooms[room.name.lower()]
+            self.onEvent("rooms", count=len(self.rooms))

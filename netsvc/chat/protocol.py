@@ -1,0 +1,460 @@
+"""
+Chat wire behaviour: two framings over one hub.
+
+  - C{line}: UTF-8 text lines ending in LF or CRLF (nc, socat, openssl s_client).
+  - C{nul}: UTF-8 messages each ending in one NUL byte (the books' chat protocol:
+    every message goes to everyone in the room, the sender included, prefixed
+    with the sender's name).
+
+Lines starting with C{/} are commands (C{//text} sends C{/text}).  Server notices
+start with C{***}; room messages are C{<name> text} (line) or C{name: text} (nul).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from netsvc.chat.hub import LOBBY, ChatError, Event, Hub, displayName, notice
+from netsvc.policies import TokenBucket
+
+log = Logger()
+
+HELP = [
+    "commands:",
+    "  /nick NAME [PASSWORD]  choose a nickname (a password for reserved ones)",
+    "  /join #room            go to a room (made when first joined)",
+    "  /part                  back to #lobby",
+    "  /msg NICK text         private message",
+    "  /me action            an action (* you wave)",
+    "  /topic [text]          show or set the room's topic",
+    "  /who                   who is in this room",
+    "  /rooms                 all rooms",
+    "  /quit [reason]         leave",
+    "anything else is said to the room (//text says /text)",
+]
+
+
+# -- framings ---------------------------------------------------------------------
+
+
+class Framing:
+    """How messages are delimited and how events are shown."""
+
+    name = ""
+    delimiter = b""
+
+    def render(self, event: Event) -> bytes:
+        cached = event.rendered.get(self.name)
+        if cached is None:
+            cached = event.rendered[self.name] = self.format(event).encode("utf-8") + self.delimiter
+        return cached
+
+    def format(self, event: Event) -> str:
+        stamp = time.strftime("[%H:%M:%S] ", time.localtime(event.time)) if event.replay else ""
+        kind = event.kind
+        if kind == "message":
+            return stamp + self.message(event.sender, event.text)
+        if kind == "action":
+            return f"{stamp}* {event.sender} {event.text}"
+        if kind == "private":
+            return f"{stamp}*{event.sender}* {event.text}"
+        if kind == "sent":
+            return f"{stamp}-> *{event.target}* {event.text}"
+        return f"{stamp}*** {event.text}"
+
+    def message(self, sender: str, text: str) -> str:
+        raise NotImplementedError
+
+    def strip(self, message: bytes) -> bytes:
+        return message
+
+
+class LineFraming(Framing):
+    name = "line"
+    delimiter = b"\n"
+
+    def message(self, sender: str, text: str) -> str:
+        return f"<{sender}> {text}"
+
+    def strip(self, message: bytes) -> bytes:
+        return message[:-1] if message.endswith(b"\r") else message
+
+
+class NulFraming(Framing):
+    name = "nul"
+    delimiter = b"\0"
+
+    def message(self, sender: str, text: str) -> str:
+        return f"{sender}: {text}"
+
+    def format(self, event: Event) -> str:
+        # A NUL inside a message would split it for the reader.
+        return super().format(event).replace("\0", "")
+
+
+FRAMINGS: dict[str, Framing] = {"line": LineFraming(), "nul": NulFraming()}
+
+
+# -- output coalescing --------------------------------------------------------------
+
+
+class Flusher:
+    """
+    Everything delivered to a client during one reactor turn goes out in one
+    write: a busy room sends each member one packet per turn, not one per message.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.pending: list[ChatProtocol] = []
+        self.call: Any = None
+
+    def mark(self, proto: "ChatProtocol") -> None:
+        self.pending.append(proto)
+        if self.call is None:
+            self.call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self.call = None
+        pending, self.pending = self.pending, []
+        for proto in pending:
+            proto.flush()
+
+
+# -- the protocol --------------------------------------------------------------------
+
+
+class ChatLimits:
+    """Per-client limits, from the service settings."""
+
+    def __init__(self, maxLine: int = 4096, maxOutput: int = 256 * 1024, rate: float = 5.0,
+                 burst: float = 10.0, strikes: int = 3, strikeWindow: float = 30.0) -> None:
+        self.maxLine = maxLine
+        self.maxOutput = maxOutput
+        self.rate = rate
+        self.burst = burst
+        self.strikes = strikes
+        self.strikeWindow = strikeWindow
+
+
+class ChatMetrics:
+    """The chat counters (bound children of the shared registry's families)."""
+
+    def __init__(self, registry: Any, service: str = "chat") -> None:
+        s = {"service": service}
+        self.messagesIn = registry.counter(
+            "netsvc_chat_messages_received_total", "Messages and commands received.", ["service"]).labels(**s)
+        self.deliveries = registry.counter(
+            "netsvc_chat_deliveries_total", "Messages delivered to clients.", ["service"]).labels(**s)
+        self._drops = registry.counter(
+            "netsvc_chat_dropped_total", "Messages dropped, by reason.", ["service", "reason"])
+        self._kicks = registry.counter(
+            "netsvc_chat_kicks_total", "Clients disconnected by the server, by reason.", ["service", "reason"])
+        self.rooms = registry.gauge("netsvc_chat_rooms", "Rooms that exist.", ["service"]).labels(**s)
+        self.service = service
+
+    def drop(self, reason: str) -> Any:
+        return self._drops.labels(service=self.service, reason=reason)
+
+    def kick(self, reason: str) -> Any:
+        return self._kicks.labels(service=self.service, reason=reason)
+
+    def onHubEvent(self, name: str, count: int = 0) -> None:
+        if name == "deliveries":
+            self.deliveries.value += count
+        elif name == "rooms":
+            self.rooms.set(count)
+
+
+@implementer(IPushProducer)
+class ChatProtocol(Protocol):
+    """
+    One chat client.  It is the hub's L{netsvc.chat.hub.Member}, and the producer
+    of its own output: when the transport's buffer is full (a slow reader), what
+    it is sent waits here, up to C{maxOutput} bytes; past that it is disconnected.
+    """
+
+    nick: str | None = None
+    room: Any = None
+    address = "?"
+    gone = False
+    paused = False
+
+    def __init__(self, hub: Hub, framing: Framing, flusher: Flusher, limits: ChatLimits,
+                 clock: IReactorTime, metrics: ChatMetrics) -> None:
+        self.hub = hub
+        self.framing = framing
+        self.flusher = flusher
+        self.limits = limits
+        self.clock = clock
+        self.metrics = metrics
+        self.bucket = TokenBucket(limits.rate, limits.burst, clock)
+        self._buffer = b""
+        self._discarding = False
+        self._out: list[bytes] = []
+        self._outSize = 0
+        self._strikes = 0
+        self._lastStrike = 0.0
+
+    # -- connection
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self.address = f"[{host}]:{peer.port}" if host and ":" in host else (
+            f"{host}:{peer.port}" if host else "unix")
+        self.transport.registerProducer(self, True)
+        self.deliver(notice("welcome to netsvc chat; /help for commands"))
+        self.hub.connect(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.gone:
+            self.gone = True
+            why = "connection reset" if reason is not None and reason.check(ConnectionLost) else "disconnected"
+            self.hub.disconnect(self, why)
+        self._out = []
+
+    # -- input
+
+    def dataReceived(self, data: bytes) -> None:
+        delimiter = self.framing.delimiter
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        while not self.gone:
+            end = buffer.find(delimiter, start)
+            if end < 0:
+                break
+            if self._discarding:
+                self._discarding = False
+            else:
+                self.messageReceived(buffer[start:end])
+            start = end + 1
+        rest = buffer[start:]
+        if len(rest) > self.limits.maxLine:
+            if not self._discarding:
+                self._discarding = True
+                self.metrics.drop("too_long").inc()
+                self.deliver(notice(f"error: message longer than {self.limits.maxLine} bytes; dropped"))
+            rest = b""
+        self._buffer = rest
+
+    def messageReceived(self, raw: bytes) -> None:
+        raw = self.framing.strip(raw)
+        if len(raw) > self.limits.maxLine:
+            self.metrics.drop("too_long").inc()
+            self.deliver(notice(f"error: message longer than {self.limits.maxLine} bytes; dropped"))
+            return
+        if not raw.strip():
+            return
+        self.metrics.messagesIn.value += 1
+        if not self.bucket.take():
+            self._flooding()
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.metrics.drop("invalid_utf8").inc()
+            self.deliver(notice("error: message is not valid UTF-8; dropped"))
+            return
+        try:
+            if text.startswith("/") and not text.startswith("//"):
+                self.command(text)
+            else:
+                self.hub.say(self, text[1:] if text.startswith("//") else text)
+        except ChatError as e:
+            self.deliver(notice(f"error: {e}"))
+
+    def _flooding(self) -> None:
+        now = self.clock.seconds()
+        if now - self._lastStrike > self.limits.strikeWindow:
+            self._strikes = 0
+        self._strikes += 1
+        self._lastStrike = now
+        self.metrics.drop("flood").inc()
+        if self._strikes >= self.limits.strikes:
+            self.kick("flooding")
+        elif self._strikes == 1:
+            self.deliver(notice(f"warning: too many messages (max {self.limits.rate:g}/s); "
+                                "slow down or be disconnected"))
+
+    # -- commands
+
+    def command(self, text: str) -> None:
+        name, _, rest = text[1:].partition(" ")
+        rest = rest.strip()
+        handler: Callable[[str], None] | None = getattr(self, f"cmd_{name.lower()}", None)
+        if handler is None:
+            raise ChatError(f"unknown command /{name}; /help lists them")
+        handler(rest)
+
+    def cmd_nick(self, rest: str) -> None:
+        nick, _, password = rest.partition(" ")
+        if not nick:
+            raise ChatError("usage: /nick NAME" + (f" (you are {self.nick})" if self.nick else ""))
+        if not self.hub.isReserved(nick):
+            self.hub.setNick(self, nick)
+            return
+        if not password:
+            raise ChatError(f"nickname {nick} is reserved: /nick {nick} PASSWORD")
+        d = defer.maybeDeferred(self.hub.authority.check, nick, password)  # type: ignore[union-attr]
+
+        def checked(ok: bool) -> None:
+            if self.gone:
+                return
+            if not ok:
+                log.info("chat: wrong password for {nick} from {client}", nick=nick, client=self.address)
+                self.deliver(notice(f"error: wrong password for {nick}"))
+                return
+            try:
+                self.hub.setNick(self, nick)
+            except ChatError as e:
+                self.deliver(notice(f"error: {e}"))
+
+        d.addCallback(checked)
+        d.addErrback(lambda f: log.failure("chat: password check failed", f))
+
+    def cmd_join(self, rest: str) -> None:
+        if not rest:
+            raise ChatError("usage: /join #room")
+        self.hub.join(self, rest if rest.startswith("#") else "#" + rest)
+
+    def cmd_part(self, rest: str) -> None:
+        self.hub.part(self)
+
+    def cmd_msg(self, rest: str) -> None:
+        nick, _, message = rest.partition(" ")
+        if not nick or not message.strip():
+            raise ChatError("usage: /msg NICK text")
+        self.hub.privmsg(self, nick, message)
+
+    def cmd_me(self, rest: str) -> None:
+        if not rest:
+            raise ChatError("usage: /me action")
+        self.hub.act(self, rest)
+
+    def cmd_topic(self, rest: str) -> None:
+        self.hub.topic(self, rest or None)
+
+    def cmd_who(self, rest: str) -> None:
+        room = self.room.name if self.room else LOBBY
+        members = self.hub.who(self)
+        self.deliver(notice(f"{len(members)} in {room}: {', '.join(members)}"))
+
+    def cmd_rooms(self, rest: str) -> None:
+        for name, count, topic in self.hub.roomList():
+            self.deliver(notice(f"{name} ({count})" + (f": {topic}" if topic else "")))
+
+    def cmd_help(self, rest: str) -> None:
+        for line in HELP:
+            self.deliver(notice(line))
+
+    def cmd_quit(self, rest: str) -> None:
+        self.deliver(notice("bye"))
+        self.gone = True
+        self.hub.disconnect(self, f"quit: {rest}" if rest else "quit")
+        self.flush()
+        self.transport.loseConnection()
+
+    # -- output
+
+    def deliver(self, event: Event) -> None:
+        if self.gone and event.kind != "notice":
+            return
+        data = self.framing.render(event)
+        if self.paused:
+            self._outSize += len(data)
+            if self._outSize > self.limits.maxOutput:
+                self.metrics.drop("slow_reader").inc()
+                self.kick("too slow to read", abort=True)
+                return
+        elif not self._out:
+            self.flusher.mark(self)
+        self._out.append(data)
+
+    def flush(self) -> None:
+        if self._out and not self.paused and self.transport is not None:
+            data = b"".join(self._out)
+            self._out = []
+            self._outSize = 0
+            self.transport.write(data)
+
+    def kick(self, why: str, abort: bool = False) -> None:
+        """Disconnect this client, telling it and its room why."""
+        if self.gone:
+            return
+        self.metrics.kick(why.replace(" ", "_")).inc()
+        log.info("chat: kicked {name} ({why})", name=displayName(self), why=why)
+        self.gone = True
+        self.hub.disconnect(self, f"kicked: {why}")
+        if abort:
+            self.transport.abortConnection()
+            return
+        self._out.append(self.framing.render(notice(f"disconnected: {why}")))
+        self.flush()
+        self.transport.loseConnection()
+
+    # -- IPushProducer: the transport tells us when the client is not reading
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.flush()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    # -- hooks of netsvc.policies.Guard
+
+    def timedOut(self) -> None:
+        self.kick("idle timeout")
+
+    def drain(self) -> None:
+        if not self.gone:
+            self._out.append(self.framing.render(notice("server shutting down")))
+            self.gone = True
+            self.hub.disconnect(self, "server shutting down")
+            self.flush()
+            self.transport.loseConnection()
+
+
+class ChatFactory(Factory):
+    """Makes L{ChatProtocol}s of one framing; all factories of a service share the hub."""
+
+    noisy = False
+
+    def __init__(self, hub: Hub, framing: Framing, flusher: Flusher, limits: ChatLimits,
+                 clock: IReactorTime, metrics: ChatMetrics) -> None:
+        self.hub = hub
+        self.framing = framing
+        self.flusher = flusher
+        self.limits = limits
+        self.clock = clock
+        self.metrics = metrics
+
+    def buildProtocol(self, addr: Any) -> ChatProtocol:
+        proto = ChatProtocol(self.hub, self.framing, self.flusher, self.limits, self.clock, self.metrics)
+        proto.factory = self
+        return proto
+
+    def refusalProtocol(self, reason: str) -> Protocol:
+        """Over a connection limit: say so in this framing, then close."""
+        return _Refusal(self.framing.render(notice(f"server busy ({reason.replace('_', ' ')}); try later")))
+
+
+class _Refusal(Protocol):
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.message)
+        self.transport.loseConnection()

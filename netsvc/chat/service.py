@@ -1,0 +1,77 @@
+"""
+C{services.chat}: settings -> one hub, one factory per listener framing.
+
+    services:
+      chat:
+        listen:
+          - "tcp:4041:interface=127.0.0.1"                           # line framing
+          - {endpoint: "tcp:4040:interface=127.0.0.1", framing: nul}  # the books' protocol
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from twisted.application.service import IService
+
+from netsvc.chat.auth import PasswordFile
+from netsvc.chat.hub import Hub
+from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, Flusher
+from netsvc.config import Duration, Limits, Listener, Problem, ServiceSettings, Size, field, frozen
+from netsvc.runtime import StartupError
+
+
+@frozen
+class ChatListener(Listener):
+    #: C{line}: text lines (nc, socat); C{nul}: NUL-terminated messages (the books' protocol).
+    framing: Literal["line", "nul"] = field("line")
+
+
+@frozen
+class AuthSettings:
+    #: Reserved nicknames and their scrypt hashes (see netsvc.chat.auth); off when unset.
+    password_file: str | None = field(None)
+
+
+@frozen
+class Settings(ServiceSettings):
+    listen: list[ChatListener] = field(factory=lambda: [ChatListener(endpoint="tcp:4041:interface=127.0.0.1")])
+    #: max_message bounds a line; rate/burst are messages per second per client (flood control).
+    limits: Limits = field(factory=lambda: Limits(
+        max_connections=1024, max_connections_per_ip=128, idle_timeout=Duration(3600),
+        max_message=Size(4096), rate=5, burst=10))
+    #: Messages kept per room and replayed to who joins.
+    history: int = field(50, min=0, max=1000)
+    max_rooms: int = field(1000, min=1, max=100_000)
+    #: Output waiting for a client that does not read; past it, the client is disconnected.
+    max_output: Size = field(Size(256 * 1024), min=1024)
+    #: Flood warnings before a disconnect (within flood_window).
+    flood_strikes: int = field(3, min=1)
+    flood_window: Duration = field(Duration(30), min=1)
+    auth: AuthSettings = field(factory=AuthSettings)
+
+
+def makeService(settings: Settings, context: Any) -> IService:
+    svc = context.serverService("chat", settings)
+    authority = None
+    if settings.auth.password_file:
+        path = context.settings.path(settings.auth.password_file)
+        if not path.is_file():
+            raise StartupError([Problem(context.configFile, "services.chat.auth.password_file",
+                                        f"cannot read {path}")])
+        authority = PasswordFile(path)
+    metrics = ChatMetrics(context.metrics)
+    hub = Hub(settings.history, settings.max_rooms, authority, onEvent=metrics.onHubEvent)
+    limits = ChatLimits(
+        maxLine=settings.limits.max_message, maxOutput=settings.max_output,
+        rate=settings.limits.rate, burst=float(settings.limits.burst or max(1, int(settings.limits.rate))),
+        strikes=settings.flood_strikes, strikeWindow=settings.flood_window)
+    flusher = Flusher(context.reactor)
+    factories = {
+        name: svc.guard.wrap(ChatFactory(hub, framing, flusher, limits, context.reactor, metrics))
+        for name, framing in FRAMINGS.items()
+    }
+    for i, listener in enumerate(settings.listen):
+        svc.listen(i, listener, factories[listener.framing])
+    svc.hub = hub
+    return svc

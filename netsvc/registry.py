@@ -11,6 +11,7 @@ from types import ModuleType
 
 SERVICES: dict[str, str] = {
     "echo": "netsvc.echo.service",
+    "chat": "netsvc.chat.service",
 }
 
 

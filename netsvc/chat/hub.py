@@ -119,7 +119,8 @@ class Hub:
     def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
         """Deliver C{event} to every member of C{room} (but C{exclude}); the count delivered."""
         n = 0
-        for member in room.members:
+        # A snapshot: delivering can disconnect a member (a slow reader), which leaves the room.
+        for member in list(room.members):
             if member is not exclude:
                 member.deliver(event)
                 n += 1

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -123,7 +123,11 @@ class Flusher:
             self.call = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:
-        self.call = None
+        """Write out everything pending now (also called at the end of each read)."""
+        if self.call is not None:
+            if self.call.active():
+                self.call.cancel()
+            self.call = None
         pending, self.pending = self.pending, []
         for proto in pending:
             proto.flush()
@@ -174,12 +178,18 @@ class ChatMetrics:
             self.rooms.set(count)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class ChatProtocol(Protocol):
     """
     One chat client.  It is the hub's L{netsvc.chat.hub.Member}, and the producer
     of its own output: when the transport's buffer is full (a slow reader), what
     it is sent waits here, up to C{maxOutput} bytes; past that it is disconnected.
+
+    What a message causes is written out at the end of the read that brought it
+    (one write per member per read), before anything else can happen to the
+    connection: a client that sends and closes (C{printf ... | socat}, TLS
+    close_notify right behind the data) still gets its answers.  A client that
+    shuts down its sending side has quit.
     """
 
     nick: str | None = None
@@ -245,6 +255,18 @@ class ChatProtocol(Protocol):
                 self.deliver(notice(f"error: message longer than {self.limits.maxLine} bytes; dropped"))
             rest = b""
         self._buffer = rest
+        self.flusher.flush()
+
+    def readConnectionLost(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self.hub.disconnect(self, "disconnected")
+        self.flusher.flush()
+        self.flush()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
     def messageReceived(self, raw: bytes) -> None:
         raw = self.framing.strip(raw)

@@ -7,6 +7,8 @@ from twisted.logger import ILogObserver
 
 from netsvc import logs
 from netsvc.config import DatagramListener, Limits, Listener, LogSettings, MetricsSettings, Settings, Size
+from netsvc.chat.service import ChatListener
+from netsvc.chat.service import Settings as ChatSettings
 from netsvc.echo.service import Settings as EchoSettings
 from netsvc.runtime import buildDaemon
 
@@ -25,6 +27,13 @@ settings = Settings(
                 DatagramListener(endpoint="tcp6:7007:interface=::1"),
             ],
             limits=Limits(max_message=Size(65536), rate=2000, burst=4000),
+        ),
+        "chat": ChatSettings(
+            listen=[
+                ChatListener(endpoint="tcp:4041:interface=127.0.0.1"),
+                ChatListener(endpoint="tcp:4040:interface=127.0.0.1", framing="nul"),
+                ChatListener(endpoint="tls:4443:interface=127.0.0.1"),
+            ],
         ),
     },
 )

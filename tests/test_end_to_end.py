@@ -5,8 +5,8 @@ End to end: the commands a user types, run as child processes.
     twistd -ny etc/netsvc.tac
     netsvc check-config etc/netsvc.yaml
 
-The shipped file listens on fixed ports (7007, 7443, 9100); when one of them is
-taken on this machine (say by `make run`), those tests are skipped, saying which.
+The shipped file listens on fixed ports (7007, 7443, 9100, ...); when one of them
+is taken on this machine (say by `make run`), those tests are skipped, saying which.
 """
 
 from __future__ import annotations
@@ -39,13 +39,28 @@ from tests.interop._daemon import (
 CONFIG = "etc/netsvc.yaml"
 TAC = "etc/netsvc.tac"
 
+def shippedListeners() -> list[tuple[str, str, str, int]]:
+    """Every listener of etc/netsvc.yaml as (key, type, host, port), read from the file itself."""
+    from netsvc.config import load
+    from netsvc.endpoints import split
+
+    settings = load(str(REPO / CONFIG))
+    entries = [(f"metrics.listen[{i}]", l.endpoint) for i, l in enumerate(settings.metrics.listen)]
+    for name, svc in settings.services.items():
+        entries += [(f"services.{name}.listen[{i}]", l.endpoint) for i, l in enumerate(svc.listen)]
+    out = []
+    for key, endpoint in entries:
+        kind, args, kwargs = split(endpoint)
+        port = int(args[0] if args else kwargs["port"])
+        out.append((key, "UDP" if kind == "udp" else "TCP", kwargs.get("interface", ""), port))
+    return out
+
+
 #: What etc/netsvc.yaml (and etc/netsvc.tac) bind: (family, type, host, port).
 FIXED_PORTS = [
-    (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", 7007),
-    (socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", 7007),
-    (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", 7443),
-    (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", 9100),
-    (socket.AF_INET6, socket.SOCK_STREAM, "::1", 7007),
+    (socket.AF_INET6 if ":" in host else socket.AF_INET,
+     socket.SOCK_DGRAM if kind == "UDP" else socket.SOCK_STREAM, host, port)
+    for _, kind, host, port in shippedListeners()
 ]
 
 #: drain_timeout in etc/netsvc.yaml, plus the guard's abort grace (2 s) and slack for a slow machine.
@@ -108,13 +123,28 @@ class ShippedConfigurationTests(unittest.TestCase):
 
     def test_reportsEveryListener(self) -> None:
         listeners = {(l["key"], l["type"], l["host"], l["port"]) for l in self.daemon.status["listeners"]}
-        self.assertEqual(listeners, {
+        self.assertEqual(listeners, set(shippedListeners()))
+        self.assertLessEqual({
             ("services.echo.listen[0]", "TCP", "127.0.0.1", 7007),
             ("services.echo.listen[1]", "UDP", "127.0.0.1", 7007),
             ("services.echo.listen[2]", "TCP", "127.0.0.1", 7443),
             ("services.echo.listen[3]", "TCP", "::1", 7007),
+            ("services.chat.listen[0]", "TCP", "127.0.0.1", 4041),
+            ("services.chat.listen[1]", "TCP", "127.0.0.1", 4040),
             ("metrics.listen[0]", "TCP", "127.0.0.1", 9100),
-        })
+        }, listeners)
+
+    def test_chatLineAndNulClientsMeet(self) -> None:
+        nul = socket.create_connection(("127.0.0.1", 4040), timeout=IO_TIMEOUT)
+        self.addCleanup(nul.close)
+        line = socket.create_connection(("127.0.0.1", 4041), timeout=IO_TIMEOUT)
+        self.addCleanup(line.close)
+        line.sendall(b"/nick e2e\nhello from the line client\n")
+        data = b""
+        while b"e2e: hello from the line client\0" not in data:
+            chunk = nul.recv(4096)
+            self.assertTrue(chunk, f"chat closed the connection; got {data!r}")
+            data += chunk
 
     def test_echoOverEveryTransportAndCountedInMetrics(self) -> None:
         self.assertEqual(tcpEcho("127.0.0.1", 7007, b"over tcp"), b"over tcp")

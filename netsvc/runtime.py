@@ -64,6 +64,8 @@ class Context:
         self.stateDir = settings.stateDir
         self._certificate: ServerCertificate | None = None
         self.reloaders: list[Callable[[], None]] = []
+        #: The L{Daemon} being built (its status(), its services), once it exists.
+        self.daemon: Any = None
 
     @property
     def certificate(self) -> ServerCertificate:
@@ -313,6 +315,7 @@ def buildDaemon(settings: Settings, reactor: Any = None, configFile: str = "",
     """
     context = Context(settings, reactor, configFile, registry, reloadSettings)
     daemon = Daemon(context)
+    context.daemon = daemon  # for services that report on the whole process (status pages)
     for name, svcSettings in settings.services.items():
         if not svcSettings.enabled:
             continue

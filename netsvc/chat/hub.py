@@ -1,8 +1,8 @@
 """
 The chat hub: rooms, nicknames, presence, history and fan-out.  No transport
 code here: members are anything with the L{Member} shape (the protocol, a
-WebSocket bridge later), and every room's traffic goes through L{publish}, the
-one place a multi-node fan-out (Redis pub/sub) would replace.
+WebSocket bridge later), and every room's traffic goes through L{Hub.publish}
+and its L{FanOut}, the one piece a multi-node (Redis pub/sub) version replaces.
 
 Each member is in exactly one room at a time; everyone starts in C{#lobby}.
 """
@@ -86,6 +86,30 @@ class Room:
         self.history: deque[Event] = deque(maxlen=historySize)
 
 
+class FanOut(Protocol):
+    """
+    Delivers a room's events to its members.  L{LocalFanOut} serves the members
+    of this process; one over Redis pub/sub (members on several nodes) would
+    publish to the room's channel and deliver what arrives to the local members.
+    """
+
+    def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
+        """Deliver C{event} to C{room}'s members (but C{exclude}); the count delivered here."""
+
+
+class LocalFanOut:
+    """Every member is in this process: deliver directly."""
+
+    def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
+        n = 0
+        # A snapshot: delivering can disconnect a member (a slow reader), which leaves the room.
+        for member in list(room.members):
+            if member is not exclude:
+                member.deliver(event)
+                n += 1
+        return n
+
+
 class NickAuthority(Protocol):
     """Reserves nicknames: C{isReserved(nick)}, and C{check(nick, password) -> Deferred[bool]}."""
 
@@ -101,11 +125,14 @@ class Hub:
     @param historySize: messages kept per room and replayed on join.
     @param maxRooms: rooms that may exist at once (the lobby always does).
     @param onEvent: called with (name, **fields) for metrics; optional.
+    @param fanOut: how room events reach members (default: L{LocalFanOut}).
     """
 
     def __init__(self, historySize: int = 50, maxRooms: int = 1000,
                  authority: NickAuthority | None = None,
-                 onEvent: Callable[..., None] | None = None) -> None:
+                 onEvent: Callable[..., None] | None = None,
+                 fanOut: FanOut | None = None) -> None:
+        self.fanOut = fanOut or LocalFanOut()
         self.historySize = historySize
         self.maxRooms = maxRooms
         self.authority = authority
@@ -114,16 +141,11 @@ class Hub:
         self.nicks: dict[str, Member] = {}  # by folded nick
         self._room(LOBBY)
 
-    # -- fan-out: the one place room traffic goes through
+    # -- the one place room traffic goes through
 
     def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
         """Deliver C{event} to every member of C{room} (but C{exclude}); the count delivered."""
-        n = 0
-        # A snapshot: delivering can disconnect a member (a slow reader), which leaves the room.
-        for member in list(room.members):
-            if member is not exclude:
-                member.deliver(event)
-                n += 1
+        n = self.fanOut.publish(room, event, exclude)
         self.onEvent("deliveries", count=n)
         return n
 

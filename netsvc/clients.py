@@ -5,6 +5,7 @@ What the C{netsvc} client commands share: HOST:PORT parsing, stream endpoints
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from OpenSSL import SSL
@@ -60,6 +61,22 @@ def describe(reason: BaseException, timeout: float | None = None) -> str:
     if isinstance(reason, CertificateError):
         return str(reason)
     return str(reason) or type(reason).__name__
+
+
+def checkArguments(command: str, args: Any, defaultPort: int) -> int | None:
+    """
+    Set C{args.host}/C{args.port} from C{args.address}; check the TLS options.
+    Prints the problem and returns 2 (usage error), or returns None when all is well.
+    """
+    try:
+        args.host, args.port = parseAddress(args.address, defaultPort)
+    except ValueError as e:
+        sys.stderr.write(f"netsvc {command}: {e}\n")
+        return 2
+    if (args.cacert or args.insecure) and not args.tls:
+        sys.stderr.write(f"netsvc {command}: --cacert and --insecure go with --tls\n")
+        return 2
+    return None
 
 
 def addConnectionOptions(p: Any) -> None:

@@ -81,7 +81,7 @@ class Duration(float):
     """Seconds; YAML accepts C{30}, C{1.5}, C{"250ms"}, C{"30s"}, C{"5m"}, C{"2h"}, C{"1d"}."""
 
     @classmethod
-    def fromConfig(cls, value: object, path: str, walker: object = None) -> "Duration":
+    def fromConfig(cls, value: object, path: str, walker: object = None) -> Duration:
         if isinstance(value, bool):
             raise Invalid(f"expected a duration like 30s or 5m, got {value!r}")
         if isinstance(value, (int, float)):
@@ -101,7 +101,7 @@ class Size(int):
     """Bytes; YAML accepts C{4096}, C{"64KiB"}, C{"1M"} (binary), C{"1MB"} (decimal)."""
 
     @classmethod
-    def fromConfig(cls, value: object, path: str, walker: object = None) -> "Size":
+    def fromConfig(cls, value: object, path: str, walker: object = None) -> Size:
         if isinstance(value, bool):
             raise Invalid(f"expected a size like 4096 or 64KiB, got {value!r}")
         if isinstance(value, int):
@@ -416,8 +416,8 @@ class ServicesMap(dict):
     """C{services:}: service name -> that service's settings class."""
 
     @classmethod
-    def fromConfig(cls, value: object, path: str, walker: _Walker) -> "ServicesMap":
-        from netsvc.registry import settingsClass, serviceNames
+    def fromConfig(cls, value: object, path: str, walker: _Walker) -> ServicesMap:
+        from netsvc.registry import serviceNames, settingsClass
 
         if value is None:
             return cls()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import (
@@ -38,7 +38,7 @@ class JSONLinesObserver:
 
     def __call__(self, event: dict[str, Any]) -> None:
         record: dict[str, Any] = {
-            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(
+            "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(
                 timespec="milliseconds"),
             "level": getattr(event.get("log_level"), "name", "info"),
             "namespace": event.get("log_namespace", ""),

@@ -17,7 +17,8 @@ answer a refused connection protocol-correctly (e.g. SMTP 421) before it closes.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.internet import defer, tcp, unix
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime
@@ -177,7 +178,7 @@ class Guard:
         self._drained: list[defer.Deferred] = []
         metrics.active.setFunction(lambda: len(self.connections))
 
-    def wrap(self, factory: IProtocolFactory) -> "GuardedFactory":
+    def wrap(self, factory: IProtocolFactory) -> GuardedFactory:
         """A factory enforcing these limits around C{factory}."""
         return GuardedFactory(self, factory)
 
@@ -195,12 +196,12 @@ class Guard:
             return "max_connections_per_ip"
         return None
 
-    def opened(self, conn: "GuardedProtocol") -> None:
+    def opened(self, conn: GuardedProtocol) -> None:
         self.connections.add(conn)
         self.perHost[conn.host] = self.perHost.get(conn.host, 0) + 1
         self.metrics.accepted.value += 1
 
-    def closed(self, conn: "GuardedProtocol") -> None:
+    def closed(self, conn: GuardedProtocol) -> None:
         if conn not in self.connections:
             return
         self.connections.discard(conn)

@@ -21,8 +21,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -96,7 +97,7 @@ class Context:
         return endpoints.serverFromString(
             self.reactor, description, self.certificate if needsCert else None, acceptableProtocols)
 
-    def serverService(self, name: str, settings: ServiceSettings) -> "ServerService":
+    def serverService(self, name: str, settings: ServiceSettings) -> ServerService:
         """The container a listening service builds on (guard, metrics, listeners)."""
         return ServerService(name, settings, self)
 

@@ -17,7 +17,7 @@ from typing import Any
 from twisted.python import usage
 
 from netsvc import logs
-from netsvc.config import ConfigError, load, structure, Settings
+from netsvc.config import ConfigError, Settings, load, structure
 from netsvc.registry import serviceNames
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,19 +54,28 @@ class CertificateError(Exception):
     """A certificate or key cannot be used; the message says which file and why."""
 
 
-def _readPEMs(certPath: Path, keyPath: Path) -> tuple[list[x509.Certificate], object]:
+def _read(path: Path, what: str) -> bytes:
     try:
-        certData = certPath.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
-        raise CertificateError(f"cannot read certificate {certPath}: {e.strerror}") from None
+        raise CertificateError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def loadCertificates(path: Path, what: str = "certificate") -> list[x509.Certificate]:
+    """
+    The PEM certificates in C{path}.
+
+    @raise CertificateError: unreadable, or no certificate in it.
+    """
     try:
-        keyData = certData if keyPath == certPath else keyPath.read_bytes()
-    except OSError as e:
-        raise CertificateError(f"cannot read private key {keyPath}: {e.strerror}") from None
-    try:
-        chain = x509.load_pem_x509_certificates(certData)
+        return x509.load_pem_x509_certificates(_read(path, what))
     except ValueError:
-        raise CertificateError(f"no PEM certificate in {certPath}") from None
+        raise CertificateError(f"no PEM certificate in {path}") from None
+
+
+def _readPEMs(certPath: Path, keyPath: Path) -> tuple[list[x509.Certificate], object]:
+    chain = loadCertificates(certPath)
+    keyData = _read(keyPath, "private key")
     try:
         key = serialization.load_pem_private_key(keyData, password=None)
     except (ValueError, TypeError) as e:
@@ -96,7 +106,7 @@ def generateSelfSigned(certPath: Path, keyPath: Path, names: Sequence[str]) -> N
         x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "netsvc"),
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "netsvc self-signed"),
     ])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -148,7 +158,7 @@ class ServerCertificate:
         self.reload()
 
     @classmethod
-    def fromSettings(cls, settings, stateDir: Path, resolve=Path) -> "ServerCertificate":
+    def fromSettings(cls, settings, stateDir: Path, resolve=Path) -> ServerCertificate:
         """From L{netsvc.config.TLSSettings}; C{resolve} maps a configured path to a real one."""
         if settings.cert == "auto":
             folder = Path(stateDir) / "tls"
@@ -187,7 +197,7 @@ class ServerCertificate:
             chain, _ = _readPEMs(self.certPath, self.keyPath)
         except CertificateError:
             return True
-        remaining = chain[0].not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+        remaining = chain[0].not_valid_after_utc - datetime.datetime.now(datetime.UTC)
         return remaining < RENEW_BEFORE
 
     @property
@@ -207,7 +217,7 @@ class ServerCertificate:
             acceptableProtocols=list(acceptableProtocols),
         )
 
-    def connectionCreator(self, acceptableProtocols: Sequence[bytes] | None = None) -> "ReloadingServerCreator":
+    def connectionCreator(self, acceptableProtocols: Sequence[bytes] | None = None) -> ReloadingServerCreator:
         """An L{IOpenSSLServerConnectionCreator} that follows L{reload}."""
         return ReloadingServerCreator(self, acceptableProtocols)
 
@@ -281,14 +291,7 @@ def clientCreator(hostname: str, cafile: str | None = None, insecure: bool = Fal
 
 
 def _trustRootFrom(cafile: str) -> ssl.IOpenSSLTrustRoot:
-    try:
-        data = Path(cafile).read_bytes()
-    except OSError as e:
-        raise CertificateError(f"cannot read CA file {cafile}: {e.strerror}") from None
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise CertificateError(f"no PEM certificate in CA file {cafile}") from None
+    certs = loadCertificates(Path(cafile), "CA file")
     return ssl.trustRootFromCertificates(
         [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certs])
 

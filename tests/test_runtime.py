@@ -192,7 +192,7 @@ class ReconfigureTests(unittest.TestCase):
     def test_reloadPassesNewSettingsToServices(self):
         from twisted.application.service import Service
 
-        from netsvc.runtime import Daemon, Context
+        from netsvc.runtime import Context, Daemon
 
         seen = []
 

@@ -105,14 +105,9 @@ def chat(reactor: Any, args: argparse.Namespace, stdin: Any = None, out: Any = N
 
 
 def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
-    try:
-        args.host, args.port = clients.parseAddress(args.address, 4041)
-    except ValueError as e:
-        sys.stderr.write(f"netsvc chat: {e}\n")
-        return defer.succeed(2)
-    if (args.cacert or args.insecure) and not args.tls:
-        sys.stderr.write("netsvc chat: --cacert and --insecure go with --tls\n")
-        return defer.succeed(2)
+    status = clients.checkArguments("chat", args, 4041)
+    if status is not None:
+        return defer.succeed(status)
 
     def failed(f: Any) -> int:
         sys.stderr.write(f"netsvc chat: {args.address}: {clients.describe(f.value, args.timeout)}\n")

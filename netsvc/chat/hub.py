@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
@@ -48,7 +49,7 @@ class Event:
         self.replay = replay
         self.rendered: dict[Any, bytes] = {}
 
-    def replayed(self) -> "Event":
+    def replayed(self) -> Event:
         """A copy marked as history (shown with its time)."""
         return Event(self.kind, self.text, self.sender, self.room, self.target, self.time, replay=True)
 
@@ -65,7 +66,7 @@ class Member(Protocol):
 
     nick: str | None
     address: str
-    room: "Room | None"
+    room: Room | None
 
     def deliver(self, event: Event) -> None:
         """Queue C{event} for this member (must not block or raise)."""

@@ -13,8 +13,10 @@ start with C{***}; room messages are C{<name> text} (line) or C{name: text} (nul
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
@@ -117,7 +119,7 @@ class Flusher:
         self.pending: list[ChatProtocol] = []
         self.call: Any = None
 
-    def mark(self, proto: "ChatProtocol") -> None:
+    def mark(self, proto: ChatProtocol) -> None:
         self.pending.append(proto)
         if self.call is None:
             self.call = self.clock.callLater(0, self.flush)
@@ -136,17 +138,28 @@ class Flusher:
 # -- the protocol --------------------------------------------------------------------
 
 
+@attrs.frozen
 class ChatLimits:
     """Per-client limits, from the service settings."""
 
-    def __init__(self, maxLine: int = 4096, maxOutput: int = 256 * 1024, rate: float = 5.0,
-                 burst: float = 10.0, strikes: int = 3, strikeWindow: float = 30.0) -> None:
-        self.maxLine = maxLine
-        self.maxOutput = maxOutput
-        self.rate = rate
-        self.burst = burst
-        self.strikes = strikes
-        self.strikeWindow = strikeWindow
+    maxLine: int = 4096
+    maxOutput: int = 256 * 1024
+    #: Flood control: messages per second, the burst allowed, warnings before a disconnect.
+    rate: float = 5.0
+    burst: float = 10.0
+    strikes: int = 3
+    strikeWindow: float = 30.0
+
+
+@attrs.frozen
+class ChatShared:
+    """What every client of one chat service shares."""
+
+    hub: Hub
+    flusher: Flusher
+    limits: ChatLimits
+    clock: IReactorTime
+    metrics: ChatMetrics
 
 
 class ChatMetrics:
@@ -198,15 +211,14 @@ class ChatProtocol(Protocol):
     gone = False
     paused = False
 
-    def __init__(self, hub: Hub, framing: Framing, flusher: Flusher, limits: ChatLimits,
-                 clock: IReactorTime, metrics: ChatMetrics) -> None:
-        self.hub = hub
+    def __init__(self, shared: ChatShared, framing: Framing) -> None:
+        self.hub = shared.hub
+        self.flusher = shared.flusher
+        self.limits = shared.limits
+        self.clock = shared.clock
+        self.metrics = shared.metrics
         self.framing = framing
-        self.flusher = flusher
-        self.limits = limits
-        self.clock = clock
-        self.metrics = metrics
-        self.bucket = TokenBucket(limits.rate, limits.burst, clock)
+        self.bucket = TokenBucket(self.limits.rate, self.limits.burst, self.clock)
         self._buffer = b""
         self._discarding = False
         self._out: list[bytes] = []
@@ -454,17 +466,12 @@ class ChatFactory(Factory):
 
     noisy = False
 
-    def __init__(self, hub: Hub, framing: Framing, flusher: Flusher, limits: ChatLimits,
-                 clock: IReactorTime, metrics: ChatMetrics) -> None:
-        self.hub = hub
+    def __init__(self, shared: ChatShared, framing: Framing) -> None:
+        self.shared = shared
         self.framing = framing
-        self.flusher = flusher
-        self.limits = limits
-        self.clock = clock
-        self.metrics = metrics
 
     def buildProtocol(self, addr: Any) -> ChatProtocol:
-        proto = ChatProtocol(self.hub, self.framing, self.flusher, self.limits, self.clock, self.metrics)
+        proto = ChatProtocol(self.shared, self.framing)
         proto.factory = self
         return proto
 

@@ -16,7 +16,7 @@ from twisted.application.service import IService
 
 from netsvc.chat.auth import PasswordFile
 from netsvc.chat.hub import Hub
-from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, Flusher
+from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, ChatShared, Flusher
 from netsvc.config import Duration, Limits, Listener, Problem, ServiceSettings, Size, field, frozen
 from netsvc.runtime import StartupError
 
@@ -66,11 +66,8 @@ def makeService(settings: Settings, context: Any) -> IService:
         maxLine=settings.limits.max_message, maxOutput=settings.max_output,
         rate=settings.limits.rate, burst=float(settings.limits.burst or max(1, int(settings.limits.rate))),
         strikes=settings.flood_strikes, strikeWindow=settings.flood_window)
-    flusher = Flusher(context.reactor)
-    factories = {
-        name: svc.guard.wrap(ChatFactory(hub, framing, flusher, limits, context.reactor, metrics))
-        for name, framing in FRAMINGS.items()
-    }
+    shared = ChatShared(hub, Flusher(context.reactor), limits, context.reactor, metrics)
+    factories = {name: svc.guard.wrap(ChatFactory(shared, framing)) for name, framing in FRAMINGS.items()}
     for i, listener in enumerate(settings.listen):
         svc.listen(i, listener, factories[listener.framing])
     svc.hub = hub

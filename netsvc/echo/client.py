@@ -254,14 +254,9 @@ def _pct(sorted_: list[float], q: float) -> float:
 
 
 def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
-    try:
-        args.host, args.port = parseAddress(args.address)
-    except ValueError as e:
-        sys.stderr.write(f"netsvc echo: {e}\n")
-        return defer.succeed(2)
-    if (args.cacert or args.insecure) and not args.tls:
-        sys.stderr.write("netsvc echo: --cacert and --insecure go with --tls\n")
-        return defer.succeed(2)
+    status = clients.checkArguments("echo", args, 7)
+    if status is not None:
+        return defer.succeed(status)
     d = load(reactor, args) if args.count else sendMessages(reactor, args)
 
     def failed(f: Any) -> int:

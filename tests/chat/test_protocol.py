@@ -6,7 +6,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from netsvc.chat.hub import Hub
-from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, Flusher
+from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, ChatShared, Flusher
 from netsvc.metrics import Registry
 
 
@@ -23,7 +23,7 @@ class Room:
         self.port = 40000
 
     def connect(self, framing="line"):
-        factory = ChatFactory(self.hub, FRAMINGS[framing], self.flusher, self.limits, self.clock, self.metrics)
+        factory = self.factory(framing)
         proto = factory.buildProtocol(None)
         self.port += 1
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self.port))
@@ -35,6 +35,10 @@ class Room:
 
     def flush(self):
         self.clock.advance(0)
+
+    def factory(self, framing):
+        shared = ChatShared(self.hub, self.flusher, self.limits, self.clock, self.metrics)
+        return ChatFactory(shared, FRAMINGS[framing])
 
 
 class LineFramingTests(unittest.TestCase):
@@ -213,8 +217,7 @@ class LimitTests(unittest.TestCase):
 
     def test_refusalSaysWhy(self):
         room = Room()
-        factory = ChatFactory(room.hub, FRAMINGS["nul"], room.flusher, room.limits, room.clock, room.metrics)
-        proto = factory.refusalProtocol("max_connections_per_ip")
+        proto = room.factory("nul").refusalProtocol("max_connections_per_ip")
         t = StringTransport()
         proto.makeConnection(t)
         self.assertEqual(t.value(), b"*** server busy (max connections per ip); try later\0")

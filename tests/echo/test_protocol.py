@@ -6,7 +6,7 @@ from twisted.test.proto_helpers import FakeDatagramTransport
 from twisted.trial import unittest
 
 from netsvc.config import Limits
-from netsvc.echo.protocol import DatagramEcho, Echo, EchoFactory
+from netsvc.echo.protocol import DatagramEcho, EchoFactory
 from netsvc.metrics import Registry, ServiceMetrics
 from netsvc.policies import Guard
 

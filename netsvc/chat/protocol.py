@@ -234,6 +234,10 @@ class ChatProtocol(Protocol):
         self.address = f"[{host}]:{peer.port}" if host and ":" in host else (
             f"{host}:{peer.port}" if host else "unix")
         self.transport.registerProducer(self, True)
+        # Chat is interactive and writes small messages: no Nagle delay.
+        noDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if noDelay is not None:
+            noDelay(True)
         self.deliver(notice("welcome to netsvc chat; /help for commands"))
         self.hub.connect(self)
 

@@ -71,4 +71,5 @@ def makeService(settings: Settings, context: Any) -> IService:
     for i, listener in enumerate(settings.listen):
         svc.listen(i, listener, factories[listener.framing])
     svc.hub = hub
+    svc.shared = shared  # for the browser chat (netsvc.chat.web)
     return svc

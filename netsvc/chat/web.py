@@ -1,0 +1,186 @@
+"""
+Chat in the browser: a page and a WebSocket endpoint bridged into the chat hub,
+so browser users and TCP clients share rooms.  The web service mounts
+L{chatResource} at C{/chat} (the page at C{/chat/}, the socket at C{/chat/ws}).
+
+Over the socket, each text message from the browser is one chat line (commands
+included); the server sends JSON lines, one object per event:
+C{{"kind": "message", "sender": "alice", "text": "hi", "room": "#lobby",
+"time": 1700000000.0, "replay": false}} -- kinds as in L{netsvc.chat.hub.Event}.
+
+The browser client is a L{netsvc.chat.protocol.ChatProtocol} like any other
+(same commands, flood control, length limit and slow-reader bound), over a
+small adapter that makes the WebSocket look like a transport.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Callable
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.web import resource
+from twisted.web.server import Request
+from twisted.web.websocket import WebSocketResource, WebSocketTransport
+
+from netsvc.chat.hub import Event
+from netsvc.chat.protocol import ChatProtocol, ChatShared, Framing
+
+
+class JSONFraming(Framing):
+    """Events as JSON lines (the browser splits on newlines)."""
+
+    name = "json"
+    delimiter = b"\n"
+
+    def format(self, event: Event) -> str:
+        return json.dumps({
+            "kind": event.kind, "sender": event.sender, "text": event.text, "room": event.room,
+            "target": event.target, "time": round(event.time, 3), "replay": event.replay,
+        }, ensure_ascii=False)
+
+
+JSON = JSONFraming()
+
+
+class _WebSocketAsTransport:
+    """What L{ChatProtocol} needs of a transport, over a WebSocket."""
+
+    connected = True
+    disconnecting = False
+
+    def __init__(self, ws: WebSocketTransport, peer: Any) -> None:
+        self.ws = ws
+        self.peer = peer
+
+    def write(self, data: bytes) -> None:
+        if not self.disconnecting:
+            self.ws.sendTextMessage(data.decode("utf-8"))
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        self.write(b"".join(seq))
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnecting = True
+            self.ws.loseConnection()
+
+    abortConnection = loseConnection
+
+    def getPeer(self) -> Any:
+        return self.peer
+
+    def getHost(self) -> Any:
+        return None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        # After the upgrade, Twisted 26 leaves the HTTPChannel registered as the
+        # connection's producer; take its place, or attachProducer raises.
+        consumer = getattr(self.ws, "transport", None)
+        if getattr(consumer, "producer", None) is not None:
+            consumer.unregisterProducer()
+        self.ws.attachProducer(producer)
+
+    def unregisterProducer(self) -> None:
+        self.ws.detachProducer()
+
+
+class ChatWebSocket:
+    """One browser: a L{twisted.web.websocket.WebSocketProtocol} driving a L{ChatProtocol}."""
+
+    def __init__(self, shared: ChatShared, peer: Any) -> None:
+        self.chat = ChatProtocol(shared, JSON)
+        self.peer = peer
+        self.ws: WebSocketTransport | None = None
+
+    def negotiationStarted(self, transport: WebSocketTransport) -> None:
+        self.ws = transport
+
+    def negotiationFinished(self) -> None:
+        assert self.ws is not None
+        self.chat.makeConnection(_WebSocketAsTransport(self.ws, self.peer))
+
+    def textMessageReceived(self, message: str) -> None:
+        for line in message.splitlines() or [""]:
+            if self.chat.gone:
+                break
+            self.chat.messageReceived(line.encode("utf-8"))
+        self.chat.flusher.flush()
+
+    def bytesMessageReceived(self, data: bytes | bytearray) -> None:
+        self.textMessageReceived(bytes(data).decode("utf-8", "replace"))
+
+    def pongReceived(self, payload: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.chat.transport is not None:
+            self.chat.transport.connected = False
+            self.chat.connectionLost(reason if reason is not None else Failure(ConnectionDone()))
+
+
+class ChatWebSocketFactory:
+    def __init__(self, getShared: Callable[[], ChatShared | None]) -> None:
+        self.getShared = getShared
+
+    def buildProtocol(self, request: Request) -> ChatWebSocket:
+        shared = self.getShared()
+        assert shared is not None  # the resource answers 503 first
+        return ChatWebSocket(shared, request.getClientAddress())
+
+
+class _Socket(WebSocketResource):
+    def render_GET(self, request: Request) -> bytes | int:
+        if self.factory.getShared() is None:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"the chat service is not running\n"
+        return super().render_GET(request)
+
+
+class _Page(resource.Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.html = resources.files("netsvc.chat").joinpath("www/chat.html").read_bytes()
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            return b"not found\n"
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        return self.html
+
+    render_HEAD = render_GET
+
+
+class ChatResource(resource.Resource):
+    """C{/chat}: redirects to C{/chat/}, the page; C{/chat/ws}: the WebSocket."""
+
+    def __init__(self, getShared: Callable[[], ChatShared | None]) -> None:
+        super().__init__()
+        self.page = _Page()
+        self.putChild(b"", self.page)
+        self.putChild(b"ws", _Socket(ChatWebSocketFactory(getShared)))
+
+    def render_GET(self, request: Request) -> bytes:
+        request.redirect(request.uri.split(b"?")[0] + b"/")
+        return b""
+
+
+def chatResource(context: Any) -> ChatResource:
+    """The C{/chat} resource for a daemon: it finds the chat service when a browser connects."""
+
+    def getShared() -> ChatShared | None:
+        daemon = context.daemon
+        try:
+            svc = daemon.getServiceNamed("chat") if daemon is not None else None
+        except KeyError:
+            return None
+        return getattr(svc, "shared", None)
+
+    return ChatResource(getShared)

@@ -178,6 +178,12 @@ class Guard:
         self._drained: list[defer.Deferred] = []
         metrics.active.setFunction(lambda: len(self.connections))
 
+    def reconfigure(self, limits: Limits, access: AccessList) -> None:
+        """New limits and access lists, for connections and datagrams from now on."""
+        self.limits = limits
+        self.access = access
+        self.rates = RateLimiter(*limits.bucket(), self.clock)
+
     def wrap(self, factory: IProtocolFactory) -> GuardedFactory:
         """A factory enforcing these limits around C{factory}."""
         return GuardedFactory(self, factory)

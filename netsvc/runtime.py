@@ -185,6 +185,19 @@ class ServerService(service.MultiService):
         svc.setServiceParent(self)
         self.listeners.append(svc)
 
+    def reconfigure(self, settings: ServiceSettings) -> None:
+        """
+        SIGHUP: new limits and access lists apply to new connections (open ones
+        keep going).  Listeners cannot change without a restart: that is logged.
+        Services with more to reconfigure extend this.
+        """
+        old = [l.endpoint for l in getattr(self.settings, "listen", [])]
+        new = [l.endpoint for l in getattr(settings, "listen", [])]
+        if old != new:
+            log.warn("{service}: listen changed; restart netsvc for that to take effect", service=self.name)
+        self.guard.reconfigure(settings.limits, AccessList(settings.allow, settings.deny))
+        self.settings = settings
+
     def stopService(self) -> defer.Deferred:
         stopped = super().stopService()
         drained = self.guard.drain(self.context.settings.drain_timeout)

@@ -217,3 +217,22 @@ class ReconfigureTests(unittest.TestCase):
         daemon.reload()  # a broken file is logged, and nothing changes
         self.assertEqual(len(seen), 1)
         self.assertIn("YAML syntax error", errors[0]["problem"])
+
+
+class ServiceReconfigureTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_newLimitsForNewConnections(self):
+        daemon = startDaemon(self, 'services:\n  echo:\n    listen: ["tcp:0:interface=127.0.0.1"]\n')
+        first = yield connectEcho("127.0.0.1", port(daemon))
+        svc = daemon.getServiceNamed("echo")
+        svc.reconfigure(config.parse(
+            'services:\n  echo:\n    listen: ["tcp:0:interface=127.0.0.1"]\n    deny: ["127.0.0.0/8"]\n',
+            "t.yaml").services["echo"])
+        self.assertEqual((yield first.roundTrip(b"kept")), b"kept")  # open connections go on
+        refused = Collector()
+        from twisted.internet import endpoints
+
+        yield endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port(daemon)), refused)
+        yield refused.closed
+        self.assertEqual(svc.metrics.refused("acl").value, 1)
+        first.transport.loseConnection()

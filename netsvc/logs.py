@@ -10,6 +10,7 @@ and the event's own structured fields.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -55,13 +56,24 @@ class JSONLinesObserver:
         self.stream.flush()
 
 
+def openLogFile(path: str) -> IO[str]:
+    """
+    A rotating L{LogFile} for a regular file.  A device or a pipe (C{/dev/null},
+    C{/dev/stdout}) is opened plainly: rotating renames the file, which for
+    C{/dev/null} would leave a regular file in its place.
+    """
+    if os.path.exists(path) and not os.path.isfile(path):
+        return open(path, "a", encoding="utf-8")
+    return LogFile.fromFullPath(path)
+
+
 def observerFor(settings: Any, stream: IO[str] | None = None) -> ILogObserver:
     """
     An observer for L{netsvc.config.LogSettings}, writing to C{stream}, or to
     C{settings.file} (a rotating L{LogFile}), or to standard output.
     """
     if stream is None:
-        stream = LogFile.fromFullPath(settings.file) if settings.file else sys.stdout
+        stream = openLogFile(settings.file) if settings.file else sys.stdout
     if settings.format == "json":
         observer: ILogObserver = JSONLinesObserver(stream)
     else:

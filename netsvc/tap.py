@@ -139,6 +139,4 @@ def _twistdStream(options: Options, settings: Settings) -> Any:
     logfile = twistd.get("logfile") if hasattr(twistd, "get") else None
     if logfile == "-" or (logfile is None and (not twistd or twistd.get("nodaemon"))):
         return sys.stdout
-    from twisted.python.logfile import LogFile
-
-    return LogFile.fromFullPath(logfile or "twistd.log")
+    return logs.openLogFile(logfile or "twistd.log")

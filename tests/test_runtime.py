@@ -236,3 +236,27 @@ class ServiceReconfigureTests(unittest.TestCase):
         yield refused.closed
         self.assertEqual(svc.metrics.refused("acl").value, 1)
         first.transport.loseConnection()
+
+
+class LogFileTests(unittest.TestCase):
+    def test_regularFileRotates(self):
+        from twisted.python.logfile import LogFile
+
+        self.assertIsInstance(logs.openLogFile(self.mktemp()), LogFile)
+
+    def test_devicesAreNeverRotated(self):
+        # Rotating renames: for /dev/null that would leave a regular file in its place.
+        import os
+
+        from twisted.python.logfile import LogFile
+
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that opening to write does not block
+        self.addCleanup(os.close, fd)
+        stream = logs.openLogFile(fifo)
+        self.addCleanup(stream.close)
+        self.assertNotIsInstance(stream, LogFile)
+        stream.write("line\n")
+        stream.flush()
+        self.assertEqual(os.read(fd, 100), b"line\n")

@@ -1,0 +1,232 @@
+"""
+The UDP and TCP server protocols over fake transports: header rules, EDNS,
+truncation, REFUSED for the access list and rate limit, FORMERR and drops for
+malformed input (fuzzed), pipelined TCP answers.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+from twisted.names import dns
+from twisted.trial import unittest
+
+from netsvc.config import Limits
+from netsvc.dns import wire
+from netsvc.dns.local import LocalData
+from netsvc.dns.protocol import DNSDatagramProtocol, DNSStreamFactory
+from netsvc.dns.resolver import DNSMetrics
+from tests.dns._fakes import FakeDatagramTransport, FakeUpstream, a, decode, makeGuard, makeResolver, query
+
+CLIENT = ("127.0.0.1", 40000)
+
+
+class Setup:
+    def build(self, limits: Limits | None = None, allow=(), deny=(), zone=None) -> None:
+        self.clock = task.Clock()
+        zone = zone if zone is not None else {
+            "www.test": [a("www.test", "192.0.2.80")],
+            "big.test": [a("big.test", f"192.0.2.{i}") for i in range(100)],
+            "slow.test": "hang",
+        }
+        self.upstream = FakeUpstream("udp://192.0.2.1:53", self.clock, zone)
+        self.local = LocalData([("printer.lab", "A", "10.0.0.7", 300)])
+        self.resolver = makeResolver(self.clock, [self.upstream], local=self.local)
+        self.guard = makeGuard(self.clock, limits, allow, deny)
+        self.metrics = DNSMetrics(self.guard.metrics.registry)
+        self.udp = DNSDatagramProtocol(self.resolver, self.guard, self.metrics)
+        self.transport = FakeDatagramTransport()
+        self.udp.makeConnection(self.transport)
+
+    def send(self, data: bytes, client=CLIENT) -> dns.Message | None:
+        before = len(self.transport.written)
+        self.udp.datagramReceived(data, client)
+        if len(self.transport.written) == before:
+            return None
+        answer, addr = self.transport.written[-1]
+        self.assertEqual(addr, client)
+        return decode(answer)
+
+
+class DatagramTests(Setup, unittest.TestCase):
+    def setUp(self) -> None:
+        self.build()
+
+    def test_forwardedAnswerHeaders(self) -> None:
+        m = self.send(query("WWW.test", id=999))
+        self.assertEqual((m.id, m.answer, m.recDes, m.recAv, m.auth, m.rCode), (999, 1, 1, 1, 0, dns.OK))
+        self.assertEqual(m.queries[0].name.name, b"WWW.test")
+        self.assertEqual(m.answers[0].payload.dottedQuad(), "192.0.2.80")
+
+    def test_localAnswerIsAuthoritative(self) -> None:
+        m = self.send(query("printer.lab", rd=False))
+        self.assertEqual((m.auth, m.recDes, m.recAv), (1, 0, 1))
+
+    def test_withoutRecursionDesiredOnlyCacheAndLocal(self) -> None:
+        m = self.send(query("www.test", rd=False))
+        self.assertEqual((m.rCode, m.recDes), (dns.EREFUSED, 0))
+        self.assertEqual(self.upstream.asked, [])
+        self.send(query("www.test"))
+        m = self.send(query("www.test", rd=False))
+        self.assertEqual((m.rCode, m.recDes, len(m.answers)), (dns.OK, 0, 1))
+
+    def test_ednsAdvertised(self) -> None:
+        self.send(query("www.test"))
+        m = self.send(query("www.test", edns=4096))
+        self.assertEqual([(rr.type, rr.cls) for rr in m.additional], [(wire.OPT, 1232)])
+
+    def test_truncatedWithoutEdns(self) -> None:
+        m = self.send(query("big.test"))
+        self.assertEqual((m.trunc, m.answers), (1, []))
+        data = self.transport.written[-1][0]
+        self.assertLessEqual(len(data), 512)
+
+    def test_fitsWithEdns(self) -> None:
+        m = self.send(query("big.test", edns=1232))
+        self.assertEqual((m.trunc, len(m.answers)), (1, 0))  # 100 A records > 1232 bytes
+        self.upstream.zone["mid.test"] = [a("mid.test", f"192.0.2.{i}") for i in range(40)]
+        m = self.send(query("mid.test", edns=1232))
+        self.assertEqual((m.trunc, len(m.answers)), (0, 40))
+        m = self.send(query("mid.test"))
+        self.assertEqual(m.trunc, 1)
+
+    def test_waitsForUpstream(self) -> None:
+        self.assertIsNone(self.send(query("slow.test")))
+        self.upstream.hanging[0].callback(
+            __import__("tests.dns._fakes", fromlist=["response"]).response(
+                b"\x04slow\x04test\x00", dns.A, answers=[a("slow.test", "192.0.2.5")]))
+        m = decode(self.transport.written[-1][0])
+        self.assertEqual(m.answers[0].payload.dottedQuad(), "192.0.2.5")
+
+    def test_formerrKeepsId(self) -> None:
+        data = bytearray(query("www.test", id=31337))
+        data[5] = 3  # three questions
+        m = self.send(bytes(data))
+        self.assertEqual((m.id, m.rCode), (31337, dns.EFORMAT))
+
+    def test_responsesAndRuntsDropped(self) -> None:
+        self.assertIsNone(self.send(b"\x00\x01"))
+        reply = bytearray(query("www.test"))
+        reply[2] |= 0x80
+        self.assertIsNone(self.send(bytes(reply)))
+
+    def test_notimpForOtherOpcodes(self) -> None:
+        data = bytearray(query("www.test"))
+        data[2] |= 0x10  # opcode 2 (STATUS)
+        self.assertEqual(self.send(bytes(data)).rCode, dns.ENOTIMP)
+
+    def test_metricsByTypeAndRcode(self) -> None:
+        self.send(query("www.test"))
+        self.send(query("printer.lab"))
+        text = self.guard.metrics.registry.render()
+        self.assertIn('netsvc_dns_queries_total{service="dns",qtype="A",rcode="NOERROR"} 2', text)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=300))
+    def test_fuzzNeverCrashesNorAnswersBig(self, data: bytes) -> None:
+        before = len(self.transport.written)
+        self.udp.datagramReceived(data, CLIENT)
+        for answer, _ in self.transport.written[before:]:
+            self.assertLessEqual(len(answer), 512 + 300)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(0, 60), st.binary(min_size=1, max_size=6))
+    def test_mutatedQueriesNeverCrash(self, position: int, junk: bytes) -> None:
+        data = bytearray(query("www.test", edns=1232))
+        position %= len(data)
+        data[position:position + len(junk)] = junk
+        self.udp.datagramReceived(bytes(data), CLIENT)
+
+
+class AccessTests(Setup, unittest.TestCase):
+    def test_aclRefused(self) -> None:
+        self.build(allow=["10.0.0.0/8"])
+        m = self.send(query("www.test", id=5))
+        self.assertEqual((m.id, m.rCode), (5, dns.EREFUSED))
+        self.assertEqual(self.upstream.asked, [])
+        m = self.send(query("www.test"), client=("10.1.2.3", 5000))
+        self.assertEqual(m.rCode, dns.OK)
+
+    def test_denyWins(self) -> None:
+        self.build(allow=["127.0.0.0/8"], deny=["127.0.0.1"])
+        self.assertEqual(self.send(query("www.test")).rCode, dns.EREFUSED)
+
+    def test_rateLimitRefusedPerClient(self) -> None:
+        self.build(limits=Limits(rate=5, burst=5))
+        codes = [self.send(query("printer.lab")).rCode for _ in range(8)]
+        self.assertEqual(codes, [dns.OK] * 5 + [dns.EREFUSED] * 3)
+        self.assertEqual(self.send(query("printer.lab"), client=("127.0.0.2", 1)).rCode, dns.OK)
+        self.clock.advance(1)
+        self.assertEqual(self.send(query("printer.lab")).rCode, dns.OK)
+        text = self.guard.metrics.registry.render()
+        self.assertIn('netsvc_connections_refused_total{service="dns",reason="rate"} 3', text)
+
+    def test_oversizedDropped(self) -> None:
+        self.build(limits=Limits(max_message=100))
+        self.assertIsNone(self.send(query("www.test") + b"\x00" * 100))
+
+
+class StreamTests(Setup, unittest.TestCase):
+    def setUp(self) -> None:
+        self.build()
+        self.factory = DNSStreamFactory(self.resolver, self.guard, self.metrics)
+        self.proto = self.factory.buildProtocol(None)
+        self.stream = StringTransport()
+        self.proto.makeConnection(self.stream)
+
+    def answers(self) -> list[dns.Message]:
+        data, out = self.stream.value(), []
+        while len(data) >= 2:
+            (n,) = struct.unpack("!H", data[:2])
+            out.append(decode(data[2:2 + n]))
+            data = data[2 + n:]
+        return out
+
+    def frame(self, data: bytes) -> bytes:
+        return struct.pack("!H", len(data)) + data
+
+    def test_pipelinedAnswersAsReady(self) -> None:
+        self.proto.dataReceived(self.frame(query("slow.test", id=1)) + self.frame(query("www.test", id=2))
+                                + self.frame(query("printer.lab", id=3))[:5])
+        self.assertEqual([m.id for m in self.answers()], [2])
+        self.proto.dataReceived(self.frame(query("printer.lab", id=3))[5:])
+        self.upstream.hanging[0].callback(__import__("tests.dns._fakes", fromlist=["response"]).response(
+            b"\x04slow\x04test\x00", dns.A, answers=[a("slow.test", "192.0.2.5")]))
+        self.assertEqual([m.id for m in self.answers()], [2, 3, 1])
+
+    def test_withoutRecursionDesiredMissRefused(self) -> None:
+        self.proto.dataReceived(self.frame(query("www.test", id=9, rd=False)))
+        self.assertEqual([(m.id, m.rCode) for m in self.answers()], [(9, dns.EREFUSED)])
+        self.assertEqual(self.upstream.asked, [])
+
+    def test_bigAnswersNotTruncatedOverTCP(self) -> None:
+        self.proto.dataReceived(self.frame(query("big.test")))
+        m = self.answers()[0]
+        self.assertEqual((m.trunc, len(m.answers)), (0, 100))
+
+    def test_idleTimeoutClosesThenAborts(self) -> None:
+        self.proto.timedOut()
+        self.assertTrue(self.stream.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.stream.disconnected)
+
+    def test_garbageClosesOrFormerr(self) -> None:
+        self.proto.dataReceived(self.frame(b"\x00\x07" + b"\x00" * 3))
+        self.assertTrue(self.stream.disconnecting)
+
+    def test_refusedConnectionSaysREFUSED(self) -> None:
+        clock = task.Clock()
+        refusing = self.factory.refusalProtocol("acl")
+        refusing.clock = clock
+        t = StringTransport()
+        refusing.makeConnection(t)
+        refusing.dataReceived(self.frame(query("www.test", id=77)))
+        (n,) = struct.unpack("!H", t.value()[:2])
+        m = decode(t.value()[2:2 + n])
+        self.assertEqual((m.id, m.rCode), (77, dns.EREFUSED))
+        self.assertTrue(t.disconnecting)
+        self.assertIsNone(self.factory.refusalProtocol("max_connections"))

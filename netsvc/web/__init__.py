@@ -1,0 +1,1 @@
+"""The HTTPS service (services.web) and the netsvc fetch client."""

@@ -1,0 +1,263 @@
+"""
+Reverse proxy: a path prefix (or a whole virtual host) forwarded to an
+upstream C{http://} or C{https://} server (certificate verified, against the
+route's C{cafile} or the system's roots).
+
+  - Request: method, path (+ query), headers minus hop-by-hop ones, plus
+    C{X-Forwarded-For} (appended), C{X-Forwarded-Proto}, C{X-Forwarded-Host}.
+    The body is sent from what twisted.web has received (it spools request
+    bodies to a temporary file before a resource sees them, like nginx's
+    default C{proxy_request_buffering on}), streamed with back-pressure.
+  - Response: status, headers minus hop-by-hop ones, the body streamed to the
+    client as it arrives; a slow client pauses the upstream connection.
+  - Errors: 502 when the upstream cannot be reached or fails, 504 when its
+    response headers do not arrive within the route's C{timeout}; a body cut
+    short upstream cuts the client's response short (connection closed / stream
+    reset), never a silent truncation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from netsvc.web import pages
+
+log = Logger()
+
+#: Never forwarded either way (RFC 9110 7.6.1), plus the ones named in Connection.
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ]
+)
+
+
+@implementer(IPolicyForHTTPS)
+class VerifyingPolicy:
+    """TLS to upstreams: verified against C{cafile} (PEM) or the system's roots, SNI sent."""
+
+    def __init__(self, cafile: str | None = None) -> None:
+        self.cafile = cafile
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        from netsvc.tls import clientCreator
+
+        return clientCreator(hostname.decode("idna"), cafile=self.cafile)
+
+
+def _hopHeaders(headers: Headers) -> set[bytes]:
+    named = set(HOP_BY_HOP)
+    for value in headers.getRawHeaders(b"connection", []):
+        named.update(v.strip().lower() for v in value.split(b",") if v.strip())
+    return named
+
+
+class ProxyResource(Resource):
+    """Forwards every request it is given to one upstream."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        upstream: str,
+        reactor: Any,
+        pool: HTTPConnectionPool,
+        prefix: str = "/",
+        stripPrefix: bool = False,
+        preserveHost: bool = True,
+        connectTimeout: float = 5.0,
+        timeout: float = 60.0,
+        cafile: str | None = None,
+        metrics: Any = None,
+    ) -> None:
+        super().__init__()
+        parts = urlsplit(upstream)
+        self.scheme = parts.scheme.encode()
+        self.netloc = parts.netloc.encode()
+        self.basePath = parts.path.rstrip("/").encode()
+        self.prefix = prefix.encode()
+        self.stripPrefix = stripPrefix
+        self.preserveHost = preserveHost
+        self.timeout = timeout
+        self.reactor = reactor
+        self.metrics = metrics
+        self.agent = Agent(
+            reactor, contextFactory=VerifyingPolicy(cafile), connectTimeout=connectTimeout, pool=pool
+        )
+
+    def upstreamURL(self, uri: bytes) -> bytes:
+        path = uri if uri.startswith(b"/") else b"/" + uri
+        if self.stripPrefix and self.prefix != b"/":
+            bare = self.prefix.rstrip(b"/")
+            if path.startswith(bare):
+                path = path[len(bare) :]
+                if not path.startswith(b"/"):
+                    path = b"/" + path
+        return self.scheme + b"://" + self.netloc + self.basePath + path
+
+    def forwardHeaders(self, request: server.Request) -> Headers:
+        incoming = request.requestHeaders
+        drop = _hopHeaders(incoming)
+        out = Headers()
+        for name, values in incoming.getAllRawHeaders():
+            lower = name.lower()
+            if (
+                lower in drop or lower.startswith(b":") or lower == b"content-length"
+            ):  # the Agent frames the body
+                continue
+            if lower == b"host" and not self.preserveHost:
+                continue
+            out.setRawHeaders(name, list(values))
+        host = request.getHeader(b"host")
+        client = (request.getClientAddress().host or "unix").encode()
+        prior = incoming.getRawHeaders(b"x-forwarded-for")
+        out.setRawHeaders(b"X-Forwarded-For", [b", ".join(list(prior or []) + [client])])
+        out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"])
+        if host is not None:
+            out.setRawHeaders(b"X-Forwarded-Host", [host])
+            if self.preserveHost:
+                out.setRawHeaders(b"Host", [host])
+        if not self.preserveHost:
+            out.setRawHeaders(b"Host", [self.netloc])
+        return out
+
+    def render(self, request: server.Request) -> Any:
+        headers = self.forwardHeaders(request)
+        body = None
+        content = request.content
+        if content is not None:
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0)
+            if length or request.method in (b"POST", b"PUT", b"PATCH"):
+                body = FileBodyProducer(content)
+        d = self.agent.request(request.method, self.upstreamURL(request.uri), headers, body)
+        exchange = _Exchange(request, self)
+        timer = self.reactor.callLater(self.timeout, exchange.timeUp, d)
+
+        def stopTimer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(stopTimer)
+        d.addCallbacks(exchange.respond, exchange.failed)
+        d.addErrback(lambda f: log.failure("proxy error", failure=f))
+        request.notifyFinish().addErrback(lambda _: exchange.clientGone(d))
+        return server.NOT_DONE_YET
+
+
+class _Exchange:
+    """One proxied request: the upstream response, relayed to the client."""
+
+    def __init__(self, request: server.Request, resource: ProxyResource) -> None:
+        self.request = request
+        self.resource = resource
+        self.relay: _Relay | None = None
+        self.gone = False
+        self.timedOut = False
+
+    def timeUp(self, d: defer.Deferred) -> None:
+        """The response headers did not arrive in time: give up on the upstream (504)."""
+        self.timedOut = True
+        d.cancel()
+
+    def respond(self, response: Any) -> None:
+        request = self.request
+        if self.gone:
+            response.deliverBody(_Discard())
+            return
+        request.setResponseCode(response.code, response.phrase or None)
+        drop = _hopHeaders(response.headers) | {b"content-length"}
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in drop:
+                request.responseHeaders.setRawHeaders(name, list(values))
+        if response.length is not UNKNOWN_LENGTH:
+            request.setHeader(b"Content-Length", b"%d" % response.length)
+        if request.method == b"HEAD" or response.code in (204, 304) or response.length == 0:
+            response.deliverBody(_Discard())
+            request.finish()
+            return
+        self.relay = _Relay(request)
+        response.deliverBody(self.relay)
+
+    def failed(self, reason: Failure) -> None:
+        if self.gone:
+            return
+        if self.timedOut:
+            code, detail = 504, "the upstream server did not answer in time"
+        else:
+            code, detail = 502, "the upstream server could not be reached or failed"
+        log.warn(
+            "proxy to {upstream}: {error}",
+            upstream=self.resource.netloc.decode(),
+            error=reason.getErrorMessage() or reason.type.__name__,
+        )
+        body = pages.error(self.request, code, detail)
+        self.request.write(body)
+        self.request.finish()
+
+    def clientGone(self, d: defer.Deferred) -> None:
+        self.gone = True
+        if self.relay is not None:
+            self.relay.stop()
+        elif not d.called:
+            d.cancel()
+
+
+class _Relay(Protocol):
+    """Writes the upstream body to the client; the client's back-pressure pauses the upstream."""
+
+    def __init__(self, request: server.Request) -> None:
+        self.request = request
+        self.done = False
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.done:
+            self.request.write(data)
+
+    def stop(self) -> None:
+        self.done = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.done:
+            return
+        self.done = True
+        request = self.request
+        request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.finish()
+        else:
+            log.warn("proxy: upstream body cut short: {error}", error=reason.getErrorMessage())
+            request.loseConnection()
+
+
+class _Discard(Protocol):
+    def connectionLost(self, reason: Failure) -> None:
+        pass

@@ -1,0 +1,298 @@
+"""
+The HTTP site: requests -> (virtual host, route) -> resource, with the default
+response headers, and the plain-HTTP redirect site.
+
+Routing is a table lookup, not twisted.web's child-by-child traversal: a
+request's C{Host} picks a L{Host} (the default one when no virtual host
+matches); the host's routes are C{(prefix, resource)} pairs tried longest
+prefix first (exact C{/metrics} style mounts, proxy prefixes), then its static
+files.  L{Host.mount} is the place for later routes (the browser chat's
+C{/chat} page and WebSocket).
+
+Every response gets C{Server}, C{Date}, the configured security headers and,
+over TLS, C{Strict-Transport-Security}; a route's own headers override them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.python import failure
+from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
+
+from netsvc.web import pages
+from netsvc.web.negotiate import DateCache
+
+SERVER = b"netsvc"
+
+#: Sent on every response unless the configuration overrides or removes them.
+DEFAULT_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "SAMEORIGIN",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+}
+
+
+def canonicalHeaders(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """(name, value) pairs with twisted.web's canonical name case (its Headers keys)."""
+    h = Headers()
+    for name, value in headers.items():
+        h.setRawHeaders(name, [value])
+    return [(name, values[0]) for name, values in h.getAllRawHeaders()]
+
+
+class ErrorResource(resource.Resource):
+    """Always one error page."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, detail: str = "") -> None:
+        super().__init__()
+        self.code = code
+        self.detail = detail
+
+    def render(self, request: server.Request) -> bytes:
+        return pages.error(request, self.code, self.detail)
+
+
+NOT_FOUND = ErrorResource(404)
+
+
+class Mount(resource.Resource):
+    """
+    A twisted.web resource tree mounted at a prefix: requests below it are
+    traversed the usual way (C{getChild} / C{putChild}), with C{prepath} the
+    prefix and C{postpath} the rest (e.g. the browser chat's C{/chat/ws}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, prefix: str, target: resource.Resource) -> None:
+        super().__init__()
+        self.segments = [s.encode() for s in prefix.strip("/").split("/") if s]
+        self.target = target
+
+    def render(self, request: server.Request) -> Any:
+        from urllib.parse import unquote_to_bytes
+
+        parts = [unquote_to_bytes(p) for p in request.path.split(b"/")[1:]]
+        request.prepath = parts[:len(self.segments)]
+        request.postpath = parts[len(self.segments):]
+        return resource.getChildForRequest(self.target, request).render(request)
+
+
+class Host:
+    """One site: prefix routes (longest first) and a fallback (static files or 404)."""
+
+    def __init__(self, fallback: resource.Resource = NOT_FOUND) -> None:
+        self.fallback = fallback
+        self._routes: list[tuple[bytes, bool, resource.Resource]] = []
+
+    def mount(self, prefix: str, target: resource.Resource, exact: bool = False) -> None:
+        """
+        Route requests whose path starts with C{prefix} to C{target} (with
+        C{exact}: the path is C{prefix} or C{prefix/...}, e.g. C{/metrics}).
+        """
+        self._routes.append((prefix.encode(), exact, target))
+        self._routes.sort(key=lambda r: len(r[0]), reverse=True)
+
+    def route(self, path: bytes) -> resource.Resource:
+        for prefix, exact, target in self._routes:
+            if path.startswith(prefix):
+                if (
+                    not exact
+                    or len(path) == len(prefix)
+                    or path[len(prefix) : len(prefix) + 1] in (b"/", b"?")
+                ):
+                    return target
+        return self.fallback
+
+
+class WebRequest(server.Request):
+    """A request of a L{WebSite}: routed by table, default headers precomputed."""
+
+    _started = 0.0
+    _bodySize = 0
+    _refused = False
+
+    # -- request bodies are bounded by the site's maxBody (limits.max_message): 413, then close
+
+    def gotLength(self, length: int | None) -> None:
+        limit = getattr(self.channel.site, "maxBody", None)
+        if limit is not None and length is not None and length > limit:
+            self._refuseBody()
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._bodySize += len(data)
+        limit = getattr(self.channel.site, "maxBody", None)
+        if limit is not None and self._bodySize > limit:
+            self._refuseBody()
+            return
+        super().handleContentChunk(data)
+
+    def _refuseBody(self) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        channel = self.channel
+        if isinstance(channel, http.HTTPChannel):
+            body = pages.errorBody(413)
+            channel.transport.write(
+                b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\n"
+                b"Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            channel.loseConnection()
+            # The client may go on sending its body and never read our close: cut it off.
+            reactor = getattr(self.channel.site, "reactor", None)
+            if reactor is not None:
+                transport = channel.transport
+                self._abortCall = reactor.callLater(2.0, transport.abortConnection)
+        else:  # an HTTP/2 stream: reset it (twisted.web answers 400 there)
+            channel._respondToBadRequestAndDisconnect()
+
+    _abortCall = None
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
+        super().connectionLost(reason)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        site = self.channel.site
+        self.site = site
+        self._started = time.monotonic()
+        raw = self.responseHeaders._rawHeaders  # Twisted-private (checked on 26.10): canonical-case keys
+        raw[b"Server"] = [SERVER]
+        raw[b"Date"] = [site.dates.now()]
+        for name, value in site.secureHeaders if self.isSecure() else site.plainHeaders:
+            raw[name] = [value]
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(site.resourceFor(self))
+        except BaseException:
+            self.processingFailed(failure.Failure())
+
+    def processingFailed(self, reason: failure.Failure) -> None:
+        self._log.failure("web request failed", failure=reason)
+        if self.startedWriting:
+            self.loseConnection()
+            return None
+        self.responseHeaders._rawHeaders.clear()
+        body = pages.error(self, 500)
+        self.write(body)
+        self.finish()
+        return None
+
+
+class WebSite(server.Site):
+    """
+    The HTTPS (or plain) site of the web service: hosts by name, default
+    headers, and an access-log hook called once per finished request.
+    """
+
+    requestFactory = WebRequest
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(
+        self,
+        default: Host,
+        hosts: dict[str, Host] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        hsts: bytes | None = None,
+        onRequest: Callable[[Any], None] | None = None,
+        timeout: float | None = None,
+        maxBody: int | None = None,
+    ) -> None:
+        super().__init__(resource.Resource(), timeout=timeout)
+        self.default = default
+        self.hosts = dict(hosts or {})
+        self.dates = DateCache()
+        self.plainHeaders = list(headers or [])
+        self.secureHeaders = self.plainHeaders + ([(b"Strict-Transport-Security", hsts)] if hsts else [])
+        self.onRequest = onRequest
+        self._prefix: tuple[bytes, bytes, bytes] | None = None
+        #: Largest request body accepted (413 past it); None: no limit.
+        self.maxBody: int | None = maxBody
+        self._wildcards = sorted(
+            ((name[1:], host) for name, host in self.hosts.items() if name.startswith("*.")),
+            key=lambda x: -len(x[0]),
+        )
+
+    def fastPrefix(self, secure: bool) -> bytes:
+        """C{Server}, C{Date} and the default headers as bytes (for L{netsvc.web.fast}), per second."""
+        date = self.dates.now()
+        cached = self._prefix
+        if cached is None or cached[0] is not date:
+            lines = [b"Server: " + SERVER + b"\r\nDate: " + date + b"\r\n"]
+            plain = b"".join(lines + [n + b": " + v + b"\r\n" for n, v in self.plainHeaders])
+            secure_ = b"".join(lines + [n + b": " + v + b"\r\n" for n, v in self.secureHeaders])
+            cached = self._prefix = (date, plain, secure_)
+        return cached[2] if secure else cached[1]
+
+    def hostFor(self, request: server.Request) -> Host:
+        if not self.hosts:
+            return self.default
+        name = request.getRequestHostname().decode("ascii", "replace").lower().rstrip(".")
+        host = self.hosts.get(name)
+        if host is not None:
+            return host
+        for suffix, candidate in self._wildcards:
+            if name.endswith(suffix):
+                return candidate
+        return self.default
+
+    def resourceFor(self, request: server.Request) -> resource.Resource:
+        return self.hostFor(request).route(request.path)
+
+    def getResourceFor(self, request: server.Request) -> resource.Resource:
+        request.site = self
+        return self.resourceFor(request)
+
+    def log(self, request: Any) -> None:
+        if self.onRequest is not None:
+            self.onRequest(request)
+
+
+class RedirectResource(resource.Resource):
+    """301 to the same host and URI over HTTPS (C{port()} gives the HTTPS port; 443 is left out)."""
+
+    isLeaf = True
+
+    def __init__(self, port: Callable[[], int | None]) -> None:
+        super().__init__()
+        self.port = port
+
+    def render(self, request: server.Request) -> bytes:
+        host = request.getRequestHostname() or request.getHost().host.encode()
+        if b":" in host and not host.startswith(b"["):
+            host = b"[" + host + b"]"
+        port = self.port()
+        where = host if port in (None, 443) else host + b":%d" % port
+        uri = request.uri if request.uri.startswith(b"/") else b"/"
+        location = b"https://" + where + uri
+        return pages.error(request, 301, headers={b"Location": location})
+
+
+def redirectSite(
+    port: Callable[[], int | None],
+    onRequest: Callable[[Any], None] | None = None,
+    timeout: float | None = None,
+) -> WebSite:
+    """A site that answers everything with a redirect to HTTPS."""
+    host = Host(RedirectResource(port))
+    return WebSite(host, onRequest=onRequest, timeout=timeout)

@@ -1,0 +1,1 @@
+"""Port forwarding: TCP/TLS/unix/UDP rules with balancing, health checks and PROXY protocol."""

@@ -1,0 +1,585 @@
+"""
+The TCP (and TLS, unix) relay: one L{Relay} per accepted connection and its
+L{BackendSide} toward the chosen backend.
+
+Stream semantics:
+  - Back-pressure both ways: each direction is a L{_Pump}, registered as the
+    streaming producer of the side it writes to; when that side's send buffer
+    passes its bound (L{READ_SIZE}, 256 KiB), the other side stops reading.
+    Userland memory per connection stays under 2 x (bound + one read), about
+    1 MiB, whatever the speeds (in practice far less).
+  - Half-close: an EOF from one side becomes a FIN (C{loseWriteConnection}) on
+    the other while the opposite direction keeps flowing; the connection closes
+    once both directions have ended.  Over TLS an EOF is sent as close_notify
+    (C{loseConnection}), which still lets the peer's answer arrive until it sends
+    its own; a TLS client's close_notify reaches us as C{readConnectionLost} (see
+    L{netsvc.forward.tlshalfclose}).
+  - Failover: a backend that refuses, times out or fails the TLS handshake is
+    counted and the next candidate is tried; the client only notices when all fail.
+  - Writes toward a plain TCP backend go straight to the socket while nothing is
+    buffered (as L{netsvc.policies.GuardedProtocol} does toward clients).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import error, tcp, unix
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    INegotiated,
+    IPushProducer,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netsvc.forward import proxyheader
+from netsvc.forward.balance import Backend, why
+
+if TYPE_CHECKING:
+    from netsvc.forward.rule import RuleRuntime
+
+log = Logger(namespace="netsvc.forward")
+
+#: Accepted plain stream transports whose socket may be written to directly.
+_PLAIN_SERVERS = (tcp.Server, unix.Server)
+
+#: Read size (and send-buffer bound) of plain transports once linked.
+READ_SIZE = 256 * 1024
+
+#: Bytes read from a client before its backend connection is up; beyond, reading pauses.
+PENDING_MAX = 65536
+
+
+@implementer(IPushProducer)
+class _Pump:
+    """
+    One direction's flow control: the producer the writing side sees.  The
+    reading side is paused while any reason holds: the consumer's buffer is
+    full, the bandwidth limit says wait, or the relay holds it (no backend yet).
+    """
+
+    __slots__ = ("source", "consumerPaused", "throttled", "held", "paused", "done", "timer", "drained")
+
+    def __init__(self, source: Any, drained: Any = None) -> None:
+        self.source = source
+        #: Called when the consumer has sent everything it held (Twisted calls
+        #: resumeProducing only then): eager writes may start again.
+        self.drained = drained
+        self.consumerPaused = False
+        self.throttled = False
+        self.held = False
+        self.paused = False
+        self.done = False  # the source's read side has ended: never touch it again
+        self.timer: Any = None
+
+    def update(self) -> None:
+        want = self.consumerPaused or self.throttled or self.held
+        if want is not self.paused and not self.done:
+            self.paused = want
+            if want:
+                self.source.pauseProducing()
+            else:
+                self.source.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.consumerPaused = True
+        self.update()
+
+    def resumeProducing(self) -> None:
+        self.consumerPaused = False
+        if self.drained is not None:
+            self.drained()
+        self.update()
+
+    def stopProducing(self) -> None:
+        pass  # the relay closes the other side itself (connectionLost)
+
+    def throttle(self, reactor: Any, delay: float) -> None:
+        if self.timer is not None:
+            return
+        self.throttled = True
+        self.update()
+        self.timer = reactor.callLater(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.timer = None
+        self.throttled = False
+        self.update()
+
+    def cancel(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
+def _close(transport: Any) -> None:
+    """
+    loseConnection, after unregistering our producer: TLS defers its close_notify
+    until the producer is gone (it would wait forever otherwise).
+    """
+    if getattr(transport, "producer", None) is not None or getattr(transport, "_producer", None) is not None:
+        transport.unregisterProducer()
+    transport.loseConnection()
+
+
+def _shutdownNow(transport: Any, sock: Any) -> bool:
+    """
+    Send our FIN at once when nothing is buffered (C{sock} is the eager-write
+    socket, set only while that holds): Twisted's loseWriteConnection would wait
+    for a writable event first.  False: use loseWriteConnection.
+    """
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return False
+    return True
+
+
+def _address(addr: Any) -> tuple[str, int] | None:
+    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
+    return (host, port) if host is not None and port is not None else None
+
+
+def _label(addr: tuple[str, int] | None) -> str:
+    if addr is None:
+        return "unix"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+@implementer(IHalfCloseableProtocol)
+class Relay(Protocol):
+    """The accepted (client) side of one forwarded connection."""
+
+    backend: Backend | None = None
+    side: BackendSide | None = None
+    linked = False  # the backend connection is up
+    clientEOF = False
+    backendEOF = False
+    clientGone = False
+    backendGone = True  # until a backend connection exists
+    reason: str | None = None
+    _reader: proxyheader.HeaderReader | None = None
+    _headerTimer: Any = None
+    _finished = False
+
+    def __init__(self, rule: RuleRuntime, addr: Any, acceptProxy: bool, guard: Any, host: str) -> None:
+        self.rule = rule
+        self.guard = guard  # the service's Guard: this relay is one of its connections
+        self.host = host
+        self._csock: Any = None
+        self.reactor = rule.reactor
+        self.peer = _address(addr)
+        self.source = self.peer  # the client as far as we know (PROXY header may say otherwise)
+        self._destination: tuple[str, int] | None = None
+        self.acceptProxy = acceptProxy
+        self.up = 0
+        self.down = 0
+        self._pending: list[bytes] = []
+        self._pendingSize = 0
+        self._bsock: Any = None
+        self._lastTotal = -1
+        self._lastActive = 0.0
+        self.started = 0.0
+        self._candidates: Any = None
+        self._lastError = ""
+
+    # -- the client connection
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.started = self.reactor.seconds()
+        self.clientTLS = INegotiated.providedBy(transport)
+        if type(transport) in _PLAIN_SERVERS:
+            self._csock = transport.getHandle()  # eager writes (see GuardedProtocol.write)
+        self.upPump = _Pump(transport, self._backendDrained)
+        self.guard.opened(self)
+        self.rule.opened(self)
+        settings = self.rule.settings
+        self._lastActive = self.started
+        if self.acceptProxy:
+            self._reader = proxyheader.HeaderReader()
+            self._headerTimer = self.reactor.callLater(settings.connect_timeout, self._headerTimedOut)
+        else:
+            self._connect()
+
+    @property
+    def _bytesIn(self) -> Any:
+        return self.guard.metrics.bytesIn
+
+    @property
+    def _bytesOut(self) -> Any:
+        return self.guard.metrics.bytesOut
+
+    def drain(self) -> None:
+        """The daemon stops: connections go on for drain_timeout, then the guard closes them."""
+
+    @property
+    def destination(self) -> tuple[str, int] | None:
+        """Where the client connected to (or, behind a PROXY header, where it says it did)."""
+        if self._destination is None and self.transport is not None:
+            self._destination = _address(self.transport.getHost())
+        return self._destination
+
+    @destination.setter
+    def destination(self, value: tuple[str, int] | None) -> None:
+        self._destination = value
+
+    def _headerTimedOut(self) -> None:
+        self._headerTimer = None
+        self._refuse("proxy_header", "no PROXY header in time")
+
+    def _refuse(self, metric: str, reason: str) -> None:
+        self.rule.metrics.refused(metric).value += 1
+        self.reason = reason
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._bytesIn.value += len(data)
+        if self.linked:
+            n = len(data)
+            self.up += n
+            self.rule.metrics.bytesUp.value += n
+            self.backend.bytesUp.value += n  # type: ignore[union-attr]
+            self._toBackend(data)
+            if self.rule.limited:
+                delay = self.rule.takeUp(self, n)
+                if delay:
+                    self.upPump.throttle(self.reactor, delay)
+            return
+        if self._reader is not None:
+            try:
+                parsed = self._reader.feed(data)
+            except proxyheader.ProxyHeaderError as e:
+                log.info(
+                    "forward {rule}: {client}: {problem}",
+                    rule=self.rule.name,
+                    client=_label(self.peer),
+                    problem=str(e),
+                )
+                self._refuse("proxy_header", f"bad PROXY header: {e}")
+                return
+            if parsed is None:
+                return
+            source, destination, data = parsed
+            self._reader = None
+            if self._headerTimer is not None and self._headerTimer.active():
+                self._headerTimer.cancel()
+            self._headerTimer = None
+            if source is not None:
+                self.source, self.destination = source, destination
+            if not self.rule.permits(self.source):
+                self._refuse("acl", "refused by the rule's allow/deny lists")
+                return
+            self._connect()
+        if data:
+            self._pending.append(data)
+            self._pendingSize += len(data)
+            if self._pendingSize >= PENDING_MAX and not self.upPump.held:
+                self.upPump.held = True  # until the backend is there
+                self.upPump.update()
+
+    def readConnectionLost(self) -> None:
+        self.clientEOF = True
+        if self.reason is None and self.linked:
+            self.reason = "client closed"
+        self.upPump.done = True
+        if self.linked:
+            self._shutdownBackendWrite()
+            if self.backendEOF:
+                self._closeBoth()
+        elif self._reader is not None:
+            self.reason = "client closed before the PROXY header"
+            self.transport.loseConnection()
+        # Not connected yet: the FIN is passed on once the backend is there.
+
+    def writeConnectionLost(self) -> None:
+        pass  # our FIN toward the client went out; the other direction may go on
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.clientGone = True
+        self._csock = None
+        self.guard.closed(self)
+        self.upPump.cancel()
+        if self._headerTimer is not None and self._headerTimer.active():
+            self._headerTimer.cancel()
+        if self.reason is None:
+            self.reason = "client closed" if reason.check(error.ConnectionDone) else f"client: {why(reason)}"
+        side = self.side
+        if side is not None and not self.backendGone and side.transport is not None:
+            if self.backendEOF and self._bsock is not None:
+                side.transport.abortConnection()  # nothing left to send or to read: no need to wait
+            else:
+                _close(side.transport)
+        self._maybeFinish()
+
+    # -- the backend connection
+
+    def _connect(self) -> None:
+        self._candidates = self.rule.pool.candidates()
+        self._tryNext()
+
+    def _tryNext(self) -> None:
+        if self.clientGone:
+            self._maybeFinish()
+            return
+        backend = next(self._candidates, None)
+        if backend is None:
+            if self.backend is None:
+                self.rule.noBackend()
+                self._refuse("no_backend", "no healthy backend")
+            else:
+                self.rule.metrics.refused("connect_failed").value += 1
+                self.reason = f"no backend reachable (last: {self.backend.label}: {self._lastError})"
+                self.transport.abortConnection()
+            return
+        self.backend = backend
+        self.side = side = BackendSide(self, backend)
+        d = backend.connect(self.reactor, side, self.rule.settings.connect_timeout)
+        d.addErrback(self._connectFailed, side)
+
+    def _connectFailed(self, f: Failure, side: BackendSide) -> None:
+        if side is not self.side or side.failed:
+            return
+        side.failed = True
+        backend = side.backend
+        backend.failures.value += 1
+        self._lastError = why(f)
+        log.info(
+            "forward {rule}: backend {backend} failed for {client}: {problem}",
+            rule=self.rule.name,
+            backend=backend.label,
+            client=_label(self.source),
+            problem=self._lastError,
+            event="connect_failed",
+        )
+        self._tryNext()
+
+    def _backendDrained(self) -> None:
+        side = self.side
+        if side is not None and not self.clientEOF and type(side.transport) is tcp.Client:
+            self._bsock = side.transport.socket
+
+    def _clientDrained(self) -> None:
+        if not self.backendEOF and type(self.transport) in _PLAIN_SERVERS:
+            self._csock = self.transport.getHandle()
+
+    def _toBackend(self, data: bytes) -> None:
+        sock = self._bsock
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:  # EAGAIN, or an error the transport will report
+                sent = 0
+            if sent == len(data):
+                return
+            self._bsock = None  # from now on, the transport's buffering and back-pressure
+            data = data[sent:]
+        self.side.transport.write(data)  # type: ignore[union-attr]
+
+    def _backendReady(self, side: BackendSide) -> None:
+        if side is not self.side:
+            return
+        backend = side.backend
+        self.linked = True
+        self.backendGone = False
+        backend.active += 1
+        backend.connections.value += 1
+        transport = side.transport
+        if self.clientGone:
+            _close(transport)
+            return
+        self.backendTLS = side.tls
+        self.downPump = _Pump(transport, self._clientDrained)
+        if type(transport) is tcp.Client:
+            self._bsock = transport.socket  # eager writes, as GuardedProtocol does toward clients
+        # Larger reads for bulk transfers (fewer trips through Python); this is also the
+        # send-buffer size above which the other side is paused, so memory stays bounded.
+        # (Not with a bandwidth limit: it needs small reads to pace them.)
+        if not self.rule.limited:
+            for t in (transport, self.transport):
+                if getattr(t, "bufferSize", READ_SIZE) < READ_SIZE:
+                    t.bufferSize = READ_SIZE
+        mode = self.rule.settings.send_proxy
+        if mode is not None:
+            build = proxyheader.v1 if mode == "v1" else proxyheader.v2
+            self._toBackend(build(self.source, self.destination))
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            self.up += len(chunk)
+            self.rule.metrics.bytesUp.value += len(chunk)
+            backend.bytesUp.value += len(chunk)
+            self._toBackend(chunk)
+        transport.registerProducer(self.upPump, True)
+        self.transport.registerProducer(self.downPump, True)
+        if self.clientEOF:
+            self._shutdownBackendWrite()
+        elif self.upPump.held:
+            self.upPump.held = False
+            self.upPump.update()
+
+    def fromBackend(self, data: bytes) -> None:
+        n = len(data)
+        self.down += n
+        self.rule.metrics.bytesDown.value += n
+        self.backend.bytesDown.value += n  # type: ignore[union-attr]
+        self._bytesOut.value += n
+        sock = self._csock
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0
+            if sent != n:
+                self._csock = None
+                self.transport.write(data[sent:])
+        else:
+            self.transport.write(data)
+        if self.rule.limited:
+            delay = self.rule.takeDown(self, n)
+            if delay:
+                self.downPump.throttle(self.reactor, delay)
+
+    def backendEnded(self) -> None:
+        """The backend sent EOF: pass it on to the client, keep the other direction."""
+        self.backendEOF = True
+        self.downPump.done = True
+        if self.reason is None:
+            self.reason = "backend closed"
+        if self.clientGone:
+            return
+        if self.clientTLS:
+            _close(self.transport)
+        else:
+            sock, self._csock = self._csock, None
+            if not _shutdownNow(self.transport, sock):
+                self.transport.loseWriteConnection()
+        if self.clientEOF:
+            self._closeBoth()
+
+    def backendLost(self, side: BackendSide, reason: Failure) -> None:
+        if side is not self.side:
+            return
+        if not self.linked:
+            self._connectFailed(reason, side)
+            return
+        self.backendGone = True
+        side.backend.active -= 1
+        if hasattr(self, "downPump"):
+            self.downPump.cancel()
+        if self.reason is None:
+            self.reason = (
+                "backend closed" if reason.check(error.ConnectionDone) else f"backend: {why(reason)}"
+            )
+        if not self.clientGone:
+            _close(self.transport)
+        self._maybeFinish()
+
+    def _shutdownBackendWrite(self) -> None:
+        sock, self._bsock = self._bsock, None
+        transport = self.side.transport  # type: ignore[union-attr]
+        if self.backendTLS:
+            _close(transport)  # close_notify; its answer may still come
+        elif not _shutdownNow(transport, sock):
+            transport.loseWriteConnection()
+
+    # -- closing
+
+    def _closeBoth(self) -> None:
+        _close(self.transport)
+        if self.side is not None and self.side.transport is not None and not self.backendGone:
+            _close(self.side.transport)
+
+    def abort(self, reason: str) -> None:
+        """Close both sides now (idle timeout, shutdown)."""
+        if self.reason is None:
+            self.reason = reason
+        self.transport.abortConnection()
+        if self.side is not None and self.side.transport is not None and not self.backendGone:
+            self.side.transport.abortConnection()
+
+    def checkIdle(self, now: float) -> None:
+        """Called by the rule's sweep every quarter of the idle timeout."""
+        if self._finished or (self.clientGone and self.backendGone):
+            return
+        timeout = self.rule.settings.idle_timeout
+        if not timeout:
+            return
+        total = self.up + self.down
+        if total != self._lastTotal:
+            self._lastTotal = total
+            self._lastActive = now
+        elif now - self._lastActive >= timeout:
+            self.rule.idleTimeouts.value += 1
+            self.abort(f"idle timeout ({timeout:g}s)")
+
+    def _maybeFinish(self) -> None:
+        if self._finished or not self.clientGone or not self.backendGone:
+            return
+        if self.side is not None and not self.side.failed and not self.linked and not self.side.lost:
+            return  # a connection attempt is still under way; it closes itself when it lands
+        self._finished = True
+        self.rule.closed(self)
+        self.guard.closed(self)
+        duration = self.reactor.seconds() - self.started
+        log.info(
+            "forward {rule}: {client} -> {backend} closed after {duration:.3f}s, "
+            "{bytes_up} bytes up, {bytes_down} down ({reason})",
+            rule=self.rule.name,
+            client=_label(self.source),
+            backend=self.backend.label if self.backend and self.linked else "-",
+            duration=duration,
+            bytes_up=self.up,
+            bytes_down=self.down,
+            reason=self.reason or "closed",
+            event="connection_closed",
+        )
+
+
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class BackendSide(Protocol):
+    """The connection to the backend; reports to its L{Relay}."""
+
+    failed = False
+    lost = False
+    ready = False
+
+    def __init__(self, relay: Relay, backend: Backend) -> None:
+        self.relay = relay
+        self.backend = backend
+        self.tls = backend.spec.kind == "tls"
+
+    def connectionMade(self) -> None:
+        if not self.tls:
+            self.ready = True
+            self.relay._backendReady(self)
+
+    def handshakeCompleted(self) -> None:
+        if self.tls and not self.ready:
+            self.ready = True
+            self.relay._backendReady(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.fromBackend(data)
+
+    def readConnectionLost(self) -> None:
+        self.relay.backendEnded()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        relay = self.relay
+        if relay.side is self and relay.linked:
+            relay.backendLost(self, reason)
+        elif relay.side is self:
+            relay._connectFailed(reason, self)
+        if relay.clientGone:
+            relay._maybeFinish()

@@ -1,0 +1,179 @@
+"""
+One rule at run time: its settings, backends, health checks, limits and
+metrics, and the factory its stream listeners use.  On reload a listener's
+factory is pointed at the new L{RuleRuntime}; connections already open keep the
+one they started with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from netsvc import endpoints
+from netsvc.forward.balance import Backend, HealthChecker, Pool, RuleMetrics
+from netsvc.forward.relay import Relay
+from netsvc.forward.settings import Rule
+from netsvc.policies import AccessList, Bandwidth
+
+log = Logger(namespace="netsvc.forward")
+
+
+class RuleRuntime:
+    """The live state of one rule (shared by all its listeners)."""
+
+    def __init__(self, settings: Rule, reactor: Any, registry: Any, pool: Pool | None = None) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.reactor = reactor
+        self.metrics = RuleMetrics(registry, settings.name)
+        self.metrics.active.setFunction(lambda: len(self.connections))
+        self.idleTimeouts = registry.counter(
+            "netsvc_forward_idle_timeouts_total", "Connections closed by a rule's idle timeout.", ["rule"]
+        ).labels(rule=settings.name)
+        if pool is None:
+            pool = Pool(
+                [Backend(endpoints.parseClient(c), settings.name, registry) for c in settings.connect],
+                settings.balance,
+            )
+        self.pool = pool
+        self.access = AccessList(settings.allow, settings.deny)
+        self.connections: set[Any] = set()
+        bw = settings.bandwidth
+        self.limited = bool(bw.per_connection or bw.per_rule)
+        self._ruleUp = Bandwidth(bw.per_rule, reactor)
+        self._ruleDown = Bandwidth(bw.per_rule, reactor)
+        self.checker: HealthChecker | None = None
+        if settings.health is not None:
+            self.checker = HealthChecker(reactor, pool, settings.health, settings.connect_timeout, self.name)
+        self._sweep: Any = None
+        self._running = False
+        self._lastNoBackendLog = -1e9
+        self._noBackendCount = 0
+
+    def start(self) -> None:
+        self._running = True
+        if self.checker is not None:
+            self.checker.start()
+        if self.connections and self.settings.idle_timeout and self._sweep is None:
+            self._sweep = self.reactor.callLater(self._sweepStep(), self._sweepIdle)
+
+    def stop(self) -> None:
+        self._running = False
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        if self.checker is not None:
+            self.checker.stop()
+
+    # -- admission
+
+    def permits(self, address: tuple[str, int] | None) -> bool:
+        return self.access.permits(address[0] if address else "unix")
+
+    def noBackend(self) -> None:
+        """A connection found no healthy backend: say so (at most every 10 s per rule)."""
+        self._noBackendCount += 1
+        now = self.reactor.seconds()
+        if now - self._lastNoBackendLog >= 10:
+            log.warn(
+                "forward {rule}: no healthy backend; refused {count} connection(s)",
+                rule=self.name,
+                count=self._noBackendCount,
+                event="no_backend",
+            )
+            self._lastNoBackendLog = now
+            self._noBackendCount = 0
+
+    def opened(self, relay: Relay) -> None:
+        self.connections.add(relay)
+        if self._sweep is None and self.settings.idle_timeout and self._running:
+            self._sweep = self.reactor.callLater(self._sweepStep(), self._sweepIdle)
+
+    def _sweepStep(self) -> float:
+        return max(0.01, self.settings.idle_timeout / 4)
+
+    def _sweepIdle(self) -> None:
+        """One timer per rule (not per connection) for idle timeouts."""
+        self._sweep = None
+        if not self.connections or not self._running:
+            return
+        now = self.reactor.seconds()
+        for relay in list(self.connections):
+            relay.checkIdle(now)
+        if self.connections:
+            self._sweep = self.reactor.callLater(self._sweepStep(), self._sweepIdle)
+
+    def closed(self, relay: Relay) -> None:
+        self.connections.discard(relay)
+
+    # -- bandwidth
+
+    def takeUp(self, relay: Relay, n: int) -> float:
+        own = relay.__dict__.get("_bwUp")
+        if own is None:
+            own = relay._bwUp = Bandwidth(self.settings.bandwidth.per_connection, self.reactor)  # type: ignore[attr-defined]
+        return max(own.take(n), self._ruleUp.take(n))
+
+    def takeDown(self, relay: Relay, n: int) -> float:
+        own = relay.__dict__.get("_bwDown")
+        if own is None:
+            own = relay._bwDown = Bandwidth(self.settings.bandwidth.per_connection, self.reactor)  # type: ignore[attr-defined]
+        return max(own.take(n), self._ruleDown.take(n))
+
+
+class RuleFactory(Factory):
+    """
+    Builds a L{Relay} per accepted connection, after the service's admission
+    checks (its L{netsvc.policies.Guard}: draining, ACL, connection limits) and
+    the rule's own.
+    """
+
+    noisy = False
+
+    def __init__(self, rule: RuleRuntime, acceptProxy: bool, guard: Any) -> None:
+        self.rule = rule
+        self.acceptProxy = acceptProxy
+        self.guard = guard
+
+    def buildProtocol(self, addr: Any) -> Relay | None:
+        # The service's Guard is used directly rather than through Guard.wrap: a
+        # relay has its own idle timeout (both directions) and eager writes, and
+        # the wrapper's per-connection layer costs a third of a connection's time.
+        guard = self.guard
+        host = getattr(addr, "host", None) or "unix"
+        refusal = guard.refusal(host)
+        if refusal is not None:
+            guard.metrics.refused(refusal).value += 1
+            return None
+        rule = self.rule
+        metrics = rule.metrics
+        if len(rule.connections) >= rule.settings.max_connections:
+            metrics.refused("max_connections").value += 1
+            return None
+        if not self.acceptProxy and not rule.access.permits(getattr(addr, "host", None) or "unix"):
+            metrics.refused("acl").value += 1
+            return None
+        backends = rule.pool.backends
+        if not (backends[0].up or any(b.up for b in backends)):
+            metrics.refused("no_backend").value += 1
+            rule.noBackend()
+            return None
+        metrics.connections.value += 1
+        return Relay(rule, addr, self.acceptProxy, guard, host)
+
+
+def raiseFileLimit() -> None:
+    """A forwarder needs two descriptors per connection: raise the soft limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass

@@ -9,8 +9,14 @@ from netsvc import logs
 from netsvc.config import DatagramListener, Limits, Listener, LogSettings, MetricsSettings, Settings, Size
 from netsvc.chat.service import ChatListener
 from netsvc.chat.service import Settings as ChatSettings
+from netsvc.dns.service import Record
+from netsvc.dns.service import Settings as DNSSettings
 from netsvc.echo.service import Settings as EchoSettings
+from netsvc.forward.settings import ForwardListener, Health, Rule, UDPSettings
+from netsvc.forward.settings import Settings as ForwardSettings
 from netsvc.runtime import buildDaemon
+from netsvc.web.service import Settings as WebSettings
+from netsvc.web.settings import AccessLogSettings, WebListener
 
 here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.path.abspath("etc")
 
@@ -28,12 +34,43 @@ settings = Settings(
             ],
             limits=Limits(max_message=Size(65536), rate=2000, burst=4000),
         ),
+        "forward": ForwardSettings(
+            rules=[
+                Rule(name="echo", listen=[ForwardListener(endpoint="tcp:7008:interface=127.0.0.1")],
+                     connect=["tcp:host=127.0.0.1:port=7007"], allow=["127.0.0.0/8", "::1/128"],
+                     health=Health(interval=10, fall=3, rise=2)),
+                Rule(name="echo-udp", listen=[ForwardListener(endpoint="udp:7008:interface=127.0.0.1")],
+                     connect=["udp:host=127.0.0.1:port=7007"], udp=UDPSettings(idle_timeout=30)),
+            ],
+        ),
         "chat": ChatSettings(
             listen=[
                 ChatListener(endpoint="tcp:4041:interface=127.0.0.1"),
                 ChatListener(endpoint="tcp:4040:interface=127.0.0.1", framing="nul"),
                 ChatListener(endpoint="tls:4443:interface=127.0.0.1"),
             ],
+        ),
+        "web": WebSettings(
+            listen=[
+                WebListener(endpoint="tls:8443:interface=127.0.0.1"),
+                WebListener(endpoint="tcp:8080:interface=127.0.0.1", redirect_to_https=True),
+            ],
+            root=os.path.join(here, "..", "www"),
+            access_log=AccessLogSettings(file=os.path.join(here, "..", "var", "web-access.log")),
+        ),
+        "dns": DNSSettings(
+            listen=[
+                DatagramListener(endpoint="udp:5353:interface=127.0.0.1"),
+                DatagramListener(endpoint="tcp:5353:interface=127.0.0.1"),
+                DatagramListener(endpoint="tls:8853:interface=127.0.0.1"),
+            ],
+            hosts=["/etc/hosts"],
+            records=[
+                Record(name="printer.lab", type="A", value="10.0.0.7", ttl=300),
+                Record(name="lab", type="MX", value="10 mail.lab"),
+                Record(name="mail.lab", type="A", value="10.0.0.8"),
+            ],
+            allow=["127.0.0.0/8", "::1/128"],
         ),
     },
 )

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-CLIENTS = ["netsvc.echo.client", "netsvc.chat.client"]
+CLIENTS = ["netsvc.echo.client", "netsvc.chat.client", "netsvc.dns.client", "netsvc.forward.client",
+           "netsvc.web.fetch"]
 
 
 def checkConfig(reactor: Any, args: argparse.Namespace) -> int:

@@ -195,3 +195,217 @@ def serverFromString(reactor: Any, description: str, certificate: Any = None,
             tcp(reactor, int(p["port"]), int(p.get("backlog", 50)), interface),
         )
     return endpoints.serverFromString(reactor, normalize(description))
+
+
+# -- client side ---------------------------------------------------------------
+#
+#   tcp:host=HOST:port=PORT[:timeout=S][:bindAddress=ADDR]   (also tcp:HOST:PORT, tcp6:)
+#   tls:host=HOST:port=PORT[:sni=NAME][:cafile=PEM][:insecure=yes]
+#       [:cert=PEM][:key=PEM][:alpn=h2,http/1.1][:timeout=S]   (ssl: is the same)
+#   unix:path=PATH[:timeout=S]                                  (also unix:PATH)
+#   udp:host=HOST:port=PORT
+#
+# TLS verifies the server's certificate (against cafile, else the system's roots)
+# and its name (sni, else host), and sends SNI -- unless insecure=yes is written.
+# Twisted's own ssl: client string does not verify without caCertsDir; ours does.
+# IPv6 hosts may be written in brackets: tcp:host=[::1]:port=80.
+
+_CLIENT_PARAMS = {
+    "tcp": ("host", "port", "timeout", "bindAddress"),
+    "tls": ("host", "port", "timeout", "bindAddress", "sni", "cafile", "insecure", "cert", "key", "alpn"),
+    "unix": ("path", "timeout"),
+    "udp": ("host", "port"),
+}
+_CLIENT_ALIASES = {"tcp6": "tcp", "ssl": "tls"}
+_BRACKETED = re.compile(r"\[([0-9A-Fa-f:.%\w]*)\]")
+_TRUE = ("yes", "true", "1", "on")
+_FALSE = ("no", "false", "0", "off")
+
+
+class ClientSpec:
+    """
+    A parsed client endpoint string: C{kind} (tcp, tls, unix, udp), C{host},
+    C{port}, C{path}, C{timeout} (None: the caller's), and the TLS options.
+    C{str()} is a short label for logs and metrics (C{10.0.0.5:80}, C{tls://h:443}).
+    """
+
+    def __init__(self, description: str, kind: str, params: dict[str, str]) -> None:
+        self.description = description
+        self.kind = kind
+        self.host: str = params.get("host", "")
+        self.port: int = int(params.get("port", 0) or 0)
+        self.path: str = params.get("path", "")
+        self.timeout: float | None = float(params["timeout"]) if "timeout" in params else None
+        bind = params.get("bindAddress")
+        self.bindAddress: tuple[str, int] | None = (bind, 0) if bind else None
+        self.sni: str = params.get("sni") or self.host
+        self.cafile: str | None = params.get("cafile")
+        self.insecure: bool = params.get("insecure", "no").lower() in _TRUE
+        self.cert: str | None = params.get("cert")
+        self.key: str | None = params.get("key")
+        self.alpn: list[bytes] = [p.encode() for p in params.get("alpn", "").split(",") if p]
+
+    @property
+    def isIPLiteral(self) -> bool:
+        from twisted.internet.abstract import isIPAddress
+
+        return isIPAddress(self.host) or isIPv6Address(self.host)
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        prefix = {"tcp": "", "tls": "tls://", "udp": "udp://"}[self.kind]
+        return f"{prefix}{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"ClientSpec({self.description!r})"
+
+
+def parseClient(description: str) -> ClientSpec:
+    """
+    Parse and check a client endpoint string.
+
+    @raise EndpointError: naming what is wrong.
+    """
+    if not isinstance(description, str) or ":" not in description:
+        raise EndpointError(f"malformed endpoint {description!r}: expected TYPE:ARGS, "
+                            f"e.g. tcp:host=127.0.0.1:port=80")
+    try:
+        escaped = _BRACKETED.sub(lambda m: m.group(1).replace(":", "\\:"), description)
+        kind, args, kwargs = split(escaped)
+        kind = _CLIENT_ALIASES.get(kind, kind)
+        if kind not in _CLIENT_PARAMS:
+            raise EndpointError(f"unknown client endpoint type {kind!r}{suggest(kind, _CLIENT_PARAMS)}"
+                                f"; use tcp, tls, unix or udp")
+        allowed = _CLIENT_PARAMS[kind]
+        positional = ("path",) if kind == "unix" else ("host", "port")
+        if len(args) > len(positional):
+            raise EndpointError(f"too many arguments for {kind}: {':'.join(args)}")
+        params = dict(zip(positional, args))
+        for key, value in kwargs.items():
+            if key == "caCertsDir" and kind == "tls":
+                raise EndpointError("caCertsDir is not supported; give cafile=PEM")
+            if key not in allowed:
+                raise EndpointError(f"unknown option {key!r} for {kind}:{suggest(key, allowed)}")
+            if key in params:
+                raise EndpointError(f"{key} given twice")
+            params[key] = value
+        if kind == "unix":
+            if not params.get("path"):
+                raise EndpointError("unix: needs a path, e.g. unix:path=/run/app.sock")
+        else:
+            if not params.get("host"):
+                raise EndpointError(f"{kind}: needs a host, e.g. {kind}:host=127.0.0.1:port=80")
+            if "port" not in params:
+                raise EndpointError(f"{kind}: needs a port, e.g. {kind}:host=127.0.0.1:port=80")
+            if _port(params["port"]) == 0:
+                raise EndpointError("port 0 cannot be connected to")
+        if "timeout" in params:
+            try:
+                if float(params["timeout"]) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise EndpointError(f"timeout must be a positive number of seconds, "
+                                    f"got {params['timeout']!r}") from None
+        if "insecure" in params and params["insecure"].lower() not in _TRUE + _FALSE:
+            raise EndpointError(f"insecure must be yes or no, got {params['insecure']!r}")
+        if "key" in params and "cert" not in params:
+            raise EndpointError("key= goes with cert=")
+        if params.get("insecure", "no").lower() in _TRUE and "cafile" in params:
+            raise EndpointError("cafile= and insecure=yes contradict each other")
+    except EndpointError as e:
+        raise EndpointError(f"malformed endpoint {description!r}: {e}") from None
+    return ClientSpec(description, kind, params)
+
+
+def validateClient(description: str) -> str:
+    """
+    Check a client endpoint string without connecting.
+
+    @return: C{"udp"} for datagram endpoints, C{"stream"} otherwise.
+    @raise EndpointError: naming what is wrong.
+    """
+    return "udp" if parseClient(description).kind == "udp" else "stream"
+
+
+class UDPClientEndpoint:
+    """
+    Where datagrams go: C{connect(datagramProtocol)} binds an ephemeral local
+    port, connects it to the (resolved) host and port, and fires with the
+    L{IListeningPort}.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, interface: str | None = None) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.interface = interface
+
+    @defer.inlineCallbacks
+    def connect(self, protocol: Any) -> Any:
+        from twisted.internet.abstract import isIPAddress
+
+        address = self.host
+        if not (isIPAddress(address) or isIPv6Address(address)):
+            address = yield self.reactor.resolve(address)
+        interface = self.interface if self.interface is not None else ("::" if ":" in address else "")
+        port = self.reactor.listenUDP(0, protocol, interface=interface)
+        port.connect(address, self.port)
+        return port
+
+
+def tlsCreatorFor(spec: ClientSpec) -> Any:
+    """
+    The client TLS connection creator for a C{tls:} spec: verified (cafile or
+    system roots) unless insecure, SNI from C{sni} (else host), optional client
+    certificate.  @raise netsvc.tls.CertificateError: a file is unusable.
+    """
+    from netsvc.tls import clientCreator
+
+    if spec.cert is None:
+        return clientCreator(spec.sni, cafile=spec.cafile, insecure=spec.insecure,
+                             acceptableProtocols=spec.alpn or None)
+    # A client certificate: build the options by hand (clientCreator has no such argument).
+    from pathlib import Path
+
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    from netsvc.tls import CertificateError, _readPEMs, _trustRootFrom
+
+    chain, key = _readPEMs(Path(spec.cert), Path(spec.key or spec.cert))
+    client = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+        ssl.Certificate(crypto.X509.from_cryptography(chain[0])),
+        ssl.KeyPair(crypto.PKey.from_cryptography_key(key)))  # type: ignore[arg-type]
+    if spec.insecure:
+        raise CertificateError("insecure=yes with a client certificate is not supported")
+    trustRoot = ssl.platformTrust() if spec.cafile is None else _trustRootFrom(spec.cafile)
+    return ssl.optionsForClientTLS(spec.sni, trustRoot=trustRoot, clientCertificate=client,
+                                   acceptableProtocols=spec.alpn or None)
+
+
+def clientFromString(reactor: Any, description: str | ClientSpec, timeout: float = 30.0) -> Any:
+    """
+    Build a client endpoint: an L{IStreamClientEndpoint} for tcp/tls/unix, a
+    L{UDPClientEndpoint} for udp.  C{timeout} is the connect timeout unless the
+    string gives one.
+
+    @raise EndpointError: the string is malformed.
+    @raise netsvc.tls.CertificateError: a TLS file (cafile, cert) is unusable.
+    """
+    spec = description if isinstance(description, ClientSpec) else parseClient(description)
+    timeout = spec.timeout if spec.timeout is not None else timeout
+    if spec.kind == "udp":
+        return UDPClientEndpoint(reactor, spec.host, spec.port)
+    if spec.kind == "unix":
+        return endpoints.UNIXClientEndpoint(reactor, spec.path, timeout=timeout)
+    if spec.isIPLiteral:  # no resolver round trip (HostnameEndpoint would ask one)
+        tcp = endpoints.TCP6ClientEndpoint if isIPv6Address(spec.host) else endpoints.TCP4ClientEndpoint
+        stream: Any = tcp(reactor, spec.host, spec.port, timeout=timeout, bindAddress=spec.bindAddress)
+    else:
+        stream = endpoints.HostnameEndpoint(reactor, spec.host.encode("idna"), spec.port,
+                                            timeout=timeout, bindAddress=spec.bindAddress)
+    if spec.kind == "tls":
+        stream = endpoints.wrapClientTLS(tlsCreatorFor(spec), stream)
+    return stream

@@ -11,7 +11,10 @@ from types import ModuleType
 
 SERVICES: dict[str, str] = {
     "echo": "netsvc.echo.service",
+    "forward": "netsvc.forward.service",
+    "dns": "netsvc.dns.service",
     "chat": "netsvc.chat.service",
+    "web": "netsvc.web.service",
 }
 
 

@@ -39,6 +39,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 log = Logger()
@@ -184,12 +185,7 @@ class ServerCertificate:
             generateSelfSigned(self.certPath, self.keyPath, self.generateNames)  # type: ignore[arg-type]
         chain, key = _readPEMs(self.certPath, self.keyPath)
         self.chain, self._key = chain, key
-        self._options = ssl.CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-            certificate=crypto.X509.from_cryptography(chain[0]),
-            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-            raiseMinimumTo=_MIN_VERSION[self.minVersion],
-        )
+        self._options = self.freshOptions()
         self.generation += 1
 
     def _needsGenerating(self) -> bool:
@@ -206,15 +202,17 @@ class ServerCertificate:
 
     def options(self, acceptableProtocols: Sequence[bytes] | None = None) -> ssl.CertificateOptions:
         """CertificateOptions for the current certificate (and ALPN protocols, if any)."""
-        if not acceptableProtocols:
-            return self._options
-        key, chain = self._key, self.chain
+        return self.freshOptions(acceptableProtocols) if acceptableProtocols else self._options
+
+    def freshOptions(self, acceptableProtocols: Sequence[bytes] | None = None) -> ssl.CertificateOptions:
+        """New CertificateOptions (so a context of its own) for the current key and chain."""
+        chain = self.chain
         return ssl.CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+            privateKey=crypto.PKey.from_cryptography_key(self._key),  # type: ignore[arg-type]
             certificate=crypto.X509.from_cryptography(chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
             raiseMinimumTo=_MIN_VERSION[self.minVersion],
-            acceptableProtocols=list(acceptableProtocols),
+            acceptableProtocols=list(acceptableProtocols) if acceptableProtocols else None,
         )
 
     def connectionCreator(self, acceptableProtocols: Sequence[bytes] | None = None) -> ReloadingServerCreator:
@@ -315,3 +313,101 @@ class _UnverifiedClientCreator:
             conn.set_tlsext_host_name(self.hostname.encode("idna"))
         conn.set_connect_state()
         return conn
+
+
+
+def httpsPolicy(cafile: str | None = None, insecure: bool = False) -> IPolicyForHTTPS:
+    """
+    An C{IPolicyForHTTPS} for C{twisted.web.client.Agent} (and so treq) built on
+    L{clientCreator}: every host's certificate verified against C{cafile} or the
+    system roots, unless C{insecure}.
+
+    @raise CertificateError: C{cafile} is unusable (checked now, not at the first request).
+    """
+    if cafile is not None and not insecure:
+        _trustRootFrom(cafile)
+    return _ClientPolicy(cafile, insecure)
+
+
+@implementer(IPolicyForHTTPS)
+class _ClientPolicy:
+    """L{clientCreator} per host name, cached (a client talks to few hosts)."""
+
+    def __init__(self, cafile: str | None, insecure: bool) -> None:
+        self.cafile, self.insecure = cafile, insecure
+        self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        name = hostname.decode("ascii").strip("[]")
+        if name not in self._creators:
+            self._creators[name] = clientCreator(name, cafile=self.cafile, insecure=self.insecure)
+        return self._creators[name]
+
+
+# -- several certificates, chosen by SNI ---------------------------------------------
+
+
+def certificateNames(cert: x509.Certificate) -> list[str]:
+    """The DNS names a certificate is for (subjectAltName, else its common name), lower case."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return [str(n).lower().rstrip(".") for n in names]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SNIServerCreator:
+    """
+    Server TLS with several certificates: the one whose names match the client's
+    SNI name (exact, then C{*.domain} wildcards for one label), else C{default}.
+    Like L{ReloadingServerCreator}, it follows each certificate's L{reload}: new
+    connections get the new certificates, open ones keep theirs.
+    """
+
+    def __init__(self, default: ServerCertificate, others: Sequence[ServerCertificate],
+                 acceptableProtocols: Sequence[bytes] | None = None) -> None:
+        self.default = default
+        self.others = list(others)
+        self.acceptableProtocols = acceptableProtocols
+        self._generations: tuple[int, ...] = ()
+        self._defaultContext: SSL.Context | None = None
+        self._byName: dict[str, SSL.Context] = {}
+
+    def _refresh(self) -> None:
+        generations = tuple(c.generation for c in [self.default] + self.others)
+        if generations == self._generations:
+            return
+        byName: dict[str, SSL.Context] = {}
+        for certificate in reversed(self.others):  # the first listed wins a name
+            context = certificate.freshOptions(self.acceptableProtocols).getContext()
+            for name in certificateNames(certificate.chain[0]):
+                byName[name] = context
+        default = self.default.freshOptions(self.acceptableProtocols).getContext()
+        default.set_tlsext_servername_callback(self._select)
+        self._byName, self._defaultContext, self._generations = byName, default, generations
+
+    def contextFor(self, serverName: str | None) -> SSL.Context | None:
+        """The context for an SNI name; None: the default certificate's."""
+        if not serverName:
+            return None
+        name = serverName.lower().rstrip(".")
+        context = self._byName.get(name)
+        if context is None and "." in name:
+            context = self._byName.get("*." + name.split(".", 1)[1])
+        return context
+
+    def _select(self, connection: SSL.Connection) -> None:
+        # Called by OpenSSL during the handshake: never raise (the handshake would fail).
+        try:
+            raw = connection.get_servername()
+            context = self.contextFor(raw.decode("ascii", "replace") if raw else None)  # A-labels
+            if context is not None:
+                connection.set_context(context)
+        except Exception:
+            log.failure("SNI certificate selection failed; using the default certificate")
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        self._refresh()
+        return SSL.Connection(self._defaultContext, None)

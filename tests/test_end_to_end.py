@@ -47,6 +47,10 @@ def shippedListeners() -> list[tuple[str, str, str, int]]:
     settings = load(str(REPO / CONFIG))
     entries = [(f"metrics.listen[{i}]", l.endpoint) for i, l in enumerate(settings.metrics.listen)]
     for name, svc in settings.services.items():
+        if name == "forward":  # listeners per rule
+            entries += [(f"services.forward.rules[{r}].listen[{i}]", l.endpoint)
+                        for r, rule in enumerate(svc.rules) for i, l in enumerate(rule.listen)]
+            continue
         entries += [(f"services.{name}.listen[{i}]", l.endpoint) for i, l in enumerate(svc.listen)]
     out = []
     for key, endpoint in entries:
@@ -129,10 +133,39 @@ class ShippedConfigurationTests(unittest.TestCase):
             ("services.echo.listen[1]", "UDP", "127.0.0.1", 7007),
             ("services.echo.listen[2]", "TCP", "127.0.0.1", 7443),
             ("services.echo.listen[3]", "TCP", "::1", 7007),
+            ("services.forward.rules[0].listen[0]", "TCP", "127.0.0.1", 7008),
+            ("services.forward.rules[1].listen[0]", "UDP", "127.0.0.1", 7008),
             ("services.chat.listen[0]", "TCP", "127.0.0.1", 4041),
             ("services.chat.listen[1]", "TCP", "127.0.0.1", 4040),
             ("metrics.listen[0]", "TCP", "127.0.0.1", 9100),
+            ("services.dns.listen[0]", "UDP", "127.0.0.1", 5353),
+            ("services.dns.listen[1]", "TCP", "127.0.0.1", 5353),
+            ("services.dns.listen[2]", "TCP", "127.0.0.1", 8853),
         }, listeners)
+
+    def test_dnsAnswersLocalRecordsOverUdpTcpAndTls(self) -> None:
+        """The shipped records (no upstream traffic): UDP, TCP and verified DNS over TLS."""
+        import struct
+
+        query = struct.pack("!HHHHHH", 77, 0x0100, 1, 0, 0, 0) + b"\x07printer\x03lab\x00\x00\x01\x00\x01"
+        address = bytes([10, 0, 0, 7])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(IO_TIMEOUT)
+            udp.sendto(query, ("127.0.0.1", 5353))
+            answer = udp.recv(4096)
+        self.assertEqual((answer[:2], answer[3] & 0xF), (b"\x00\x4d", 0))
+        self.assertTrue(answer.endswith(address), answer)
+        framed = struct.pack("!H", len(query)) + query
+        with socket.create_connection(("127.0.0.1", 5353), timeout=IO_TIMEOUT) as tcp:
+            tcp.sendall(framed)
+            self.assertTrue(tcp.recv(4096).endswith(address))
+        with socket.create_connection(("127.0.0.1", 8853), timeout=IO_TIMEOUT) as raw:
+            with tlsContext(self.cafile).wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(framed)
+                self.assertTrue(tls.recv(4096).endswith(address))
+        text = fetchMetrics()
+        self.assertGreaterEqual(
+            metricValue(text, 'netsvc_dns_queries_total{service="dns",qtype="A",rcode="NOERROR"}'), 3)
 
     def test_chatLineAndNulClientsMeet(self) -> None:
         nul = socket.create_connection(("127.0.0.1", 4040), timeout=IO_TIMEOUT)
@@ -156,6 +189,28 @@ class ShippedConfigurationTests(unittest.TestCase):
         text = fetchMetrics()
         accepted = metricValue(text, 'netsvc_connections_accepted_total{service="echo"}')
         self.assertGreaterEqual(accepted, streamConnections)
+
+    def test_forwardToEchoOverTcpAndUdp(self) -> None:
+        """The shipped forward rules: 127.0.0.1:7008 (TCP and UDP) reach the echo service on 7007."""
+        self.assertEqual(tcpEcho("127.0.0.1", 7008, b"forwarded"), b"forwarded")
+        self.assertEqual(udpEcho("127.0.0.1", 7008, b"forwarded datagram"), b"forwarded datagram")
+        text = fetchMetrics()
+        self.assertGreaterEqual(metricValue(text, 'netsvc_forward_connections_total{rule="echo"}'), 1)
+        self.assertGreaterEqual(metricValue(text, 'netsvc_forward_bytes_total{rule="echo",direction="down"}'), 9)
+
+    def test_webServesHTTPSAndRedirects(self) -> None:
+        """GET https://localhost:8443/ (the shipped www/index.html); http://...:8080/ redirects there."""
+        context = tlsContext(self.cafile)
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                             urllib.request.ProxyHandler({}))
+        with opener.open("https://localhost:8443/", timeout=IO_TIMEOUT) as response:
+            self.assertEqual(response.headers["Content-Type"], "text/html; charset=utf-8")
+            self.assertIn("max-age=", response.headers["Strict-Transport-Security"])
+            self.assertIn(b"netsvc", response.read())
+        with opener.open("http://localhost:8080/", timeout=IO_TIMEOUT) as response:  # follows the 301
+            self.assertEqual(response.url, "https://localhost:8443/")
+        with opener.open("https://localhost:8443/chat/", timeout=IO_TIMEOUT) as response:  # the browser chat
+            self.assertIn(b"WebSocket", response.read())
 
     def test_sighupReloadsAndKeepsServing(self) -> None:
         self.daemon.signal(signal.SIGHUP)

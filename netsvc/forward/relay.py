@@ -13,7 +13,7 @@ Stream semantics:
     once both directions have ended.  Over TLS an EOF is sent as close_notify
     (C{loseConnection}), which still lets the peer's answer arrive until it sends
     its own; a TLS client's close_notify reaches us as C{readConnectionLost} (see
-    L{netsvc.forward.tlshalfclose}).
+    L{netsvc.tls.halfClosing}).
   - Failover: a backend that refuses, times out or fails the TLS handshake is
     counted and the next candidate is tried; the client only notices when all fail.
   - Writes toward a plain TCP backend go straight to the socket while nothing is

@@ -21,7 +21,7 @@ from netsvc.config import ConfigError
 from netsvc.endpoints import isDatagram
 from netsvc.forward.rule import RuleFactory, RuleRuntime, raiseFileLimit
 from netsvc.forward.settings import Settings
-from netsvc.forward.tlshalfclose import halfClosing
+from netsvc.tls import halfClosing
 from netsvc.forward.udp import UDPForwarder
 from netsvc.policies import AccessList
 from netsvc.runtime import ListenerService, ServerService

@@ -64,6 +64,7 @@ def openLogFile(path: str) -> IO[str]:
     """
     if os.path.exists(path) and not os.path.isfile(path):
         return open(path, "a", encoding="utf-8")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return LogFile.fromFullPath(path)
 
 

@@ -260,3 +260,13 @@ class LogFileTests(unittest.TestCase):
         stream.write("line\n")
         stream.flush()
         self.assertEqual(os.read(fd, 100), b"line\n")
+
+    def test_missingFolderIsMade(self):
+        import os
+
+        path = os.path.join(self.mktemp(), "sub", "netsvc.log")
+        stream = logs.openLogFile(path)
+        self.addCleanup(stream.close)
+        stream.write("x\n")
+        stream.flush()
+        self.assertTrue(os.path.isfile(path))

@@ -16,6 +16,8 @@ JSON (one object per line)::
 
 from __future__ import annotations
 
+import os
+
 import json
 import time
 from collections.abc import Callable
@@ -102,6 +104,7 @@ class AccessLog:
         """Append to the file at C{path} (C{-}: the daemon's log)."""
         if path == "-":
             return cls(format)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as state_dir is made
         return cls(format, open(path, "a", encoding="utf-8", buffering=1 << 16))
 
     def __call__(self, request: Any) -> None:

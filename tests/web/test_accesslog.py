@@ -58,3 +58,10 @@ class AccessLogTests(unittest.TestCase):
 
     def test_controlCharactersEscaped(self):
         self.assertEqual(accesslog._quoted(b'a"b\\c\n\x1b'), '"a\\"b\\\\c\\x0a\\x1b"')
+
+    def test_missingFolderIsMade(self):
+        # A fresh checkout has no var/ yet: the shipped configuration logs there.
+        path = os.path.join(self.mktemp(), "var", "web-access.log")
+        out = accesslog.AccessLog.open(path)
+        self.addCleanup(out.out.close)
+        self.assertTrue(os.path.isfile(path))

@@ -1,6 +1,7 @@
 """Access log lines: combined format and JSON lines, from a running service."""
 
 import json
+import os
 import re
 
 from twisted.internet import defer

@@ -33,7 +33,7 @@ test: install-test peers
 	$(BIN)/python scripts/run-tests
 
 bench: install
-	$(BIN)/python bench/echo.py
+	for b in echo chat dns web forward; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp* var

@@ -33,6 +33,7 @@ from twisted.internet import defer, endpoints, error
 from twisted.internet.protocol import DatagramProtocol
 from twisted.protocols.basic import Int16StringReceiver
 
+from netsvc import clients
 from netsvc.dns import wire
 from netsvc.dns.upstream import parseURL, systemUpstreams
 
@@ -155,19 +156,10 @@ def exchange(reactor: Any, host: str, port: int, data: bytes, qid: int, transpor
 
 
 def parseServer(text: str, defaultPort: int) -> tuple[str, int]:
-    """C{ADDR}, C{ADDR:PORT}, C{[V6ADDR]:PORT}, C{V6ADDR}; raises ValueError."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    if not host:
-        raise ValueError(f"no server in {text!r}")
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port) if port else defaultPort
+    """C{ADDR}, C{ADDR:PORT}, C{[V6ADDR]:PORT}; raises ValueError."""
+    if text.count(":") > 1 and not text.startswith("["):
+        return text, defaultPort  # a bare IPv6 address
+    return clients.parseAddress(text, defaultPort)
 
 
 def defaultServer() -> str:

@@ -116,7 +116,8 @@ def validateServer(description: str) -> str:
     @raise EndpointError: naming what is wrong.
     """
     if not isinstance(description, str) or ":" not in description:
-        raise EndpointError(f"malformed endpoint {description!r}: expected TYPE:ARGS, e.g. tcp:7007:interface=127.0.0.1")
+        raise EndpointError(f"malformed endpoint {description!r}: "
+                            "expected TYPE:ARGS, e.g. tcp:7007:interface=127.0.0.1")
     try:
         kind, args, kwargs = split(description)
         if kind == "udp":

@@ -21,10 +21,10 @@ from netsvc.config import ConfigError
 from netsvc.endpoints import isDatagram
 from netsvc.forward.rule import RuleFactory, RuleRuntime, raiseFileLimit
 from netsvc.forward.settings import Settings
-from netsvc.tls import halfClosing
 from netsvc.forward.udp import UDPForwarder
 from netsvc.policies import AccessList
 from netsvc.runtime import ListenerService, ServerService
+from netsvc.tls import halfClosing
 
 __all__ = ["Settings", "makeService", "ForwardService"]
 

@@ -16,9 +16,8 @@ JSON (one object per line)::
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TextIO

@@ -53,6 +53,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _common import ServerProcess, Unavailable, cpu_seconds, fd_count, free_port, log, stop, wait_for
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent  # the venv's bin: python and twistd
 TARGETS = ("targets: netsvc >= 1x the asyncio baseline's deliveries/s; p99 < 100 ms at 20 msg/s into a "
@@ -71,63 +73,13 @@ services:
 """
 
 
-class Unavailable(Exception):
-    """A server could not be started, or stopped answering."""
-
-
 @dataclass
-class Server:
-    name: str
-    argv: list[str]
-    port: int
-    log: Path
+class Server(ServerProcess):
     env: dict | None = None
     metrics_port: int | None = None
-    proc: subprocess.Popen | None = None
     base_fds: int = 0
-    error: str | None = None  # why this server is not available
     runs: list[dict] = field(default_factory=list)  # loadgen results, one per run
     idle: dict | None = None  # loadgen result of the idle-clients measurement
-
-    def exit_reason(self):
-        """None while the process runs; else its status and the last line it printed."""
-        if self.proc is None or self.proc.poll() is None:
-            return None
-        lines = self.log.read_text(errors="replace").strip().splitlines() or ["no output"]
-        return f"exited with status {self.proc.returncode}: {lines[-1].strip()}"
-
-    def check_alive(self):
-        if reason := self.exit_reason():
-            raise Unavailable(reason)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fd_count(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid):
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for(server, condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        server.check_alive()
-        if time.monotonic() > deadline:
-            raise Unavailable(f"{what} within {timeout} s")
-        time.sleep(0.01)
 
 
 def says_back(port, timeout=2.0):
@@ -163,14 +115,6 @@ def start(server, cpus):
     server.base_fds = fd_count(server.proc.pid)
 
 
-def stop(server):
-    if server.proc and server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
 
 
 def quiesce(server, timeout=120):

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _common import ServerProcess, Unavailable, fd_count, free_port, log, proc_status_kb, stop, wait_for
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent  # the venv's bin: python and twistd
 TARGETS = "targets: netsvc >= 0.9x twisted Echo and >= 1x asyncio round trips/s; < 20 KB per idle connection"
@@ -78,61 +80,10 @@ services:
 """
 
 
-class Unavailable(Exception):
-    """A server could not be started, or stopped answering."""
-
-
 @dataclass
-class Server:
-    name: str
-    argv: list[str]
-    port: int
-    log: Path
-    proc: subprocess.Popen | None = None
-    error: str | None = None  # why this server is not available
+class Server(ServerProcess):
     runs: list[dict] = field(default_factory=list)  # loadgen results, one per run
     kb_per_idle: float | None = None
-
-    def exit_reason(self):
-        """None while the process runs; else its status and the last line it printed."""
-        if self.proc is None or self.proc.poll() is None:
-            return None
-        lines = self.log.read_text(errors="replace").strip().splitlines() or ["no output"]
-        return f"exited with status {self.proc.returncode}: {lines[-1].strip()}"
-
-    def check_alive(self):
-        if reason := self.exit_reason():
-            raise Unavailable(reason)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_status_kb(pid, key="VmRSS"):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise Unavailable(f"no {key} in /proc/{pid}/status")
-
-
-def fd_count(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def wait_for(server, condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        server.check_alive()
-        if time.monotonic() > deadline:
-            raise Unavailable(f"{what} within {timeout} s")
-        time.sleep(0.005)
 
 
 def round_trip(sock, payload=b"x" * 32):
@@ -163,14 +114,6 @@ def start(server, cpus):
     wait_for(server, accepting, 20, f"did not echo on port {server.port}")
 
 
-def stop(server):
-    if server.proc and server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
 
 
 def measure_round_trips(server, loadgen, args, cpus):

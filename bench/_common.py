@@ -1,0 +1,84 @@
+"""What the benchmark scripts share: server processes, /proc readings, ports, waiting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Unavailable(Exception):
+    """A server could not be started, or stopped answering."""
+
+
+@dataclass
+class ServerProcess:
+    """A server under test, run as a child process whose output goes to C{log}."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+    error: str | None = None  # why this server is not available
+
+    def exit_reason(self):
+        """None while the process runs; else its status and the last line it printed."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        lines = self.log.read_text(errors="replace").strip().splitlines() or ["no output"]
+        return f"exited with status {self.proc.returncode}: {lines[-1].strip()}"
+
+    def check_alive(self):
+        if reason := self.exit_reason():
+            raise Unavailable(reason)
+
+
+def stop(server: ServerProcess) -> None:
+    if server.proc and server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status_kb(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise Unavailable(f"no {key} in /proc/{pid}/status")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(server: ServerProcess, condition, timeout: float, what: str, step: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        server.check_alive()
+        if time.monotonic() > deadline:
+            raise Unavailable(f"{what} within {timeout} s")
+        time.sleep(step)

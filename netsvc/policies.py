@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer, tcp, unix
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import directlyProvides, implementer, providedBy
@@ -305,7 +305,7 @@ class GuardedFactory(Factory):
             log.debug("refused {client}: {reason}", client=host, reason=reason,
                       service=guard.metrics.service)
             refuse = getattr(self.wrappedFactory, "refusalProtocol", None)
-            return refuse(reason) if refuse is not None else None
+            return refuse(reason) if refuse is not None else _Refused()
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
@@ -315,6 +315,21 @@ class GuardedFactory(Factory):
 
 #: Plain stream transports whose socket L{GuardedProtocol.write} may write to directly.
 _EAGER_TRANSPORTS = (tcp.Server, unix.Server)
+
+
+class _Refused(Protocol):
+    """
+    Closes a refused connection at once.  (Returning None from buildProtocol
+    does that for plain TCP, but a TLS wrapper -- ours, Twisted's ssl: and
+    tls: -- would wrap None and fail on the first byte.)  Under TLS it aborts
+    before any handshake work.
+    """
+
+    def connectionMade(self) -> None:
+        if ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
 
 class GuardedProtocol(Protocol):

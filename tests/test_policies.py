@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from netsvc.config import Limits
 from netsvc.metrics import Registry, ServiceMetrics
-from netsvc.policies import AccessList, Guard, RateLimiter
+from netsvc.policies import AccessList, Guard, GuardedProtocol, RateLimiter
 
 
 class Recorder(Protocol):
@@ -43,11 +43,13 @@ class GuardTests(unittest.TestCase):
         return Guard(Limits(**limits), self.metrics, self.clock, AccessList(*limits.pop("acl", ((), ()))))
 
     def connect(self, factory, host="10.0.0.1"):
+        """(protocol, transport), or (None, None) when refused (and closed at once)."""
         proto = factory.buildProtocol(addr(host))
-        if proto is None:
-            return None, None
         transport = StringTransport()
         proto.makeConnection(transport)
+        if not isinstance(proto, GuardedProtocol):
+            self.assertTrue(transport.disconnecting, "a refused connection must be closed")
+            return None, None
         return proto, transport
 
     def test_passesBytesBothWaysAndCountsThem(self):

@@ -84,6 +84,22 @@ class EchoServiceTests(unittest.TestCase):
             c.transport.loseConnection()
 
     @defer.inlineCallbacks
+    def test_tlsConnectionsOverTheLimitAreClosedCleanly(self):
+        """A refusal under TLS closes the connection (no errors logged: trial fails on those)."""
+        cafile = str(stateDir(self.daemon) / "tls" / "selfsigned.pem")
+        clients = []
+        for _ in range(3):
+            clients.append((yield connectEcho("127.0.0.1", port(self.daemon, 2),
+                                              clientCreator("localhost", cafile=cafile))))
+            self.assertEqual((yield clients[-1].roundTrip(b"in")), b"in")
+        extra = yield connectEcho("127.0.0.1", port(self.daemon, 2), clientCreator("localhost", cafile=cafile))
+        yield self.assertFailure(extra.roundTrip(b"over"), Exception)
+        self.assertEqual(self.daemon.getServiceNamed("echo").metrics.refused("max_connections_per_ip").value, 1)
+        self.assertEqual((yield clients[0].roundTrip(b"others fine")), b"others fine")
+        for c in clients:
+            c.transport.loseConnection()
+
+    @defer.inlineCallbacks
     def test_backPressureBoundsServerMemory(self):
         """A client that sends but never reads cannot grow the server's buffers."""
         s = socket.socket()

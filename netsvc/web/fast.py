@@ -28,6 +28,12 @@ from netsvc.web.static import StaticResource
 #: A request head longer than this goes to twisted.web (which answers 431 or 400).
 MAX_HEAD = 16384
 
+#: A request head that has started must be complete within this long (a slow-loris client keeps
+#: the idle timeout at bay with a byte now and then; nginx's client_header_timeout is 60 s).
+HEAD_TIMEOUT = 30.0
+
+_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
 #: Headers the fast path understands; any other one (a conditional, framing ...) goes to twisted.web.
 _IGNORED = frozenset(
     [
@@ -117,6 +123,7 @@ class FastHTTPChannel(Protocol):
 
     delegate: Protocol | None = None
     _secure = False
+    _headTimer: Any = None
 
     def __init__(self, site: Any, addr: Any) -> None:
         self.site = site
@@ -137,6 +144,7 @@ class FastHTTPChannel(Protocol):
     # -- handing over
 
     def _handOver(self, data: bytes) -> None:
+        self._headDone()
         delegate = self.site.buildProtocol(self.addr)
         self.delegate = delegate
         delegate.makeConnection(self.transport)
@@ -153,6 +161,7 @@ class FastHTTPChannel(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
+        self._headDone()
         if self.delegate is not None:
             self.delegate.connectionLost(reason)
 
@@ -179,6 +188,7 @@ class FastHTTPChannel(Protocol):
                 if out:
                     self.transport.write(b"".join(out))
                 self._buffer = buf
+                self._headStarted()
                 return
             answer = self.answer(buf[:end])
             if answer is None:
@@ -191,10 +201,32 @@ class FastHTTPChannel(Protocol):
         if out:
             self.transport.write(b"".join(out))
         self._buffer = b""
+        self._headDone()
         if close:
             self.transport.loseConnection()
         elif buf:
             self._handOver(buf)
+
+    # -- the head timeout
+
+    def _headStarted(self) -> None:
+        if self._headTimer is None and self._buffer:
+            from twisted.internet import reactor
+
+            clock = getattr(self.site, "reactor", None) or reactor
+            self._headTimer = clock.callLater(HEAD_TIMEOUT, self._headTimedOut)
+
+    def _headDone(self) -> None:
+        if self._headTimer is not None:
+            if self._headTimer.active():
+                self._headTimer.cancel()
+            self._headTimer = None
+
+    def _headTimedOut(self) -> None:
+        self._headTimer = None
+        if self.delegate is None:
+            self.transport.write(_REQUEST_TIMEOUT)
+            self.transport.loseConnection()
 
     def answer(self, head: bytes) -> tuple[bytes, bool] | None:
         """The response bytes and whether to close after them, or None (not for the fast path)."""

@@ -199,3 +199,47 @@ class SNITests(unittest.TestCase):
         self.assertEqual(r.status, 200)
         with self.assertRaises(SSL.Error):
             yield self.fetch("other.test", str(oldCopy))
+
+
+class HeadTimeoutTests(unittest.TestCase):
+    """A request head that never completes (slow loris) gets 408 and the connection closes."""
+
+    @defer.inlineCallbacks
+    def test_incompleteHeadTimesOut(self):
+        from netsvc.web import fast
+        from tests.web._support import exchange
+
+        self.patch(fast, "HEAD_TIMEOUT", 0.3)
+        daemon = startWeb(self)
+        got = yield exchange(webPort(daemon, PLAIN), b"GET /index.html HTTP/1.1\r\nHost: localh",
+                             tls=False, timeout=5)
+        self.assertEqual(got, fast._REQUEST_TIMEOUT)
+
+    @defer.inlineCallbacks
+    def test_idleKeepAliveIsNotAHead(self):
+        from netsvc.web import fast
+        from tests.helpers import sleep
+        from tests.web._support import parseResponses
+
+        self.patch(fast, "HEAD_TIMEOUT", 0.2)
+        daemon = startWeb(self)
+        import socket
+
+        s = socket.create_connection(("127.0.0.1", webPort(daemon, PLAIN)), timeout=5)
+        self.addCleanup(s.close)
+        s.setblocking(False)
+        s.send(req("GET", "/index.html"))
+        yield sleep(0.5)  # longer than HEAD_TIMEOUT, with no request in progress
+        s.send(req("GET", "/index.html", close=True))
+        data = b""
+        for _ in range(200):
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                yield sleep(0.01)
+                continue
+            if not chunk:
+                break
+            data += chunk
+        codes = [r.status for r in parseResponses(data, ["GET", "GET"])]
+        self.assertEqual(codes, [200, 200])

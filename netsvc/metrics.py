@@ -165,11 +165,15 @@ class Registry:
     def get(self, name: str) -> Family:
         return self._families[name]
 
+    def families(self) -> list[Family]:
+        """Every family, sorted by name."""
+        return [self._families[name] for name in sorted(self._families)]
+
     def render(self) -> str:
         """The whole registry in the Prometheus text exposition format."""
         lines: list[str] = []
-        for name in sorted(self._families):
-            lines.extend(self._families[name].render())
+        for family in self.families():
+            lines.extend(family.render())
         return "\n".join(lines) + "\n" if lines else ""
 
 

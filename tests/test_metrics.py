@@ -41,6 +41,12 @@ class RegistryTests(unittest.TestCase):
         self.assertIs(r.counter("a", "A.", ["x"]), r.counter("a", "A.", ["x"]))
         self.assertRaises(ValueError, r.gauge, "a", "A.", ["x"])
 
+    def test_familiesInNameOrder(self):
+        r = Registry()
+        r.gauge("b", "B.")
+        r.counter("a", "A.")
+        self.assertEqual([f.name for f in r.families()], ["a", "b"])
+
     def test_wrongLabels(self):
         self.assertRaises(ValueError, Registry().counter("a", "A.", ["x"]).labels, y="1")
 

@@ -116,8 +116,7 @@ def openMetrics(registry: Registry) -> resource.Resource:
 def snapshot(registry: Registry) -> dict[str, list[dict[str, Any]]]:
     """Every counter and gauge: name -> [{labels..., "value": v}]."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for name in sorted(registry._families):  # Registry has no public iteration yet
-        family = registry._families[name]
+    for family in registry.families():
         rows = []
         for key, child in sorted(family.children.items()):
             if isinstance(child, Gauge):
@@ -130,7 +129,7 @@ def snapshot(registry: Registry) -> dict[str, list[dict[str, Any]]]:
             row["value"] = value
             rows.append(row)
         if rows:
-            out[name] = rows
+            out[family.name] = rows
     return out
 
 

@@ -364,26 +364,8 @@ def tlsCreatorFor(spec: ClientSpec) -> Any:
     """
     from netsvc.tls import clientCreator
 
-    if spec.cert is None:
-        return clientCreator(spec.sni, cafile=spec.cafile, insecure=spec.insecure,
-                             acceptableProtocols=spec.alpn or None)
-    # A client certificate: build the options by hand (clientCreator has no such argument).
-    from pathlib import Path
-
-    from OpenSSL import crypto
-    from twisted.internet import ssl
-
-    from netsvc.tls import CertificateError, _readPEMs, _trustRootFrom
-
-    chain, key = _readPEMs(Path(spec.cert), Path(spec.key or spec.cert))
-    client = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-        ssl.Certificate(crypto.X509.from_cryptography(chain[0])),
-        ssl.KeyPair(crypto.PKey.from_cryptography_key(key)))  # type: ignore[arg-type]
-    if spec.insecure:
-        raise CertificateError("insecure=yes with a client certificate is not supported")
-    trustRoot = ssl.platformTrust() if spec.cafile is None else _trustRootFrom(spec.cafile)
-    return ssl.optionsForClientTLS(spec.sni, trustRoot=trustRoot, clientCertificate=client,
-                                   acceptableProtocols=spec.alpn or None)
+    return clientCreator(spec.sni, cafile=spec.cafile, insecure=spec.insecure,
+                         acceptableProtocols=spec.alpn or None, certFile=spec.cert, keyFile=spec.key)
 
 
 def clientFromString(reactor: Any, description: str | ClientSpec, timeout: float = 30.0) -> Any:

@@ -356,19 +356,29 @@ def halfClosing(endpoint: Any) -> Any:
 
 def clientCreator(hostname: str, cafile: str | None = None, insecure: bool = False,
                   acceptableProtocols: Sequence[bytes] | None = None,
-                  minVersion: str = "1.2") -> IOpenSSLClientConnectionCreator:
+                  minVersion: str = "1.2", certFile: str | None = None,
+                  keyFile: str | None = None) -> IOpenSSLClientConnectionCreator:
     """
     Client TLS for C{hostname} (a DNS name or an IP address): the certificate is
     verified against C{cafile} (PEM, one or more CAs) or the system's roots, and
     its name checked with service-identity -- unless C{insecure} is given.
+    C{certFile} (and C{keyFile}, default: the same file) present a client certificate.
 
-    @raise CertificateError: C{cafile} is unreadable.
+    @raise CertificateError: a file is unusable, or C{insecure} with a client certificate.
     """
     if insecure:
+        if certFile is not None:
+            raise CertificateError("insecure with a client certificate is not supported")
         return _UnverifiedClientCreator(hostname, acceptableProtocols, minVersion)
     trustRoot = ssl.platformTrust() if cafile is None else _trustRootFrom(cafile)
+    client = None
+    if certFile is not None:
+        chain, key = _readPEMs(Path(certFile), Path(keyFile or certFile))
+        client = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+            ssl.Certificate(crypto.X509.from_cryptography(chain[0])),
+            ssl.KeyPair(crypto.PKey.from_cryptography_key(key)))  # type: ignore[arg-type]
     return ssl.optionsForClientTLS(
-        hostname, trustRoot=trustRoot,
+        hostname, trustRoot=trustRoot, clientCertificate=client,
         acceptableProtocols=list(acceptableProtocols) if acceptableProtocols else None,
         extraCertificateOptions={"raiseMinimumTo": _MIN_VERSION[minVersion]})
 

@@ -144,3 +144,79 @@ class ClientTests(unittest.TestCase):
         conn = creator.clientConnectionForTLS(None)
         self.assertEqual(conn.get_servername(), b"localhost")
         self.assertEqual(conn.get_context().get_verify_mode(), SSL.VERIFY_NONE)
+
+
+def makeClientCertificate(certPath, keyPath, name):
+    """A self-signed certificate for TLS client authentication (extendedKeyUsage clientAuth)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(key, hashes.SHA256()))
+    certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyPath.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+
+
+class ClientCertificateTests(unittest.TestCase):
+    """clientCreator(certFile=...) presents a client certificate (mutual TLS)."""
+
+    def test_presentedAndVerified(self):
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        serverCert, serverKey = folder / "s.pem", folder / "s.key"
+        clientCert, clientKey = folder / "c.pem", folder / "c.key"
+        tls.generateSelfSigned(serverCert, serverKey, ["localhost"])
+        makeClientCertificate(clientCert, clientKey, "client.test")
+        server = ServerCertificate(serverCert, serverKey).freshOptions().getContext()
+        seen = []
+
+        def verify(conn, cert, errno, depth, ok):
+            seen.append(cert.get_subject().CN)
+            return ok
+
+        server.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        server.load_verify_locations(str(clientCert))
+        creator = tls.clientCreator("localhost", cafile=str(serverCert), certFile=str(clientCert),
+                                    keyFile=str(clientKey))
+
+        class TLSProtocol:  # what ClientTLSOptions reads (ALPN hints) and calls back on a failure
+            class factory:
+                wrappedFactory = None
+
+            def failVerification(self, reason):
+                raise AssertionError(reason)
+
+        client = creator.clientConnectionForTLS(TLSProtocol())
+        client.set_connect_state()  # what Twisted's TLS protocol does for clients
+        serverConn = SSL.Connection(server, None)
+        serverConn.set_accept_state()
+        for _ in range(10):
+            for conn in (client, serverConn):
+                try:
+                    conn.do_handshake()
+                except SSL.WantReadError:
+                    pass
+            for a, b in ((client, serverConn), (serverConn, client)):
+                try:
+                    b.bio_write(a.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+        self.assertIn("client.test", seen)
+        self.assertEqual(serverConn.get_peer_certificate().get_subject().CN, "client.test")
+
+    def test_insecureWithCertificateRefused(self):
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        tls.generateSelfSigned(folder / "c.pem", folder / "c.key", ["x"])
+        self.assertRaises(CertificateError, tls.clientCreator, "localhost", insecure=True,
+                          certFile=str(folder / "c.pem"))

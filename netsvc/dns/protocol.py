@@ -121,13 +121,7 @@ class DNSDatagramProtocol(DatagramProtocol, _Answering):
                 return
             self.resolver.resolve(query.key).addCallback(self._resolved, query, addr)
             return
-        data = answer.render(query, now)
-        if len(data) > query.payload:
-            data = wire.truncated(query, answer.rcode, answer.aa)
-        self._write(data, addr)
-        self.dnsMetrics.answered(query.qtype, answer.rcode)
-        if self.queryLog:
-            self.logQuery(host, query, answer.rcode, "cache", "udp")
+        self._send(query, answer, now, addr, "cache")
 
     def _resolved(self, answer: Any, query: wire.Query, addr: Any) -> None:
         self._send(query, answer, self.clock.seconds(), addr, "upstream")

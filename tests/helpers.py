@@ -62,5 +62,22 @@ async def _sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
+def freePort() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (DNS retries truncated answers over TCP)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            candidate = u.getsockname()[1]
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", candidate))
+                except OSError:
+                    continue
+                return candidate
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
 def stateDir(daemon) -> Path:
     return Path(daemon.context.stateDir)

@@ -20,7 +20,8 @@ from tests.helpers import Collector, connectEcho, port, sleep, startDaemon, stat
 
 class LifecycleTests(unittest.TestCase):
     def test_statusFileListsBoundPorts(self):
-        daemon = startDaemon(self, 'services:\n  echo:\n    listen: ["tcp:0:interface=127.0.0.1", "udp:0:interface=127.0.0.1"]\n')
+        daemon = startDaemon(self, 'services:\n  echo:\n'
+                                   '    listen: ["tcp:0:interface=127.0.0.1", "udp:0:interface=127.0.0.1"]\n')
         status = json.loads((stateDir(daemon) / "status.json").read_text())
         self.assertEqual(status["services"], ["echo"])
         tcp, udp = status["listeners"]
@@ -70,7 +71,8 @@ class LifecycleTests(unittest.TestCase):
 class DrainTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_listenersCloseFirstThenConnectionsAfterDrainTime(self):
-        daemon = startDaemon(self, 'drain_timeout: 300ms\nservices:\n  echo:\n    listen: ["tcp:0:interface=127.0.0.1"]\n')
+        daemon = startDaemon(self, 'drain_timeout: 300ms\n'
+                                   'services:\n  echo:\n    listen: ["tcp:0:interface=127.0.0.1"]\n')
         portNumber = port(daemon, 0)
         client = yield connectEcho("127.0.0.1", portNumber)
         collector = Collector()
@@ -93,14 +95,19 @@ class DrainTests(unittest.TestCase):
 
 
 class ReloadTests(unittest.TestCase):
-    @defer.inlineCallbacks
-    def test_reloadServesNewCertificateKeepsOpenConnections(self):
+    def tlsEchoWithOwnCertificate(self):
+        """A TLS echo daemon whose certificate files (in a folder of its own) the test may replace."""
         folder = Path(self.mktemp()).absolute()
         folder.mkdir()
         cert, key = folder / "c.pem", folder / "k.pem"
         tls.generateSelfSigned(cert, key, ["localhost"])
         daemon = startDaemon(self, f'tls: {{cert: {cert}, key: {key}}}\n'
                                    'services:\n  echo:\n    listen: ["tls:0:interface=127.0.0.1"]\n')
+        return daemon, folder, cert, key
+
+    @defer.inlineCallbacks
+    def test_reloadServesNewCertificateKeepsOpenConnections(self):
+        daemon, folder, cert, key = self.tlsEchoWithOwnCertificate()
         old = yield connectEcho("127.0.0.1", port(daemon), clientCreator("localhost", cafile=str(cert)))
         self.assertEqual((yield old.roundTrip(b"a")), b"a")
         oldPEM = cert.read_bytes()
@@ -121,12 +128,7 @@ class ReloadTests(unittest.TestCase):
             c.transport.loseConnection()
 
     def test_badReloadKeepsServing(self):
-        folder = Path(self.mktemp()).absolute()
-        folder.mkdir()
-        cert, key = folder / "c.pem", folder / "k.pem"
-        tls.generateSelfSigned(cert, key, ["localhost"])
-        daemon = startDaemon(self, f'tls: {{cert: {cert}, key: {key}}}\n'
-                                   'services:\n  echo:\n    listen: ["tls:0:interface=127.0.0.1"]\n')
+        daemon, folder, cert, key = self.tlsEchoWithOwnCertificate()
         generation = daemon.context.certificate.generation
         errors = []
         observer = lambda e: errors.append(e) if e.get("log_level") == LogLevel.error else None  # noqa: E731

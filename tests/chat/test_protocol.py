@@ -36,6 +36,14 @@ class Room:
     def flush(self):
         self.clock.advance(0)
 
+    def send(self, proto, transport, data):
+        """Feed C{data} to C{proto}; what its client received meanwhile."""
+        proto.dataReceived(data)
+        self.flush()
+        out = transport.value()
+        transport.clear()
+        return out
+
     def factory(self, framing):
         shared = ChatShared(self.hub, self.flusher, self.limits, self.clock, self.metrics)
         return ChatFactory(shared, FRAMINGS[framing])
@@ -47,11 +55,7 @@ class LineFramingTests(unittest.TestCase):
         self.proto, self.t = self.room.connect("line")
 
     def send(self, data):
-        self.proto.dataReceived(data)
-        self.room.flush()
-        out = self.t.value()
-        self.t.clear()
-        return out
+        return self.room.send(self.proto, self.t, data)
 
     def test_messageEchoedToRoom(self):
         self.assertEqual(self.send(b"hello\n"), b"<127.0.0.1:40001> hello\n")
@@ -195,7 +199,7 @@ class LimitTests(unittest.TestCase):
         slow, st = room.connect()
         talker, tt = room.connect()
         slow.pauseProducing()  # what the transport does when the client stops reading
-        for i in range(10):
+        for _ in range(10):
             talker.dataReceived(b"x" * 30 + b"\n")
         room.flush()
         self.assertTrue(getattr(st, "aborted", False))
@@ -247,11 +251,7 @@ class ReservedNickTests(unittest.TestCase):
         self.proto, self.t = self.room.connect()
 
     def send(self, data):
-        self.proto.dataReceived(data)
-        self.room.flush()
-        out = self.t.value()
-        self.t.clear()
-        return out
+        return self.room.send(self.proto, self.t, data)
 
     def test_reservedNeedsPassword(self):
         self.assertEqual(self.send(b"/nick admin\n"),

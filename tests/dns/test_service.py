@@ -6,8 +6,6 @@ over UDP, TCP and DNS over TLS with a verified certificate.
 
 from __future__ import annotations
 
-import socket
-
 from twisted.internet import defer, reactor
 from twisted.names import dns
 from twisted.trial import unittest
@@ -15,23 +13,7 @@ from twisted.trial import unittest
 from netsvc import config
 from netsvc.dns import client
 from netsvc.tls import clientCreator
-from tests.helpers import port, sleep, startDaemon, stateDir
-
-
-def freePort() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (TC retries go to the same port number)."""
-    for _ in range(20):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            candidate = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", candidate))
-                except OSError:
-                    continue
-                return candidate
-    raise RuntimeError("no free port")
-
+from tests.helpers import freePort, port, sleep, startDaemon, stateDir
 
 UPSTREAM_YAML = """
 services:

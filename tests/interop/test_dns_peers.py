@@ -18,6 +18,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from tests.helpers import freePort
 from tests.interop._daemon import IO_TIMEOUT, _dieWithParent, requirePeer, runToCompletion, startNetsvc
 
 DNSMASQ_RECORDS = [
@@ -31,21 +32,6 @@ DNSMASQ_RECORDS = [
     "--local=/up.test/",
     "--local=/2.0.192.in-addr.arpa/",
 ]
-
-
-def freePort() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            candidate = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", candidate))
-                except OSError:
-                    continue
-                return candidate
-    raise RuntimeError("no port free for both UDP and TCP")
 
 
 def udpQuery(port: int, name: str, qtype: int = 1) -> bytes | None:

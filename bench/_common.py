@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -82,3 +84,18 @@ def wait_for(server: ServerProcess, condition, timeout: float, what: str, step: 
         if time.monotonic() > deadline:
             raise Unavailable(f"{what} within {timeout} s")
         time.sleep(step)
+
+
+def prepare(parser, fds: int) -> tuple[set[int], set[int]]:
+    """
+    Raise the open-files limit to the hard limit (children inherit it; C{fds} are
+    needed), make SIGTERM run the callers' cleanup, and split the CPUs: the
+    servers on the last one, the load generator on the first (CPU sets returned).
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and fds > hard:
+        parser.error(f"{fds} file descriptors needed, more than the hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the callers' finally clauses
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[-1]}, {cpus[0]}) if len(cpus) > 1 else (set(cpus), set(cpus))

@@ -41,8 +41,6 @@ killed at the end, also on Ctrl-C.
 import argparse
 import os
 import re
-import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -53,7 +51,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import ServerProcess, Unavailable, cpu_seconds, fd_count, free_port, log, stop, wait_for
+from _common import ServerProcess, Unavailable, cpu_seconds, fd_count, free_port, log, prepare, stop, wait_for
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent  # the venv's bin: python and twistd
@@ -265,16 +263,8 @@ def main():
             and 0 < args.duration <= 600 and 0 < args.latency_duration <= 600 and args.idle >= 0):
         parser.error("bad arguments")
 
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * max(args.clients, args.idle) + 200  # the load generator's and the servers' sockets
-    if hard != resource.RLIM_INFINITY and need > hard:
-        parser.error(f"{max(args.clients, args.idle)} clients need more file descriptors "
-                     f"than the hard limit {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally clause below
-
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus, load_cpus = ({cpus[-1]}, {cpus[0]}) if len(cpus) > 1 else (set(cpus), set(cpus))
+    # the load generator's and the servers' sockets
+    server_cpus, load_cpus = prepare(parser, 2 * max(args.clients, args.idle) + 200)
 
     with tempfile.TemporaryDirectory(prefix="bench-chat-") as tmp:
         tmp = Path(tmp)

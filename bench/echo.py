@@ -26,8 +26,6 @@ the end, also on Ctrl-C.
 
 import argparse
 import os
-import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import ServerProcess, Unavailable, fd_count, free_port, log, proc_status_kb, stop, wait_for
+from _common import ServerProcess, Unavailable, fd_count, free_port, log, prepare, proc_status_kb, stop, wait_for
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent  # the venv's bin: python and twistd
@@ -189,14 +187,7 @@ def main():
     parser.add_argument("--idle", type=int, default=10000, help="idle connections (default 10000)")
     args = parser.parse_args()
 
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
-    if args.idle + 100 > hard:
-        parser.error(f"--idle {args.idle} needs more file descriptors than the hard limit {hard}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally clause below
-
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus, load_cpus = ({cpus[-1]}, {cpus[0]}) if len(cpus) > 1 else (set(cpus), set(cpus))
+    server_cpus, load_cpus = prepare(parser, args.idle + 100)
 
     with tempfile.TemporaryDirectory(prefix="bench-echo-") as tmp:
         tmp = Path(tmp)

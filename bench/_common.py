@@ -39,6 +39,15 @@ class ServerProcess:
         if reason := self.exit_reason():
             raise Unavailable(reason)
 
+    def attempt(self, step, *args) -> None:
+        """Run C{step(self, *args)} unless this server already failed; a failure marks it unavailable."""
+        if self.error is None:
+            try:
+                step(self, *args)
+            except (Unavailable, OSError) as e:
+                self.error = self.exit_reason() or str(e)  # a crash explains more
+                log(f"  {self.name:>12}: not available: {self.error}")
+
 
 def stop(server: ServerProcess) -> None:
     if server.proc and server.proc.poll() is None:

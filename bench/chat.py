@@ -283,35 +283,27 @@ def main():
                    ports[1], tmp / "netsvc.log", env=env, metrics_port=ports[2]),
         ]
 
-        def attempt(server, step, *step_args):
-            if server.error is None:
-                try:
-                    step(server, *step_args)
-                except (Unavailable, OSError) as e:
-                    server.error = server.exit_reason() or str(e)  # a crash explains more
-                    log(f"  {server.name:>8}: not available: {server.error}")
-
         try:
             log(f"starting servers on ports {ports[:2]}")
             for server in servers:
-                attempt(server, start, server_cpus)
+                server.attempt(start, server_cpus)
             for run in range(args.runs):
                 log(f"{args.clients} clients, run {run + 1}/{args.runs}")
                 for server in servers[run % 2:] + servers[:run % 2]:
                     for other in servers:  # the last load's departures must be over on the shared CPU
-                        attempt(other, quiesce)
-                    attempt(server, measure_run, loadgen, args, load_cpus)
+                        other.attempt(quiesce)
+                    server.attempt(measure_run, loadgen, args, load_cpus)
             for server in servers:
-                attempt(server, quiesce)
+                server.attempt(quiesce)
             servers[1].counters = netsvc_counters(servers[1]) if not servers[1].error else None
             if args.idle:
                 log(f"idle memory, {args.idle} clients, fresh servers")
                 for server in servers:
                     stop(server)
                 for server in servers:
-                    attempt(server, start, server_cpus)
-                    attempt(server, quiesce)
-                    attempt(server, measure_idle, loadgen, args, load_cpus)
+                    server.attempt(start, server_cpus)
+                    server.attempt(quiesce)
+                    server.attempt(measure_idle, loadgen, args, load_cpus)
                     stop(server)  # its clients' departure must not load the other's measurement
         except KeyboardInterrupt:
             log("interrupted")

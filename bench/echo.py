@@ -206,25 +206,17 @@ def main():
                    ports[2], tmp / "netsvc.log"),
         ]
 
-        def attempt(server, step, *step_args):
-            if server.error is None:
-                try:
-                    step(server, *step_args)
-                except (Unavailable, OSError) as e:
-                    server.error = server.exit_reason() or str(e)  # a crash explains more
-                    log(f"  {server.name:>12}: not available: {server.error}")
-
         try:
             log(f"starting servers on ports {ports}")
             for server in servers:
-                attempt(server, start, server_cpus)
+                server.attempt(start, server_cpus)
             log(f"idle memory, {args.idle} connections")
             for server in servers:
-                attempt(server, measure_idle_memory, args.idle)
+                server.attempt(measure_idle_memory, args.idle)
             for run in range(args.runs):
                 log(f"round trips, run {run + 1}/{args.runs}")
                 for server in servers[run % 3:] + servers[:run % 3]:
-                    attempt(server, measure_round_trips, loadgen, args, load_cpus)
+                    server.attempt(measure_round_trips, loadgen, args, load_cpus)
         except KeyboardInterrupt:
             log("interrupted")
             return 130

@@ -29,6 +29,17 @@ from zope.interface import implementer
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
           "error": LogLevel.error, "critical": LogLevel.critical}
 
+#: The lowest level an observer built by L{observerFor} lets through (debug until one is built).
+_lowest = LogLevel.debug
+
+
+def wants(level: LogLevel) -> bool:
+    """
+    Whether an event of C{level} can reach the configured log.  Hot paths ask
+    first: a Twisted C{Logger} builds and publishes every event, filtered or not.
+    """
+    return level >= _lowest
+
 
 @implementer(ILogObserver)
 class JSONLinesObserver:
@@ -79,5 +90,7 @@ def observerFor(settings: Any, stream: IO[str] | None = None) -> ILogObserver:
         observer: ILogObserver = JSONLinesObserver(stream)
     else:
         observer = textFileLogObserver(stream)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[settings.level])
+    global _lowest
+    _lowest = LEVELS[settings.level]
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_lowest)
     return FilteringLogObserver(observer, [predicate])

@@ -33,12 +33,13 @@ from twisted.internet.interfaces import (
     IPushProducer,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netsvc.forward import proxyheader
 from netsvc.forward.balance import Backend, why
+from netsvc.logs import wants
 
 if TYPE_CHECKING:
     from netsvc.forward.rule import RuleRuntime
@@ -142,32 +143,96 @@ def _shutdownNow(transport: Any, sock: Any) -> bool:
     return True
 
 
-def _address(addr: Any) -> tuple[str, int] | None:
+def address(addr: Any) -> tuple[str, int] | None:
     host, port = getattr(addr, "host", None), getattr(addr, "port", None)
     return (host, port) if host is not None and port is not None else None
 
 
-def _label(addr: tuple[str, int] | None) -> str:
+def label(addr: tuple[str, int] | None) -> str:
     if addr is None:
         return "unix"
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
+class RelayBase:
+    """
+    What both relays (L{Relay}, and L{netsvc.forward.direct.DirectRelay}) share:
+    the idle check of the rule's sweep, and the log events.
+    """
+
+    rule: RuleRuntime
+    guard: Any
+    backend: Backend | None = None
+    linked = False  # the backend connection is up
+    reason: str | None = None
+    source: tuple[str, int] | None = None
+    _finished = False
+
+    def abort(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _closedAlready(self) -> bool:
+        return self._finished
+
+    def checkIdle(self, now: float) -> None:
+        """Called by the rule's sweep every quarter of the idle timeout."""
+        if self._closedAlready():
+            return
+        timeout = self.rule.settings.idle_timeout
+        if not timeout:
+            return
+        total = self.up + self.down
+        if total != self._lastTotal:
+            self._lastTotal = total
+            self._lastActive = now
+        elif now - self._lastActive >= timeout:
+            self.rule.idleTimeouts.value += 1
+            self.abort(f"idle timeout ({timeout:g}s)")
+
+    def _connectFailedLog(self, backend: Backend, problem: str) -> None:
+        backend.failures.value += 1
+        log.info(
+            "forward {rule}: backend {backend} failed for {client}: {problem}",
+            rule=self.rule.name,
+            backend=backend.label,
+            client=label(self.source),
+            problem=problem,
+            event="connect_failed",
+        )
+
+    def _report(self) -> None:
+        """The connection is over: leave the rule and the guard, log one event."""
+        self._finished = True
+        self.rule.closed(self)
+        self.guard.closed(self)
+        if not wants(LogLevel.info):
+            return  # (building the event costs more than the rest of a short connection's close)
+        duration = self.rule.reactor.seconds() - self.started
+        log.info(
+            "forward {rule}: {client} -> {backend} closed after {duration:.3f}s, "
+            "{bytes_up} bytes up, {bytes_down} down ({reason})",
+            rule=self.rule.name,
+            client=label(self.source),
+            backend=self.backend.label if self.backend and self.linked else "-",
+            duration=duration,
+            bytes_up=self.up,
+            bytes_down=self.down,
+            reason=self.reason or "closed",
+            event="connection_closed",
+        )
+
+
 @implementer(IHalfCloseableProtocol)
-class Relay(Protocol):
+class Relay(RelayBase, Protocol):
     """The accepted (client) side of one forwarded connection."""
 
-    backend: Backend | None = None
     side: BackendSide | None = None
-    linked = False  # the backend connection is up
     clientEOF = False
     backendEOF = False
     clientGone = False
     backendGone = True  # until a backend connection exists
-    reason: str | None = None
     _reader: proxyheader.HeaderReader | None = None
     _headerTimer: Any = None
-    _finished = False
 
     def __init__(self, rule: RuleRuntime, addr: Any, acceptProxy: bool, guard: Any, host: str) -> None:
         self.rule = rule
@@ -175,7 +240,7 @@ class Relay(Protocol):
         self.host = host
         self._csock: Any = None
         self.reactor = rule.reactor
-        self.peer = _address(addr)
+        self.peer = address(addr)
         self.source = self.peer  # the client as far as we know (PROXY header may say otherwise)
         self._destination: tuple[str, int] | None = None
         self.acceptProxy = acceptProxy
@@ -224,7 +289,7 @@ class Relay(Protocol):
     def destination(self) -> tuple[str, int] | None:
         """Where the client connected to (or, behind a PROXY header, where it says it did)."""
         if self._destination is None and self.transport is not None:
-            self._destination = _address(self.transport.getHost())
+            self._destination = address(self.transport.getHost())
         return self._destination
 
     @destination.setter
@@ -260,7 +325,7 @@ class Relay(Protocol):
                 log.info(
                     "forward {rule}: {client}: {problem}",
                     rule=self.rule.name,
-                    client=_label(self.peer),
+                    client=label(self.peer),
                     problem=str(e),
                 )
                 self._refuse("proxy_header", f"bad PROXY header: {e}")
@@ -348,17 +413,8 @@ class Relay(Protocol):
         if side is not self.side or side.failed:
             return
         side.failed = True
-        backend = side.backend
-        backend.failures.value += 1
         self._lastError = why(f)
-        log.info(
-            "forward {rule}: backend {backend} failed for {client}: {problem}",
-            rule=self.rule.name,
-            backend=backend.label,
-            client=_label(self.source),
-            problem=self._lastError,
-            event="connect_failed",
-        )
+        self._connectFailedLog(side.backend, self._lastError)
         self._tryNext()
 
     def _backendDrained(self) -> None:
@@ -504,42 +560,15 @@ class Relay(Protocol):
         if self.side is not None and self.side.transport is not None and not self.backendGone:
             self.side.transport.abortConnection()
 
-    def checkIdle(self, now: float) -> None:
-        """Called by the rule's sweep every quarter of the idle timeout."""
-        if self._finished or (self.clientGone and self.backendGone):
-            return
-        timeout = self.rule.settings.idle_timeout
-        if not timeout:
-            return
-        total = self.up + self.down
-        if total != self._lastTotal:
-            self._lastTotal = total
-            self._lastActive = now
-        elif now - self._lastActive >= timeout:
-            self.rule.idleTimeouts.value += 1
-            self.abort(f"idle timeout ({timeout:g}s)")
+    def _closedAlready(self) -> bool:
+        return self._finished or (self.clientGone and self.backendGone)
 
     def _maybeFinish(self) -> None:
         if self._finished or not self.clientGone or not self.backendGone:
             return
         if self.side is not None and not self.side.failed and not self.linked and not self.side.lost:
             return  # a connection attempt is still under way; it closes itself when it lands
-        self._finished = True
-        self.rule.closed(self)
-        self.guard.closed(self)
-        duration = self.reactor.seconds() - self.started
-        log.info(
-            "forward {rule}: {client} -> {backend} closed after {duration:.3f}s, "
-            "{bytes_up} bytes up, {bytes_down} down ({reason})",
-            rule=self.rule.name,
-            client=_label(self.source),
-            backend=self.backend.label if self.backend and self.linked else "-",
-            duration=duration,
-            bytes_up=self.up,
-            bytes_down=self.down,
-            reason=self.reason or "closed",
-            event="connection_closed",
-        )
+        self._report()
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)

@@ -14,11 +14,15 @@ from twisted.logger import Logger
 
 from netsvc import endpoints
 from netsvc.forward.balance import Backend, HealthChecker, Pool, RuleMetrics
+from netsvc.forward.direct import Deadlines, DirectRelay
 from netsvc.forward.relay import Relay
 from netsvc.forward.settings import Rule
 from netsvc.policies import AccessList, Bandwidth
 
 log = Logger(namespace="netsvc.forward")
+
+#: Whether rules may use the L{DirectRelay} (tests turn it off to exercise the Relay).
+DIRECT = True
 
 
 class RuleRuntime:
@@ -43,6 +47,12 @@ class RuleRuntime:
         self.connections: set[Any] = set()
         bw = settings.bandwidth
         self.limited = bool(bw.per_connection or bw.per_rule)
+        #: Plain TCP backends given as addresses, nothing to pace: the direct relay will do
+        #: (on listeners where L{netsvc.forward.direct.adoptPort} succeeded).
+        self.direct = DIRECT and not self.limited and all(
+            b.spec.kind == "tcp" and b.spec.isIPLiteral for b in pool.backends
+        )
+        self.deadlines = Deadlines(reactor)
         self._ruleUp = Bandwidth(bw.per_rule, reactor)
         self._ruleDown = Bandwidth(bw.per_rule, reactor)
         self.checker: HealthChecker | None = None
@@ -62,6 +72,7 @@ class RuleRuntime:
 
     def stop(self) -> None:
         self._running = False
+        self.deadlines.stop()
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None
@@ -132,13 +143,15 @@ class RuleFactory(Factory):
     """
 
     noisy = False
+    #: Set by L{netsvc.forward.direct.adoptPort}: our port hands its sockets to direct relays.
+    direct = False
 
     def __init__(self, rule: RuleRuntime, acceptProxy: bool, guard: Any) -> None:
         self.rule = rule
         self.acceptProxy = acceptProxy
         self.guard = guard
 
-    def buildProtocol(self, addr: Any) -> Relay | None:
+    def buildProtocol(self, addr: Any) -> Relay | DirectRelay | None:
         # The service's Guard is used directly rather than through Guard.wrap: a
         # relay has its own idle timeout (both directions) and eager writes, and
         # the wrapper's per-connection layer costs a third of a connection's time.
@@ -162,6 +175,8 @@ class RuleFactory(Factory):
             rule.noBackend()
             return None
         metrics.connections.value += 1
+        if self.direct and rule.direct and not self.acceptProxy:
+            return DirectRelay(rule, addr, guard, host)
         return Relay(rule, addr, self.acceptProxy, guard, host)
 
 

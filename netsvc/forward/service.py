@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from netsvc.config import ConfigError
 from netsvc.endpoints import isDatagram
+from netsvc.forward import direct
 from netsvc.forward.rule import RuleFactory, RuleRuntime, raiseFileLimit
 from netsvc.forward.settings import Settings
 from netsvc.forward.udp import UDPForwarder
@@ -29,6 +30,14 @@ from netsvc.tls import halfClosing
 __all__ = ["Settings", "makeService", "ForwardService"]
 
 log = Logger(namespace="netsvc.forward")
+
+
+class _RuleListener(ListenerService):
+    """A rule's stream listener: a plain TCP port hands its sockets to direct relays."""
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        direct.adoptPort(self.port, self.target)
 
 
 class _RuleListeners:
@@ -63,7 +72,7 @@ class ForwardService(ServerService):
                 wrapped = target
             else:
                 target = wrapped = RuleFactory(runtime, acceptProxy, self.guard)
-            svc = ListenerService(
+            svc = (ListenerService if isinstance(target, UDPForwarder) else _RuleListener)(
                 self.context, listener.endpoint, f"{self.keyPath}.rules[{index}].listen[{i}]", wrapped
             )
             svc.endpoint = halfClosing(svc.endpoint)  # TLS clients may close_notify, then read

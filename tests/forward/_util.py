@@ -210,6 +210,13 @@ def buffered(transport) -> int:
     )
 
 
+def relayBuffered(relay) -> int:
+    """Bytes a forwarded connection holds in userland, both directions (either relay)."""
+    if hasattr(relay, "side"):  # the Relay: its transports' send buffers
+        return buffered(relay.transport) + buffered(relay.side.transport)
+    return relay.buffered()
+
+
 def metric(daemon, name: str, **labels) -> float:
     family = daemon.context.metrics.get(name)
     child = family.labels(**labels)

@@ -11,7 +11,6 @@ from netsvc.forward import proxyheader
 from tests.forward._util import (
     Client,
     Firehose,
-    buffered,
     connect,
     echoBackend,
     fport,
@@ -19,6 +18,7 @@ from tests.forward._util import (
     metric,
     namedBackend,
     recorderBackend,
+    relayBuffered,
     startForwarder,
 )
 from tests.helpers import sleep
@@ -114,7 +114,7 @@ class RelayTests(unittest.TestCase):
         hose = Firehose(backend.instances[0].transport, total)
         yield sleep(0.5)
         relay = next(iter(svc.rules["r"].connections))
-        peak = buffered(relay.transport) + buffered(relay.side.transport)
+        peak = relayBuffered(relay)
         # Each side: its send-buffer bound (256 KiB) plus one read (256 KiB), at most.
         self.assertLess(peak, 1024 * 1024, "forwarder buffers grew")
         self.assertLess(hose.sent, 24 << 20, "the backend was never paused")
@@ -141,7 +141,7 @@ class RelayTests(unittest.TestCase):
         hose = Firehose(client.transport, total)
         yield sleep(0.5)
         relay = next(iter(svc.rules["r"].connections))
-        self.assertLess(buffered(relay.transport) + buffered(relay.side.transport), 1024 * 1024)
+        self.assertLess(relayBuffered(relay), 1024 * 1024)
         self.assertLess(hose.sent, 24 << 20)
         backend.instances[0].transport.resumeProducing()
         yield hose.done

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import socket
+import struct
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+from netsvc.echo.protocol import EchoFactory
 from netsvc.forward import proxyheader
+from netsvc.forward import rule as ruleModule
+from netsvc.forward.direct import DirectRelay
+from netsvc.forward.relay import Relay
 from tests.forward._util import (
     Client,
     Firehose,
@@ -15,6 +21,7 @@ from tests.forward._util import (
     echoBackend,
     fport,
     freePort,
+    listenTCP,
     metric,
     namedBackend,
     recorderBackend,
@@ -54,7 +61,13 @@ def waitUntil(predicate, timeout: float = 5.0) -> defer.Deferred:
 
 
 class RelayTests(unittest.TestCase):
+    """
+    Stream semantics over real sockets, through the L{DirectRelay} (what plain
+    TCP rules get); L{TwistedRelayTests} runs them through the L{Relay}.
+    """
+
     timeout = 15
+    relayType: type = DirectRelay
 
     @defer.inlineCallbacks
     def test_echoRoundTrip(self):
@@ -63,6 +76,7 @@ class RelayTests(unittest.TestCase):
         client.transport.write(b"hello through")
         data = yield client.waitFor(13)
         self.assertEqual(data, b"hello through")
+        self.assertIsInstance(next(iter(svc.rules["r"].connections)), self.relayType)
         client.transport.loseConnection()
         yield client.closed
         yield waitUntil(lambda: not svc.rules["r"].connections)
@@ -253,6 +267,98 @@ class RelayTests(unittest.TestCase):
         # 300 KiB at 200 KiB/s with a 50 KiB burst: about 1.25 s.
         self.assertGreater(elapsed, 0.9)
         self.assertLess(elapsed, 4)
+        client.transport.loseConnection()
+        yield client.closed
+
+
+    @defer.inlineCallbacks
+    def test_backendResetDeliversWhatItSent(self):
+        """A backend answers and resets: the client gets the answer, then the close."""
+
+        class AnswerAndReset(protocol.Protocol):
+            def dataReceived(self, data):
+                sock = self.transport.getHandle()
+                sock.send(b"answer")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.transport.abortConnection()
+
+        port = listenTCP(self, protocol.Factory.forProtocol(AnswerAndReset))
+        daemon, svc = startForwarder(self, rule([tcp(port)]))
+        client = yield connect(fport(daemon))
+        client.transport.write(b"question")
+        data = yield client.closed
+        self.assertEqual(data, b"answer")
+        yield waitUntil(lambda: not svc.rules["r"].connections)
+
+    @defer.inlineCallbacks
+    def test_clientResetClosesBackend(self):
+        port, backend = recorderBackend(self)
+        daemon, svc = startForwarder(self, rule([tcp(port)]))
+        client = yield connect(fport(daemon))
+        client.transport.write(b"x")
+        yield waitUntil(lambda: backend.instances and backend.instances[0].data == b"x")
+        client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.transport.abortConnection()
+        yield backend.instances[0].closed
+        yield waitUntil(lambda: not svc.rules["r"].connections)
+
+    @defer.inlineCallbacks
+    def test_oneLogEventPerConnection(self):
+        events: list[dict] = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        port = echoBackend(self)
+        daemon, svc = startForwarder(self, rule([tcp(port)]))
+        client = yield connect(fport(daemon))
+        client.transport.write(b"12345")
+        yield client.waitFor(5)
+        clientPort = client.transport.getHost().port
+        client.transport.loseConnection()
+        yield client.closed
+        yield waitUntil(lambda: not svc.rules["r"].connections)
+        closed = [e for e in events if e.get("event") == "connection_closed"]
+        self.assertEqual(len(closed), 1)
+        event = closed[0]
+        self.assertEqual(event["client"], f"127.0.0.1:{clientPort}")
+        self.assertEqual(event["backend"], f"127.0.0.1:{port}")
+        self.assertEqual((event["bytes_up"], event["bytes_down"]), (5, 5))
+        self.assertEqual(event["reason"], "client closed")
+
+    @defer.inlineCallbacks
+    def test_shutdownClosesOpenConnections(self):
+        """After drain_timeout the service's guard closes what is left: both sides see the close."""
+        port, backend = recorderBackend(self)
+        daemon, svc = startForwarder(self, rule([tcp(port)]))
+        client = yield connect(fport(daemon))
+        client.transport.write(b"x")
+        yield waitUntil(lambda: backend.instances and backend.instances[0].data == b"x")
+        svc.guard._closeAll()
+        yield client.closed
+        yield backend.instances[0].closed
+        yield waitUntil(lambda: not svc.rules["r"].connections)
+
+    @defer.inlineCallbacks
+    def test_ipv6(self):
+        from twisted.internet import endpoints
+
+        from tests.interop._daemon import ipv6LoopbackWorks
+
+        if not ipv6LoopbackWorks():
+            raise unittest.SkipTest("this machine has no IPv6 loopback")
+        echo = reactor.listenTCP(0, EchoFactory(), interface="::1")
+        self.addCleanup(echo.stopListening)
+        daemon, svc = startForwarder(
+            self,
+            "      - name: r\n"
+            '        listen: ["tcp6:0:interface=::1"]\n'
+            f'        connect: ["tcp:host=[::1]:port={echo.getHost().port}"]\n',
+        )
+        ep = endpoints.TCP6ClientEndpoint(reactor, "::1", fport(daemon))
+        client = yield endpoints.connectProtocol(ep, Client())
+        client.transport.write(b"six")
+        self.assertEqual((yield client.waitFor(3)), b"six")
+        self.assertIsInstance(next(iter(svc.rules["r"].connections)), self.relayType)
         client.transport.loseConnection()
         yield client.closed
 
@@ -461,3 +567,25 @@ class TransportKindsTests(unittest.TestCase):
             self.assertEqual((yield six.waitFor(2)), b"v6")
             six.transport.loseConnection()
             yield six.closed
+
+
+class _ThroughTwistedTransports:
+    """Mixin: the same tests with the direct relay off (the L{Relay}, as TLS, unix,
+    accept_proxy, bandwidth-limited and named-host rules use)."""
+
+    relayType = Relay
+
+    def setUp(self):
+        self.patch(ruleModule, "DIRECT", False)
+
+
+class TwistedRelayTests(_ThroughTwistedTransports, RelayTests):
+    pass
+
+
+class TwistedBalanceTests(_ThroughTwistedTransports, BalanceTests):
+    pass
+
+
+class TwistedProxyProtocolTests(_ThroughTwistedTransports, ProxyProtocolTests):
+    pass

@@ -307,9 +307,11 @@ class DirectRelay(RelayBase):
             self._connectResult(end)
             return
         flow = end.outbound
-        if flow is None or flow.pending is None:
+        pending = flow.pending if flow is not None else None
+        if pending is None:  # nothing to send (not expected): do not spin on writability
+            end.writing = False
+            self.reactor.removeWriter(end)
             return
-        pending = flow.pending
         try:
             sent = end.sock.send(pending)
         except BlockingIOError:

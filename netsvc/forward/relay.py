@@ -462,6 +462,13 @@ class Relay(RelayBase, Protocol):
             for t in (transport, self.transport):
                 if getattr(t, "bufferSize", READ_SIZE) < READ_SIZE:
                     t.bufferSize = READ_SIZE
+        for t in (transport, self.transport):  # writes are passed on as they come: no Nagle delay
+            setNoDelay = getattr(t, "setTcpNoDelay", None)
+            if setNoDelay is not None:
+                try:
+                    setNoDelay(True)
+                except OSError:
+                    pass  # (a unix socket)
         mode = self.rule.settings.send_proxy
         if mode is not None:
             build = proxyheader.v1 if mode == "v1" else proxyheader.v2

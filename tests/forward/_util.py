@@ -217,6 +217,13 @@ def relayBuffered(relay) -> int:
     return relay.buffered()
 
 
+def relaySockets(relay) -> list:
+    """The client-side and backend-side sockets of a forwarded connection (either relay)."""
+    if hasattr(relay, "side"):
+        return [relay.transport.getHandle(), relay.side.transport.getHandle()]
+    return [relay.client.sock, relay.server.sock]
+
+
 def metric(daemon, name: str, **labels) -> float:
     family = daemon.context.metrics.get(name)
     child = family.labels(**labels)

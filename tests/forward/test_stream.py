@@ -26,6 +26,7 @@ from tests.forward._util import (
     namedBackend,
     recorderBackend,
     relayBuffered,
+    relaySockets,
     startForwarder,
 )
 from tests.helpers import sleep
@@ -82,6 +83,19 @@ class RelayTests(unittest.TestCase):
         yield waitUntil(lambda: not svc.rules["r"].connections)
         self.assertEqual(metric(daemon, "netsvc_forward_bytes_total", rule="r", direction="up"), 13)
         self.assertEqual(metric(daemon, "netsvc_forward_bytes_total", rule="r", direction="down"), 13)
+
+    @defer.inlineCallbacks
+    def test_noNagleDelayEitherSide(self):
+        """Small writes are passed on at once: TCP_NODELAY on both sockets."""
+        daemon, svc = startForwarder(self, rule([tcp(echoBackend(self))]))
+        client = yield connect(fport(daemon))
+        client.transport.write(b"x")
+        yield client.waitFor(1)
+        relay = next(iter(svc.rules["r"].connections))
+        for sock in relaySockets(relay):
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        client.transport.loseConnection()
+        yield client.closed
 
     @defer.inlineCallbacks
     def test_halfCloseFromClient(self):

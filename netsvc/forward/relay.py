@@ -1,6 +1,8 @@
 """
-The TCP (and TLS, unix) relay: one L{Relay} per accepted connection and its
-L{BackendSide} toward the chosen backend.
+The relay on Twisted's transports (TLS and unix sockets on either side, PROXY
+headers to read, named backends, bandwidth limits): one L{Relay} per accepted
+connection and its L{BackendSide} toward the chosen backend.  Plain TCP rules
+use L{netsvc.forward.direct.DirectRelay}, with the same semantics.
 
 Stream semantics:
   - Back-pressure both ways: each direction is a L{_Pump}, registered as the

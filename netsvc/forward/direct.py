@@ -137,7 +137,8 @@ class DirectRelay(RelayBase):
     """
 
     connected = False
-    _timer: Any = None
+    #: Makes the backend sockets (tests give fakes).
+    newSocket = staticmethod(socket.socket)
     _candidates: Any = None
     _lastError = ""
     client: _End
@@ -185,7 +186,7 @@ class DirectRelay(RelayBase):
         self.backend = backend
         spec = backend.spec
         try:
-            sock = socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET, _STREAM)
+            sock = self.newSocket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET, _STREAM)
         except OSError as e:  # out of descriptors: this connection cannot be served
             self._connectFailed(backend, e.errno or 0)
             return

@@ -309,8 +309,10 @@ class DirectRelayUnitTests(unittest.TestCase):
         relay, client, backend = self.relay(connected=False)
         relay.server.doWrite()
         self.assertFalse(relay.connected)
+        self.assertEqual((len(self.backends), backend.closed), (1, False))  # still this attempt
         relay.server.doWrite()
         self.assertTrue(relay.connected)
+        self.assertEqual(self.rule.pool.backends[0].failures.value, 0)
 
     def test_refusedFailsOverToTheNextBackend(self):
         from twisted.python.failure import Failure

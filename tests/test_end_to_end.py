@@ -98,7 +98,7 @@ def skipUnlessFixedPortsFree() -> None:
                 proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
                 raise unittest.SkipTest(
                     f"{host} port {port}/{proto} is already in use ({e.strerror}); this test runs the "
-                    f"shipped {CONFIG} with its fixed ports (is `make run` running?)")
+                    f"shipped {CONFIG} with its fixed ports (is `make run` running?)") from None
 
 
 def fetchMetrics() -> str:

@@ -6,7 +6,8 @@ import time
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
-from twisted.web import client as webclient, resource, server
+from twisted.web import client as webclient
+from twisted.web import resource, server
 from twisted.web.websocket import WebSocketClientEndpoint
 
 from netsvc.chat.web import chatResource

@@ -9,7 +9,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from netsvc.forward import direct
 from netsvc.forward.direct import Deadlines, DirectRelay
 from tests.forward._util import Client, connect, echoBackend, fport, startForwarder
 from tests.forward.test_stream import rule, tcp

@@ -26,8 +26,9 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from unittest import SkipTest
 
 #: The repository root (this file is tests/interop/_daemon.py).
@@ -307,7 +308,7 @@ def udpEcho(host: str, port: int, message: bytes, tries: int = 3) -> bytes:
             s.send(message)
             try:
                 return s.recv(65535)
-            except socket.timeout:
+            except TimeoutError:
                 continue
     raise AssertionError(f"no UDP echo from {host}:{port} after {tries} tries")
 

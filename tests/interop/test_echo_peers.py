@@ -260,7 +260,7 @@ def cookbookClient(host: str, port: int) -> bytes:
     return data
 
 
-NUL_MESSAGE = "héllo wörld\0".encode("utf-8")
+NUL_MESSAGE = "héllo wörld\0".encode()
 
 
 def nulTerminatedClient(host: str, port: int) -> bytes:

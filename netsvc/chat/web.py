@@ -26,7 +26,7 @@ from twisted.web import resource
 from twisted.web.server import Request
 from twisted.web.websocket import WebSocketResource, WebSocketTransport
 
-from netsvc.chat.hub import Event
+from netsvc.chat.hub import Event, notice
 from netsvc.chat.protocol import ChatProtocol, ChatShared, Framing
 
 
@@ -88,6 +88,41 @@ class _WebSocketAsTransport:
         self.ws.detachProducer()
 
 
+#: A browser message may hold several lines (a paste), each then checked against the line limit.
+LINES_PER_MESSAGE = 16
+
+
+class _BoundedBuffer:
+    """
+    Twisted 26 reassembles a WebSocket message in an unbounded buffer
+    (C{_WebSocketWireProtocol._textBuffer}/C{_bytesBuffer}), so one client could
+    make the daemon hold any amount of memory.  This replacement keeps at most
+    C{limit} characters: a longer message is dropped as it arrives, and
+    C{done()} returns None for it (the chat answers with an error notice).
+    """
+
+    def __init__(self, empty: Any, limit: int) -> None:
+        self.data = empty
+        self.limit = limit
+        self.over = False
+
+    def add(self, new: Any) -> None:
+        if self.over:
+            return
+        if len(self.data) + len(new) > self.limit:
+            self.over = True
+            self.data = self.data[0:0]
+            return
+        self.data += new
+
+    def done(self) -> Any:
+        result, self.data = self.data, self.data[0:0]
+        if self.over:
+            self.over = False
+            return None
+        return result
+
+
 class ChatWebSocket:
     """One browser: a L{twisted.web.websocket.WebSocketProtocol} driving a L{ChatProtocol}."""
 
@@ -98,20 +133,31 @@ class ChatWebSocket:
 
     def negotiationStarted(self, transport: WebSocketTransport) -> None:
         self.ws = transport
+        limit = self.chat.limits.maxLine * LINES_PER_MESSAGE
+        for name, empty in (("_textBuffer", ""), ("_bytesBuffer", b"")):
+            if not hasattr(transport, name):  # tests/chat/test_web.py notices if Twisted changes this
+                continue
+            setattr(transport, name, _BoundedBuffer(empty, limit))
 
     def negotiationFinished(self) -> None:
         assert self.ws is not None
         self.chat.makeConnection(_WebSocketAsTransport(self.ws, self.peer))
 
-    def textMessageReceived(self, message: str) -> None:
+    def textMessageReceived(self, message: str | None) -> None:
+        if message is None:  # over the bound (see _BoundedBuffer)
+            limit = self.chat.limits.maxLine * LINES_PER_MESSAGE
+            self.chat.metrics.drop("too_long").inc()
+            self.chat.deliver(notice(f"error: message longer than {limit} bytes; dropped"))
+            self.chat.flusher.flush()
+            return
         for line in message.splitlines() or [""]:
             if self.chat.gone:
                 break
             self.chat.messageReceived(line.encode("utf-8"))
         self.chat.flusher.flush()
 
-    def bytesMessageReceived(self, data: bytes | bytearray) -> None:
-        self.textMessageReceived(bytes(data).decode("utf-8", "replace"))
+    def bytesMessageReceived(self, data: bytes | bytearray | None) -> None:
+        self.textMessageReceived(None if data is None else bytes(data).decode("utf-8", "replace"))
 
     def pongReceived(self, payload: bytes) -> None:
         pass

@@ -110,6 +110,33 @@ class ChatWebSocketTests(unittest.TestCase):
         yield browser.waitFor(lambda e: "longer than 4096 bytes" in e["text"])
 
     @defer.inlineCallbacks
+    def test_hugeMessageDroppedConnectionKept(self):
+        """Twisted would reassemble a message of any size; the bridge drops one past 16 lines' worth."""
+        browser = yield self.connectBrowser()
+        yield browser.waitFor(lambda e: e["text"].startswith("welcome"))
+        browser.transport.sendTextMessage("y" * (2 << 20))
+        yield browser.waitFor(lambda e: e["text"] == "error: message longer than 65536 bytes; dropped")
+        browser.transport.sendTextMessage("\n".join(["line"] * 3))  # a paste of several lines is fine
+        browser.transport.sendTextMessage("/who")
+        yield browser.waitFor(lambda e: e["text"].startswith("1 in #lobby"))
+        messages = [e["text"] for e in browser.events if e["kind"] == "message"]
+        self.assertEqual(messages, ["line"] * 3)
+
+    def test_boundedBuffer(self):
+        from netsvc.chat.web import _BoundedBuffer
+
+        b = _BoundedBuffer("", 10)
+        b.add("12345")
+        b.add("67890")
+        self.assertEqual(b.done(), "1234567890")
+        for _ in range(100):
+            b.add("x" * 7)
+            self.assertLessEqual(len(b.data), 10)
+        self.assertIsNone(b.done())
+        b.add("ok")
+        self.assertEqual(b.done(), "ok")
+
+    @defer.inlineCallbacks
     def test_leavingIsAnnounced(self):
         tcp = socket.create_connection(("127.0.0.1", port(self.daemon, 0, "chat")), timeout=5)
         self.addCleanup(tcp.close)

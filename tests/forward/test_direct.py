@@ -36,6 +36,37 @@ class EligibilityTests(unittest.TestCase):
             self.assertFalse(svc.rules[name].direct, name)
 
     @defer.inlineCallbacks
+    def test_reloadBetweenRelays(self):
+        """
+        A reload that adds a bandwidth limit: the same port now builds Relays (on a
+        tcp.Server, through the port's hook); the open direct connection goes on.
+        """
+        from netsvc.forward.relay import Relay
+        from tests.forward._util import parseForward
+
+        port = echoBackend(self)
+        daemon, svc = startForwarder(self, rule([tcp(port)]))
+        before = yield connect(fport(daemon))
+        before.transport.write(b"1")
+        yield before.waitFor(1)
+        svc.reconfigure(parseForward(self, rule([tcp(port)], "bandwidth: {per_connection: 1MiB}")))
+        after = yield connect(fport(daemon))
+        after.transport.write(b"2")
+        self.assertEqual((yield after.waitFor(1)), b"2")
+        kinds = {type(r) for r in svc.rules["r"].connections}
+        self.assertEqual(kinds, {DirectRelay, Relay})
+        before.transport.write(b"3")
+        self.assertEqual((yield before.waitFor(2)), b"13")
+        svc.reconfigure(parseForward(self, rule([tcp(port)])))  # and back
+        again = yield connect(fport(daemon))
+        again.transport.write(b"4")
+        self.assertEqual((yield again.waitFor(1)), b"4")
+        self.assertEqual(len([r for r in svc.rules["r"].connections if type(r) is DirectRelay]), 2)
+        for c in (before, after, again):
+            c.transport.loseConnection()
+            yield c.closed
+
+    @defer.inlineCallbacks
     def test_acceptProxyListenerBuildsRelays(self):
         daemon, svc = startForwarder(self, rule([tcp(echoBackend(self))], "accept_proxy: true"))
         client = yield connect(fport(daemon), Client())

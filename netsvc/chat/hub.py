@@ -127,13 +127,17 @@ class Hub:
     @param maxRooms: rooms that may exist at once (the lobby always does).
     @param onEvent: called with (name, **fields) for metrics; optional.
     @param fanOut: how room events reach members (default: L{LocalFanOut}).
+    @param presenceLimit: rooms with more members than this do not announce
+        joins and leaves (N members arriving would cost N^2/2 notices); the
+        member itself is still told, and C{/who} lists everyone.  None: always.
     """
 
     def __init__(self, historySize: int = 50, maxRooms: int = 1000,
                  authority: NickAuthority | None = None,
                  onEvent: Callable[..., None] | None = None,
-                 fanOut: FanOut | None = None) -> None:
+                 fanOut: FanOut | None = None, presenceLimit: int | None = None) -> None:
         self.fanOut = fanOut or LocalFanOut()
+        self.presenceLimit = presenceLimit
         self.historySize = historySize
         self.maxRooms = maxRooms
         self.authority = authority
@@ -261,19 +265,27 @@ class Hub:
     def _enter(self, member: Member, room: Room) -> None:
         member.room = room
         room.members[member] = None
-        self.publish(room, notice(f"{displayName(member)} joined {room.name}"))
+        joined = notice(f"{displayName(member)} joined {room.name}")
+        if self._announces(room):
+            self.publish(room, joined)
+        else:
+            member.deliver(joined)
         if room.topic:
             member.deliver(notice(f"topic of {room.name}: {room.topic}"))
         for event in room.history:
             member.deliver(event.replayed())
         log.info("chat: {name} joined {room}", name=displayName(member), room=room.name)
 
+    def _announces(self, room: Room) -> bool:
+        return self.presenceLimit is None or len(room.members) <= self.presenceLimit
+
     def _leave(self, member: Member, announcement: str) -> None:
         room = member.room
         assert room is not None
         del room.members[member]
         member.room = None
-        self.publish(room, notice(announcement))
+        if self._announces(room):
+            self.publish(room, notice(announcement))
         if not room.members and room.name.lower() != LOBBY:
             del self.rooms[room.name.lower()]
             self.onEvent("rooms", count=len(self.rooms))

@@ -43,6 +43,8 @@ class Settings(ServiceSettings):
     #: Messages kept per room and replayed to who joins.
     history: int = field(50, min=0, max=1000)
     max_rooms: int = field(1000, min=1, max=100_000)
+    #: Rooms with more members than this do not announce joins and leaves (0: never announce).
+    presence_limit: int = field(500, min=0)
     #: Output waiting for a client that does not read; past it, the client is disconnected.
     max_output: Size = field(Size(256 * 1024), min=1024)
     #: Flood warnings before a disconnect (within flood_window).
@@ -61,7 +63,8 @@ def makeService(settings: Settings, context: Any) -> IService:
                                         f"cannot read {path}")])
         authority = PasswordFile(path)
     metrics = ChatMetrics(context.metrics)
-    hub = Hub(settings.history, settings.max_rooms, authority, onEvent=metrics.onHubEvent)
+    hub = Hub(settings.history, settings.max_rooms, authority, onEvent=metrics.onHubEvent,
+              presenceLimit=settings.presence_limit)
     limits = ChatLimits(
         maxLine=settings.limits.max_message, maxOutput=settings.max_output,
         rate=settings.limits.rate, burst=float(settings.limits.burst or max(1, int(settings.limits.rate))),

@@ -61,6 +61,24 @@ class HubTests(unittest.TestCase):
         self.hub.disconnect(self.c, "connection reset")
         self.assertIn("10.0.0.3:3 left (connection reset)", self.b.texts())
 
+    def test_presenceLimitQuietsBigRooms(self):
+        """Past presenceLimit members, joins and leaves are not announced (but the member is told)."""
+        hub = Hub(presenceLimit=2)
+        a, b, c = FakeMember("10.0.0.1:1"), FakeMember("10.0.0.2:2"), FakeMember("10.0.0.3:3")
+        for m in (a, b, c):
+            hub.connect(m)
+        self.assertEqual(a.texts("notice"), ["10.0.0.1:1 joined #lobby", "10.0.0.2:2 joined #lobby"])
+        self.assertEqual(c.texts("notice"), ["10.0.0.3:3 joined #lobby"])  # its own join only
+        a.clear()
+        hub.disconnect(c, "quit")  # back to 2 members: announced again
+        self.assertEqual(a.texts("notice"), ["10.0.0.3:3 left (quit)"])
+        self.assertEqual(len(hub.who(a)), 2)
+        quiet = Hub(presenceLimit=0)
+        d, e = FakeMember("10.0.0.4:4"), FakeMember("10.0.0.5:5")
+        quiet.connect(d)
+        quiet.connect(e)
+        self.assertEqual(d.texts("notice"), ["10.0.0.4:4 joined #lobby"])
+
     def test_emptyRoomsVanishTheLobbyStays(self):
         self.hub.join(self.a, "#tmp")
         self.hub.part(self.a)

@@ -251,7 +251,11 @@ class DirectRelay(RelayBase):
         mode = self.rule.settings.send_proxy
         if mode is not None:
             build = proxyheader.v1 if mode == "v1" else proxyheader.v2
-            destination = client.sock.getsockname()[:2]
+            try:
+                destination = client.sock.getsockname()[:2]
+            except OSError as e:  # the client is gone already
+                self._broken(client, e.errno or 0)
+                return
             self._send(self._flows[0], build(self.source, destination))
 
     # -- moving bytes

@@ -399,17 +399,16 @@ class DirectRelay(RelayBase):
             out.ended = True  # the rest goes out, then both close (_finish)
 
     def _lost(self, end: _End, reason: Failure) -> None:
-        if not self.connected and end is self.server:
-            code = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
-            self._drop(end)
-            self._connectFailed(self.backend, code)  # type: ignore[arg-type]
-            return
         code = getattr(reason.value, "errno", None) or 0
         try:
             code = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or code
         except OSError:
             pass
-        self._broken(end, code)
+        if not self.connected and end is self.server:
+            self._drop(end)
+            self._connectFailed(self.backend, code or errno.ECONNREFUSED)  # type: ignore[arg-type]
+        else:
+            self._broken(end, code)
 
     def _drop(self, end: _End) -> None:
         """Unregister and close one socket (unregistering needs its descriptor: first)."""

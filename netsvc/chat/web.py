@@ -147,7 +147,7 @@ class ChatWebSocket:
         if message is None:  # over the bound (see _BoundedBuffer)
             limit = self.chat.limits.maxLine * LINES_PER_MESSAGE
             self.chat.metrics.drop("too_long").inc()
-            self.chat.deliver(notice(f"error: message longer than {limit} bytes; dropped"))
+            self.chat.deliver(notice(f"error: message longer than {limit} characters; dropped"))
             self.chat.flusher.flush()
             return
         for line in message.splitlines() or [""]:

@@ -149,7 +149,7 @@ class DirectRelay(RelayBase):
         self.guard = guard
         self.host = host
         self.reactor = rule.reactor
-        self.peer = self.source = address(addr)
+        self.source = address(addr)
         self.transport = self
         self.up = self.down = 0
         self._lastTotal = -1
@@ -462,9 +462,6 @@ class DirectRelay(RelayBase):
     def buffered(self) -> int:
         """Bytes read and not yet sent on (both directions)."""
         return sum(len(f.pending or b"") for f in self._flows or ())
-
-    def getPeer(self) -> Any:
-        return self.peer
 
     def __repr__(self) -> str:
         return f"<DirectRelay {label(self.source)} -> {self.backend.label if self.backend else '-'}>"

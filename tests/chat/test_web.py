@@ -115,7 +115,7 @@ class ChatWebSocketTests(unittest.TestCase):
         browser = yield self.connectBrowser()
         yield browser.waitFor(lambda e: e["text"].startswith("welcome"))
         browser.transport.sendTextMessage("y" * (2 << 20))
-        yield browser.waitFor(lambda e: e["text"] == "error: message longer than 65536 bytes; dropped")
+        yield browser.waitFor(lambda e: e["text"] == "error: message longer than 65536 characters; dropped")
         browser.transport.sendTextMessage("\n".join(["line"] * 3))  # a paste of several lines is fine
         browser.transport.sendTextMessage("/who")
         yield browser.waitFor(lambda e: e["text"].startswith("1 in #lobby"))

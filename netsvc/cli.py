@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 CLIENTS = ["netsvc.echo.client", "netsvc.chat.client", "netsvc.dns.client", "netsvc.forward.client",
-           "netsvc.web.fetch"]
+           "netsvc.fetch.cli"]
 
 
 def checkConfig(reactor: Any, args: argparse.Namespace) -> int:

@@ -17,8 +17,13 @@ from twisted.web import resource, server, static
 from twisted.web.client import HTTPConnectionPool
 
 from netsvc.cli import parser
+from netsvc.fetch.body import DecodeError, Decoder, StreamSink
+from netsvc.fetch.cli import fetch
+from netsvc.fetch.errors import Failed, Usage
+from netsvc.fetch.fetcher import USER_AGENT
+from netsvc.fetch.progress import Progress, humanSize
+from netsvc.fetch.request import normalizeURL, parseHeader, remoteName
 from netsvc.tls import ServerCertificate, generateSelfSigned
-from netsvc.web import fetch
 
 DATA = os.urandom(300_000)
 TEXT = b"compress me please " * 2000
@@ -173,7 +178,7 @@ class FetchTestCase(unittest.TestCase):
         self.out, self.err = io.BytesIO(), io.StringIO()
         if pool == "nonpersistent":
             pool = HTTPConnectionPool(reactor, persistent=False)
-        return fetch.fetch(reactor, args, pool=pool, out=self.out, err=self.err, isatty=isatty)
+        return fetch(reactor, args, pool=pool, out=self.out, err=self.err, isatty=isatty)
 
     def echoed(self) -> dict:
         return json.loads(self.out.getvalue())
@@ -315,7 +320,7 @@ class BasicTests(FetchTestCase):
     @defer.inlineCallbacks
     def test_defaultUserAgent(self):
         yield self.fetch(f"{self.base}/echo")
-        self.assertEqual(self.echoed()["headers"]["user-agent"], fetch.USER_AGENT)
+        self.assertEqual(self.echoed()["headers"]["user-agent"], USER_AGENT)
 
     @defer.inlineCallbacks
     def test_httpError(self):
@@ -392,8 +397,8 @@ class BasicTests(FetchTestCase):
             def write(self, data):
                 raise BrokenPipeError(32, "Broken pipe")
 
-        sink = fetch._StreamSink(Gone())
-        e = self.assertRaises(fetch.Failed, sink.write, b"x")
+        sink = StreamSink(Gone())
+        e = self.assertRaises(Failed, sink.write, b"x")
         self.assertTrue(e.quiet and e.final)
 
     def test_usageErrors(self):
@@ -573,18 +578,18 @@ class EncodingTests(FetchTestCase):
         self.assertIn("gzip data cut short", self.err.getvalue())
 
     def test_decoderUnit(self):
-        d = fetch._Decoder(["gzip"])
+        d = Decoder(["gzip"])
         packed = gzip.compress(b"one") + gzip.compress(b"two")  # two members
         self.assertEqual(b"".join(d.decode(packed[i:i + 3]) for i in range(0, len(packed), 3)) + d.finish(),
                          b"onetwo")
-        d = fetch._Decoder(["deflate", "gzip"])  # deflate applied first, then gzip
+        d = Decoder(["deflate", "gzip"])  # deflate applied first, then gzip
         self.assertEqual(d.decode(gzip.compress(zlib.compress(b"layers"))) + d.finish(), b"layers")
-        self.assertRaises(fetch.DecodeError, fetch._Decoder(["gzip"]).decode, b"not gzip at all")
-        self.assertEqual(fetch._Decoder(["gzip"]).finish(), b"")  # an empty body, "encoded"
-        d = fetch._Decoder(["gzip"])
+        self.assertRaises(DecodeError, Decoder(["gzip"]).decode, b"not gzip at all")
+        self.assertEqual(Decoder(["gzip"]).finish(), b"")  # an empty body, "encoded"
+        d = Decoder(["gzip"])
         d.decode(gzip.compress(b"cut")[:-4])
-        self.assertRaises(fetch.DecodeError, d.finish)
-        d = fetch._Decoder(["deflate"])  # raw deflate, in pieces
+        self.assertRaises(DecodeError, d.finish)
+        d = Decoder(["deflate"])  # raw deflate, in pieces
         c = zlib.compressobj(wbits=-15)
         raw = c.compress(TEXT) + c.flush()
         pieces = [d.decode(raw[i:i + 1000]) for i in range(0, len(raw), 1000)]
@@ -747,31 +752,31 @@ class CurlComparisonTests(FetchTestCase):
 
 class UnitTests(unittest.TestCase):
     def test_parseHeader(self):
-        self.assertEqual(fetch.parseHeader("X-A: b c "), ("X-A", "b c"))
-        self.assertEqual(fetch.parseHeader("Accept:"), ("Accept", None))
-        self.assertEqual(fetch.parseHeader("X-Empty;"), ("X-Empty", ""))
+        self.assertEqual(parseHeader("X-A: b c "), ("X-A", "b c"))
+        self.assertEqual(parseHeader("Accept:"), ("Accept", None))
+        self.assertEqual(parseHeader("X-Empty;"), ("X-Empty", ""))
         for bad in ("nocolon", ": v", "Bad Name: v", "Ünï: v", "X: a\r\nY: b"):
-            self.assertRaises(fetch.Usage, fetch.parseHeader, bad)
+            self.assertRaises(Usage, parseHeader, bad)
 
     def test_normalizeURL(self):
-        self.assertEqual(fetch.normalizeURL("localhost:8080/a b"), "http://localhost:8080/a%20b")
-        self.assertEqual(fetch.normalizeURL("https://[::1]:8443/x?q=%41"), "https://[::1]:8443/x?q=%41")
-        self.assertEqual(fetch.normalizeURL("HTTP://Bücher.example/ä"), "http://xn--bcher-kva.example/%C3%A4")
+        self.assertEqual(normalizeURL("localhost:8080/a b"), "http://localhost:8080/a%20b")
+        self.assertEqual(normalizeURL("https://[::1]:8443/x?q=%41"), "https://[::1]:8443/x?q=%41")
+        self.assertEqual(normalizeURL("HTTP://Bücher.example/ä"), "http://xn--bcher-kva.example/%C3%A4")
         for bad in ("ftp://h/", "http://", "http://h:99999/"):
-            self.assertRaises(fetch.Usage, fetch.normalizeURL, bad)
+            self.assertRaises(Usage, normalizeURL, bad)
 
     def test_remoteName(self):
-        self.assertEqual(fetch.remoteName("http://h/a/file%20name.iso?x=1"), "file name.iso")
-        self.assertRaises(fetch.Usage, fetch.remoteName, "http://h/dir/")
+        self.assertEqual(remoteName("http://h/a/file%20name.iso?x=1"), "file name.iso")
+        self.assertRaises(Usage, remoteName, "http://h/dir/")
 
     def test_humanSize(self):
-        self.assertEqual([fetch.humanSize(n) for n in (0, 1023, 1536, 5 * 2**30)],
+        self.assertEqual([humanSize(n) for n in (0, 1023, 1536, 5 * 2**30)],
                          ["0 B", "1023 B", "1.5 KiB", "5.0 GiB"])
 
     def test_progressLine(self):
         clock = Clock()
         err = io.StringIO()
-        p = fetch.Progress(clock, err, "file.iso", bar=True, width=70)
+        p = Progress(clock, err, "file.iso", bar=True, width=70)
         p.start(0, 1000)
         clock.advance(1)
         p.update(500)

@@ -237,7 +237,7 @@ def _checkBounds(field: attrs.Attribute, value: object) -> str | None:
 
 
 def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+    return f"{path}.{key}" if path and key else path or key
 
 
 def _kind(value: object) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
 
-from netsvc.chat.auth import verifyPassword
+from netsvc.auth import verifyPassword
 from netsvc.metrics import Counter, Gauge, Registry
 from netsvc.policies import AccessList
 from netsvc.status import MetricsResource

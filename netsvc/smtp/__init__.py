@@ -1,0 +1,1 @@
+"""SMTP relay: ESMTP server (protocol), durable queue, capture store, delivery."""

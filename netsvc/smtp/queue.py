@@ -1,0 +1,331 @@
+"""
+The durable mail queue: a message is acknowledged only once it is on disk.
+
+On disk under the queue folder:
+  - C{tmp/}: C{<id>.msg} and C{<id>.env} being written.  Emptied at start-up.
+  - C{msg/<id>}: the message (RFC 5322 bytes, CRLF line ends, Received prepended).
+  - C{env/<id>.json}: the envelope (L{Envelope}); its rename into C{env/} is the commit point.
+  - C{ctl/}: request files from C{netsvc mail queue} (handled by the delivery side).
+
+Commit (L{IncomingMessage.commit}): the message file is fsync'd and renamed into
+C{msg/}, C{msg/} is fsync'd, the envelope is written to C{tmp/}, fsync'd and renamed
+into C{env/}, and C{env/} is fsync'd; only then does the Deferred fire.  The file work
+runs off the reactor in one worker thread, and commits that arrive while a batch is
+being written are written together as the next batch (group commit: one folder
+fsync per batch, not per message).  Nothing is acknowledged before it is durable.
+
+Recovery (L{Queue.recover}): C{tmp/} is emptied, and a C{msg/} file without an
+envelope (never acknowledged) is removed.
+
+One writer: the daemon process.  Other processes only read, or drop files in C{ctl/}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+log = Logger()
+
+_counter = itertools.count()
+
+
+def newId() -> str:
+    """A queue id: sortable by creation time (microseconds), unique within and across runs."""
+    return f"{time.time_ns() // 1000:014x}{next(_counter) % 0x10000:04x}{secrets.token_hex(2)}"
+
+
+@attrs.define
+class Recipient:
+    address: str
+    status: str = "pending"  # pending | sent | failed
+    attempts: int = 0
+    last_error: str | None = None
+    orcpt: str | None = None  # DSN ORCPT (as given: "rfc822;user@example")
+    notify: str | None = None  # DSN NOTIFY (e.g. "SUCCESS,FAILURE" or "NEVER")
+
+    def toJSON(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        for key in ("orcpt", "notify"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> Recipient:
+        return cls(**{f.name: data[f.name] for f in attrs.fields(cls) if f.name in data})
+
+
+@attrs.define
+class Envelope:
+    """The envelope of one queued message, as stored in C{env/<id>.json}."""
+
+    sender: str
+    recipients: list[Recipient]
+    id: str = ""
+    created: float = attrs.field(factory=time.time)
+    next_attempt: float = 0.0
+    attempts: int = 0
+    #: Who handed it to us: address, helo, user (None: not authenticated).
+    client: dict[str, Any] = attrs.field(factory=dict)
+    ret: str | None = None  # DSN RET: FULL | HDRS
+    envid: str | None = None  # DSN ENVID
+    warned: bool = False  # a delay warning was sent
+    dsn: bool = False  # this message is itself a bounce (never bounce a bounce)
+
+    @classmethod
+    def new(cls, sender: str, recipients: list[str | Recipient], **fields: Any) -> Envelope:
+        rcpts = [r if isinstance(r, Recipient) else Recipient(address=r) for r in recipients]
+        return cls(sender=sender, recipients=rcpts, **fields)
+
+    def pending(self) -> list[Recipient]:
+        """The recipients still to be delivered."""
+        return [r for r in self.recipients if r.status == "pending"]
+
+    def toJSON(self) -> dict[str, Any]:
+        out = attrs.asdict(self, recurse=False)
+        out["recipients"] = [r.toJSON() for r in self.recipients]
+        for key in ("ret", "envid"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.toJSON(), separators=(",", ":")).encode()
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> Envelope:
+        kwargs = {f.name: data[f.name] for f in attrs.fields(cls) if f.name in data}
+        kwargs["recipients"] = [Recipient.fromJSON(r) for r in data.get("recipients", [])]
+        return cls(**kwargs)
+
+    @classmethod
+    def loads(cls, data: bytes | str) -> Envelope:
+        return cls.fromJSON(json.loads(data))
+
+
+def _fsyncDir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writeFile(path: Path, data: bytes, sync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if sync:
+            os.fdatasync(f.fileno())
+
+
+class _Job:
+    """One commit or envelope rewrite waiting for the writer thread."""
+
+    __slots__ = ("message", "envelope", "deferred", "error")
+
+    def __init__(self, message: IncomingMessage | None, envelope: Envelope) -> None:
+        self.message = message
+        self.envelope = envelope
+        self.deferred: defer.Deferred = defer.Deferred()
+        self.error: BaseException | None = None
+
+
+class Queue:
+    """
+    The queue folder (see the module docstring).  Single writer: the daemon.
+    """
+
+    def __init__(self, directory: Path, *, fsync: bool = True, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self.reactor = reactor
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self.tmp = self.directory / "tmp"
+        self.msg = self.directory / "msg"
+        self.env = self.directory / "env"
+        self.ctl = self.directory / "ctl"
+        for d in (self.tmp, self.msg, self.env, self.ctl):
+            d.mkdir(parents=True, exist_ok=True)
+        self._waiting: list[_Job] = []
+        self._writing = False
+        #: Called with each committed id (the delivery side's kick); set by the service.
+        self.onCommit: Callable[[str], None] | None = None
+
+    # -- start-up
+
+    def recover(self) -> None:
+        """Empty tmp/; remove messages that were never acknowledged (no envelope)."""
+        for p in self.tmp.iterdir():
+            p.unlink()
+        committed = {p.name[:-5] for p in self.env.iterdir() if p.name.endswith(".json")}
+        for p in self.msg.iterdir():
+            if p.name not in committed:
+                log.info("queue: removing unacknowledged message {id}", id=p.name)
+                p.unlink()
+        for id in committed:
+            if not (self.msg / id).exists():  # cannot happen with the commit order; be loud if it does
+                log.error("queue: envelope {id} has no message; moved aside", id=id)
+                os.replace(self.env / f"{id}.json", self.directory / f"orphan-{id}.json")
+
+    # -- writing
+
+    def newMessage(self) -> IncomingMessage:
+        return IncomingMessage(self, newId())
+
+    def enqueueBytes(self, sender: str, recipients: list[str | Recipient], data: bytes,
+                     **envfields: Any) -> defer.Deferred:
+        """Queue a whole message (bounces, tools); fires with its id once durable."""
+        incoming = self.newMessage()
+        incoming.write(data)
+        return incoming.commit(Envelope.new(sender, recipients, **envfields))
+
+    def update(self, envelope: Envelope) -> defer.Deferred:
+        """Atomically rewrite an envelope (tmp + fsync + rename + folder fsync); fires None."""
+        return self._submit(_Job(None, envelope)).addCallback(lambda _: None)
+
+    def remove(self, id: str) -> None:
+        """Remove a message: envelope first (the commit point), then the data."""
+        for path in (self.env / f"{id}.json", self.msg / id):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _submit(self, job: _Job) -> defer.Deferred:
+        self._waiting.append(job)
+        if not self._writing:
+            self._writeNext()
+        return job.deferred
+
+    def _writeNext(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._writing = False
+            return
+        self._writing = True
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._writeBatch, batch)
+        d.addBoth(self._batchDone, batch)
+
+    def _writeBatch(self, batch: list[_Job]) -> None:
+        """In the writer thread: phase 1 the message files, phase 2 the envelopes (see module doc)."""
+        sync = self.fsync
+        moved = False
+        for job in batch:
+            m = job.message
+            if m is None:
+                continue
+            try:
+                m.finish(sync)
+                os.rename(m.tmpPath, self.msg / m.id)
+                moved = True
+            except BaseException as e:
+                job.error = e
+        if moved and sync:
+            _fsyncDir(self.msg)
+        wrote = False
+        for job in batch:
+            if job.error is not None:
+                continue
+            env = job.envelope
+            tmp = self.tmp / f"{env.id}.env"
+            try:
+                _writeFile(tmp, env.dumps(), sync)
+                os.rename(tmp, self.env / f"{env.id}.json")
+                wrote = True
+            except BaseException as e:
+                job.error = e
+        if wrote and sync:
+            _fsyncDir(self.env)
+
+    def _batchDone(self, result: Any, batch: list[_Job]) -> None:
+        for job in batch:
+            error = job.error if job.error is not None else (
+                result.value if isinstance(result, defer.Failure) else None)
+            if error is not None:
+                log.error("queue: cannot write {id}: {error}", id=job.envelope.id, error=repr(error))
+                if job.message is not None:
+                    job.message.discard()
+                job.deferred.errback(error)
+            else:
+                job.deferred.callback(job.envelope.id)
+                if job.message is not None and self.onCommit is not None:
+                    self.onCommit(job.envelope.id)
+        self._writeNext()
+
+    # -- reading
+
+    def ids(self) -> list[str]:
+        """Committed message ids, oldest first."""
+        return sorted(p.name[:-5] for p in self.env.iterdir() if p.name.endswith(".json"))
+
+    def envelope(self, id: str) -> Envelope:
+        """The stored envelope of C{id} (FileNotFoundError if there is none)."""
+        return Envelope.loads((self.env / f"{id}.json").read_bytes())
+
+    def messagePath(self, id: str) -> Path:
+        return self.msg / id
+
+
+class IncomingMessage:
+    """
+    A message being received: L{write} as data arrives (it goes to the file, not
+    memory), then L{commit} or L{abort}.
+    """
+
+    def __init__(self, queue: Queue, id: str) -> None:
+        self.queue = queue
+        self.id = id
+        self.tmpPath = queue.tmp / f"{id}.msg"
+        self.size = 0
+        self._file: Any = open(self.tmpPath, "wb", buffering=65536)  # noqa: SIM115 - closed by finish/abort
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self._file.write(data)
+
+    def commit(self, envelope: Envelope) -> defer.Deferred:
+        """Make it durable under this message's id; fires with the id (or errbacks, nothing kept)."""
+        if self._done:
+            raise RuntimeError("message already committed or aborted")
+        self._done = True
+        envelope.id = self.id
+        return self.queue._submit(_Job(self, envelope))
+
+    def finish(self, sync: bool) -> None:
+        """(Writer thread) flush, fsync and close the data file."""
+        f = self._file
+        f.flush()
+        if sync:
+            os.fdatasync(f.fileno())
+        f.close()
+
+    def abort(self) -> None:
+        """Drop the message (client gone, rejected): nothing stays behind."""
+        if self._done:
+            return
+        self._done = True
+        self.discard()
+
+    def discard(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            self.tmpPath.unlink()
+        except FileNotFoundError:
+            pass

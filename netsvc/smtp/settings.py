@@ -1,0 +1,171 @@
+"""
+C{services.smtp} settings: listeners, relay policy, the queue and the limits.
+
+    services:
+      smtp:
+        listen:
+          - "tcp:2525:interface=127.0.0.1"                                 # relay port: mynetworks or AUTH
+          - {endpoint: "tcp:2587:interface=127.0.0.1", submission: true}   # STARTTLS, then AUTH required
+          - {endpoint: "tls:2465:interface=127.0.0.1", submission: true}   # implicit TLS
+        hostname: mail.lab
+        mynetworks: ["127.0.0.0/8", "::1/128"]
+        users: users.txt                # a netsvc.auth user source
+        relay: {capture: true}          # or {smarthost: ..., starttls: required, auth: {...}} or {mx: true}
+        queue: {dir: queue, max_age: 5d, retry: [5m, 10m, 20m, 40m, 1h], delay_warning: 4h,
+                concurrency: 20, fsync: true}
+        max_message_size: 25MB
+        max_recipients: 100
+        max_messages_per_session: 100
+
+The Python shape (C{Settings.relay.mode}, C{Settings.queue.retry}, ...) is the
+contract the delivery side relies on (see the team's SMTP.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from netsvc import endpoints
+from netsvc.config import Duration, Invalid, Limits, Listener, ServiceSettings, Size, field, frozen
+
+try:  # the one user source type (netsvc.auth); until it lands, a users file name
+    from netsvc.auth import UserSource
+except ImportError:  # pragma: no cover - only while netsvc.auth is being written
+    class UserSource(str):  # type: ignore[no-redef]
+        """A users file (C{user:<hash>} lines), relative to the config file's folder."""
+
+        @classmethod
+        def fromConfig(cls, value: object, path: str, walker: Any = None) -> UserSource:
+            if isinstance(value, dict) and set(value) == {"file"}:
+                value = value["file"]
+            if not isinstance(value, str) or not value:
+                raise Invalid(f"expected a users file name, got {value!r}")
+            return cls(value)
+
+
+@frozen
+class SMTPListener(Listener):
+    #: A submission port (587/465 style): AUTH is required (after STARTTLS on plain TCP).
+    submission: bool = field(False)
+
+
+@frozen
+class RelayAuth:
+    """Credentials for the smarthost (the password is read from a file, never the config)."""
+
+    user: str = field()
+    password_file: str = field()
+
+
+@frozen
+class RelaySettings:
+    """Where accepted mail goes: kept (capture), to one smarthost, or by MX.  Exactly one."""
+
+    #: Keep every message under state_dir/captured/ (nothing leaves the machine).
+    capture: bool = field(False)
+    #: A client endpoint, e.g. C{tcp:host=smtp.example:port=587} or C{tls:host=smtp.example:port=465}.
+    smarthost: str | None = field(None)
+    #: Deliver by MX lookup (through netsvc's resolver).
+    mx: bool = field(False)
+    #: The port for MX delivery (settable so tests can use a high port).
+    port: int = field(25, min=1, max=65535)
+    starttls: Literal["required", "opportunistic", "none"] = field("opportunistic")
+    #: PEM CA bundle to verify the peer with (default: the system's trust store).
+    cacert: str | None = field(None)
+    auth: RelayAuth | None = field(None)
+
+    @property
+    def mode(self) -> Literal["capture", "smarthost", "mx"]:
+        if self.smarthost is not None:
+            return "smarthost"
+        if self.mx:
+            return "mx"
+        return "capture"
+
+    def check(self) -> list[tuple[str, str]]:
+        chosen = [k for k, on in (("capture", self.capture), ("smarthost", self.smarthost is not None),
+                                  ("mx", self.mx)) if on]
+        problems = []
+        if len(chosen) > 1:
+            problems.append(("", f"choose one of capture, smarthost, mx (got {', '.join(chosen)})"))
+        if self.smarthost is not None:
+            try:
+                endpoints.validateClient(self.smarthost)
+            except endpoints.EndpointError as e:
+                problems.append(("smarthost", str(e)))
+        if self.auth is not None and self.smarthost is None:
+            problems.append(("auth", "only used with a smarthost"))
+        return problems
+
+
+@frozen
+class QueueSettings:
+    #: Relative to state_dir.
+    dir: str = field("queue")
+    #: After this long undelivered, a message bounces to its sender.
+    max_age: Duration = field(Duration(5 * 86400), min=1)
+    #: Waits between attempts; the last one repeats.
+    retry: list[Duration] = field(factory=lambda: [Duration(s) for s in (300, 600, 1200, 2400, 3600)])
+    #: Warn the sender once a message has waited this long (0: never).
+    delay_warning: Duration = field(Duration(4 * 3600), min=0)
+    #: Deliveries in progress at once.
+    concurrency: int = field(20, min=1, max=1000)
+    #: fsync message, envelope and folder before the 250 (turn off only for throwaway tests).
+    fsync: bool = field(True)
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.retry:
+            return [("retry", "needs at least one wait")]
+        if any(r <= 0 for r in self.retry):
+            return [("retry", "waits must be positive")]
+        return []
+
+
+@frozen
+class AuthLimits:
+    """Failed AUTH attempts: per session, then per client IP (a token bucket)."""
+
+    #: Failures in one session before it is closed (421).
+    per_session: int = field(3, min=1, max=100)
+    #: Failures allowed per client IP: C{burst} at once, then C{rate} per second.
+    rate: float = field(0.1, min=0)
+    burst: int = field(10, min=1)
+
+
+@frozen
+class Settings(ServiceSettings):
+    listen: list[SMTPListener] = field(factory=lambda: [SMTPListener(endpoint="tcp:2525:interface=127.0.0.1")])
+    #: Banner, EHLO and Received name.
+    hostname: str = field("localhost")
+    #: Clients in these networks may relay without AUTH.
+    mynetworks: list[str] = field(factory=lambda: ["127.0.0.0/8", "::1/128"])
+    users: UserSource | None = field(None)
+    relay: RelaySettings = field(factory=lambda: RelaySettings(capture=True))
+    queue: QueueSettings = field(factory=QueueSettings)
+    max_message_size: Size = field(Size(25 * 10**6), min=1024, max=1 << 31)
+    #: Recipients per message (RFC 5321 4.5.3.1.8: at least 100 must be accepted).
+    max_recipients: int = field(100, min=1, max=100_000)
+    max_messages_per_session: int = field(100, min=1, max=100_000)
+    #: Longest text line in DATA including CRLF (RFC 5321 4.5.3.1.6: 1000).
+    max_line_length: int = field(1000, min=1000, max=1 << 20)
+    auth_failures: AuthLimits = field(factory=AuthLimits)
+    #: rate/burst: messages per second per client IP; max_message is unused (see max_message_size).
+    limits: Limits = field(factory=lambda: Limits(
+        max_connections=1024, max_connections_per_ip=64, idle_timeout=Duration(300), rate=50, burst=200))
+
+    def check(self) -> list[tuple[str, str]]:
+        from netsvc.policies import parseNetworks
+
+        problems = super().check()
+        try:
+            parseNetworks(self.mynetworks)
+        except ValueError as e:
+            problems.append(("mynetworks", str(e)))
+        if not self.listen:
+            problems.append(("listen", "needs at least one listener"))
+        for i, listener in enumerate(self.listen):
+            if endpoints.isDatagram(listener.endpoint):
+                problems.append((f"listen[{i}]", "SMTP does not run over UDP"))
+        if any(l.submission for l in self.listen) and self.users is None:
+            problems.append(("users", "submission listeners require AUTH: set users"))
+        return problems

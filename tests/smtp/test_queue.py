@@ -1,0 +1,168 @@
+"""The durable queue: commit order, recovery, envelopes, group commit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from netsvc.config import ConfigError, structure
+from netsvc.smtp.queue import Envelope, Queue, Recipient, newId
+from netsvc.smtp.settings import Settings
+
+
+class QueueTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.queue = Queue(self.dir)
+
+    @defer.inlineCallbacks
+    def test_commitWritesMessageAndEnvelope(self):
+        m = self.queue.newMessage()
+        m.write(b"Subject: hi\r\n\r\n")
+        m.write(b"body\r\n")
+        # nothing visible before the commit
+        self.assertEqual(self.queue.ids(), [])
+        env = Envelope.new("a@x", ["b@y", Recipient("c@z", notify="NEVER", orcpt="rfc822;c@z")],
+                           client={"address": "127.0.0.1", "helo": "h", "user": None}, ret="HDRS")
+        id = yield m.commit(env)
+        self.assertEqual(self.queue.ids(), [id])
+        self.assertEqual(self.queue.messagePath(id).read_bytes(), b"Subject: hi\r\n\r\nbody\r\n")
+        stored = self.queue.envelope(id)
+        self.assertEqual(stored.id, id)
+        self.assertEqual(stored.sender, "a@x")
+        self.assertEqual([r.address for r in stored.pending()], ["b@y", "c@z"])
+        self.assertEqual(stored.recipients[1].notify, "NEVER")
+        self.assertEqual(stored.ret, "HDRS")
+        raw = json.loads((self.dir / "env" / f"{id}.json").read_text())
+        self.assertEqual(raw["recipients"][0], {"address": "b@y", "status": "pending", "attempts": 0,
+                                                "last_error": None})
+        self.assertFalse(raw["dsn"])
+        self.assertEqual(list((self.dir / "tmp").iterdir()), [])
+
+    @defer.inlineCallbacks
+    def test_concurrentCommitsAllDurableAndOrdered(self):
+        ds = []
+        for i in range(20):
+            m = self.queue.newMessage()
+            m.write(b"n%d\r\n" % i)
+            ds.append(m.commit(Envelope.new("a@x", ["b@y"])))
+        ids = yield defer.gatherResults(ds)
+        self.assertEqual(self.queue.ids(), sorted(ids))
+        self.assertEqual(ids, sorted(ids))  # creation order
+        for i, id in enumerate(ids):
+            self.assertEqual(self.queue.messagePath(id).read_bytes(), b"n%d\r\n" % i)
+
+    def test_abortLeavesNothing(self):
+        m = self.queue.newMessage()
+        m.write(b"partial")
+        m.abort()
+        self.assertEqual(list((self.dir / "tmp").iterdir()), [])
+        self.assertEqual(self.queue.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_updateAndRemove(self):
+        id = yield self.queue.enqueueBytes("a@x", ["b@y", "c@y"], b"x\r\n", dsn=True)
+        env = self.queue.envelope(id)
+        self.assertTrue(env.dsn)
+        env.recipients[0].status = "sent"
+        env.attempts = 1
+        yield self.queue.update(env)
+        again = self.queue.envelope(id)
+        self.assertEqual([r.address for r in again.pending()], ["c@y"])
+        self.assertEqual(again.attempts, 1)
+        self.queue.remove(id)
+        self.assertEqual(self.queue.ids(), [])
+        self.assertFalse(self.queue.messagePath(id).exists())
+
+    @defer.inlineCallbacks
+    def test_recover(self):
+        id = yield self.queue.enqueueBytes("a@x", ["b@y"], b"kept\r\n")
+        # a crash mid-receive and mid-commit: tmp files, a message never acknowledged
+        (self.dir / "tmp" / "x.msg").write_bytes(b"half")
+        (self.dir / "msg" / "unacked").write_bytes(b"never acked")
+        q = Queue(self.dir)
+        q.recover()
+        self.assertEqual(list((self.dir / "tmp").iterdir()), [])
+        self.assertEqual(sorted(p.name for p in (self.dir / "msg").iterdir()), [id])
+        self.assertEqual(q.ids(), [id])
+
+    def test_failedCommitErrbacks(self):
+        m = self.queue.newMessage()
+        m.write(b"x")
+        os.rmdir(self.dir / "msg")  # the rename cannot succeed
+        (self.dir / "msg").write_bytes(b"")  # a file where the folder should be
+        d = m.commit(Envelope.new("a@x", ["b@y"]))
+        self.assertFailure(d, OSError)
+        d.addCallback(lambda _: self.assertEqual(list((self.dir / "tmp").iterdir()), []))
+        return d
+
+    def test_envelopeRoundTrip(self):
+        env = Envelope.new("", ["b@y"], envid="E1", warned=True)
+        self.assertEqual(Envelope.loads(env.dumps()), env)
+
+    def test_idsSortable(self):
+        ids = [newId() for _ in range(100)]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 100)
+
+
+SUB = """
+services:
+  smtp:
+    listen:
+      - "tcp:2525:interface=127.0.0.1"
+      - {endpoint: "tcp:2587:interface=127.0.0.1", submission: true}
+    users: users.txt
+    %s
+"""
+
+
+def parse(text: str) -> Settings:
+    return structure(Settings, yaml.safe_load(text)["services"]["smtp"], "<string>", "services.smtp")
+
+
+class SettingsTests(unittest.TestCase):
+    def test_defaults(self):
+        s = parse("services: {smtp: {}}")
+        self.assertEqual(s.relay.mode, "capture")
+        self.assertEqual(s.hostname, "localhost")
+        self.assertEqual(s.mynetworks, ["127.0.0.0/8", "::1/128"])
+        self.assertEqual(s.queue.retry, [300, 600, 1200, 2400, 3600])
+        self.assertTrue(s.queue.fsync)
+        self.assertEqual(s.max_message_size, 25_000_000)
+        self.assertEqual(s.max_recipients, 100)
+
+    def test_full(self):
+        s = parse(SUB % ('relay: {smarthost: "tcp:host=smtp.example:port=587", starttls: required, '
+                         'auth: {user: u, password_file: p}}\n    queue: {retry: [1m, 2m], max_age: 1d}'
+                         '\n    max_message_size: 10MB'))
+        self.assertEqual(s.relay.mode, "smarthost")
+        self.assertEqual(s.relay.auth.user, "u")
+        self.assertEqual(s.queue.retry, [60, 120])
+        self.assertEqual(s.max_message_size, 10_000_000)
+        self.assertTrue(s.listen[1].submission)
+        mx = parse(SUB % "relay: {mx: true, port: 2500}")
+        self.assertEqual((mx.relay.mode, mx.relay.port), ("mx", 2500))
+
+    def test_errors(self):
+        for bad, needle in [
+            ("relay: {mx: true, capture: true}", "choose one of"),
+            ("relay: {smarthost: 'bogus:x'}", "services.smtp.relay.smarthost"),
+            ("relay: {starttls: maybe}", "starttls"),
+            ("mynetworks: [nonsense]", "mynetworks"),
+            ("queue: {retry: []}", "retry"),
+            ("relays: {}", "did you mean 'relay'"),
+        ]:
+            with self.assertRaises(ConfigError) as e:
+                parse(SUB % bad)
+            self.assertIn(needle, str(e.exception), bad)
+
+    def test_submissionNeedsUsers(self):
+        with self.assertRaises(ConfigError) as e:
+            parse("services: {smtp: {listen: [{endpoint: 'tcp:2587', submission: true}]}}")
+        self.assertIn("services.smtp.users", str(e.exception))

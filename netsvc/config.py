@@ -14,13 +14,16 @@ C{list[T]}, C{dict[str, T]}, C{T | None}, nested attrs classes, and any class wi
 a C{fromConfig(value, path, walker) -> instance} classmethod that raises
 L{Invalid} (or records problems on the walker and returns L{attrs.NOTHING}).
 Field metadata C{min}/C{max} bound numbers.
+
+Layering: this module sits above L{netsvc.endpoints} (listener validation) and
+L{netsvc.policies} (L{Limits}, access lists), which sit above L{netsvc.schema}
+(field, frozen, Duration, Size and the error types, all re-exported here).
+Nothing below imports this module.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 import types
 import typing
 from pathlib import Path
@@ -29,88 +32,10 @@ from typing import Any, Literal
 import attrs
 import yaml
 
-
-@attrs.frozen
-class Problem:
-    """One thing wrong in a configuration file."""
-
-    file: str
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}: " if self.file else ""
-        return f"{where}{self.path}: {self.reason}" if self.path else f"{where}{self.reason}"
-
-
-class ConfigError(Exception):
-    """
-    A configuration cannot be used.  C{str()} gives one line per problem.
-    """
-
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__(problems)
-        self.problems = problems
-
-    def __str__(self) -> str:
-        return "\n".join(str(p) for p in self.problems)
-
-
-class Invalid(Exception):
-    """
-    Raised by converters: the value at the current key path is unusable.
-    """
-
-
-def suggest(word: str, choices: typing.Iterable[str]) -> str:
-    """
-    Return C{" (did you mean 'x'?)"} for the closest of C{choices}, or C{""}.
-    """
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-# -- value types with their own YAML syntax ---------------------------------
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-class Duration(float):
-    """Seconds; YAML accepts C{30}, C{1.5}, C{"250ms"}, C{"30s"}, C{"5m"}, C{"2h"}, C{"1d"}."""
-
-    @classmethod
-    def fromConfig(cls, value: object, path: str, walker: object = None) -> Duration:
-        if isinstance(value, bool):
-            raise Invalid(f"expected a duration like 30s or 5m, got {value!r}")
-        if isinstance(value, (int, float)):
-            return cls(value)
-        m = _DURATION.match(str(value))
-        if not m:
-            raise Invalid(f"expected a duration like 30s or 5m, got {value!r}")
-        return cls(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KB|KiB|M|MB|MiB|G|GB|GiB)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6,
-               "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
-
-
-class Size(int):
-    """Bytes; YAML accepts C{4096}, C{"64KiB"}, C{"1M"} (binary), C{"1MB"} (decimal)."""
-
-    @classmethod
-    def fromConfig(cls, value: object, path: str, walker: object = None) -> Size:
-        if isinstance(value, bool):
-            raise Invalid(f"expected a size like 4096 or 64KiB, got {value!r}")
-        if isinstance(value, int):
-            return cls(value)
-        m = _SIZE.match(str(value))
-        if not m:
-            raise Invalid(f"expected a size like 4096 or 64KiB, got {value!r}")
-        return cls(int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
-
+# Limits and the schema names are re-exported: services write their settings with them, imported from here.
+from netsvc import endpoints
+from netsvc.policies import Limits, parseNetworks
+from netsvc.schema import ConfigError, Duration, Invalid, Problem, Size, field, frozen, suggest  # noqa: F401
 
 # -- the structuring engine --------------------------------------------------
 
@@ -261,20 +186,6 @@ def structure(cls: type, data: object, file: str = "", path: str = "") -> Any:
     return result
 
 
-def field(default: Any = attrs.NOTHING, *, min: float | None = None, max: float | None = None,
-          factory: Any = None, doc: str = "") -> Any:
-    """An attrs field with bounds used by L{structure}."""
-    metadata = {"min": min, "max": max, "doc": doc}
-    if factory is not None:
-        return attrs.field(factory=factory, metadata=metadata, kw_only=True)
-    return attrs.field(default=default, metadata=metadata, kw_only=True)
-
-
-def frozen(cls: type) -> type:
-    """Settings classes: frozen, keyword-only attrs classes."""
-    return attrs.frozen(kw_only=True)(cls)
-
-
 # -- listeners ---------------------------------------------------------------
 
 
@@ -292,8 +203,6 @@ class Listener:
 
     @classmethod
     def fromConfig(cls, value: object, path: str, walker: _Walker) -> Any:
-        from netsvc import endpoints  # endpoints imports config for its errors
-
         if isinstance(value, str):
             value = {"endpoint": value}
         elif not isinstance(value, dict):
@@ -321,29 +230,7 @@ class DatagramListener(Listener):
     datagram: typing.ClassVar[bool] = True
 
 
-# -- limits and the settings every service has ---------------------------------
-
-
-@frozen
-class Limits:
-    """
-    C{limits:} of a service (enforced by L{netsvc.policies.Guard}).  Zero turns a
-    timeout or rate off.  Each service sets its own defaults.
-    """
-
-    max_connections: int = field(4096, min=1, max=1_000_000)
-    max_connections_per_ip: int = field(256, min=1, max=1_000_000)
-    #: Close a connection with no traffic either way for this long (0: never).
-    idle_timeout: Duration = field(Duration(300), min=0)
-    #: Largest line, message or datagram the service accepts.
-    max_message: Size = field(Size(65536), min=1, max=1 << 30)
-    #: Requests (datagrams, messages) per second per client IP (0: unlimited), and the burst allowed.
-    rate: float = field(0.0, min=0)
-    burst: int = field(0, min=0)
-
-    def bucket(self) -> tuple[float, float]:
-        """(rate, burst) for a L{RateLimiter}; burst defaults to one second's worth."""
-        return self.rate, float(self.burst or max(1, int(self.rate)))
+# -- the settings every service has ---------------------------------
 
 
 @frozen
@@ -357,8 +244,6 @@ class ServiceSettings:
     deny: list[str] = field(factory=list)
 
     def check(self) -> list[tuple[str, str]]:
-        from netsvc.policies import parseNetworks
-
         problems = []
         for key in ("allow", "deny"):
             try:
@@ -403,8 +288,6 @@ class MetricsSettings:
     allow: list[str] = field(factory=lambda: ["127.0.0.0/8", "::1/128"])
 
     def check(self) -> list[tuple[str, str]]:
-        from netsvc.policies import parseNetworks
-
         try:
             parseNetworks(self.allow)
         except ValueError as e:

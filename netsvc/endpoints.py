@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndp
 from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 
-from netsvc.config import suggest
+from netsvc.schema import suggest
 
 
 class EndpointError(ValueError):

@@ -2,6 +2,9 @@
 Limits every listener shares: connections in total and per client IP, idle
 timeouts, message sizes, rates, and CIDR access lists.
 
+L{Limits} is the C{limits:} settings class (re-exported by L{netsvc.config});
+the token buckets are in L{netsvc.rates} (re-exported here).
+
 A service owns one L{Guard} (built from its L{Limits} and access lists) and wraps
 each listener's factory with L{Guard.wrap}.  The guard counts into the service's
 L{netsvc.metrics.ServiceMetrics}, and at shutdown L{Guard.drain} lets open
@@ -26,10 +29,41 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import directlyProvides, implementer, providedBy
 
-from netsvc.config import Limits
 from netsvc.metrics import ServiceMetrics
+from netsvc.rates import Bandwidth, RateLimiter, TokenBucket
+from netsvc.schema import Duration, Size, field, frozen
+
+__all__ = [
+    "AccessList", "Bandwidth", "Guard", "GuardedFactory", "GuardedProtocol", "HalfCloseableGuardedProtocol",
+    "Limits", "Network", "RateLimiter", "TokenBucket", "parseNetworks", "peerHost",
+]
 
 log = Logger()
+
+
+# -- the limits of a service -------------------------------------------------------
+
+
+@frozen
+class Limits:
+    """
+    C{limits:} of a service (enforced by L{Guard}).  Zero turns a
+    timeout or rate off.  Each service sets its own defaults.
+    """
+
+    max_connections: int = field(4096, min=1, max=1_000_000)
+    max_connections_per_ip: int = field(256, min=1, max=1_000_000)
+    #: Close a connection with no traffic either way for this long (0: never).
+    idle_timeout: Duration = field(Duration(300), min=0)
+    #: Largest line, message or datagram the service accepts.
+    max_message: Size = field(Size(65536), min=1, max=1 << 30)
+    #: Requests (datagrams, messages) per second per client IP (0: unlimited), and the burst allowed.
+    rate: float = field(0.0, min=0)
+    burst: int = field(0, min=0)
+
+    def bucket(self) -> tuple[float, float]:
+        """(rate, burst) for a L{RateLimiter}; burst defaults to one second's worth."""
+        return self.rate, float(self.burst or max(1, int(self.rate)))
 
 
 # -- access lists --------------------------------------------------------------
@@ -86,67 +120,6 @@ class AccessList:
         if any(addr in net for net in self.deny):
             return False
         return not self.allow or any(addr in net for net in self.allow)
-
-
-# -- rates ---------------------------------------------------------------------
-
-
-class RateLimiter:
-    """
-    One token bucket per key (a client IP): C{rate} tokens per second, holding
-    at most C{burst}.  The table is bounded: when full, it is cleared (a reset
-    only ever errs toward admitting).
-    """
-
-    def __init__(self, rate: float, burst: float, clock: IReactorTime, maxKeys: int = 65536) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self.maxKeys = maxKeys
-        self._buckets: dict[Any, list[float]] = {}
-
-    def allow(self, key: Any, cost: float = 1.0) -> bool:
-        """Take C{cost} tokens for C{key}; False when there are not enough."""
-        if self.rate <= 0:
-            return True
-        now = self.clock.seconds()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self.maxKeys:
-                self._buckets.clear()
-            bucket = self._buckets[key] = [self.burst, now]
-        else:
-            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-            bucket[1] = now
-        if bucket[0] >= cost:
-            bucket[0] -= cost
-            return True
-        return False
-
-
-class TokenBucket:
-    """One client's bucket: C{rate} tokens per second, holding at most C{burst}."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp", "clock")
-
-    def __init__(self, rate: float, burst: float, clock: IReactorTime) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.clock = clock
-        self.stamp = clock.seconds()
-
-    def take(self, cost: float = 1.0) -> bool:
-        """Take C{cost} tokens; False (nothing taken) when there are not enough."""
-        if self.rate <= 0:
-            return True
-        now = self.clock.seconds()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return True
-        return False
 
 
 # -- the guard -------------------------------------------------------------------
@@ -462,32 +435,3 @@ class HalfCloseableGuardedProtocol(GuardedProtocol):
 
     def writeConnectionLost(self) -> None:
         self.wrappedProtocol.writeConnectionLost()
-
-
-# -- bandwidth -------------------------------------------------------------------
-
-
-class Bandwidth:
-    """
-    A token bucket of bytes: C{rate} bytes per second, holding at most C{burst}
-    (default: a quarter second's worth, at least 16 KiB).  Unlike L{RateLimiter}
-    it never refuses: L{take} always succeeds and says how long the caller should
-    stop reading so that the average stays at C{rate} (the bucket may go into
-    debt by one read).  A rate of 0 means unlimited.
-    """
-
-    def __init__(self, rate: float, clock: IReactorTime, burst: float | None = None) -> None:
-        self.rate = float(rate)
-        self.clock = clock
-        self.burst = float(burst) if burst is not None else max(16384.0, self.rate / 4)
-        self.tokens = self.burst
-        self.stamp = clock.seconds()
-
-    def take(self, size: int) -> float:
-        """Spend C{size} bytes; return the seconds to wait before the next read (0: none)."""
-        if self.rate <= 0:
-            return 0.0
-        now = self.clock.seconds()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - size
-        self.stamp = now
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate

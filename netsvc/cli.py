@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 CLIENTS = ["netsvc.echo.client", "netsvc.chat.client", "netsvc.dns.client", "netsvc.forward.client",
-           "netsvc.fetch.cli"]
+           "netsvc.fetch.cli", "netsvc.smtp.client"]
 
 
 def checkConfig(reactor: Any, args: argparse.Namespace) -> int:
@@ -64,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     top = parser()
     command = top.commands.get(argv[0]) if argv else None  # type: ignore[attr-defined]
     # Options may come after the messages (netsvc echo HOST:PORT hello --udp).
-    args = command.parse_intermixed_args(argv[1:]) if command else top.parse_args(argv)
+    # (argparse cannot intermix a command that has subcommands: netsvc mail send ...)
+    nested = command is not None and command._subparsers is not None
+    args = command.parse_intermixed_args(argv[1:]) if command and not nested else top.parse_args(argv)
     if args.run is checkConfig:
         sys.exit(checkConfig(None, args))
     from twisted.internet import defer, task

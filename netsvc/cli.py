@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 CLIENTS = ["netsvc.echo.client", "netsvc.chat.client", "netsvc.dns.client", "netsvc.forward.client",
-           "netsvc.fetch.cli", "netsvc.smtp.client"]
+           "netsvc.fetch.cli", "netsvc.smtp.client", "netsvc.ldap.clientcli"]
 
 
 def checkConfig(reactor: Any, args: argparse.Namespace) -> int:

@@ -1,0 +1,433 @@
+"""
+An LDAP client connection on ldaptor's BER codec: simple bind, verified StartTLS,
+search (with the paged-results control followed automatically), whoami (RFC 4532),
+compare, with a timeout on every operation.
+
+    conn = yield connect(reactor, parseURL("ldap://127.0.0.1:3389"), starttls=True, cacert="ca.pem")
+    yield conn.bind("uid=jo,ou=users,dc=example,dc=com", "secret")        # LDAPError(49) if wrong
+    done = yield conn.search("dc=example,dc=com", SCOPES["sub"], parseFilter("(uid=jo)"),
+                             ["cn"], onEntry=print, pageSize=100)
+    done.resultCode                                                       # 0, 4 (size limit)...
+    conn.unbind()
+
+Contract: every Deferred fires (a result, an L{LDAPError} for a non-success LDAP
+result, or the connection's failure: refused, timed out -- the connection is then
+aborted, TLS failed).  StartTLS always verifies the server's certificate and name
+(L{netsvc.tls.clientCreator}), never ldaptor's unverified default.  Nothing here
+reads ldaptor's global C{ldaptor.config}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from ldaptor.protocols import pureber, pureldap
+from ldaptor.protocols.ldap.ldapclient import LDAPClient
+from OpenSSL import SSL
+from twisted.internet import defer, endpoints, error
+from twisted.internet.interfaces import IHandshakeListener
+from zope.interface import implementer
+
+from netsvc import clients
+from netsvc.tls import clientCreator
+
+SCOPES = {"base": pureldap.LDAP_SCOPE_baseObject, "one": pureldap.LDAP_SCOPE_singleLevel,
+          "sub": pureldap.LDAP_SCOPE_wholeSubtree}
+
+PAGED_RESULTS = b"1.2.840.113556.1.4.319"
+WHOAMI = b"1.3.6.1.4.1.4203.1.11.3"
+NOTICE_OF_DISCONNECTION = b"1.3.6.1.4.1.1466.20036"
+
+#: A server message larger than this closes the connection (no unbounded buffering).
+MAX_MESSAGE = 64 * 1024 * 1024
+
+#: Result codes, named as OpenLDAP's ldap_err2string names them (what ldapsearch prints).
+RESULT_NAMES = {
+    0: "Success", 1: "Operations error", 2: "Protocol error", 3: "Time limit exceeded",
+    4: "Size limit exceeded", 5: "Compare False", 6: "Compare True", 7: "Authentication method not supported",
+    8: "Strong(er) authentication required", 10: "Referral", 11: "Administrative limit exceeded",
+    12: "Critical extension is unavailable", 13: "Confidentiality required", 14: "SASL bind in progress",
+    16: "No such attribute", 17: "Undefined attribute type", 18: "Inappropriate matching",
+    19: "Constraint violation", 20: "Type or value exists", 21: "Invalid syntax", 32: "No such object",
+    33: "Alias problem", 34: "Invalid DN syntax", 36: "Alias dereferencing problem",
+    48: "Inappropriate authentication", 49: "Invalid credentials", 50: "Insufficient access",
+    51: "Server is busy", 52: "Server is unavailable", 53: "Server is unwilling to perform",
+    54: "Loop detected", 64: "Naming violation", 65: "Object class violation",
+    66: "Operation not allowed on non-leaf", 67: "Operation not allowed on RDN", 68: "Already exists",
+    69: "Cannot modify object class", 71: "Results too large", 80: "Other (e.g., implementation specific) error",
+}
+
+
+class LDAPError(Exception):
+    """A non-success LDAP result: C{resultCode}, the server's C{message} and C{matchedDN}."""
+
+    def __init__(self, resultCode: int, message: str = "", matchedDN: str = "") -> None:
+        self.resultCode = resultCode
+        self.message = message
+        self.matchedDN = matchedDN
+        super().__init__(resultCode, message)
+
+    def __str__(self) -> str:
+        text = f"{RESULT_NAMES.get(self.resultCode, 'Unknown result')} ({self.resultCode})"
+        return f"{text}: {self.message}" if self.message else text
+
+
+class StartTLSError(Exception):
+    """StartTLS failed: refused by the server, or the certificate did not verify."""
+
+
+@attrs.frozen
+class LDAPURL:
+    """C{ldap://host:port} or C{ldaps://host:port} (a DN path, if any, is kept in C{dn})."""
+
+    tls: bool
+    host: str
+    port: int
+    dn: str = ""
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'ldaps' if self.tls else 'ldap'}://{host}:{self.port}"
+
+
+def parseURL(text: str) -> LDAPURL:
+    """C{ldap://host[:port][/dn]} or C{ldaps://...}; the default ports are 389 and 636. Raises ValueError."""
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in ("ldap", "ldaps"):
+        raise ValueError(f"expected ldap://host:port or ldaps://host:port, got {text!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    host = parts.hostname or "localhost"
+    return LDAPURL(scheme == "ldaps", host, port or (636 if scheme == "ldaps" else 389),
+                   unquote(parts.path.lstrip("/")))
+
+
+@attrs.frozen
+class SearchDone:
+    """How a search ended: the final result (success or not), how many entries came, referrals."""
+
+    resultCode: int
+    message: str = ""
+    matchedDN: str = ""
+    entries: int = 0
+    references: tuple[str, ...] = ()
+    pages: int = 1
+
+    def error(self) -> LDAPError | None:
+        return LDAPError(self.resultCode, self.message, self.matchedDN) if self.resultCode else None
+
+
+def pagedResultsControl(size: int, cookie: bytes = b"", critical: bool = False) -> tuple:
+    """The RFC 2696 request control, as ldaptor's LDAPMessage takes controls."""
+    value = pureber.BERSequence([pureber.BERInteger(size), pureber.BEROctetString(cookie)]).toWire()
+    return (PAGED_RESULTS, critical, value)
+
+
+def pagedResultsCookie(controls: Sequence[tuple] | None) -> bytes | None:
+    """The cookie of the server's paged-results response control; None if it sent none."""
+    for oid, _critical, value in controls or ():
+        if oid == PAGED_RESULTS and value is not None:
+            decoded, _ = pureber.berDecodeObject(pureber.BERDecoderContext(), value)
+            if isinstance(decoded, pureber.BERSequence) and len(decoded.data) == 2:
+                return decoded.data[1].value
+            raise LDAPError(2, "malformed paged results response control")
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+@implementer(IHandshakeListener)
+class LDAPConnection(LDAPClient):
+    """
+    One LDAP connection.  Requests may overlap (each has its message id); a
+    request that gets no answer within C{timeout} seconds aborts the connection
+    and fails with C{TimeoutError} (a late answer would find nothing to go to).
+    """
+
+    def __init__(self, reactor: Any, timeout: float = 10.0) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.timeout = timeout
+        self._pending: dict[int, tuple[defer.Deferred, Callable[[Any, Any], bool] | None]] = {}
+        self._tls: defer.Deferred | None = None
+        self.lostReason: Any = None
+        self.notice = ""
+        #: The name the server's certificate must carry (set by L{connect}).
+        self.hostname: str | None = None
+
+    # -- transport events ------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self.buffer) + len(data) > MAX_MESSAGE:
+            self.lostReason = error.ConnectionLost(f"server message larger than {MAX_MESSAGE} bytes")
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = 0
+        if self.lostReason is None:
+            if reason is not None and reason.check(SSL.Error, *_verificationErrors()):
+                self.lostReason = reason.value
+            elif self.notice:
+                self.lostReason = error.ConnectionLost(f"the server closed the connection: {self.notice}")
+            else:
+                self.lostReason = error.ConnectionLost("the server closed the connection")
+        pending, self._pending = self._pending, {}
+        for d, _ in pending.values():
+            d.errback(self.lostReason)
+        if self._tls is not None:
+            d, self._tls = self._tls, None
+            d.errback(StartTLSError(describe(self.lostReason, self.hostname)))
+
+    def awaitHandshake(self) -> defer.Deferred:
+        """Fires with self when the TLS handshake is done and verified; fails with L{StartTLSError}."""
+        self._tls = d = defer.Deferred()
+        timer = self.reactor.callLater(self.timeout, self._handshakeExpired, d)
+        return d.addBoth(_cancelTimer, timer)
+
+    def _handshakeExpired(self, d: defer.Deferred) -> None:
+        if self._tls is d:
+            self._tls = None
+            self.lostReason = error.TimeoutError(f"no TLS handshake in {self.timeout:g}s")
+            d.errback(StartTLSError(f"TLS handshake timed out after {self.timeout:g}s"))
+            self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        # A failed name check aborts the connection right after the handshake (the abort's
+        # connectionLost is queued first), so only a connection still up one turn later is a success.
+        self.reactor.callLater(0, self._handshakeSettled)
+
+    def _handshakeSettled(self) -> None:
+        if self._tls is not None and self.connected:
+            d, self._tls = self._tls, None
+            d.callback(self)
+
+    def handle(self, msg: Any) -> None:
+        if msg.id == 0:  # unsolicited: the server is about to close (RFC 4511 4.4.1)
+            self.notice = _text(getattr(msg.value, "errorMessage", "")) or "notice of disconnection"
+            return
+        entry = self._pending.get(msg.id)
+        if entry is None:
+            return  # an answer to a request that timed out
+        d, handler = entry
+        if handler is None or handler(msg.value, msg.controls):
+            del self._pending[msg.id]
+            if handler is None:
+                d.callback((msg.value, msg.controls))
+
+    # -- requests ----------------------------------------------------------------
+
+    def request(self, op: Any, controls: Sequence[tuple] | None = None,
+                handler: Callable[[Any, Any], bool] | None = None, timeout: float | None = None) -> defer.Deferred:
+        """
+        Send C{op}; fires with C{(response, controls)} -- or, with a C{handler}
+        (called with each response and its controls, returning True at the last),
+        the Deferred is the caller's to fire from the handler.
+        """
+        if not self.connected:
+            return defer.fail(self.lostReason or error.NotConnectingError("not connected"))
+        msg = pureldap.LDAPMessage(op, controls=list(controls) if controls else None)
+        d: defer.Deferred = defer.Deferred()
+        self._pending[msg.id] = (d, handler)
+        self.transport.write(msg.toWire())
+        limit = self.timeout if timeout is None else timeout
+        timer = self.reactor.callLater(limit, self._expired, msg.id, limit)
+        d.addBoth(_cancelTimer, timer)
+        return d
+
+    def _expired(self, messageId: int, limit: float) -> None:
+        entry = self._pending.pop(messageId, None)
+        if entry is not None:
+            self.lostReason = error.TimeoutError(f"no answer in {limit:g}s")
+            entry[0].errback(self.lostReason)
+            self.transport.abortConnection()
+
+    @defer.inlineCallbacks
+    def _result(self, op: Any) -> Any:
+        response, _ = yield self.request(op)
+        if response.resultCode != 0:
+            raise LDAPError(response.resultCode, _text(response.errorMessage), _text(response.matchedDN))
+        return response
+
+    def bind(self, dn: str = "", password: str | bytes = "") -> defer.Deferred:
+        """Simple bind (anonymous with both empty); fails with L{LDAPError} (49: wrong password)."""
+        auth = password.encode("utf-8") if isinstance(password, str) else password
+        return self._result(pureldap.LDAPBindRequest(dn=dn.encode("utf-8"), auth=auth))
+
+    def startTLS(self, creator: Any) -> defer.Deferred:  # type: ignore[override]
+        """
+        StartTLS (RFC 4511 4.14) with C{creator} (required: L{netsvc.tls.clientCreator});
+        fires with self once the handshake is done and the certificate verified, or fails
+        with L{StartTLSError}.
+        """
+        if creator is None:
+            raise TypeError("startTLS needs a verifying connection creator (netsvc.tls.clientCreator)")
+        if self._pending:
+            return defer.fail(StartTLSError("requests are still outstanding"))
+
+        def started(response: Any) -> defer.Deferred:
+            waiting = self.awaitHandshake()
+            self.transport.startTLS(creator)
+            return waiting
+
+        def refused(f: Any) -> Any:
+            if f.check(LDAPError):
+                raise StartTLSError(f"the server refused StartTLS: {f.value}")
+            return f
+
+        return self._result(pureldap.LDAPStartTLSRequest()).addCallbacks(started, refused)
+
+    def whoami(self) -> defer.Deferred:
+        """RFC 4532: fires with the authorization identity (C{"dn:..."}, C{"u:..."}, or C{""} for anonymous)."""
+        d = self._result(pureldap.LDAPExtendedRequest(requestName=WHOAMI))
+        return d.addCallback(lambda r: _text(r.response or b""))
+
+    def compare(self, dn: str, attribute: str, value: bytes) -> defer.Deferred:
+        """Fires True (compareTrue) or False (compareFalse); any other result is an L{LDAPError}."""
+        ava = pureldap.LDAPAttributeValueAssertion(pureldap.LDAPAttributeDescription(attribute.encode("utf-8")),
+                                                   pureldap.LDAPAssertionValue(value))
+        d = self.request(pureldap.LDAPCompareRequest(entry=dn.encode("utf-8"), ava=ava))
+
+        def answered(result: Any) -> bool:
+            response, _ = result
+            if response.resultCode in (5, 6):
+                return response.resultCode == 6
+            raise LDAPError(response.resultCode, _text(response.errorMessage), _text(response.matchedDN))
+
+        return d.addCallback(answered)
+
+    def searchPage(self, request: Any, onEntry: Callable[[str, list], Any],
+                   controls: Sequence[tuple] | None = None, timeout: float | None = None) -> defer.Deferred:
+        """
+        One search request; C{onEntry(dn, [(attribute, [values])])} for each entry.
+        Fires with C{(LDAPSearchResultDone, response controls, entries, references)}.
+        """
+        done: defer.Deferred = defer.Deferred()
+        counts = {"entries": 0}
+        references: list[str] = []
+
+        def handler(response: Any, responseControls: Any) -> bool:
+            if isinstance(response, pureldap.LDAPSearchResultEntry):
+                counts["entries"] += 1
+                attributes = [(_text(name), list(values)) for name, values in response.attributes]
+                onEntry(_text(response.objectName), attributes)
+                return False
+            if isinstance(response, pureldap.LDAPSearchResultReference):
+                references.extend(_text(getattr(u, "value", u)) for u in response.uris)
+                return False
+            done.callback((response, responseControls, counts["entries"], references))
+            return True
+
+        d = self.request(request, controls, handler, timeout)
+        d.addErrback(lambda f: done.errback(f) if not done.called else None)
+        return done
+
+    @defer.inlineCallbacks
+    def search(self, base: str, scope: int, filter: Any, attributes: Sequence[str] = (),
+               onEntry: Callable[[str, list], Any] = lambda dn, attrs: None, sizeLimit: int = 0,
+               timeLimit: int = 0, typesOnly: bool = False, pageSize: int = 0,
+               criticalPaging: bool = False) -> Any:
+        """
+        Search, following the paged-results cookie until the server says it is done
+        (C{pageSize} > 0).  Fires with a L{SearchDone} whatever the result code
+        (a size limit still delivers entries); fails only when the connection does.
+        """
+        cookie = b""
+        total, pages, refs = 0, 0, []
+        # The server's time limit, plus time for the answer to travel.
+        wait = (timeLimit + self.timeout) if timeLimit else None
+        while True:
+            request = pureldap.LDAPSearchRequest(
+                baseObject=base.encode("utf-8"), scope=scope, sizeLimit=sizeLimit, timeLimit=timeLimit,
+                typesOnly=bool(typesOnly), filter=filter, attributes=[a.encode("utf-8") for a in attributes])
+            controls = [pagedResultsControl(pageSize, cookie, criticalPaging)] if pageSize else None
+            response, responseControls, count, references = yield self.searchPage(
+                request, onEntry, controls, wait)
+            total += count
+            pages += 1
+            refs.extend(references)
+            result = SearchDone(response.resultCode, _text(response.errorMessage), _text(response.matchedDN),
+                                total, tuple(refs), pages)
+            if not pageSize or response.resultCode != 0:
+                return result
+            cookie = pagedResultsCookie(responseControls) or b""
+            if not cookie:
+                return result
+            if sizeLimit and total >= sizeLimit:
+                # Tell the server we are done with this paged search (RFC 2696: size 0).
+                request = pureldap.LDAPSearchRequest(baseObject=base.encode("utf-8"), scope=scope, filter=filter,
+                                                     attributes=[b"1.1"])
+                yield self.searchPage(request, lambda dn, a: None, [pagedResultsControl(0, cookie)], wait)
+                return attrs.evolve(result, resultCode=4, message="")
+
+    def unbind(self) -> None:
+        """Say goodbye and close (never fails)."""
+        if self.connected:
+            self.transport.write(pureldap.LDAPMessage(pureldap.LDAPUnbindRequest()).toWire())
+            self.transport.loseConnection()
+
+
+def _cancelTimer(result: Any, timer: Any) -> Any:
+    if timer.active():
+        timer.cancel()
+    return result
+
+
+def _verificationErrors() -> tuple:
+    from service_identity import VerificationError
+
+    return (VerificationError,)
+
+
+def describe(reason: BaseException, host: str | None = None) -> str:
+    """One line for a connection-level failure (TLS and name checks spelled out)."""
+    from service_identity import VerificationError
+
+    if isinstance(reason, VerificationError):
+        return (f"the server's certificate is not valid for {host}" if host
+                else "the server's certificate is for another name")
+    if isinstance(reason, StartTLSError):
+        return str(reason)
+    text = clients.describe(reason)
+    if isinstance(reason, SSL.Error) and "certificate verify failed" in text:
+        return "TLS failed: certificate verify failed (not signed by a trusted CA: see --cacert)"
+    return text
+
+
+@defer.inlineCallbacks
+def connect(reactor: Any, url: LDAPURL, starttls: bool = False, cacert: str | None = None,
+            insecure: bool = False, timeout: float = 10.0) -> Any:
+    """
+    Connect to C{url} (LDAPS verified against C{cacert} or the system roots),
+    then StartTLS if asked (verified the same way).  Fires with an L{LDAPConnection}.
+
+    The endpoint is built as every netsvc client builds it (L{clients.streamEndpoint}),
+    which is what ldaptor's C{connectToLDAPEndpoint} does from a string; a C{tls:}
+    endpoint string only takes a folder of trust roots, not a CA file.
+    """
+    if starttls and url.tls:
+        raise ValueError("StartTLS on an ldaps:// connection: choose one")
+    endpoint = clients.streamEndpoint(reactor, url.host, url.port, url.tls, cacert, insecure, timeout)
+    d = endpoints.connectProtocol(endpoint, LDAPConnection(reactor, timeout))
+    d.addTimeout(timeout, reactor)
+    connection = yield d
+    connection.hostname = url.host
+    try:
+        if url.tls:
+            yield connection.awaitHandshake()
+        if starttls:
+            yield connection.startTLS(clientCreator(url.host, cafile=cacert, insecure=insecure))
+    except BaseException:
+        if connection.connected:
+            connection.transport.abortConnection()
+        raise
+    return connection

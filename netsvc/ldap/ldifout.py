@@ -1,0 +1,84 @@
+"""
+Writing LDIF (RFC 2849): entries as C{dn:}/C{attr:} lines, values that are not
+"safe strings" base64-encoded (C{attr:: ...}), lines folded at 76 columns.
+
+    entryLDIF("uid=jo,ou=users,dc=example,dc=com", [("cn", [b"Jo"]), ("jpegPhoto", [b"\\xff..."])])
+    -> b"dn: uid=jo,ou=users,dc=example,dc=com\\ncn: Jo\\njpegPhoto:: /9j/...\\n\\n"
+
+Contract: the output parses back (RFC 2849, and ldaptor's LDIF parser) to exactly
+the DN and values given -- every byte string survives, whatever it holds.  Values
+are bytes (what is on the wire); DNs and attribute names may be str (UTF-8) or bytes.
+
+ldaptor has a writer (C{ldaptor.protocols.ldap.ldif}) but it neither folds long
+lines nor base64-encodes unsafe DNs, so this one is written out here.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Sequence
+
+#: Where OpenLDAP's ldapsearch folds lines too (its default C{ldif-wrap}).
+WIDTH = 76
+
+HEADER = b"version: 1\n\n"
+
+_UNSAFE_FIRST = frozenset(b"\x00\n\r :<")
+_UNSAFE = frozenset(b"\x00\n\r")
+
+
+def isSafe(value: bytes) -> bool:
+    """
+    Whether C{value} may be written as is (an RFC 2849 SAFE-STRING): ASCII, no NUL,
+    CR or LF, not starting with a space, C{:} or C{<}; and (RFC 2849 note 8) not
+    ending with a space, which readers would strip.
+    """
+    if not value:
+        return True
+    if value[0] in _UNSAFE_FIRST or value[-1] == 0x20:
+        return False
+    return value.isascii() and not any(b in _UNSAFE for b in value)
+
+
+def _bytes(text: str | bytes) -> bytes:
+    return text.encode("utf-8") if isinstance(text, str) else text
+
+
+def fold(line: bytes, width: int = WIDTH) -> bytes:
+    """C{line} (no newline) folded: C{width} bytes, then continuation lines of a space and C{width - 1} bytes."""
+    if len(line) <= width:
+        return line + b"\n"
+    parts = [line[:width]]
+    for start in range(width, len(line), width - 1):
+        parts.append(b" " + line[start:start + width - 1])
+    return b"\n".join(parts) + b"\n"
+
+
+def valueLine(name: str | bytes, value: bytes, width: int = WIDTH) -> bytes:
+    """One C{name: value} (or C{name:: base64}) line, folded, with its newline."""
+    name = _bytes(name)
+    value = _bytes(value)
+    if isSafe(value):
+        line = name + b": " + value if value else name + b":"
+    else:
+        line = name + b":: " + base64.b64encode(value)
+    return fold(line, width) if width else line + b"\n"
+
+
+def entryLDIF(dn: str | bytes, attributes: Iterable[tuple[str | bytes, Sequence[bytes]]],
+              width: int = WIDTH) -> bytes:
+    """
+    One entry: its C{dn:} line, one line per value, and the blank line that ends
+    it.  C{width} 0 means no folding (ldapsearch C{-o ldif-wrap=no}).
+    """
+    lines = [valueLine(b"dn", _bytes(dn), width)]
+    for name, values in attributes:
+        lines.extend(valueLine(name, v, width) for v in values)
+    lines.append(b"\n")
+    return b"".join(lines)
+
+
+def manyLDIF(entries: Iterable[tuple[str | bytes, Iterable[tuple[str | bytes, Sequence[bytes]]]]],
+             width: int = WIDTH) -> bytes:
+    """A whole file: C{version: 1} and each entry."""
+    return HEADER + b"".join(entryLDIF(dn, attributes, width) for dn, attributes in entries)

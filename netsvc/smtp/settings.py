@@ -23,24 +23,11 @@ contract the delivery side relies on (see the team's SMTP.md).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from netsvc import endpoints
-from netsvc.config import Duration, Invalid, Limits, Listener, ServiceSettings, Size, field, frozen
-
-try:  # the one user source type (netsvc.auth); until it lands, a users file name
-    from netsvc.auth import UserSource
-except ImportError:  # pragma: no cover - only while netsvc.auth is being written
-    class UserSource(str):  # type: ignore[no-redef]
-        """A users file (C{user:<hash>} lines), relative to the config file's folder."""
-
-        @classmethod
-        def fromConfig(cls, value: object, path: str, walker: Any = None) -> UserSource:
-            if isinstance(value, dict) and set(value) == {"file"}:
-                value = value["file"]
-            if not isinstance(value, str) or not value:
-                raise Invalid(f"expected a users file name, got {value!r}")
-            return cls(value)
+from netsvc.auth import UserSource
+from netsvc.config import Duration, Limits, Listener, ServiceSettings, Size, field, frozen
 
 
 @frozen

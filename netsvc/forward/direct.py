@@ -32,12 +32,10 @@ when the backend answers (or does not).
 
 from __future__ import annotations
 
-import bisect
 import errno
 import os
 import socket
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReadWriteDescriptor
@@ -46,10 +44,7 @@ from zope.interface import implementer
 
 from netsvc.forward import proxyheader
 from netsvc.forward.balance import Backend
-from netsvc.forward.relay import READ_SIZE, RelayBase, address, label
-
-if TYPE_CHECKING:
-    from netsvc.forward.rule import RuleRuntime
+from netsvc.forward.base import READ_SIZE, RelayBase, RuleHandle, address, label
 
 #: One receive buffer for every relay: what is read is sent at once (the rest,
 #: if the other side takes only part, is copied out), so no read allocates.
@@ -140,11 +135,10 @@ class DirectRelay(RelayBase):
     #: Makes the backend sockets (tests give fakes).
     newSocket = staticmethod(socket.socket)
     _candidates: Any = None
-    _lastError = ""
     client: _End
     server: _End | None = None
 
-    def __init__(self, rule: RuleRuntime, addr: Any, guard: Any, host: str) -> None:
+    def __init__(self, rule: RuleHandle, addr: Any, guard: Any, host: str) -> None:
         self.rule = rule
         self.guard = guard
         self.host = host
@@ -174,13 +168,7 @@ class DirectRelay(RelayBase):
     def _tryNext(self) -> None:
         backend = next(self._candidates, None)
         if backend is None:
-            if self.backend is None:
-                self.rule.noBackend()
-                self.rule.metrics.refused("no_backend").value += 1
-                self.reason = "no healthy backend"
-            else:
-                self.rule.metrics.refused("connect_failed").value += 1
-                self.reason = f"no backend reachable (last: {self.backend.label}: {self._lastError})"
+            self._noBackendLeft()
             self._closeAll()
             return
         self.backend = backend
@@ -437,9 +425,6 @@ class DirectRelay(RelayBase):
 
     # -- the guard's and the rule's handles
 
-    def drain(self) -> None:
-        """The daemon stops: connections go on for drain_timeout, then the guard closes them."""
-
     def loseConnection(self) -> None:
         """Close once what was read has been sent (the guard, after drain_timeout)."""
         if self._flows is None:
@@ -488,73 +473,3 @@ def adoptPort(port: Any, factory: Any) -> bool:
     port.transport = _transport
     factory.direct = True
     return True
-
-
-class Deadlines:
-    """
-    The connect deadlines of one rule: every attempt has the rule's timeout, so
-    a FIFO queue is in deadline order and one timer serves them all (a backend
-    with its own C{timeout=} is inserted in order).  Entries whose attempt has
-    ended (connected, failed, closed) are dropped from the front as new ones come.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.queue: deque[tuple[float, DirectRelay, _End]] = deque()
-        self.timer: Any = None
-        self.stopped = False
-
-    @staticmethod
-    def _waiting(entry: tuple[float, DirectRelay, _End]) -> bool:
-        relay = entry[1]
-        return relay.server is entry[2] and not relay.connected and not relay._finished
-
-    def add(self, relay: DirectRelay, timeout: float) -> None:
-        queue = self.queue
-        while queue and not self._waiting(queue[0]):
-            queue.popleft()
-        entry = (self.reactor.seconds() + timeout, relay, relay.server)
-        if queue and entry[0] < queue[-1][0]:
-            keys = [e[0] for e in queue]
-            queue.insert(bisect.bisect(keys, entry[0]), entry)
-            if self.timer is not None and self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-        else:
-            queue.append(entry)
-        if self.timer is None:
-            self._arm(self.reactor.seconds())
-
-    def _arm(self, now: float) -> None:
-        self.timer = self.reactor.callLater(max(0.0, self.queue[0][0] - now), self._expire)
-
-    def _expire(self) -> None:
-        self.timer = None
-        queue = self.queue
-        now = self.reactor.seconds()
-        while queue:
-            entry = queue[0]
-            if self._waiting(entry):
-                if entry[0] > now:
-                    break
-                queue.popleft()
-                entry[1].connectTimedOut()
-            else:
-                queue.popleft()
-        if queue and self.timer is None:  # (a failover may have armed it already)
-            self._arm(now)
-
-    def stop(self) -> None:
-        """The rule is replaced or stopped: its attempts still in flight still time out."""
-        self.stopped = True
-        self.settle()
-
-    def settle(self) -> None:
-        """After a stop, cancel the timer once no attempt is left to time out."""
-        if not self.stopped:
-            return
-        if not any(self._waiting(e) for e in self.queue):
-            self.queue.clear()
-            if self.timer is not None and self.timer.active():
-                self.timer.cancel()
-            self.timer = None

@@ -5,9 +5,10 @@ connection and its L{BackendSide} toward the chosen backend.  Plain TCP rules
 use L{netsvc.forward.direct.DirectRelay}, with the same semantics.
 
 Stream semantics:
-  - Back-pressure both ways: each direction is a L{_Pump}, registered as the
-    streaming producer of the side it writes to; when that side's send buffer
-    passes its bound (L{READ_SIZE}, 256 KiB), the other side stops reading.
+  - Back-pressure both ways: each direction is a L{netsvc.forward.pump.Pump},
+    registered as the streaming producer of the side it writes to; when that
+    side's send buffer passes its bound (L{READ_SIZE}, 256 KiB), the other side
+    stops reading.
     Userland memory per connection stays under 2 x (bound + one read), about
     1 MiB, whatever the speeds (in practice far less).
   - Half-close: an EOF from one side becomes a FIN (C{loseWriteConnection}) on
@@ -24,204 +25,24 @@ Stream semantics:
 
 from __future__ import annotations
 
-import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import error, tcp, unix
-from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
-    IHandshakeListener,
-    INegotiated,
-    IPushProducer,
-)
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, INegotiated
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netsvc.forward import proxyheader
 from netsvc.forward.balance import Backend, why
-from netsvc.logs import wants
-
-if TYPE_CHECKING:
-    from netsvc.forward.rule import RuleRuntime
-
-log = Logger(namespace="netsvc.forward")
+from netsvc.forward.base import READ_SIZE, RelayBase, RuleHandle, address, label, log
+from netsvc.forward.pump import Pump, closeTransport, shutdownNow
 
 #: Accepted plain stream transports whose socket may be written to directly.
 _PLAIN_SERVERS = (tcp.Server, unix.Server)
 
-#: Read size (and send-buffer bound) of plain transports once linked.
-READ_SIZE = 256 * 1024
-
 #: Bytes read from a client before its backend connection is up; beyond, reading pauses.
 PENDING_MAX = 65536
-
-
-@implementer(IPushProducer)
-class _Pump:
-    """
-    One direction's flow control: the producer the writing side sees.  The
-    reading side is paused while any reason holds: the consumer's buffer is
-    full, the bandwidth limit says wait, or the relay holds it (no backend yet).
-    """
-
-    __slots__ = ("source", "consumerPaused", "throttled", "held", "paused", "done", "timer", "drained")
-
-    def __init__(self, source: Any, drained: Any = None) -> None:
-        self.source = source
-        #: Called when the consumer has sent everything it held (Twisted calls
-        #: resumeProducing only then): eager writes may start again.
-        self.drained = drained
-        self.consumerPaused = False
-        self.throttled = False
-        self.held = False
-        self.paused = False
-        self.done = False  # the source's read side has ended: never touch it again
-        self.timer: Any = None
-
-    def update(self) -> None:
-        want = self.consumerPaused or self.throttled or self.held
-        if want is not self.paused and not self.done:
-            self.paused = want
-            if want:
-                self.source.pauseProducing()
-            else:
-                self.source.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        self.consumerPaused = True
-        self.update()
-
-    def resumeProducing(self) -> None:
-        self.consumerPaused = False
-        if self.drained is not None:
-            self.drained()
-        self.update()
-
-    def stopProducing(self) -> None:
-        pass  # the relay closes the other side itself (connectionLost)
-
-    def throttle(self, reactor: Any, delay: float) -> None:
-        if self.timer is not None:
-            return
-        self.throttled = True
-        self.update()
-        self.timer = reactor.callLater(delay, self._unthrottle)
-
-    def _unthrottle(self) -> None:
-        self.timer = None
-        self.throttled = False
-        self.update()
-
-    def cancel(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-
-def _close(transport: Any) -> None:
-    """
-    loseConnection, after unregistering our producer: TLS defers its close_notify
-    until the producer is gone (it would wait forever otherwise).
-    """
-    if getattr(transport, "producer", None) is not None or getattr(transport, "_producer", None) is not None:
-        transport.unregisterProducer()
-    transport.loseConnection()
-
-
-def _shutdownNow(transport: Any, sock: Any) -> bool:
-    """
-    Send our FIN at once when nothing is buffered (C{sock} is the eager-write
-    socket, set only while that holds): Twisted's loseWriteConnection would wait
-    for a writable event first.  False: use loseWriteConnection.
-    """
-    if sock is None:
-        return False
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        return False
-    return True
-
-
-def address(addr: Any) -> tuple[str, int] | None:
-    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
-    return (host, port) if host is not None and port is not None else None
-
-
-def label(addr: tuple[str, int] | None) -> str:
-    if addr is None:
-        return "unix"
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
-class RelayBase:
-    """
-    What both relays (L{Relay}, and L{netsvc.forward.direct.DirectRelay}) share:
-    the idle check of the rule's sweep, and the log events.
-    """
-
-    rule: RuleRuntime
-    guard: Any
-    backend: Backend | None = None
-    linked = False  # the backend connection is up
-    reason: str | None = None
-    source: tuple[str, int] | None = None
-    _finished = False
-
-    def abort(self, reason: str) -> None:
-        raise NotImplementedError
-
-    def _closedAlready(self) -> bool:
-        return self._finished
-
-    def checkIdle(self, now: float) -> None:
-        """Called by the rule's sweep every quarter of the idle timeout."""
-        if self._closedAlready():
-            return
-        timeout = self.rule.settings.idle_timeout
-        if not timeout:
-            return
-        total = self.up + self.down
-        if total != self._lastTotal:
-            self._lastTotal = total
-            self._lastActive = now
-        elif now - self._lastActive >= timeout:
-            self.rule.idleTimeouts.value += 1
-            self.abort(f"idle timeout ({timeout:g}s)")
-
-    def _connectFailedLog(self, backend: Backend, problem: str) -> None:
-        backend.failures.value += 1
-        log.info(
-            "forward {rule}: backend {backend} failed for {client}: {problem}",
-            rule=self.rule.name,
-            backend=backend.label,
-            client=label(self.source),
-            problem=problem,
-            event="connect_failed",
-        )
-
-    def _report(self) -> None:
-        """The connection is over: leave the rule and the guard, log one event."""
-        self._finished = True
-        self.rule.closed(self)
-        self.guard.closed(self)
-        if not wants(LogLevel.info):
-            return  # (building the event costs more than the rest of a short connection's close)
-        duration = self.rule.reactor.seconds() - self.started
-        log.info(
-            "forward {rule}: {client} -> {backend} closed after {duration:.3f}s, "
-            "{bytes_up} bytes up, {bytes_down} down ({reason})",
-            rule=self.rule.name,
-            client=label(self.source),
-            backend=self.backend.label if self.backend and self.linked else "-",
-            duration=duration,
-            bytes_up=self.up,
-            bytes_down=self.down,
-            reason=self.reason or "closed",
-            event="connection_closed",
-        )
 
 
 @implementer(IHalfCloseableProtocol)
@@ -236,7 +57,7 @@ class Relay(RelayBase, Protocol):
     _reader: proxyheader.HeaderReader | None = None
     _headerTimer: Any = None
 
-    def __init__(self, rule: RuleRuntime, addr: Any, acceptProxy: bool, guard: Any, host: str) -> None:
+    def __init__(self, rule: RuleHandle, addr: Any, acceptProxy: bool, guard: Any, host: str) -> None:
         self.rule = rule
         self.guard = guard  # the service's Guard: this relay is one of its connections
         self.host = host
@@ -255,7 +76,6 @@ class Relay(RelayBase, Protocol):
         self._lastActive = 0.0
         self.started = 0.0
         self._candidates: Any = None
-        self._lastError = ""
 
     # -- the client connection
 
@@ -265,7 +85,7 @@ class Relay(RelayBase, Protocol):
         self.clientTLS = INegotiated.providedBy(transport)
         if type(transport) in _PLAIN_SERVERS:
             self._csock = transport.getHandle()  # eager writes (see GuardedProtocol.write)
-        self.upPump = _Pump(transport, self._backendDrained)
+        self.upPump = Pump(transport, self._backendDrained)
         self.guard.opened(self)
         self.rule.opened(self)
         settings = self.rule.settings
@@ -283,9 +103,6 @@ class Relay(RelayBase, Protocol):
     @property
     def _bytesOut(self) -> Any:
         return self.guard.metrics.bytesOut
-
-    def drain(self) -> None:
-        """The daemon stops: connections go on for drain_timeout, then the guard closes them."""
 
     @property
     def destination(self) -> tuple[str, int] | None:
@@ -383,7 +200,7 @@ class Relay(RelayBase, Protocol):
             if self.backendEOF and self._bsock is not None:
                 side.transport.abortConnection()  # nothing left to send or to read: no need to wait
             else:
-                _close(side.transport)
+                closeTransport(side.transport)
         self._maybeFinish()
 
     # -- the backend connection
@@ -398,13 +215,8 @@ class Relay(RelayBase, Protocol):
             return
         backend = next(self._candidates, None)
         if backend is None:
-            if self.backend is None:
-                self.rule.noBackend()
-                self._refuse("no_backend", "no healthy backend")
-            else:
-                self.rule.metrics.refused("connect_failed").value += 1
-                self.reason = f"no backend reachable (last: {self.backend.label}: {self._lastError})"
-                self.transport.abortConnection()
+            self._noBackendLeft()
+            self.transport.abortConnection()
             return
         self.backend = backend
         self.side = side = BackendSide(self, backend)
@@ -451,10 +263,10 @@ class Relay(RelayBase, Protocol):
         backend.connections.value += 1
         transport = side.transport
         if self.clientGone:
-            _close(transport)
+            closeTransport(transport)
             return
         self.backendTLS = side.tls
-        self.downPump = _Pump(transport, self._clientDrained)
+        self.downPump = Pump(transport, self._clientDrained)
         if type(transport) is tcp.Client:
             self._bsock = transport.socket  # eager writes, as GuardedProtocol does toward clients
         # Larger reads for bulk transfers (fewer trips through Python); this is also the
@@ -520,10 +332,10 @@ class Relay(RelayBase, Protocol):
         if self.clientGone:
             return
         if self.clientTLS:
-            _close(self.transport)
+            closeTransport(self.transport)
         else:
             sock, self._csock = self._csock, None
-            if not _shutdownNow(self.transport, sock):
+            if not shutdownNow(self.transport, sock):
                 self.transport.loseWriteConnection()
         if self.clientEOF:
             self._closeBoth()
@@ -543,23 +355,23 @@ class Relay(RelayBase, Protocol):
                 "backend closed" if reason.check(error.ConnectionDone) else f"backend: {why(reason)}"
             )
         if not self.clientGone:
-            _close(self.transport)
+            closeTransport(self.transport)
         self._maybeFinish()
 
     def _shutdownBackendWrite(self) -> None:
         sock, self._bsock = self._bsock, None
         transport = self.side.transport  # type: ignore[union-attr]
         if self.backendTLS:
-            _close(transport)  # close_notify; its answer may still come
-        elif not _shutdownNow(transport, sock):
+            closeTransport(transport)  # close_notify; its answer may still come
+        elif not shutdownNow(transport, sock):
             transport.loseWriteConnection()
 
     # -- closing
 
     def _closeBoth(self) -> None:
-        _close(self.transport)
+        closeTransport(self.transport)
         if self.side is not None and self.side.transport is not None and not self.backendGone:
-            _close(self.side.transport)
+            closeTransport(self.side.transport)
 
     def abort(self, reason: str) -> None:
         """Close both sides now (idle timeout, shutdown)."""

@@ -14,7 +14,9 @@ from twisted.logger import Logger
 
 from netsvc import endpoints
 from netsvc.forward.balance import Backend, HealthChecker, Pool, RuleMetrics
-from netsvc.forward.direct import Deadlines, DirectRelay
+from netsvc.forward.base import RelayBase
+from netsvc.forward.deadlines import Deadlines
+from netsvc.forward.direct import DirectRelay
 from netsvc.forward.relay import Relay
 from netsvc.forward.settings import Rule
 from netsvc.policies import AccessList, Bandwidth
@@ -98,7 +100,7 @@ class RuleRuntime:
             self._lastNoBackendLog = now
             self._noBackendCount = 0
 
-    def opened(self, relay: Relay) -> None:
+    def opened(self, relay: RelayBase) -> None:
         self.connections.add(relay)
         if self._sweep is None and self.settings.idle_timeout and self._running:
             self._sweep = self.reactor.callLater(self._sweepStep(), self._sweepIdle)
@@ -117,18 +119,18 @@ class RuleRuntime:
         if self.connections:
             self._sweep = self.reactor.callLater(self._sweepStep(), self._sweepIdle)
 
-    def closed(self, relay: Relay) -> None:
+    def closed(self, relay: RelayBase) -> None:
         self.connections.discard(relay)
 
     # -- bandwidth
 
-    def takeUp(self, relay: Relay, n: int) -> float:
+    def takeUp(self, relay: RelayBase, n: int) -> float:
         own = relay.__dict__.get("_bwUp")
         if own is None:
             own = relay._bwUp = Bandwidth(self.settings.bandwidth.per_connection, self.reactor)  # type: ignore[attr-defined]
         return max(own.take(n), self._ruleUp.take(n))
 
-    def takeDown(self, relay: Relay, n: int) -> float:
+    def takeDown(self, relay: RelayBase, n: int) -> float:
         own = relay.__dict__.get("_bwDown")
         if own is None:
             own = relay._bwDown = Bandwidth(self.settings.bandwidth.per_connection, self.reactor)  # type: ignore[attr-defined]

@@ -9,7 +9,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from netsvc.forward.direct import Deadlines, DirectRelay
+from netsvc.forward.deadlines import Deadlines
+from netsvc.forward.direct import DirectRelay
 from tests.forward._util import Client, connect, echoBackend, fport, startForwarder
 from tests.forward.test_stream import rule, tcp
 

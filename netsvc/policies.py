@@ -399,8 +399,13 @@ class GuardedProtocol(Protocol):
     def unregisterProducer(self) -> None:
         self.transport.unregisterProducer()
 
+    def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
+        """STARTTLS: what was written so far goes out in clear; later writes through the TLS layer."""
+        self._socket = None  # no more eager writes to the raw socket
+        self.transport.startTLS(contextFactory, normal)
+
     def __getattr__(self, name: str) -> Any:
-        # abortConnection, startTLS, loseWriteConnection, getHandle, pauseProducing ...
+        # abortConnection, loseWriteConnection, getHandle, pauseProducing ...
         return getattr(self.transport, name)
 
     # -- limits

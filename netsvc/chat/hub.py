@@ -5,6 +5,12 @@ WebSocket bridge later), and every room's traffic goes through L{Hub.publish}
 and its L{FanOut}, the one piece a multi-node (Redis pub/sub) version replaces.
 
 Each member is in exactly one room at a time; everyone starts in C{#lobby}.
+
+A distributed fan-out (L{Cluster}: C{netsvc.chat.redis.RedisFanOut}) is also
+told of presence, nicknames, topics and private messages, and answers C{/who},
+C{/rooms}, nickname claims and private messages to remote nicks asynchronously:
+those hub methods then return a Deferred (or deliver an error notice later).
+With L{LocalFanOut} every path is the synchronous one it always was.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 log = Logger()
@@ -98,6 +105,43 @@ class FanOut(Protocol):
         """Deliver C{event} to C{room}'s members (but C{exclude}); the count delivered here."""
 
 
+class Cluster(FanOut, Protocol):
+    """
+    A fan-out whose members are on several nodes (processes or hosts).  The hub
+    does everything locally first (local members never wait for the cluster),
+    then tells it; what needs the other nodes returns a Deferred.
+    """
+
+    distributed: bool  # True
+
+    def attach(self, hub: Hub) -> None:
+        """The hub this fan-out serves (events from other nodes go to its rooms)."""
+
+    def entered(self, member: Member, room: Room) -> bool:
+        """C{member} joined C{room}; True if the cluster will replay topic and history once loaded."""
+
+    def left(self, member: Member, room: Room) -> None:
+        """C{member} left C{room} (C{room.members} may now be empty)."""
+
+    def claimNick(self, member: Member, nick: str) -> defer.Deferred:
+        """Claim C{nick} on every node: fires True (claimed), False (taken), or fails (cluster down)."""
+
+    def renamed(self, member: Member, old: str | None) -> None:
+        """C{member.nick} changed from C{old}: release C{old} and update presence."""
+
+    def privmsg(self, member: Member, nick: str, text: str) -> defer.Deferred:
+        """Send to C{nick} on another node: fires with its spelling, or None if no node has it."""
+
+    def setTopic(self, room: Room, text: str) -> None:
+        """C{room}'s topic changed here."""
+
+    def who(self, room: Room) -> defer.Deferred:
+        """Fires with the display names in C{room} on every node."""
+
+    def roomList(self) -> defer.Deferred:
+        """Fires with (name, members, topic) for every room on every node."""
+
+
 class LocalFanOut:
     """Every member is in this process: deliver directly."""
 
@@ -137,6 +181,10 @@ class Hub:
                  onEvent: Callable[..., None] | None = None,
                  fanOut: FanOut | None = None, presenceLimit: int | None = None) -> None:
         self.fanOut = fanOut or LocalFanOut()
+        #: The fan-out when it spans nodes (None: this process is the whole chat).
+        self.cluster: Cluster | None = fanOut if getattr(fanOut, "distributed", False) else None  # type: ignore
+        #: Nicknames being claimed on the cluster (folded -> member), held here meanwhile.
+        self.claiming: dict[str, Member] = {}
         self.presenceLimit = presenceLimit
         self.historySize = historySize
         self.maxRooms = maxRooms
@@ -145,6 +193,8 @@ class Hub:
         self.rooms: dict[str, Room] = {}  # by folded name
         self.nicks: dict[str, Member] = {}  # by folded nick
         self._room(LOBBY)
+        if self.cluster is not None:
+            self.cluster.attach(self)
 
     # -- the one place room traffic goes through
 
@@ -169,6 +219,8 @@ class Hub:
             self._leave(member, f"{displayName(member)} left ({why})")
         if member.nick is not None and self.nicks.get(member.nick.lower()) is member:
             del self.nicks[member.nick.lower()]
+            if self.cluster is not None:
+                self.cluster.renamed(member, member.nick)
         log.info("chat: {name} disconnected ({why})", name=displayName(member), why=why)
 
     # -- commands
@@ -185,27 +237,70 @@ class Hub:
         room.history.append(event)
         self.publish(room, event)
 
-    def privmsg(self, member: Member, nick: str, text: str) -> None:
+    def privmsg(self, member: Member, nick: str, text: str) -> Any:
         target = self.nicks.get(nick.lower())
+        if target is None and self.cluster is not None and NICK.match(nick):
+            return self._remotePrivmsg(member, nick, text)
         if target is None:
             raise ChatError(f"no such nickname: {nick}")
         target.deliver(Event("private", text, displayName(member), target=target.nick or ""))
         member.deliver(Event("sent", text, displayName(member), target=target.nick or ""))
         self.onEvent("deliveries", count=1)
 
-    def setNick(self, member: Member, nick: str) -> None:
-        """Take C{nick} (unique, case-insensitively); announced to the room."""
+    def setNick(self, member: Member, nick: str) -> Any:
+        """
+        Take C{nick} (unique, case-insensitively); announced to the room.  With a
+        cluster, a nick not already held here is claimed there first: the
+        result (or an error notice) comes later, and a Deferred is returned.
+        """
         if not NICK.match(nick):
             raise ChatError(f"invalid nickname {nick!r}: a letter, then up to 29 letters, digits or _-[]\\^{{}}|`")
         folded = nick.lower()
-        holder = self.nicks.get(folded)
+        holder = self.nicks.get(folded) or self.claiming.get(folded)
         if holder is not None and holder is not member:
             raise ChatError(f"nickname {nick} is taken")
+        if self.cluster is not None and holder is None:
+            return self._claim(member, nick)
+        self._rename(member, nick)
+        return None
+
+    def _claim(self, member: Member, nick: str) -> defer.Deferred:
+        folded = nick.lower()
+        self.claiming[folded] = member
+        assert self.cluster is not None
+        cluster = self.cluster
+
+        def claimed(ok: bool) -> None:
+            del self.claiming[folded]
+            if member.room is None:  # gone meanwhile
+                if ok:
+                    cluster.renamed(_Gone(nick), nick)
+                return
+            if not ok:
+                member.deliver(notice(f"error: nickname {nick} is taken"))
+            elif self.nicks.get(folded, member) is not member:  # cannot happen: claiming holds it
+                cluster.renamed(_Gone(nick), nick)
+                member.deliver(notice(f"error: nickname {nick} is taken"))
+            else:
+                self._rename(member, nick)
+
+        def failed(reason: Any) -> None:
+            self.claiming.pop(folded, None)
+            log.info("chat: cannot claim {nick}: {why}", nick=nick, why=reason.getErrorMessage())
+            if member.room is not None:
+                member.deliver(notice(f"error: cannot claim {nick} now (chat cluster unreachable); try again"))
+
+        return cluster.claimNick(member, nick).addCallbacks(claimed, failed)
+
+    def _rename(self, member: Member, nick: str) -> None:
         old = displayName(member)
-        if member.nick is not None:
-            self.nicks.pop(member.nick.lower(), None)
+        oldNick = member.nick
+        if oldNick is not None:
+            self.nicks.pop(oldNick.lower(), None)
         member.nick = nick
-        self.nicks[folded] = member
+        self.nicks[nick.lower()] = member
+        if self.cluster is not None:
+            self.cluster.renamed(member, oldNick if oldNick is None or oldNick.lower() != nick.lower() else None)
         if member.room is not None:
             self.publish(member.room, notice(f"{old} is now known as {nick}"))
         log.info("chat: {old} is now {nick}", old=old, nick=nick)
@@ -239,14 +334,38 @@ class Hub:
                                   else f"{room.name} has no topic"))
             return
         room.topic = text
+        if self.cluster is not None:
+            self.cluster.setTopic(room, text)
         self.publish(room, notice(f"{displayName(member)} set the topic of {room.name}: {text}"))
 
-    def who(self, member: Member) -> list[str]:
-        return sorted((displayName(m) for m in self._roomOf(member).members), key=str.lower)
+    def who(self, member: Member) -> Any:
+        """The names in C{member}'s room, sorted (a Deferred of them with a cluster)."""
+        room = self._roomOf(member)
+        if self.cluster is not None:
+            return self.cluster.who(room).addCallback(sorted, key=str.lower)
+        return sorted((displayName(m) for m in room.members), key=str.lower)
 
-    def roomList(self) -> list[tuple[str, int, str]]:
+    def roomList(self) -> Any:
+        """(name, members, topic) of every room, sorted (a Deferred of them with a cluster)."""
+        if self.cluster is not None:
+            return self.cluster.roomList().addCallback(sorted, key=lambda r: r[0].lower())
         return sorted(((r.name, len(r.members), r.topic) for r in self.rooms.values()),
                       key=lambda r: r[0].lower())
+
+    def _remotePrivmsg(self, member: Member, nick: str, text: str) -> defer.Deferred:
+        assert self.cluster is not None
+
+        def sent(spelled: str | None) -> None:
+            if spelled is None:
+                member.deliver(notice(f"error: no such nickname: {nick}"))
+                return
+            member.deliver(Event("sent", text, displayName(member), target=spelled))
+            self.onEvent("deliveries", count=1)
+
+        def failed(reason: Any) -> None:
+            member.deliver(notice(f"error: cannot reach {nick} now (chat cluster unreachable)"))
+
+        return self.cluster.privmsg(member, nick, text).addCallbacks(sent, failed)
 
     # -- internals
 
@@ -270,11 +389,17 @@ class Hub:
             self.publish(room, joined)
         else:
             member.deliver(joined)
+        log.info("chat: {name} joined {room}", name=displayName(member), room=room.name)
+        if self.cluster is not None and self.cluster.entered(member, room):
+            return  # topic and history come from the cluster
+        self.replay(member, room)
+
+    def replay(self, member: Member, room: Room) -> None:
+        """Show C{member} the topic and history of C{room} (on joining it)."""
         if room.topic:
             member.deliver(notice(f"topic of {room.name}: {room.topic}"))
         for event in room.history:
             member.deliver(event.replayed())
-        log.info("chat: {name} joined {room}", name=displayName(member), room=room.name)
 
     def _announces(self, room: Room) -> bool:
         return self.presenceLimit is None or len(room.members) <= self.presenceLimit
@@ -286,6 +411,21 @@ class Hub:
         member.room = None
         if self._announces(room):
             self.publish(room, notice(announcement))
+        if self.cluster is not None:
+            self.cluster.left(member, room)
         if not room.members and room.name.lower() != LOBBY:
             del self.rooms[room.name.lower()]
             self.onEvent("rooms", count=len(self.rooms))
+
+
+class _Gone:
+    """Stands for a member that left while its nickname was being claimed (to release it)."""
+
+    room = None
+    address = "?"
+
+    def __init__(self, nick: str) -> None:
+        self.nick = nick
+
+    def deliver(self, event: Event) -> None:
+        pass

@@ -383,12 +383,29 @@ class ChatProtocol(Protocol):
 
     def cmd_who(self, rest: str) -> None:
         room = self.room.name if self.room else LOBBY
-        members = self.hub.who(self)
-        self.deliver(notice(f"{len(members)} in {room}: {', '.join(members)}"))
+
+        def show(members: list[str]) -> None:
+            self.deliver(notice(f"{len(members)} in {room}: {', '.join(members)}"))
+
+        self._answer(self.hub.who(self), show)
 
     def cmd_rooms(self, rest: str) -> None:
-        for name, count, topic in self.hub.roomList():
-            self.deliver(notice(f"{name} ({count})" + (f": {topic}" if topic else "")))
+        def show(rooms: list[tuple[str, int, str]]) -> None:
+            for name, count, topic in rooms:
+                self.deliver(notice(f"{name} ({count})" + (f": {topic}" if topic else "")))
+
+        self._answer(self.hub.roomList(), show)
+
+    def _answer(self, result: Any, show: Callable[[Any], None]) -> None:
+        """Show a hub answer now, or when it comes (a Deferred, when the hub asks other nodes)."""
+        if not isinstance(result, defer.Deferred):
+            show(result)
+            return
+
+        def failed(reason: Any) -> None:
+            self.deliver(notice(f"error: {reason.getErrorMessage()} (chat cluster unreachable?)"))
+
+        result.addCallbacks(show, failed)
 
     def cmd_help(self, rest: str) -> None:
         for line in HELP:

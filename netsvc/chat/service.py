@@ -34,6 +34,30 @@ class AuthSettings:
 
 
 @frozen
+class FanOutSettings:
+    """C{fanout:}: share rooms with other processes and hosts through Redis (see netsvc.chat.redis)."""
+
+    #: Client endpoint of the Redis server, e.g. tcp:host=127.0.0.1:port=6379 (or tls:, unix:).
+    redis: str = field()
+    #: Key and channel prefix: several chats may share one Redis.
+    prefix: str = field("netsvc:chat:")
+    #: How long a dead node keeps its nicknames and presence.
+    nick_ttl: Duration = field(Duration(30), min=3, max=3600)
+    #: How long one Redis command may take.
+    timeout: Duration = field(Duration(5), min=0.1, max=300)
+
+    def check(self) -> list[tuple[str, str]]:
+        from netsvc.endpoints import EndpointError, parseClient
+
+        try:
+            if parseClient(self.redis).kind == "udp":
+                return [("redis", "Redis is reached over a stream: tcp:, tls: or unix:")]
+        except EndpointError as e:
+            return [("redis", str(e))]
+        return []
+
+
+@frozen
 class Settings(ServiceSettings):
     listen: list[ChatListener] = field(factory=lambda: [ChatListener(endpoint="tcp:4041:interface=127.0.0.1")])
     #: max_message bounds a line; rate/burst are messages per second per client (flood control).
@@ -51,6 +75,8 @@ class Settings(ServiceSettings):
     flood_strikes: int = field(3, min=1)
     flood_window: Duration = field(Duration(30), min=1)
     auth: AuthSettings = field(factory=AuthSettings)
+    #: Rooms shared through Redis; needed with workers > 1.  None: this process is the whole chat.
+    fanout: FanOutSettings | None = field(None)
 
 
 def makeService(settings: Settings, context: Any) -> IService:
@@ -63,8 +89,11 @@ def makeService(settings: Settings, context: Any) -> IService:
                                         f"cannot read {path}")])
         authority = PasswordFile(path)
     metrics = ChatMetrics(context.metrics)
+    fanOut = _redisFanOut(settings, context) if settings.fanout is not None else None
     hub = Hub(settings.history, settings.max_rooms, authority, onEvent=metrics.onHubEvent,
-              presenceLimit=settings.presence_limit)
+              presenceLimit=settings.presence_limit, fanOut=fanOut)
+    if fanOut is not None:
+        fanOut.setServiceParent(svc)
     limits = ChatLimits(
         maxLine=settings.limits.max_message, maxOutput=settings.max_output,
         rate=settings.limits.rate, burst=float(settings.limits.burst or max(1, int(settings.limits.rate))),
@@ -76,3 +105,15 @@ def makeService(settings: Settings, context: Any) -> IService:
     svc.hub = hub
     svc.shared = shared  # for the browser chat (netsvc.chat.web)
     return svc
+
+
+def _redisFanOut(settings: Settings, context: Any) -> Any:
+    from netsvc.chat.redis import RedisFanOut, RedisMetrics
+    from netsvc.endpoints import clientFromString, parseClient
+
+    fanout = settings.fanout
+    assert fanout is not None
+    spec = parseClient(fanout.redis)
+    return RedisFanOut(clientFromString(context.reactor, spec, timeout=fanout.timeout), str(spec),
+                       RedisMetrics(context.metrics), context.reactor, prefix=fanout.prefix,
+                       nickTTL=fanout.nick_ttl, timeout=fanout.timeout, historySize=settings.history)

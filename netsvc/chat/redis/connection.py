@@ -1,0 +1,142 @@
+"""
+The two Redis connections a node keeps (Redis needs a connection of its own
+for subscriptions): one for commands, one for pub/sub.
+
+Both are txredisapi factories connected with C{factory.startConnecting(endpoint)}
+(its C{ClientService} reconnects with exponential backoff).  What txredisapi
+leaves to us, done here: telling the owner when each connection is up or lost
+(it re-subscribes and re-registers on every reconnection), and failing
+commands at once while Redis is unreachable -- txredisapi would queue them
+forever -- and after C{timeout} seconds without a reply.
+
+The owner implements C{commandsUp(protocol)}, C{subscriberUp(protocol)},
+C{connectionLost(which, reason)} and C{messageReceived(channel, message)}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer
+
+
+class _CommandProtocol(txredisapi.RedisProtocol):
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()  # synchronous: no password, no dbid
+        self.factory.owner._commandsUp(self)
+        return d
+
+    def connectionLost(self, why: Any) -> None:
+        super().connectionLost(why)
+        self.factory.owner._lost(self, "commands", why)
+
+
+class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()
+        self.factory.owner._subscriberUp(self)
+        return d
+
+    def connectionLost(self, why: Any) -> None:
+        super().connectionLost(why)
+        self.factory.owner._lost(self, "subscriber", why)
+
+    def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
+        self.factory.owner.owner.messageReceived(channel, message)
+
+
+class RedisUnreachable(Exception):
+    """Redis is not connected now (the connection is being re-established)."""
+
+    def __str__(self) -> str:
+        return "Redis unreachable"
+
+
+class Connections:
+    """
+    The command and pub/sub connections to one Redis endpoint.
+
+    @param endpoint: an L{IStreamClientEndpoint} (from C{netsvc.endpoints.clientFromString}).
+    @param timeout: seconds a command may wait for its reply.
+    @param backoff: (first, max) seconds between reconnection attempts.
+    """
+
+    def __init__(self, owner: Any, endpoint: Any, timeout: float, backoff: tuple[float, float] = (0.5, 10.0)) -> None:
+        self.owner = owner
+        self.endpoint = endpoint
+        self.commands: _CommandProtocol | None = None
+        self.subscriber: _SubscriberProtocol | None = None
+        self.channels: set[str] = set()  # subscribed on the current subscriber connection
+        self._commandFactory = txredisapi.RedisFactory(None, None, 1, isLazy=True, replyTimeout=timeout)
+        self._commandFactory.protocol = _CommandProtocol
+        self._subscriberFactory = txredisapi.SubscriberFactory(isLazy=True)
+        self._subscriberFactory.protocol = _SubscriberProtocol
+        for factory in (self._commandFactory, self._subscriberFactory):
+            factory.owner = self
+            factory.initialDelay, factory.maxDelay = backoff
+
+    @property
+    def up(self) -> bool:
+        return self.commands is not None and self.subscriber is not None
+
+    def start(self) -> None:
+        self._commandFactory.startConnecting(self.endpoint)
+        self._subscriberFactory.startConnecting(self.endpoint)
+
+    def stop(self) -> defer.Deferred:
+        return defer.gatherResults([self._commandFactory.disconnect(), self._subscriberFactory.disconnect()],
+                                   consumeErrors=True)
+
+    # -- commands
+
+    def eval(self, script: str, keys: list[str], args: list[Any]) -> defer.Deferred:
+        """Run a Lua script (by its SHA after the first time); fails at once while Redis is down."""
+        if self.commands is None:
+            return defer.fail(RedisUnreachable())
+        return self.commands.eval(script, keys, args)
+
+    def execute(self, *command: Any) -> defer.Deferred:
+        if self.commands is None:
+            return defer.fail(RedisUnreachable())
+        return self.commands.execute_command(*command)
+
+    # -- subscriptions
+
+    def subscribe(self, channel: str) -> None:
+        if channel in self.channels:
+            return
+        self.channels.add(channel)
+        if self.subscriber is not None:
+            self.subscriber.subscribe(channel).addErrback(lambda f: None)  # a lost connection re-subscribes
+
+    def unsubscribe(self, channel: str) -> None:
+        if channel not in self.channels:
+            return
+        self.channels.discard(channel)
+        if self.subscriber is not None:
+            self.subscriber.unsubscribe(channel).addErrback(lambda f: None)
+
+    # -- connection events
+
+    def _commandsUp(self, protocol: _CommandProtocol) -> None:
+        self.commands = protocol
+        if self.up:
+            self.owner.connected()
+
+    def _subscriberUp(self, protocol: _SubscriberProtocol) -> None:
+        self.subscriber = protocol
+        if self.channels:
+            protocol.subscribe(sorted(self.channels)).addErrback(lambda f: None)
+        if self.up:
+            self.owner.connected()
+
+    def _lost(self, protocol: Any, which: str, why: Any) -> None:
+        wasUp = self.up
+        if which == "commands" and self.commands is protocol:
+            self.commands = None
+        elif which == "subscriber" and self.subscriber is protocol:
+            self.subscriber = None
+        else:
+            return
+        self.owner.disconnected(which, why, wasUp)

@@ -5,12 +5,15 @@ The C{netsvc} command: one subcommand per protocol client, plus check-config.
     netsvc check-config FILE ...
 
 Each client module provides C{addParser(subparsers)} (setting C{run} as the
-parser's default: C{run(reactor, args) -> Deferred[int] | int}).
+parser's default: C{run(reactor, args) -> Deferred[int] | int}).  Every command
+ends with the same exit statuses (L{netsvc.clients.EXIT_STATUS_HELP}); help
+texts are shown without epydoc markup (L{plain}).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -43,25 +46,84 @@ def checkConfig(reactor: Any, args: argparse.Namespace) -> int:
     return status
 
 
+_MARKUP = re.compile(r"\b[CLIBU]\{")
+
+
+def plain(text: str | None) -> str | None:
+    """Help text without epydoc markup: C{netsvc echo} -> netsvc echo (braces inside kept)."""
+    if not text:
+        return text
+    out, pos = [], 0
+    for m in _MARKUP.finditer(text):
+        if m.start() < pos:
+            continue
+        depth, end = 1, m.end()
+        while end < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        if depth:  # unbalanced: leave the rest alone
+            break
+        out += [text[pos:m.start()], text[m.end():end - 1]]
+        pos = end
+    return "".join(out) + text[pos:]
+
+
+def _version() -> str:
+    import platform
+
+    import twisted
+    from netsvc import __version__
+
+    return f"netsvc {__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"
+
+
 def parser() -> argparse.ArgumentParser:
     import importlib
 
-    top = argparse.ArgumentParser(prog="netsvc", description="Clients for the netsvc services.")
-    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    check = sub.add_parser("check-config", help="validate configuration files")
-    check.add_argument("files", nargs="+", metavar="FILE")
+    from netsvc.clients import EXIT_STATUS_HELP
+
+    top = argparse.ArgumentParser(
+        prog="netsvc", description="Clients for the netsvc services, and a configuration checker.",
+        epilog=f"Run 'netsvc COMMAND --help' for a command's options.\n{EXIT_STATUS_HELP}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
+    check = sub.add_parser(
+        "check-config", help="validate configuration files (what the daemon would refuse)",
+        description="Validate netsvc configuration files without starting anything: every problem the "
+                    "daemon would refuse before binding (unknown keys, bad values, missing files, unreadable "
+                    "certificates) is printed as FILE: KEY: REASON, all of them in one run.",
+        epilog="Exit status: 0 when every file is OK, 1 when one has a problem, 2 on bad usage.")
+    check.add_argument("files", nargs="+", metavar="FILE", help="a YAML configuration file (e.g. etc/netsvc.yaml)")
     check.set_defaults(run=checkConfig)
     top.commands = {"check-config": check}  # type: ignore[attr-defined]
     for module in CLIENTS:
         client = importlib.import_module(module).addParser(sub)
         top.commands[client.prog.split()[-1]] = client  # type: ignore[attr-defined]
+    _plainHelp(top)
     return top
+
+
+def _plainHelp(p: argparse.ArgumentParser) -> None:
+    """Strip epydoc markup from every description, epilog and help text, subcommands included."""
+    p.description = plain(p.description)
+    p.epilog = plain(p.epilog)
+    for action in p._actions:
+        action.help = plain(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = plain(choice.help)
+            for child in set(action.choices.values()):
+                _plainHelp(child)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the C{netsvc} console script; exits with the command's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     top = parser()
+    if not argv:  # the command list, as `git` alone prints it
+        top.print_help(sys.stderr)
+        sys.exit(2)
     command = top.commands.get(argv[0]) if argv else None  # type: ignore[attr-defined]
     # Options may come after the messages (netsvc echo HOST:PORT hello --udp).
     # (argparse cannot intermix a command that has subcommands: netsvc mail send ...)
@@ -72,9 +134,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import defer, task
 
     def run(reactor: Any) -> defer.Deferred:
-        return defer.maybeDeferred(args.run, reactor, args).addCallback(_exitWith)
+        return defer.maybeDeferred(args.run, reactor, args).addErrback(_unexpected, argv[0]) \
+            .addCallback(_exitWith)
 
     task.react(run)
+
+
+def _unexpected(failure: Any, command: str) -> int:
+    """A bug, not a user's mistake: one line (the traceback with NETSVC_TRACEBACK=1), status 1."""
+    import os
+
+    if failure.check(SystemExit):
+        return failure.value.code
+    if os.environ.get("NETSVC_TRACEBACK"):
+        failure.printTraceback(sys.stderr)
+    sys.stderr.write(f"netsvc {command}: unexpected error: {failure.type.__name__}: {failure.getErrorMessage()} "
+                     "(NETSVC_TRACEBACK=1 shows where)\n")
+    return 1
 
 
 def _exitWith(status: int) -> None:

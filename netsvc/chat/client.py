@@ -100,18 +100,18 @@ def chat(reactor: Any, args: argparse.Namespace, stdin: Any = None, out: Any = N
 
     if isinstance(reason, ConnectionDone) or reason is None:
         return 0
-    sys.stderr.write(f"netsvc chat: {args.address}: {clients.describe(reason)}\n")
-    return 1
+    raise reason
 
 
 def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
     status = clients.checkArguments("chat", args, 4041)
     if status is not None:
         return defer.succeed(status)
+    what = clients.target(args.host, args.port, "tls" if args.tls else "tcp")
+    hint = clients.TLSHint(args.host, args.cacert) if args.tls else None
 
     def failed(f: Any) -> int:
-        sys.stderr.write(f"netsvc chat: {args.address}: {clients.describe(f.value, args.timeout)}\n")
-        return 1
+        return clients.fail("chat", what, clients.describe(f.value, args.timeout, hint))
 
     return chat(reactor, args).addErrback(failed)
 
@@ -120,11 +120,11 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat in a netsvc chat room",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("address", metavar="HOST:PORT", help="the server (default port 4041)")
-    p.add_argument("--nick", help="nickname to take on arrival")
-    p.add_argument("--room", help="room to join on arrival (e.g. '#dev')")
+    p.add_argument("--nick", metavar="NAME", help="nickname to take on arrival")
+    p.add_argument("--room", metavar="ROOM", help="room to join on arrival (e.g. '#dev')")
     p.add_argument("--framing", choices=sorted(FRAMING), default="line",
                    help="line (default) or nul (the books' protocol)")
-    p.add_argument("--grace", type=float, default=1.0,
+    p.add_argument("--grace", type=float, default=1.0, metavar="SECONDS",
                    help="seconds to keep listening after the end of input (default 1)")
     clients.addConnectionOptions(p)
     p.set_defaults(run=run)

@@ -4,11 +4,13 @@ C{netsvc dns query NAME [TYPE] [@SERVER[:PORT]] [--tcp | --tls] [-x ADDRESS]}
 Asks one server one question and prints the answer the way dig does: header,
 question, answer, authority and additional sections with TTLs, the rcode, the
 query time.  Over UDP a truncated (TC) answer is asked again over TCP.  The
-server defaults to the first nameserver of /etc/resolv.conf.
+server defaults to the first nameserver of /etc/resolv.conf; a server given by
+name (@localhost) is resolved and each of its addresses tried in turn, as dig
+does.
 
-Exit status: 0 for an answer (NOERROR, even with no records), 1 for NXDOMAIN,
-SERVFAIL, REFUSED and other error rcodes, 2 for bad usage, 9 when no answer
-came (timeouts, refused connections), as dig says "no servers could be reached".
+Exit status: 0 for an answer (NOERROR, even with no records); 1 for an error
+rcode (NXDOMAIN, SERVFAIL, REFUSED...) or when no answer came (timeout,
+connection refused, TLS); 2 for bad usage -- the table of every netsvc command.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from netsvc import clients
 from netsvc.dns import wire
 from netsvc.dns.upstream import parseURL, systemUpstreams
 
-EXIT_ANSWER, EXIT_RCODE, EXIT_USAGE, EXIT_NO_REPLY = 0, 1, 2, 9
+#: The table every netsvc client uses (netsvc.clients): no reply is a failure like an error rcode.
+EXIT_ANSWER, EXIT_RCODE, EXIT_USAGE, EXIT_NO_REPLY = clients.EXIT_OK, clients.EXIT_FAILURE, clients.EXIT_USAGE, \
+    clients.EXIT_FAILURE
 
 
 def encodeName(name: str) -> bytes:
@@ -99,7 +103,7 @@ class _UDPQuery(DatagramProtocol):
 
     def connectionRefused(self) -> None:
         if not self.done.called:
-            if self.timer.active():
+            if self.timer is not None and self.timer.active():
                 self.timer.cancel()
             self.done.errback(error.ConnectionRefusedError("port unreachable"))
 
@@ -163,7 +167,56 @@ def parseServer(text: str, defaultPort: int) -> tuple[str, int]:
 
 
 def defaultServer() -> str:
-    return parseURL(systemUpstreams()[0])["host"]
+    host = parseURL(systemUpstreams()[0])["host"]
+    return f"[{host}]" if ":" in host else host
+
+
+class _Addresses:
+    """An IResolutionReceiver collecting a host name's addresses (IPv4 and IPv6), in order."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.done: defer.Deferred = defer.Deferred()
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        if address.host not in self.addresses:
+            self.addresses.append(address.host)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.addresses)
+
+
+def serverAddresses(reactor: Any, host: str) -> defer.Deferred:
+    """
+    The addresses to try for C{@host}: the address itself, or every address a
+    host name resolves to (like dig).  Fails with DNSLookupError when there is none.
+    """
+    if _isAddress(host):
+        return defer.succeed([host])
+    from twisted.internet.interfaces import IResolutionReceiver
+    from zope.interface import directlyProvides
+
+    receiver = _Addresses()
+    directlyProvides(receiver, IResolutionReceiver)
+    reactor.nameResolver.resolveHostName(receiver, host, 0)
+
+    def check(addresses: list[str]) -> list[str]:
+        if not addresses:
+            raise error.DNSLookupError(host)
+        return addresses
+
+    return receiver.done.addCallback(check)
+
+
+def _isAddress(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def format(message: dns.message.Message, server: str, port: int, transport: str, elapsed: float,
@@ -223,22 +276,35 @@ def query(reactor: Any, args: argparse.Namespace, out: Any = None) -> Any:
         name = ipaddress.ip_address(args.reverse).reverse_pointer
         qtype = "PTR"
     transport = "tls" if args.tls else ("tcp" if args.tcp else "udp")
-    host, port = parseServer(args.server or defaultServer(), 853 if args.tls else 53)
-    tlsCreator = None
+    server, port = parseServer(args.server or defaultServer(), 853 if args.tls else 53)
+    tlsCreator = hint = None
     if args.tls:
         from netsvc.tls import clientCreator
 
-        tlsCreator = clientCreator(args.tls_name or host, cafile=args.cacert, insecure=args.insecure,
+        tlsName = args.tls_name or server
+        tlsCreator = clientCreator(tlsName, cafile=args.cacert, insecure=args.insecure,
                                    acceptableProtocols=[b"dot"])
+        hint = clients.TLSHint(tlsName, args.cacert)
+    try:
+        addresses = yield serverAddresses(reactor, server)
+    except error.DNSLookupError:
+        return clients.fail("dns", f"@{server}", "cannot resolve host name")
     qid, data = buildQuery(name, dns.rdatatype.from_text(qtype), not args.norecurse)
-    started = time.perf_counter()
-    answer = yield exchange(reactor, host, port, data, qid, transport, args.timeout, tlsCreator)
+    for host in addresses:
+        started = time.perf_counter()
+        try:
+            answer = yield exchange(reactor, host, port, data, qid, transport, args.timeout, tlsCreator)
+        except Exception as e:  # each address in turn, as dig does; every failure said
+            clients.fail("dns", clients.target(host, port, transport), clients.describe(e, args.timeout, hint))
+            continue
+        break
+    else:
+        return EXIT_NO_REPLY
     elapsed = time.perf_counter() - started
     try:
         message = dns.message.from_wire(answer)
     except dns.exception.DNSException as e:
-        sys.stderr.write(f"netsvc dns: malformed answer from {host}#{port}: {e}\n")
-        return EXIT_NO_REPLY
+        return clients.fail("dns", clients.target(host, port, transport), f"malformed answer: {e}")
     if args.short:
         for line in shortLines(message):
             out.write(line + "\n")
@@ -248,12 +314,18 @@ def query(reactor: Any, args: argparse.Namespace, out: Any = None) -> Any:
     rcode = message.rcode()
     if rcode != dns.rcode.NOERROR:
         if args.short:
-            sys.stderr.write(f"netsvc dns: {name}: {dns.rcode.to_text(rcode)}\n")
+            clients.fail("dns", f"{name} {qtype}", dns.rcode.to_text(rcode))
         return EXIT_RCODE
     return EXIT_ANSWER
 
 
+def _usage(message: str) -> defer.Deferred:
+    return defer.succeed(clients.fail("dns", "", message, EXIT_USAGE))
+
+
 def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
+    if args.action != "query":
+        return _usage(f"unknown action {args.action!r}: netsvc dns query NAME [TYPE] [@SERVER[:PORT]]")
     # dig style: NAME, TYPE and @SERVER in any order.
     positional = list(args.words)
     args.server = None
@@ -267,37 +339,32 @@ def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
         elif _isType(word):
             args.qtype = word.upper()
         elif args.name is not None:
-            sys.stderr.write(f"netsvc dns: unexpected argument {word!r}\n")
-            return defer.succeed(EXIT_USAGE)
+            return _usage(f"unexpected argument {word!r}")
     if args.name is None and not args.reverse:
-        sys.stderr.write("netsvc dns query: give a NAME (or -x ADDRESS)\n")
-        return defer.succeed(EXIT_USAGE)
+        return _usage("give a NAME (or -x ADDRESS): netsvc dns query NAME [TYPE] [@SERVER[:PORT]]")
     if args.reverse:
         try:
             ipaddress.ip_address(args.reverse)
         except ValueError:
-            sys.stderr.write(f"netsvc dns: -x needs an IP address, got {args.reverse!r}\n")
-            return defer.succeed(EXIT_USAGE)
+            return _usage(f"-x needs an IP address, got {args.reverse!r}")
     if args.tcp and args.tls:
-        sys.stderr.write("netsvc dns: --tcp or --tls, not both\n")
-        return defer.succeed(EXIT_USAGE)
+        return _usage("--tcp or --tls, not both")
+    if (args.cacert or args.insecure or args.tls_name) and not args.tls:
+        return _usage("--cacert, --insecure and --tls-name go with --tls")
     try:
         if args.server:
             parseServer(args.server, 53)
         if args.name:
             encodeName(args.name)
     except ValueError as e:
-        sys.stderr.write(f"netsvc dns: {e}\n")
-        return defer.succeed(EXIT_USAGE)
+        return _usage(str(e))
+    status = clients.checkCAFile("dns", args.cacert)
+    if status is not None:
+        return defer.succeed(status)
     d = query(reactor, args)
 
     def failed(f: Any) -> int:
-        reason = f.value
-        if isinstance(reason, (defer.CancelledError, defer.TimeoutError, error.TimeoutError)):
-            reason = f"timed out after {args.timeout:g}s"
-        sys.stderr.write(f";; communications error: {reason or type(reason).__name__}\n"
-                         ";; no servers could be reached\n")
-        return EXIT_NO_REPLY
+        return clients.fail("dns", f"@{args.server or defaultServer()}", clients.describe(f.value, args.timeout))
 
     return d.addErrback(failed)
 
@@ -315,17 +382,20 @@ def _isType(word: str) -> bool:
 def addParser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("dns", help="ask a DNS server one question (dig-like)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["query"], help="what to do: query")
-    p.add_argument("words", nargs="*", metavar="NAME [TYPE] [@SERVER[:PORT]]")
+    p.add_argument("action", metavar="query", help="what to do (query is the one action)")
+    p.add_argument("words", nargs="*", metavar="NAME [TYPE] [@SERVER[:PORT]]",
+                   help="in any order, as with dig: the name, the record type (default A), the server "
+                        "(default: /etc/resolv.conf's first; a host name is resolved, each address tried)")
     p.add_argument("-x", dest="reverse", metavar="ADDRESS", help="reverse lookup (PTR) of an address")
     p.add_argument("--tcp", action="store_true", help="over TCP")
     p.add_argument("--tls", action="store_true",
                    help="over TLS (DNS over TLS, port 853; certificate verified)")
     p.add_argument("--tls-name", metavar="NAME", help="the name to verify the TLS certificate against")
     p.add_argument("--cacert", metavar="FILE", help="trust the CA certificate(s) in FILE")
-    p.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
+    p.add_argument("-k", "--insecure", action="store_true", help="do not verify the TLS certificate")
     p.add_argument("--short", action="store_true", help="only the answer's values (dig +short)")
     p.add_argument("--norecurse", action="store_true", help="do not ask for recursion (RD=0)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds to wait for an answer from each address (default 5)")
     p.set_defaults(run=run)
     return p

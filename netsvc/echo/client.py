@@ -8,7 +8,7 @@ C{netsvc echo}: send messages to an echo server and check they come back.
     netsvc echo localhost:7007 --count 10000 --concurrency 50   # load: round trips/s, p50/p99
 
 Exit status: 0 when every echo matched, 1 on a mismatch, timeout or connection
-failure, 2 on bad usage.
+failure (one line: netsvc echo: localhost:7 (tcp): connection refused), 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class EchoClient(protocol.Protocol):
             d.callback(got)
 
     def connectionLost(self, reason: Any) -> None:
-        if reason.check(SSL.Error):
-            self._closed = error.ConnectionClosed(clients.describe(reason.value))
+        if reason.check(SSL.Error) or type(reason.value).__name__ == "VerificationError":
+            self._closed = reason.value  # the caller words it (with its TLS hint)
         else:
             self._closed = error.ConnectionClosed(
                 f"connection closed with {self._count} of {self._expected} bytes back")
@@ -94,12 +94,15 @@ class DatagramEchoClient(protocol.DatagramProtocol):
         return self._waiting
 
     def _send(self, retriesLeft: int) -> None:
-        self.transport.write(self._data)
         self._timer = self.reactor.callLater(
             self.timeout / (self.retries + 1), self._expire, retriesLeft)
+        self.transport.write(self._data)  # may call connectionRefused at once
 
     def _expire(self, retriesLeft: int) -> None:
         if self._waiting is None:
+            return
+        if self.transport is None:  # the port was closed under us (an ICMP error)
+            self.connectionRefused()
             return
         if retriesLeft:
             self._send(retriesLeft - 1)
@@ -114,6 +117,11 @@ class DatagramEchoClient(protocol.DatagramProtocol):
             self._timer.cancel()
         d, self._waiting = self._waiting, None
         d.callback(data)
+
+    def stopProtocol(self) -> None:
+        # An ICMP "port unreachable" on a connected UDP socket can make the reactor close
+        # the port (EPOLLERR) instead of calling connectionRefused: the same answer.
+        self.connectionRefused()
 
     def connectionRefused(self) -> None:
         if self._waiting is not None:
@@ -255,13 +263,17 @@ def _pct(sorted_: list[float], q: float) -> float:
 
 def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
     status = clients.checkArguments("echo", args, 7)
+    if status is None and args.udp and args.tls:
+        status = clients.fail("echo", "", "--udp or --tls, not both", clients.EXIT_USAGE)
     if status is not None:
         return defer.succeed(status)
     d = load(reactor, args) if args.count else sendMessages(reactor, args)
+    transport = "udp" if args.udp else ("tls" if args.tls else "tcp")
+    hint = clients.TLSHint(args.host, args.cacert) if args.tls else None
 
     def failed(f: Any) -> int:
-        sys.stderr.write(f"netsvc echo: {args.address}: {clients.describe(f.value, args.timeout)}\n")
-        return 1
+        return clients.fail("echo", clients.target(args.host, args.port, transport),
+                            clients.describe(f.value, args.timeout, hint))
 
     return d.addErrback(failed)
 
@@ -269,13 +281,13 @@ def run(reactor: Any, args: argparse.Namespace) -> defer.Deferred:
 def addParser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("echo", help="send messages to an echo server, check the echoes",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("address", metavar="HOST:PORT", help="the server ([v6addr]:port for IPv6)")
+    p.add_argument("address", metavar="HOST:PORT", help="the server ([v6addr]:port for IPv6; default port 7)")
     p.add_argument("messages", nargs="*", metavar="MESSAGE",
                    help="messages to send (default: each line of standard input)")
     p.add_argument("--udp", action="store_true", help="one datagram per message")
     clients.addConnectionOptions(p)
     p.add_argument("--count", type=int, default=0, metavar="N", help="load mode: N round trips")
     p.add_argument("--concurrency", type=int, default=1, metavar="C", help="load mode: C connections")
-    p.add_argument("--size", type=int, default=32, help="load mode: message size (default 32)")
+    p.add_argument("--size", type=int, default=32, metavar="BYTES", help="load mode: message size (default 32)")
     p.set_defaults(run=run)
     return p

@@ -121,12 +121,13 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         settings = attrs.evolve(settings, base_dir=os.getcwd())
         daemon = buildDaemon(settings, reactor, configFile="command line")
         observer = logs.observerFor(structure(LogSettings, data["log"]), sys.stderr)
-        globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
         daemon.privilegedStartService()
     except ConfigError as e:
-        for line in str(e).replace("services.forward.rules[0].", "").splitlines():
+        for line in str(e).replace("command line: ", "").replace("services.forward.rules[0].", "").splitlines():
             sys.stderr.write(f"netsvc forward: {line}\n")
         return defer.succeed(1 if "cannot listen" in str(e) else 2)
+    # Logging starts once listening works: a refused start is one line, not Twisted's "Main loop terminated".
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     daemon.startService()
     svc = daemon.getServiceNamed("forward")
     for listener in daemon.listeners:
@@ -157,29 +158,46 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("listen", metavar="LISTEN", help="endpoint string, PORT (loopback) or ADDR:PORT")
     p.add_argument("connect", nargs="+", metavar="CONNECT", help="backend endpoint string or HOST:PORT")
     p.add_argument("--name", default="cli", help="rule name in logs and metrics (default cli)")
-    p.add_argument("--balance", default="roundrobin", choices=["roundrobin", "first", "leastconn", "random"])
-    p.add_argument("--connect-timeout", dest="connect_timeout", metavar="DURATION")
-    p.add_argument("--idle-timeout", dest="idle_timeout", metavar="DURATION", help="0: never")
-    p.add_argument("--max-connections", dest="max_connections", type=int, metavar="N")
-    p.add_argument("--allow", action="append", default=[], metavar="CIDR")
-    p.add_argument("--deny", action="append", default=[], metavar="CIDR")
+    p.add_argument("--balance", default="roundrobin", choices=["roundrobin", "first", "leastconn", "random"],
+                   help="how backends are chosen (default roundrobin); a failed connect tries the next")
+    p.add_argument("--connect-timeout", dest="connect_timeout", metavar="DURATION",
+                   help="give up on a backend after this long (default 5s)")
+    p.add_argument("--idle-timeout", dest="idle_timeout", metavar="DURATION",
+                   help="close a connection with no traffic either way for this long (default 10m; 0: never)")
+    p.add_argument("--max-connections", dest="max_connections", type=int, metavar="N",
+                   help="open connections at most (more are closed at once)")
+    p.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                   help="accept only these clients (repeatable; default everyone)")
+    p.add_argument("--deny", action="append", default=[], metavar="CIDR",
+                   help="refuse these clients (repeatable; deny wins over allow)")
     p.add_argument("--bandwidth", metavar="SIZE", help="bytes/s per connection and direction (e.g. 1MiB)")
     p.add_argument("--rule-bandwidth", dest="rule_bandwidth", metavar="SIZE", help="bytes/s for the rule")
-    p.add_argument("--send-proxy", dest="send_proxy", choices=["v1", "v2"])
-    p.add_argument("--accept-proxy", dest="accept_proxy", action="store_true")
-    p.add_argument("--health-interval", dest="health_interval", metavar="DURATION")
-    p.add_argument("--health-timeout", dest="health_timeout", metavar="DURATION")
-    p.add_argument("--health-fall", dest="health_fall", type=int, metavar="N")
-    p.add_argument("--health-rise", dest="health_rise", type=int, metavar="N")
-    p.add_argument("--health-send", dest="health_send", metavar="TEXT")
-    p.add_argument("--health-expect", dest="health_expect", metavar="TEXT")
-    p.add_argument("--udp-idle-timeout", dest="udp_idle_timeout", metavar="DURATION")
-    p.add_argument("--udp-max-associations", dest="udp_max_associations", type=int, metavar="N")
-    p.add_argument("--udp-responses", dest="udp_responses", type=int, metavar="N")
+    p.add_argument("--send-proxy", dest="send_proxy", choices=["v1", "v2"],
+                   help="send a PROXY protocol header (HAProxy's v1 text or v2 binary) to the backend")
+    p.add_argument("--accept-proxy", dest="accept_proxy", action="store_true",
+                   help="expect a PROXY protocol header (v1 or v2) from a load balancer in front")
+    p.add_argument("--health-interval", dest="health_interval", metavar="DURATION",
+                   help="check each backend this often (off unless given)")
+    p.add_argument("--health-timeout", dest="health_timeout", metavar="DURATION",
+                   help="a check slower than this fails")
+    p.add_argument("--health-fall", dest="health_fall", type=int, metavar="N",
+                   help="failed checks in a row that mark a backend down")
+    p.add_argument("--health-rise", dest="health_rise", type=int, metavar="N",
+                   help="good checks in a row that mark it up again")
+    p.add_argument("--health-send", dest="health_send", metavar="TEXT", help="what a check sends")
+    p.add_argument("--health-expect", dest="health_expect", metavar="TEXT",
+                   help="what a check's answer must contain")
+    p.add_argument("--udp-idle-timeout", dest="udp_idle_timeout", metavar="DURATION",
+                   help="UDP: forget a client's association after this long without traffic")
+    p.add_argument("--udp-max-associations", dest="udp_max_associations", type=int, metavar="N",
+                   help="UDP: clients served at once (more are dropped)")
+    p.add_argument("--udp-responses", dest="udp_responses", type=int, metavar="N",
+                   help="UDP: close an association after N answers (1 for DNS)")
     p.add_argument(
         "--state-dir", dest="state_dir", default="var", help="for a tls:PORT listener's certificate"
     )
-    p.add_argument("--log-format", dest="log_format", default="text", choices=["text", "json"])
+    p.add_argument("--log-format", dest="log_format", default="text", choices=["text", "json"],
+                   help="log lines on stderr as text (default) or JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="log only warnings and errors")
     p.set_defaults(run=run)
     return p

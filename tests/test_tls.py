@@ -39,7 +39,7 @@ class GeneratedTests(unittest.TestCase):
 
     def test_regeneratedWhenCloseToExpiry(self):
         first = ServerCertificate.fromSettings(TLSSettings(), self.state)
-        self.patch(tls, "RENEW_BEFORE", tls.GENERATED_LIFETIME + datetime.timedelta(days=1))
+        self.patch(tls.server, "RENEW_BEFORE", tls.GENERATED_LIFETIME + datetime.timedelta(days=1))
         second = ServerCertificate.fromSettings(TLSSettings(), self.state)
         self.assertNotEqual(first.chain[0].serial_number, second.chain[0].serial_number)
 

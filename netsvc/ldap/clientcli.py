@@ -140,6 +140,10 @@ def parseWrap(values: list[str]) -> int:
 
 def _checkSearch(args: argparse.Namespace) -> None:
     _checkConnection(args)
+    if args.filter is None or (not args.filter.startswith("(") and "=" not in args.filter):
+        # As ldapsearch: a first argument that is no filter is the first attribute.
+        args.attributes = ([args.filter] if args.filter is not None else []) + list(args.attributes)
+        args.filter = "(objectClass=*)"
     try:
         args.filterObject = parseFilter(args.filter)
     except FilterError as e:
@@ -361,7 +365,7 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("-o", dest="options", action="append", default=[], metavar="ldif-wrap=no|N",
                    help="LDIF line folding (default 76)")
     s.add_argument("--json", action="store_true", help="one JSON object per entry")
-    s.add_argument("filter", nargs="?", default="(objectClass=*)", help="RFC 4515 filter (default (objectClass=*))")
+    s.add_argument("filter", nargs="?", help="RFC 4515 filter (default (objectClass=*))")
     s.add_argument("attributes", nargs="*", metavar="ATTRIBUTE",
                    help="attributes to return (default all user attributes; '+' operational, '1.1' none)")
     s.set_defaults(run=search)

@@ -44,7 +44,7 @@ pidfile {folder}/slapd.pid
 argsfile {folder}/slapd.args
 TLSCertificateFile {folder}/cert.pem
 TLSCertificateKeyFile {folder}/key.pem
-sizelimit 500
+sizelimit size.soft=10 size.hard=10 size.prtotal=unlimited
 access to attrs=userPassword by self read by anonymous auth by * none
 access to * by * read
 database mdb

@@ -1,0 +1,170 @@
+"""
+C{netsvc ldap} (the real command, run as a user runs it) against a real OpenLDAP
+slapd started here in a temporary folder (tests/interop/_slapd.py): anonymous and
+simple-bind searches whose LDIF parses to what OpenLDAP's own ldapsearch prints,
+StartTLS verified (and refused for a certificate made for another name, or not
+trusted), LDAPS, paged results continued past the server's size limit, the exit
+codes of ldapsearch/ldapcompare (49, 32, 4, 6, 5), whoami, --json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from tests.interop._daemon import decoded, runToCompletion
+from tests.interop._slapd import ADMIN_DN, ADMIN_PASSWORD, SUFFIX, USERS, startSlapd
+from tests.ldap.test_ldifout import parseLDIF
+
+USER1 = f"uid=user1,ou=users,{SUFFIX}"
+#: Entries in the example directory: the suffix, two ous, the users, zoe, one group.
+ALL = 3 + USERS + 1 + 1
+
+
+def netsvcLDAP(testCase, *args: str, input: bytes = b""):
+    return runToCompletion(testCase, [sys.executable, "-m", "netsvc", "ldap", *args], input=input)
+
+
+class SearchAgainstSlapdTests(unittest.TestCase):
+    def setUp(self):
+        self.slapd = startSlapd(self)
+
+    def search(self, *args: str):
+        return netsvcLDAP(self, "search", "-x", "-H", self.slapd.url, *args)
+
+    def test_sameEntriesAsLdapsearch(self):
+        ldapsearch = shutil.which("ldapsearch")
+        if ldapsearch is None:
+            raise unittest.SkipTest("ldapsearch not found: install with scripts/install-test-peers (ldap-utils)")
+        mine = self.search("-D", ADMIN_DN, "-w", ADMIN_PASSWORD, "-b", SUFFIX, "(objectClass=*)")
+        self.assertEqual(mine.returncode, 0, decoded(mine))
+        theirs = runToCompletion(self, [ldapsearch, "-x", "-LLL", "-H", self.slapd.url, "-D", ADMIN_DN,
+                                        "-w", ADMIN_PASSWORD, "-b", SUFFIX, "(objectClass=*)"])
+        self.assertEqual(theirs.returncode, 0, decoded(theirs))
+        self.assertEqual(len(parseLDIF(mine.stdout)), ALL)
+        self.assertEqual(parseLDIF(mine.stdout), parseLDIF(theirs.stdout))
+        # Values that must be base64: non-ASCII cn, a leading space; long ones folded at 76.
+        self.assertIn(b"cn:: " + __import__("base64").b64encode("Zo\u00eb \u00c4rger".encode()), mine.stdout)
+        self.assertIn(b"sn:: IHNwYWNlZA==", mine.stdout)
+        self.assertTrue(all(len(line) <= 76 for line in mine.stdout.split(b"\n")))
+
+    def test_filterAndAttributes(self):
+        result = self.search("-b", f"ou=users,{SUFFIX}", "(&(objectClass=person)(uid=user1*))", "sn", "mail")
+        self.assertEqual(result.returncode, 0, decoded(result))
+        entries = dict(parseLDIF(result.stdout))
+        self.assertEqual(sorted(entries), sorted(f"uid=user{n},ou=users,{SUFFIX}".encode()
+                                                 for n in range(1, USERS + 1) if str(n).startswith("1")))
+        self.assertEqual(entries[USER1.encode()], {b"sn": [b"Number1"], b"mail": [b"user1@example.com"]})
+
+    def test_scopes(self):
+        counts = {}
+        for scope in ("base", "one", "sub"):
+            result = self.search("-D", ADMIN_DN, "-w", ADMIN_PASSWORD, "-b", f"ou=users,{SUFFIX}", "-s", scope, "1.1")
+            self.assertEqual(result.returncode, 0, decoded(result))
+            counts[scope] = len(parseLDIF(result.stdout))
+        self.assertEqual(counts, {"base": 1, "one": USERS + 1, "sub": USERS + 2})
+
+    def test_simpleBindSeesOwnPassword(self):
+        # slapd's ACL: userPassword readable by self only.
+        anonymous = self.search("-b", SUFFIX, "(uid=user1)", "userPassword")
+        bound = self.search("-D", USER1, "-w", "pw-user1", "-b", SUFFIX, "(uid=user1)", "userPassword")
+        self.assertEqual((anonymous.returncode, bound.returncode), (0, 0), decoded(bound))
+        self.assertNotIn(b"userPassword", anonymous.stdout)
+        self.assertIn(b"userPassword: {SSHA}", bound.stdout)
+
+    def test_passwordFile(self):
+        pwfile = Path(self.mktemp()).resolve()
+        pwfile.write_text("pw-user1\n")
+        result = netsvcLDAP(self, "whoami", "-H", self.slapd.url, "-D", USER1, "-y", str(pwfile))
+        self.assertEqual((result.returncode, result.stdout), (0, f"dn:{USER1}\n".encode()), decoded(result))
+
+    def test_badPasswordExits49(self):
+        result = self.search("-D", USER1, "-w", "wrong", "-b", SUFFIX)
+        self.assertEqual(result.returncode, 49)
+        self.assertEqual(result.stdout, b"")
+        self.assertEqual(result.stderr.decode(),
+                         f"netsvc ldap: bind as {USER1} to {self.slapd.url}: Invalid credentials (49)\n")
+
+    def test_noSuchObjectExits32(self):
+        result = self.search("-b", f"ou=nowhere,{SUFFIX}")
+        self.assertEqual(result.returncode, 32, decoded(result))
+        self.assertIn(b"No such object (32)", result.stderr)
+
+    def test_sizeLimitExits4WithTheEntries(self):
+        result = self.search("-b", f"ou=users,{SUFFIX}", "-z", "3", "(uid=*)", "1.1")
+        self.assertEqual(result.returncode, 4, decoded(result))
+        self.assertEqual(len(parseLDIF(result.stdout)), 3)
+
+    def test_pagingGoesPastTheServerLimit(self):
+        # slapd is configured with an anonymous size limit of 10 and no limit for paged searches.
+        unpaged = self.search("-b", SUFFIX, "1.1")
+        self.assertEqual(unpaged.returncode, 4, decoded(unpaged))
+        self.assertEqual(len(parseLDIF(unpaged.stdout)), 10)
+        for paging in (["-E", "pr=4/noprompt"], ["--page-size", "3"]):
+            paged = self.search("-b", SUFFIX, *paging, "1.1")
+            self.assertEqual(paged.returncode, 0, decoded(paged))
+            self.assertEqual(len(parseLDIF(paged.stdout)), ALL)
+
+    def test_json(self):
+        result = self.search("-b", f"ou=users,{SUFFIX}", "--json", "(uid=zoe)", "cn", "sn")
+        self.assertEqual(result.returncode, 0, decoded(result))
+        [record] = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual(record, {"dn": f"uid=zoe,ou=users,{SUFFIX}",
+                                  "attributes": {"cn": ["Zo\u00eb \u00c4rger"], "sn": [" spaced"]}})
+
+    def test_compareAndWhoami(self):
+        yes = netsvcLDAP(self, "compare", "-H", self.slapd.url, USER1, "sn:Number1")
+        no = netsvcLDAP(self, "compare", "-H", self.slapd.url, USER1, "sn:Number2")
+        self.assertEqual((yes.returncode, yes.stdout, no.returncode, no.stdout), (6, b"TRUE\n", 5, b"FALSE\n"))
+        anonymous = netsvcLDAP(self, "whoami", "-H", self.slapd.url)
+        self.assertEqual((anonymous.returncode, anonymous.stdout), (0, b"anonymous\n"))
+
+    def test_connectionRefusedExits1(self):
+        self.slapd.stop()
+        result = self.search("-b", SUFFIX)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.decode(), f"netsvc ldap: connect to {self.slapd.url}: connection refused\n")
+
+
+class TLSAgainstSlapdTests(unittest.TestCase):
+    def test_startTLSVerified(self):
+        slapd = startSlapd(self)
+        result = netsvcLDAP(self, "whoami", "-H", slapd.url, "-ZZ", "--cacert", slapd.cafile, "-D", USER1,
+                            "-w", "pw-user1")
+        self.assertEqual((result.returncode, result.stdout), (0, f"dn:{USER1}\n".encode()), decoded(result))
+        search = netsvcLDAP(self, "search", "-H", slapd.url, "-ZZ", "--cacert", slapd.cafile, "-b", SUFFIX,
+                            "-E", "pr=5/noprompt", "1.1")
+        self.assertEqual(search.returncode, 0, decoded(search))
+        self.assertEqual(len(parseLDIF(search.stdout)), ALL)
+
+    def test_ldapsVerified(self):
+        slapd = startSlapd(self)
+        result = netsvcLDAP(self, "search", "-H", slapd.ldapsURL, "--cacert", slapd.cafile, "-b", SUFFIX,
+                            "(uid=user2)", "cn")
+        self.assertEqual(result.returncode, 0, decoded(result))
+        self.assertEqual(parseLDIF(result.stdout), [(f"uid=user2,ou=users,{SUFFIX}".encode(), {b"cn": [b"User 2"]})])
+
+    def test_startTLSWrongNameRefused(self):
+        slapd = startSlapd(self, names=("ldap.wrong.example",))
+        result = netsvcLDAP(self, "search", "-H", slapd.url, "-ZZ", "--cacert", slapd.cafile, "-b", SUFFIX)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, b"")
+        self.assertEqual(result.stderr.decode(), f"netsvc ldap: StartTLS with {slapd.url}: "
+                                                 "the server's certificate is not valid for 127.0.0.1\n")
+
+    def test_ldapsWrongNameRefused(self):
+        slapd = startSlapd(self, names=("ldap.wrong.example",))
+        result = netsvcLDAP(self, "whoami", "-H", slapd.ldapsURL, "--cacert", slapd.cafile)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"not valid for 127.0.0.1", result.stderr)
+
+    def test_untrustedCertificateRefused(self):
+        slapd = startSlapd(self)
+        result = netsvcLDAP(self, "search", "-H", slapd.url, "-ZZ", "-D", USER1, "-w", "pw-user1", "-b", SUFFIX)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"certificate verify failed", result.stderr)
+        self.assertEqual(result.stdout, b"")

@@ -1,0 +1,512 @@
+"""
+Delivery: queued messages to their next hop, with retries, bounces and warnings.
+
+    svc = makeDelivery(settings, queue, context)   # an IService; svc.kick(id) after each commit
+
+The scheduler (L{Delivery}) keeps every queued id with its next attempt time.
+A due message is loaded and its pending recipients are grouped by domain (one
+group for a smarthost); each group joins its domain's outbox.  Connections
+(C{queue.concurrency} in all, L{PER_DOMAIN} per MX domain) take messages from
+their outbox one after the other (at most L{MESSAGES_PER_CONNECTION} each);
+the route comes from L{netsvc.smtp.routing} and the session is
+L{netsvc.smtp.sender.SMTPSender} (STARTTLS as configured, AUTH to a smarthost).
+
+Outcomes, per recipient:
+  - 2xx: recorded at once, in the reactor callback that read the reply: the
+    envelope is rewritten (write + rename, fsync'd off the reactor right after),
+    or the message removed when nobody is left.  So a kill -9 can only repeat a
+    delivery whose reply was on the wire but not yet read -- the window no MTA
+    can close.
+  - 5xx (or a permanent routing failure): bounced when the attempt ends (an
+    RFC 3464 report from <> to the sender; never for a bounce), then marked failed.
+    Until then the recipient stays pending on disk: a crash means another try
+    (and another 5xx), never a lost bounce.
+  - 4xx, connection and TLS failures: retried after C{queue.retry[n]} (the last
+    wait repeats); a delay warning once the message is older than
+    C{queue.delay_warning}; a bounce (status 4.4.7) once it is older than
+    C{queue.max_age}.
+
+Envelopes are written here directly (not through L{Queue.update}, whose writes
+are batched in a thread) so that the "delivered" record is on disk before the
+reactor reads anything else; the server side only ever creates envelopes, so
+there is still one writer per file.
+
+Control requests from C{netsvc mail queue} (files in C{<queue>/ctl/}:
+C{retry-ID}, C{retry-all}, C{delete-ID}) are applied every L{TICK} seconds.
+At start-up every queued message is scheduled again (a restart resumes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import defaultdict, deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from netsvc.smtp.dsn import FULL_LIMIT, ReportItem, buildReport, statusOf
+from netsvc.smtp.records import EnvelopeWriter
+from netsvc.smtp.routing import RoutingError
+from netsvc.smtp.sender import Outgoing, Recipient
+
+log = Logger()
+
+#: Seconds between scans for due retries and control requests.
+TICK = 1.0
+#: Connections to one MX domain at once (a smarthost gets queue.concurrency).
+PER_DOMAIN = 10
+#: Messages sent over one connection before it is closed and a fresh one opened.
+MESSAGES_PER_CONNECTION = 100
+#: Messages loaded for sending at once, per unit of concurrency.
+LOADED_PER_CONNECTION = 20
+
+
+class DeliveryMetrics:
+    def __init__(self, registry: Any, service: str = "smtp") -> None:
+        s = {"service": service}
+        self.delivered = registry.counter("netsvc_smtp_delivered_total", "Recipients delivered (2xx).",
+                                          ["service"]).labels(**s)
+        self.deferred = registry.counter("netsvc_smtp_deferred_total",
+                                         "Recipient attempts that failed temporarily (retried).",
+                                         ["service"]).labels(**s)
+        self.bounced = registry.counter("netsvc_smtp_bounced_total",
+                                        "Recipients given up on (5xx, or older than max_age).",
+                                        ["service"]).labels(**s)
+        self.attempts = registry.counter("netsvc_smtp_delivery_attempts_total",
+                                         "Recipient delivery attempts.", ["service"]).labels(**s)
+        self.reports = registry.counter("netsvc_smtp_reports_total", "Bounces and delay warnings queued.",
+                                        ["service"]).labels(**s)
+        self.connections = registry.gauge("netsvc_smtp_delivery_connections",
+                                          "Outgoing SMTP connections open now.", ["service"]).labels(**s)
+        self.queued = registry.gauge("netsvc_smtp_queue_messages", "Messages in the queue.",
+                                     ["service"]).labels(**s)
+
+
+class _Flight:
+    """One message being attempted: its envelope, and what its groups have answered so far."""
+
+    def __init__(self, id: str, envelope: Any, path: Path, size: int, eightBit: bool) -> None:
+        self.id = id
+        self.envelope = envelope
+        self.path = path
+        self.size = size
+        self.eightBit = eightBit
+        self.groups = 0  # domain groups not yet answered
+        self.failed: list[ReportItem] = []
+        self.deferred: dict[int, tuple[str, str]] = {}  # recipient index -> (status, reason)
+        self.deleteRequested = False
+
+
+class _Job:
+    """A message's recipients in one domain."""
+
+    __slots__ = ("flight", "indexes", "domain")
+
+    def __init__(self, flight: _Flight, indexes: list[int], domain: str) -> None:
+        self.flight = flight
+        self.indexes = indexes
+        self.domain = domain
+
+
+def _describe(error: BaseException) -> str:
+    from netsvc.clients import describe
+
+    return describe(error)
+
+
+class Delivery(service.Service):
+    """
+    @param router: C{route(domain) -> Deferred[list[Target]]} (L{netsvc.smtp.routing}).
+    @param openSession: C{(target, nextMessage, onResult) -> Deferred} that runs one
+        SMTP session (L{SMTPSender}'s contract) and fires when it ends.
+    """
+
+    def __init__(self, settings: Any, queue: Any, router: Any, openSession: Callable[..., defer.Deferred],
+                 clock: Any, metrics: DeliveryMetrics, perDomain: int | None = None) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.router = router
+        self.openSession = openSession
+        self.clock = clock
+        self.metrics = metrics
+        self.hostname = settings.hostname
+        self.smarthost = settings.relay.mode == "smarthost"
+        self.concurrency = settings.queue.concurrency
+        self.perDomain = perDomain or (self.concurrency if self.smarthost else min(PER_DOMAIN, self.concurrency))
+        self.maxLoaded = self.concurrency * LOADED_PER_CONNECTION
+        self.scheduled: dict[str, float] = {}  # id -> next attempt
+        self._heap: list[tuple[float, str]] = []
+        self.fresh: deque[str] = deque()  # kicked: attempt as soon as there is room
+        self.flights: dict[str, _Flight] = {}
+        self.outbox: dict[str, deque[_Job]] = defaultdict(deque)
+        self.active: dict[str, int] = defaultdict(int)  # connections per domain
+        self.starting: dict[str, int] = defaultdict(int)  # connections not yet sending
+        self.connections = 0
+        self._pumpCall: Any = None
+        self._loop: task.LoopingCall | None = None
+        self.writer = EnvelopeWriter(queue)
+        metrics.queued.setFunction(lambda: len(self.scheduled) + len(self.flights))
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        for id in self.queue.ids():
+            try:
+                env = self.queue.envelope(id)
+            except (OSError, ValueError) as e:
+                log.error("queue: unreadable envelope {id}: {error}", id=id, error=str(e))
+                continue
+            self._schedule(id, env.next_attempt)
+        if self.scheduled:
+            log.info("delivery: {n} queued message(s) resumed", n=len(self.scheduled))
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(TICK, now=True)
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)  # running = False: connections take no new message
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._pumpCall is not None and self._pumpCall.active():
+            self._pumpCall.cancel()
+        return None
+
+    def kick(self, id: str) -> None:
+        """A new message was committed: attempt it as soon as there is room."""
+        if id in self.flights or id in self.fresh:
+            return
+        self.scheduled.pop(id, None)
+        self.fresh.append(id)
+        self._wake()
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def _schedule(self, id: str, when: float) -> None:
+        self.scheduled[id] = when
+        heapq.heappush(self._heap, (when, id))
+
+    def _wake(self) -> None:
+        if self.running and (self._pumpCall is None or not self._pumpCall.active()):
+            self._pumpCall = self.clock.callLater(0, self._pump)
+
+    def _tick(self) -> None:
+        self._applyRequests()
+        self._pump()
+
+    def _due(self, now: float) -> str | None:
+        if self.fresh:
+            return self.fresh.popleft()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, id = heapq.heappop(heap)
+            if self.scheduled.get(id) == when:
+                del self.scheduled[id]
+                return id
+        return None
+
+    def _pump(self) -> None:
+        if not self.running:
+            return
+        now = self.clock.seconds()
+        while len(self.flights) < self.maxLoaded:
+            id = self._due(now)
+            if id is None:
+                break
+            self._load(id, now)
+        for domain, box in list(self.outbox.items()):
+            while (box and self.connections < self.concurrency and self.active[domain] < self.perDomain
+                   and self.starting[domain] < len(box)):
+                self._startConnection(domain)
+            if not box and not self.active[domain]:
+                del self.outbox[domain]
+
+    def _load(self, id: str, now: float) -> None:
+        try:
+            env = self.queue.envelope(id)
+            path = self.queue.messagePath(id)
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                eightBit = any(b > 127 for b in f.read(FULL_LIMIT))
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        except (OSError, ValueError) as e:
+            log.error("queue: cannot read {id}: {error}; left in place", id=id, error=str(e))
+            return
+        flight = _Flight(id, env, path, size, eightBit)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(env.recipients):
+            if r.status == "pending":
+                groups["*" if self.smarthost else r.address.rpartition("@")[2].lower()].append(i)
+        if not groups:
+            self.queue.remove(id)  # finished before a crash that kept the envelope
+            return
+        self.flights[id] = flight
+        flight.groups = len(groups)
+        for domain, indexes in groups.items():
+            self.outbox[domain].append(_Job(flight, indexes, domain))
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _startConnection(self, domain: str) -> None:
+        self.connections += 1
+        self.active[domain] += 1
+        self.starting[domain] += 1
+        self.metrics.connections.inc()
+        d = self._connection(domain)
+        d.addErrback(lambda f: log.failure("delivery to {domain}", f, domain=domain))
+
+        def done(_: Any) -> None:
+            self.connections -= 1
+            self.active[domain] -= 1
+            self.metrics.connections.dec()
+            self._wake()
+
+        d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _connection(self, domain: str) -> Any:
+        state = {"starting": True, "count": 0, "job": None, "target": None}
+
+        def started() -> None:
+            if state["starting"]:
+                state["starting"] = False
+                self.starting[domain] -= 1
+
+        try:
+            try:
+                targets = yield self.router.route(domain)
+            except RoutingError as e:
+                self._answerQueued(domain, e.status, str(e), e.permanent)
+                return
+            except Exception as e:  # a bug or an unexpected resolver error: retry later
+                self._answerQueued(domain, "4.4.3", f"routing failed: {e}", False)
+                return
+            lastError = None
+            for target in targets:
+                if not self.outbox.get(domain) or not self.running:
+                    return
+                state["target"] = target
+
+                def nextMessage() -> Outgoing | None:
+                    started()
+                    box = self.outbox.get(domain)
+                    if not self.running or not box or state["count"] >= MESSAGES_PER_CONNECTION:
+                        return None
+                    job = box.popleft()
+                    state["count"] += 1
+                    state["job"] = job
+                    return self._outgoing(job)
+
+                def onResult(message: Outgoing, results: list[Any], target: Any = target) -> None:
+                    state["job"] = None
+                    self._answered(message.key, results, target)
+
+                try:
+                    yield self.openSession(target, nextMessage, onResult)
+                    return
+                except Exception as e:
+                    lastError = e
+                    job = state["job"]
+                    if job is not None:  # died in the middle of this message: only it waits
+                        state["job"] = None
+                        reason = f"{target}: {_describe(e)}"
+                        self._groupAnswered(job, [(i, "defer", ("4.4.2", reason)) for i in job.indexes])
+                    if state["count"]:
+                        return  # it did deliver: the destination works; the rest of the outbox goes on
+                    log.info("delivery: {target}: {error}", target=str(target), error=_describe(e))
+            if lastError is not None:
+                what = f"{state['target']}: {_describe(lastError)}"
+                self._answerQueued(domain, "4.4.1", what, False)
+        finally:
+            started()
+
+    def _outgoing(self, job: _Job) -> Outgoing:
+        f = job.flight
+        env = f.envelope
+        rcpts = [Recipient(env.recipients[i].address, env.recipients[i].notify, env.recipients[i].orcpt)
+                 for i in job.indexes]
+        return Outgoing(env.sender, rcpts, lambda: open(f.path, "rb"), f.size, ret=env.ret, envid=env.envid,
+                        eightBit=f.eightBit, key=job)
+
+    def _answerQueued(self, domain: str, status: str, reason: str, permanent: bool) -> None:
+        """Every job waiting for C{domain} gets the same answer (no route, destination down)."""
+        box = self.outbox.get(domain)
+        while box:
+            job = box.popleft()
+            if permanent:
+                self._groupAnswered(job, [(i, "fail", (status, f"X-netsvc; {reason}", None)) for i in job.indexes])
+            else:
+                self._groupAnswered(job, [(i, "defer", (status, reason)) for i in job.indexes])
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def _answered(self, job: _Job, results: list[Any], target: Any) -> None:
+        """One transaction's replies (in the reactor callback that read them)."""
+        outcomes = []
+        for i, (_, reply) in zip(job.indexes, results):
+            if reply.ok:
+                outcomes.append((i, "sent", str(reply)))
+            elif reply.permanent:
+                outcomes.append((i, "fail", (statusOf(reply.code, reply.text), f"smtp; {reply}", target.host)))
+            else:
+                outcomes.append((i, "defer", (statusOf(reply.code, reply.text), f"{target}: {reply}")))
+            log.info("delivery {id}: <{rcpt}> via {target}: {reply}", id=job.flight.id,
+                     rcpt=job.flight.envelope.recipients[i].address, target=str(target), reply=str(reply))
+        self._groupAnswered(job, outcomes)
+
+    def _groupAnswered(self, job: _Job, outcomes: list[tuple[int, str, Any]]) -> None:
+        flight = job.flight
+        env = flight.envelope
+        sent = False
+        for i, outcome, detail in outcomes:
+            r = env.recipients[i]
+            self.metrics.attempts.inc()
+            if outcome == "sent":
+                r.status, r.last_error = "sent", None
+                r.attempts += 1
+                sent = True
+                self.metrics.delivered.inc()
+            elif outcome == "fail":
+                status, diagnostic, remote = detail
+                flight.failed.append(ReportItem(r, status, diagnostic, remote))
+            else:
+                flight.deferred[i] = detail
+        if sent:
+            if all(x.status == "sent" for x in env.recipients):
+                self.queue.remove(flight.id)
+            else:
+                self.writer.write(env)
+        flight.groups -= 1
+        if flight.groups == 0:
+            self._finish(flight).addErrback(lambda f: log.failure("finishing {id}", f, id=flight.id))
+
+    @defer.inlineCallbacks
+    def _finish(self, flight: _Flight) -> Any:
+        """Every group has answered: bounce, warn, schedule the next attempt, or remove."""
+        env = flight.envelope
+        now = self.clock.seconds()
+        q = self.settings.queue
+        try:
+            if all(r.status == "sent" for r in env.recipients):
+                return  # removed when the last one was recorded
+            if flight.deleteRequested:
+                self.queue.remove(flight.id)
+                return
+            expired = now >= env.created + float(q.max_age)
+            failed = list(flight.failed)
+            for item in failed:
+                item.recipient.attempts += 1
+                item.recipient.last_error = item.diagnostic
+            for i, (_, reason) in flight.deferred.items():
+                r = env.recipients[i]
+                r.attempts += 1
+                r.last_error = reason
+                if expired:
+                    failed.append(ReportItem(r, "4.4.7", f"X-netsvc; delivery time expired; last error: {reason}"))
+                else:
+                    self.metrics.deferred.inc()
+            if failed:
+                yield self._report(env, flight, failed, "failed")
+                for item in failed:
+                    item.recipient.status = "failed"
+                    self.metrics.bounced.inc()
+                    log.info("delivery {id}: <{rcpt}> failed: {status} {why}", id=flight.id,
+                             rcpt=item.recipient.address, status=item.status, why=item.diagnostic)
+            if not env.pending():
+                self.queue.remove(flight.id)
+                return
+            env.attempts += 1
+            waits = q.retry
+            env.next_attempt = now + float(waits[min(env.attempts - 1, len(waits) - 1)])
+            if (float(q.delay_warning) > 0 and not env.warned and not env.dsn
+                    and now - env.created >= float(q.delay_warning)):
+                items = [ReportItem(env.recipients[i], status, f"X-netsvc; {reason}")
+                         for i, (status, reason) in flight.deferred.items()]
+                yield self._report(env, flight, items, "delayed", retryUntil=env.created + float(q.max_age))
+                env.warned = True
+            self.writer.write(env)
+            self._schedule(flight.id, env.next_attempt)
+        except Exception as e:
+            # The report could not be queued (disk full ...): nothing is marked; try again later.
+            log.error("delivery {id}: {error}; retrying later", id=flight.id, error=str(e))
+            for r in env.recipients:
+                if r.status == "failed":
+                    r.status = "pending"
+            self._schedule(flight.id, now + float(q.retry[0]))
+        finally:
+            self.flights.pop(flight.id, None)
+            self._wake()
+
+    def _report(self, env: Any, flight: _Flight, items: list[ReportItem], action: str,
+                retryUntil: float | None = None) -> defer.Deferred:
+        """Queue a bounce or a warning (fires once it is durable; nothing when none is due)."""
+        with open(flight.path, "rb") as f:
+            original = f.read(FULL_LIMIT + 1)
+        data = buildReport(env, original, items, action, self.hostname, now=self.clock.seconds(),
+                           retryUntil=retryUntil)
+        if data is None:
+            return defer.succeed(None)
+        self.metrics.reports.inc()
+        d = self.queue.enqueueBytes("", [env.sender], data, dsn=True)
+        d.addCallback(self.kick)
+        return d
+
+    # -- control requests -----------------------------------------------------------------------
+
+    def _applyRequests(self) -> None:
+        try:
+            names = sorted(os.listdir(self.queue.ctl))
+        except FileNotFoundError:
+            return
+        now = self.clock.seconds()
+        for name in names:
+            action, _, id = name.partition("-")
+            try:
+                os.unlink(self.queue.ctl / name)
+            except FileNotFoundError:
+                continue
+            if action == "retry" and id == "all":
+                for other in list(self.scheduled):
+                    self._schedule(other, now)
+                log.info("queue: retry of every message requested")
+            elif action == "retry" and id in self.scheduled:
+                self._schedule(id, now)
+                log.info("queue: retry of {id} requested", id=id)
+            elif action == "delete":
+                if id in self.flights:
+                    self.flights[id].deleteRequested = True
+                else:
+                    self.scheduled.pop(id, None)
+                    self.queue.remove(id)
+                log.info("queue: {id} deleted on request", id=id)
+            else:
+                log.info("queue: ignoring control request {name}", name=name)
+
+
+def makeDelivery(settings: Any, queue: Any, context: Any) -> Delivery:
+    """
+    The delivery service for C{settings} (C{relay.mode} smarthost or mx) over
+    C{queue}; MX lookups go through the daemon's resolver (L{netsvc.dns.lookup}).
+    """
+    from netsvc.smtp.outbound import SessionOpener
+    from netsvc.smtp.routing import MXRouter, SmarthostRouter
+
+    relay = settings.relay
+    if relay.mode == "smarthost":
+        router: Any = SmarthostRouter(relay.smarthost)
+    elif relay.mode == "mx":
+        from netsvc.dns.lookup import query, resolverFor
+
+        router = MXRouter(lambda name, qtype: query(resolverFor(context), name, qtype), port=relay.port,
+                          hostname=settings.hostname)
+    else:
+        raise ValueError("capture mode has no delivery")
+    resolvePath = getattr(context.settings, "path", Path)
+    opener = SessionOpener(settings, context.reactor, resolvePath)
+    return Delivery(settings, queue, router, opener, context.reactor, DeliveryMetrics(context.metrics, "smtp"))

@@ -1,0 +1,84 @@
+"""
+Outgoing SMTP sessions for the delivery engine: an endpoint per target, the
+TLS policy, the smarthost's credentials.
+
+    openSession = SessionOpener(settings, reactor, resolvePath)
+    d = openSession(target, nextMessage, onResult)   # fires when the session ends
+
+  - a smarthost C{tls:} endpoint: implicit TLS, verified (its C{cafile=}, else
+    C{relay.cacert}, else the system roots);
+  - otherwise plain TCP (to the MX address found by routing, or the smarthost by
+    name) with STARTTLS as C{relay.starttls} says: C{required} verifies the
+    certificate against the host name (the MX name, or the smarthost's C{sni=}
+    or host); C{opportunistic} encrypts when offered without checking the
+    certificate (RFC 7435 -- what MTAs do by default on port 25, since most MX
+    certificates do not match); C{none} stays in plaintext.
+  - AUTH (PLAIN/LOGIN, after TLS only) to the smarthost when C{relay.auth} is set;
+    the password file is read once, at start-up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.internet.abstract import isIPv6Address
+
+from netsvc.smtp.sender import SMTPSender
+from netsvc.tls import clientCreator
+
+#: Seconds to wait for a TCP connection, and for each reply.
+CONNECT_TIMEOUT = 30.0
+REPLY_TIMEOUT = 300.0
+
+
+class SessionOpener:
+    def __init__(self, settings: Any, reactor: Any, resolvePath: Any = Path,
+                 replyTimeout: float = REPLY_TIMEOUT) -> None:
+        relay = settings.relay
+        self.reactor = reactor
+        self.hostname = settings.hostname
+        self.starttls = relay.starttls
+        self.cacert = str(resolvePath(relay.cacert)) if relay.cacert else None
+        self.replyTimeout = replyTimeout
+        self.auth: tuple[str, str] | None = None
+        if relay.auth is not None:
+            lines = Path(resolvePath(relay.auth.password_file)).read_text().splitlines()
+            self.auth = (relay.auth.user, lines[0] if lines else "")
+        self.smarthost = None
+        if relay.smarthost:
+            from netsvc.endpoints import parseClient
+
+            self.smarthost = parseClient(relay.smarthost)
+
+    def endpoint(self, target: Any) -> Any:
+        address = target.address
+        if address is None and self.smarthost is not None:
+            host = self.smarthost.host
+            if self.smarthost.isIPLiteral:
+                address = host
+        if address is not None:
+            kind = endpoints.TCP6ClientEndpoint if isIPv6Address(address) else endpoints.TCP4ClientEndpoint
+            stream: Any = kind(self.reactor, address, target.port, timeout=CONNECT_TIMEOUT)
+        else:
+            stream = endpoints.HostnameEndpoint(self.reactor, target.host.encode("idna"), target.port,
+                                                timeout=CONNECT_TIMEOUT)
+        if target.tls:
+            cafile = (self.smarthost.cafile if self.smarthost is not None else None) or self.cacert
+            insecure = self.smarthost.insecure if self.smarthost is not None else False
+            stream = endpoints.wrapClientTLS(clientCreator(target.host, cafile=cafile, insecure=insecure), stream)
+        return stream
+
+    def __call__(self, target: Any, nextMessage: Any, onResult: Any) -> Any:
+        starttls = "none" if target.tls else self.starttls
+        creator = None
+        if starttls == "required":
+            creator = clientCreator(target.host, cafile=self.cacert)
+        elif starttls == "opportunistic":
+            creator = clientCreator(target.host, insecure=True)
+        sender = SMTPSender(self.hostname, nextMessage, onResult, starttls=starttls, tlsCreator=creator,
+                            auth=self.auth if self.smarthost is not None else None, timeout=self.replyTimeout)
+        d = endpoints.connectProtocol(self.endpoint(target), sender)
+        d.addCallback(lambda _: sender.done)
+        return d

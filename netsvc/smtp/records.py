@@ -1,0 +1,87 @@
+"""
+The delivery side's envelope writes: a result is on disk before the reactor
+reads the next reply.
+
+L{EnvelopeWriter.write} rewrites C{env/<id>.json} at once (write to
+C{tmp/<id>.dlv}, rename) in the calling reactor callback: a kill -9 after it
+cannot lose the record (the page cache outlives the process).  The fsync that
+makes it survive a power cut follows in a worker thread, batched: one
+C{fdatasync} per file and one folder fsync per batch.
+
+Why not L{netsvc.smtp.queue.Queue.update}: its writes wait in the queue's
+writer thread behind the batch being committed, so under load a delivered
+message could stay "pending" on disk for tens of milliseconds -- each of them
+a duplicate after a crash.  The server side only creates envelopes and
+delivery only rewrites them, so each file still has one writer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class EnvelopeWriter:
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self._waiting: list[Path] = []
+        self._busy = False
+        self.synced = 0  # files fsync'd (tests)
+
+    def write(self, envelope: Any) -> None:
+        """Rewrite C{envelope} now (write + rename); its fsync follows off the reactor when the queue fsyncs."""
+        tmp = self.queue.tmp / f"{envelope.id}.dlv"
+        final = self.queue.env / f"{envelope.id}.json"
+        with open(tmp, "wb") as f:
+            f.write(envelope.dumps())
+        os.replace(tmp, final)
+        if self.queue.fsync:
+            self._waiting.append(final)
+            if not self._busy:
+                self._syncNext()
+
+    def _syncNext(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._busy = False
+            return
+        self._busy = True
+        d = threads.deferToThread(self._sync, batch, self.queue.env)
+        d.addErrback(lambda f: log.error("queue: fsync failed: {error}", error=f.getErrorMessage()))
+        d.addBoth(lambda _: self._syncNext())
+
+    def _sync(self, paths: list[Path], folder: Path) -> None:
+        """(Worker thread.)"""
+        for path in set(paths):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # delivered and removed meanwhile
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self.synced += 1
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def flushed(writer: EnvelopeWriter) -> defer.Deferred:
+    """Fires once nothing waits to be fsync'd (tests, shutdown)."""
+    from twisted.internet import reactor, task
+
+    def check() -> Any:
+        if writer._busy or writer._waiting:
+            return task.deferLater(reactor, 0.01, check)
+        return None
+
+    return defer.maybeDeferred(check)

@@ -15,6 +15,7 @@ SERVICES: dict[str, str] = {
     "dns": "netsvc.dns.service",
     "chat": "netsvc.chat.service",
     "web": "netsvc.web.service",
+    "ldap": "netsvc.ldap.service",
 }
 
 

@@ -67,6 +67,8 @@ class Context:
         self.reloaders: list[Callable[[], None]] = []
         #: The L{Daemon} being built (its status(), its services), once it exists.
         self.daemon: Any = None
+        #: The C{services.ldap} directory (L{netsvc.ldap.directory.Directory}) once built; None without it.
+        self.directory: Any = None
 
     @property
     def certificate(self) -> ServerCertificate:
@@ -228,15 +230,24 @@ class Daemon(service.MultiService):
                 setComponent(ILogObserver, observer)
         return super().setServiceParent(parent)
 
+    #: A descriptor for the terminal's stderr when twistd daemonizes (see L{netsvc.tap}): start errors go there.
+    startupErrorFD: int | None = None
+
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
-        except BaseException:
+        except BaseException as e:
             for l in self.listeners:  # release what did bind before the failure
                 if l.port is not None:
                     l.port.stopListening()
                     l.port = None
+            if isinstance(e, ConfigError) and self.startupErrorFD is not None:
+                text = "".join(f"netsvc: {line}\n" for line in str(e).splitlines())
+                os.write(self.startupErrorFD, text.encode("utf-8", "replace"))
             raise
+        if self.startupErrorFD is not None:  # started: a daemon keeps no terminal open
+            os.close(self.startupErrorFD)
+            self.startupErrorFD = None
         for l in self.listeners:
             a = l.address
             where = f"{a.get('host')}:{a.get('port')}" if "port" in a else a.get("path")

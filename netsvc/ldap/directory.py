@@ -1,0 +1,279 @@
+"""
+The directory information tree: entries loaded from LDIF files, kept in memory,
+indexed for equality lookups, searched by scope and filter.
+
+    directory = Directory.load("dc=example,dc=com", [Path("example.ldif")])   # raises LoadError
+    directory.get("uid=ann,ou=users,dc=example,dc=com")  -> Entry | None
+    directory.search(base, scope, filter, maxScan)       -> iterator of Entry (LDIF order)
+
+The Directory API other modules rely on (docs/LDAP.md, C{netsvc.ldap.authn}):
+    context.directory.findUser(name, attribute="uid") -> Entry | None    sync, cheap, case-insensitive
+    context.directory.checkPassword(dn, password)     -> Deferred[bool]  never errbacks
+
+L{Directory.replace} swaps in a reloaded tree in place, so that holders of the
+object (authenticators, connections) see the new entries at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from netsvc import auth
+from netsvc.ldap.dn import DNError, isWithin, normalizeDN, parentDN
+from netsvc.ldap.entry import Entry
+from netsvc.ldap.ldifload import LDIFError, parseLDIF
+from netsvc.ldap.match import matches
+from netsvc.ldap.schema import SCHEMA, normalize
+
+log = Logger()
+
+#: Attributes with an equality index (canonical names).
+INDEXED = ("objectclass", "uid", "cn", "sn", "mail", "givenname", "ou", "dc", "member", "uniquemember",
+           "memberuid", "uidnumber", "gidnumber", "displayname", "employeenumber")
+
+#: userPassword schemes cheap enough (one salted SHA) to verify on the reactor thread.
+_CHEAP = ("{SSHA}", "{SHA}", "{SSHA256}", "{SSHA512}")
+#: What an unknown DN's password is checked against (so that it costs what a known one costs).
+_DUMMY = "scrypt:" + "00" * 16 + ":" + "00" * 32
+
+
+class LoadError(ValueError):
+    """The LDIF cannot be served: C{.file} and C{.line} say where, C{.reason} what."""
+
+    def __init__(self, file: str, line: int, reason: str) -> None:
+        super().__init__(f"{file}: line {line}: {reason}" if line else f"{file}: {reason}")
+        self.file, self.line, self.reason = file, line, reason
+
+
+class ScanLimit(Exception):
+    """A search examined more entries than its cost limit allows."""
+
+
+def ldifFiles(paths: Iterable[Path]) -> list[Path]:
+    """Files named, and the C{*.ldif} files of folders named (sorted by name)."""
+    out = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix == ".ldif" and q.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+class Directory:
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.nsuffix = normalizeDN(suffix)
+        self._set({}, {}, {})
+
+    def _set(self, entries: dict[str, Entry], children: dict[str, list[Entry]],
+             index: dict[str, dict[bytes, list[Entry]]]) -> None:
+        self.entries = entries
+        self.children = children
+        self.index = index
+        #: Entries in LDIF order (what a subtree search of the suffix walks).
+        self.ordered = list(entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    # -- loading
+
+    @classmethod
+    def load(cls, suffix: str, paths: Iterable[Path]) -> Directory:
+        """
+        A directory of the entries in the LDIF files (or folders of them) C{paths}.
+
+        @raise LoadError: a file cannot be read or parsed, an entry is outside
+            C{suffix}, is there twice, or its parent is missing.
+        """
+        try:
+            directory = cls(suffix)
+        except DNError as e:
+            raise LoadError("suffix", 0, f"not a DN: {e}") from None
+        records = []
+        for path in ldifFiles(paths):
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise LoadError(str(path), 0, f"cannot read: {e.strerror}") from None
+            try:
+                records.extend(parseLDIF(data, str(path)))
+            except LDIFError as e:
+                raise LoadError(e.file, e.line, e.reason) from None
+        directory.add(records)
+        return directory
+
+    def add(self, records: Iterable) -> None:
+        """Add parsed LDIF records (L{netsvc.ldap.ldifload.Record}); raises L{LoadError}."""
+        entries = dict(self.entries)
+        for r in records:
+            ndn = normalizeDN(r.dn)
+            if not isWithin(ndn, self.nsuffix):
+                raise LoadError(r.file, r.line, f"entry {r.dn!r} is outside the suffix {self.suffix!r}")
+            if ndn in entries:
+                other = entries[ndn]
+                raise LoadError(r.file, r.line, f"entry {r.dn!r} is already defined at {other.file}:{other.line}")
+            if not any(n.lower() == "objectclass" for n, _ in r.attributes):
+                raise LoadError(r.file, r.line, f"entry {r.dn!r} has no objectClass")
+            parent = parentDN(ndn) if ndn != self.nsuffix else None
+            entries[ndn] = Entry(r.dn, ndn, parent, r.attributes, SCHEMA, r.file, r.line)
+        children: dict[str, list[Entry]] = {}
+        for seq, e in enumerate(entries.values()):
+            e.seq = seq
+            if e.parent is None:
+                continue
+            if e.parent not in entries:
+                raise LoadError(e.file, e.line, f"the parent of {e.dn!r} is not in the directory")
+            children.setdefault(e.parent, []).append(e)
+        index: dict[str, dict[bytes, list[Entry]]] = {a: {} for a in INDEXED}
+        for e in entries.values():
+            for attr in INDEXED:
+                values = e.classes if attr == "objectclass" else e.norms.get(attr, ())
+                for v in values:
+                    index[attr].setdefault(v, []).append(e)
+        self._set(entries, children, index)
+
+    def replace(self, other: Directory) -> None:
+        """Take C{other}'s suffix and entries (a reload), keeping this object."""
+        self.suffix, self.nsuffix = other.suffix, other.nsuffix
+        self._set(other.entries, other.children, other.index)
+
+    # -- lookups
+
+    def get(self, dn: str) -> Entry | None:
+        """The entry called C{dn} (any spelling), or None (also for a DN that does not parse)."""
+        try:
+            return self.entries.get(normalizeDN(dn))
+        except DNError:
+            return None
+
+    def hasChildren(self, entry: Entry) -> bool:
+        return entry.ndn in self.children
+
+    def findUser(self, name: str, attribute: str = "uid") -> Entry | None:
+        """
+        The one entry whose C{attribute} equals C{name} under the attribute's
+        equality rule (case-insensitive for uid, mail, cn); None when there is
+        none, or more than one (an ambiguous name never authenticates).
+        """
+        at = SCHEMA.attribute(attribute)
+        canon = at.name.lower()
+        value = normalize(at.kind, name.encode("utf-8"))
+        if canon in self.index:
+            found = self.index[canon].get(value, [])
+        else:
+            found = [e for e in self.ordered if value in e.norms.get(canon, ())]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            log.warn("ldap: {count} entries have {attribute}={name}; none is used", count=len(found),
+                     attribute=attribute, name=name)
+        return None
+
+    def checkPassword(self, dn: str, password: str) -> defer.Deferred:
+        """
+        Whether C{password} matches one of the C{userPassword} values of entry
+        C{dn} (any scheme L{netsvc.auth.verifyPassword} knows; cleartext values
+        too, as in LDAP).  Salted-SHA values are checked at once (microseconds);
+        anything else (scrypt, crypt) in a thread.  An unknown DN costs a dummy
+        scrypt check and gives False.  Never errbacks.
+        """
+        entry = self.get(dn)
+        stored = [v.decode("utf-8", "replace") for v in entry.attrs.get("userpassword", ())] if entry else []
+        if not password:
+            return defer.succeed(False)
+        if stored and all(s[:s.find("}") + 1].upper() in _CHEAP for s in stored):
+            return defer.succeed(_verifyAny(password, stored))
+        work = stored or [_DUMMY]
+        d = deferToThread(_verifyAny, password, work)
+        if not stored:
+            d.addCallback(lambda _: False)
+        return d.addErrback(lambda f: (log.failure("password check failed", f), False)[1])
+
+    # -- search
+
+    def search(self, base: str, scope: int, flt: tuple, maxScan: int = 0) -> Iterator[Entry]:
+        """
+        The entries in scope (0 base, 1 one level, 2 subtree of the normalized
+        C{base}) that match C{flt}, in LDIF order.  Indexes narrow the candidates
+        when the filter allows; at most C{maxScan} candidates are examined
+        (0: no limit) before L{ScanLimit} is raised.
+        """
+        candidates = _candidates(self.index, flt)
+        if scope == 0:
+            e = self.entries.get(base)
+            pool: Iterable[Entry] = [e] if e is not None else []
+        elif candidates is not None:
+            pool = sorted(candidates, key=_seq) if len(candidates) > 1 else candidates
+        elif scope == 1:
+            pool = self.children.get(base, [])
+        elif base == self.nsuffix:
+            pool = self.ordered
+        else:
+            pool = self._subtree(base)
+        scanned = 0
+        for e in pool:
+            scanned += 1
+            if maxScan and scanned > maxScan:
+                raise ScanLimit(scanned)
+            if scope == 1 and e.parent != base:
+                continue
+            if scope == 2 and not isWithin(e.ndn, base):
+                continue
+            if matches(flt, e):
+                yield e
+
+    def _subtree(self, base: str) -> Iterator[Entry]:
+        top = self.entries.get(base)
+        if top is None:
+            return
+        stack = [top]
+        while stack:
+            e = stack.pop()
+            yield e
+            stack.extend(reversed(self.children.get(e.ndn, ())))
+
+
+def _seq(entry: Entry) -> int:
+    return entry.seq
+
+
+def _verifyAny(password: str, stored: list[str]) -> bool:
+    ok = False
+    for s in stored:
+        ok = auth.verifyPassword(password, s, plain=True) or ok
+    return ok
+
+
+def _candidates(index: dict[str, dict[bytes, list[Entry]]], flt: tuple) -> list[Entry] | set[Entry] | None:
+    """Entries that may match C{flt} according to the indexes, or None (any entry may)."""
+    kind = flt[0]
+    if kind == "eq" or kind == "approx":
+        at = SCHEMA.attribute(flt[1])
+        canon = at.name.lower()
+        table = index.get(canon)
+        if table is None:
+            return None
+        return table.get(normalize("ci" if canon == "objectclass" else at.kind, flt[2]), [])
+    if kind == "and":
+        best = None
+        for sub in flt[1]:
+            c = _candidates(index, sub)
+            if c is not None and (best is None or len(c) < len(best)):
+                best = c
+        return best
+    if kind == "or":
+        union: set[Entry] = set()
+        for sub in flt[1]:
+            c = _candidates(index, sub)
+            if c is None:
+                return None
+            union.update(c)
+        return union
+    return None

@@ -1,0 +1,539 @@
+"""
+The LDAP server protocol (RFC 4511) over a L{netsvc.ldap.directory.Directory}:
+wire behaviour only; the service builds the factory from settings.
+
+Operations:
+  - bind: anonymous (when allowed), simple against C{userPassword}
+    (L{Directory.checkPassword}); a DN with an empty password is
+    unwillingToPerform (53) as slapd answers; wrong passwords are invalidCredentials
+    (49), and a client IP that fails too often is refused without a check for a
+    while; SASL is authMethodNotSupported (7).  Requests sent while a bind is
+    being checked wait for it (RFC 4511 4.2.1).
+  - search: scopes, filters (L{netsvc.ldap.match}), C{*}/C{+}/C{1.1}, size, time and
+    scan limits (4, 3, 11), the paged results control (RFC 2696), the root DSE and
+    C{cn=Subschema}.  Results of one read are written in one batch (pipelining).
+  - compare, whoami (RFC 4532), StartTLS (RFC 4511 4.14: success, then TLS).
+  - add, modify, delete, modify DN: unwillingToPerform (the directory is read-only).
+  - abandon: nothing to do (every operation finishes before the next is read).
+Malformed input (bad BER, unknown operations, a request over C{maxRequest}
+bytes -- checked from its length header, before it is buffered) gets a Notice of
+Disconnection (protocolError) and the connection is closed.  A filter nested
+too deeply only fails its own search (protocolError).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from netsvc.ldap import codec
+from netsvc.ldap.answer import (
+    NSUBSCHEMA,
+    OID_PAGED,
+    OID_STARTTLS,
+    OID_WHOAMI,
+    Selection,
+    answer,
+    answerSpecial,
+    rootDSE,
+    subschemaEntry,
+)
+from netsvc.ldap.codec import BERError, FilterTooDeep
+from netsvc.ldap.directory import Directory, ScanLimit
+from netsvc.ldap.dn import DNError, normalizeDN, parentDN
+from netsvc.ldap.entry import SECRET
+from netsvc.ldap.match import matches
+from netsvc.ldap.schema import SCHEMA
+from netsvc.policies import peerHost
+from netsvc.rates import TokenBucket
+
+log = Logger()
+
+# result codes (RFC 4511 appendix A)
+SUCCESS, OPERATIONS_ERROR, PROTOCOL_ERROR, TIME_LIMIT, SIZE_LIMIT = 0, 1, 2, 3, 4
+COMPARE_FALSE, COMPARE_TRUE, AUTH_METHOD_NOT_SUPPORTED = 5, 6, 7
+ADMIN_LIMIT, UNAVAILABLE_CRITICAL_EXTENSION, NO_SUCH_ATTRIBUTE = 11, 12, 16
+NO_SUCH_OBJECT, INVALID_DN_SYNTAX, INVALID_CREDENTIALS, INSUFFICIENT_ACCESS = 32, 34, 49, 50
+BUSY, UNAVAILABLE, UNWILLING, OTHER = 51, 52, 53, 80
+
+#: Paged searches one connection may keep open at once (the oldest is dropped).
+MAX_PAGED = 8
+
+
+class LDAPLimits:
+    """What the factory enforces (from the settings; replaced on reload)."""
+
+    def __init__(self, anonymous: str = "read", sizeLimit: int = 500, timeLimit: float = 10.0,
+                 maxScan: int = 100_000, maxRequest: int = 1 << 20, failedBindRate: float = 1.0,
+                 failedBindBurst: int = 10) -> None:
+        self.anonymous = anonymous
+        self.sizeLimit = sizeLimit
+        self.timeLimit = timeLimit
+        self.maxScan = maxScan
+        self.maxRequest = maxRequest
+        self.failedBindRate = failedBindRate
+        self.failedBindBurst = failedBindBurst
+
+
+class LDAPMetrics:
+    """The counters of the LDAP service (bound to its service label)."""
+
+    def __init__(self, registry: Any, service: str = "ldap") -> None:
+        binds = registry.counter("netsvc_ldap_binds_total", "LDAP binds, by result (ok, failed).",
+                                 ["service", "result"])
+        self.bindsOk = binds.labels(service=service, result="ok")
+        self.bindsFailed = binds.labels(service=service, result="failed")
+        self.searches = registry.counter("netsvc_ldap_searches_total", "LDAP searches.",
+                                         ["service"]).labels(service=service)
+        self.entries = registry.counter("netsvc_ldap_entries_returned_total", "Entries returned by searches.",
+                                        ["service"]).labels(service=service)
+        self.protocolErrors = registry.counter(
+            "netsvc_ldap_protocol_errors_total", "Connections closed for malformed requests.",
+            ["service"]).labels(service=service)
+
+
+class LDAPServerFactory(Factory):
+    """
+    @param directory: what is served.
+    @param tlsOptions: a callable giving the server's C{CertificateOptions} for
+        StartTLS, or None (StartTLS is then not offered).
+    @param now: the clock searches' time limits use.
+    """
+
+    def __init__(self, directory: Directory, limits: LDAPLimits, metrics: LDAPMetrics, clock: Any,
+                 tlsOptions: Any = None, now: Any = time.monotonic) -> None:
+        self.directory = directory
+        self.limits = limits
+        self.metrics = metrics
+        self.clock = clock
+        self.tlsOptions = tlsOptions
+        self.now = now
+        self.failedBinds: dict[str, TokenBucket] = {}
+        self.rootDSE = rootDSE(directory.suffix, tlsOptions is not None)
+        self.subschema = subschemaEntry()
+
+    def buildProtocol(self, addr: Any) -> LDAPServerProtocol:
+        p = LDAPServerProtocol(self)
+        p.factory = self
+        return p
+
+    def reconfigure(self, limits: LDAPLimits) -> None:
+        self.limits = limits
+        self.failedBinds.clear()
+        self.rootDSE = rootDSE(self.directory.suffix, self.tlsOptions is not None)
+
+    def bindBucket(self, host: str) -> TokenBucket:
+        bucket = self.failedBinds.get(host)
+        if bucket is None:
+            if len(self.failedBinds) >= 65536:
+                self.failedBinds.clear()
+            bucket = self.failedBinds[host] = TokenBucket(
+                self.limits.failedBindRate, self.limits.failedBindBurst, self.clock)
+        return bucket
+
+
+class _Paged:
+    __slots__ = ("key", "results", "sent")
+
+    def __init__(self, key: tuple, results: Any) -> None:
+        self.key = key
+        self.results = results
+        self.sent = 0
+
+
+class LDAPServerProtocol(Protocol):
+    def __init__(self, factory: LDAPServerFactory) -> None:
+        self.factory = factory
+        self.buffer = bytearray()
+        self.boundDN: str | None = None  # normalized DN of the bound identity, None: anonymous
+        self.boundName = ""  # its DN as written
+        self.tls = False
+        self.waiting = False  # a bind is being checked: requests wait
+        self.closing = False
+        self.paged: dict[bytes, _Paged] = {}
+        self._nextCookie = 0
+        self._out: list[bytes] | None = None
+        self.host = "?"
+
+    def connectionMade(self) -> None:
+        self.host = peerHost(self.transport.getPeer())
+        self.tls = ISSLTransport.providedBy(self.transport)
+
+    # -- input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        buf = self.buffer
+        buf += data
+        out = self._out = []
+        try:
+            while buf and not self.waiting and not self.closing:
+                try:
+                    head = codec.frame(buf)
+                except BERError as e:
+                    self.protocolError(str(e))
+                    break
+                if head is None:
+                    break
+                size = head[0] + head[1]
+                if size > self.factory.limits.maxRequest:
+                    self.protocolError(f"request of {size} bytes is over the limit "
+                                       f"({self.factory.limits.maxRequest})")
+                    break
+                if len(buf) < size:
+                    break
+                raw = bytes(buf[:size])
+                del buf[:size]
+                self.handle(raw)
+            if self.waiting and len(buf) > self.factory.limits.maxRequest * 4:
+                self.protocolError("too much sent while a bind is checked")
+        finally:
+            self._out = None
+            if out:
+                self.transport.write(b"".join(out))
+
+    def write(self, data: bytes) -> None:
+        if self._out is not None:
+            self._out.append(data)
+        elif not self.closing:
+            self.transport.write(data)
+
+    def protocolError(self, reason: str) -> None:
+        """Malformed input: a Notice of Disconnection, then close."""
+        if self.closing:
+            return
+        self.factory.metrics.protocolErrors.inc()
+        log.info("ldap: closing {client}: {reason}", client=self.host, reason=reason)
+        self.write(codec.noticeOfDisconnection(PROTOCOL_ERROR, reason))
+        self.closing = True
+        if self._out is not None:
+            self.transport.write(b"".join(self._out))
+            self._out.clear()
+        self.transport.loseConnection()
+
+    def handle(self, raw: bytes) -> None:
+        try:
+            msg = codec.decodeMessage(raw)
+        except FilterTooDeep as e:
+            self.write(codec.result(e.messageID, codec.SEARCH_DONE, PROTOCOL_ERROR, str(e)))  # type: ignore
+            return
+        except BERError as e:
+            self.protocolError(str(e))
+            return
+        tag = msg.tag
+        try:
+            if tag == codec.SEARCH_REQUEST:
+                self.search(msg)
+            elif tag == codec.BIND_REQUEST:
+                self.bind(msg)
+            elif tag == codec.UNBIND_REQUEST:
+                self.closing = True
+                self.transport.loseConnection()
+            elif tag == codec.EXTENDED_REQUEST:
+                self.extended(msg)
+            elif tag == codec.COMPARE_REQUEST:
+                self.compare(msg)
+            elif tag == codec.ABANDON_REQUEST:
+                pass
+            else:  # add, modify, delete, modify DN
+                self.write(codec.result(msg.id, codec.RESPONSE_FOR[tag], UNWILLING,
+                                        "the directory is read-only (served from LDIF files)"))
+        except Exception:
+            log.failure("ldap: error handling a request from {client}", client=self.host)
+            response = codec.RESPONSE_FOR.get(tag)
+            if response is not None:
+                self.write(codec.result(msg.id, response, OTHER, "internal error"))
+
+    # -- bind
+
+    def bind(self, msg: codec.Message) -> None:
+        req = msg.op
+        self.boundDN, self.boundName = None, ""
+        self.paged.clear()
+        metrics = self.factory.metrics
+        if req.version != 3:
+            metrics.bindsFailed.inc()
+            self.write(codec.result(msg.id, codec.BIND_RESPONSE, PROTOCOL_ERROR, "only LDAPv3 is supported"))
+            return
+        if req.mechanism is not None:
+            metrics.bindsFailed.inc()
+            self.write(codec.result(msg.id, codec.BIND_RESPONSE, AUTH_METHOD_NOT_SUPPORTED,
+                                    "SASL is not supported; use a simple bind (over TLS)"))
+            return
+        if not req.name:
+            if req.simple:
+                metrics.bindsFailed.inc()
+                self.write(codec.result(msg.id, codec.BIND_RESPONSE, UNWILLING, "a password without a DN"))
+            elif self.factory.limits.anonymous == "none":
+                metrics.bindsFailed.inc()
+                self.write(codec.result(msg.id, codec.BIND_RESPONSE, UNWILLING, "anonymous bind disallowed"))
+            else:
+                metrics.bindsOk.inc()
+                self.write(codec.result(msg.id, codec.BIND_RESPONSE, SUCCESS))
+            return
+        if not req.simple:
+            metrics.bindsFailed.inc()
+            self.write(codec.result(msg.id, codec.BIND_RESPONSE, UNWILLING,
+                                    "unauthenticated bind (DN with no password) disallowed"))
+            return
+        bucket = self.factory.bindBucket(self.host)
+        if not bucket.take(0) or bucket.tokens < 1:
+            metrics.bindsFailed.inc()
+            self.write(codec.result(msg.id, codec.BIND_RESPONSE, INVALID_CREDENTIALS,
+                                    "too many failed binds from this address; try again later"))
+            return
+        try:
+            password = req.simple.decode("utf-8")
+        except UnicodeDecodeError:
+            password = "\0invalid"
+        d = self.factory.directory.checkPassword(req.name, password)
+        if not d.called:  # checked in a thread: later requests wait for the answer
+            self.waiting = True
+            self.transport.pauseProducing()
+        d.addCallback(lambda ok: self._bound(msg.id, req.name, ok))
+
+    def _bound(self, msgid: int, name: str, ok: bool) -> None:
+        metrics = self.factory.metrics
+        if ok:
+            entry = self.factory.directory.get(name)
+            self.boundDN, self.boundName = (entry.ndn, entry.dn) if entry else (None, "")
+            metrics.bindsOk.inc()
+            self.write(codec.result(msgid, codec.BIND_RESPONSE, SUCCESS))
+        else:
+            self.factory.bindBucket(self.host).take(1)
+            metrics.bindsFailed.inc()
+            self.write(codec.result(msgid, codec.BIND_RESPONSE, INVALID_CREDENTIALS))
+        if self.waiting:
+            self.waiting = False
+            if not self.closing:
+                self.transport.resumeProducing()
+                self.dataReceived(b"")
+
+    # -- extended operations, compare
+
+    def extended(self, msg: codec.Message) -> None:
+        name = msg.op.name
+        if name == OID_WHOAMI:
+            identity = f"dn:{self.boundName}" if self.boundDN is not None else ""
+            self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, SUCCESS,
+                                    extra=codec.tlv(0x8B, identity.encode())))
+        elif name == OID_STARTTLS:
+            self.startTLS(msg)
+        else:
+            self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, PROTOCOL_ERROR,
+                                    f"unsupported extended operation {name}"))
+
+    def startTLS(self, msg: codec.Message) -> None:
+        oid = codec.tlv(0x8A, OID_STARTTLS.encode())
+        if self.tls:
+            self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, OPERATIONS_ERROR, "TLS already started",
+                                    extra=oid))
+            return
+        if self.factory.tlsOptions is None:
+            self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, UNAVAILABLE, "TLS is not configured",
+                                    extra=oid))
+            return
+        # The success response goes out in clear, then everything after is TLS.
+        self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, SUCCESS, extra=oid))
+        if self._out:
+            self.transport.write(b"".join(self._out))
+            self._out.clear()
+        self.tls = True
+        self.transport.startTLS(self.factory.tlsOptions())
+
+    def compare(self, msg: codec.Message) -> None:
+        req = msg.op
+        directory = self.factory.directory
+        if not self._mayRead():
+            self.write(codec.result(msg.id, codec.COMPARE_RESPONSE, INSUFFICIENT_ACCESS,
+                                    "anonymous access is disabled; bind first"))
+            return
+        entry = directory.get(req.dn)
+        if entry is None:
+            self.write(codec.result(msg.id, codec.COMPARE_RESPONSE, NO_SUCH_OBJECT))
+            return
+        canon = SCHEMA.canonical(req.attribute)
+        if canon == SECRET and entry.ndn != self.boundDN:
+            self.write(codec.result(msg.id, codec.COMPARE_RESPONSE, INSUFFICIENT_ACCESS))
+            return
+        if canon not in entry.attrs:
+            self.write(codec.result(msg.id, codec.COMPARE_RESPONSE, NO_SUCH_ATTRIBUTE))
+            return
+        same = matches(("eq", req.attribute, req.value), entry)
+        self.write(codec.result(msg.id, codec.COMPARE_RESPONSE, COMPARE_TRUE if same else COMPARE_FALSE))
+
+    def _mayRead(self) -> bool:
+        return self.boundDN is not None or self.factory.limits.anonymous == "read"
+
+    # -- search
+
+    def search(self, msg: codec.Message) -> None:
+        req: codec.SearchRequest = msg.op
+        factory = self.factory
+        factory.metrics.searches.inc()
+        done = codec.SEARCH_DONE
+        paged = None
+        for c in msg.controls:
+            if c.oid == OID_PAGED:
+                paged = c
+            elif c.critical:
+                self.write(codec.result(msg.id, done, UNAVAILABLE_CRITICAL_EXTENSION,
+                                        f"control {c.oid} is not supported"))
+                return
+        try:
+            base = normalizeDN(req.base)
+        except DNError as e:
+            self.write(codec.result(msg.id, done, INVALID_DN_SYNTAX, str(e)))
+            return
+        sel = Selection.parse(req.attributes, req.typesOnly)
+        if req.scope == 0 and base in ("", NSUBSCHEMA):
+            special = factory.rootDSE if base == "" else factory.subschema
+            if matches(req.filter, special):
+                self.write(answerSpecial(msg.id, special, sel))
+                factory.metrics.entries.inc()
+            self.write(codec.result(msg.id, done, SUCCESS))
+            return
+        if not self._mayRead():
+            self.write(codec.result(msg.id, done, INSUFFICIENT_ACCESS, "anonymous access is disabled; bind first"))
+            return
+        directory = factory.directory
+        scope = req.scope
+        if base == "":  # below the root: the naming context
+            base, scope = directory.nsuffix, (0 if scope == 1 else scope)
+        if base not in directory.entries:
+            self.write(codec.result(msg.id, done, NO_SUCH_OBJECT, matched=self._matched(base)))
+            return
+        limits = factory.limits
+        sizeLimit = min(req.sizeLimit or limits.sizeLimit, limits.sizeLimit)
+        timeLimit = min(req.timeLimit or limits.timeLimit, limits.timeLimit)
+        if paged is not None:
+            self._pagedSearch(msg, paged, base, scope, sel, sizeLimit, timeLimit)
+            return
+        results = directory.search(base, scope, req.filter, limits.maxScan)
+        code, text, _, _ = self._send(msg.id, results, sel, sizeLimit, timeLimit, 0)
+        self.write(codec.result(msg.id, done, code, text))
+
+    def _send(self, msgid: int, results: Any, sel: Selection, sizeLimit: int, timeLimit: float,
+              already: int, pageSize: int = 0) -> tuple[int, str, bool, int]:
+        """
+        Write entries from C{results} (C{already} sent on earlier pages, at most
+        C{pageSize} now if not 0): (result code, text, whether a full page was
+        sent, how many were sent now).
+        """
+        factory = self.factory
+        directory = factory.directory
+        boundDN = self.boundDN
+        deadline = factory.now() + timeLimit
+        sent = already
+        count = 0
+        write = self.write
+        try:
+            for entry in results:
+                if sent >= sizeLimit:
+                    return SIZE_LIMIT, "", False, count
+                write(answer(msgid, entry, directory, sel, entry.ndn == boundDN))
+                sent += 1
+                count += 1
+                if count & 63 == 0 and factory.now() > deadline:
+                    return TIME_LIMIT, "", False, count
+                if pageSize and count >= pageSize:
+                    return SUCCESS, "", True, count
+        except ScanLimit:
+            return ADMIN_LIMIT, "search examined too many entries; use an indexed filter", False, count
+        finally:
+            factory.metrics.entries.inc(count)
+        return SUCCESS, "", False, count
+
+    def _pagedSearch(self, msg: codec.Message, control: codec.Control, base: str, scope: int, sel: Selection,
+                     sizeLimit: int, timeLimit: float) -> None:
+        req = msg.op
+        done = codec.SEARCH_DONE
+        try:
+            size, cookie = _pagedValue(control.value)
+        except BERError as e:
+            self.write(codec.result(msg.id, done, PROTOCOL_ERROR, f"bad paged results control: {e}"))
+            return
+        key = (base, scope, repr(req.filter), tuple(req.attributes))
+        if cookie:
+            state = self.paged.pop(cookie, None)
+            if state is None or state.key != key:
+                self.write(codec.result(msg.id, done, UNWILLING if state is None else PROTOCOL_ERROR,
+                                        "unknown or stale paged results cookie"))
+                return
+        else:
+            state = _Paged(key, self.factory.directory.search(base, scope, req.filter, self.factory.limits.maxScan))
+        if size <= 0:  # the client abandons the paged search
+            self.write(codec.result(msg.id, done, SUCCESS, controls=_pagedControl(b"")))
+            return
+        code, text, more, count = self._send(msg.id, state.results, sel, sizeLimit, timeLimit, state.sent, size)
+        state.sent += count
+        next = b""
+        if more and code == SUCCESS:
+            next = self._peekMore(state)
+        self.write(codec.result(msg.id, done, code, text, controls=_pagedControl(next)))
+
+    def _peekMore(self, state: _Paged) -> bytes:
+        """A cookie for the rest of C{state}'s results, or b"" when there are none."""
+        try:
+            first = next(state.results)
+        except StopIteration:
+            return b""
+        except ScanLimit:
+            first = None
+
+        def chained(first=first, rest=state.results):
+            if first is None:
+                raise ScanLimit()
+            yield first
+            yield from rest
+
+        state.results = chained()
+        self._nextCookie += 1
+        cookie = self._nextCookie.to_bytes(4, "big")
+        if len(self.paged) >= MAX_PAGED:
+            self.paged.pop(next(iter(self.paged)))
+        self.paged[cookie] = state
+        return cookie
+
+    def _matched(self, ndn: str) -> str:
+        """The DN of the closest existing ancestor of C{ndn} (matchedDN)."""
+        entries = self.factory.directory.entries
+        parent = parentDN(ndn)
+        while parent:
+            e = entries.get(parent)
+            if e is not None:
+                return e.dn
+            parent = parentDN(parent)
+        return ""
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closing = True
+        self.paged.clear()
+        self.buffer = bytearray()
+
+
+def _pagedValue(value: bytes | None) -> tuple[int, bytes]:
+    """(size, cookie) of a paged results control value."""
+    if not value:
+        raise BERError("no value")
+    tag, s, e = codec.header(value, 0, len(value))
+    if tag != 0x30:
+        raise BERError("not a SEQUENCE")
+    t, ss, se = codec.header(value, s, e)
+    if t != 0x02 or se - ss > 8 or se == ss:
+        raise BERError("bad size")
+    size = int.from_bytes(value[ss:se], "big", signed=True)
+    t, cs, ce = codec.header(value, se, e)
+    if t != 0x04:
+        raise BERError("bad cookie")
+    return size, value[cs:ce]
+
+
+def _pagedControl(cookie: bytes) -> bytes:
+    return codec.controls([(OID_PAGED, codec.tlv(0x30, codec.integer(0) + codec.tlv(0x04, cookie)))])
+

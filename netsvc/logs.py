@@ -1,6 +1,10 @@
 """
 Log observers for C{log:} settings: text or JSON lines, filtered by level.
 
+Twisted's own per-port lines (C{EchoFactory starting on 7007}, C{(TCP Port 7007
+Closed)}) are dropped (L{dropTwistedPortLines}): netsvc logs one line per listener
+itself, with the configuration key it came from.
+
 Why not C{jsonFileLogObserver}: it serialises Twisted's internal fields
 (C{log_logger}, C{log_source} ...) and separates records with RS; operators want
 one flat JSON object per line (C{jq}-friendly): time, level, namespace, message,
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -20,6 +25,7 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     textFileLogObserver,
 )
@@ -79,6 +85,20 @@ def openLogFile(path: str) -> IO[str]:
     return LogFile.fromFullPath(path)
 
 
+#: What twisted.internet's ports log through the legacy log.msg, once per listener start and stop.
+_PORT_LINE = re.compile(r"^(?:.+ starting on (?:\d+|'.*'|b'.*')|\((?:TCP|UDP|UNIX|SSL|TLS) Port \S+ Closed\))$")
+
+
+def dropTwistedPortLines(event: dict[str, Any]) -> PredicateResult:
+    """A filter predicate: no for Twisted's "Factory starting on N" / "(TCP Port N Closed)" lines."""
+    if event.get("log_namespace") == "log_legacy" and not event.get("isError"):
+        message = event.get("message")
+        if isinstance(message, tuple) and len(message) == 1 and isinstance(message[0], str) \
+                and _PORT_LINE.match(message[0]):
+            return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def observerFor(settings: Any, stream: IO[str] | None = None) -> ILogObserver:
     """
     An observer for L{netsvc.config.LogSettings}, writing to C{stream}, or to
@@ -93,4 +113,4 @@ def observerFor(settings: Any, stream: IO[str] | None = None) -> ILogObserver:
     global _lowest
     _lowest = LEVELS[settings.level]
     predicate = LogLevelFilterPredicate(defaultLogLevel=_lowest)
-    return FilteringLogObserver(observer, [predicate])
+    return FilteringLogObserver(observer, [dropTwistedPortLines, predicate])

@@ -20,6 +20,26 @@ from netsvc import logs
 from netsvc.config import ConfigError, Settings, load, structure
 from netsvc.registry import serviceNames
 
+#: Endpoint types that bind an address; without interface= a command line binds loopback.
+_LOOPBACK = {"tcp": "127.0.0.1", "udp": "127.0.0.1", "tls": "127.0.0.1", "ssl": "127.0.0.1", "tcp6": "::1"}
+
+
+def loopbackByDefault(endpoint: str) -> str:
+    """
+    C{tcp:7007} -> C{tcp:7007:interface=127.0.0.1} (C{tcp6:} gets C{::1}): on the
+    command line, as in every default, binding all interfaces must be written
+    (C{interface=0.0.0.0} or C{interface=::}).  Anything else is returned as is.
+    """
+    from netsvc.endpoints import split
+
+    try:
+        kind, _, kwargs = split(endpoint)
+    except ValueError:
+        return endpoint  # validation reports it
+    if kind in _LOOPBACK and "interface" not in kwargs:
+        return f"{endpoint}:interface={_LOOPBACK[kind]}"
+    return endpoint
+
 
 class ServiceOptions(usage.Options):
     """C{twistd netsvc NAME --listen ENDPOINT ...}: one service with its defaults."""
@@ -29,21 +49,27 @@ class ServiceOptions(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
-        """Endpoint string to listen on (repeatable), e.g. tcp:7007:interface=127.0.0.1"""
-        self["listen"].append(endpoint)
+        """Endpoint to listen on (repeatable), e.g. tcp:7007; loopback unless interface= says otherwise"""
+        self["listen"].append(loopbackByDefault(endpoint))
 
     opt_l = opt_listen
 
 
 def _serviceSubCommands() -> list[tuple[str, None, type, str]]:
+    """One subcommand per service that has a top-level C{listen:} (forward has rules: use --config)."""
+    import attrs
+
+    from netsvc.registry import settingsClass
+
     return [(name, None, ServiceOptions, f"run only the {name} service (--listen ENDPOINT ...)")
-            for name in serviceNames()]
+            for name in serviceNames() if "listen" in attrs.fields_dict(settingsClass(name))]
 
 
 class Options(usage.Options):
     synopsis = "[--config FILE] [service --listen ENDPOINT ...]"
     longdesc = ("Runs every service enabled in the YAML file given with --config, "
-                "or one service given as a subcommand.")
+                "or one service given as a subcommand (its defaults, loopback addresses). "
+                "Port forwarding has rules, not listeners: use --config, or `netsvc forward` for one rule.")
     optParameters = [
         ["config", "c", None, "YAML configuration file"],
         ["state-dir", None, None, "override state_dir (generated certificates, status.json)"],
@@ -128,7 +154,51 @@ def makeService(options: Options) -> Any:
     daemon = buildDaemon(settings, configFile=options["config"] or "command line",
                          reloadSettings=lambda: settingsFromOptions(options))
     daemon.logObserver = logs.observerFor(settings.log, _twistdStream(options, settings))
+    daemon.startupErrorFD = _daemonizedStartupErrors(options)
     return daemon
+
+
+#: What a netsvc start failure looks like on twistd's status pipe (the exception's qualified name).
+_OUR_ERRORS = (b"1 netsvc.runtime.StartupError", b"1 netsvc.config.ConfigError", b"1 netsvc.schema.ConfigError")
+
+
+def _daemonizedStartupErrors(options: Options) -> int | None:
+    """
+    Without C{-n}, twistd binds after forking, in a child whose stderr is
+    /dev/null, and the parent prints only the first 100 bytes of the error as
+    a bytes repr (C{An error has occurred: b"netsvc.runtime.StartupError: ...}).
+    So: keep a copy of the terminal's stderr for the child (L{Daemon} writes its
+    StartupError lines there), and let the parent stay quiet about our own errors
+    (twistd has no hook for this; its C{_waitForStart} is wrapped, everything
+    else it reports is reported as before).  Returns the saved descriptor, or
+    None when twistd does not daemonize.
+    """
+    twistd = getattr(options, "parent", None)
+    if not hasattr(twistd, "get") or twistd.get("nodaemon") or os.name != "posix":
+        return None
+    from twisted.scripts import _twistd_unix
+
+    runner = _twistd_unix.UnixApplicationRunner
+    original = runner._waitForStart
+    if not getattr(original, "netsvc", False):
+
+        def _waitForStart(self: Any, readPipe: int) -> int:
+            from twisted.python.util import untilConcludes
+
+            data = untilConcludes(os.read, readPipe, 100)
+            if data.startswith(_OUR_ERRORS):
+                return 1  # the child has printed the whole message
+            replay, feed = os.pipe()  # anything else: twistd's own report, unchanged
+            os.write(feed, data)
+            os.close(feed)
+            try:
+                return original(self, replay)
+            finally:
+                os.close(replay)
+
+        _waitForStart.netsvc = True  # type: ignore[attr-defined]
+        runner._waitForStart = _waitForStart  # type: ignore[method-assign]
+    return os.dup(2)
 
 
 def _twistdStream(options: Options, settings: Settings) -> Any:

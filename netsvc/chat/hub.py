@@ -221,7 +221,8 @@ class Hub:
             del self.nicks[member.nick.lower()]
             if self.cluster is not None:
                 self.cluster.renamed(member, member.nick)
-        log.info("chat: {name} disconnected ({why})", name=displayName(member), why=why)
+        log.info("chat: {name} disconnected" + ("" if why == "disconnected" else " ({why})"),
+                 name=displayName(member), why=why)
 
     # -- commands
 

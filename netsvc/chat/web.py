@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource
 from twisted.web.server import Request
@@ -28,6 +29,8 @@ from twisted.web.websocket import WebSocketResource, WebSocketTransport
 
 from netsvc.chat.hub import Event, notice
 from netsvc.chat.protocol import ChatProtocol, ChatShared, Framing
+
+_log = Logger()
 
 
 class JSONFraming(Framing):
@@ -184,7 +187,31 @@ class _Socket(WebSocketResource):
             request.setResponseCode(503)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"the chat service is not running\n"
+        refusal = _notAWebSocketHandshake(request)
+        if refusal is not None:  # Twisted would log it at error level, with the request's repr
+            client = request.getClientAddress()
+            _log.info("chat: WebSocket refused for {client} over {proto}: {reason}",
+                      client=getattr(client, "host", str(client)), proto=request.clientproto.decode(), reason=refusal)
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return f"not a WebSocket handshake: {refusal}\n".encode()
         return super().render_GET(request)
+
+
+def _notAWebSocketHandshake(request: Request) -> str | None:
+    """Why C{request} cannot become a WebSocket (HTTP/2, missing Upgrade...), or None."""
+    from wsproto import ConnectionType
+    from wsproto.handshake import H11Handshake
+    from wsproto.utilities import RemoteProtocolError
+
+    if request.clientproto != b"HTTP/1.1":
+        return "WebSocket needs HTTP/1.1 (RFC 6455)"
+    headers = [(k, v) for k, values in request.requestHeaders.getAllRawHeaders() for v in values]
+    try:
+        H11Handshake(ConnectionType.SERVER).initiate_upgrade_connection(headers, request.path)
+    except RemoteProtocolError as e:
+        return str(e)
+    return None
 
 
 class _Page(resource.Resource):

@@ -230,7 +230,7 @@ class DatagramListener(Listener):
     datagram: typing.ClassVar[bool] = True
 
 
-# -- the settings every service has ---------------------------------
+# -- the settings every service has --------------------------------------------
 
 
 @frozen

@@ -148,10 +148,12 @@ class RemoteDirectory:
     # -- health ---------------------------------------------------------------------
 
     def _trouble(self, what: str, reason: BaseException) -> None:
-        text = f"{what}: {client.describe(reason, self.url.host)}"
-        if text != self._problem:
-            log.error("users in {url}: {problem}; checks fail until it answers", url=str(self.url), problem=text)
-            self._problem = text
+        # Logged once per distinct reason (a down server fails every check the same way).
+        why = client.describe(reason, self.url.host)
+        if why != self._problem:
+            log.error("users in {url}: {problem}; checks fail until it answers", url=str(self.url),
+                      problem=f"{what}: {why}")
+            self._problem = why
 
     def _fine(self) -> None:
         if self._problem is not None:

@@ -197,7 +197,7 @@ class LDAPConnection(LDAPClient):
     def _handshakeExpired(self, d: defer.Deferred) -> None:
         if self._tls is d:
             self._tls = None
-            self.lostReason = error.TimeoutError(f"no TLS handshake in {self.timeout:g}s")
+            self.lostReason = error.TimeoutError(string=f"no TLS handshake in {self.timeout:g}s")
             d.errback(StartTLSError(f"TLS handshake timed out after {self.timeout:g}s"))
             self.transport.abortConnection()
 
@@ -221,17 +221,16 @@ class LDAPConnection(LDAPClient):
         d, handler = entry
         if handler is None or handler(msg.value, msg.controls):
             del self._pending[msg.id]
-            if handler is None:
-                d.callback((msg.value, msg.controls))
+            d.callback((msg.value, msg.controls))
 
     # -- requests ----------------------------------------------------------------
 
     def request(self, op: Any, controls: Sequence[tuple] | None = None,
                 handler: Callable[[Any, Any], bool] | None = None, timeout: float | None = None) -> defer.Deferred:
         """
-        Send C{op}; fires with C{(response, controls)} -- or, with a C{handler}
-        (called with each response and its controls, returning True at the last),
-        the Deferred is the caller's to fire from the handler.
+        Send C{op}; fires with C{(response, controls)} of the answer -- with a
+        C{handler} (called with each response and its controls, returning True at
+        the last), of the last one.  C{timeout} bounds the wait for the last answer.
         """
         if not self.connected:
             return defer.fail(self.lostReason or error.NotConnectingError("not connected"))
@@ -247,7 +246,7 @@ class LDAPConnection(LDAPClient):
     def _expired(self, messageId: int, limit: float) -> None:
         entry = self._pending.pop(messageId, None)
         if entry is not None:
-            self.lostReason = error.TimeoutError(f"no answer in {limit:g}s")
+            self.lostReason = error.TimeoutError(string=f"no answer in {limit:g}s")
             entry[0].errback(self.lostReason)
             self.transport.abortConnection()
 
@@ -397,6 +396,8 @@ def describe(reason: BaseException, host: str | None = None) -> str:
                 else "the server's certificate is for another name")
     if isinstance(reason, StartTLSError):
         return str(reason)
+    if isinstance(reason, error.TimeoutError) and reason.args:
+        return f"timed out ({reason.args[0]})"
     text = clients.describe(reason)
     if isinstance(reason, SSL.Error) and "certificate verify failed" in text:
         return "TLS failed: certificate verify failed (not signed by a trusted CA: see --cacert)"

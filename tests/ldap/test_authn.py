@@ -1,0 +1,259 @@
+"""
+netsvc.ldap.authn: users in a remote directory (ldaptor's in-memory server on
+loopback, and a real slapd with StartTLS and a service account), a directory
+that is down or hangs, bounded connections, the reserved-names cache, and the
+local services.ldap directory.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+from ldaptor import inmemory
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from netsvc import auth
+from netsvc.config import ConfigError
+from netsvc.ldap import authn, client
+from netsvc.ldap.ldifout import manyLDIF
+from tests.ldap.test_clientcli import SUFFIX, _Factory, exampleLDIF
+
+USERS = f"ou=users,{SUFFIX}"
+
+
+def captureErrors(testCase) -> list:
+    """The error events netsvc.ldap.authn logs during the test."""
+    events: list = []
+
+    def observer(event):
+        if event.get("log_namespace") == "netsvc.ldap.authn" and event["log_level"].name in ("error", "critical"):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    testCase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+def remote(url: str, testCase, **kw) -> authn.RemoteDirectory:
+    kw.setdefault("timeout", 2.0)
+    directory = authn.RemoteDirectory(reactor, client.parseURL(url), kw.pop("base", USERS), **kw)
+    testCase.addCleanup(directory.close)
+    return directory
+
+
+class RemoteInMemoryTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        root = yield inmemory.fromLDIFFile(io.BytesIO(exampleLDIF()))
+        self.port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(_Factory(root))
+        self.addCleanup(self.port.stopListening)
+        self.url = f"ldap://127.0.0.1:{self.port.getHost().port}"
+        self.connects = 0
+        self.errors = captureErrors(self)
+
+    def countingConnect(self, *args, **kw):
+        self.connects += 1
+        return client.connect(*args, **kw)
+
+    @defer.inlineCallbacks
+    def test_check(self):
+        users = remote(self.url, self, connect=self.countingConnect)
+        self.assertIs((yield users.check("jo", "s3cret")), True)
+        self.assertIs((yield users.check("JO", "s3cret")), True)  # uid is case-insensitive
+        self.assertIs((yield users.check("jo", "wrong")), False)
+        self.assertIs((yield users.check("nobody", "s3cret")), False)
+        self.assertIs((yield users.check("al", "anything")), False)  # no userPassword
+        self.assertEqual(self.errors, [])
+        self.assertLessEqual(self.connects, 2)  # one search and one bind connection, reused
+
+    @defer.inlineCallbacks
+    def test_emptyPasswordNeverAsksTheServer(self):
+        # An empty password would make the bind anonymous, and "succeed".
+        users = remote(self.url, self, connect=self.countingConnect)
+        self.assertIs((yield users.check("jo", "")), False)
+        self.assertEqual(self.connects, 0)
+
+    @defer.inlineCallbacks
+    def test_filterCharactersAreLiteral(self):
+        users = remote(self.url, self)
+        for name in ("*", "j*", "jo)(uid=*", "jo\\2a"):
+            self.assertIs((yield users.check(name, "s3cret")), False, name)
+
+    @defer.inlineCallbacks
+    def test_boundedConnections(self):
+        users = remote(self.url, self, connect=self.countingConnect)
+        results = yield defer.gatherResults([users.check("jo", "s3cret" if n % 2 else "bad") for n in range(24)])
+        self.assertEqual(results, [bool(n % 2) for n in range(24)])
+        self.assertLessEqual(self.connects, authn.SEARCH_CONNECTIONS + authn.BIND_CONNECTIONS)
+
+    @defer.inlineCallbacks
+    def test_reservedNames(self):
+        users = remote(self.url, self)
+        self.assertFalse(users.isReserved("jo"))  # not loaded yet: the first question starts the load
+        yield users.refresh(force=False)
+        self.assertTrue(users.isReserved("jo"))
+        self.assertTrue(users.isReserved("Al"))
+        self.assertFalse(users.isReserved("nobody"))
+
+    @defer.inlineCallbacks
+    def test_reservedNamesRefreshOnlyWhenDue(self):
+        users = remote(self.url, self, connect=self.countingConnect)
+        yield users.refresh()
+        before = self.connects
+        users.isReserved("jo")
+        self.assertIsNone(users._refreshing)  # fresh: no new search
+        self.assertEqual(self.connects, before)
+        users._nextRefresh = 0
+        users.isReserved("jo")
+        self.assertIsNotNone(users._refreshing)
+        yield users._refreshing
+
+    @defer.inlineCallbacks
+    def test_checkedUserIsReserved(self):
+        users = remote(self.url, self)
+        yield users.check("jo", "s3cret")
+        self.assertTrue(users.isReserved("jo"))  # before the first load
+        yield users._refreshing
+
+    @defer.inlineCallbacks
+    def test_downDirectoryFailsAndLogsOnce(self):
+        users = remote(self.url, self)
+        self.assertIs((yield users.check("jo", "s3cret")), True)
+        yield self.port.stopListening()
+        users.close()
+        for _ in range(3):
+            self.assertIs((yield users.check("jo", "s3cret")), False)
+        self.assertEqual(len(self.errors), 1, self.errors)
+        self.assertIn("connection refused", self.errors[0]["problem"])
+        yield users.refresh()  # fails quietly: the same problem, and it keeps the names it had
+        self.assertTrue(users.isReserved("jo"))
+
+    @defer.inlineCallbacks
+    def test_wrongBaseIsLogged(self):
+        users = remote(self.url, self, base=f"ou=gone,{SUFFIX}")
+        self.assertIs((yield users.check("jo", "s3cret")), False)
+        self.assertEqual(len(self.errors), 1)
+        self.assertIn("No such object (32)", self.errors[0]["problem"])
+
+
+class _Silent(protocol.Protocol):
+    """Accepts and never answers."""
+
+
+class HangingDirectoryTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_checkFailsInBoundedTime(self):
+        f = protocol.ServerFactory.forProtocol(_Silent)
+        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(f)
+        self.addCleanup(port.stopListening)
+        errors = captureErrors(self)
+        users = remote(f"ldap://127.0.0.1:{port.getHost().port}", self, timeout=0.3)
+        started = reactor.seconds()
+        self.assertIs((yield users.check("jo", "s3cret")), False)
+        self.assertLess(reactor.seconds() - started, 3)
+        self.assertEqual(len(errors), 1)
+        self.assertIn("timed out (no answer in 0.3s)", errors[0]["problem"])
+
+
+class SlapdTests(unittest.TestCase):
+    """A real slapd: StartTLS verified, a service account for the search."""
+
+    def setUp(self):
+        from tests.interop._slapd import ADMIN_DN, ADMIN_PASSWORD, startSlapd
+
+        self.slapd = startSlapd(self)
+        self.folder = Path(self.mktemp()).resolve()
+        self.folder.mkdir(parents=True)
+        (self.folder / "admin.pw").write_text(ADMIN_PASSWORD + "\n")
+        self.adminDN = ADMIN_DN
+
+    def context(self):
+        return SimpleNamespace(reactor=reactor, configFile="netsvc.yaml", directory=None,
+                               settings=SimpleNamespace(path=lambda p: self.folder / p))
+
+    def source(self, **kw):
+        values = {"ldap": self.slapd.url, "base": USERS, "starttls": True, "cacert": self.slapd.cafile,
+                  "bind_dn": self.adminDN, "bind_password_file": "admin.pw", "timeout": 3.0} | kw
+        return auth.UserSource(**values)
+
+    @defer.inlineCallbacks
+    def test_throughNetsvcAuth(self):
+        users = auth.authenticatorFor(self.source(), self.context())
+        self.addCleanup(users.close)
+        self.assertIsInstance(users, authn.RemoteDirectory)
+        self.assertIs((yield users.check("user3", "pw-user3")), True)
+        self.assertIs((yield users.check("user3", "pw-user4")), False)
+        self.assertIs((yield users.check("zoe", "pw-zoe")), True)
+        yield users.refresh()
+        self.assertTrue(users.isReserved("user12"))
+        self.assertTrue(users.isReserved("zoe"))
+        self.assertFalse(users.isReserved("user13"))
+
+    @defer.inlineCallbacks
+    def test_anonymousSearchAndLDAPS(self):
+        source = self.source(ldap=self.slapd.ldapsURL, starttls=False, bind_dn=None, bind_password_file=None)
+        users = auth.authenticatorFor(source, self.context())
+        self.addCleanup(users.close)
+        self.assertIs((yield users.check("user1", "pw-user1")), True)
+
+    @defer.inlineCallbacks
+    def test_wrongServiceAccountPasswordLogged(self):
+        (self.folder / "admin.pw").write_text("wrong\n")
+        errors = captureErrors(self)
+        users = auth.authenticatorFor(self.source(), self.context())
+        self.addCleanup(users.close)
+        self.assertIs((yield users.check("user1", "pw-user1")), False)
+        yield users.refresh()
+        self.assertEqual(len(errors), 1)
+        self.assertIn("Invalid credentials (49)", errors[0]["problem"])
+
+    def test_missingPasswordFileIsAStartupError(self):
+        e = self.assertRaises(ConfigError, auth.authenticatorFor, self.source(bind_password_file="nope.pw"),
+                              self.context(), "services.smtp.users")
+        self.assertIn("bind_password_file", str(e))
+
+
+class LocalDirectoryTests(unittest.TestCase):
+    def setUp(self):
+        from netsvc.ldap.directory import Directory
+
+        path = Path(self.mktemp())
+        path.write_bytes(exampleLDIF() + manyLDIF([(f"uid=cy,{USERS}", [
+            ("objectClass", [b"inetOrgPerson"]), ("uid", [b"cy"]), ("cn", [b"Cy"]), ("sn", [b"Cy"]),
+            ("userPassword", [auth.hashPassword("pw-cy", "scrypt").encode()])])])[len(b"version: 1\n\n"):])
+        self.directory = Directory.load(SUFFIX, [path])
+        self.context = SimpleNamespace(reactor=reactor, directory=None)
+
+    def users(self):
+        return auth.authenticatorFor(auth.UserSource(directory=True), self.context)
+
+    @defer.inlineCallbacks
+    def test_check(self):
+        users = self.users()
+        self.context.directory = self.directory  # resolved at use: services.ldap may be built later
+        self.assertIs((yield users.check("jo", "s3cret")), True)
+        self.assertIs((yield users.check("Jo", "s3cret")), True)
+        self.assertIs((yield users.check("jo", "wrong")), False)
+        self.assertIs((yield users.check("cy", "pw-cy")), True)  # scrypt, in a thread
+        self.assertIs((yield users.check("nobody", "s3cret")), False)
+        self.assertIs((yield users.check("jo", "")), False)
+
+    def test_isReserved(self):
+        users = self.users()
+        self.context.directory = self.directory
+        self.assertTrue(users.isReserved("jo"))
+        self.assertTrue(users.isReserved("AL"))
+        self.assertFalse(users.isReserved("nobody"))
+
+    @defer.inlineCallbacks
+    def test_noDirectory(self):
+        errors = captureErrors(self)
+        users = self.users()
+        self.assertIs((yield users.check("jo", "s3cret")), False)
+        self.assertFalse(users.isReserved("jo"))
+        self.assertEqual(len(errors), 1)
+        self.assertIn("no services.ldap", errors[0]["log_format"])

@@ -33,7 +33,7 @@ _WRAPPERS = (webclient.ResponseFailed, webclient.ResponseNeverReceived, webclien
              webclient.RequestGenerationFailed)
 
 
-def describe(reason: BaseException, timeout: float | None = None) -> str:
+def describe(reason: BaseException, timeout: float | None = None, tls: clients.TLSHint | None = None) -> str:
     """One line for a request failure, digging into twisted.web's wrapper exceptions."""
     while isinstance(reason, _WRAPPERS) and reason.reasons:
         inner = [r.value for r in reason.reasons
@@ -50,4 +50,4 @@ def describe(reason: BaseException, timeout: float | None = None) -> str:
         return "connection refused"
     if isinstance(reason, error.DNSLookupError):
         return "cannot resolve the host name"
-    return clients.describe(reason, timeout)
+    return clients.describe(reason, timeout, tls)

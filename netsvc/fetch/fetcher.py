@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from netsvc import __version__
+from netsvc.clients import TLSHint
 from netsvc.fetch.body import BodyReceiver, Decoder, FileSink, Sink, StreamSink, contentRange
 from netsvc.fetch.cookies import CurlCookieJar
 from netsvc.fetch.errors import Failed, Usage, describe
@@ -176,7 +177,8 @@ class Fetcher:
                         more = i + 1 < len(self.urls) and not e.final
                         again = not more and not e.final and transient and round_ + 1 < rounds
                         delay = min(self.args.retry_delay * 2 ** round_, 60.0)
-                        self.err.write(f"netsvc fetch: {e.url or url}: {e}"
+                        where = url if e.url in ("", url) else f"{url} (redirected to {e.url})"
+                        self.err.write(f"netsvc fetch: {where}: {e}"
                                        f"{'; trying the next mirror' if more else ''}"
                                        f"{f'; trying again in {delay:g}s' if again else ''}\n")
                         self.err.flush()
@@ -316,7 +318,7 @@ class Fetcher:
         except defer.CancelledError:
             raise Failed(f"timed out after {self.args.timeout:g}s", url) from None
         except Exception as e:
-            raise Failed(describe(e, self.args.timeout), url) from None
+            raise Failed(describe(e, self.args.timeout, self._tlsHint(url)), url) from None
         finally:
             if timer.active():
                 timer.cancel()
@@ -356,6 +358,11 @@ class Fetcher:
                 self.out.flush()
             except OSError as e:
                 raise Failed(f"cannot write output: {e.strerror or e}", final=True) from None
+
+    def _tlsHint(self, url: str) -> TLSHint | None:
+        """For a verification failure: the name checked, the CA used, what to pass."""
+        parts = urlsplit(url)
+        return TLSHint(parts.hostname or "", self.args.cacert) if parts.scheme == "https" else None
 
     async def _receive(self, response: Any, url: str, sink: Sink | None, decoder: Decoder | None = None,
                        progress: Progress | None = None) -> None:

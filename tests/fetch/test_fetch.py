@@ -427,7 +427,8 @@ class RedirectTests(FetchTestCase):
         status = yield self.fetch(url, "--max-redirects", "2")
         self.assertEqual(status, 1)
         self.assertEqual(self.err.getvalue(),
-                         f"netsvc fetch: {self.base}/redirect/1: too many redirects (more than 2)\n")
+                         f"netsvc fetch: {url} (redirected to {self.base}/redirect/1): "
+                         "too many redirects (more than 2)\n")
 
     @defer.inlineCallbacks
     def test_loop(self):

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from twisted.application.service import IService
 
+from netsvc.auth import UserSource, authenticatorFor
 from netsvc.chat.auth import PasswordFile
 from netsvc.chat.hub import Hub
 from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, ChatShared, Flusher
@@ -31,6 +32,13 @@ class ChatListener(Listener):
 class AuthSettings:
     #: Reserved nicknames and their scrypt hashes (see netsvc.chat.auth); off when unset.
     password_file: str | None = field(None)
+    #: Or reserved nicknames from a users source: a users file, {ldap: URL, base: ...} or {directory: true}.
+    users: UserSource | None = field(None)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.password_file and self.users is not None:
+            return [("users", "give password_file or users, not both")]
+        return []
 
 
 @frozen
@@ -88,6 +96,8 @@ def makeService(settings: Settings, context: Any) -> IService:
             raise StartupError([Problem(context.configFile, "services.chat.auth.password_file",
                                         f"cannot read {path}")])
         authority = PasswordFile(path)
+    elif settings.auth.users is not None:
+        authority = authenticatorFor(settings.auth.users, context, "services.chat.auth.users")
     metrics = ChatMetrics(context.metrics)
     fanOut = _redisFanOut(settings, context) if settings.fanout is not None else None
     hub = Hub(settings.history, settings.max_rooms, authority, onEvent=metrics.onHubEvent,

@@ -257,3 +257,73 @@ class LocalDirectoryTests(unittest.TestCase):
         self.assertFalse(users.isReserved("jo"))
         self.assertEqual(len(errors), 1)
         self.assertIn("no services.ldap", errors[0]["log_format"])
+
+
+EXAMPLE_LDIF = Path(__file__).resolve().parents[2] / "etc" / "ldap" / "example.ldif"
+
+
+class ChatReservedNicknamesTests(unittest.TestCase):
+    """services.chat's reserved nicknames from services.ldap, in one daemon and through a remote URL."""
+
+    def ldapDaemon(self):
+        from tests.helpers import startDaemon
+
+        return startDaemon(self, f"""
+services:
+  ldap:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    suffix: dc=example,dc=com
+    ldif: ["{EXAMPLE_LDIF}"]
+""")
+
+    @defer.inlineCallbacks
+    def nickExchange(self, chatPort):
+        from tests.chat.test_service import connect, readUntil
+
+        sock = connect(chatPort)
+        self.addCleanup(sock.close)
+        yield readUntil(sock, b"joined #lobby\n")
+        sock.sendall(b"/nick alice\n")
+        yield readUntil(sock, b"nickname alice is reserved")
+        sock.sendall(b"/nick alice not-her-password\n")
+        yield readUntil(sock, b"wrong password for alice")
+        sock.sendall(b"/nick ALICE alice-pw\n")
+        got = yield readUntil(sock, b"known as ALICE")
+        self.assertNotIn(b"error", got)
+        sock.sendall(b"/nick zed\n")  # not in the directory: free for anyone
+        got = yield readUntil(sock, b"known as zed")
+        self.assertNotIn(b"error", got)
+
+    @defer.inlineCallbacks
+    def test_directoryInTheSameDaemon(self):
+        from tests.helpers import port, startDaemon
+
+        daemon = startDaemon(self, f"""
+services:
+  chat:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    auth:
+      users: {{directory: true}}
+  ldap:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    suffix: dc=example,dc=com
+    ldif: ["{EXAMPLE_LDIF}"]
+""")
+        yield self.nickExchange(port(daemon, 0, "chat"))
+
+    @defer.inlineCallbacks
+    def test_remoteDirectory(self):
+        from tests.helpers import port, startDaemon
+
+        directory = self.ldapDaemon()
+        chat = startDaemon(self, f"""
+services:
+  chat:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    auth:
+      users: {{ldap: "ldap://127.0.0.1:{port(directory, 0, 'ldap')}", base: "ou=users,dc=example,dc=com"}}
+""")
+        authority = chat.getServiceNamed("chat").hub.authority
+        self.addCleanup(authority.close)
+        yield authority.refresh()
+        yield self.nickExchange(port(chat, 0, "chat"))

@@ -211,6 +211,7 @@ class LDAPServerProtocol(Protocol):
         log.info("ldap: closing {client}: {reason}", client=self.host, reason=reason)
         self.write(codec.noticeOfDisconnection(PROTOCOL_ERROR, reason))
         self.closing = True
+        self.buffer.clear()
         if self._out is not None:
             self.transport.write(b"".join(self._out))
             self._out.clear()

@@ -1,0 +1,493 @@
+"""
+The LDAP server protocol over a StringTransport, with requests encoded and
+responses decoded by ldaptor (an independent implementation of the wire format).
+"""
+
+from __future__ import annotations
+
+from ldaptor.protocols import pureber, pureldap
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from netsvc.ldap import codec
+from netsvc.ldap.server import LDAPServerFactory
+from tests.ldap._wire import (
+    ALICE,
+    BOB,
+    CAROL,
+    SUFFIX,
+    USERS,
+    Client,
+    attrs,
+    bind,
+    cookieOf,
+    decodeAll,
+    directoryFrom,
+    dns,
+    entries,
+    makeFactory,
+    msg,
+    pagedControl,
+    search,
+)
+
+
+def done(responses: list):
+    last = responses[-1].value
+    assert isinstance(last, pureldap.LDAPSearchResultDone), responses
+    return last
+
+
+class BindTests(unittest.TestCase):
+    def setUp(self):
+        self.factory = makeFactory()
+        self.client = Client(self.factory)
+
+    def code(self, request: bytes) -> int:
+        (response,) = self.client.send(request)
+        self.assertIsInstance(response.value, pureldap.LDAPBindResponse)
+        return response.value.resultCode
+
+    def test_anonymous(self):
+        self.assertEqual(self.code(bind(1)), 0)
+        self.assertEqual(self.factory.metrics.bindsOk.value, 1)
+
+    def test_anonymousRefusedWhenConfigured(self):
+        self.client = Client(makeFactory(anonymous="none"))
+        self.assertEqual(self.code(bind(1)), 53)
+
+    def test_simpleBind(self):
+        self.assertEqual(self.code(bind(1, ALICE, "alice-pw")), 0)
+        self.assertEqual(self.client.protocol.boundName, ALICE)
+
+    def test_dnSpelledDifferently(self):
+        self.assertEqual(self.code(bind(1, "UID=Alice, OU=Users,DC=example,DC=COM", "alice-pw")), 0)
+
+    def test_wrongPassword(self):
+        self.assertEqual(self.code(bind(1, ALICE, "nope")), 49)
+        self.assertEqual(self.factory.metrics.bindsFailed.value, 1)
+        self.assertIsNone(self.client.protocol.boundDN)
+
+    def test_unknownDN(self):
+        """An unknown DN costs a (threaded) dummy check, then 49."""
+        d = self.factory.directory.checkPassword("uid=nobody,ou=users,dc=example,dc=com", "x")
+        return d.addCallback(self.assertFalse)
+
+    def test_emptyPasswordIsUnwillingToPerform(self):
+        """slapd's answer to an unauthenticated bind (a DN, no password): 53, not success, not 49."""
+        (response,) = self.client.send(bind(1, ALICE, ""))
+        self.assertEqual(response.value.resultCode, 53)
+        self.assertIn(b"unauthenticated bind", response.value.errorMessage)
+
+    def test_sasl(self):
+        request = msg(pureldap.LDAPBindRequest(dn=b"", auth=(b"EXTERNAL", b""), sasl=True), 1)
+        self.assertEqual(self.code(request), 7)
+
+    def test_version2(self):
+        self.assertEqual(self.code(msg(pureldap.LDAPBindRequest(version=2, dn=b"", auth=b""), 1)), 2)
+
+    def test_failedBindsAreRateLimitedPerAddress(self):
+        factory = makeFactory(failedBindRate=0.5, failedBindBurst=3)
+        client = Client(factory)
+        codes = [client.send(bind(i, ALICE, "wrong"))[0].value.resultCode for i in range(1, 5)]
+        self.assertEqual(codes, [49, 49, 49, 49])
+        # The right password is not even checked now...
+        (refused,) = client.send(bind(9, ALICE, "alice-pw"))
+        self.assertEqual(refused.value.resultCode, 49)
+        self.assertIn(b"too many failed binds", refused.value.errorMessage)
+        # ...but another address is not affected...
+        (other,) = Client(factory, host="192.0.2.8").send(bind(1, ALICE, "alice-pw"))
+        self.assertEqual(other.value.resultCode, 0)
+        # ...and after a while the first may try again.
+        factory.clock.advance(2.5)
+        (later,) = client.send(bind(10, ALICE, "alice-pw"))
+        self.assertEqual(later.value.resultCode, 0)
+
+    def test_successfulBindsAreNotLimited(self):
+        factory = makeFactory(failedBindRate=0.5, failedBindBurst=2)
+        client = Client(factory)
+        codes = [client.send(bind(i, ALICE, "alice-pw"))[0].value.resultCode for i in range(1, 20)]
+        self.assertEqual(set(codes), {0})
+
+    def test_requestsWaitForAThreadedBind(self):
+        """While a bind is checked (in a thread), later requests wait, then are answered in order."""
+        pending = defer.Deferred()
+        directory = self.factory.directory
+        directory.checkPassword = lambda dn, pw: pending
+        out = self.client.send(bind(1, CAROL, "carol-pw") + search(2, CAROL, scope=0, attributes=("userPassword",)))
+        self.assertEqual(out, [])
+        self.assertEqual(self.client.transport.producerState, "paused")
+        self.client.transport.clear()
+        pending.callback(True)
+        responses = decodeAll(self.client.transport.value())
+        self.assertEqual([r.id for r in responses], [1, 2, 2])
+        self.assertEqual(responses[0].value.resultCode, 0)
+        # bound as carol: her own userPassword is readable
+        self.assertIn("userPassword", attrs(responses[1].value))
+        self.assertEqual(self.client.transport.producerState, "producing")
+
+    def test_threadedSchemes(self):
+        """{CRYPT} and {SCRYPT} values are checked in a thread (auth.verifyPassword)."""
+        directory = self.factory.directory
+
+        @defer.inlineCallbacks
+        def check():
+            self.assertTrue((yield directory.checkPassword(CAROL, "carol-pw")))
+            self.assertFalse((yield directory.checkPassword(CAROL, "alice-pw")))
+            self.assertTrue((yield directory.checkPassword("uid=dave,ou=users,dc=example,dc=com", "dave-pw")))
+
+        return check()
+
+
+class SearchTests(unittest.TestCase):
+    def setUp(self):
+        self.factory = makeFactory()
+        self.client = Client(self.factory)
+
+    def search(self, *args, **kwargs) -> list:
+        return self.client.send(search(2, *args, **kwargs))
+
+    def test_inheritanceAndCase(self):
+        """(objectclass=person) matches inetOrgPerson entries (ldaptor's server compares strings)."""
+        out = self.search(USERS, "(objectclass=PERSON)", attributes=("sn",))
+        self.assertEqual(dns(out), [ALICE, BOB, CAROL, "uid=dave,ou=users,dc=example,dc=com"])
+        self.assertEqual(attrs(entries(out)[0]), {"sn": [b"Liddell"]})
+        self.assertEqual(done(out).resultCode, 0)
+        self.assertEqual(self.factory.metrics.searches.value, 1)
+        self.assertEqual(self.factory.metrics.entries.value, 4)
+
+    def test_filters(self):
+        cases = {
+            "(cn=ALICE liddell)": [ALICE],
+            "(mail=BOB@example.COM)": [BOB],
+            "(cn=*a*)": [ALICE, CAROL, "uid=dave,ou=users,dc=example,dc=com",
+                         "cn=staff,ou=groups,dc=example,dc=com", "cn=admins,ou=groups,dc=example,dc=com"],
+            "(cn=car*ers)": [CAROL],
+            "(&(objectClass=posixAccount)(uidNumber>=10002))": [BOB],
+            "(uidNumber<=10001)": [ALICE],
+            "(|(uid=alice)(uid=bob))": [ALICE, BOB],
+            "(&(objectClass=inetOrgPerson)(!(title=engineer)))": [BOB, CAROL, "uid=dave,ou=users,dc=example,dc=com"],
+            "(telephoneNumber=+15550101)": [BOB],
+            "(uid~=CAROL)": [CAROL],
+            "(memberUid=alice)": ["cn=users,ou=groups,dc=example,dc=com"],
+            "(memberUid=ALICE)": [],  # caseExactIA5Match
+            "(member=UID=Alice,OU=users,DC=example,DC=com)": ["cn=staff,ou=groups,dc=example,dc=com",
+                                                               "cn=admins,ou=groups,dc=example,dc=com"],
+            "(loginShell=*)": [ALICE, BOB],
+            "(commonName=bob builder)": [BOB],
+        }
+        for flt, expected in cases.items():
+            self.assertEqual(dns(self.search(SUFFIX, flt, attributes=("1.1",))), expected, flt)
+
+    def test_scopes(self):
+        self.assertEqual(dns(self.search(USERS, scope=0)), [USERS])
+        self.assertEqual(dns(self.search(SUFFIX, scope=1)), ["ou=users,dc=example,dc=com",
+                                                             "ou=groups,dc=example,dc=com"])
+        self.assertEqual(len(dns(self.search(SUFFIX, scope=2))), 10)
+        self.assertEqual(len(dns(self.search("ou=groups,dc=example,dc=com", scope=2))), 4)
+
+    def test_noSuchObject(self):
+        out = self.search("ou=nobody,ou=users,dc=example,dc=com")
+        self.assertEqual(done(out).resultCode, 32)
+        self.assertEqual(done(out).matchedDN, USERS.encode())
+
+    def test_invalidDN(self):
+        self.assertEqual(done(self.search("not a dn")).resultCode, 34)
+
+    def test_attributeSelection(self):
+        alice = lambda *names: attrs(entries(self.search(ALICE, scope=0, attributes=names))[0])  # noqa: E731
+        self.assertEqual(alice("1.1"), {})
+        self.assertEqual(set(alice("CN", "mail")), {"cn", "mail"})
+        everything = alice()
+        self.assertIn("givenName", everything)
+        self.assertNotIn("entryDN", everything)
+        self.assertNotIn("userPassword", everything)
+        operational = alice("+")
+        self.assertEqual(operational["entryDN"], [ALICE.encode()])
+        self.assertEqual(operational["structuralObjectClass"], [b"inetOrgPerson"])
+        self.assertEqual(operational["hasSubordinates"], [b"FALSE"])
+        self.assertEqual(operational["subschemaSubentry"], [b"cn=Subschema"])
+        self.assertNotIn("cn", operational)
+        both = alice("*", "+")
+        self.assertIn("cn", both)
+        self.assertIn("entryDN", both)
+        self.assertEqual(alice("hasSubordinates"), {"hasSubordinates": [b"FALSE"]})
+
+    def test_typesOnly(self):
+        (entry,) = entries(self.search(ALICE, scope=0, attributes=("cn", "sn"), typesOnly=True))
+        self.assertEqual(attrs(entry), {"cn": [], "sn": []})
+
+    def test_userPasswordOnlyToItsOwnEntry(self):
+        def passwords():
+            found = entries(self.search(USERS, "(uid=*)", attributes=("userPassword",)))
+            return {e.objectName.decode() for e in found if attrs(e)}
+
+        self.assertEqual(passwords(), set())
+        self.client.send(bind(1, ALICE, "alice-pw"))
+        self.assertEqual(passwords(), {ALICE})
+        self.client.send(bind(3, BOB, "bob-pw"))
+        self.assertEqual(passwords(), {BOB})
+        # nor can it be guessed with a compare
+        compare = pureldap.LDAPCompareRequest(entry=ALICE.encode(), ava=pureldap.LDAPAttributeValueAssertion(
+            pureber.BEROctetString(b"userPassword"), pureber.BEROctetString(b"x")))
+        (answer,) = self.client.send(msg(compare, 4))
+        self.assertEqual(answer.value.resultCode, 50)
+
+    def test_sizeLimit(self):
+        out = self.search(SUFFIX, sizeLimit=3)
+        self.assertEqual(len(entries(out)), 3)
+        self.assertEqual(done(out).resultCode, 4)
+        # exactly as many as there are: success
+        out = self.search(USERS, "(objectClass=person)", sizeLimit=4)
+        self.assertEqual((len(entries(out)), done(out).resultCode), (4, 0))
+
+    def test_serverSizeLimit(self):
+        client = Client(makeFactory(sizeLimit=2))
+        out = client.send(search(1, SUFFIX, sizeLimit=100))
+        self.assertEqual((len(entries(out)), done(out).resultCode), (2, 4))
+
+    def test_timeLimit(self):
+        factory = makeFactory()
+        ticks = iter(range(0, 10**6, 100))
+        factory.now = lambda: next(ticks)
+        many = directoryFrom(b"dn: dc=example,dc=com\nobjectClass: domain\ndc: example\n\n" + b"".join(
+            b"dn: cn=e%d,dc=example,dc=com\nobjectClass: person\ncn: e%d\nsn: x\n\n" % (i, i) for i in range(200)))
+        factory.directory = many
+        out = Client(factory).send(search(1, SUFFIX))
+        self.assertEqual(done(out).resultCode, 3)
+        self.assertLess(len(entries(out)), 200)
+
+    def test_scanLimit(self):
+        """An unindexed filter over more than max_scan entries: adminLimitExceeded; an indexed one is fine."""
+        client = Client(makeFactory(maxScan=5))
+        self.assertEqual(done(client.send(search(1, SUFFIX, "(description=*)"))).resultCode, 11)
+        self.assertEqual(dns(client.send(search(2, SUFFIX, "(uid=bob)"))), [BOB])
+
+    def test_paged(self):
+        """RFC 2696: pages of 3 with cookies, then an empty cookie; all entries exactly once."""
+        seen, cookie, rounds = [], b"", 0
+        while True:
+            rounds += 1
+            out = self.client.send(search(rounds, SUFFIX, controls=[pagedControl(3, cookie)]))
+            self.assertEqual(done(out).resultCode, 0)
+            self.assertLessEqual(len(entries(out)), 3)
+            seen += dns(out)
+            cookie = cookieOf(out[-1])
+            if not cookie:
+                break
+        self.assertEqual(rounds, 4)
+        self.assertEqual(len(seen), 10)
+        self.assertEqual(len(set(seen)), 10)
+
+    def test_pagedExactMultiple(self):
+        """When the last page is full, its cookie is already empty (no empty extra page)."""
+        out = self.client.send(search(1, USERS, "(objectClass=person)", controls=[pagedControl(4)]))
+        self.assertEqual(len(entries(out)), 4)
+        self.assertEqual(cookieOf(out[-1]), b"")
+
+    def test_pagedAbandonAndBadCookie(self):
+        out = self.client.send(search(1, SUFFIX, controls=[pagedControl(2)]))
+        cookie = cookieOf(out[-1])
+        out = self.client.send(search(2, SUFFIX, controls=[pagedControl(0, cookie)]))
+        self.assertEqual((entries(out), done(out).resultCode, cookieOf(out[-1])), ([], 0, b""))
+        out = self.client.send(search(3, SUFFIX, controls=[pagedControl(2, cookie)]))
+        self.assertEqual(done(out).resultCode, 53)
+
+    def test_unknownCriticalControl(self):
+        out = self.client.send(search(1, SUFFIX, controls=[("1.2.3.4.5", True, None)]))
+        self.assertEqual(done(out).resultCode, 12)
+        out = self.client.send(search(2, USERS, scope=0, controls=[("1.2.3.4.5", False, None)]))
+        self.assertEqual((dns(out), done(out).resultCode), ([USERS], 0))
+
+    def test_rootDSE(self):
+        """Found with any matching filter (ldaptor's server needs the exact spelling (objectClass=*))."""
+        for flt in ("(objectClass=*)", "(objectclass=*)", "(objectClass=top)"):
+            out = self.search("", flt, scope=0)
+            (entry,) = entries(out)
+            values = attrs(entry)
+            self.assertEqual(values["namingContexts"], [SUFFIX.encode()])
+            self.assertIn(b"1.3.6.1.4.1.1466.20037", values["supportedExtension"])
+            self.assertIn(b"1.3.6.1.4.1.4203.1.11.3", values["supportedExtension"])
+            self.assertEqual(values["supportedControl"], [b"1.2.840.113556.1.4.319"])
+            self.assertEqual(values["supportedLDAPVersion"], [b"3"])
+            self.assertEqual(values["subschemaSubentry"], [b"cn=Subschema"])
+        self.assertEqual(entries(self.search("", "(cn=nothing)", scope=0)), [])
+
+    def test_rootDSEWithoutTLS(self):
+        out = Client(makeFactory(tls=False)).send(search(1, "", scope=0, attributes=("supportedExtension",)))
+        self.assertEqual(attrs(entries(out)[0])["supportedExtension"], [b"1.3.6.1.4.1.4203.1.11.3"])
+
+    def test_subschema(self):
+        out = self.search("cn=subschema", "(objectClass=subschema)", scope=0,
+                          attributes=("objectClasses", "attributeTypes"))
+        values = attrs(entries(out)[0])
+        self.assertTrue(any(b"NAME 'inetOrgPerson' SUP organizationalPerson STRUCTURAL" in v
+                            for v in values["objectClasses"]))
+        self.assertTrue(any(b"NAME ( 'cn' 'commonName' ) SUP name" in v for v in values["attributeTypes"]))
+        plain = attrs(entries(self.search("cn=Subschema", scope=0))[0])
+        self.assertNotIn("attributeTypes", plain)  # operational: only when asked for
+        self.assertIn(b"subschema", plain["objectClass"])
+
+    def test_anonymousNone(self):
+        client = Client(makeFactory(anonymous="none"))
+        self.assertEqual(done(client.send(search(1, SUFFIX))).resultCode, 50)
+        self.assertEqual(len(entries(client.send(search(2, "", scope=0)))), 1)  # the root DSE stays readable
+        client.send(bind(3, BOB, "bob-pw"))
+        self.assertEqual(len(entries(client.send(search(4, SUFFIX)))), 10)
+
+    def test_pipelined(self):
+        """Many requests in one read: answered in order, in one write."""
+        data = b"".join(search(i, USERS, f"(uid=user{i})") for i in range(1, 50)) + search(50, USERS, "(uid=bob)")
+        self.client.transport.clear()
+        writes = []
+        write = self.client.transport.write
+        self.client.transport.write = lambda data: (writes.append(len(data)), write(data))
+        self.client.protocol.dataReceived(data)
+        self.assertEqual(len(writes), 1)
+        responses = decodeAll(self.client.transport.value())
+        self.assertEqual([r.id for r in responses], list(range(1, 50)) + [50, 50])
+
+
+class OtherOperationTests(unittest.TestCase):
+    def setUp(self):
+        self.factory = makeFactory()
+        self.client = Client(self.factory)
+
+    def test_whoami(self):
+        whoami = msg(pureldap.LDAPExtendedRequest(requestName=b"1.3.6.1.4.1.4203.1.11.3"), 2)
+        (anonymous,) = self.client.send(whoami)
+        self.assertEqual((anonymous.value.resultCode, anonymous.value.response), (0, b""))
+        self.client.send(bind(1, "uid=ALICE,ou=users,dc=example,dc=com", "alice-pw"))
+        (me,) = self.client.send(whoami)
+        self.assertEqual(me.value.response, b"dn:" + ALICE.encode())
+
+    def test_startTLS(self):
+        (response,) = self.client.send(msg(pureldap.LDAPStartTLSRequest(), 1))
+        self.assertEqual(response.value.resultCode, 0)
+        self.assertEqual(response.value.responseName, b"1.3.6.1.4.1.1466.20037")
+        clear, options = self.client.transport.tlsStarted
+        self.assertEqual(options, "tls-options")
+        self.assertEqual(decodeAll(clear), [response])  # the response went out before TLS started
+        (again,) = self.client.send(msg(pureldap.LDAPStartTLSRequest(), 2))
+        self.assertEqual(again.value.resultCode, 1)
+
+    def test_startTLSUnavailable(self):
+        (response,) = Client(makeFactory(tls=False)).send(msg(pureldap.LDAPStartTLSRequest(), 1))
+        self.assertEqual(response.value.resultCode, 52)
+
+    def test_unknownExtendedOperation(self):
+        (response,) = self.client.send(msg(pureldap.LDAPExtendedRequest(requestName=b"1.2.3.4"), 1))
+        self.assertEqual(response.value.resultCode, 2)
+        self.assertFalse(self.client.closed)
+
+    def test_compare(self):
+        def compare(dn, attr, value):
+            req = pureldap.LDAPCompareRequest(entry=dn.encode(), ava=pureldap.LDAPAttributeValueAssertion(
+                pureber.BEROctetString(attr.encode()), pureber.BEROctetString(value.encode())))
+            (r,) = self.client.send(msg(req, 1))
+            return r.value.resultCode
+
+        self.assertEqual(compare(BOB, "title", "OPERATOR"), 6)
+        self.assertEqual(compare(BOB, "title", "engineer"), 5)
+        self.assertEqual(compare(BOB, "roomNumber", "1"), 16)
+        self.assertEqual(compare("uid=x,ou=users,dc=example,dc=com", "cn", "x"), 32)
+
+    def test_writesRefused(self):
+        requests = [
+            msg(pureldap.LDAPDelRequest(entry=BOB.encode()), 1),
+            msg(pureldap.LDAPAddRequest(entry=b"uid=x,ou=users,dc=example,dc=com", attributes=[
+                (pureldap.LDAPAttributeDescription(b"cn"), pureber.BERSet([pureldap.LDAPAttributeValue(b"x")]))]), 2),
+            msg(pureldap.LDAPModifyDNRequest(entry=BOB.encode(), newrdn=b"uid=rob", deleteoldrdn=True), 3),
+        ]
+        for request in requests:
+            (response,) = self.client.send(request)
+            self.assertEqual(response.value.resultCode, 53)
+        self.assertIsNotNone(self.factory.directory.get(BOB))
+
+    def test_abandonAndUnbind(self):
+        self.assertEqual(self.client.send(msg(pureldap.LDAPAbandonRequest(id=3), 4)), [])
+        self.assertFalse(self.client.closed)
+        self.client.send(msg(pureldap.LDAPUnbindRequest(), 5))
+        self.assertTrue(self.client.closed)
+
+
+class BadInputTests(unittest.TestCase):
+    """Protocol errors: a Notice of Disconnection (protocolError) and the connection closed."""
+
+    def setUp(self):
+        self.factory = makeFactory(maxRequest=4096)
+        self.client = Client(self.factory)
+
+    def assertDisconnected(self, responses):
+        (notice,) = responses
+        self.assertEqual(notice.id, 0)
+        self.assertEqual(notice.value.resultCode, 2)
+        self.assertEqual(notice.value.responseName, b"1.3.6.1.4.1.1466.20036")
+        self.assertTrue(self.client.closed)
+        self.assertEqual(self.factory.metrics.protocolErrors.value, 1)
+
+    def test_notASequence(self):
+        self.assertDisconnected(self.client.send(b"GET / HTTP/1.1\r\n\r\n"))
+
+    def test_hugeLengthRefusedBeforeBuffering(self):
+        """A 2^31 length prefix is refused from the header alone, nothing buffered."""
+        self.assertDisconnected(self.client.send(b"\x30\x84\x80\x00\x00\x00" + b"\x02\x01\x01"))
+        self.assertEqual(len(self.client.protocol.buffer), 0)
+
+    def test_overTheRequestLimit(self):
+        self.assertDisconnected(self.client.send(search(1, SUFFIX, "(cn=" + "x" * 5000 + ")")))
+
+    def test_truncated(self):
+        """A truncated message is waited for (bounded by the request limit), then completed."""
+        whole = search(1, USERS, "(uid=bob)")
+        self.assertEqual(self.client.sendRaw(whole[:7]), b"")
+        self.assertEqual(dns(self.client.send(whole[7:])), [BOB])
+
+    def test_truncatedInside(self):
+        """A length inside the message that runs past its end: protocolError."""
+        whole = bytearray(bind(1, ALICE, "alice-pw"))
+        whole[6] = 0x7F  # the bind request's own length
+        self.assertDisconnected(self.client.send(bytes(whole)))
+
+    def test_indefiniteLength(self):
+        self.assertDisconnected(self.client.send(b"\x30\x80\x02\x01\x01\x42\x00\x00\x00"))
+
+    def test_unknownOperation(self):
+        self.assertDisconnected(self.client.send(codec.message(1, codec.tlv(0x7F - 0x1F + 0x1E, b""))))
+
+    def test_deepFilter(self):
+        """A filter nested 10,000 deep fails its search (protocolError); the connection goes on."""
+        flt = codec.tlv(0x87, b"cn")
+        for _ in range(10_000):
+            flt = codec.tlv(0xA2, flt)  # (!(!(!...(cn=*))))
+        op = codec.tlv(codec.SEARCH_REQUEST, codec.octets(SUFFIX.encode()) + codec.integer(2, 0x0A)
+                       + codec.integer(0, 0x0A) + codec.integer(0) + codec.integer(0) + codec.tlv(0x01, b"\0")
+                       + flt + codec.tlv(0x30, b""))
+        client = Client(makeFactory(maxRequest=1 << 20))
+        (response,) = client.send(codec.message(7, op))
+        self.assertEqual((response.id, response.value.resultCode), (7, 2))
+        self.assertFalse(client.closed)
+        self.assertEqual(dns(client.send(search(8, USERS, "(uid=bob)"))), [BOB])
+
+    def test_otherClientsUnaffected(self):
+        other = Client(self.factory)
+        self.client.send(b"\x30\x03\x02\x01\x01")
+        self.assertTrue(self.client.closed)
+        self.assertEqual(dns(other.send(search(1, USERS, "(uid=bob)"))), [BOB])
+
+    def test_nothingAfterClosing(self):
+        self.client.send(b"\x04\x00" + search(1, USERS))
+        self.assertEqual(self.client.send(search(2, USERS)), [])
+
+
+class FactoryTests(unittest.TestCase):
+    def test_reloadKeepsTheDirectoryObject(self):
+        factory: LDAPServerFactory = makeFactory()
+        directory = factory.directory
+        client = Client(factory)
+        smaller = directoryFrom(b"dn: dc=example,dc=com\nobjectClass: domain\ndc: example\n\n"
+                                b"dn: ou=users,dc=example,dc=com\nobjectClass: organizationalUnit\nou: users\n")
+        directory.replace(smaller)
+        self.assertIs(factory.directory, directory)
+        self.assertEqual(dns(client.send(search(1, SUFFIX))), [SUFFIX, USERS])
+        self.assertIsNone(directory.findUser("alice"))

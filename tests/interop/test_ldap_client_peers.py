@@ -16,7 +16,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.interop._daemon import decoded, runToCompletion
+from tests.interop._daemon import REPO, decoded, runToCompletion, startNetsvc
 from tests.interop._slapd import ADMIN_DN, ADMIN_PASSWORD, SUFFIX, USERS, startSlapd
 from tests.ldap.test_ldifout import parseLDIF
 
@@ -168,3 +168,46 @@ class TLSAgainstSlapdTests(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn(b"certificate verify failed", result.stderr)
         self.assertEqual(result.stdout, b"")
+
+
+class AgainstServicesLDAPTests(unittest.TestCase):
+    """netsvc ldap against netsvc's own directory (twistd -n netsvc, etc/ldap/example.ldif)."""
+
+    def setUp(self):
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        config = folder / "netsvc.yaml"
+        config.write_text(f"""
+services:
+  ldap:
+    listen: ["tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"]
+    suffix: dc=example,dc=com
+    ldif: ["{REPO / 'etc' / 'ldap' / 'example.ldif'}"]
+""")
+        self.daemon = startNetsvc(self, config, folder / "state")
+        self.url = f"ldap://127.0.0.1:{self.daemon.port('services.ldap.listen[0]')}"
+        self.ldapsURL = f"ldaps://127.0.0.1:{self.daemon.port('services.ldap.listen[1]')}"
+
+    def test_commands(self):
+        people = netsvcLDAP(self, "search", "-x", "-H", self.url, "-b", f"ou=users,{SUFFIX}", "(objectclass=person)",
+                            "sn")
+        self.assertEqual(people.returncode, 0, decoded(people))
+        self.assertIn((f"uid=alice,ou=users,{SUFFIX}".encode(), {b"sn": [b"Liddell"]}), parseLDIF(people.stdout))
+        everything = netsvcLDAP(self, "search", "-H", self.url, "-b", SUFFIX, "1.1")
+        paged = netsvcLDAP(self, "search", "-H", self.url, "-ZZ", "--cacert", self.daemon.cafile, "-D",
+                           f"uid=alice,ou=users,{SUFFIX}", "-w", "alice-pw", "-b", SUFFIX, "-E", "pr=2/noprompt",
+                           "1.1")
+        self.assertEqual((everything.returncode, paged.returncode), (0, 0), decoded(paged))
+        self.assertGreater(len(parseLDIF(paged.stdout)), 2)
+        self.assertEqual(parseLDIF(paged.stdout), parseLDIF(everything.stdout))
+        # One daemon start is slow on a shared machine: the other commands go on against it here.
+        me = netsvcLDAP(self, "whoami", "-H", self.ldapsURL, "--cacert", self.daemon.cafile, "-D",
+                        f"uid=bob,ou=users,{SUFFIX}", "-w", "bob-pw")
+        self.assertEqual((me.returncode, me.stdout), (0, f"dn:uid=bob,ou=users,{SUFFIX}\n".encode()), decoded(me))
+        bad = netsvcLDAP(self, "whoami", "-H", self.url, "-D", f"uid=bob,ou=users,{SUFFIX}", "-w", "wrong")
+        self.assertEqual(bad.returncode, 49, decoded(bad))
+        yes = netsvcLDAP(self, "compare", "-H", self.url, f"uid=alice,ou=users,{SUFFIX}", "sn:liddell")
+        self.assertEqual((yes.returncode, yes.stdout), (6, b"TRUE\n"), decoded(yes))
+        limited = netsvcLDAP(self, "search", "-H", self.url, "-b", SUFFIX, "-z", "2", "1.1")
+        self.assertEqual(limited.returncode, 4, decoded(limited))
+        self.assertEqual(len(parseLDIF(limited.stdout)), 2)

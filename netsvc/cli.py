@@ -18,32 +18,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from netsvc.checkconfig import checkConfig  # netsvc check-config (re-exported)
+
 CLIENTS = ["netsvc.echo.client", "netsvc.chat.client", "netsvc.dns.client", "netsvc.forward.client",
            "netsvc.fetch.cli", "netsvc.smtp.client", "netsvc.ldap.clientcli"]
-
-
-def checkConfig(reactor: Any, args: argparse.Namespace) -> int:
-    """Validate each file (settings, endpoints, certificate files); print OK or the problems."""
-    from netsvc.config import ConfigError, Problem, load
-    from netsvc.tls import CertificateError, ServerCertificate
-
-    status = 0
-    for name in args.files:
-        try:
-            settings = load(name)
-            if settings.tls.cert != "auto":
-                try:
-                    ServerCertificate.fromSettings(settings.tls, settings.stateDir, resolve=settings.path)
-                except CertificateError as e:
-                    raise ConfigError([Problem(name, "tls.cert", str(e))]) from None
-        except ConfigError as e:
-            for line in str(e).splitlines():
-                print(line, file=sys.stderr)
-            status = 1
-        else:
-            enabled = [n for n, s in settings.services.items() if s.enabled]
-            print(f"{name}: OK ({', '.join(enabled) or 'no services'})")
-    return status
 
 
 _MARKUP = re.compile(r"\b[CLIBU]\{")

@@ -73,16 +73,23 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def parseNetworks(specs: Iterable[str]) -> list[Network]:
     """
-    Parse CIDR strings (a bare address is a /32 or /128).
+    Parse CIDR strings (a bare address is a /32 or /128).  A network with host
+    bits set (C{1.2.3.4/8}) is refused, as C{ip_network(strict=True)} does: it
+    usually means a typo, and it would silently admit or deny far more than written.
 
     @raise ValueError: naming the bad entry.
     """
     out = []
     for spec in specs:
         try:
-            out.append(ipaddress.ip_network(spec, strict=False))
+            out.append(ipaddress.ip_network(spec, strict=True))
         except ValueError:
-            raise ValueError(f"not an address or CIDR network: {spec!r}") from None
+            try:
+                loose = ipaddress.ip_network(spec, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or CIDR network: {spec!r}") from None
+            raise ValueError(f"{spec!r} has host bits set: the network is {loose} "
+                             f"(or write the address alone for just {spec.split('/')[0]})") from None
     return out
 
 

@@ -308,7 +308,8 @@ class LDAPConnection(LDAPClient):
                    controls: Sequence[tuple] | None = None, timeout: float | None = None) -> defer.Deferred:
         """
         One search request; C{onEntry(dn, [(attribute, [values])])} for each entry.
-        Fires with C{(LDAPSearchResultDone, response controls, entries, references)}.
+        Fires with C{(LDAPSearchResultDone, response controls, entries, references)};
+        if C{onEntry} raises, the connection is aborted and this fails with that exception.
         """
         done: defer.Deferred = defer.Deferred()
         counts = {"entries": 0}
@@ -318,7 +319,13 @@ class LDAPConnection(LDAPClient):
             if isinstance(response, pureldap.LDAPSearchResultEntry):
                 counts["entries"] += 1
                 attributes = [(_text(name), list(values)) for name, values in response.attributes]
-                onEntry(_text(response.objectName), attributes)
+                try:
+                    onEntry(_text(response.objectName), attributes)
+                except Exception as e:  # e.g. the output is gone: stop the search, fail with that
+                    if not done.called:
+                        done.errback(e)
+                    self.transport.abortConnection()
+                    return True
                 return False
             if isinstance(response, pureldap.LDAPSearchResultReference):
                 references.extend(_text(getattr(u, "value", u)) for u in response.uris)

@@ -244,6 +244,11 @@ async def _searchSession(reactor: Any, args: argparse.Namespace, writer: Any, er
         done = await conn.search(args.base, args.scopeValue, args.filterObject, args.attributes or [],
                                  onEntry=writer.entry, sizeLimit=args.sizeLimit, timeLimit=args.timeLimit,
                                  typesOnly=args.typesOnly, pageSize=args.pages, criticalPaging=args.criticalPaging)
+    except BrokenPipeError:
+        _quietStdout()  # the reader (| head) has all it wanted; no traceback at exit
+        return EXIT_LOCAL
+    except OSError as e:
+        return fail(f"{what}: writing the output", e.strerror or e, err=err)
     except Exception as e:
         return fail(what, client.describe(e, args.ldapURL.host), err=err)
     finally:
@@ -254,6 +259,16 @@ async def _searchSession(reactor: Any, args: argparse.Namespace, writer: Any, er
         matched = f" (matched: {done.matchedDN})" if done.matchedDN else ""
         return fail(what, f"{done.error()}{matched}", done.resultCode, err=err)
     return 0
+
+
+def _quietStdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _whoami(reactor: Any, args: argparse.Namespace, out: Any, err: Any) -> defer.Deferred:

@@ -322,3 +322,19 @@ class FilterTests(unittest.TestCase):
     def test_depthBounded(self):
         self.assertRaises(FilterError, parseFilter, "(!" * 200 + "(a=b)" + ")" * 200)
         parseFilter("(!" * 30 + "(a=b)" + ")" * 30)
+
+
+class OutputFailureTests(unittest.TestCase):
+    def test_onEntryFailureStopsTheSearch(self):
+        wire = Wire()
+
+        def broken(dn, attrs):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        d = wire.conn.search("dc=x", 2, parseFilter("(cn=*)"), onEntry=broken)
+        [message] = wire.sent()
+        wire.answer(message.id, entry("cn=a"))
+        self.failureResultOf(d, BrokenPipeError)
+        self.assertTrue(wire.transport.disconnecting)
+        wire.answer(message.id, entry("cn=b"))  # more entries on the way: nothing to go to, no error
+        wire.conn.connectionLost(None)

@@ -36,6 +36,7 @@ import yaml
 from netsvc import endpoints
 from netsvc.policies import Limits, parseNetworks
 from netsvc.schema import ConfigError, Duration, Invalid, Problem, Size, field, frozen, suggest  # noqa: F401
+from netsvc.workers.settings import WorkerCount, checkWorkers
 
 # -- the structuring engine --------------------------------------------------
 
@@ -332,6 +333,8 @@ class Settings:
     #: On shutdown: how long open connections may go on after listening stops.
     drain_timeout: Duration = field(Duration(5), min=0, max=3600)
     services: ServicesMap = field(factory=ServicesMap)
+    #: Worker processes sharing the listeners (auto: one per CPU); see netsvc.workers.
+    workers: WorkerCount = field(WorkerCount(1))
     #: The folder relative paths resolve against (not a YAML key).
     base_dir: str = attrs.field(default=".", kw_only=True, metadata={"internal": True})
 
@@ -342,6 +345,9 @@ class Settings:
     @property
     def stateDir(self) -> Path:
         return self.path(self.state_dir)
+
+    def check(self) -> list[tuple[str, str]]:
+        return checkWorkers(self)
 
 
 def parse(text: str, file: str = "<string>", base_dir: str = ".") -> Settings:

@@ -299,9 +299,12 @@ class Daemon(service.MultiService):
             if reconfigure is not None and svc.name in settings.services:
                 reconfigure(settings.services[svc.name])
 
+    #: Under state_dir; a worker process (netsvc.workers) writes workers/N.json instead.
+    statusName = "status.json"
+
     @property
     def statusPath(self) -> Path:
-        return Path(self.context.stateDir) / "status.json"
+        return Path(self.context.stateDir) / self.statusName
 
     def status(self) -> dict[str, Any]:
         return {

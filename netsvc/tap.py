@@ -155,7 +155,9 @@ def makeService(options: Options) -> Any:
                          reloadSettings=lambda: settingsFromOptions(options))
     daemon.logObserver = logs.observerFor(settings.log, _twistdStream(options, settings))
     daemon.startupErrorFD = _daemonizedStartupErrors(options)
-    return daemon
+    from netsvc.workers.supervisor import forWorkers
+
+    return forWorkers(daemon, settings, options)  # the daemon itself unless workers: N > 1
 
 
 #: What a netsvc start failure looks like on twistd's status pipe (the exception's qualified name).

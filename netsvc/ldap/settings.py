@@ -72,8 +72,9 @@ class Settings(ServiceSettings):
 
     @classmethod
     def fromConfig(cls, value: object, path: str, walker: Any) -> Any:
+        before = len(walker.problems)
         instance = walker.structureClass(cls, value, path)
-        if instance is attrs.NOTHING or walker.problems:
+        if instance is attrs.NOTHING or len(walker.problems) > before:
             return instance
         base = _baseDir(walker.file)
         try:

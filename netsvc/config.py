@@ -34,7 +34,7 @@ import yaml
 
 # Limits and the schema names are re-exported: services write their settings with them, imported from here.
 from netsvc import endpoints
-from netsvc.policies import Limits, parseNetworks
+from netsvc.policies import Limits, networkProblems
 from netsvc.schema import ConfigError, Duration, Invalid, Problem, Size, field, frozen, suggest  # noqa: F401
 from netsvc.workers.settings import WorkerCount, checkWorkers
 
@@ -245,13 +245,7 @@ class ServiceSettings:
     deny: list[str] = field(factory=list)
 
     def check(self) -> list[tuple[str, str]]:
-        problems = []
-        for key in ("allow", "deny"):
-            try:
-                parseNetworks(getattr(self, key))
-            except ValueError as e:
-                problems.append((key, str(e)))
-        return problems
+        return networkProblems(self, "allow", "deny")
 
 
 # -- the top level -------------------------------------------------------------
@@ -289,11 +283,7 @@ class MetricsSettings:
     allow: list[str] = field(factory=lambda: ["127.0.0.0/8", "::1/128"])
 
     def check(self) -> list[tuple[str, str]]:
-        try:
-            parseNetworks(self.allow)
-        except ValueError as e:
-            return [("allow", str(e))]
-        return []
+        return networkProblems(self, "allow")
 
 
 class ServicesMap(dict):

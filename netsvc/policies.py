@@ -35,7 +35,7 @@ from netsvc.schema import Duration, Size, field, frozen
 
 __all__ = [
     "AccessList", "Bandwidth", "Guard", "GuardedFactory", "GuardedProtocol", "HalfCloseableGuardedProtocol",
-    "Limits", "Network", "RateLimiter", "TokenBucket", "parseNetworks", "peerHost",
+    "Limits", "Network", "RateLimiter", "TokenBucket", "networkProblems", "parseNetworks", "peerHost",
 ]
 
 log = Logger()
@@ -91,6 +91,20 @@ def parseNetworks(specs: Iterable[str]) -> list[Network]:
             raise ValueError(f"{spec!r} has host bits set: the network is {loose} "
                              f"(or write the address alone for just {spec.split('/')[0]})") from None
     return out
+
+
+def networkProblems(settings: Any, *keys: str) -> list[tuple[str, str]]:
+    """
+    For settings' C{check()}: C{(key, reason)} for each attribute in C{keys} of
+    C{settings} whose CIDR list L{parseNetworks} refuses.
+    """
+    problems = []
+    for key in keys:
+        try:
+            parseNetworks(getattr(settings, key))
+        except ValueError as e:
+            problems.append((key, str(e)))
+    return problems
 
 
 class AccessList:

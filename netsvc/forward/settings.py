@@ -28,6 +28,7 @@ from typing import Literal
 
 from netsvc import endpoints
 from netsvc.config import DatagramListener, Duration, Limits, ServiceSettings, Size, field, frozen
+from netsvc.policies import networkProblems
 
 
 @frozen
@@ -94,8 +95,6 @@ class Rule:
         return bool(self.listen) and endpoints.isDatagram(self.listen[0].endpoint)
 
     def check(self) -> list[tuple[str, str]]:
-        from netsvc.policies import parseNetworks
-
         problems: list[tuple[str, str]] = []
         if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             problems.append(("name", f"use letters, digits, '-', '_' or '.', got {self.name!r}"))
@@ -132,11 +131,7 @@ class Rule:
                         "is not supported yet)",
                     )
                 )
-        for key in ("allow", "deny"):
-            try:
-                parseNetworks(getattr(self, key))
-            except ValueError as e:
-                problems.append((key, str(e)))
+        problems += networkProblems(self, "allow", "deny")
         if self.health is not None:
             for key in ("send", "expect"):
                 value = getattr(self.health, key)

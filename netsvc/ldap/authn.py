@@ -294,13 +294,17 @@ def authenticatorFor(source: Any, context: Any, key: str = "users") -> Any:
     """
     The authenticator for an C{ldap:} or C{directory:} L{netsvc.auth.UserSource}.
 
-    @raise netsvc.runtime.StartupError: the bind password file or CA file cannot be used.
+    @raise netsvc.runtime.StartupError: the bind password file or CA file cannot be used, or
+        C{directory: true} without services.ldap in the configuration.
     """
     from netsvc.config import Problem
     from netsvc.runtime import StartupError
     from netsvc.tls import CertificateError, clientCreator
 
     if source.kind == "directory":
+        services = getattr(getattr(context, "settings", None), "services", None)
+        if services is not None and not getattr(services.get("ldap"), "enabled", False):
+            raise StartupError([Problem(context.configFile, key, "users: {directory: true} needs services.ldap")])
         return LocalDirectory(context, source.attribute, source.timeout)
     if source.kind != "ldap":
         raise ValueError(f"not an LDAP user source: {source.kind}")

@@ -249,6 +249,15 @@ class LocalDirectoryTests(unittest.TestCase):
         self.assertTrue(users.isReserved("AL"))
         self.assertFalse(users.isReserved("nobody"))
 
+    def test_noLDAPServiceIsAStartupError(self):
+        context = SimpleNamespace(reactor=reactor, directory=None, configFile="netsvc.yaml",
+                                  settings=SimpleNamespace(services={"chat": SimpleNamespace(enabled=True)}))
+        e = self.assertRaises(ConfigError, auth.authenticatorFor, auth.UserSource(directory=True), context)
+        self.assertIn("needs services.ldap", str(e))
+        e = self.assertRaises(ConfigError, authn.authenticatorFor, auth.UserSource(directory=True), context,
+                              "services.chat.auth.users")
+        self.assertIn("services.chat.auth.users", str(e))
+
     @defer.inlineCallbacks
     def test_noDirectory(self):
         errors = captureErrors(self)

@@ -19,6 +19,8 @@ reads ldaptor's global C{ldaptor.config}.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -167,10 +169,28 @@ class LDAPConnection(LDAPClient):
 
     def dataReceived(self, data: bytes) -> None:
         if len(self.buffer) + len(data) > MAX_MESSAGE:
-            self.lostReason = error.ConnectionLost(f"server message larger than {MAX_MESSAGE} bytes")
-            self.transport.abortConnection()
+            self._protocolError(f"server message larger than {MAX_MESSAGE} bytes")
             return
-        super().dataReceived(data)
+        self.buffer += data
+        while self.buffer and self.connected:
+            try:
+                # ldaptor prints unknown BER tags to stdout (where our LDIF goes), and returns None.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    message, used = pureber.berDecodeObject(self.berdecoder, self.buffer)
+            except pureber.BERExceptionInsufficientData:
+                return
+            except Exception as e:
+                self._protocolError(f"undecodable message from the server ({type(e).__name__})")
+                return
+            self.buffer = self.buffer[used:]
+            if not isinstance(getattr(message, "value", None), pureldap.LDAPProtocolResponse):
+                self._protocolError("unexpected message from the server")
+                return
+            self.handle(message)
+
+    def _protocolError(self, why: str) -> None:
+        self.lostReason = error.ConnectionLost(why)
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = 0

@@ -6,6 +6,8 @@ refusal), and the filter parser.
 
 from __future__ import annotations
 
+import io
+
 from ldaptor.protocols import pureber, pureldap
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet import error
@@ -338,3 +340,44 @@ class OutputFailureTests(unittest.TestCase):
         self.assertTrue(wire.transport.disconnecting)
         wire.answer(message.id, entry("cn=b"))  # more entries on the way: nothing to go to, no error
         wire.conn.connectionLost(None)
+
+
+class BadServerTests(unittest.TestCase):
+    def assertClosedWith(self, wire, d, text):
+        self.assertTrue(wire.transport.disconnecting)
+        wire.conn.connectionLost(None)
+        self.assertIn(text, str(self.failureResultOf(d, error.ConnectionLost).value))
+
+    def test_partialMessageWaits(self):
+        wire = Wire()
+        d = wire.conn.bind("", "")
+        [message] = wire.sent()
+        data = pureldap.LDAPMessage(pureldap.LDAPBindResponse(resultCode=0), id=message.id).toWire()
+        for b in range(len(data)):
+            wire.conn.dataReceived(data[b:b + 1])
+        self.successResultOf(d)
+
+    def test_notAnLDAPMessage(self):
+        wire = Wire()
+        d = wire.conn.bind("", "")
+        wire.conn.dataReceived(b"\x04\x03abc")
+        self.assertClosedWith(wire, d, "unexpected message from the server")
+
+    def test_requestInsteadOfResponse(self):
+        wire = Wire()
+        d = wire.conn.bind("", "")
+        wire.conn.dataReceived(pureldap.LDAPMessage(pureldap.LDAPBindRequest(dn=b"x", auth=b"y"), id=1).toWire())
+        self.assertClosedWith(wire, d, "unexpected message from the server")
+
+    def test_unknownOperationIsQuiet(self):
+        import sys
+
+        wire = Wire()
+        d = wire.conn.bind("", "")
+        printed = io.StringIO()
+        self.patch(sys, "stdout", printed)
+        # An LDAPMessage holding APPLICATION 25 (IntermediateResponse), which ldaptor does not know.
+        body = pureber.BERInteger(1).toWire() + b"\x79\x00"
+        wire.conn.dataReceived(b"\x30" + bytes([len(body)]) + body)
+        self.assertEqual(printed.getvalue(), "")
+        self.assertClosedWith(wire, d, "from the server")

@@ -215,3 +215,53 @@ class AgainstInMemoryServerTests(unittest.TestCase):
         status, out, err = yield self.run_("search", "-H", self.url)
         self.assertEqual(status, 1)
         self.assertEqual(err, f"netsvc ldap: connect to {self.url}: connection refused\n")
+
+
+class AgainstServicesLDAPTests(unittest.TestCase):
+    """The commands against services.ldap (netsvc.ldap.server) in this process."""
+
+    def daemon(self, tls: str = ""):
+        from pathlib import Path
+
+        from tests.helpers import port, startDaemon, stateDir
+
+        example = Path(__file__).resolve().parents[2] / "etc" / "ldap" / "example.ldif"
+        daemon = startDaemon(self, f"""{tls}
+services:
+  ldap:
+    listen: ["tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"]
+    suffix: {SUFFIX}
+    ldif: ["{example}"]
+""")
+        self.url = f"ldap://127.0.0.1:{port(daemon, 0, 'ldap')}"
+        self.ldapsURL = f"ldaps://127.0.0.1:{port(daemon, 1, 'ldap')}"
+        self.cafile = str(stateDir(daemon) / "tls" / "selfsigned.pem")
+
+    run_ = AgainstInMemoryServerTests.run_
+
+    @defer.inlineCallbacks
+    def test_pagedSearchOverStartTLS(self):
+        self.daemon()
+        status, everything, err = yield self.run_("search", "-H", self.url, "-b", SUFFIX, "1.1")
+        self.assertEqual(status, 0, err)
+        status, paged, err = yield self.run_("search", "-H", self.url, "-ZZ", "--cacert", self.cafile, "-b", SUFFIX,
+                                             "-E", "pr=2/noprompt", "1.1")
+        self.assertEqual(status, 0, err)
+        self.assertGreater(len(parseLDIF(paged)), 4)
+        self.assertEqual(parseLDIF(paged), parseLDIF(everything))
+
+    @defer.inlineCallbacks
+    def test_whoamiOverLDAPS(self):
+        self.daemon()
+        status, out, err = yield self.run_("whoami", "-H", self.ldapsURL, "--cacert", self.cafile, "-D",
+                                           f"uid=alice,ou=users,{SUFFIX}", "-w", "alice-pw")
+        self.assertEqual((status, out), (0, f"dn:uid=alice,ou=users,{SUFFIX}\n".encode()), err)
+
+    @defer.inlineCallbacks
+    def test_wrongNameRefused(self):
+        self.daemon(tls='tls: {names: ["ldap.wrong.example"]}')
+        for argv in (["search", "-H", self.url, "-ZZ"], ["whoami", "-H", self.ldapsURL]):
+            status, out, err = yield self.run_(*argv, "--cacert", self.cafile)
+            self.assertEqual((status, out), (1, b""), err)
+            self.assertIn("the server's certificate is not valid for 127.0.0.1", err)
+            self.assertEqual(err.count("\n"), 1)

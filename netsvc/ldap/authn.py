@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ldaptor.protocols import pureldap
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -49,6 +49,8 @@ BIND_CONNECTIONS = 4
 REFRESH = 60.0
 RETRY = 10.0
 MAX_KNOWN = 100_000
+#: Longer user names are refused without asking the directory.
+MAX_NAME = 256
 PAGE = 500
 
 _NO_SUCH_DN = "cn=no such user"
@@ -67,27 +69,38 @@ class Pool:
         self._slots = defer.DeferredSemaphore(size)
 
     async def run(self, operation: Callable[[Any], Any]) -> Any:
+        """
+        C{operation(connection)} on an idle connection or a new one.  When a reused
+        connection turns out to be closed (the server's idle timeout), it is tried
+        once more on a new one.
+        """
         await self._slots.acquire()
         try:
             conn = None
             while self._idle and conn is None:
                 candidate = self._idle.pop()
                 conn = candidate if candidate.connected else None
-            if conn is None:
-                conn = await self._open()
-            try:
-                result = await operation(conn)
-            except client.LDAPError:
-                self._keep(conn)
-                raise
-            except BaseException:
-                if conn.connected:
-                    conn.transport.abortConnection()
-                raise
-            self._keep(conn)
-            return result
+            if conn is not None:
+                try:
+                    return await self._attempt(conn, operation)
+                except error.ConnectionClosed:
+                    pass
+            return await self._attempt(await self._open(), operation)
         finally:
             self._slots.release()
+
+    async def _attempt(self, conn: Any, operation: Callable[[Any], Any]) -> Any:
+        try:
+            result = await operation(conn)
+        except client.LDAPError:
+            self._keep(conn)
+            raise
+        except BaseException:
+            if conn.connected:
+                conn.transport.abortConnection()
+            raise
+        self._keep(conn)
+        return result
 
     def _keep(self, conn: Any) -> None:
         if conn.connected:
@@ -202,7 +215,7 @@ class RemoteDirectory:
 
     def check(self, user: str, password: str) -> defer.Deferred:
         """Fires with whether C{password} is C{user}'s; False (never an error) when the directory fails."""
-        if not password or not user:
+        if not password or not user or len(user) > MAX_NAME:
             return defer.succeed(False)
         d = defer.ensureDeferred(self._check(user, password))
         # Waiting for a pooled connection, connecting, StartTLS, search, bind: bounded as a whole.

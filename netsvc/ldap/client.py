@@ -294,6 +294,11 @@ class LDAPConnection(LDAPClient):
             return defer.fail(StartTLSError("requests are still outstanding"))
 
         def started(response: Any) -> defer.Deferred:
+            if self.buffer:
+                # Bytes after the response came in clear text: whoever sent them is not to be believed
+                # once TLS is up (the STARTTLS injection of CVE-2011-0411 and friends).
+                self._protocolError("the server sent clear text after agreeing to StartTLS")
+                raise StartTLSError("the server sent clear text after agreeing to StartTLS")
             waiting = self.awaitHandshake()
             self.transport.startTLS(creator)
             return waiting

@@ -78,6 +78,12 @@ class RemoteInMemoryTests(unittest.TestCase):
         self.assertEqual(self.connects, 0)
 
     @defer.inlineCallbacks
+    def test_longNameNeverAsksTheServer(self):
+        users = remote(self.url, self, connect=self.countingConnect)
+        self.assertIs((yield users.check("j" * 10_000, "s3cret")), False)
+        self.assertEqual(self.connects, 0)
+
+    @defer.inlineCallbacks
     def test_filterCharactersAreLiteral(self):
         users = remote(self.url, self)
         for name in ("*", "j*", "jo)(uid=*", "jo\\2a"):
@@ -138,6 +144,67 @@ class RemoteInMemoryTests(unittest.TestCase):
         self.assertIs((yield users.check("jo", "s3cret")), False)
         self.assertEqual(len(self.errors), 1)
         self.assertIn("No such object (32)", self.errors[0]["problem"])
+
+
+class _FakeConnection:
+    def __init__(self, name):
+        self.name = name
+        self.connected = True
+        self.transport = SimpleNamespace(abortConnection=lambda: setattr(self, "connected", False))
+
+
+class PoolTests(unittest.TestCase):
+    def setUp(self):
+        self.opened = []
+
+    async def open(self):
+        conn = _FakeConnection(len(self.opened))
+        self.opened.append(conn)
+        return conn
+
+    @defer.inlineCallbacks
+    def test_reusedConnectionClosedByServerIsRetriedOnce(self):
+        from twisted.internet import error
+
+        pool = authn.Pool(self.open, 2)
+        first = yield defer.ensureDeferred(pool.run(lambda conn: defer.succeed(conn.name)))
+        self.assertEqual(first, 0)
+
+        def operation(conn):
+            if conn.name == 0:  # the server closed it while idle; we learn it now
+                return defer.fail(error.ConnectionLost("the server closed the connection"))
+            return defer.succeed(conn.name)
+
+        self.assertEqual((yield defer.ensureDeferred(pool.run(operation))), 1)
+        self.assertEqual(len(self.opened), 2)
+
+    @defer.inlineCallbacks
+    def test_newConnectionFailureIsNotRetried(self):
+        from twisted.internet import error
+
+        pool = authn.Pool(self.open, 2)
+        d = defer.ensureDeferred(pool.run(lambda conn: defer.fail(error.ConnectionLost("gone"))))
+        yield self.assertFailure(d, error.ConnectionLost)
+        self.assertEqual(len(self.opened), 1)
+
+    @defer.inlineCallbacks
+    def test_ldapErrorKeepsTheConnection(self):
+        pool = authn.Pool(self.open, 1)
+        d = defer.ensureDeferred(pool.run(lambda conn: defer.fail(client.LDAPError(49))))
+        yield self.assertFailure(d, client.LDAPError)
+        self.assertEqual((yield defer.ensureDeferred(pool.run(lambda conn: defer.succeed(conn.name)))), 0)
+        self.assertEqual(len(self.opened), 1)
+
+    @defer.inlineCallbacks
+    def test_bounded(self):
+        pool = authn.Pool(self.open, 2)
+        waiting = [defer.Deferred() for _ in range(5)]
+        runs = [defer.ensureDeferred(pool.run(lambda conn, w=w: w)) for w in waiting]
+        self.assertEqual(len(self.opened), 2)
+        for w in waiting:
+            w.callback(None)
+        yield defer.gatherResults(runs)
+        self.assertEqual(len(self.opened), 2)
 
 
 class _Silent(protocol.Protocol):

@@ -272,6 +272,17 @@ class ConnectionFailureTests(unittest.TestCase):
         self.assertIn("refused StartTLS", str(e))
         self.assertIn("no TLS here", str(e))
 
+    def test_clearTextAfterStartTLSResponse(self):
+        # A man in the middle appends a forged answer to the server's "go ahead".
+        wire = Wire()
+        d = wire.conn.startTLS(object())  # never used: no TLS is started
+        [message] = wire.sent()
+        ok = pureldap.LDAPMessage(pureldap.LDAPExtendedResponse(resultCode=0), id=message.id).toWire()
+        forged = pureldap.LDAPMessage(pureldap.LDAPBindResponse(resultCode=0), id=message.id + 1).toWire()
+        wire.conn.dataReceived(ok + forged)
+        self.assertIn("clear text after agreeing to StartTLS", str(self.failureResultOf(d, client.StartTLSError).value))
+        self.assertTrue(wire.transport.disconnecting)
+
     def test_handshakeTimeout(self):
         wire = Wire(timeout=2)
         d = wire.conn.awaitHandshake()

@@ -190,6 +190,7 @@ class LDAPConnection(LDAPClient):
 
     def _protocolError(self, why: str) -> None:
         self.lostReason = error.ConnectionLost(why)
+        self.connected = 0  # nothing more is read or sent on this connection
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -222,14 +223,15 @@ class LDAPConnection(LDAPClient):
             self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
-        # A failed name check aborts the connection right after the handshake (the abort's
-        # connectionLost is queued first), so only a connection still up one turn later is a success.
-        self.reactor.callLater(0, self._handshakeSettled)
-
-    def _handshakeSettled(self) -> None:
-        if self._tls is not None and self.connected:
-            d, self._tls = self._tls, None
-            d.callback(self)
+        # Twisted calls this even when the certificate's name did not match: the name check
+        # (service_identity, at the end of the handshake) has then aborted the TLS layer, and
+        # connectionLost with the reason follows.  The TLS layer is the transport (LDAPS) or,
+        # after StartTLS, the TCP transport's protocol.
+        layer = self.transport.protocol if getattr(self.transport, "TLS", False) else self.transport
+        if getattr(layer, "disconnecting", False) or self._tls is None:
+            return
+        d, self._tls = self._tls, None
+        d.callback(self)
 
     def handle(self, msg: Any) -> None:
         if msg.id == 0:  # unsolicited: the server is about to close (RFC 4511 4.4.1)
@@ -349,7 +351,7 @@ class LDAPConnection(LDAPClient):
                 except Exception as e:  # e.g. the output is gone: stop the search, fail with that
                     if not done.called:
                         done.errback(e)
-                    self.transport.abortConnection()
+                    self._protocolError(f"search stopped: {e}")
                     return True
                 return False
             if isinstance(response, pureldap.LDAPSearchResultReference):

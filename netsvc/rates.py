@@ -44,6 +44,13 @@ class RateLimiter:
             return True
         return False
 
+    def available(self, key: Any) -> float:
+        """The tokens C{key} has now, without taking any (the burst for a new key or no limit)."""
+        bucket = self._buckets.get(key)
+        if self.rate <= 0 or bucket is None:
+            return self.burst
+        return min(self.burst, bucket[0] + (self.clock.seconds() - bucket[1]) * self.rate)
+
 
 class TokenBucket:
     """One client's bucket: C{rate} tokens per second, holding at most C{burst}."""

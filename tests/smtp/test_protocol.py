@@ -1,0 +1,508 @@
+"""The ESMTP session over a StringTransport: replies, relay policy, AUTH, DATA checks, pipelining."""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+from zope.interface import directlyProvides
+
+from netsvc.metrics import Registry
+from netsvc.policies import RateLimiter
+from netsvc.smtp.data import DataReader
+from netsvc.smtp.protocol import MAX_COMMAND_LINE, ServerConfig, SMTPFactory, SMTPMetrics
+
+
+class FakeIncoming:
+    def __init__(self, queue, id):
+        self.queue, self.id = queue, id
+        self.data = b""
+        self.aborted = False
+        self.envelope = None
+
+    def write(self, data):
+        assert not self.aborted
+        self.data += data
+
+    def abort(self):
+        self.aborted = True
+
+    def commit(self, envelope):
+        envelope.id = self.id
+        self.envelope = envelope
+        d = defer.Deferred()
+        self.queue.pending.append((d, self))
+        if self.queue.autoCommit:
+            d.callback(self.id)
+        return d
+
+
+class FakeQueue:
+    def __init__(self):
+        self.messages: list[FakeIncoming] = []
+        self.pending = []
+        self.autoCommit = True
+
+    def newMessage(self):
+        m = FakeIncoming(self, f"id{len(self.messages)}")
+        self.messages.append(m)
+        return m
+
+    def committed(self):
+        return [m for m in self.messages if m.envelope is not None]
+
+
+class FakeAuth:
+    def __init__(self):
+        self.calls = []
+
+    def check(self, user, password):
+        self.calls.append((user, password))
+        return defer.succeed(user == "alice" and password == "s3cret")
+
+
+class TLSStringTransport(StringTransport):
+    def __init__(self, *a, secure=False, **kw):
+        super().__init__(*a, **kw)
+        self.tlsStarted = None
+        if secure:
+            directlyProvides(self, ISSLTransport)
+
+    def startTLS(self, ctx):
+        self.tlsStarted = ctx
+
+
+def plain(user, password, authz=""):
+    return base64.b64encode(f"{authz}\0{user}\0{password}".encode())
+
+
+class SessionTests(unittest.TestCase):
+    peer = "127.0.0.1"
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.queue = FakeQueue()
+        self.auth = FakeAuth()
+        self.registry = Registry()
+        self.accepted = []
+        self.config = self.makeConfig()
+
+    def makeConfig(self, **kw):
+        args = dict(hostname="mx.test", queue=self.queue, metrics=SMTPMetrics(self.registry), clock=self.clock,
+                    authenticator=self.auth, tlsOptions=lambda: "CTX", maxSize=10_000,
+                    authFailures=RateLimiter(0.1, 5, self.clock), messageRate=RateLimiter(0, 0, self.clock),
+                    onAccepted=self.accepted.append)
+        args.update(kw)
+        return ServerConfig(**args)
+
+    def connect(self, peer=None, secure=False, config=None):
+        proto = SMTPFactory(config or self.config).buildProtocol(None)
+        t = TLSStringTransport(peerAddress=_addr(peer or self.peer), secure=secure)
+        proto.makeConnection(t)
+        self.assertTrue(t.value().startswith(b"220 mx.test ESMTP"))
+        t.clear()
+        return proto, t
+
+    def send(self, proto, t, data):
+        t.clear()
+        proto.dataReceived(data)
+        return t.value()
+
+    def metric(self, name, **labels):
+        fam = self.registry.get(name)
+        return fam.labels(service="smtp", **labels).value
+
+    # -- EHLO
+
+    def test_ehloPlain(self):
+        p, t = self.connect()
+        out = self.send(p, t, b"ehlo client.test\r\n")
+        lines = out.decode().split("\r\n")
+        self.assertEqual(lines[0], "250-mx.test")
+        for ext in ("PIPELINING", "SIZE 10000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "STARTTLS"):
+            self.assertIn(ext, out.decode())
+        self.assertNotIn("AUTH", out.decode())
+        self.assertTrue(lines[-2].startswith("250 "))
+
+    def test_ehloUnderTLS(self):
+        p, t = self.connect(secure=True)
+        out = self.send(p, t, b"EHLO client.test\r\n").decode()
+        self.assertIn("AUTH PLAIN LOGIN", out)
+        self.assertNotIn("STARTTLS", out)
+
+    def test_starttls(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO c\r\n")
+        self.assertEqual(self.send(p, t, b"STARTTLS\r\n"), b"220 2.0.0 Ready to start TLS\r\n")
+        self.assertEqual(t.tlsStarted, "CTX")
+        # state forgotten: MAIL needs a new EHLO
+        self.assertTrue(self.send(p, t, b"MAIL FROM:<a@b.test>\r\n").startswith(b"503 5.5.1"))
+        self.assertIn(b"AUTH PLAIN LOGIN", self.send(p, t, b"EHLO c\r\n"))
+
+    def test_starttlsWithPipelinedCommandsRefused(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO c\r\n")
+        out = self.send(p, t, b"STARTTLS\r\nMAIL FROM:<evil@x.test>\r\n")
+        self.assertTrue(out.startswith(b"554 5.5.0"))
+        self.assertIsNone(t.tlsStarted)
+        self.assertTrue(t.disconnecting)
+
+    # -- relay policy
+
+    def transaction(self, p, t, body=b"Subject: hi\r\n\r\nhello\r\n", rcpt=b"<r@example.test>"):
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:" + rcpt + b"\r\nDATA\r\n")
+        out += self.send(p, t, body + b".\r\n")
+        return out
+
+    def test_relayFromMynetworks(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO client.test\r\n")
+        out = self.transaction(p, t, b"Subject: hi\r\n\r\n..dot\r\nplain\r\n")
+        self.assertEqual(out, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+                              b"250 2.0.0 Ok: queued as id0\r\n")
+        (m,) = self.queue.committed()
+        self.assertEqual(m.envelope.sender, "s@example.test")
+        self.assertEqual([r.address for r in m.envelope.recipients], ["r@example.test"])
+        self.assertEqual(m.envelope.client, {"address": "127.0.0.1", "helo": "client.test", "user": None})
+        self.assertTrue(m.data.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (netsvc) "
+                                          b"with ESMTP id id0\r\n\tfor <r@example.test>; "))
+        self.assertIn(b"\r\nMessage-ID: <id0@mx.test>\r\nDate: ", m.data)
+        self.assertTrue(m.data.endswith(b"Subject: hi\r\n\r\n.dot\r\nplain\r\n"))
+        self.assertEqual(self.accepted, ["id0"])
+        self.assertEqual(self.metric("netsvc_smtp_messages_accepted_total"), 1)
+        self.assertEqual(self.send(p, t, b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+        self.assertTrue(t.disconnecting)
+
+    def test_noOpenRelay(self):
+        p, t = self.connect(peer="192.0.2.7")
+        self.send(p, t, b"EHLO outsider\r\n")
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n")
+        self.assertEqual(out, b"250 2.1.0 Ok\r\n554 5.7.1 <victim@example.org>: Relay access denied\r\n"
+                              b"554 5.5.1 Error: no valid recipients\r\n")
+        self.assertEqual(self.queue.messages, [])
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="relay_denied"), 1)
+
+    def test_authenticatedRelay(self):
+        p, t = self.connect(peer="192.0.2.7", secure=True)
+        self.send(p, t, b"EHLO outsider\r\n")
+        self.assertEqual(self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n"),
+                         b"235 2.7.0 Authentication successful\r\n")
+        out = self.transaction(p, t)
+        self.assertTrue(out.endswith(b"250 2.0.0 Ok: queued as id0\r\n"), out)
+        env = self.queue.committed()[0].envelope
+        self.assertEqual(env.client["user"], "alice")
+        self.assertIn(b"with ESMTPSA id", self.queue.committed()[0].data)
+        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="ok"), 1)
+
+    def test_authLogin(self):
+        p, t = self.connect(peer="192.0.2.7", secure=True)
+        self.send(p, t, b"EHLO x\r\n")
+        self.assertEqual(self.send(p, t, b"auth login\r\n"), b"334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(self.send(p, t, base64.b64encode(b"alice") + b"\r\n"), b"334 UGFzc3dvcmQ6\r\n")
+        self.assertEqual(self.send(p, t, base64.b64encode(b"s3cret") + b"\r\n"),
+                         b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(self.send(p, t, b"AUTH PLAIN x\r\n"), b"503 5.5.1 Error: already authenticated\r\n")
+
+    def test_authRefusedWithoutTLS(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
+        self.assertTrue(out.startswith(b"538 5.7.11"), out)
+        self.assertEqual(self.auth.calls, [])
+
+    def test_garbageAuthCountedAndLimited(self):
+        p, t = self.connect(peer="192.0.2.9", secure=True)
+        self.send(p, t, b"EHLO x\r\n")
+        self.assertEqual(self.send(p, t, b"AUTH PLAIN !!!notbase64\r\n"),
+                         b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertEqual(self.send(p, t, b"AUTH PLAIN " + base64.b64encode(b"no-nuls") + b"\r\n"),
+                         b"535 5.7.8 Authentication credentials invalid\r\n")
+        out = self.send(p, t, b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")
+        self.assertTrue(out.startswith(b"421 4.7.0"), out)  # third failure in the session
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="failed"), 3)
+        # the same IP, new sessions: two more failures use up the burst of 5, then 454 without checking
+        for _ in range(2):
+            p, t = self.connect(peer="192.0.2.9", secure=True)
+            self.send(p, t, b"EHLO x\r\n")
+            self.send(p, t, b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")
+        calls = len(self.auth.calls)
+        p, t = self.connect(peer="192.0.2.9", secure=True)
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
+        self.assertTrue(out.startswith(b"454 4.7.0"), out)
+        self.assertEqual(len(self.auth.calls), calls)
+        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="rate_limited"), 1)
+        # another client is not affected; and the bucket refills with time
+        p2, t2 = self.connect(peer="192.0.2.10", secure=True)
+        self.send(p2, t2, b"EHLO x\r\n")
+        self.assertTrue(self.send(p2, t2, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n").startswith(b"235"))
+        self.clock.advance(10)
+        self.assertTrue(self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n").startswith(b"235"))
+
+    def test_submissionRequiresAuth(self):
+        config = self.makeConfig(submission=True)
+        p, t = self.connect(config=config)
+        self.send(p, t, b"EHLO x\r\n")
+        self.assertEqual(self.send(p, t, b"MAIL FROM:<a@b.test>\r\n"),
+                         b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+        p, t = self.connect(config=config, secure=True)
+        self.send(p, t, b"EHLO x\r\n")
+        self.assertEqual(self.send(p, t, b"MAIL FROM:<a@b.test>\r\n"), b"530 5.7.0 Authentication required\r\n")
+        self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
+        self.assertEqual(self.send(p, t, b"MAIL FROM:<a@b.test>\r\n"), b"250 2.1.0 Ok\r\n")
+
+    # -- envelope syntax and DSN
+
+    def test_dsnParametersKept(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.send(p, t, b"MAIL FROM:<s@example.test> RET=HDRS ENVID=abc+2B1 SIZE=100 BODY=8BITMIME\r\n"
+                              b"RCPT TO:<r@example.test> NOTIFY=success,failure ORCPT=rfc822;r+40example.test\r\n"
+                              b"DATA\r\n")
+        self.assertEqual(out.count(b"250 "), 2, out)
+        self.send(p, t, b"x: y\r\n\r\nbody\r\n.\r\n")
+        env = self.queue.committed()[0].envelope
+        self.assertEqual((env.ret, env.envid), ("HDRS", "abc+1"))
+        self.assertEqual(env.recipients[0].notify, "SUCCESS,FAILURE")
+        self.assertEqual(env.recipients[0].orcpt, "rfc822;r@example.test")
+
+    def test_badSyntax(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        cases = [
+            (b"MAIL FROM:<no-at-sign>\r\n", b"501 5.1.7"),
+            (b"MAIL FROM <a@b.test>\r\n", b"501 5.5.4"),
+            (b"MAIL FROM:<a@b.test> FOO=1\r\n", b"555 5.5.4"),
+            (b"MAIL FROM:<a@b.test> SIZE=99999999\r\n", b"552 5.3.4"),
+            (b"MAIL FROM:<\xc3\xa9@b.test>\r\n", b"553 5.6.7"),
+            (b"RCPT TO:<a@b.test>\r\n", b"503 5.5.1"),
+            (b"BOGUS\r\n", b"500 5.5.2"),
+            (b"DATA\r\n", b"503 5.5.1"),
+        ]
+        for line, code in cases:
+            self.assertTrue(self.send(p, t, line).startswith(code), line)
+        self.assertTrue(self.send(p, t, b"MAIL FROM:<\xc3\xa9@b.test> SMTPUTF8\r\n").startswith(b"250 "))
+        self.assertTrue(self.send(p, t, b"RCPT TO:<bad address@x>\r\n").startswith(b"501 5.1.3"))
+        self.assertTrue(self.send(p, t, b"RCPT TO:<Postmaster>\r\n").startswith(b"250 "))
+        self.assertTrue(self.send(p, t, b"RSET\r\n").startswith(b"250 2.0.0"))
+        self.assertTrue(self.send(p, t, b"MAIL FROM:<>\r\n").startswith(b"250 "))
+
+    # -- bad input
+
+    def test_overlongCommandLine(self):
+        p, t = self.connect()
+        out = self.send(p, t, b"EHLO " + b"x" * (MAX_COMMAND_LINE + 10))
+        self.assertEqual(out, b"500 5.5.2 Error: line too long\r\n")
+        self.assertEqual(self.send(p, t, b"yyyy\r\nNOOP\r\n"), b"250 2.0.0 Ok\r\n")  # the rest skipped
+        self.assertFalse(t.disconnecting)
+
+    def test_overlongDataLine(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.transaction(p, t, b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n")
+        self.assertTrue(out.endswith(b"500 5.5.2 Error: line too long\r\n"), out)
+        self.assertTrue(self.queue.messages[0].aborted)
+        self.assertEqual(self.queue.committed(), [])
+        # the session goes on
+        self.assertTrue(self.transaction(p, t).endswith(b"250 2.0.0 Ok: queued as id1\r\n"))
+
+    def test_oversizeDuringData(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n")
+        m = self.queue.messages[0]
+        chunk = b"z" * 98 + b"\r\n"
+        for _ in range(150):  # 15 KB > 10 KB; nothing kept past the limit
+            self.send(p, t, chunk)
+        self.assertTrue(m.aborted)
+        self.assertLess(len(m.data), 10_000 + 300)  # the trace headers, then at most the limit
+        out = self.send(p, t, b".\r\n")
+        self.assertEqual(out, b"552 5.3.4 Error: message too big for system\r\n")
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="size"), 1)
+        self.assertTrue(self.send(p, t, b"NOOP\r\n").startswith(b"250"))
+
+    def test_bareLF(self):
+        p, t = self.connect()
+        out = self.send(p, t, b"EHLO x\n")
+        self.assertTrue(out.startswith(b"521 5.5.2"), out)
+        self.assertTrue(t.disconnecting)
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\n")
+        self.send(p, t, b"DATA\r\n")
+        out = self.send(p, t, b"Subject: x\r\n\r\nsmuggle\n.\nMAIL FROM:<evil@x>\r\n")
+        self.assertTrue(out.startswith(b"521 5.5.2"), out)
+        self.assertTrue(self.queue.messages[0].aborted)
+        self.assertEqual(self.queue.committed(), [])
+
+    def test_nulInData(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.transaction(p, t, b"Subject: x\r\n\r\na\0b\r\n")
+        self.assertTrue(out.endswith(b"554 5.6.0 Error: message contains NUL characters\r\n"), out)
+        self.assertEqual(self.queue.committed(), [])
+
+    def test_vanishMidData(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\n")
+        self.send(p, t, b"DATA\r\n")
+        self.send(p, t, b"Subject: x\r\n\r\npartial")
+        p.connectionLost(None)
+        self.assertTrue(self.queue.messages[0].aborted)
+        self.assertEqual(self.queue.committed(), [])
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="lost_in_data"), 1)
+
+    # -- pipelining
+
+    def test_pipelinedGroupRepliesInOrderAndWaitsForCommit(self):
+        self.queue.autoCommit = False
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<a@example.test>\r\n"
+                              b"RCPT TO:<b@example.test>\r\nDATA\r\n")
+        self.assertEqual(out.count(b"\r\n"), 4)
+        out = self.send(p, t, b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM:<s2@example.test>\r\nQUIT\r\n")
+        self.assertEqual(out, b"")  # nothing answered before the message is durable
+        self.assertFalse(t.disconnecting)
+        d, m = self.queue.pending[0]
+        t.clear()
+        d.callback(m.id)
+        self.assertEqual(t.value(), b"250 2.0.0 Ok: queued as id0\r\n250 2.1.0 Ok\r\n221 2.0.0 Bye\r\n")
+        self.assertTrue(t.disconnecting)
+
+    def test_dataPipelinedAfterDATA(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\nSubject: x\r\n")
+        self.assertTrue(out.endswith(b"554 5.5.0 Error: SMTP protocol synchronization (data sent after DATA)\r\n"))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.queue.messages, [])
+
+    def test_commitFailure(self):
+        self.queue.autoCommit = False
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        self.transaction(p, t)
+        d, m = self.queue.pending[0]
+        t.clear()
+        d.errback(OSError("disk full"))
+        self.assertEqual(t.value(), b"451 4.3.0 Error: local error in processing; message not accepted\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    # -- limits
+
+    def test_maxRecipients(self):
+        config = self.makeConfig(maxRecipients=2)
+        p, t = self.connect(config=config)
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")
+        out = self.send(p, t, b"RCPT TO:<a@e.test>\r\nRCPT TO:<b@e.test>\r\nRCPT TO:<c@e.test>\r\n")
+        self.assertEqual(out, b"250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n")
+
+    def test_maxMessagesPerSession(self):
+        config = self.makeConfig(maxMessages=1)
+        p, t = self.connect(config=config)
+        self.send(p, t, b"EHLO x\r\n")
+        self.assertTrue(self.transaction(p, t).endswith(b"queued as id0\r\n"))
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")
+        self.assertTrue(out.startswith(b"421 4.7.0"), out)
+        self.assertTrue(t.disconnecting)
+
+    def test_messageRatePerClient(self):
+        config = self.makeConfig(messageRate=RateLimiter(1, 1, self.clock))
+        p, t = self.connect(config=config)
+        self.send(p, t, b"EHLO x\r\n")
+        self.assertTrue(self.transaction(p, t).endswith(b"queued as id0\r\n"))
+        self.assertTrue(self.send(p, t, b"MAIL FROM:<s@example.test>\r\n").startswith(b"450 4.7.1"))
+        self.clock.advance(1)
+        self.assertTrue(self.send(p, t, b"MAIL FROM:<s@example.test>\r\n").startswith(b"250"))
+
+    def test_pipeliningAfterEHLO(self):
+        p, t = self.connect()
+        out = self.send(p, t, b"EHLO x\r\nMAIL FROM:<s@example.test>\r\n")
+        self.assertTrue(out.startswith(b"554 5.5.0"), out)
+        self.assertTrue(t.disconnecting)
+
+    def test_tooManyErrors(self):
+        p, t = self.connect()
+        out = self.send(p, t, b"X\r\n" * 25)
+        self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"))
+        self.assertTrue(t.disconnecting)
+
+    def test_idleTimeoutAndDrain(self):
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n")
+        p.drain()  # mid-transaction: not yet
+        self.assertFalse(t.disconnecting)
+        t.clear()
+        p.timedOut()
+        self.assertTrue(t.value().startswith(b"421 4.4.2"))
+        self.assertTrue(self.queue.messages[0].aborted)
+        p, t = self.connect()
+        p.drain()
+        self.assertTrue(t.value().startswith(b"421 4.3.2"))
+
+
+def _addr(host):
+    from twisted.internet.address import IPv4Address
+
+    return IPv4Address("TCP", host, 12345)
+
+
+class Sink:
+    def __init__(self):
+        self.data = b""
+        self.aborted = False
+
+    def write(self, data):
+        self.data += data
+
+    def abort(self):
+        self.aborted = True
+
+
+class DataReaderTests(unittest.TestCase):
+    def read(self, message, chunk=None, maxSize=10_000):
+        sink = Sink()
+        r = DataReader(sink, maxSize, 1000, lambda names: b"X-Names: " + b",".join(sorted(names)) + b"\r\n")
+        buf = b""
+        pieces = [message] if chunk is None else [message[i:i + chunk] for i in range(0, len(message), chunk)]
+        for piece in pieces:
+            buf += piece
+            buf = buf[r.feed(buf):]
+            if r.done:
+                break
+        return r, sink, buf
+
+    def test_chunkBoundariesDoNotMatter(self):
+        msg = (b"From: a\r\nSubject: s\r\n folded\r\n\r\n..leading dot\r\nline\r\n.\r\nNEXT\r\n")
+        results = {self.read(msg, chunk)[1].data for chunk in (None, 1, 2, 3, 7)}
+        self.assertEqual(results, {b"X-Names: from,subject\r\nFrom: a\r\nSubject: s\r\n folded\r\n\r\n"
+                                   b".leading dot\r\nline\r\n"})
+        r, _, rest = self.read(msg, 1)
+        self.assertTrue(r.done)
+        self.assertEqual(rest, b"")  # the reader stops at the end marker; "NEXT" not consumed here
+        r, _, rest = self.read(msg)
+        self.assertEqual(rest, b"NEXT\r\n")
+
+    def test_noHeaders(self):
+        _, sink, _ = self.read(b"just text\r\n.\r\n")
+        self.assertEqual(sink.data, b"X-Names: \r\n\r\njust text\r\n")
+        _, sink, _ = self.read(b".\r\n")
+        self.assertEqual(sink.data, b"X-Names: \r\n")
+        _, sink, _ = self.read(b"Subject: only\r\n.\r\n")
+        self.assertEqual(sink.data, b"X-Names: subject\r\nSubject: only\r\n")
+
+    def test_sizeAndLine(self):
+        r, sink, _ = self.read(b"a: b\r\n\r\n" + b"x" * 998 + b"\r\n.\r\n", 64)
+        self.assertIsNone(r.problem)
+        r, sink, _ = self.read(b"a: b\r\n\r\n" + b"x" * 999 + b"\r\n.\r\n", 64)
+        self.assertEqual(r.problem, "line")
+        r, sink, _ = self.read(b"a: b\r\n\r\n" + (b"x" * 98 + b"\r\n") * 200 + b".\r\n", 500)
+        self.assertEqual((r.problem, r.done, sink.aborted), ("size", True, True))

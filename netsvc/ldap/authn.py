@@ -155,6 +155,9 @@ class RemoteDirectory:
         return conn
 
     def close(self) -> None:
+        """Stop a refresh in progress and unbind the idle connections."""
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         self._searches.close()
         self._binds.close()
 

@@ -403,3 +403,20 @@ services:
         self.addCleanup(authority.close)
         yield authority.refresh()
         yield self.nickExchange(port(chat, 0, "chat"))
+
+
+class CloseTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_closeStopsARefresh(self):
+        f = protocol.ServerFactory.forProtocol(_Silent)
+        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(f)
+        self.addCleanup(port.stopListening)
+        users = remote(f"ldap://127.0.0.1:{port.getHost().port}", self, timeout=30)
+        d = users.refresh()
+        yield users._searches._slots.acquire()  # the refresh holds the other slot, waiting for an answer
+        users._searches._slots.release()
+        users.close()
+        yield d  # fires at once (a refresh never fails), leaving nothing behind
+        self.assertIsNone(users._refreshing)
+        self.assertFalse(users.isReserved("jo"))
+        self.assertIsNone(users._refreshing)  # the next try waits RETRY seconds

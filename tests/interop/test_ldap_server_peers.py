@@ -1,0 +1,243 @@
+"""
+The LDAP directory service, run as the real daemon (C{twistd -n netsvc --config
+...}) with the example directory (etc/ldap/example.ldif), exercised by clients
+nobody here wrote: OpenLDAP's ldapsearch, ldapwhoami and ldapcompare (Debian
+ldap-utils) and the Python ldap3 library.
+
+Each test starts its own daemon (LDAP and LDAPS on port 0) and reads the ports
+from status.json; the generated certificate (for 127.0.0.1) is the CA clients trust.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from tests.interop._daemon import IO_TIMEOUT, REPO, decoded, requirePeer, runToCompletion, startNetsvc
+
+EXAMPLE = REPO / "etc" / "ldap" / "example.ldif"
+USERS = "ou=users,dc=example,dc=com"
+ALICE = "uid=alice,ou=users,dc=example,dc=com"
+CAROL = "uid=carol,ou=users,dc=example,dc=com"
+
+
+class _ClassScope:
+    """What startNetsvc needs of a test case, for a daemon shared by a whole test class."""
+
+    failureException = AssertionError
+
+    def __init__(self) -> None:
+        self.cleanups: list = []
+        self.folder = Path(tempfile.mkdtemp(prefix="netsvc-ldap-interop-"))
+        self.cleanups.append(lambda: shutil.rmtree(self.folder, ignore_errors=True))
+
+    def mktemp(self) -> str:
+        return tempfile.mktemp(dir=self.folder)
+
+    def addCleanup(self, f, *args) -> None:
+        self.cleanups.append(lambda: f(*args))
+
+    def close(self) -> None:
+        cleanups, self.cleanups = self.cleanups, []
+        for f in reversed(cleanups):
+            f()
+
+
+def startLDAP(testCase) -> tuple:
+    """The daemon with a copy of the example directory: (daemon, ldif path, ldap URL, ldaps URL)."""
+    requirePeer("ldapsearch", "ldap-utils")
+    base = Path(testCase.mktemp()).resolve()
+    base.mkdir(parents=True)
+    ldif = base / "example.ldif"
+    shutil.copy(EXAMPLE, ldif)
+    config = base / "netsvc.yaml"
+    config.write_text(
+        "state_dir: state\ndrain_timeout: 1s\nservices:\n  ldap:\n"
+        "    listen: ['tcp:0:interface=127.0.0.1', 'tls:0:interface=127.0.0.1']\n"
+        "    suffix: dc=example,dc=com\n    ldif: [example.ldif]\n"
+        "    failed_binds: {rate: 0.1, burst: 3}\n")
+    daemon = startNetsvc(testCase, config, base / "state")
+    return (daemon, ldif, f"ldap://127.0.0.1:{daemon.port('services.ldap.listen[0]')}",
+            f"ldaps://127.0.0.1:{daemon.port('services.ldap.listen[1]')}")
+
+
+class LDAPDaemonTestCase(unittest.TestCase):
+    """Each test gets its own daemon; see L{SharedDaemonTestCase} for one per class."""
+
+    def setUp(self) -> None:
+        self.daemon, self.ldif, self.url, self.ldapsURL = startLDAP(self)
+
+    def tool(self, *command: str, cacert: bool = True):
+        """Run an ldap-utils command (trusting the daemon's certificate); (exit status, output)."""
+        env = ["env", f"LDAPTLS_CACERT={self.daemon.cafile}" if cacert else "LDAPTLS_CACERT=",
+               "LDAPTLS_REQCERT=demand"]
+        result = runToCompletion(self, [*env, *command, "-o", "nettimeout=10"], timeout=IO_TIMEOUT + 5)
+        return result.returncode, decoded(result)
+
+
+class SharedDaemonTestCase(LDAPDaemonTestCase):
+    """
+    One daemon for the whole class (its tests only read), started by the first
+    test, stopped at exit (trial does not call tearDownClass) or by tearDownClass.
+    """
+
+    scope: _ClassScope | None = None
+
+    def setUp(self) -> None:
+        cls = type(self)
+        if cls.scope is None:
+            cls.scope = _ClassScope()
+            atexit.register(cls.scope.close)
+            cls.shared = startLDAP(cls.scope)
+        self.daemon, self.ldif, self.url, self.ldapsURL = cls.shared
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.scope is not None:
+            cls.scope.close()
+            cls.scope = None
+
+
+class OpenLDAPToolsTests(SharedDaemonTestCase):
+    def test_readmeSearch(self):
+        """The README's command: the users with their sn."""
+        status, out = self.tool("ldapsearch", "-x", "-LLL", "-H", self.url, "-b", USERS, "(objectclass=person)", "sn")
+        self.assertEqual(status, 0, out)
+        self.assertIn(f"dn: {ALICE}\nsn: Liddell\n", out)
+        self.assertEqual(out.count("sn: "), 4)
+        self.assertNotIn("userPassword", out)
+
+    def test_binds(self):
+        status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", ALICE, "-w", "alice-pw")
+        self.assertEqual((status, out.strip()), (0, f"dn:{ALICE}"))
+        status, out = self.tool("ldapwhoami", "-x", "-H", self.url)
+        self.assertEqual((status, out.strip()), (0, "anonymous"))
+        status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", ALICE, "-w", "wrong")
+        self.assertEqual(status, 49, out)
+        status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", ALICE, "-w", "")
+        self.assertEqual(status, 53, out)
+        self.assertIn("unauthenticated bind", out)
+        # her own userPassword, only when bound as her
+        status, out = self.tool("ldapsearch", "-x", "-LLL", "-H", self.url, "-D", ALICE, "-w", "alice-pw",
+                                "-b", USERS, "(uid=*)", "userPassword")
+        self.assertEqual(status, 0, out)
+        self.assertEqual(out.count("userPassword::"), 1, out)
+
+    def test_startTLSAndLDAPS(self):
+        """-ZZ (StartTLS required) and ldaps://, verified against the daemon's certificate; crypt and scrypt."""
+        status, out = self.tool("ldapwhoami", "-x", "-ZZ", "-H", self.url, "-D", CAROL, "-w", "carol-pw")
+        self.assertEqual((status, out.strip()), (0, f"dn:{CAROL}"))
+        status, out = self.tool("ldapsearch", "-x", "-LLL", "-H", self.ldapsURL, "-D",
+                                "uid=dave,ou=users,dc=example,dc=com", "-w", "dave-pw", "-b", USERS, "(uid=dave)",
+                                "mail")
+        self.assertEqual(status, 0, out)
+        self.assertIn("mail: dave@example.com", out)
+        # without the CA, verification fails: no connection
+        status, out = self.tool("ldapwhoami", "-x", "-ZZ", "-H", self.url, cacert=False)
+        self.assertNotEqual(status, 0, out)
+
+    def test_pagingAndLimits(self):
+        status, out = self.tool("ldapsearch", "-x", "-H", self.url, "-b", "dc=example,dc=com",
+                                "-E", "pr=2/noprompt", "(objectClass=*)", "1.1")
+        self.assertEqual(status, 0, out)
+        self.assertEqual(out.count("\ndn: "), 10, out)
+        self.assertEqual(out.count("pagedresults: cookie="), 5, out)
+        status, out = self.tool("ldapsearch", "-x", "-H", self.url, "-b", "dc=example,dc=com", "-z", "3",
+                                "(objectClass=*)", "1.1")
+        self.assertEqual(status, 4, out)
+        self.assertIn("Size limit exceeded", out)
+        self.assertEqual(out.count("\ndn: "), 3)
+
+    def test_rootDSEAndSchema(self):
+        status, out = self.tool("ldapsearch", "-x", "-LLL", "-H", self.url, "-b", "", "-s", "base", "+")
+        self.assertEqual(status, 0, out)
+        self.assertIn("namingContexts: dc=example,dc=com", out)
+        self.assertIn("supportedExtension: 1.3.6.1.4.1.1466.20037", out)
+        self.assertIn("supportedControl: 1.2.840.113556.1.4.319", out)
+        status, out = self.tool("ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H", self.url, "-b", "cn=Subschema",
+                                "-s", "base", "(objectClass=subschema)", "objectClasses", "attributeTypes")
+        self.assertEqual(status, 0, out)
+        self.assertIn("NAME 'inetOrgPerson' SUP organizationalPerson STRUCTURAL", out)
+        status, out = self.tool("ldapcompare", "-x", "-H", self.url, "uid=bob,ou=users,dc=example,dc=com",
+                                "title:OPERATOR")
+        self.assertEqual((status, out.strip()), (6, "TRUE"))
+
+    def test_badInputClosesOnlyThatConnection(self):
+        host, port = "127.0.0.1", self.daemon.port("services.ldap.listen[0]")
+        with socket.create_connection((host, port), timeout=IO_TIMEOUT) as bad:
+            bad.sendall(b"\x30\x84\x80\x00\x00\x00\x02\x01\x01")  # a 2 GiB message, announced
+            notice = bad.recv(200)
+            self.assertIn(b"1.3.6.1.4.1.1466.20036", notice)  # Notice of Disconnection
+            self.assertEqual(bad.recv(200), b"")  # then closed
+        status, out = self.tool("ldapsearch", "-x", "-LLL", "-H", self.url, "-b", USERS, "(uid=bob)", "1.1")
+        self.assertEqual((status, out.strip()), (0, "dn: uid=bob,ou=users,dc=example,dc=com"))
+
+
+class ReloadTests(LDAPDaemonTestCase):
+    def test_reloadOnSIGHUP(self):
+        self.ldif.write_text(EXAMPLE.read_text().replace("sn: Builder", "sn: Rebuilt"))
+        self.daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + IO_TIMEOUT
+        while True:
+            status, out = self.tool("ldapsearch", "-x", "-LLL", "-H", self.url, "-b", USERS, "(uid=bob)", "sn")
+            if "sn: Rebuilt" in out or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertIn("sn: Rebuilt", out)
+
+
+class Ldap3Tests(LDAPDaemonTestCase):
+    def test_ldap3(self):
+        import ssl
+
+        import ldap3
+
+        tls = ldap3.Tls(ca_certs_file=self.daemon.cafile, validate=ssl.CERT_REQUIRED)
+        server = ldap3.Server(self.url, tls=tls, get_info=ldap3.ALL, connect_timeout=int(IO_TIMEOUT))
+        conn = ldap3.Connection(server, CAROL, "carol-pw", receive_timeout=int(IO_TIMEOUT))
+        try:
+            self.assertTrue(conn.start_tls())
+            self.assertTrue(conn.bind(), conn.result)
+            self.assertEqual(conn.extend.standard.who_am_i(), f"dn:{CAROL}")
+            found = conn.extend.standard.paged_search("dc=example,dc=com", "(objectClass=inetOrgPerson)",
+                                                      attributes=["cn", "mail"], paged_size=2, generator=False)
+            self.assertEqual(sorted(e["attributes"]["mail"][0] for e in found),
+                             [f"{u}@example.com" for u in ("alice", "bob", "carol", "dave")])
+            self.assertIn("inetOrgPerson", server.schema.object_classes)
+            self.assertEqual(server.info.naming_contexts, ["dc=example,dc=com"])
+            self.assertTrue(conn.compare("uid=bob,ou=users,dc=example,dc=com", "mail", "BOB@example.com"))
+            self.assertFalse(conn.add("uid=eve,ou=users,dc=example,dc=com", "inetOrgPerson",
+                                      {"cn": "Eve", "sn": "E"}))
+            self.assertEqual(conn.result["result"], 53)
+        finally:
+            conn.unbind()
+
+
+class ConfigErrorTests(unittest.TestCase):
+    def test_badLDIF(self):
+        """check-config and twistd report an LDIF problem with its file and line, no traceback."""
+        base = Path(self.mktemp()).resolve()
+        base.mkdir(parents=True)
+        (base / "bad.ldif").write_text("dn: dc=example,dc=com\nobjectClass: domain\n\ndn: dc=other,dc=org\n"
+                                       "objectClass: domain\n")
+        config = base / "netsvc.yaml"
+        config.write_text("services:\n  ldap:\n    listen: ['tcp:0:interface=127.0.0.1']\n    ldif: [bad.ldif]\n")
+        expected = "line 4: entry 'dc=other,dc=org' is outside the suffix 'dc=example,dc=com'"
+        import sys
+
+        result = runToCompletion(self, [sys.executable, "-m", "netsvc", "check-config", str(config)])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"{base / 'bad.ldif'}: {expected}", decoded(result))
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        result = runToCompletion(self, [twistd, "-n", "--pidfile=", "netsvc", "--config", str(config),
+                                        "--state-dir", str(base / "state")])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(expected, decoded(result))
+        self.assertNotIn("Traceback", decoded(result))

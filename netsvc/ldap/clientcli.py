@@ -360,9 +360,6 @@ search, whoami, compare, hashCommand = _wrap(_search), _wrap(_whoami), _wrap(_co
 def addParser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("ldap", help="LDAP client: search, whoami, compare, hash",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # cli.main parses a command's arguments "intermixed" (for echo's trailing options), which
-    # argparse cannot do for a parser with sub-commands; ldap's sub-commands take options anywhere anyway.
-    p.parse_intermixed_args = p.parse_args  # type: ignore[method-assign]
     commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = commands.add_parser("search", help="search the directory (ldapsearch)")

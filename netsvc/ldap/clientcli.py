@@ -339,6 +339,8 @@ def _hash(reactor: Any, args: argparse.Namespace, out: Any, err: Any, stdin: Any
     stdin = stdin or sys.stdin
     if stdin.isatty():
         password = getpass.getpass("New password: ")
+        if password and getpass.getpass("Re-enter new password: ") != password:
+            raise UsageError("the passwords do not match")
     else:
         password = stdin.readline().rstrip("\r\n")
     if not password:

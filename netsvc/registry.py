@@ -16,6 +16,7 @@ SERVICES: dict[str, str] = {
     "chat": "netsvc.chat.service",
     "web": "netsvc.web.service",
     "ldap": "netsvc.ldap.service",
+    "smtp": "netsvc.smtp.service",
 }
 
 

@@ -50,6 +50,8 @@ class RelaySettings:
 
     #: Keep every message under state_dir/captured/ (nothing leaves the machine).
     capture: bool = field(False)
+    #: Capture mode keeps at most this many messages (the oldest are removed first).
+    keep: int = field(10000, min=1, max=10_000_000)
     #: A client endpoint, e.g. C{tcp:host=smtp.example:port=587} or C{tls:host=smtp.example:port=465}.
     smarthost: str | None = field(None)
     #: Deliver by MX lookup (through netsvc's resolver).

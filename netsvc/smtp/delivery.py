@@ -142,6 +142,7 @@ class Delivery(service.Service):
         self.scheduled: dict[str, float] = {}  # id -> next attempt
         self._heap: list[tuple[float, str]] = []
         self.fresh: deque[str] = deque()  # kicked: attempt as soon as there is room
+        self._freshIds: set[str] = set()
         self.flights: dict[str, _Flight] = {}
         self.outbox: dict[str, deque[_Job]] = defaultdict(deque)
         self.active: dict[str, int] = defaultdict(int)  # connections per domain
@@ -156,6 +157,8 @@ class Delivery(service.Service):
 
     def startService(self) -> None:
         service.Service.startService(self)
+        if getattr(self.queue, "onCommit", None) is None:
+            self.queue.onCommit = self.kick
         for id in self.queue.ids():
             try:
                 env = self.queue.envelope(id)
@@ -179,10 +182,11 @@ class Delivery(service.Service):
 
     def kick(self, id: str) -> None:
         """A new message was committed: attempt it as soon as there is room."""
-        if id in self.flights or id in self.fresh:
+        if id in self.flights or id in self._freshIds:
             return
         self.scheduled.pop(id, None)
         self.fresh.append(id)
+        self._freshIds.add(id)
         self._wake()
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -201,7 +205,9 @@ class Delivery(service.Service):
 
     def _due(self, now: float) -> str | None:
         if self.fresh:
-            return self.fresh.popleft()
+            id = self.fresh.popleft()
+            self._freshIds.discard(id)
+            return id
         heap = self._heap
         while heap and heap[0][0] <= now:
             when, id = heapq.heappop(heap)
@@ -227,6 +233,8 @@ class Delivery(service.Service):
                 del self.outbox[domain]
 
     def _load(self, id: str, now: float) -> None:
+        if id in self.flights:
+            return
         try:
             env = self.queue.envelope(id)
             path = self.queue.messagePath(id)

@@ -41,8 +41,8 @@ class CaptureStore(Queue):
         for job in batch:
             if job.message is not None and job.error is None and not isinstance(result, Failure):
                 self._ids.append(job.envelope.id)
-        super()._batchDone(result, batch)
         self._prune()
+        super()._batchDone(result, batch)
 
     def _prune(self) -> None:
         while len(self._ids) > self.keep:
@@ -90,6 +90,7 @@ class CaptureStore(Queue):
             out["text"] = body.get_content() if body is not None else ""
         except (LookupError, ValueError):
             out["text"] = body.get_payload() if body is not None else ""
+        out["text"] = out["text"].replace("\r\n", "\n")
         out["attachments"] = [
             {"filename": part.get_filename() or "", "type": part.get_content_type(),
              "size": len(part.get_payload(decode=True) or b"")}

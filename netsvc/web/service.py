@@ -256,6 +256,12 @@ def makeService(settings: Settings, context: Any) -> IService:
         from netsvc.chat.web import chatResource
 
         default.mount(settings.chat_path, Mount(settings.chat_path, chatResource(context)), exact=True)
+    smtp = context.settings.services.get("smtp")
+    if settings.mail_path and smtp is not None and smtp.enabled and smtp.relay.mode == "capture":
+        from netsvc.smtp.web import mailResource
+
+        gate = AdminGate(mailResource(context), access, admin.users)
+        default.mount(settings.mail_path, Mount(settings.mail_path, gate), exact=True)
     hosts = {}
     for name, vhost in settings.vhosts.items():
         hosts[_asciiHost(name)] = _host(

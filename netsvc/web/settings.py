@@ -168,11 +168,15 @@ class Settings(ServiceSettings):
     #: Where the browser chat is mounted (the page, and its WebSocket at PATH/ws) when the chat
     #: service runs in the same daemon; "" turns it off.
     chat_path: str = field("/chat")
+    #: Where captured mail is listed (the smtp service in capture mode; admin.allow/users apply); "" off.
+    mail_path: str = field("/mail")
 
     def check(self) -> list[tuple[str, str]]:
         problems = super().check()
         if self.chat_path and (not self.chat_path.startswith("/") or self.chat_path.rstrip("/") == ""):
             problems.append(("chat_path", f"must be a path like /chat, got {self.chat_path!r}"))
+        if self.mail_path and (not self.mail_path.startswith("/") or self.mail_path.rstrip("/") == ""):
+            problems.append(("mail_path", f"must be a path like /mail, got {self.mail_path!r}"))
         for name, value in self.headers.items():
             if not name or any(c in name for c in " :\r\n") or any(c in value for c in "\r\n"):
                 problems.append((f"headers.{name}", "not a valid header name or value"))

@@ -2,6 +2,10 @@
  *
  *   chatload HOST PORT SERVER_PID CLIENTS SENDERS WINDOW TPUT_S WARMUP_S RATE LAT_S
  *
+ * PORT and SERVER_PID may be comma-separated lists (bench/scale.py: chat on two
+ * processes): clients connect to the ports in turn, and the servers' fds, VmRSS
+ * and CPU are summed over the pids.
+ *
  * Opens CLIENTS TCP connections to HOST:PORT (in batches of 40, each batch
  * waited for in /proc/SERVER_PID/fd, reading everything the server sends all
  * along), then makes sure every client is in the room: client 0 says "S k"
@@ -424,6 +428,41 @@ static long long outstanding(void)
     return n;
 }
 
+#define MAX_SERVERS 16
+static int pids[MAX_SERVERS], npids;
+
+static long all_kb(const char *key)
+{
+    long sum = 0;
+    for (int i = 0; i < npids; i++) {
+        long kb = proc_kb(pids[i], key);
+        if (kb < 0)
+            return -1;
+        sum += kb;
+    }
+    return sum;
+}
+
+static int all_fds(void)
+{
+    int sum = 0;
+    for (int i = 0; i < npids; i++) {
+        int n = fd_count(pids[i]);
+        if (n < 0)
+            return -1;
+        sum += n;
+    }
+    return sum;
+}
+
+static double all_cpu(void)
+{
+    double sum = 0;
+    for (int i = 0; i < npids; i++)
+        sum += proc_cpu(pids[i]);
+    return sum;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 11) {
@@ -431,7 +470,9 @@ int main(int argc, char **argv)
                 argv[0]);
         return 2;
     }
-    int pid = atoi(argv[3]);
+    for (char *t = strtok(argv[3], ","); t && npids < MAX_SERVERS; t = strtok(NULL, ","))
+        pids[npids++] = atoi(t);
+    int pid = npids ? pids[0] : 0;
     nconn = atoi(argv[4]);
     nsend = atoi(argv[5]);
     window = atoi(argv[6]);
@@ -440,9 +481,16 @@ int main(int argc, char **argv)
         rate < 0 || latdur < 0 || (latdur > 0 && rate <= 0) || tput > 600 || latdur > 600)
         fail("bad arguments");
 
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
-    if (inet_pton(AF_INET, argv[1], &addr.sin_addr) != 1)
-        fail("HOST must be an IPv4 address");
+    struct sockaddr_in addrs[MAX_SERVERS];
+    int naddrs = 0;
+    for (char *t = strtok(argv[2], ","); t && naddrs < MAX_SERVERS; t = strtok(NULL, ",")) {
+        addrs[naddrs] = (struct sockaddr_in){.sin_family = AF_INET, .sin_port = htons(atoi(t))};
+        if (inet_pton(AF_INET, argv[1], &addrs[naddrs].sin_addr) != 1)
+            fail("HOST must be an IPv4 address");
+        naddrs++;
+    }
+    if (!naddrs)
+        fail("bad arguments");
 
     conns = calloc(nconn, sizeof *conns);
     lastseq = malloc((size_t)nconn * (nsend ? nsend : 1) * sizeof *lastseq);
@@ -457,8 +505,8 @@ int main(int argc, char **argv)
         lastseq[i] = -1;
 
     /* connect, in batches the listen backlog takes; read what arrives meanwhile */
-    long rss_before = proc_kb(pid, "VmRSS");
-    int fds_before = fd_count(pid);
+    long rss_before = all_kb("VmRSS");
+    int fds_before = all_fds();
     if (rss_before < 0 || fds_before < 0)
         fail("cannot read /proc/SERVER_PID");
     double t0 = now();
@@ -468,7 +516,7 @@ int main(int argc, char **argv)
             int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
             if (fd < 0)
                 die("socket");
-            if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0)
+            if (connect(fd, (struct sockaddr *)&addrs[i % naddrs], sizeof addrs[0]) < 0)
                 die("connect");
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
             fcntl(fd, F_SETFL, O_NONBLOCK);
@@ -479,10 +527,10 @@ int main(int argc, char **argv)
                 die("epoll_ctl");
         }
         double deadline = now() + 20;
-        while (fd_count(pid) < fds_before + i) {
+        while (all_fds() < fds_before + i) {
             if (now() > deadline)
                 fail("the server accepted too few connections within 20 s");
-            if (fd_count(pid) < 0)
+            if (all_fds() < 0)
                 fail("the server exited");
             pump(2);
         }
@@ -491,8 +539,8 @@ int main(int argc, char **argv)
     double connect_s = now() - t0;
     for (double settle = now() + 0.5; now() < settle;)
         pump(10);
-    long rss_after = proc_kb(pid, "VmRSS");
-    int fds_after = fd_count(pid);
+    long rss_after = all_kb("VmRSS");
+    int fds_after = all_fds();
 
     double rate_out = 0, srv_cpu = 0, gen_cpu = 0, tp50 = 0, tp99 = 0;
     long long tput_msgs = 0, tput_left = 0;
@@ -506,7 +554,7 @@ int main(int argc, char **argv)
         long long m0 = 0;
         while (now() < win_to) {
             if (c0 < 0 && now() >= win_from) {
-                c0 = proc_cpu(pid);
+                c0 = all_cpu();
                 g0 = self_cpu();
                 m0 = 0;
                 for (int s = 0; s < nsend; s++)
@@ -517,7 +565,7 @@ int main(int argc, char **argv)
                     send_message(s);
             pump(10);
         }
-        srv_cpu = (proc_cpu(pid) - c0) / tput * 100;
+        srv_cpu = (all_cpu() - c0) / tput * 100;
         gen_cpu = (self_cpu() - g0) / tput * 100;
         for (int s = 0; s < nsend; s++)
             tput_msgs += done_seq[s];
@@ -540,7 +588,7 @@ int main(int argc, char **argv)
         for (int s = 0; s < nsend; s++)
             lat_first_seq[s] = next_seq[s];
         latency_phase = 1;
-        double start = now(), next = start, end = start + latdur, c0 = proc_cpu(pid);
+        double start = now(), next = start, end = start + latdur, c0 = all_cpu();
         while (now() < end) {
             double t = now();
             if (t >= next) {
@@ -556,7 +604,7 @@ int main(int argc, char **argv)
             int ms = (int)((next - t) * 1000) + 1;
             pump(ms < 10 ? ms : 10);
         }
-        lat_cpu = (proc_cpu(pid) - c0) / latdur * 100;
+        lat_cpu = (all_cpu() - c0) / latdur * 100;
         drain(10);
         latency_phase = 0;
         lat_got = nlat;

@@ -504,6 +504,7 @@ def makeDelivery(settings: Any, queue: Any, context: Any) -> Delivery:
     """
     from netsvc.smtp.outbound import SessionOpener
     from netsvc.smtp.routing import MXRouter, SmarthostRouter
+    from netsvc.tls import CertificateError
 
     relay = settings.relay
     if relay.mode == "smarthost":
@@ -516,5 +517,13 @@ def makeDelivery(settings: Any, queue: Any, context: Any) -> Delivery:
     else:
         raise ValueError("capture mode has no delivery")
     resolvePath = getattr(context.settings, "path", Path)
-    opener = SessionOpener(settings, context.reactor, resolvePath)
+    try:
+        opener = SessionOpener(settings, context.reactor, resolvePath)
+    except (OSError, CertificateError) as e:
+        from netsvc.config import Problem
+        from netsvc.runtime import StartupError
+
+        key = "relay.cacert" if isinstance(e, CertificateError) else "relay.auth.password_file"
+        reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        raise StartupError([Problem(getattr(context, "configFile", ""), f"services.smtp.{key}", reason)]) from None
     return Delivery(settings, queue, router, opener, context.reactor, DeliveryMetrics(context.metrics, "smtp"))

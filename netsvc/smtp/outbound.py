@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import endpoints
+from twisted.internet import endpoints, protocol
 from twisted.internet.abstract import isIPv6Address
 
 from netsvc.smtp.sender import SMTPSender
@@ -41,6 +41,8 @@ class SessionOpener:
         self.hostname = settings.hostname
         self.starttls = relay.starttls
         self.cacert = str(resolvePath(relay.cacert)) if relay.cacert else None
+        if self.cacert is not None:
+            clientCreator("localhost", cafile=self.cacert)  # a bad file fails at start-up, not at delivery
         self.replyTimeout = replyTimeout
         self.auth: tuple[str, str] | None = None
         if relay.auth is not None:
@@ -79,6 +81,8 @@ class SessionOpener:
             creator = clientCreator(target.host, insecure=True)
         sender = SMTPSender(self.hostname, nextMessage, onResult, starttls=starttls, tlsCreator=creator,
                             auth=self.auth if self.smarthost is not None else None, timeout=self.replyTimeout)
-        d = endpoints.connectProtocol(self.endpoint(target), sender)
+        factory = protocol.Factory.forProtocol(lambda: sender)
+        factory.noisy = False  # one log line per delivery is the delivery's own
+        d = self.endpoint(target).connect(factory)
         d.addCallback(lambda _: sender.done)
         return d

@@ -42,6 +42,17 @@ class Selection:
 
     @classmethod
     def parse(cls, attributes: list[str], typesOnly: bool = False) -> Selection:
+        """The selection for a request's attribute list (remembered: clients repeat theirs)."""
+        key = (tuple(attributes), typesOnly)
+        found = _SELECTIONS.get(key)
+        if found is None:
+            if len(_SELECTIONS) >= 1024:
+                _SELECTIONS.clear()
+            found = _SELECTIONS[key] = cls._parse(attributes, typesOnly)
+        return found
+
+    @classmethod
+    def _parse(cls, attributes: list[str], typesOnly: bool) -> Selection:
         names = set()
         allUser = not attributes
         allOperational = False
@@ -64,6 +75,9 @@ class Selection:
         return canon in self.names or (self.allOperational and SCHEMA.attribute(canon).operational)
 
 
+_SELECTIONS: dict[tuple, Selection] = {}
+
+
 def answer(msgid: int, entry: Entry, directory: object, sel: Selection, self: bool = False) -> bytes:
     """The SearchResultEntry message for C{entry} under selection C{sel}."""
     dn = entry.dn.encode("utf-8")
@@ -79,7 +93,8 @@ def answer(msgid: int, entry: Entry, directory: object, sel: Selection, self: bo
     if sel.allUser:
         body = b"".join(entry.encoded.values()) if self else entry.publicEncoded
     else:
-        body = b"".join([v for c, v in entry.encoded.items() if c in sel.names and (c != SECRET or self)])
+        encoded = entry.encoded
+        body = b"".join([encoded[c] for c in sel.names if c in encoded and (c != SECRET or self)])
     if sel.allOperational or sel.names:
         body += operational(entry, directory, sel)
     return codec.entry(msgid, dn, body)

@@ -275,11 +275,14 @@ def _search(data: bytes, start: int, end: int) -> SearchRequest:
     base = _string(data, s, e)
     fields = []
     pos = e
-    for tag, what in ((0x0A, "scope"), (0x0A, "derefAliases"), (0x02, "sizeLimit"), (0x02, "timeLimit")):
-        s, pos = _expect(data, pos, end, tag, what)
+    for tag in (0x0A, 0x0A, 0x02, 0x02, 0x01):  # scope, derefAliases, sizeLimit, timeLimit, typesOnly
+        if pos + 2 < end and data[pos] == tag and 0 < data[pos + 1] <= 8:  # the usual short form, inline
+            s, pos = pos + 2, pos + 2 + data[pos + 1]
+            if pos > end:
+                raise BERError("truncated search request")
+        else:
+            s, pos = _expect(data, pos, end, tag, "search request field")
         fields.append(_integer(data, s, pos))
-    s, pos = _expect(data, pos, end, 0x01, "typesOnly")
-    typesOnly = any(data[s:pos])
     ft, fs, fe = header(data, pos, end)
     flt = _filter(data, ft, fs, fe, 1)
     s, e = _expect(data, fe, end, 0x30, "attributes")
@@ -288,10 +291,10 @@ def _search(data: bytes, start: int, end: int) -> SearchRequest:
         as_, ae = _expect(data, s, e, 0x04, "attribute")
         attributes.append(_string(data, as_, ae))
         s = ae
-    scope, deref, sizeLimit, timeLimit = fields
+    scope, deref, sizeLimit, timeLimit, typesOnly = fields
     if scope not in (0, 1, 2):
         raise BERError(f"bad search scope {scope}")
-    return SearchRequest(base, scope, deref, max(0, sizeLimit), max(0, timeLimit), typesOnly, flt, attributes)
+    return SearchRequest(base, scope, deref, max(0, sizeLimit), max(0, timeLimit), bool(typesOnly), flt, attributes)
 
 
 def _ava(data: bytes, start: int, end: int) -> tuple[str, bytes]:

@@ -27,7 +27,7 @@ from netsvc import auth
 from netsvc.ldap.dn import DNError, isWithin, normalizeDN, parentDN
 from netsvc.ldap.entry import Entry
 from netsvc.ldap.ldifload import LDIFError, parseLDIF
-from netsvc.ldap.match import matches
+from netsvc.ldap.match import assertionKey, compileFilter
 from netsvc.ldap.schema import SCHEMA, normalize
 
 log = Logger()
@@ -205,6 +205,7 @@ class Directory:
         when the filter allows; at most C{maxScan} candidates are examined
         (0: no limit) before L{ScanLimit} is raised.
         """
+        test = compileFilter(flt)
         candidates = _candidates(self.index, flt)
         if scope == 0:
             e = self.entries.get(base)
@@ -226,7 +227,7 @@ class Directory:
                 continue
             if scope == 2 and not isWithin(e.ndn, base):
                 continue
-            if matches(flt, e):
+            if test(e):
                 yield e
 
     def _subtree(self, base: str) -> Iterator[Entry]:
@@ -255,12 +256,11 @@ def _candidates(index: dict[str, dict[bytes, list[Entry]]], flt: tuple) -> list[
     """Entries that may match C{flt} according to the indexes, or None (any entry may)."""
     kind = flt[0]
     if kind == "eq" or kind == "approx":
-        at = SCHEMA.attribute(flt[1])
-        canon = at.name.lower()
+        canon, value = assertionKey(flt[1], flt[2])
         table = index.get(canon)
         if table is None:
             return None
-        return table.get(normalize("ci" if canon == "objectclass" else at.kind, flt[2]), [])
+        return table.get(value, [])
     if kind == "and":
         best = None
         for sub in flt[1]:

@@ -2,7 +2,9 @@
 Schema-aware filter evaluation (RFC 4511 section 4.5.1.7, RFC 4515 filters
 decoded by L{netsvc.ldap.codec}).
 
-    matches(filter, entry) -> bool
+    test = compileFilter(filter)     # once per search: assertion values normalized once
+    test(entry) -> bool
+    matches(filter, entry) -> bool   # the same, for one entry
 
 How values compare is decided by each attribute's equality rule in the schema:
 C{(cn=ANN lee)} matches C{cn: Ann Lee}; C{(memberUid=Ann)} does not match
@@ -17,53 +19,69 @@ only differs from RFC 4511's three values for attributes the schema does not kno
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from netsvc.ldap.entry import Entry
 from netsvc.ldap.schema import RULES, SCHEMA, normalize
 
+Test = Callable[[Entry], bool]
+
 
 def matches(flt: tuple, entry: Entry) -> bool:
+    return compileFilter(flt)(entry)
+
+
+def compileFilter(flt: tuple) -> Test:
+    """A function telling whether an entry matches C{flt} (a decoded filter tuple)."""
     kind = flt[0]
     if kind == "eq" or kind == "approx":
-        return _equal(flt[1], flt[2], entry)
+        return _equal(flt[1], flt[2])
     if kind == "and":
-        for sub in flt[1]:
-            if not matches(sub, entry):
-                return False
-        return True
+        subs = [compileFilter(f) for f in flt[1]]
+        if len(subs) == 1:
+            return subs[0]
+        return lambda e: all(t(e) for t in subs)
     if kind == "or":
-        for sub in flt[1]:
-            if matches(sub, entry):
-                return True
-        return False
+        subs = [compileFilter(f) for f in flt[1]]
+        return lambda e: any(t(e) for t in subs)
     if kind == "not":
-        return not matches(flt[1], entry)
+        sub = compileFilter(flt[1])
+        return lambda e: not sub(e)
     if kind == "present":
         canon = SCHEMA.canonical(flt[1])
-        return canon in entry.attrs
+        return lambda e: canon in e.attrs
     if kind == "sub":
-        return _substrings(flt, entry)
+        return _substrings(flt)
     if kind == "ge" or kind == "le":
-        return _ordering(kind, flt[1], flt[2], entry)
+        return _ordering(kind, flt[1], flt[2])
     if kind == "ext":
-        return _extensible(flt, entry)
-    return False
+        return _extensible(flt)
+    return lambda e: False
 
 
-def _equal(attr: str, value: bytes, entry: Entry) -> bool:
+def assertionKey(attr: str, value: bytes) -> tuple[str, bytes]:
+    """(canonical attribute, normalized value) of an equality assertion: what indexes are keyed by."""
     at = SCHEMA.attribute(attr)
     canon = at.name.lower()
+    return canon, normalize("ci" if canon == "objectclass" else at.kind, value)
+
+
+def _equal(attr: str, value: bytes) -> Test:
+    canon, norm = assertionKey(attr, value)
     if canon == "objectclass":
-        return normalize("ci", value) in entry.classes
-    norms = entry.norms.get(canon)
-    return norms is not None and normalize(at.kind, value) in norms
+        return lambda e: norm in e.classes
+
+    def test(e: Entry) -> bool:
+        norms = e.norms.get(canon)
+        return norms is not None and norm in norms
+
+    return test
 
 
-def _substrings(flt: tuple, entry: Entry) -> bool:
+def _substrings(flt: tuple) -> Test:
     _, attr, initial, middle, final = flt
     at = SCHEMA.attribute(attr)
-    norms = entry.norms.get(at.name.lower())
-    if not norms:
-        return False
+    canon = at.name.lower()
     kind = at.kind
     if kind not in ("ci", "ce", "tel", "octet"):
         kind = "ci" if kind in ("oid", "dn") else "octet"
@@ -78,54 +96,61 @@ def _substrings(flt: tuple, entry: Entry) -> bool:
     ini = piece(initial) if initial is not None else None
     fin = piece(final) if final is not None else None
     mids = [piece(m) for m in middle]
-    for value in norms:
+    start = len(ini) if ini is not None else 0
+    tail = len(fin) if fin is not None else 0
+
+    def one(value: bytes) -> bool:
         if ini is not None and not value.startswith(ini):
-            continue
-        pos = len(ini) if ini is not None else 0
-        end = len(value) - (len(fin) if fin is not None else 0)
+            return False
+        pos, end = start, len(value) - tail
         if end < pos:
-            continue
-        ok = True
+            return False
         for m in mids:
             found = value.find(m, pos, end)
             if found < 0:
-                ok = False
-                break
+                return False
             pos = found + len(m)
-        if ok and (fin is None or value.endswith(fin)):
-            return True
-    return False
+        return fin is None or value.endswith(fin)
+
+    def test(e: Entry) -> bool:
+        norms = e.norms.get(canon)
+        return bool(norms) and any(one(v) for v in norms)
+
+    return test
 
 
-def _ordering(kind: str, attr: str, value: bytes, entry: Entry) -> bool:
+def _ordering(kind: str, attr: str, value: bytes) -> Test:
     at = SCHEMA.attribute(attr)
-    norms = entry.norms.get(at.name.lower())
-    if not norms:
-        return False
+    canon = at.name.lower()
     assertion = normalize(at.kind, value)
     if at.kind == "int":
         if assertion.startswith(b"\0"):
-            return False
+            return lambda e: False
         a = int(assertion)
-        vals = [int(v) for v in norms if not v.startswith(b"\0")]
-        return any(v >= a for v in vals) if kind == "ge" else any(v <= a for v in vals)
-    return any(v >= assertion for v in norms) if kind == "ge" else any(v <= assertion for v in norms)
+
+        def numbers(e: Entry) -> list[int]:
+            return [int(v) for v in e.norms.get(canon, ()) if not v.startswith(b"\0")]
+
+        if kind == "ge":
+            return lambda e: any(v >= a for v in numbers(e))
+        return lambda e: any(v <= a for v in numbers(e))
+    if kind == "ge":
+        return lambda e: any(v >= assertion for v in e.norms.get(canon, ()))
+    return lambda e: any(v <= assertion for v in e.norms.get(canon, ()))
 
 
-def _extensible(flt: tuple, entry: Entry) -> bool:
+def _extensible(flt: tuple) -> Test:
     _, rule, attr, value, _dnAttrs = flt
     if attr is None:
-        return False
+        return lambda e: False
     if rule is None:
-        return _equal(attr, value, entry)
+        return _equal(attr, value)
     kind = None
     for name, (oid, _syntax, k) in RULES.items():
         if rule.lower() in (name.lower(), oid):
             kind = k
     if kind is None:
-        return False
-    norms = entry.attrs.get(SCHEMA.canonical(attr))
-    if not norms:
-        return False
+        return lambda e: False
+    canon = SCHEMA.canonical(attr)
     assertion = normalize(kind, value)
-    return any(normalize(kind, v) == assertion for v in norms)
+    return lambda e: any(normalize(kind, v) == assertion for v in e.attrs.get(canon, ()))

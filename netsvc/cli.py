@@ -18,10 +18,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from netsvc.checkconfig import checkConfig  # netsvc check-config (re-exported)
-
 CLIENTS = ["netsvc.echo.client", "netsvc.chat.client", "netsvc.dns.client", "netsvc.forward.client",
            "netsvc.fetch.cli", "netsvc.smtp.client", "netsvc.ldap.clientcli"]
+
+
+def checkConfig(reactor: Any, args: argparse.Namespace) -> int:
+    """C{netsvc check-config FILE...} (L{netsvc.checkconfig}, imported when used)."""
+    from netsvc.checkconfig import checkConfig as check
+
+    return check(reactor, args)
 
 
 _MARKUP = re.compile(r"\b[CLIBU]\{")
@@ -55,7 +60,7 @@ def _version() -> str:
     return f"netsvc {__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
     import importlib
 
     from netsvc.clients import EXIT_STATUS_HELP
@@ -75,7 +80,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", metavar="FILE", help="a YAML configuration file (e.g. etc/netsvc.yaml)")
     check.set_defaults(run=checkConfig)
     top.commands = {"check-config": check}  # type: ignore[attr-defined]
-    for module in CLIENTS:
+    # Only the command asked for is imported when its module is netsvc.<command>.* (start-up time).
+    modules = [m for m in CLIENTS if m.split(".")[1] == command] or CLIENTS
+    for module in modules:
         client = importlib.import_module(module).addParser(sub)
         top.commands[client.prog.split()[-1]] = client  # type: ignore[attr-defined]
     _plainHelp(top)
@@ -98,7 +105,7 @@ def _plainHelp(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the C{netsvc} console script; exits with the command's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = parser()
+    top = parser(argv[0] if argv and not argv[0].startswith("-") else None)
     if not argv:  # the command list, as `git` alone prints it
         top.print_help(sys.stderr)
         sys.exit(2)

@@ -33,10 +33,11 @@ def loopbackByDefault(endpoint: str) -> str:
     from netsvc.endpoints import split
 
     try:
-        kind, _, kwargs = split(endpoint)
+        kind, args, kwargs = split(endpoint)
     except ValueError:
         return endpoint  # validation reports it
-    if kind in _LOOPBACK and "interface" not in kwargs:
+    numbered = (bool(args) and args[0].isdigit()) or "port" in kwargs  # else: left for validation to report
+    if kind in _LOOPBACK and "interface" not in kwargs and numbered:
         return f"{endpoint}:interface={_LOOPBACK[kind]}"
     return endpoint
 
@@ -61,8 +62,14 @@ def _serviceSubCommands() -> list[tuple[str, None, type, str]]:
 
     from netsvc.registry import settingsClass
 
+    def listens(name: str) -> bool:
+        try:
+            return "listen" in attrs.fields_dict(settingsClass(name))
+        except Exception:  # a service that cannot even be imported says so when it is used, not here
+            return True
+
     return [(name, None, ServiceOptions, f"run only the {name} service (--listen ENDPOINT ...)")
-            for name in serviceNames() if "listen" in attrs.fields_dict(settingsClass(name))]
+            for name in serviceNames() if listens(name)]
 
 
 class Options(usage.Options):
@@ -76,7 +83,11 @@ class Options(usage.Options):
         ["log-format", None, None, "override log.format: text or json"],
         ["log-level", None, None, "override log.level: debug, info, warn, error"],
     ]
-    subCommands = _serviceSubCommands()
+
+    @property
+    def subCommands(self) -> list[tuple[str, None, type, str]]:  # type: ignore[override]
+        """Computed when twistd asks (parsing, --help): importing netsvc.tap imports no service."""
+        return _serviceSubCommands()
 
     def postOptions(self) -> None:
         if self.subCommand is None and self["config"] is None:

@@ -25,7 +25,8 @@ class OptionsTests(unittest.TestCase):
 
     def test_oneServiceNoFile(self):
         settings = tap.settingsFromOptions(options("echo", "--listen", "tcp:7007", "--listen", "udp:7007"))
-        self.assertEqual([l.endpoint for l in settings.services["echo"].listen], ["tcp:7007", "udp:7007"])
+        self.assertEqual([l.endpoint for l in settings.services["echo"].listen],
+                         ["tcp:7007:interface=127.0.0.1", "udp:7007:interface=127.0.0.1"])  # loopback by default
         self.assertEqual(settings.base_dir, os.getcwd())
 
     def test_oneServiceDefaults(self):

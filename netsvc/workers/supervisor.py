@@ -36,6 +36,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from netsvc.schema import ConfigError
@@ -247,7 +248,10 @@ class Supervisor(service.Service):
     def _giveUp(self, status: int) -> None:
         self.exitStatus = max(self.exitStatus, status)
         if not self.stopping and self.reactor.running:
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:  # already on its way down
+                pass
 
     def _signal(self, slot: Slot, signum: int) -> None:
         if slot.process is not None:

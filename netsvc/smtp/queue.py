@@ -7,12 +7,13 @@ On disk under the queue folder:
   - C{env/<id>.json}: the envelope (L{Envelope}); its rename into C{env/} is the commit point.
   - C{ctl/}: request files from C{netsvc mail queue} (handled by the delivery side).
 
-Commit (L{IncomingMessage.commit}): the message file is fsync'd and renamed into
-C{msg/}, C{msg/} is fsync'd, the envelope is written to C{tmp/}, fsync'd and renamed
-into C{env/}, and C{env/} is fsync'd; only then does the Deferred fire.  The file work
-runs off the reactor in one worker thread, and commits that arrive while a batch is
-being written are written together as the next batch (group commit: one folder
-fsync per batch, not per message).  Nothing is acknowledged before it is durable.
+Commit (L{IncomingMessage.commit}): the message file and the envelope (in C{tmp/})
+are fsync'd, the message is renamed into C{msg/}, C{msg/} is fsync'd, the envelope
+is renamed into C{env/}, and C{env/} is fsync'd; only then does the Deferred fire.
+The file work runs off the reactor in one writer thread; commits that arrive while
+a batch is being written are written together as the next batch (group commit: the
+file syncs of a batch run in parallel, and each folder is fsync'd once per batch).
+Nothing is acknowledged before it is durable.
 
 Recovery (L{Queue.recover}): C{tmp/} is emptied, and a C{msg/} file without an
 envelope (never acknowledged) is removed.
@@ -28,6 +29,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,7 @@ class Queue:
             d.mkdir(parents=True, exist_ok=True)
         self._waiting: list[_Job] = []
         self._writing = False
+        self._pool: ThreadPoolExecutor | None = None
         #: Called with each committed id (the delivery side's kick); set by the service.
         self.onCommit: Callable[[str], None] | None = None
 
@@ -220,35 +223,56 @@ class Queue:
         d.addBoth(self._batchDone, batch)
 
     def _writeBatch(self, batch: list[_Job]) -> None:
-        """In the writer thread: phase 1 the message files, phase 2 the envelopes (see module doc)."""
+        """
+        In the writer thread.  Round 1: every message file and every envelope (in
+        tmp/) is fdatasync'd, in parallel (concurrent syncs share the filesystem's
+        journal commits); messages are renamed into msg/.  Round 2: msg/ is
+        fsync'd; only then are envelopes renamed into env/ (never an envelope
+        whose message could be lost).  Round 3: env/ is fsync'd.
+        """
         sync = self.fsync
-        moved = False
-        for job in batch:
-            m = job.message
-            if m is None:
-                continue
+
+        def prepare(job: _Job) -> None:
             try:
-                m.finish(sync)
-                os.rename(m.tmpPath, self.msg / m.id)
-                moved = True
+                if job.message is not None:
+                    job.message.finish(sync)
+                _writeFile(self.tmp / f"{job.envelope.id}.env", job.envelope.dumps(), sync)
             except BaseException as e:
                 job.error = e
+
+        if sync and len(batch) > 1:
+            list(self._syncPool().map(prepare, batch))
+        else:
+            for job in batch:
+                prepare(job)
+        moved = False
+        for job in batch:
+            if job.error is None and job.message is not None:
+                try:
+                    os.rename(job.message.tmpPath, self.msg / job.message.id)
+                    moved = True
+                except BaseException as e:
+                    job.error = e
         if moved and sync:
             _fsyncDir(self.msg)
         wrote = False
         for job in batch:
+            tmp = self.tmp / f"{job.envelope.id}.env"
             if job.error is not None:
+                tmp.unlink(missing_ok=True)
                 continue
-            env = job.envelope
-            tmp = self.tmp / f"{env.id}.env"
             try:
-                _writeFile(tmp, env.dumps(), sync)
-                os.rename(tmp, self.env / f"{env.id}.json")
+                os.rename(tmp, self.env / f"{job.envelope.id}.json")
                 wrote = True
             except BaseException as e:
                 job.error = e
         if wrote and sync:
             _fsyncDir(self.env)
+
+    def _syncPool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="queue-fsync")
+        return self._pool
 
     def _batchDone(self, result: Any, batch: list[_Job]) -> None:
         for job in batch:

@@ -33,7 +33,7 @@ test: install-test peers
 	$(BIN)/python scripts/run-tests
 
 bench: install
-	for b in echo chat dns web forward ldap scale; do $(BIN)/python bench/$$b.py || exit 1; done
+	for b in echo chat dns web forward ldap scale smtp; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp* var

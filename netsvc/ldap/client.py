@@ -36,6 +36,9 @@ from zope.interface import implementer
 from netsvc import clients
 from netsvc.tls import clientCreator
 
+#: RFC 4511 derefAliases, by ldapsearch's -a names.
+DEREF = {"never": 0, "search": 1, "find": 2, "always": 3}
+
 SCOPES = {"base": pureldap.LDAP_SCOPE_baseObject, "one": pureldap.LDAP_SCOPE_singleLevel,
           "sub": pureldap.LDAP_SCOPE_wholeSubtree}
 
@@ -368,7 +371,7 @@ class LDAPConnection(LDAPClient):
     def search(self, base: str, scope: int, filter: Any, attributes: Sequence[str] = (),
                onEntry: Callable[[str, list], Any] = lambda dn, attrs: None, sizeLimit: int = 0,
                timeLimit: int = 0, typesOnly: bool = False, pageSize: int = 0,
-               criticalPaging: bool = False) -> Any:
+               criticalPaging: bool = False, derefAliases: int = 0) -> Any:
         """
         Search, following the paged-results cookie until the server says it is done
         (C{pageSize} > 0).  Fires with a L{SearchDone} whatever the result code
@@ -381,7 +384,8 @@ class LDAPConnection(LDAPClient):
         while True:
             request = pureldap.LDAPSearchRequest(
                 baseObject=base.encode("utf-8"), scope=scope, sizeLimit=sizeLimit, timeLimit=timeLimit,
-                typesOnly=bool(typesOnly), filter=filter, attributes=[a.encode("utf-8") for a in attributes])
+                typesOnly=bool(typesOnly), filter=filter, attributes=[a.encode("utf-8") for a in attributes],
+                derefAliases=derefAliases)
             controls = [pagedResultsControl(pageSize, cookie, criticalPaging)] if pageSize else None
             response, responseControls, count, references = yield self.searchPage(
                 request, onEntry, controls, wait)

@@ -243,7 +243,8 @@ async def _searchSession(reactor: Any, args: argparse.Namespace, writer: Any, er
     try:
         done = await conn.search(args.base, args.scopeValue, args.filterObject, args.attributes or [],
                                  onEntry=writer.entry, sizeLimit=args.sizeLimit, timeLimit=args.timeLimit,
-                                 typesOnly=args.typesOnly, pageSize=args.pages, criticalPaging=args.criticalPaging)
+                                 typesOnly=args.typesOnly, pageSize=args.pages, criticalPaging=args.criticalPaging,
+                                 derefAliases=client.DEREF[args.deref])
     except BrokenPipeError:
         _quietStdout()  # the reader (| head) has all it wanted; no traceback at exit
         return EXIT_LOCAL
@@ -372,6 +373,8 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("-l", dest="timeLimit", type=int, default=0, metavar="SECONDS",
                    help="server time limit (0: no limit)")
     s.add_argument("-A", dest="typesOnly", action="store_true", help="attribute names only")
+    s.add_argument("-a", dest="deref", choices=list(client.DEREF), default="never",
+                   help="dereference aliases (default never)")
     s.add_argument("-E", dest="extensions", action="append", default=[], metavar="pr=N[/noprompt]",
                    help="paged results of N entries, all pages fetched")
     s.add_argument("--page-size", dest="pageSize", type=int, default=0, metavar="N", help="same as -E pr=N")

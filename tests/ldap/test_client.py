@@ -98,9 +98,10 @@ class RequestTests(unittest.TestCase):
         seen = []
         d = wire.conn.search("dc=example,dc=com", client.SCOPES["one"], parseFilter("(uid=jo)"), ["cn", "+"],
                              onEntry=lambda dn, attrs: seen.append((dn, attrs)), sizeLimit=7, timeLimit=3,
-                             typesOnly=True)
+                             typesOnly=True, derefAliases=client.DEREF["always"])
         [message] = wire.sent()
         request = message.value
+        self.assertEqual(request.derefAliases, 3)
         self.assertEqual((request.baseObject, request.scope, request.sizeLimit, request.timeLimit, request.typesOnly),
                          (b"dc=example,dc=com", 1, 7, 3, 255))  # BER TRUE
         self.assertEqual(request.attributes, [b"cn", b"+"])

@@ -191,7 +191,8 @@ class _Socket(WebSocketResource):
         if refusal is not None:  # Twisted would log it at error level, with the request's repr
             client = request.getClientAddress()
             _log.info("chat: WebSocket refused for {client} over {proto}: {reason}",
-                      client=getattr(client, "host", str(client)), proto=request.clientproto.decode(), reason=refusal)
+                      client=getattr(client, "host", None) or "a client", proto=request.clientproto.decode(),
+                      reason=refusal)
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return f"not a WebSocket handshake: {refusal}\n".encode()

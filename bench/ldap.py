@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ServerProcess, Unavailable, free_port, log, prepare, stop, wait_for  # noqa: E402
+from bench._common import ServerProcess, Unavailable, cpu_seconds, free_port, log, prepare, stop, wait_for  # noqa: E402
 from netsvc.auth import hashPassword  # noqa: E402
 from netsvc.ldap import codec  # noqa: E402
 
@@ -190,8 +190,8 @@ def loadWorker(port: int, kind: str, entries: int, conns: int, depth: int, secon
             s.close()
 
 
-def measure(port: int, kind: str, args: argparse.Namespace, cpus: set[int]) -> float:
-    """Operations per second against the server on C{port} (all processes together)."""
+def measure(port: int, kind: str, args: argparse.Namespace, cpus: set[int]) -> tuple[float, int]:
+    """(operations per second, operations) against the server on C{port} (all processes together)."""
     out: multiprocessing.Queue = multiprocessing.Queue()
     procs = [multiprocessing.Process(target=_pinned, args=(cpus, port, kind, args.entries, args.conns, args.depth,
                                                            args.seconds, seed, out))
@@ -208,7 +208,7 @@ def measure(port: int, kind: str, args: argparse.Namespace, cpus: set[int]) -> f
     errors = sum(r[1] for r in results)
     if errors:
         raise Unavailable(f"{errors} of {total} {kind} operations failed")
-    return total / max(r[2] for r in results)
+    return total / max(r[2] for r in results), total
 
 
 def _pinned(cpus: set[int], *args) -> None:
@@ -280,6 +280,7 @@ def main() -> int:
         loadCPUs = allCPUs - serverCPUs
     env = dict(os.environ, PYTHONPATH=str(REPO))
     results: dict[tuple[str, str], list[float]] = {}
+    efficiency: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="netsvc-bench-ldap-") as tmp:
         folder = Path(tmp)
         ldif = folder / "directory.ldif"
@@ -293,29 +294,34 @@ def main() -> int:
                     for server in procs:
                         if server.error is None:
                             def step(server, kind=kind, run=run):
-                                rate = measure(server.port, kind, args, loadCPUs)
+                                cpu = cpu_seconds(server.proc.pid)
+                                rate, total = measure(server.port, kind, args, loadCPUs)
+                                perCPU = total / max(1e-3, cpu_seconds(server.proc.pid) - cpu)
                                 results.setdefault((server.name, kind), []).append(rate)
-                                log(f"  run {run + 1} {kind:>6} {server.name:>8}: {rate:10.0f}/s")
+                                efficiency.setdefault((server.name, kind), []).append(perCPU)
+                                log(f"  run {run + 1} {kind:>6} {server.name:>8}: {rate:10.0f}/s, "
+                                    f"{perCPU:10.0f} per server CPU second")
                             server.attempt(step)
         finally:
             for server in procs:
                 stop(server)
     names = [s.name for s in procs]
-    med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nLDAP, {args.entries} entries, {args.procs}x{args.conns} connections, {args.depth} in flight each; "
           f"servers on CPU {sorted(serverCPUs)}, load on {sorted(loadCPUs)}; median of {args.runs} runs "
           f"of {args.seconds:g} s (shared, noisy machine)\n")
     print("| workload | " + " | ".join(names) + " | netsvc / slapd | netsvc / ldaptor |")
     print("|---|" + "---:|" * (len(names) + 2))
-    for kind, label in (("bind", "simple binds/s ({SSHA})"), ("search", "subtree searches/s (uid=userN)")):
-        cells = [f"{med[(n, kind)]:,.0f}" if (n, kind) in med else "n/a" for n in names]
-        ratios = []
-        for peer in ("slapd", "ldaptor"):
-            if ("netsvc", kind) in med and (peer, kind) in med:
-                ratios.append(f"{med[('netsvc', kind)] / med[(peer, kind)]:.2f}x")
-            else:
-                ratios.append("n/a")
-        print(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    for table, unit in ((results, "/s"), (efficiency, " per server CPU-second")):
+        med = {k: statistics.median(v) for k, v in table.items()}
+        for kind, label in (("bind", "simple binds ({SSHA})"), ("search", "subtree searches (uid=userN)")):
+            cells = [f"{med[(n, kind)]:,.0f}" if (n, kind) in med else "n/a" for n in names]
+            ratios = []
+            for peer in ("slapd", "ldaptor"):
+                if ("netsvc", kind) in med and (peer, kind) in med:
+                    ratios.append(f"{med[('netsvc', kind)] / med[(peer, kind)]:.2f}x")
+                else:
+                    ratios.append("n/a")
+            print(f"| {label}{unit} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     for s in procs:
         if s.error:
             print(f"\n{s.name}: not measured: {s.error}")

@@ -162,6 +162,13 @@ class LDAPServerProtocol(Protocol):
     def connectionMade(self) -> None:
         self.host = peerHost(self.transport.getPeer())
         self.tls = ISSLTransport.providedBy(self.transport)
+        # Responses are written whole, once per read: Nagle would only hold the last one back.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:  # not a TCP socket
+                pass
 
     # -- input
 

@@ -696,6 +696,8 @@ def _clean(helo: str) -> str:
 class SMTPFactory(Factory):
     """Builds sessions for one listener."""
 
+    noisy = False  # no "Starting factory" lines in the log
+
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
 

@@ -75,6 +75,12 @@ class SMTPDaemonTestCase(unittest.TestCase):
         env = self.state / "captured" / "env"
         return sorted(env.iterdir()) if env.exists() else []
 
+    def newOne(self, before: int) -> Path:
+        """The one envelope captured since there were C{before}."""
+        captured = self.captured()
+        self.assertEqual(len(captured), before + 1)
+        return captured[-1]
+
     def capturedMessage(self, envPath: Path) -> bytes:
         return (self.state / "captured" / "msg" / envPath.name[:-5]).read_bytes()
 
@@ -92,7 +98,8 @@ class SMTPDaemonTestCase(unittest.TestCase):
 
 
 class SwaksTests(SMTPDaemonTestCase):
-    def test_starttlsAuthVerified(self):
+    def check_starttlsAuthVerified(self):
+        n = len(self.captured())
         rc, out = self.swaks("--port", str(self.port(SUBMISSION)), "--tls", "--tls-verify",
                              "--tls-ca-path", self.cafile, "--auth", "PLAIN", "--auth-user", "dev",
                              "--auth-password", "devpass", "--header", "Subject: via swaks")
@@ -101,26 +108,29 @@ class SwaksTests(SMTPDaemonTestCase):
         self.assertIn(" ~> AUTH PLAIN", out)  # sent under TLS
         self.assertIn("235 2.7.0 Authentication successful", out)
         self.assertIn("250 2.0.0 Ok: queued as", out)
-        (env,) = self.captured()
+        env = self.newOne(n)
         self.assertEqual(json.loads(env.read_text())["client"]["user"], "dev")
         self.assertIn(b"Subject: via swaks", self.capturedMessage(env))
 
-    def test_authLoginImplicitTLS(self):
+    def check_authLoginImplicitTLS(self):
+        n = len(self.captured())
         rc, out = self.swaks("--port", str(self.port(SMTPS)), "--tls-on-connect", "--tls-verify",
                              "--tls-ca-path", self.cafile, "--auth", "LOGIN", "--auth-user", "dev",
                              "--auth-password", "devpass")
         self.assertEqual(rc, 0, out)
-        self.assertEqual(len(self.captured()), 1)
+        self.assertEqual(len(self.captured()), n + 1)
 
-    def test_pipelining(self):
+    def check_pipelining(self):
+        n = len(self.captured())
         rc, out = self.swaks("--port", str(self.port(RELAY)), "--pipeline", "--to", "a@example.org,b@example.org")
         self.assertEqual(rc, 0, out)
         self.assertIn("PIPELINING", out)
-        (env,) = self.captured()
+        env = self.newOne(n)
         self.assertEqual([r["address"] for r in json.loads(env.read_text())["recipients"]],
                          ["a@example.org", "b@example.org"])
 
-    def test_authRefusedWithoutTLS(self):
+    def check_authRefusedWithoutTLS(self):
+        n = len(self.captured())
         rc, out = self.swaks("--port", str(self.port(RELAY)), "--auth", "PLAIN", "--auth-user", "dev",
                              "--auth-password", "devpass")
         self.assertNotEqual(rc, 0, out)
@@ -134,9 +144,10 @@ class SwaksTests(SMTPDaemonTestCase):
                 pass
             sock.sendall(b"AUTH PLAIN AGRldgBkZXZwYXNz\r\n")
             self.assertTrue(f.readline().startswith(b"538 5.7.11"))
-        self.assertEqual(self.captured(), [])
+        self.assertEqual(len(self.captured()), n)
 
-    def test_wrongPasswordAndSubmissionWithoutAuth(self):
+    def check_wrongPasswordAndSubmissionWithoutAuth(self):
+        n = len(self.captured())
         rc, out = self.swaks("--port", str(self.port(SUBMISSION)), "--tls", "--tls-ca-path", self.cafile,
                              "--auth", "PLAIN", "--auth-user", "dev", "--auth-password", "wrong")
         self.assertNotEqual(rc, 0)
@@ -144,16 +155,30 @@ class SwaksTests(SMTPDaemonTestCase):
         rc, out = self.swaks("--port", str(self.port(SUBMISSION)), "--tls", "--tls-ca-path", self.cafile)
         self.assertNotEqual(rc, 0)
         self.assertIn("530 5.7.0 Authentication required", out)
-        self.assertEqual(self.captured(), [])
+        self.assertEqual(len(self.captured()), n)
 
-    def test_noOpenRelay(self):
+    def check_noOpenRelay(self):
+        n = len(self.captured())
         if not loopbackAlias():
             raise unittest.SkipTest("127.0.0.2 cannot be bound here (needed as an outside address)")
         rc, out = self.swaks("--server", "127.0.0.2", "--port", str(self.port(OUTSIDE)),
                              "--local-interface", "127.0.0.2")
         self.assertNotEqual(rc, 0)
         self.assertIn("554 5.7.1 <qa@example.org>: Relay access denied", out)
-        self.assertEqual(self.captured(), [])
+        self.assertEqual(len(self.captured()), n)
+
+
+    def test_submission(self):
+        """One daemon: STARTTLS + AUTH PLAIN verified, implicit TLS + AUTH LOGIN, wrong password, no AUTH."""
+        self.check_starttlsAuthVerified()
+        self.check_authLoginImplicitTLS()
+        self.check_wrongPasswordAndSubmissionWithoutAuth()
+
+    def test_relayPort(self):
+        """One daemon: pipelining, AUTH refused without TLS, no open relay for an outsider."""
+        self.check_pipelining()
+        self.check_authRefusedWithoutTLS()
+        self.check_noOpenRelay()
 
 
 class SmtplibTests(SMTPDaemonTestCase):
@@ -167,10 +192,11 @@ class SmtplibTests(SMTPDaemonTestCase):
                          filename="blob.bin")
         return m
 
-    def test_plainRelayFromMynetworksWithAttachment(self):
+    def check_plainRelayFromMynetworksWithAttachment(self):
+        n = len(self.captured())
         with smtplib.SMTP("127.0.0.1", self.port(RELAY), timeout=IO_TIMEOUT) as c:
             self.assertEqual(c.send_message(self.message()), {})
-        (env,) = self.captured()
+        env = self.newOne(n)
         stored = message_from_bytes(self.capturedMessage(env), policy=policy.default)
         self.assertEqual(stored.get_body(("plain",)).get_content().replace("\r\n", "\n"),
                          "Hello,\n.a line starting with a dot\n\nSee the attachment.\n")
@@ -178,16 +204,24 @@ class SmtplibTests(SMTPDaemonTestCase):
         self.assertEqual((att.get_filename(), att.get_payload(decode=True)), ("blob.bin", bytes(range(256)) * 300))
         self.assertTrue(stored["Received"].startswith("from "))
 
-    def test_starttlsAuthPlainSubmission(self):
+    def check_starttlsAuthPlainSubmission(self):
+        n = len(self.captured())
         with smtplib.SMTP("127.0.0.1", self.port(SUBMISSION), timeout=IO_TIMEOUT) as c:
             c.starttls(context=ssl.create_default_context(cafile=self.cafile))
             c.ehlo()
             c.auth("PLAIN", c.auth_plain) if (setattr(c, "user", "dev") or setattr(c, "password", "devpass")) \
                 is None else None
             self.assertEqual(c.send_message(self.message()), {})
-        self.assertEqual(len(self.captured()), 1)
+        self.assertEqual(len(self.captured()), n + 1)
 
-    def test_outsiderRefused(self):
+    def test_booksSenders(self):
+        """One daemon: plain relay with an attachment, STARTTLS + AUTH PLAIN, an outsider refused."""
+        self.check_plainRelayFromMynetworksWithAttachment()
+        self.check_starttlsAuthPlainSubmission()
+        self.check_outsiderRefused()
+
+    def check_outsiderRefused(self):
+        n = len(self.captured())
         if not loopbackAlias():
             raise unittest.SkipTest("127.0.0.2 cannot be bound here (needed as an outside address)")
         with smtplib.SMTP("127.0.0.2", self.port(OUTSIDE), timeout=IO_TIMEOUT,
@@ -195,6 +229,7 @@ class SmtplibTests(SMTPDaemonTestCase):
             with self.assertRaises(smtplib.SMTPRecipientsRefused) as e:
                 c.sendmail("dev@example.test", ["qa@example.org"], b"Subject: x\r\n\r\nx\r\n")
         self.assertEqual(e.exception.recipients["qa@example.org"][0], 554)
+        self.assertEqual(len(self.captured()), n)
 
 
 class LoadTests(SMTPDaemonTestCase):

@@ -221,6 +221,8 @@ class ChatProtocol(Protocol):
         self.bucket = TokenBucket(self.limits.rate, self.limits.burst, self.clock)
         self._buffer = b""
         self._discarding = False
+        self._held = False  # a nickname being checked or claimed: later lines wait (see _hold)
+        self._eofWhileHeld = False
         self._out: list[bytes] = []
         self._outSize = 0
         self._strikes = 0
@@ -254,7 +256,7 @@ class ChatProtocol(Protocol):
         delimiter = self.framing.delimiter
         buffer = self._buffer + data if self._buffer else data
         start = 0
-        while not self.gone:
+        while not self.gone and not self._held:
             end = buffer.find(delimiter, start)
             if end < 0:
                 break
@@ -264,6 +266,10 @@ class ChatProtocol(Protocol):
                 self.messageReceived(buffer[start:end])
             start = end + 1
         rest = buffer[start:]
+        if self._held:  # kept whole until the nickname is settled (reading is paused meanwhile)
+            self._buffer = rest
+            self.flusher.flush()
+            return
         if len(rest) > self.limits.maxLine:
             if not self._discarding:
                 self._discarding = True
@@ -274,6 +280,9 @@ class ChatProtocol(Protocol):
         self.flusher.flush()
 
     def readConnectionLost(self) -> None:
+        if self._held and not self.gone:
+            self._eofWhileHeld = True  # the lines before the end still go first
+            return
         if not self.gone:
             self.gone = True
             self.hub.disconnect(self, "disconnected")
@@ -338,7 +347,7 @@ class ChatProtocol(Protocol):
         if not nick:
             raise ChatError("usage: /nick NAME" + (f" (you are {self.nick})" if self.nick else ""))
         if not self.hub.isReserved(nick):
-            self.hub.setNick(self, nick)
+            self._hold(self.hub.setNick(self, nick))
             return
         if not password:
             raise ChatError(f"nickname {nick} is reserved: /nick {nick} PASSWORD")
@@ -352,12 +361,38 @@ class ChatProtocol(Protocol):
                 self.deliver(notice(f"error: wrong password for {nick}"))
                 return
             try:
-                self.hub.setNick(self, nick)
+                return self.hub.setNick(self, nick)  # a Deferred while the cluster claims it
             except ChatError as e:
                 self.deliver(notice(f"error: {e}"))
 
         d.addCallback(checked)
         d.addErrback(lambda f: log.failure("chat: password check failed", f))
+        self._hold(d)
+
+    def _hold(self, pending: Any) -> None:
+        """
+        Until C{pending} (a Deferred) fires, read nothing more: what the client
+        sent after C{/nick} is said under the new name, as with a local hub.
+        """
+        if not isinstance(pending, defer.Deferred) or pending.called:
+            return
+        self._held = True
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is not None:
+            pause()
+
+        def release(result: Any) -> None:
+            self._held = False
+            if self.gone:
+                return
+            resume = getattr(self.transport, "resumeProducing", None)
+            if resume is not None:
+                resume()
+            self.dataReceived(b"")
+            if self._eofWhileHeld and not self._held:
+                self.readConnectionLost()
+
+        pending.addBoth(release)
 
     def cmd_join(self, rest: str) -> None:
         if not rest:

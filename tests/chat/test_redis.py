@@ -148,6 +148,17 @@ class TwoNodesTests(unittest.TestCase):
         yield other.expect(b"is now known as Alice\n")
 
     @defer.inlineCallbacks
+    def test_linesAfterNickWaitForTheClaim(self):
+        bob = yield self.client(self.b, "bob")
+        scripted = Client(self, port(self.a, 0, "chat"))
+        yield scripted.expect(b"joined #lobby\n")
+        scripted.sock.sendall(b"/nick carl\nfirst\nsecond\n")  # one write, as `printf ... | nc` does
+        scripted.sock.shutdown(socket.SHUT_WR)
+        got = yield bob.expect(b"<carl> second\n")
+        self.assertIn(b"is now known as carl\n<carl> first\n<carl> second\n", got)
+        yield bob.expect(b"carl left")
+
+    @defer.inlineCallbacks
     def test_simultaneousClaimsOneWinner(self):
         one = yield self.client(self.a, None)
         two = yield self.client(self.b, None)
@@ -216,5 +227,3 @@ class ConfigTests(unittest.TestCase):
             config.parse('services: {chat: {fanout: {redis: "tcp:127.0.0.1"}}}', "t.yaml")
         self.assertIn("needs a port", str(e.exception))
 
-
-del socket

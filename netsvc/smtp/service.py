@@ -20,13 +20,13 @@ from twisted.application.service import IService
 from netsvc.auth import authenticatorFor
 from netsvc.config import Problem
 from netsvc.policies import RateLimiter
-from netsvc.runtime import StartupError
+from netsvc.runtime import ServerService, StartupError
 from netsvc.smtp.capture import CaptureStore
 from netsvc.smtp.protocol import ServerConfig, SMTPFactory, SMTPMetrics
 from netsvc.smtp.queue import Queue
 from netsvc.smtp.settings import Settings
 
-__all__ = ["Settings", "makeService"]
+__all__ = ["SMTPService", "Settings", "makeService"]
 
 
 class _Recovery(service.Service):
@@ -40,8 +40,40 @@ class _Recovery(service.Service):
         service.Service.startService(self)
 
 
+class SMTPService(ServerService):
+    """The listeners, the store and (unless capturing) delivery; SIGHUP applies new limits."""
+
+    capture: CaptureStore | None = None
+    queue: Queue | None = None
+    configs: list[ServerConfig]
+
+    def reconfigure(self, settings: Settings) -> None:  # type: ignore[override]
+        """
+        SIGHUP: hostname, mynetworks, sizes, counts and rates apply to new commands
+        at once (open sessions included); listeners, users, relay and queue need a restart.
+        """
+        super().reconfigure(settings)
+        values = _limits(settings, self.context.reactor)  # rate limiters shared by the listeners
+        for config in self.configs:
+            for name, value in values.items():
+                setattr(config, name, value)
+            config.__attrs_post_init__()
+
+
+def _limits(settings: Settings, reactor: Any) -> dict[str, Any]:
+    limits = settings.limits
+    return dict(
+        hostname=settings.hostname, mynetworks=settings.mynetworks,
+        maxSize=settings.max_message_size, maxRecipients=settings.max_recipients,
+        maxMessages=settings.max_messages_per_session, maxLine=settings.max_line_length,
+        authPerSession=settings.auth_failures.per_session,
+        authFailures=RateLimiter(settings.auth_failures.rate, settings.auth_failures.burst, reactor),
+        messageRate=RateLimiter(*limits.bucket(), reactor) if limits.rate else None,
+    )
+
+
 def makeService(settings: Settings, context: Any) -> IService:
-    svc = context.serverService("smtp", settings)
+    svc = SMTPService("smtp", settings, context)
     stateDir = Path(context.stateDir)
     reactor = context.reactor
     capture: CaptureStore | None = None
@@ -69,19 +101,12 @@ def makeService(settings: Settings, context: Any) -> IService:
 
     authenticator = authenticatorFor(settings.users, context, "services.smtp.users") if settings.users else None
     metrics = SMTPMetrics(context.metrics)
-    limits = settings.limits
-    shared = dict(
-        hostname=settings.hostname, queue=store, metrics=metrics, clock=reactor,
-        mynetworks=settings.mynetworks, authenticator=authenticator,
-        maxSize=settings.max_message_size, maxRecipients=settings.max_recipients,
-        maxMessages=settings.max_messages_per_session, maxLine=settings.max_line_length,
-        authPerSession=settings.auth_failures.per_session,
-        authFailures=RateLimiter(settings.auth_failures.rate, settings.auth_failures.burst, reactor),
-        messageRate=RateLimiter(*limits.bucket(), reactor) if limits.rate else None,
-        onAccepted=onAccepted,
-    )
+    shared = dict(queue=store, metrics=metrics, clock=reactor, authenticator=authenticator,
+                  onAccepted=onAccepted, **_limits(settings, reactor))
+    svc.configs = []
     for i, listener in enumerate(settings.listen):
         config = ServerConfig(tlsOptions=_starttls(context), submission=listener.submission, **shared)
+        svc.configs.append(config)
         svc.listen(i, listener, svc.guard.wrap(SMTPFactory(config)))
     return svc
 

@@ -154,6 +154,25 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(len(self.svc.capture.ids()), 1)
 
 
+    @defer.inlineCallbacks
+    def test_reconfigure(self):
+        from netsvc import config as cfg
+
+        settings = cfg.parse(f"services: {{smtp: {{users: {self.users}, max_message_size: 2KB, "
+                             f"hostname: new.test, mynetworks: []}}}}").services["smtp"]
+        self.svc.reconfigure(settings)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.port(0), timeout=10) as c:
+                code, text = c.ehlo()
+                self.assertIn(b"SIZE 2000", text)
+                self.assertTrue(text.startswith(b"new.test"))
+                with self.assertRaises(smtplib.SMTPRecipientsRefused):  # no longer in mynetworks
+                    c.sendmail("a@example.test", ["b@example.org"], b"Subject: x\r\n\r\nx\r\n")
+
+        yield threads.deferToThread(send)
+
+
 class RecoveryTests(unittest.TestCase):
     def test_recoveryAtStart(self):
         import attrs

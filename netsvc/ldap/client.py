@@ -164,6 +164,8 @@ class LDAPConnection(LDAPClient):
         self._pending: dict[int, tuple[defer.Deferred, Callable[[Any, Any], bool] | None]] = {}
         self._tls: defer.Deferred | None = None
         self.lostReason: Any = None
+        #: Bytes received after the message being handled (in the same read).
+        self._unread = 0
         self.notice = ""
         #: The name the server's certificate must carry (set by L{connect}).
         self.hostname: str | None = None
@@ -171,25 +173,42 @@ class LDAPConnection(LDAPClient):
     # -- transport events ------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if len(self.buffer) + len(data) > MAX_MESSAGE:
-            self._protocolError(f"server message larger than {MAX_MESSAGE} bytes")
+        # Messages are cut by their BER length first (a length past MAX_MESSAGE is refused before
+        # anything is buffered), then each is decoded by ldaptor; the buffer is trimmed once per read.
+        buffer, self.buffer = (self.buffer + data if self.buffer else data), b""
+        offset = 0
+        try:
+            while self.connected and len(buffer) - offset >= 2:
+                try:
+                    length, lengthLength = pureber.berDecodeLength(buffer, offset + 1)
+                except pureber.BERExceptionInsufficientData:
+                    break
+                size = 1 + lengthLength + length
+                if size > MAX_MESSAGE:
+                    self._protocolError(f"server message larger than {MAX_MESSAGE} bytes")
+                    return
+                if len(buffer) - offset < size:
+                    break
+                message = buffer[offset:offset + size]
+                offset += size
+                self._unread = len(buffer) - offset
+                self._message(message)
+        finally:
+            self.buffer = buffer[offset:] if self.connected else b""
+            self._unread = 0
+
+    def _message(self, data: bytes) -> None:
+        try:
+            # ldaptor prints unknown BER tags to stdout (where our LDIF goes), and returns None.
+            with contextlib.redirect_stdout(io.StringIO()):
+                message, _ = pureber.berDecodeObject(self.berdecoder, data)
+        except Exception as e:
+            self._protocolError(f"undecodable message from the server ({type(e).__name__})")
             return
-        self.buffer += data
-        while self.buffer and self.connected:
-            try:
-                # ldaptor prints unknown BER tags to stdout (where our LDIF goes), and returns None.
-                with contextlib.redirect_stdout(io.StringIO()):
-                    message, used = pureber.berDecodeObject(self.berdecoder, self.buffer)
-            except pureber.BERExceptionInsufficientData:
-                return
-            except Exception as e:
-                self._protocolError(f"undecodable message from the server ({type(e).__name__})")
-                return
-            self.buffer = self.buffer[used:]
-            if not isinstance(getattr(message, "value", None), pureldap.LDAPProtocolResponse):
-                self._protocolError("unexpected message from the server")
-                return
-            self.handle(message)
+        if not isinstance(getattr(message, "value", None), pureldap.LDAPProtocolResponse):
+            self._protocolError("unexpected message from the server")
+            return
+        self.handle(message)
 
     def _protocolError(self, why: str) -> None:
         self.lostReason = error.ConnectionLost(why)
@@ -299,7 +318,7 @@ class LDAPConnection(LDAPClient):
             return defer.fail(StartTLSError("requests are still outstanding"))
 
         def started(response: Any) -> defer.Deferred:
-            if self.buffer:
+            if self._unread:
                 # Bytes after the response came in clear text: whoever sent them is not to be believed
                 # once TLS is up (the STARTTLS injection of CVE-2011-0411 and friends).
                 self._protocolError("the server sent clear text after agreeing to StartTLS")

@@ -284,6 +284,20 @@ class ConnectionFailureTests(unittest.TestCase):
         self.assertIn("clear text after agreeing to StartTLS", str(self.failureResultOf(d, client.StartTLSError).value))
         self.assertTrue(wire.transport.disconnecting)
 
+    def test_startTLSResponseInPieces(self):
+        wire = Wire()
+        started = []
+        wire.transport.startTLS = started.append
+        d = wire.conn.startTLS("creator")
+        [message] = wire.sent()
+        data = pureldap.LDAPMessage(pureldap.LDAPExtendedResponse(resultCode=0), id=message.id).toWire()
+        for b in range(len(data)):
+            wire.conn.dataReceived(data[b:b + 1])
+        self.assertEqual(started, ["creator"])
+        self.assertNoResult(d)  # now waiting for the handshake
+        wire.conn.handshakeCompleted()
+        self.assertIs(self.successResultOf(d), wire.conn)
+
     def test_handshakeTimeout(self):
         wire = Wire(timeout=2)
         d = wire.conn.awaitHandshake()

@@ -1,0 +1,283 @@
+"""
+The client side: L{netsvc.smtp.sender.SMTPSender} driven over a StringTransport
+by a scripted server, the dot-stuffing, and C{netsvc mail send}'s message
+building and argument checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email
+import email.policy
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface import directlyProvides
+
+from netsvc.smtp import client
+from netsvc.smtp.sender import DotStuffer, Outgoing, Recipient, SessionError, SMTPSender
+
+BODY = b"Subject: t\r\n\r\n.first line starts with a dot\r\nmiddle\r\n.\r\nlast"
+
+
+def outgoing(data: bytes = BODY, recipients: tuple[str, ...] = ("b@example.org", "c@example.org"),
+             sender: str = "a@lab", **kw: Any) -> Outgoing:
+    return Outgoing(sender, [Recipient(r) for r in recipients], lambda: io.BytesIO(data), len(data), **kw)
+
+
+class Harness:
+    """A sender on a StringTransport; C{reply()} feeds server lines, C{sent()} returns what it wrote."""
+
+    def __init__(self, messages: list[Outgoing], **kw: Any) -> None:
+        self.messages = list(messages)
+        self.results: list[tuple[Outgoing, list]] = []
+        self.trace: list[str] = []
+        self.clock = Clock()
+        self.sender = SMTPSender("relay.lab", self.nextMessage, lambda m, r: self.results.append((m, r)),
+                                 trace=lambda d, line: self.trace.append(f"{d} {line}"), **kw)
+        self.sender.callLater = self.clock.callLater
+        self.transport = StringTransport()
+        self.sender.makeConnection(self.transport)
+        self.outcome: list[Any] = []
+        self.sender.done.addBoth(self.outcome.append)
+
+    def nextMessage(self) -> Outgoing | None:
+        return self.messages.pop(0) if self.messages else None
+
+    def reply(self, *lines: str) -> None:
+        self.sender.dataReceived("".join(line + "\r\n" for line in lines).encode())
+
+    def sent(self) -> list[str]:
+        data = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return data.split("\r\n")[:-1]
+
+    def pumpData(self) -> None:
+        """Let FileSender (a pull producer) send the whole message."""
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+
+
+EHLO = ["250-mx.example.org", "250-PIPELINING", "250-SIZE 1000000", "250-8BITMIME", "250-DSN",
+        "250 ENHANCEDSTATUSCODES"]
+
+
+class SenderTests(unittest.TestCase):
+    def test_pipelinedTransactionWithParameters(self) -> None:
+        m = outgoing(ret="HDRS", envid="id+1=x")
+        m.recipients[0].notify, m.recipients[0].orcpt = "FAILURE,DELAY", "rfc822;B@example.org"
+        h = Harness([m], starttls="none")
+        h.reply("220 mx ESMTP")
+        self.assertEqual(h.sent(), ["EHLO relay.lab"])
+        h.reply(*EHLO)
+        self.assertEqual(h.sent(), [
+            f"MAIL FROM:<a@lab> SIZE={len(BODY)} BODY=8BITMIME RET=HDRS ENVID=id+2B1+3Dx",
+            "RCPT TO:<b@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;B@example.org",
+            "RCPT TO:<c@example.org>", "DATA"])  # one write: pipelined
+        h.reply("250 2.1.0 ok", "250 2.1.5 ok", "550 5.1.1 unknown", "354 go")
+        h.pumpData()
+        self.assertEqual(h.sent(), ["Subject: t", "", "..first line starts with a dot", "middle", "..", "last", "."])
+        h.reply("250 2.0.0 queued")
+        ((msg, results),) = h.results
+        self.assertIs(msg, m)
+        self.assertEqual([(r.address, reply.code, reply.text) for r, reply in results],
+                         [("b@example.org", 250, "2.0.0 queued"), ("c@example.org", 550, "5.1.1 unknown")])
+        self.assertEqual(h.sent(), ["QUIT"])
+        h.reply("221 bye")
+        self.assertEqual(h.outcome, [None])
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_sequentialWithoutPipeliningAndMailRefused(self) -> None:
+        h = Harness([outgoing(), outgoing(b"x\r\n", ("d@example.org",))], starttls="none")
+        h.reply("220 mx")
+        h.sent()
+        h.reply("250-mx", "250 8BITMIME")
+        self.assertEqual(h.sent(), ["MAIL FROM:<a@lab> BODY=8BITMIME"])
+        h.reply("451 4.3.0 try later")
+        self.assertEqual(h.sent(), ["RSET"])  # no RCPT after a refused MAIL
+        h.reply("250 ok")
+        self.assertEqual([(r.address, reply.code) for r, reply in h.results[0][1]],
+                         [("b@example.org", 451), ("c@example.org", 451)])
+        self.assertEqual(h.sent(), ["MAIL FROM:<a@lab> BODY=8BITMIME"])  # the next message
+        h.reply("250 ok")
+        self.assertEqual(h.sent(), ["RCPT TO:<d@example.org>"])
+        h.reply("550 5.1.1 no")
+        self.assertEqual(h.sent(), ["RSET"])  # nobody accepted: no DATA
+        h.reply("250 ok")
+        self.assertEqual(h.results[1][1][0][1].code, 550)
+
+    def test_heloFallback(self) -> None:
+        h = Harness([outgoing(b"x\r\n", ("b@x.org",))], starttls="none")
+        h.reply("220 old")
+        h.sent()
+        h.reply("502 5.5.1 what")
+        self.assertEqual(h.sent(), ["HELO relay.lab"])
+        h.reply("250 old")
+        self.assertEqual(h.sent(), ["MAIL FROM:<a@lab>"])
+
+    def test_starttlsRequiredButNotOffered(self) -> None:
+        h = Harness([outgoing()], starttls="required", tlsCreator=object())
+        h.reply("220 mx")
+        h.sent()
+        h.reply(*EHLO)
+        (f,) = h.outcome
+        self.assertIsInstance(f.value, SessionError)
+        self.assertIn("STARTTLS required", str(f.value))
+        self.assertIsNone(f.value.current)
+        self.assertEqual(h.results, [])
+
+    def test_starttlsThenEhloAgainThenAuthPlain(self) -> None:
+        started = []
+        h = Harness([outgoing(b"x\r\n", ("b@x.org",))], starttls="required", tlsCreator="creator",
+                    auth=("user", "s3cret"))
+        h.transport.startTLS = lambda creator: (started.append(creator), directlyProvides(h.transport,
+                                                                                          ISSLTransport))
+        h.reply("220 mx")
+        h.sent()
+        h.reply("250-mx", "250-STARTTLS", "250 AUTH PLAIN LOGIN")
+        self.assertEqual(h.sent(), ["STARTTLS"])
+        h.reply("220 go ahead")
+        self.assertEqual(started, ["creator"])
+        self.assertEqual(h.sent(), ["EHLO relay.lab"])
+        h.reply("250-mx", "250 AUTH PLAIN LOGIN")
+        self.assertEqual(h.sent(), ["AUTH PLAIN AHVzZXIAczNjcmV0"])
+        self.assertIn("> AUTH PLAIN <credentials>", h.trace)
+        self.assertFalse(any("s3cret" in t or "AHVzZXIAczNjcmV0" in t for t in h.trace))
+        h.reply("235 2.7.0 ok")
+        self.assertEqual(h.sent(), ["MAIL FROM:<a@lab>"])
+
+    def test_authLoginAndRefusal(self) -> None:
+        h = Harness([outgoing()], starttls="none", auth=("user", "pw"))
+        h.reply("220 mx")
+        h.sent()
+        h.reply("250-mx", "250 AUTH LOGIN")
+        self.assertEqual(h.sent(), ["AUTH LOGIN"])
+        h.reply("334 VXNlcm5hbWU6")
+        self.assertEqual(h.sent(), ["dXNlcg=="])
+        h.reply("334 UGFzc3dvcmQ6")
+        self.assertEqual(h.sent(), ["cHc="])
+        h.reply("535 5.7.8 bad credentials")
+        (f,) = h.outcome
+        self.assertEqual(f.value.reply.code, 535)
+        self.assertEqual(h.sent(), ["QUIT"])
+
+    def test_noPasswordWithoutTLS(self) -> None:
+        h = Harness([outgoing()], starttls="opportunistic", tlsCreator=object(), auth=("user", "pw"))
+        h.reply("220 mx")
+        h.sent()
+        h.reply("250-mx", "250 AUTH PLAIN")
+        self.assertIn("without TLS", str(h.outcome[0].value))
+        self.assertEqual(h.sent(), [])
+
+    def test_connectionLostMidData(self) -> None:
+        m = outgoing()
+        h = Harness([m], starttls="none")
+        h.reply("220 mx")
+        h.reply(*EHLO)
+        h.reply("250 ok", "250 ok", "250 ok", "354 go")
+        h.sender.connectionLost(Failure(ConnectionLost("reset")))
+        (f,) = h.outcome
+        self.assertIn("connection lost", str(f.value))
+        self.assertIs(f.value.current, m)
+        self.assertEqual(h.results, [])
+
+    def test_timeout(self) -> None:
+        h = Harness([outgoing()], starttls="none", timeout=30)
+        h.reply("220 mx")
+        h.clock.advance(31)
+        self.assertIn("no reply for 30s", str(h.outcome[0].value))
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_malformedReply(self) -> None:
+        h = Harness([outgoing()], starttls="none")
+        h.reply("hello there")
+        self.assertIn("malformed reply", str(h.outcome[0].value))
+
+    def test_greetingRefused(self) -> None:
+        h = Harness([outgoing()], starttls="none")
+        h.reply("554 5.3.2 go away")
+        self.assertTrue(h.outcome[0].value.permanent)
+
+    def test_utf8AddressWithoutSMTPUTF8(self) -> None:
+        h = Harness([outgoing(recipients=("j\u00f6rg@example.org",))], starttls="none")
+        h.reply("220 mx")
+        h.reply(*EHLO)
+        self.assertEqual(h.results[0][1][0][1].code, 553)
+        self.assertEqual(h.sent()[-1], "QUIT")  # nothing of it was sent
+        self.assertNotIn("MAIL", " ".join(h.sent()))
+
+
+class DotStufferTests(unittest.TestCase):
+    def stuff(self, chunks: list[bytes]) -> bytes:
+        s = DotStuffer()
+        return b"".join(s(c) for c in chunks) + s.end()
+
+    def test_acrossChunkEdges(self) -> None:
+        self.assertEqual(self.stuff([b".a\r\n", b".b\r\n.", b"c\r\n"]), b"..a\r\n..b\r\n..c\r\n.\r\n")
+        self.assertEqual(self.stuff([b"x\r", b"\n.y"]), b"x\r\n..y\r\n.\r\n")
+        self.assertEqual(self.stuff([b"no newline at end"]), b"no newline at end\r\n.\r\n")
+        self.assertEqual(self.stuff([]), b".\r\n")
+
+
+class ComposeTests(unittest.TestCase):
+    def test_headersBodyAndAttachments(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        (folder / "pic.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+        (folder / "notes.txt").write_text("plain notes\n")
+        (folder / "logs.tar.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 20)
+        (folder / "data.unknownext").write_bytes(b"\x00\x01")
+        data = client.composeMessage("alice@lab", ["bob@example.org", "carol@example.org"], "R\u00e9sum\u00e9",
+                                     "h\u00e9llo\n.dot line\n", [str(folder / n) for n in
+                                                                 ("pic.png", "notes.txt", "logs.tar.gz",
+                                                                  "data.unknownext")])
+        self.assertNotIn(b"\n", data.replace(b"\r\n", b""))
+        m = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(m["Subject"], "R\u00e9sum\u00e9")
+        self.assertEqual(m["To"], "bob@example.org, carol@example.org")
+        self.assertIsNotNone(m["Date"])
+        self.assertTrue(m["Message-ID"].endswith("@lab>"))
+        self.assertEqual(m["MIME-Version"], "1.0")
+        parts = list(m.iter_parts())
+        self.assertEqual([p.get_content_type() for p in parts],
+                         ["text/plain", "image/png", "text/plain", "application/gzip", "application/octet-stream"])
+        self.assertEqual(parts[0].get_content().replace("\r\n", "\n"), "h\u00e9llo\n.dot line\n")
+        self.assertEqual(parts[1].get_filename(), "pic.png")
+        self.assertEqual(parts[1].get_content(), b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+        self.assertEqual(parts[3].get_filename(), "logs.tar.gz")
+        self.assertTrue(all(p["MIME-Version"] is None for p in parts))
+
+    def test_missingAttachmentIsUsageError(self) -> None:
+        self.assertRaises(client.UsageError, client.composeMessage, "a@lab", ["b@x.org"], None, "x",
+                          ["/nonexistent/file.pdf"])
+
+
+class ArgumentTests(unittest.TestCase):
+    def status(self, *argv: str) -> int:
+        parser = argparse.ArgumentParser()
+        client.addParser(parser.add_subparsers())
+        args = parser.parse_args(["mail", "send", *argv])
+        self.patch(sys, "stderr", io.StringIO())
+        status = client.runSend(None, args)
+        self.assertTrue(sys.stderr.getvalue().startswith("netsvc mail: "))
+        return status
+
+    def test_usageErrors(self) -> None:
+        cases = [
+            ["--from", "a@lab", "--tls", "--starttls", "--to", "b@x.org"],
+            ["--from", "a@lab", "--cacert", "ca.pem", "--to", "b@x.org"],
+            ["--from", "a@lab", "--user", "u", "--password-file", "p", "--to", "b@x.org"],
+            ["--from", "a@lab"],
+            ["--from", "a@lab", "--to", "not an address"],
+            ["--from", "a@lab", "--to", "b@x.org", "--server", "host:99999"],
+        ]
+        for argv in cases:
+            self.assertEqual(self.status(*argv), 2, argv)

@@ -22,6 +22,8 @@ NSUBSCHEMA = "cn=subschema"
 OID_STARTTLS = "1.3.6.1.4.1.1466.20037"
 OID_WHOAMI = "1.3.6.1.4.1.4203.1.11.3"
 OID_PAGED = "1.2.840.113556.1.4.319"
+#: ManageDsaIT (RFC 3296): "treat referrals as entries"; there are no referral objects, so it changes nothing.
+OID_MANAGE_DSA_IT = "2.16.840.1.113730.3.4.2"
 OID_ALL_OPERATIONAL = "1.3.6.1.4.1.4203.1.5.1"  # the "+" feature (RFC 3673)
 
 #: Operational attributes every entry has (computed), in the order they are returned.
@@ -149,7 +151,8 @@ def rootDSE(suffix: str, startTLS: bool) -> SpecialEntry:
              ("namingContexts", suffix.encode()), ("subschemaSubentry", SUBSCHEMA_DN.encode()),
              ("supportedLDAPVersion", b"3")]
     attrs += [("supportedExtension", oid.encode()) for oid in extensions]
-    attrs += [("supportedControl", OID_PAGED.encode()), ("supportedFeatures", OID_ALL_OPERATIONAL.encode()),
+    attrs += [("supportedControl", OID_PAGED.encode()), ("supportedControl", OID_MANAGE_DSA_IT.encode()),
+              ("supportedFeatures", OID_ALL_OPERATIONAL.encode()),
               ("vendorName", b"netsvc"), ("vendorVersion", f"netsvc {VERSION}".encode())]
     e = SpecialEntry("", "", None, attrs)
     e.strict = False

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from netsvc.ldap import codec
 from netsvc.ldap.answer import (
     NSUBSCHEMA,
+    OID_MANAGE_DSA_IT,
     OID_PAGED,
     OID_STARTTLS,
     OID_WHOAMI,
@@ -389,7 +390,7 @@ class LDAPServerProtocol(Protocol):
         for c in msg.controls:
             if c.oid == OID_PAGED:
                 paged = c
-            elif c.critical:
+            elif c.critical and c.oid != OID_MANAGE_DSA_IT:
                 self.write(codec.result(msg.id, done, UNAVAILABLE_CRITICAL_EXTENSION,
                                         f"control {c.oid} is not supported"))
                 return

@@ -298,6 +298,9 @@ class SearchTests(unittest.TestCase):
         self.assertEqual(done(out).resultCode, 12)
         out = self.client.send(search(2, USERS, scope=0, controls=[("1.2.3.4.5", False, None)]))
         self.assertEqual((dns(out), done(out).resultCode), ([USERS], 0))
+        # ManageDsaIT (Apache Directory Studio sends it): there are no referrals, so it is accepted as is
+        out = self.client.send(search(3, USERS, scope=0, controls=[("2.16.840.1.113730.3.4.2", True, None)]))
+        self.assertEqual((dns(out), done(out).resultCode), ([USERS], 0))
 
     def test_rootDSE(self):
         """Found with any matching filter (ldaptor's server needs the exact spelling (objectClass=*))."""
@@ -308,7 +311,7 @@ class SearchTests(unittest.TestCase):
             self.assertEqual(values["namingContexts"], [SUFFIX.encode()])
             self.assertIn(b"1.3.6.1.4.1.1466.20037", values["supportedExtension"])
             self.assertIn(b"1.3.6.1.4.1.4203.1.11.3", values["supportedExtension"])
-            self.assertEqual(values["supportedControl"], [b"1.2.840.113556.1.4.319"])
+            self.assertEqual(values["supportedControl"], [b"1.2.840.113556.1.4.319", b"2.16.840.1.113730.3.4.2"])
             self.assertEqual(values["supportedLDAPVersion"], [b"3"])
             self.assertEqual(values["subschemaSubentry"], [b"cn=Subschema"])
         self.assertEqual(entries(self.search("", "(cn=nothing)", scope=0)), [])

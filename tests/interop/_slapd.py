@@ -124,7 +124,7 @@ def startSlapd(testCase, names: tuple[str, ...] = ("127.0.0.1", "localhost")) ->
                                 adminHash=hashPassword(ADMIN_PASSWORD, "ssha")))
     ldif = folder / "data.ldif"
     ldif.write_bytes(b"".join(entryLDIF(dn, attrs) for dn, attrs in exampleEntries()))
-    added = subprocess.run([slapadd, "-f", str(conf), "-l", str(ldif)], capture_output=True, timeout=IO_TIMEOUT)
+    added = subprocess.run([slapadd, "-q", "-f", str(conf), "-l", str(ldif)], capture_output=True, timeout=IO_TIMEOUT)
     if added.returncode != 0:
         raise testCase.failureException(f"slapadd failed: {added.stderr.decode(errors='replace')}")
     for _ in range(3):  # a free port may be taken by someone else before slapd binds it

@@ -11,12 +11,13 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
+import sys
 import time
 from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.interop._daemon import IO_TIMEOUT, startNetsvc
+from tests.interop._daemon import IO_TIMEOUT, decoded, runToCompletion, startNetsvc
 from tests.interop._mailpeers import PostfixInstance, Scratch, SmtpSink, freeTCPPort
 
 #: How long relayed mail may take to arrive.
@@ -210,3 +211,137 @@ class MXDeliveryTests(RelayTestMixin, unittest.TestCase):
         self.assertIn(b"Final-Recipient: rfc822; nobody@nomail.test", report)
         self.assertIn(b"Status: 5.4.4", report)  # no MX and no address: given up at once
         self.waitForEmptyQueue()
+
+
+def netsvc(testCase: unittest.TestCase, *args: str, input: bytes = b"") -> tuple[int, str]:
+    result = runToCompletion(testCase, [sys.executable, "-m", "netsvc", *args], input=input)
+    return result.returncode, decoded(result)
+
+
+class MailCommandTests(RelayTestMixin, unittest.TestCase):
+    """C{netsvc mail send/adduser/queue} as a user runs them, against the real daemon."""
+
+    def startSubmission(self) -> tuple[Path, Path]:
+        """A capture-mode daemon with a user alice (added by netsvc mail adduser) on submission ports."""
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir(parents=True)
+        password = folder / "pw"
+        password.write_text("correct horse\n")
+        status, out = netsvc(self, "mail", "adduser", "alice", "--users", str(folder / "users.txt"),
+                             "--password-file", str(password))
+        self.assertEqual(status, 0, out)
+        self.assertTrue((folder / "users.txt").read_text().startswith("alice:scrypt:"))
+        config = folder / "netsvc.yaml"
+        config.write_text(f"""\
+state_dir: {folder}/var
+services:
+  smtp:
+    listen:
+      - {{endpoint: "tcp:0:interface=127.0.0.1", submission: true}}
+      - {{endpoint: "tls:0:interface=127.0.0.1", submission: true}}
+    hostname: submit.test
+    users: users.txt
+    relay: {{capture: true}}
+""")
+        self.submission = startNetsvc(self, config, folder / "var")
+        return folder, password
+
+    def captured(self, folder: Path) -> list[bytes]:
+        msg = folder / "var" / "captured" / "msg"
+        return [p.read_bytes() for p in sorted(msg.iterdir())] if msg.exists() else []
+
+    def test_sendStarttlsAuthAttachThenImplicitTLS(self) -> None:
+        folder, password = self.startSubmission()
+        starttls = self.submission.port("services.smtp.listen[0]")
+        implicit = self.submission.port("services.smtp.listen[1]")
+        attachment = folder / "report.pdf"
+        attachment.write_bytes(b"%PDF-1.4 not really\n")
+        common = ["--user", "alice", "--password-file", str(password), "--cacert", self.submission.cafile,
+                  "--from", "alice@submit.test", "--to", "bob@example.org"]
+        status, out = netsvc(self, "mail", "send", "--server", f"localhost:{starttls}", "--starttls", *common,
+                             "--subject", "with STARTTLS", "--attach", str(attachment), "-v",
+                             input=b"Hello Bob,\n.a dot line\n")
+        self.assertEqual(status, 0, out)
+        self.assertIn("> STARTTLS", out)
+        self.assertIn("> AUTH PLAIN <credentials>", out)
+        self.assertIn("< 235", out)
+        self.assertNotIn("correct horse", out)
+        status, out = netsvc(self, "mail", "send", "--server", f"localhost:{implicit}", "--tls", *common,
+                             "--subject", "implicit TLS", input=b"second\n")
+        self.assertEqual(status, 0, out)
+        self.assertIn("sent to 1 of 1 recipient(s): 250", out)
+        got = [email.message_from_bytes(m, policy=email.policy.default) for m in self.captured(folder)]
+        self.assertEqual(sorted(m["Subject"] for m in got), ["implicit TLS", "with STARTTLS"])
+        first = next(m for m in got if m["Subject"] == "with STARTTLS")
+        body, pdf = first.iter_parts()
+        self.assertEqual(body.get_content().replace("\r\n", "\n"), "Hello Bob,\n.a dot line\n")
+        self.assertEqual((pdf.get_content_type(), pdf.get_filename(), pdf.get_content()),
+                         ("application/pdf", "report.pdf", b"%PDF-1.4 not really\n"))
+
+    def test_sendFailuresAreOneLine(self) -> None:
+        folder, password = self.startSubmission()
+        port = self.submission.port("services.smtp.listen[0]")
+        wrong = folder / "wrong"
+        wrong.write_text("nope\n")
+        base = ["mail", "send", "--server", f"localhost:{port}", "--starttls", "--from", "alice@submit.test",
+                "--to", "bob@example.org"]
+        status, out = netsvc(self, *base, "--user", "alice", "--password-file", str(wrong), "--cacert",
+                             self.submission.cafile, input=b"x\n")
+        self.assertEqual(status, 1)
+        self.assertRegex(out.strip(), r"^netsvc mail: sending to localhost:\d+: AUTH: 535 ")
+        status, out = netsvc(self, *base, input=b"x\n")  # the self-signed certificate is not trusted
+        self.assertEqual(status, 1)
+        self.assertIn("certificate verify failed", out)
+        self.assertEqual(len(out.strip().splitlines()), 1, out)
+        status, out = netsvc(self, "mail", "send", "--server", f"127.0.0.1:{freeTCPPort()}",
+                             "--from", "a@x.test", "--to", "b@x.test", input=b"x\n")
+        self.assertEqual(status, 1)
+        self.assertRegex(out.strip(), r"^netsvc mail: connecting to 127.0.0.1:\d+: .*refused")
+        self.assertEqual(self.captured(folder), [])
+
+    def test_relayAuthenticatesToItsSmarthost(self) -> None:
+        folder, password = self.startSubmission()
+        port = self.submission.port("services.smtp.listen[0]")
+        self.startRelay(f'{{smarthost: "tcp:host=localhost:port={port}", starttls: required, '
+                        f'cacert: "{self.submission.cafile}", auth: {{user: alice, password_file: "{password}"}}}}')
+        self.send("carol@relay.test", ["bob@example.org"], message("relayed with AUTH"))
+        deadline = time.monotonic() + ARRIVAL
+        while not self.captured(folder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (raw,) = self.captured(folder)
+        received = email.message_from_bytes(raw).get_all("Received")
+        self.assertIn("by submit.test", received[0])
+        self.assertIn("ESMTPSA", received[0])  # TLS and AUTH (RFC 3848)
+        self.waitForEmptyQueue()
+
+    def test_queueCommands(self) -> None:
+        self.startRelay(f'{{smarthost: "tcp:host=127.0.0.1:port={freeTCPPort()}", starttls: none}}',
+                        queue="{retry: [1h], fsync: true}")
+        config = str(self.daemon.stateDir.parent / "netsvc.yaml")
+        self.send("carol@relay.test", ["bob@example.org", "dan@example.net"], message("stuck"))
+        self.send("carol@relay.test", ["eve@example.org"], message("also stuck"))
+        deadline = time.monotonic() + ARRIVAL
+        while time.monotonic() < deadline and not all("refused" in p.read_text() for p in self.queued()):
+            time.sleep(0.05)
+        status, out = netsvc(self, "mail", "queue", "list", "--config", config)
+        self.assertEqual(status, 0, out)
+        self.assertIn("<carol@relay.test> -> bob@example.org, dan@example.net", out)
+        self.assertIn("connection refused", out)
+        self.assertIn("2 message(s)", out)
+        first, second = (p.name[:-5] for p in self.queued())
+        status, out = netsvc(self, "mail", "queue", "show", first, "--config", config)
+        self.assertEqual(status, 0, out)
+        self.assertIn('"address": "dan@example.net"', out)
+        self.assertIn("Subject: stuck", out)
+        status, out = netsvc(self, "mail", "queue", "delete", first, "--config", config)
+        self.assertEqual((status, out.strip()), (0, f"{first}: delete requested"))
+        status, out = netsvc(self, "mail", "queue", "retry", second, "--config", config)
+        self.assertEqual(status, 0, out)
+        deadline = time.monotonic() + ARRIVAL
+        while time.monotonic() < deadline and len(self.queued()) != 1:
+            time.sleep(0.05)
+        self.assertEqual([p.name[:-5] for p in self.queued()], [second])
+        self.assertTrue(self.daemon.waitForOutput(f"retry of {second} requested", ARRIVAL))
+        status, out = netsvc(self, "mail", "queue", "show", "nonexistent", "--config", config)
+        self.assertEqual(status, 1)
+        self.assertIn("no message 'nonexistent'", out)

@@ -407,3 +407,39 @@ class BadServerTests(unittest.TestCase):
         wire.conn.dataReceived(b"\x30" + bytes([len(body)]) + body)
         self.assertEqual(printed.getvalue(), "")
         self.assertClosedWith(wire, d, "from the server")
+
+
+class FastEntryTests(unittest.TestCase):
+    """Search entries decoded without ldaptor give what ldaptor's decoder gives."""
+
+    ENTRIES = [
+        entry("cn=a,dc=x", cn=[b"a"], description=[b"", b"\x00\xff" * 300, "\u00e9t\u00e9".encode()]),
+        entry("cn=b,dc=x"),
+        entry("", objectClass=[b"top"], namingContexts=[b"dc=x"]),
+        entry("cn=long,dc=x", jpegPhoto=[bytes(range(256)) * 400]),  # lengths of 3 octets
+    ]
+
+    def collect(self, fast: bool, controls=None) -> list:
+        wire = Wire()
+        if not fast:
+            self.patch(wire.conn, "_fastEntry", lambda data: False)
+        seen = []
+        d = wire.conn.search("dc=x", 2, parseFilter("(cn=*)"), onEntry=lambda dn, attrs: seen.append((dn, attrs)))
+        [message] = wire.sent()
+        for op in self.ENTRIES:
+            wire.answer(message.id, op, controls)
+        wire.answer(message.id, pureldap.LDAPSearchResultDone(resultCode=0))
+        self.assertEqual(self.successResultOf(d).entries, len(self.ENTRIES))
+        return seen
+
+    def test_sameAsLdaptor(self):
+        self.assertEqual(self.collect(fast=True), self.collect(fast=False))
+
+    def test_entryWithControlsGoesToLdaptor(self):
+        self.assertEqual(self.collect(fast=True, controls=[(b"1.2.3", None, b"v")]), self.collect(fast=False))
+
+    def test_notAnEntry(self):
+        wire = Wire()
+        self.assertFalse(wire.conn._fastEntry(
+            pureldap.LDAPMessage(pureldap.LDAPBindResponse(resultCode=0), id=1).toWire()))
+        self.assertFalse(wire.conn._fastEntry(b"\x30\x03\x02\x01"))  # truncated: ldaptor decides

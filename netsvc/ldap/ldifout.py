@@ -16,6 +16,7 @@ lines nor base64-encodes unsafe DNs, so this one is written out here.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Sequence
 
 #: Where OpenLDAP's ldapsearch folds lines too (its default C{ldif-wrap}).
@@ -24,7 +25,7 @@ WIDTH = 76
 HEADER = b"version: 1\n\n"
 
 _UNSAFE_FIRST = frozenset(b"\x00\n\r :<")
-_UNSAFE = frozenset(b"\x00\n\r")
+_UNSAFE = re.compile(b"[\x00\n\r]")
 
 
 def isSafe(value: bytes) -> bool:
@@ -37,7 +38,7 @@ def isSafe(value: bytes) -> bool:
         return True
     if value[0] in _UNSAFE_FIRST or value[-1] == 0x20:
         return False
-    return value.isascii() and not any(b in _UNSAFE for b in value)
+    return value.isascii() and _UNSAFE.search(value) is None
 
 
 def _bytes(text: str | bytes) -> bytes:

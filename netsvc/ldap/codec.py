@@ -99,10 +99,25 @@ class ExtendedRequest(NamedTuple):
     value: bytes | None
 
 
-class OtherRequest(NamedTuple):
-    """A request the server refuses (add, modify, delete, modify DN): only its DN is kept."""
-
+class AddRequest(NamedTuple):
     dn: str
+    attributes: list[tuple[str, list[bytes]]]
+
+
+class DelRequest(NamedTuple):
+    dn: str
+
+
+class ModifyRequest(NamedTuple):
+    dn: str
+    changes: list[tuple[int, str, list[bytes]]]  # (0 add | 1 delete | 2 replace, attribute, values)
+
+
+class ModDNRequest(NamedTuple):
+    dn: str
+    newRDN: str
+    deleteOldRDN: bool
+    newSuperior: str | None
 
 
 # -- framing ------------------------------------------------------------------
@@ -263,11 +278,52 @@ def _decodeOp(tag: int, data: bytes, start: int, end: int) -> Any:
             value = data[vs:ve]
         return ExtendedRequest(_string(data, ns, ne), value)
     if tag == DEL_REQUEST:
-        return OtherRequest(_string(data, start, end))
-    if tag in (MODIFY_REQUEST, ADD_REQUEST, MODDN_REQUEST):
+        return DelRequest(_string(data, start, end))
+    if tag == ADD_REQUEST:
         ds, de = _expect(data, start, end, 0x04, "entry")
-        return OtherRequest(_string(data, ds, de))
+        ls, le = _expect(data, de, end, 0x30, "attributes")
+        attributes = []
+        while ls < le:
+            s, e = _expect(data, ls, le, 0x30, "attribute")
+            attributes.append(_attribute(data, s, e))
+            ls = e
+        return AddRequest(_string(data, ds, de), attributes)
+    if tag == MODIFY_REQUEST:
+        ds, de = _expect(data, start, end, 0x04, "object")
+        cs, ce = _expect(data, de, end, 0x30, "changes")
+        changes = []
+        while cs < ce:
+            s, e = _expect(data, cs, ce, 0x30, "change")
+            os_, oe = _expect(data, s, e, 0x0A, "operation")
+            operation = _integer(data, os_, oe)
+            if operation not in (0, 1, 2):
+                raise BERError(f"unknown modify operation {operation}")
+            name, values = _attribute(data, *_expect(data, oe, e, 0x30, "modification"))
+            changes.append((operation, name, values))
+            cs = e
+        return ModifyRequest(_string(data, ds, de), changes)
+    if tag == MODDN_REQUEST:
+        ds, de = _expect(data, start, end, 0x04, "entry")
+        rs, re_ = _expect(data, de, end, 0x04, "newrdn")
+        bs, be = _expect(data, re_, end, 0x01, "deleteoldrdn")
+        superior = None
+        if be < end:
+            ss, se = _expect(data, be, end, 0x80, "newSuperior")
+            superior = _string(data, ss, se)
+        return ModDNRequest(_string(data, ds, de), _string(data, rs, re_), any(data[bs:be]), superior)
     raise BERError(f"unknown operation (tag 0x{tag:02x})")
+
+
+def _attribute(data: bytes, start: int, end: int) -> tuple[str, list[bytes]]:
+    """A PartialAttribute's content: (type, values)."""
+    ns, ne = _expect(data, start, end, 0x04, "attribute type")
+    vs, ve = _expect(data, ne, end, 0x31, "attribute values")
+    values = []
+    while vs < ve:
+        s, e = _expect(data, vs, ve, 0x04, "attribute value")
+        values.append(data[s:e])
+        vs = e
+    return _string(data, ns, ne), values
 
 
 def _search(data: bytes, start: int, end: int) -> SearchRequest:

@@ -13,7 +13,8 @@ Operations:
     scan limits (4, 3, 11), the paged results control (RFC 2696), the root DSE and
     C{cn=Subschema}.  Results of one read are written in one batch (pipelining).
   - compare, whoami (RFC 4532), StartTLS (RFC 4511 4.14: success, then TLS).
-  - add, modify, delete, modify DN: unwillingToPerform (the directory is read-only).
+  - add, modify, delete, modify DN: by writers only, saved before the answer
+    (L{netsvc.ldap.writes}); unwillingToPerform when the directory is read-only.
   - abandon: nothing to do (every operation finishes before the next is read).
 Malformed input (bad BER, unknown operations, a request over C{maxRequest}
 bytes -- checked from its length header, before it is buffered) gets a Notice of
@@ -49,6 +50,7 @@ from netsvc.ldap.dn import DNError, normalizeDN, parentDN
 from netsvc.ldap.entry import SECRET
 from netsvc.ldap.match import matches
 from netsvc.ldap.schema import SCHEMA
+from netsvc.ldap.writes import WriteError, isWriter
 from netsvc.policies import peerHost
 from netsvc.rates import TokenBucket
 
@@ -70,7 +72,7 @@ class LDAPLimits:
 
     def __init__(self, anonymous: str = "read", sizeLimit: int = 500, timeLimit: float = 10.0,
                  maxScan: int = 100_000, maxRequest: int = 1 << 20, failedBindRate: float = 1.0,
-                 failedBindBurst: int = 10) -> None:
+                 failedBindBurst: int = 10, writers: list[str] | None = None) -> None:
         self.anonymous = anonymous
         self.sizeLimit = sizeLimit
         self.timeLimit = timeLimit
@@ -78,6 +80,7 @@ class LDAPLimits:
         self.maxRequest = maxRequest
         self.failedBindRate = failedBindRate
         self.failedBindBurst = failedBindBurst
+        self.writers = writers or []
 
 
 class LDAPMetrics:
@@ -92,6 +95,8 @@ class LDAPMetrics:
                                          ["service"]).labels(service=service)
         self.entries = registry.counter("netsvc_ldap_entries_returned_total", "Entries returned by searches.",
                                         ["service"]).labels(service=service)
+        self.writes = registry.counter("netsvc_ldap_writes_total", "Changes saved (add, modify, delete, rename).",
+                                       ["service"]).labels(service=service)
         self.protocolErrors = registry.counter(
             "netsvc_ldap_protocol_errors_total", "Connections closed for malformed requests.",
             ["service"]).labels(service=service)
@@ -103,10 +108,12 @@ class LDAPServerFactory(Factory):
     @param tlsOptions: a callable giving the server's C{CertificateOptions} for
         StartTLS, or None (StartTLS is then not offered).
     @param now: the clock searches' time limits use.
+    @param store: where writes go (L{netsvc.ldap.writes.LDIFStore}); None: the directory is read-only.
     """
 
     def __init__(self, directory: Directory, limits: LDAPLimits, metrics: LDAPMetrics, clock: Any,
-                 tlsOptions: Any = None, now: Any = time.monotonic) -> None:
+                 tlsOptions: Any = None, now: Any = time.monotonic, store: Any = None) -> None:
+        self.store = store
         self.directory = directory
         self.limits = limits
         self.metrics = metrics
@@ -250,8 +257,7 @@ class LDAPServerProtocol(Protocol):
             elif tag == codec.ABANDON_REQUEST:
                 pass
             else:  # add, modify, delete, modify DN
-                self.write(codec.result(msg.id, codec.RESPONSE_FOR[tag], UNWILLING,
-                                        "the directory is read-only (served from LDIF files)"))
+                self.change(msg)
         except Exception:
             log.failure("ldap: error handling a request from {client}", client=self.host)
             response = codec.RESPONSE_FOR.get(tag)
@@ -322,6 +328,26 @@ class LDAPServerProtocol(Protocol):
             if not self.closing:
                 self.transport.resumeProducing()
                 self.dataReceived(b"")
+
+    # -- writes
+
+    def change(self, msg: codec.Message) -> None:
+        response = codec.RESPONSE_FOR[msg.tag]
+        factory = self.factory
+        if factory.store is None:
+            self.write(codec.result(msg.id, response, UNWILLING, "the directory is read-only (served from LDIF files)"))
+            return
+        if not isWriter(factory.directory, self.boundDN, factory.limits.writers):
+            self.write(codec.result(msg.id, response, INSUFFICIENT_ACCESS, "only writers may change the directory"))
+            return
+        try:
+            factory.store.apply(msg.op)
+        except WriteError as e:
+            self.write(codec.result(msg.id, response, e.code, e.text, e.matched))
+            return
+        factory.metrics.writes.inc()
+        log.info("ldap: {client} ({who}) changed {dn}", client=self.host, who=self.boundName, dn=msg.op.dn)
+        self.write(codec.result(msg.id, response, SUCCESS))
 
     # -- extended operations, compare
 

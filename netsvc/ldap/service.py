@@ -8,6 +8,9 @@ L{netsvc.ldap.directory}), and listens with one L{LDAPServerFactory} on every
 C{listen:} endpoint (C{tls:PORT} is LDAPS with the shared certificate; StartTLS on
 plain listeners uses the same certificate).
 
+With C{writable: true}, add/modify/delete/modify DN requests from C{writers}
+are saved to the (one) LDIF file before they are answered (L{netsvc.ldap.writes}).
+
 SIGHUP (L{LDAPService.reconfigure}): the LDIF files are read again and swapped in
 at once (the same Directory object, so holders see the new entries); a file with
 problems is logged and the running directory kept.  Limits apply to new requests;
@@ -24,6 +27,7 @@ from twisted.logger import Logger
 from netsvc.ldap.directory import LoadError
 from netsvc.ldap.server import LDAPLimits, LDAPMetrics, LDAPServerFactory
 from netsvc.ldap.settings import Settings
+from netsvc.ldap.writes import LDIFStore
 from netsvc.runtime import ServerService, StartupError
 from netsvc.schema import Problem
 
@@ -35,7 +39,13 @@ __all__ = ["Settings", "makeService"]
 def limitsFrom(settings: Settings) -> LDAPLimits:
     return LDAPLimits(anonymous=settings.anonymous, sizeLimit=settings.size_limit, timeLimit=settings.time_limit,
                       maxScan=settings.max_scan, maxRequest=settings.limits.max_message,
-                      failedBindRate=settings.failed_binds.rate, failedBindBurst=settings.failed_binds.burst)
+                      failedBindRate=settings.failed_binds.rate, failedBindBurst=settings.failed_binds.burst,
+                      writers=list(settings.writers))
+
+
+def storeFor(settings: Settings, directory: Any, context: Any) -> LDIFStore | None:
+    """Where writes go (the one ldif file) when writable; None: read-only."""
+    return LDIFStore(directory, context.settings.path(settings.ldif[0])) if settings.writable else None
 
 
 class LDAPService(ServerService):
@@ -51,6 +61,7 @@ class LDAPService(ServerService):
                 log.error("ldap: reload failed, keeping the running directory: {error}", error=str(e))
                 return
         self.factory.directory.replace(directory)
+        self.factory.store = storeFor(settings, self.factory.directory, self.context)
         self.factory.reconfigure(limitsFrom(settings))
         log.info("ldap: reloaded {count} entries under {suffix}", count=len(directory), suffix=directory.suffix)
 
@@ -66,7 +77,7 @@ def makeService(settings: Settings, context: Any) -> IService:
     metrics = LDAPMetrics(context.metrics)
     certificate = context.certificate  # made now: a bad certificate fails the start, not the first StartTLS
     svc.factory = LDAPServerFactory(directory, limitsFrom(settings), metrics, context.reactor,
-                                    tlsOptions=certificate.options)
+                                    tlsOptions=certificate.options, store=storeFor(settings, directory, context))
     context.directory = directory
     wrapped = svc.guard.wrap(svc.factory)
     for i, listener in enumerate(settings.listen):

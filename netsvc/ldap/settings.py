@@ -7,7 +7,8 @@ C{services.ldap} settings.
         suffix: dc=example,dc=com
         ldif: [ldap/example.ldif]       # files or folders (their *.ldif, by name); relative to the config file
         anonymous: read                 # read | none
-        writable: false
+        writable: false                 # true: add/modify/delete/modrdn by `writers`, saved to the (one) ldif file
+        writers: []                     # DNs, or groups (groupOfNames) whose members, may write
         size_limit: 500                 # entries one search returns at most (sizeLimitExceeded)
         time_limit: 10s                 # how long one search may run (timeLimitExceeded)
         max_scan: 100000                # entries one search may examine (adminLimitExceeded)
@@ -47,6 +48,8 @@ class Settings(ServiceSettings):
     ldif: list[str] = field(factory=list)
     anonymous: Literal["read", "none"] = field("read")
     writable: bool = field(False)
+    #: Who may write when writable: entry DNs, or group entries (member/uniqueMember) whose members may.
+    writers: list[str] = field(factory=list)
     size_limit: int = field(500, min=1, max=10_000_000)
     time_limit: Duration = field(Duration(10), min=0.01, max=3600)
     max_scan: int = field(100_000, min=1, max=100_000_000)
@@ -65,9 +68,15 @@ class Settings(ServiceSettings):
             problems.append(("suffix", f"not a DN: {e}"))
         if not self.suffix.strip():
             problems.append(("suffix", "must not be empty"))
-        if self.writable:
-            problems.append(("writable", "writes are not supported yet: the directory is read-only "
-                                         "(add/modify/delete are answered unwillingToPerform)"))
+        for i, w in enumerate(self.writers):
+            try:
+                normalizeDN(w)
+            except DNError as e:
+                problems.append((f"writers[{i}]", f"not a DN: {e}"))
+        if self.writable and len(self.ldif) != 1:
+            problems.append(("ldif", "writable: true needs exactly one ldif file (writes are saved to it)"))
+        if self.writable and not self.writers:
+            problems.append(("writers", "writable: true needs writers: the DNs (or groups) that may write"))
         return problems
 
     @classmethod
@@ -77,8 +86,12 @@ class Settings(ServiceSettings):
         if instance is attrs.NOTHING or len(walker.problems) > before:
             return instance
         base = _baseDir(walker.file)
+        resolve = lambda p: Path(base, os.path.expanduser(p))  # noqa: E731
+        if instance.writable and resolve(instance.ldif[0]).is_dir():
+            walker.problem(f"{path}.ldif[0]", "writable: true needs a file, not a folder (writes are saved to it)")
+            return attrs.NOTHING
         try:
-            directory = instance.load(lambda p: Path(base, os.path.expanduser(p)))
+            directory = instance.load(resolve)
         except LoadError as e:
             walker.problem(f"{path}.ldif" if path else "ldif", str(e))
             return attrs.NOTHING

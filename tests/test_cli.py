@@ -394,3 +394,25 @@ class RunAsAUserTests(unittest.TestCase):
         self.assertEqual(done.returncode, 1)
         err = done.stderr.decode()
         self.assertRegex(err, rf"^(netsvc dns: (127\.0\.0\.1|\[::1\]):{p} \(udp\): connection refused\n)+$")
+
+    def test_chatLeavesOnCtrlC(self):
+        """Ctrl-C is how one leaves an interactive chat: status 0, nothing on stderr."""
+        import signal
+        import time
+
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(30)
+        process = subprocess.Popen([sys.executable, "-m", "netsvc", "chat", f"127.0.0.1:{server.getsockname()[1]}"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        connection, _ = server.accept()
+        self.addCleanup(connection.close)
+        connection.sendall(b"*** welcome\n")
+        self.assertEqual(process.stdout.readline(), b"*** welcome\n")  # it is running and printing
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+        self.assertEqual((process.returncode, out, err), (0, b"", b""))

@@ -95,10 +95,22 @@ def chat(reactor: Any, args: argparse.Namespace, stdin: Any = None, out: Any = N
         stdio.StandardIO(keyboard, reactor=reactor)
     else:
         stdin(keyboard)
-    reason = yield proto.done
+    leaving: list[bool] = []  # Ctrl-C (SIGINT) or SIGTERM is a way to leave, not a failure
+
+    def leave() -> None:
+        leaving.append(True)
+        if proto.transport is not None and proto.transport.connected:
+            proto.send(b"/quit")
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", leave)
+    try:
+        reason = yield proto.done
+    finally:
+        if not leaving:
+            reactor.removeSystemEventTrigger(trigger)
     from twisted.internet.error import ConnectionDone
 
-    if isinstance(reason, ConnectionDone) or reason is None:
+    if isinstance(reason, ConnectionDone) or reason is None or leaving:
         return 0
     raise reason
 

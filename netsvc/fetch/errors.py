@@ -49,5 +49,5 @@ def describe(reason: BaseException, timeout: float | None = None, tls: clients.T
     if isinstance(reason, error.ConnectionRefusedError):
         return "connection refused"
     if isinstance(reason, error.DNSLookupError):
-        return "cannot resolve the host name"
+        return "cannot resolve host name"
     return clients.describe(reason, timeout, tls)

@@ -133,6 +133,7 @@ class RemoteDirectory:
         self._searches = Pool(self._openSearch, SEARCH_CONNECTIONS)
         self._binds = Pool(self._openBind, BIND_CONNECTIONS)
         self._problem: str | None = None
+        self._lastRefusal: str | None = None
         self._known: set[str] = set()
         self._knownAt: float | None = None
         self._nextRefresh = 0.0
@@ -205,8 +206,11 @@ class RemoteDirectory:
             await self._binds.run(lambda conn: conn.bind(dn, password))
         except client.LDAPError as e:
             self._fine()
-            if e.resultCode != 49:
+            # A plain 49 is a wrong password; anything said with it (netsvc's own directory: "too many
+            # failed binds from this address") or another code is worth a line, once in a row.
+            if (e.resultCode != 49 or e.message) and str(e) != self._lastRefusal:
                 log.warn("users in {url}: bind as {dn}: {error}", url=str(self.url), dn=dn, error=str(e))
+            self._lastRefusal = str(e) if (e.resultCode != 49 or e.message) else None
             return False
         except Exception as e:
             self._trouble(f"bind as {dn}", e)

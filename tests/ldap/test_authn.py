@@ -420,3 +420,37 @@ class CloseTests(unittest.TestCase):
         self.assertIsNone(users._refreshing)
         self.assertFalse(users.isReserved("jo"))
         self.assertIsNone(users._refreshing)  # the next try waits RETRY seconds
+
+
+class AgainstServicesLDAPTests(unittest.TestCase):
+    """RemoteDirectory against netsvc's own services.ldap (its failed-bind limit included)."""
+
+    @defer.inlineCallbacks
+    def test_lockOutIsReported(self):
+        from tests.helpers import port, startDaemon
+
+        daemon = startDaemon(self, f"""
+services:
+  ldap:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    suffix: dc=example,dc=com
+    ldif: ["{EXAMPLE_LDIF}"]
+    failed_binds: {{rate: 0.01, burst: 2}}
+""")
+        warnings = []
+
+        def observer(event):
+            if event.get("log_namespace") == "netsvc.ldap.authn" and event["log_level"].name == "warn":
+                warnings.append(event)
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        users = remote(f"ldap://127.0.0.1:{port(daemon, 0, 'ldap')}", self)
+        self.assertIs((yield users.check("alice", "alice-pw")), True)
+        for _ in range(2):
+            self.assertIs((yield users.check("bob", "wrong")), False)
+        self.assertEqual(warnings, [])  # wrong passwords are not news
+        for _ in range(3):
+            self.assertIs((yield users.check("alice", "alice-pw")), False)  # locked out with everyone
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("too many failed binds", warnings[0]["error"])

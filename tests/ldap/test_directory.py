@@ -197,7 +197,7 @@ class SettingsTests(unittest.TestCase):
         with self.assertRaises(config.ConfigError) as caught:
             config.load(str(path))
         text = str(caught.exception)
-        self.assertIn("services.ldap.writable: writes are not supported yet", text)
+        self.assertIn("services.ldap.writers: writable: true needs writers", text)
         path = self.configFile(TOP)
         path.write_text(path.read_text().replace("suffix: dc=example,dc=com", "suffix: 'not a dn'"))
         with self.assertRaises(config.ConfigError) as caught:

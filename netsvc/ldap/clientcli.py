@@ -19,6 +19,7 @@ Exit status, as ldapsearch's: the LDAP result code (0 success, 4 size limit
 exceeded, 32 no such object, 49 invalid credentials...; compare: 6 true, 5 false),
 1 when no LDAP answer came (connection refused, timeout, TLS refused), 2 for bad usage.
 C{-Z} and C{-ZZ} both require StartTLS to succeed (never a silent fallback to clear text).
+C{--cacert} defaults to C{$LDAPTLS_CACERT}, as for OpenLDAP's tools.
 A password file (C{-y}) is read whole, less one trailing newline.
 """
 
@@ -28,6 +29,7 @@ import argparse
 import base64
 import getpass
 import json
+import os
 import sys
 from typing import Any
 
@@ -65,7 +67,8 @@ def _addConnection(p: argparse.ArgumentParser) -> None:
                    help="ldap://host:port or ldaps://host:port (default ldap://localhost)")
     p.add_argument("-Z", dest="starttls", action="count", default=0,
                    help="StartTLS, certificate verified (-Z and -ZZ both require it to succeed)")
-    p.add_argument("--cacert", metavar="FILE", help="trust the CA certificate(s) in FILE (TLS and StartTLS)")
+    p.add_argument("--cacert", metavar="FILE",
+                   help="trust the CA certificate(s) in FILE (TLS and StartTLS; default $LDAPTLS_CACERT)")
     p.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
     p.add_argument("-x", dest="simple", action="store_true", help="simple authentication (the only kind)")
     p.add_argument("-D", dest="binddn", default="", metavar="DN", help="bind as DN")
@@ -86,6 +89,8 @@ def _checkConnection(args: argparse.Namespace) -> None:
         raise UsageError("-Z (StartTLS) goes with ldap://, not ldaps://")
     if (args.cacert or args.insecure) and not (args.starttls or args.ldapURL.tls):
         raise UsageError("--cacert and --insecure go with -ZZ or ldaps://")
+    if args.cacert is None and not args.insecure and (args.starttls or args.ldapURL.tls):
+        args.cacert = os.environ.get("LDAPTLS_CACERT") or None  # as OpenLDAP's tools take it
     given = [o for o, v in (("-w", args.password is not None), ("-W", args.prompt), ("-y", args.passwordFile))
              if v]
     if len(given) > 1:

@@ -251,6 +251,15 @@ services:
         self.assertEqual(parseLDIF(paged), parseLDIF(everything))
 
     @defer.inlineCallbacks
+    def test_cacertFromTheEnvironment(self):
+        self.daemon()
+        self.patch(clientcli.os, "environ", {"LDAPTLS_CACERT": self.cafile})
+        status, out, err = yield self.run_("whoami", "-H", self.url, "-ZZ")
+        self.assertEqual((status, out), (0, b"anonymous\n"), err)
+        status, out, err = yield self.run_("whoami", "-H", self.url)  # not used without TLS
+        self.assertEqual(status, 0, err)
+
+    @defer.inlineCallbacks
     def test_whoamiOverLDAPS(self):
         self.daemon()
         status, out, err = yield self.run_("whoami", "-H", self.ldapsURL, "--cacert", self.cafile, "-D",

@@ -95,6 +95,11 @@ class Settings(ServiceSettings):
         except LoadError as e:
             walker.problem(f"{path}.ldif" if path else "ldif", str(e))
             return attrs.NOTHING
+        for i, writer in enumerate(instance.writers):
+            if directory.get(writer) is None:  # (an unquoted DN in a YAML [list] is split at its commas)
+                walker.problem(f"{path}.writers[{i}]", f"{writer!r} is not an entry of the directory")
+        if len(walker.problems) > before:
+            return attrs.NOTHING
         object.__setattr__(instance, "loaded", directory)
         return instance
 

@@ -50,7 +50,7 @@ class _ClassScope:
             f()
 
 
-def startLDAP(testCase) -> tuple:
+def startLDAP(testCase, extra: str = "") -> tuple:
     """The daemon with a copy of the example directory: (daemon, ldif path, ldap URL, ldaps URL)."""
     requirePeer("ldapsearch", "ldap-utils")
     base = Path(testCase.mktemp()).resolve()
@@ -62,7 +62,7 @@ def startLDAP(testCase) -> tuple:
         "state_dir: state\ndrain_timeout: 1s\nservices:\n  ldap:\n"
         "    listen: ['tcp:0:interface=127.0.0.1', 'tls:0:interface=127.0.0.1']\n"
         "    suffix: dc=example,dc=com\n    ldif: [example.ldif]\n"
-        "    failed_binds: {rate: 0.1, burst: 3}\n")
+        "    failed_binds: {rate: 0.1, burst: 3}\n" + extra)
     daemon = startNetsvc(testCase, config, base / "state")
     return (daemon, ldif, f"ldap://127.0.0.1:{daemon.port('services.ldap.listen[0]')}",
             f"ldaps://127.0.0.1:{daemon.port('services.ldap.listen[1]')}")
@@ -191,6 +191,43 @@ class ReloadTests(LDAPDaemonTestCase):
                 break
             time.sleep(0.1)
         self.assertIn("sn: Rebuilt", out)
+
+
+class WritableTests(LDAPDaemonTestCase):
+    def setUp(self) -> None:
+        self.daemon, self.ldif, self.url, self.ldapsURL = startLDAP(
+            self, "    writable: true\n    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n")
+
+    def tool(self, *command: str, input: bytes = b"", **kwargs):
+        result = runToCompletion(self, [*command, "-o", "nettimeout=10"], timeout=IO_TIMEOUT + 5, input=input)
+        return result.returncode, decoded(result)
+
+    def test_ldapmodifyAndFriends(self):
+        """ldapadd, ldapmodify, ldapmodrdn, ldapdelete as alice (cn=admins); saved in the file; bob may not."""
+        alice = ["-x", "-H", self.url, "-D", ALICE, "-w", "alice-pw"]
+        status, out = self.tool("ldapadd", *alice, input=b"dn: uid=eve,ou=users,dc=example,dc=com\n"
+                                b"objectClass: inetOrgPerson\ncn: Eve\nsn: Dropper\nuserPassword: eve-pw\n")
+        self.assertEqual(status, 0, out)
+        status, out = self.tool("ldapmodify", *alice, input=b"dn: uid=eve,ou=users,dc=example,dc=com\n"
+                                b"changetype: modify\nreplace: sn\nsn: Eavesdropper\n-\nadd: mail\n"
+                                b"mail: eve@example.com\n")
+        self.assertEqual(status, 0, out)
+        status, out = self.tool("ldapmodrdn", *alice, "-r", "uid=eve,ou=users,dc=example,dc=com", "uid=eva")
+        self.assertEqual(status, 0, out)
+        status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", "uid=eva,ou=users,dc=example,dc=com",
+                                "-w", "eve-pw")
+        self.assertEqual((status, out.strip()), (0, "dn:uid=eva,ou=users,dc=example,dc=com"))
+        saved = self.ldif.read_text()
+        self.assertIn("dn: uid=eva,ou=users,dc=example,dc=com\n", saved)
+        self.assertIn("sn: Eavesdropper\n", saved)
+        status, out = self.tool("ldapdelete", "-x", "-H", self.url, "-D", "uid=bob,ou=users,dc=example,dc=com",
+                                "-w", "bob-pw", "uid=eva,ou=users,dc=example,dc=com")
+        self.assertEqual(status, 50, out)
+        status, out = self.tool("ldapdelete", *alice, "uid=eva,ou=users,dc=example,dc=com")
+        self.assertEqual(status, 0, out)
+        self.assertNotIn("eva", self.ldif.read_text())
+        status, out = self.tool("ldapdelete", *alice, USERS)
+        self.assertEqual(status, 66, out)
 
 
 class Ldap3Tests(LDAPDaemonTestCase):

@@ -139,12 +139,17 @@ class WritableSettingsTests(unittest.TestCase):
 
     def test_needsOneFile(self):
         with self.assertRaises(config.ConfigError) as caught:
-            self.load("    writers: [cn=admins,ou=groups,dc=example,dc=com]\n", "[example.ldif, example.ldif]")
+            self.load("    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n", "[example.ldif, example.ldif]")
         self.assertIn("needs exactly one ldif file", str(caught.exception))
         with self.assertRaises(config.ConfigError) as caught:
-            self.load("    writers: [cn=admins,ou=groups,dc=example,dc=com]\n", "['.']")
+            self.load("    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n", "['.']")
         self.assertIn("needs a file, not a folder", str(caught.exception))
 
+    def test_writersMustBeEntries(self):
+        with self.assertRaises(config.ConfigError) as caught:
+            self.load("    writers: [cn=admins,ou=groups,dc=example,dc=com]\n")  # unquoted: split at commas
+        self.assertIn("services.ldap.writers[0]: 'cn=admins' is not an entry of the directory", str(caught.exception))
+
     def test_ok(self):
-        settings = self.load("    writers: [cn=admins,ou=groups,dc=example,dc=com]\n")
+        settings = self.load("    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n")
         self.assertTrue(settings.services["ldap"].writable)

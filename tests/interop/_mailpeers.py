@@ -103,6 +103,22 @@ class Scratch:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _traversable(path: Path) -> None:
+    """
+    Let other users (Postfix's workers, smtp-sink as nobody) reach C{path}: a test's
+    temporary folder is made by mkdtemp (mode 0700).  Every folder on the way that
+    lacks o+x gets it -- only inside the current folder or the system's temp folder.
+    """
+    path = path.absolute()
+    roots = [Path.cwd().absolute(), Path(tempfile.gettempdir()).absolute()]
+    for p in [path, *path.parents]:
+        if not any(p != root and p.is_relative_to(root) for root in roots):
+            continue
+        mode = p.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(p, mode | 0o005)
+
+
 def _stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
     if process.poll() is None:
         process.terminate()
@@ -127,6 +143,7 @@ class SmtpSink:
         self.dumpDir = Path(testCase.mktemp()).absolute()
         self.dumpDir.mkdir(parents=True)
         os.chmod(self.dumpDir, 0o777)  # smtp-sink runs as nobody when started by root
+        _traversable(self.dumpDir.parent)
         command = [program]
         if os.geteuid() == 0:
             command += ["-u", "nobody"]  # it refuses to run as root
@@ -242,13 +259,16 @@ class PostfixInstance:
 
             raise SkipTest("a private Postfix instance needs root (its master runs as root, workers as postfix)")
         self.port = port or freeTCPPort()
-        self.base = Path(testCase.mktemp()).absolute()
+        # Not under the test's folder: Postfix's unix sockets (queue/public/...) must fit in 108 bytes.
+        self.base = Path(tempfile.mkdtemp(prefix="netsvc-pf-"))
+        testCase.addCleanup(shutil.rmtree, self.base, True)
         self.config = self.base / "config"
         self.queue = self.base / "queue"
         self.data = self.base / "data"
         self.mail = self.base / "mail"
         for d in (self.config, self.queue, self.data, self.mail):
             d.mkdir(parents=True)
+        _traversable(self.base)
         os.chown(self.data, _uid("postfix"), -1)
         os.chown(self.mail, 65534, 65534)
         settings = {

@@ -25,7 +25,7 @@ from twisted.trial import unittest
 
 from netsvc import auth
 from tests.interop._daemon import IO_TIMEOUT, decoded, requirePeer, runToCompletion, startNetsvc
-from tests.interop._mailpeers import runSmtpSource
+from tests.interop._mailpeers import PostfixInstance, runSmtpSource
 
 RELAY = "services.smtp.listen[0]"
 SUBMISSION = "services.smtp.listen[1]"
@@ -243,3 +243,22 @@ class LoadTests(SMTPDaemonTestCase):
         ids = [p.name[:-5] for p in self.captured()]
         self.assertEqual(len(set(ids)), count)
         self.assertEqual(list((self.state / "captured" / "tmp").iterdir()), [])
+
+
+class PostfixClientTests(SMTPDaemonTestCase):
+    def test_postfixRelaysIntoNetsvc(self):
+        """A real Postfix (its smtp client: EHLO, STARTTLS offered, PIPELINING) relays to the relay port."""
+        requirePeer("postfix", "postfix")
+        postfix = PostfixInstance(self, mode="relay", relayhost=f"127.0.0.1:{self.port(RELAY)}",
+                                  domains=["example.org"])
+        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=IO_TIMEOUT) as c:
+            for i in range(3):
+                c.sendmail("dev@example.test", ["qa@example.org"],
+                           f"Subject: through postfix {i}\r\n\r\nhello\r\n".encode())
+        deadline = time.monotonic() + 30
+        while len(self.captured()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(len(self.captured()), 3, postfix.output()[-2000:])
+        subjects = sorted(message_from_bytes(self.capturedMessage(e))["Subject"] for e in self.captured())
+        self.assertEqual(subjects, [f"through postfix {i}" for i in range(3)])
+        self.assertIn("status=sent (250 2.0.0 Ok: queued as", postfix.output())

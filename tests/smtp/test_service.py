@@ -173,6 +173,25 @@ class ServiceTests(unittest.TestCase):
         yield threads.deferToThread(send)
 
 
+class ConnectionLimitTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_perIPLimitAnswers421(self):
+        daemon = startDaemon(self, "services:\n  smtp:\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+                                   "    limits: {max_connections_per_ip: 2}\n")
+        p = port(daemon, 0, "smtp")
+
+        def connect():
+            socks = [socket.create_connection(("127.0.0.1", p), timeout=10) for _ in range(3)]
+            banners = [s.recv(200) for s in socks]
+            for s in socks:
+                s.close()
+            return banners
+
+        banners = yield threads.deferToThread(connect)
+        self.assertEqual([b[:4] for b in banners], [b"220 ", b"220 ", b"421 "])
+        self.assertIn(b"4.7.0", banners[2])
+
+
 class RecoveryTests(unittest.TestCase):
     def test_recoveryAtStart(self):
         import attrs

@@ -2,8 +2,9 @@
 Log observers for C{log:} settings: text or JSON lines, filtered by level.
 
 Twisted's own per-port lines (C{EchoFactory starting on 7007}, C{(TCP Port 7007
-Closed)}) are dropped (L{dropTwistedPortLines}): netsvc logs one line per listener
-itself, with the configuration key it came from.
+Closed)}, a noisy factory's C{Starting factory <...>}) are dropped
+(L{dropTwistedPortLines}): netsvc logs one line per listener itself, with the
+configuration key it came from.
 
 Why not C{jsonFileLogObserver}: it serialises Twisted's internal fields
 (C{log_logger}, C{log_source} ...) and separates records with RS; operators want
@@ -89,8 +90,17 @@ def openLogFile(path: str) -> IO[str]:
 _PORT_LINE = re.compile(r"^(?:.+ starting on (?:\d+|'.*'|b'.*')|\((?:TCP|UDP|UNIX|SSL|TLS) Port \S+ Closed\))$")
 
 
+#: What a "noisy" Twisted factory says at every start and stop (an object repr, nothing a person needs).
+_FACTORY_FORMATS = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
+
+
 def dropTwistedPortLines(event: dict[str, Any]) -> PredicateResult:
-    """A filter predicate: no for Twisted's "Factory starting on N" / "(TCP Port N Closed)" lines."""
+    """
+    A filter predicate: no for Twisted's "Factory starting on N" / "(TCP Port N
+    Closed)" lines and a noisy factory's "Starting factory <...>".
+    """
+    if event.get("log_format") in _FACTORY_FORMATS:
+        return PredicateResult.no
     if event.get("log_namespace") == "log_legacy" and not event.get("isError"):
         message = event.get("message")
         if isinstance(message, tuple) and len(message) == 1 and isinstance(message[0], str) \

@@ -279,8 +279,7 @@ class LogTests(Captured):
         from twisted.python import log as legacy
 
         stream = self.observer()
-        factory = Factory.forProtocol(Protocol)
-        factory.noisy = False  # as netsvc's factories are: only the port's own lines are in question
+        factory = Factory.forProtocol(Protocol)  # noisy: "Starting factory <...>" too
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         yield listening.stopListening()
         legacy.msg("a line of someone else's")

@@ -23,7 +23,6 @@ import contextlib
 import io
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import unquote, urlsplit
 
 import attrs
 from ldaptor.protocols import pureber, pureldap
@@ -35,119 +34,30 @@ from zope.interface import implementer
 
 from netsvc import clients
 from netsvc.ldap import codec
+from netsvc.ldap.clienttypes import (
+    DEREF,
+    LDAPURL,
+    MAX_MESSAGE,
+    NOTICE_OF_DISCONNECTION,
+    PAGED_RESULTS,
+    RESULT_NAMES,
+    SCOPES,
+    WHOAMI,
+    LDAPError,
+    SearchDone,
+    StartTLSError,
+    decodeText,
+    describe,
+    pagedResultsControl,
+    pagedResultsCookie,
+    parseURL,
+    verificationErrors,
+)
 from netsvc.tls import clientCreator
 
-#: RFC 4511 derefAliases, by ldapsearch's -a names.
-DEREF = {"never": 0, "search": 1, "find": 2, "always": 3}
-
-SCOPES = {"base": pureldap.LDAP_SCOPE_baseObject, "one": pureldap.LDAP_SCOPE_singleLevel,
-          "sub": pureldap.LDAP_SCOPE_wholeSubtree}
-
-PAGED_RESULTS = b"1.2.840.113556.1.4.319"
-WHOAMI = b"1.3.6.1.4.1.4203.1.11.3"
-NOTICE_OF_DISCONNECTION = b"1.3.6.1.4.1.1466.20036"
-
-#: A server message larger than this closes the connection (no unbounded buffering).
-MAX_MESSAGE = 64 * 1024 * 1024
-
-#: Result codes, named as OpenLDAP's ldap_err2string names them (what ldapsearch prints).
-RESULT_NAMES = {
-    0: "Success", 1: "Operations error", 2: "Protocol error", 3: "Time limit exceeded",
-    4: "Size limit exceeded", 5: "Compare False", 6: "Compare True", 7: "Authentication method not supported",
-    8: "Strong(er) authentication required", 10: "Referral", 11: "Administrative limit exceeded",
-    12: "Critical extension is unavailable", 13: "Confidentiality required", 14: "SASL bind in progress",
-    16: "No such attribute", 17: "Undefined attribute type", 18: "Inappropriate matching",
-    19: "Constraint violation", 20: "Type or value exists", 21: "Invalid syntax", 32: "No such object",
-    33: "Alias problem", 34: "Invalid DN syntax", 36: "Alias dereferencing problem",
-    48: "Inappropriate authentication", 49: "Invalid credentials", 50: "Insufficient access",
-    51: "Server is busy", 52: "Server is unavailable", 53: "Server is unwilling to perform",
-    54: "Loop detected", 64: "Naming violation", 65: "Object class violation",
-    66: "Operation not allowed on non-leaf", 67: "Operation not allowed on RDN", 68: "Already exists",
-    69: "Cannot modify object class", 71: "Results too large", 80: "Other (e.g., implementation specific) error",
-}
-
-
-class LDAPError(Exception):
-    """A non-success LDAP result: C{resultCode}, the server's C{message} and C{matchedDN}."""
-
-    def __init__(self, resultCode: int, message: str = "", matchedDN: str = "") -> None:
-        self.resultCode = resultCode
-        self.message = message
-        self.matchedDN = matchedDN
-        super().__init__(resultCode, message)
-
-    def __str__(self) -> str:
-        text = f"{RESULT_NAMES.get(self.resultCode, 'Unknown result')} ({self.resultCode})"
-        return f"{text}: {self.message}" if self.message else text
-
-
-class StartTLSError(Exception):
-    """StartTLS failed: refused by the server, or the certificate did not verify."""
-
-
-@attrs.frozen
-class LDAPURL:
-    """C{ldap://host:port} or C{ldaps://host:port} (a DN path, if any, is kept in C{dn})."""
-
-    tls: bool
-    host: str
-    port: int
-    dn: str = ""
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'ldaps' if self.tls else 'ldap'}://{host}:{self.port}"
-
-
-def parseURL(text: str) -> LDAPURL:
-    """C{ldap://host[:port][/dn]} or C{ldaps://...}; the default ports are 389 and 636. Raises ValueError."""
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme not in ("ldap", "ldaps"):
-        raise ValueError(f"expected ldap://host:port or ldaps://host:port, got {text!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    host = parts.hostname or "localhost"
-    return LDAPURL(scheme == "ldaps", host, port or (636 if scheme == "ldaps" else 389),
-                   unquote(parts.path.lstrip("/")))
-
-
-@attrs.frozen
-class SearchDone:
-    """How a search ended: the final result (success or not), how many entries came, referrals."""
-
-    resultCode: int
-    message: str = ""
-    matchedDN: str = ""
-    entries: int = 0
-    references: tuple[str, ...] = ()
-    pages: int = 1
-
-    def error(self) -> LDAPError | None:
-        return LDAPError(self.resultCode, self.message, self.matchedDN) if self.resultCode else None
-
-
-def pagedResultsControl(size: int, cookie: bytes = b"", critical: bool = False) -> tuple:
-    """The RFC 2696 request control, as ldaptor's LDAPMessage takes controls."""
-    value = pureber.BERSequence([pureber.BERInteger(size), pureber.BEROctetString(cookie)]).toWire()
-    return (PAGED_RESULTS, critical, value)
-
-
-def pagedResultsCookie(controls: Sequence[tuple] | None) -> bytes | None:
-    """The cookie of the server's paged-results response control; None if it sent none."""
-    for oid, _critical, value in controls or ():
-        if oid == PAGED_RESULTS and value is not None:
-            decoded, _ = pureber.berDecodeObject(pureber.BERDecoderContext(), value)
-            if isinstance(decoded, pureber.BERSequence) and len(decoded.data) == 2:
-                return decoded.data[1].value
-            raise LDAPError(2, "malformed paged results response control")
-    return None
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+__all__ = ["DEREF", "MAX_MESSAGE", "NOTICE_OF_DISCONNECTION", "PAGED_RESULTS", "RESULT_NAMES", "SCOPES", "WHOAMI",
+           "LDAPConnection", "LDAPError", "LDAPURL", "SearchDone", "StartTLSError", "connect", "describe",
+           "pagedResultsControl", "pagedResultsCookie", "parseURL"]
 
 
 @implementer(IHandshakeListener)
@@ -262,7 +172,7 @@ class LDAPConnection(LDAPClient):
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = 0
         if self.lostReason is None:
-            if reason is not None and reason.check(SSL.Error, *_verificationErrors()):
+            if reason is not None and reason.check(SSL.Error, *verificationErrors()):
                 self.lostReason = reason.value
             elif self.notice:
                 self.lostReason = error.ConnectionLost(f"the server closed the connection: {self.notice}")
@@ -301,7 +211,7 @@ class LDAPConnection(LDAPClient):
 
     def handle(self, msg: Any) -> None:
         if msg.id == 0:  # unsolicited: the server is about to close (RFC 4511 4.4.1)
-            self.notice = _text(getattr(msg.value, "errorMessage", "")) or "notice of disconnection"
+            self.notice = decodeText(getattr(msg.value, "errorMessage", "")) or "notice of disconnection"
             return
         entry = self._pending.get(msg.id)
         if entry is None:
@@ -342,7 +252,7 @@ class LDAPConnection(LDAPClient):
     def _result(self, op: Any) -> Any:
         response, _ = yield self.request(op)
         if response.resultCode != 0:
-            raise LDAPError(response.resultCode, _text(response.errorMessage), _text(response.matchedDN))
+            raise LDAPError(response.resultCode, decodeText(response.errorMessage), decodeText(response.matchedDN))
         return response
 
     def bind(self, dn: str = "", password: str | bytes = "") -> defer.Deferred:
@@ -381,7 +291,7 @@ class LDAPConnection(LDAPClient):
     def whoami(self) -> defer.Deferred:
         """RFC 4532: fires with the authorization identity (C{"dn:..."}, C{"u:..."}, or C{""} for anonymous)."""
         d = self._result(pureldap.LDAPExtendedRequest(requestName=WHOAMI))
-        return d.addCallback(lambda r: _text(r.response or b""))
+        return d.addCallback(lambda r: decodeText(r.response or b""))
 
     def compare(self, dn: str, attribute: str, value: bytes) -> defer.Deferred:
         """Fires True (compareTrue) or False (compareFalse); any other result is an L{LDAPError}."""
@@ -393,7 +303,7 @@ class LDAPConnection(LDAPClient):
             response, _ = result
             if response.resultCode in (5, 6):
                 return response.resultCode == 6
-            raise LDAPError(response.resultCode, _text(response.errorMessage), _text(response.matchedDN))
+            raise LDAPError(response.resultCode, decodeText(response.errorMessage), decodeText(response.matchedDN))
 
         return d.addCallback(answered)
 
@@ -411,9 +321,9 @@ class LDAPConnection(LDAPClient):
         def handler(response: Any, responseControls: Any) -> bool:
             if isinstance(response, pureldap.LDAPSearchResultEntry):
                 counts["entries"] += 1
-                attributes = [(_text(name), list(values)) for name, values in response.attributes]
+                attributes = [(decodeText(name), list(values)) for name, values in response.attributes]
                 try:
-                    onEntry(_text(response.objectName), attributes)
+                    onEntry(decodeText(response.objectName), attributes)
                 except Exception as e:  # e.g. the output is gone: stop the search, fail with that
                     if not done.called:
                         done.errback(e)
@@ -421,7 +331,7 @@ class LDAPConnection(LDAPClient):
                     return True
                 return False
             if isinstance(response, pureldap.LDAPSearchResultReference):
-                references.extend(_text(getattr(u, "value", u)) for u in response.uris)
+                references.extend(decodeText(getattr(u, "value", u)) for u in response.uris)
                 return False
             done.callback((response, responseControls, counts["entries"], references))
             return True
@@ -455,7 +365,7 @@ class LDAPConnection(LDAPClient):
             total += count
             pages += 1
             refs.extend(references)
-            result = SearchDone(response.resultCode, _text(response.errorMessage), _text(response.matchedDN),
+            result = SearchDone(response.resultCode, decodeText(response.errorMessage), decodeText(response.matchedDN),
                                 total, tuple(refs), pages)
             if not pageSize or response.resultCode != 0:
                 return result
@@ -486,29 +396,6 @@ def _cancelTimer(result: Any, timer: Any) -> Any:
     if timer.active():
         timer.cancel()
     return result
-
-
-def _verificationErrors() -> tuple:
-    from service_identity import VerificationError
-
-    return (VerificationError,)
-
-
-def describe(reason: BaseException, host: str | None = None) -> str:
-    """One line for a connection-level failure (TLS and name checks spelled out)."""
-    from service_identity import VerificationError
-
-    if isinstance(reason, VerificationError):
-        return (f"the server's certificate is not valid for {host}" if host
-                else "the server's certificate is for another name")
-    if isinstance(reason, StartTLSError):
-        return str(reason)
-    if isinstance(reason, error.TimeoutError) and reason.args:
-        return f"timed out ({reason.args[0]})"
-    text = clients.describe(reason)
-    if isinstance(reason, SSL.Error) and "certificate verify failed" in text:
-        return "TLS failed: certificate verify failed (not signed by a trusted CA: see --cacert)"
-    return text
 
 
 @defer.inlineCallbacks

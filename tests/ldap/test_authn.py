@@ -370,6 +370,22 @@ services:
         got = yield readUntil(sock, b"known as zed")
         self.assertNotIn(b"error", got)
 
+    def test_passwordFileOrUsers(self):
+        from netsvc import config
+
+        e = self.assertRaises(ConfigError, config.parse, """
+services:
+  chat:
+    auth: {password_file: chat.pw, users: {directory: true}}
+""", "netsvc.yaml")
+        self.assertIn("services.chat.auth.users: give password_file or users, not both", str(e))
+        e = self.assertRaises(ConfigError, config.parse, """
+services:
+  chat:
+    auth: {users: {ldap: "http://x", base: "dc=x"}}
+""", "netsvc.yaml")
+        self.assertIn("services.chat.auth.users.ldap", str(e))
+
     @defer.inlineCallbacks
     def test_directoryInTheSameDaemon(self):
         from tests.helpers import port, startDaemon

@@ -32,40 +32,33 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from netsvc.ldap import codec
-from netsvc.ldap.answer import (
-    NSUBSCHEMA,
-    OID_MANAGE_DSA_IT,
-    OID_PAGED,
-    OID_STARTTLS,
-    OID_WHOAMI,
-    Selection,
-    answer,
-    answerSpecial,
-    rootDSE,
-    subschemaEntry,
-)
+from netsvc.ldap.answer import OID_STARTTLS, OID_WHOAMI, rootDSE, subschemaEntry
 from netsvc.ldap.codec import BERError, FilterTooDeep
-from netsvc.ldap.directory import Directory, ScanLimit
-from netsvc.ldap.dn import DNError, normalizeDN, parentDN
+from netsvc.ldap.directory import Directory
 from netsvc.ldap.entry import SECRET
 from netsvc.ldap.match import matches
+from netsvc.ldap.resultcodes import (
+    AUTH_METHOD_NOT_SUPPORTED,
+    COMPARE_FALSE,
+    COMPARE_TRUE,
+    INSUFFICIENT_ACCESS,
+    INVALID_CREDENTIALS,
+    NO_SUCH_ATTRIBUTE,
+    NO_SUCH_OBJECT,
+    OPERATIONS_ERROR,
+    OTHER,
+    PROTOCOL_ERROR,
+    SUCCESS,
+    UNAVAILABLE,
+    UNWILLING,
+)
 from netsvc.ldap.schema import SCHEMA
+from netsvc.ldap.searching import SearchOperations
 from netsvc.ldap.writes import WriteError, isWriter
 from netsvc.policies import peerHost
 from netsvc.rates import TokenBucket
 
 log = Logger()
-
-# result codes (RFC 4511 appendix A)
-SUCCESS, OPERATIONS_ERROR, PROTOCOL_ERROR, TIME_LIMIT, SIZE_LIMIT = 0, 1, 2, 3, 4
-COMPARE_FALSE, COMPARE_TRUE, AUTH_METHOD_NOT_SUPPORTED = 5, 6, 7
-ADMIN_LIMIT, UNAVAILABLE_CRITICAL_EXTENSION, NO_SUCH_ATTRIBUTE = 11, 12, 16
-NO_SUCH_OBJECT, INVALID_DN_SYNTAX, INVALID_CREDENTIALS, INSUFFICIENT_ACCESS = 32, 34, 49, 50
-BUSY, UNAVAILABLE, UNWILLING, OTHER = 51, 52, 53, 80
-
-#: Paged searches one connection may keep open at once (the oldest is dropped).
-MAX_PAGED = 8
-
 
 class LDAPLimits:
     """What the factory enforces (from the settings; replaced on reload)."""
@@ -144,16 +137,7 @@ class LDAPServerFactory(Factory):
         return bucket
 
 
-class _Paged:
-    __slots__ = ("key", "results", "sent")
-
-    def __init__(self, key: tuple, results: Any) -> None:
-        self.key = key
-        self.results = results
-        self.sent = 0
-
-
-class LDAPServerProtocol(Protocol):
+class LDAPServerProtocol(SearchOperations, Protocol):
     def __init__(self, factory: LDAPServerFactory) -> None:
         self.factory = factory
         self.buffer = bytearray()
@@ -162,7 +146,7 @@ class LDAPServerProtocol(Protocol):
         self.tls = False
         self.waiting = False  # a bind is being checked: requests wait
         self.closing = False
-        self.paged: dict[bytes, _Paged] = {}
+        self.paged: dict = {}  # cookie -> the rest of a paged search (netsvc.ldap.searching)
         self._nextCookie = 0
         self._out: list[bytes] | None = None
         self.host = "?"
@@ -405,170 +389,7 @@ class LDAPServerProtocol(Protocol):
     def _mayRead(self) -> bool:
         return self.boundDN is not None or self.factory.limits.anonymous == "read"
 
-    # -- search
-
-    def search(self, msg: codec.Message) -> None:
-        req: codec.SearchRequest = msg.op
-        factory = self.factory
-        factory.metrics.searches.inc()
-        done = codec.SEARCH_DONE
-        paged = None
-        for c in msg.controls:
-            if c.oid == OID_PAGED:
-                paged = c
-            elif c.critical and c.oid != OID_MANAGE_DSA_IT:
-                self.write(codec.result(msg.id, done, UNAVAILABLE_CRITICAL_EXTENSION,
-                                        f"control {c.oid} is not supported"))
-                return
-        try:
-            base = normalizeDN(req.base)
-        except DNError as e:
-            self.write(codec.result(msg.id, done, INVALID_DN_SYNTAX, str(e)))
-            return
-        sel = Selection.parse(req.attributes, req.typesOnly)
-        if req.scope == 0 and base in ("", NSUBSCHEMA):
-            special = factory.rootDSE if base == "" else factory.subschema
-            if matches(req.filter, special):
-                self.write(answerSpecial(msg.id, special, sel))
-                factory.metrics.entries.inc()
-            self.write(codec.result(msg.id, done, SUCCESS))
-            return
-        if not self._mayRead():
-            self.write(codec.result(msg.id, done, INSUFFICIENT_ACCESS, "anonymous access is disabled; bind first"))
-            return
-        directory = factory.directory
-        scope = req.scope
-        if base == "":  # below the root: the naming context
-            base, scope = directory.nsuffix, (0 if scope == 1 else scope)
-        if base not in directory.entries:
-            self.write(codec.result(msg.id, done, NO_SUCH_OBJECT, matched=self._matched(base)))
-            return
-        limits = factory.limits
-        sizeLimit = min(req.sizeLimit or limits.sizeLimit, limits.sizeLimit)
-        timeLimit = min(req.timeLimit or limits.timeLimit, limits.timeLimit)
-        if paged is not None:
-            self._pagedSearch(msg, paged, base, scope, sel, sizeLimit, timeLimit)
-            return
-        results = directory.search(base, scope, req.filter, limits.maxScan)
-        code, text, _, _ = self._send(msg.id, results, sel, sizeLimit, timeLimit, 0)
-        self.write(codec.result(msg.id, done, code, text))
-
-    def _send(self, msgid: int, results: Any, sel: Selection, sizeLimit: int, timeLimit: float,
-              already: int, pageSize: int = 0) -> tuple[int, str, bool, int]:
-        """
-        Write entries from C{results} (C{already} sent on earlier pages, at most
-        C{pageSize} now if not 0): (result code, text, whether a full page was
-        sent, how many were sent now).
-        """
-        factory = self.factory
-        directory = factory.directory
-        boundDN = self.boundDN
-        deadline = factory.now() + timeLimit
-        sent = already
-        count = 0
-        write = self.write
-        try:
-            for entry in results:
-                if sent >= sizeLimit:
-                    return SIZE_LIMIT, "", False, count
-                write(answer(msgid, entry, directory, sel, entry.ndn == boundDN))
-                sent += 1
-                count += 1
-                if count & 63 == 0 and factory.now() > deadline:
-                    return TIME_LIMIT, "", False, count
-                if pageSize and count >= pageSize:
-                    return SUCCESS, "", True, count
-        except ScanLimit:
-            return ADMIN_LIMIT, "search examined too many entries; use an indexed filter", False, count
-        finally:
-            factory.metrics.entries.inc(count)
-        return SUCCESS, "", False, count
-
-    def _pagedSearch(self, msg: codec.Message, control: codec.Control, base: str, scope: int, sel: Selection,
-                     sizeLimit: int, timeLimit: float) -> None:
-        req = msg.op
-        done = codec.SEARCH_DONE
-        try:
-            size, cookie = _pagedValue(control.value)
-        except BERError as e:
-            self.write(codec.result(msg.id, done, PROTOCOL_ERROR, f"bad paged results control: {e}"))
-            return
-        key = (base, scope, repr(req.filter), tuple(req.attributes))
-        if cookie:
-            state = self.paged.pop(cookie, None)
-            if state is None or state.key != key:
-                self.write(codec.result(msg.id, done, UNWILLING if state is None else PROTOCOL_ERROR,
-                                        "unknown or stale paged results cookie"))
-                return
-        else:
-            state = _Paged(key, self.factory.directory.search(base, scope, req.filter, self.factory.limits.maxScan))
-        if size <= 0:  # the client abandons the paged search
-            self.write(codec.result(msg.id, done, SUCCESS, controls=_pagedControl(b"")))
-            return
-        code, text, more, count = self._send(msg.id, state.results, sel, sizeLimit, timeLimit, state.sent, size)
-        state.sent += count
-        next = b""
-        if more and code == SUCCESS:
-            next = self._peekMore(state)
-        self.write(codec.result(msg.id, done, code, text, controls=_pagedControl(next)))
-
-    def _peekMore(self, state: _Paged) -> bytes:
-        """A cookie for the rest of C{state}'s results, or b"" when there are none."""
-        try:
-            first = next(state.results)
-        except StopIteration:
-            return b""
-        except ScanLimit:
-            first = None
-
-        def chained(first=first, rest=state.results):
-            if first is None:
-                raise ScanLimit()
-            yield first
-            yield from rest
-
-        state.results = chained()
-        self._nextCookie += 1
-        cookie = self._nextCookie.to_bytes(4, "big")
-        if len(self.paged) >= MAX_PAGED:
-            self.paged.pop(next(iter(self.paged)))
-        self.paged[cookie] = state
-        return cookie
-
-    def _matched(self, ndn: str) -> str:
-        """The DN of the closest existing ancestor of C{ndn} (matchedDN)."""
-        entries = self.factory.directory.entries
-        parent = parentDN(ndn)
-        while parent:
-            e = entries.get(parent)
-            if e is not None:
-                return e.dn
-            parent = parentDN(parent)
-        return ""
-
     def connectionLost(self, reason: Any) -> None:
         self.closing = True
         self.paged.clear()
         self.buffer = bytearray()
-
-
-def _pagedValue(value: bytes | None) -> tuple[int, bytes]:
-    """(size, cookie) of a paged results control value."""
-    if not value:
-        raise BERError("no value")
-    tag, s, e = codec.header(value, 0, len(value))
-    if tag != 0x30:
-        raise BERError("not a SEQUENCE")
-    t, ss, se = codec.header(value, s, e)
-    if t != 0x02 or se - ss > 8 or se == ss:
-        raise BERError("bad size")
-    size = int.from_bytes(value[ss:se], "big", signed=True)
-    t, cs, ce = codec.header(value, se, e)
-    if t != 0x04:
-        raise BERError("bad cookie")
-    return size, value[cs:ce]
-
-
-def _pagedControl(cookie: bytes) -> bytes:
-    return codec.controls([(OID_PAGED, codec.tlv(0x30, codec.integer(0) + codec.tlv(0x04, cookie)))])
-

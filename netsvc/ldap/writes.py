@@ -24,12 +24,19 @@ from netsvc.ldap.directory import Directory, LoadError
 from netsvc.ldap.dn import DNError, escapeValue, normalizeDN, parentDN, parseDN
 from netsvc.ldap.entry import Entry
 from netsvc.ldap.ldifload import Record
+from netsvc.ldap.resultcodes import (
+    ALREADY_EXISTS,
+    ATTRIBUTE_OR_VALUE_EXISTS,
+    INVALID_DN_SYNTAX,
+    NO_SUCH_ATTRIBUTE,
+    NO_SUCH_OBJECT,
+    NOT_ALLOWED_ON_NON_LEAF,
+    NOT_ALLOWED_ON_RDN,
+    OBJECT_CLASS_VIOLATION,
+    OTHER,
+    UNWILLING,
+)
 from netsvc.ldap.schema import SCHEMA, normalize
-
-# result codes
-NO_SUCH_ATTRIBUTE, ATTRIBUTE_OR_VALUE_EXISTS, NO_SUCH_OBJECT, INVALID_DN = 16, 20, 32, 34
-UNWILLING, OBJECT_CLASS_VIOLATION, NOT_ALLOWED_ON_NON_LEAF = 53, 65, 66
-NOT_ALLOWED_ON_RDN, ALREADY_EXISTS, OTHER = 67, 68, 80
 
 
 class WriteError(Exception):
@@ -86,7 +93,7 @@ class LDIFStore:
         try:
             ndn = normalizeDN(dn)
         except DNError as e:
-            raise WriteError(INVALID_DN, str(e)) from None
+            raise WriteError(INVALID_DN_SYNTAX, str(e)) from None
         entry = self.directory.entries.get(ndn)
         if entry is None:
             raise WriteError(NO_SUCH_OBJECT, matched=self._matched(ndn))
@@ -109,7 +116,7 @@ class LDIFStore:
                 ndn = normalizeDN(request.dn)
                 rdn = parseDN(request.dn)[0] if request.dn.strip() else []
             except DNError as e:
-                raise WriteError(INVALID_DN, str(e)) from None
+                raise WriteError(INVALID_DN_SYNTAX, str(e)) from None
             if ndn in entries:
                 raise WriteError(ALREADY_EXISTS)
             parent = parentDN(ndn)
@@ -148,9 +155,9 @@ class LDIFStore:
             newRDN = parseDN(request.newRDN)
             nsuperior = normalizeDN(superior)
         except DNError as e:
-            raise WriteError(INVALID_DN, str(e)) from None
+            raise WriteError(INVALID_DN_SYNTAX, str(e)) from None
         if len(newRDN) != 1:
-            raise WriteError(INVALID_DN, "the new RDN must be one RDN")
+            raise WriteError(INVALID_DN_SYNTAX, "the new RDN must be one RDN")
         if nsuperior not in self.directory.entries:  # (the root "" is not an entry either)
             raise WriteError(NO_SUCH_OBJECT, "the new superior does not exist")
         newDN = "+".join(f"{a}={escapeValue(v)}" for a, v in newRDN[0]) + (f",{superior}" if superior else "")

@@ -11,7 +11,8 @@ Operations:
     being checked wait for it (RFC 4511 4.2.1).
   - search: scopes, filters (L{netsvc.ldap.match}), C{*}/C{+}/C{1.1}, size, time and
     scan limits (4, 3, 11), the paged results control (RFC 2696), the root DSE and
-    C{cn=Subschema}.  Results of one read are written in one batch (pipelining).
+    C{cn=Subschema} (in L{netsvc.ldap.searching}).  Results of one read are written
+    in one batch (pipelining).
   - compare, whoami (RFC 4532), StartTLS (RFC 4511 4.14: success, then TLS).
   - add, modify, delete, modify DN: by writers only, saved before the answer
     (L{netsvc.ldap.writes}); unwillingToPerform when the directory is read-only.

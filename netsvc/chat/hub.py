@@ -118,7 +118,10 @@ class Cluster(FanOut, Protocol):
         """The hub this fan-out serves (events from other nodes go to its rooms)."""
 
     def entered(self, member: Member, room: Room) -> bool:
-        """C{member} joined C{room}; True if the cluster will replay topic and history once loaded."""
+        """
+        C{member} joined C{room}; True if the room is being subscribed and loaded here: the
+        cluster then calls C{hub.settled(member, room)} (or the member has left meanwhile).
+        """
 
     def left(self, member: Member, room: Room) -> None:
         """C{member} left C{room} (C{room.members} may now be empty)."""
@@ -386,14 +389,22 @@ class Hub:
         member.room = room
         room.members[member] = None
         joined = notice(f"{displayName(member)} joined {room.name}")
+        # With a cluster, a room new on this node is subscribed and loaded first: the member sees its
+        # own join (then topic and history) once everything said in the room after it will reach it.
+        waiting = self.cluster is not None and self.cluster.entered(member, room)
         if self._announces(room):
-            self.publish(room, joined)
-        else:
+            self.publish(room, joined, exclude=member if waiting else None)
+        elif not waiting:
             member.deliver(joined)
         log.info("chat: {name} joined {room}", name=displayName(member), room=room.name)
-        if self.cluster is not None and self.cluster.entered(member, room):
-            return  # topic and history come from the cluster
-        self.replay(member, room)
+        if not waiting:
+            self.replay(member, room)
+
+    def settled(self, member: Member, room: Room) -> None:
+        """The cluster has C{room} ready here: C{member}, who joined it meanwhile, is told, then replayed."""
+        if member.room is room:
+            member.deliver(notice(f"{displayName(member)} joined {room.name}"))
+            self.replay(member, room)
 
     def replay(self, member: Member, room: Room) -> None:
         """Show C{member} the topic and history of C{room} (on joining it)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from netsvc.chat.hub import Hub, LocalFanOut
+from netsvc.chat.hub import Event, Hub, LocalFanOut
 
 
 class Member:
@@ -39,9 +39,11 @@ class FakeCluster(LocalFanOut):
     def attach(self, hub):
         self.hub = hub
 
+    loadingRooms = ()
+
     def entered(self, member, room):
         self.entered_.append((member, room.name))
-        return False
+        return room.name in self.loadingRooms
 
     def left(self, member, room):
         pass
@@ -144,6 +146,21 @@ class ClusterHubTests(unittest.TestCase):
     def test_topicTold(self):
         self.hub.topic(self.a, "hello")
         self.assertEqual(self.cluster.topics, [("#lobby", "hello")])
+
+
+    def test_joinShownOnceTheRoomIsReadyHere(self):
+        self.cluster.loadingRooms = ("#new",)
+        self.hub.join(self.b, "#new")
+        self.hub.join(self.a, "#new")
+        self.assertNotIn("10.0.0.1:1 joined #new", self.a.notices())  # not before it is subscribed here
+        self.assertIn("10.0.0.1:1 joined #new", self.b.notices())  # the others are told at once
+        self.hub.rooms["#new"].history.append(Event("message", "old", "x"))
+        self.hub.settled(self.a, self.hub.rooms["#new"])
+        self.assertEqual(self.a.got[-2:], [("notice", "10.0.0.1:1 joined #new"), ("message", "old")])
+        self.hub.join(self.a, "#other")
+        before = list(self.a.got)
+        self.hub.settled(self.a, self.hub.rooms["#new"])  # moved on meanwhile: nothing
+        self.assertEqual(self.a.got, before)
 
 
 class LocalHubUnchangedTests(unittest.TestCase):

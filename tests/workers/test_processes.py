@@ -156,6 +156,7 @@ class WorkersTests(unittest.TestCase):
             c.send(f"/nick user{i}")
             c.expect(f"is now known as user{i}\n")
             users.append(c)
+        users[0].expect("is now known as user5\n")  # presence is written before the rename is published
         users[0].send("/who")
         users[0].expect("6 in #lobby: user0, user1, user2, user3, user4, user5\n")
         users[5].send("hello all")

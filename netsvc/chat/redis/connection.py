@@ -123,12 +123,19 @@ class Connections:
 
     # -- subscriptions
 
-    def subscribe(self, channel: str) -> None:
+    def subscribe(self, channel: str) -> defer.Deferred:
+        """
+        Subscribe (now, and again after every reconnection); fires once Redis has
+        confirmed it -- or at once when already subscribed or while disconnected.
+        """
         if channel in self.channels:
-            return
+            return defer.succeed(None)
         self.channels.add(channel)
-        if self.subscriber is not None:
-            self.subscriber.subscribe(channel).addErrback(lambda f: None)  # a lost connection re-subscribes
+        if self.subscriber is None:
+            return defer.succeed(None)
+        d = self.subscriber.subscribe(channel)
+        d.addErrback(lambda f: None)  # a lost connection re-subscribes
+        return d
 
     def unsubscribe(self, channel: str) -> None:
         if channel not in self.channels:

@@ -153,7 +153,7 @@ class RedisFanOut(service.Service):
         serial = self.serials.get(member)
         if serial is None:
             serial = self.serials[member] = f"{self.mine}{next(self._serial)}"
-        self.redis.subscribe(self._key("room:", folded))
+        channel = self._key("room:", folded)
         if self.redis.up:
             self.redis.execute("HSET", self._key("who:", folded), serial, displayName(member)).addErrback(
                 self._failed, "presence")
@@ -165,9 +165,12 @@ class RedisFanOut(service.Service):
             waiting.append(member)
             return True
         if not self.redis.up:
+            self.redis.subscribe(channel)  # done on reconnection
             return False
         self.loading[folded] = [member]
-        d = self.redis.eval(scripts.LOAD, [self._key("topic:", folded), self._key("history:", folded)], [])
+        subscribed = self.redis.subscribe(channel)
+        load = self.redis.eval(scripts.LOAD, [self._key("topic:", folded), self._key("history:", folded)], [])
+        d = defer.gatherResults([subscribed, load], consumeErrors=True).addCallback(lambda results: results[1])
         d.addCallbacks(self._loaded, self._loadFailed, (room,), None, (room,))
         return True
 
@@ -323,15 +326,14 @@ class RedisFanOut(service.Service):
         if history:
             room.history = history
         for member in waiting:
-            if member.room is room:
-                self.hub.replay(member, room)
+            self.hub.settled(member, room)
 
     def _loadFailed(self, reason: Any, room: Room) -> None:
         self._failed(reason, "load")
         waiting = self.loading.pop(room.name.lower(), [])
         for member in waiting:
-            if member.room is room and self.hub is not None:
-                self.hub.replay(member, room)
+            if self.hub is not None:
+                self.hub.settled(member, room)
 
     def _members(self) -> list[Member]:
         return [m for room in (self.hub.rooms.values() if self.hub else ()) for m in room.members]

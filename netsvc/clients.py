@@ -112,6 +112,10 @@ def _oserror(e: BaseException) -> str | None:
     return None
 
 
+#: What OpenSSL says when the other side answered a ClientHello with something that is not TLS.
+_NOT_TLS = ("wrong version number", "unexpected message", "packet length too long", "http request")
+
+
 def describe(reason: BaseException, timeout: float | None = None, tls: TLSHint | None = None) -> str:
     """
     One line, in plain words, for a client failure: C{connection refused},
@@ -133,6 +137,8 @@ def describe(reason: BaseException, timeout: float | None = None, tls: TLSHint |
         text = sslReason(reason)
         if tls is not None and "verify failed" in text:
             return f"TLS: {text}: {tls.advice()}"
+        if any(sign in text for sign in _NOT_TLS):
+            return f"TLS: {text} (the server does not speak TLS on this port?)"
         return f"TLS: {text}"
     if type(reason).__name__ == "VerificationError":  # service_identity: the name is not in the certificate
         if tls is not None:

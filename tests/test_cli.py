@@ -193,6 +193,36 @@ class TLSErrorTests(Captured):
                       "or -k/--insecure to skip verification\n", self.err.getvalue())
 
 
+class WrongServerTests(Captured):
+    """A client pointed at the wrong kind of server says so."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.daemon = startDaemon(self, 'services:\n  echo: {listen: ["tcp:0:interface=127.0.0.1", '
+                                        '"udp:0:interface=127.0.0.1"]}\n')
+
+    @defer.inlineCallbacks
+    def test_tlsToAPlainPort(self):
+        p = port(self.daemon, 0)
+        status = yield self.run_("echo", f"localhost:{p}", "--tls", "x")
+        self.assertEqual(status, 1)
+        self.assertRegex(self.err.getvalue(), rf"^netsvc echo: localhost:{p} \(tls\): TLS: .+ \(the server does not "
+                                              r"speak TLS on this port\?\)\n$")
+
+    @defer.inlineCallbacks
+    def test_dnsToAnEchoServer(self):
+        """The echo comes back with the query's ID: it is still not an answer (QR is not set)."""
+        for index, transport in ((1, "udp"), (0, "tcp")):
+            self.err.truncate(0)
+            self.err.seek(0)
+            p = port(self.daemon, index)
+            status = yield self.run_("dns", "query", "printer.lab", f"@127.0.0.1:{p}", f"--{transport}"
+                                     if transport == "tcp" else "--short")
+            self.assertEqual((status, self.err.getvalue()),
+                             (1, f"netsvc dns: 127.0.0.1:{p} ({transport}): the reply is not a DNS answer "
+                                 "(no QR flag)\n"))
+
+
 class FetchRedirectTests(Captured):
     @defer.inlineCallbacks
     def test_redirectThenTLSNamesTheURLTyped(self):

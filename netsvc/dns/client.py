@@ -305,6 +305,8 @@ def query(reactor: Any, args: argparse.Namespace, out: Any = None) -> Any:
         message = dns.message.from_wire(answer)
     except dns.exception.DNSException as e:
         return clients.fail("dns", clients.target(host, port, transport), f"malformed answer: {e}")
+    if not message.flags & dns.flags.QR:  # e.g. an echo server sent the query back
+        return clients.fail("dns", clients.target(host, port, transport), "the reply is not a DNS answer (no QR flag)")
     if args.short:
         for line in shortLines(message):
             out.write(line + "\n")

@@ -61,6 +61,8 @@ class WorkersTests(unittest.TestCase):
         short = Path(tempfile.mkdtemp(prefix="nsw"))  # unix socket paths are limited to ~100 bytes
         self.addCleanup(shutil.rmtree, short, True)
         config.write_text(text.replace("{sock}", str(short / "echo.sock")))
+        (base / "www").mkdir()
+        (base / "www" / "hello.txt").write_text("hello\n")
         return startNetsvc(self, config, base / "state", cwd=base, timeout=40)
 
     def metrics(self, daemon) -> str:
@@ -162,6 +164,29 @@ class WorkersTests(unittest.TestCase):
         users[5].send("hello all")
         for c in users:
             c.expect("<user5> hello all\n")
+
+    def test_webStatusShowsTheWholeDaemon(self):
+        import ssl
+
+        daemon = self.start(
+            "state_dir: state\nworkers: 2\ndrain_timeout: 1s\nservices:\n  web:\n"
+            '    listen: ["tls:0:interface=127.0.0.1"]\n    root: www\n')
+        port = daemon.port("services.web.listen[0]")
+        context = ssl.create_default_context(cafile=daemon.cafile)
+        for _ in range(6):  # new connections: the kernel spreads them over the workers
+            with urllib.request.urlopen(f"https://localhost:{port}/hello.txt", context=context, timeout=10) as r:
+                self.assertEqual(r.read(), b"hello\n")
+        time.sleep(1.5)  # the other worker's snapshot
+        with urllib.request.urlopen(f"https://localhost:{port}/status.json", context=context, timeout=10) as r:
+            state = json.loads(r.read())
+        self.assertEqual(state["pid"], daemon.process.pid)
+        self.assertIn(state["worker"], (0, 1))
+        self.assertEqual([w["index"] for w in state["workers"]], [0, 1])
+        rows = state["metrics"]["netsvc_connections_accepted_total"]
+        web = {r["worker"]: r["value"] for r in rows if r["service"] == "web"}
+        self.assertEqual(set(web), {"0", "1", "all"})
+        self.assertEqual(web["all"], web["0"] + web["1"])
+        self.assertGreaterEqual(web["all"], 6)
 
     def test_refusedWithoutFanOut(self):
         from tests.interop._daemon import runToCompletion, twistdCommand

@@ -1,7 +1,7 @@
 """
 C{netsvc check-config FILE...}: find every problem the daemon would refuse, in one run, binding nothing.
 
-Two passes per file:
+Two passes per file (the second on what the first left intact, when it found problems):
 
   1. the schema (L{netsvc.config.load}): unknown keys, types, ranges, endpoint
      strings, CIDRs -- every problem of the file at once;
@@ -35,7 +35,7 @@ def checkConfig(reactor: Any, args: argparse.Namespace) -> int:
         try:
             settings = load(name)
         except ConfigError as e:
-            problems = e.problems
+            problems = e.problems + _dryRunTheRest(name, e.problems)
         else:
             problems = dryRun(settings, name)
         if problems:
@@ -91,6 +91,39 @@ def dryRun(settings: Settings, configFile: str) -> list[Problem]:
             except ConfigError as e:
                 problems += [p for p in e.problems if p not in problems]
     return problems
+
+
+def _dryRunTheRest(configFile: str, problems: list[Problem]) -> list[Problem]:
+    """
+    The file has schema problems: dry-run what they leave intact (the other services,
+    the other top-level sections), so that one run reports the missing web root next
+    to the misspelt key.  Returns only new problems; [] when nothing can be built.
+    """
+    import yaml
+
+    from netsvc.config import parse
+
+    try:
+        with open(configFile, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    for problem in problems:
+        top, _, rest = problem.path.partition(".")
+        top = top.split("[")[0]
+        services = data.get("services")
+        if top == "services" and rest and isinstance(services, dict):
+            services.pop(rest.split(".")[0].split("[")[0], None)
+        else:
+            data.pop(top, None)
+    try:
+        settings = parse(yaml.safe_dump(data, sort_keys=False), configFile,
+                         os.path.dirname(os.path.abspath(configFile)))
+    except ConfigError:
+        return []
+    return [p for p in dryRun(settings, configFile) if p not in problems]
 
 
 def _accessLogProblems(settings: Settings, configFile: str, key: str, where: str) -> list[Problem]:

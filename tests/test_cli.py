@@ -400,6 +400,18 @@ class CheckConfigTests(Captured):
                                  "services.chat.auth.password_file: cannot read /nonexistent/pw"])
         self.assertFalse(state.exists(), "check-config wrote into state_dir")
 
+    def test_schemaAndDryRunProblemsTogether(self):
+        """A misspelt key does not hide a missing web root: what the schema leaves intact is dry-run too."""
+        status, lines, _ = self.check("servces: {}\nservices:\n  echo: {listen: [tcpp:7]}\n"
+                                      '  web: {root: /nonexistent/www, listen: ["tcp:0:interface=127.0.0.1"]}\n'
+                                      "  chat: {auth: {password_file: /nonexistent/pw}}\n")
+        self.assertEqual(status, 1)
+        self.assertEqual(lines, ["servces: unknown key (did you mean 'services'?)",
+                                 "services.echo.listen[0]: malformed endpoint 'tcpp:7': unknown endpoint type "
+                                 "'tcpp' (did you mean 'tcp'?)",
+                                 "services.web.root: /nonexistent/www is not a folder",
+                                 "services.chat.auth.password_file: cannot read /nonexistent/pw"])
+
     def test_shippedConfigIsOK(self):
         status = cli.checkConfig(None, argparse.Namespace(files=[str(REPO / "etc" / "netsvc.yaml")]))
         self.assertEqual(status, 0)

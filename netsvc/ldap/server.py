@@ -146,6 +146,7 @@ class LDAPServerProtocol(SearchOperations, Protocol):
         self.boundName = ""  # its DN as written
         self.tls = False
         self.waiting = False  # a bind is being checked: requests wait
+        self.writesPaused = False  # the client does not read its answers: requests wait
         self.closing = False
         self.paged: dict = {}  # cookie -> the rest of a paged search (netsvc.ldap.searching)
         self._nextCookie = 0
@@ -162,6 +163,24 @@ class LDAPServerProtocol(SearchOperations, Protocol):
                 setNoDelay(True)
             except OSError:  # not a TCP socket
                 pass
+        # Back-pressure: when the client does not read its answers, the transport's
+        # buffer fills, it pauses us, and we stop reading requests (bounded memory).
+        self.transport.registerProducer(self, True)
+
+    # -- as a producer of answers, toward the transport
+
+    def pauseProducing(self) -> None:
+        self.writesPaused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.writesPaused = False
+        if not self.waiting and not self.closing:
+            self.transport.resumeProducing()
+            self.dataReceived(b"")
+
+    def stopProducing(self) -> None:
+        self.closing = True
 
     # -- input
 
@@ -172,7 +191,7 @@ class LDAPServerProtocol(SearchOperations, Protocol):
         buf += data
         out = self._out = []
         try:
-            while buf and not self.waiting and not self.closing:
+            while buf and not self.waiting and not self.closing and not self.writesPaused:
                 try:
                     head = codec.frame(buf)
                 except BERError as e:
@@ -198,8 +217,13 @@ class LDAPServerProtocol(SearchOperations, Protocol):
                 self.transport.write(b"".join(out))
 
     def write(self, data: bytes) -> None:
-        if self._out is not None:
-            self._out.append(data)
+        out = self._out
+        if out is not None:
+            out.append(data)
+            if len(out) >= 256:  # a big batch goes now: the transport may pause us (see pauseProducing)
+                chunk = b"".join(out)
+                out.clear()
+                self.transport.write(chunk)
         elif not self.closing:
             self.transport.write(data)
 
@@ -310,7 +334,7 @@ class LDAPServerProtocol(SearchOperations, Protocol):
             self.write(codec.result(msgid, codec.BIND_RESPONSE, INVALID_CREDENTIALS))
         if self.waiting:
             self.waiting = False
-            if not self.closing:
+            if not self.closing and not self.writesPaused:
                 self.transport.resumeProducing()
                 self.dataReceived(b"")
 

@@ -278,3 +278,59 @@ class ServiceTests(unittest.TestCase):
         daemon.reload()
         self.assertEqual(directory.findUser("robert").dn, BOB)
         self.flushLoggedErrors()
+
+
+class BackPressureTests(unittest.TestCase):
+    """Over loopback: a client that sends many searches and reads nothing does not grow the server's memory."""
+
+    def test_clientThatDoesNotRead(self):
+        from twisted.internet import defer, endpoints
+        from twisted.internet.protocol import Protocol
+
+        from netsvc.ldap import codec
+        from tests.helpers import sleep
+
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        ldif = folder / "big.ldif"
+        ldif.write_bytes(TOP + b"".join(b"dn: cn=e%d,dc=example,dc=com\nobjectClass: person\ncn: e%d\nsn: x\n"
+                                        b"description: %s\n\n" % (i, i, b"d" * 300) for i in range(300)))
+        daemon = startDaemon(self, f"services:\n  ldap:\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+                                   f"    ldif: ['{ldif}']\n")
+        svc = daemon.getServiceNamed("ldap")
+        port = svc.listeners[0].port.getHost().port
+        requests = 400  # each answered with 100 entries of ~350 bytes: 14 MB if nothing pushed back
+
+        class Silent(Protocol):
+            def __init__(self):
+                self.received = bytearray()
+
+            def dataReceived(self, data):
+                self.received += data
+
+        @defer.inlineCallbacks
+        def run():
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+            client = yield endpoints.connectProtocol(endpoint, Silent())
+            client.transport.pauseProducing()  # read nothing
+            op = codec.tlv(codec.SEARCH_REQUEST, codec.octets(b"dc=example,dc=com") + codec.integer(2, 0x0A)
+                           + codec.integer(0, 0x0A) + codec.integer(100) + codec.integer(0)
+                           + codec.tlv(0x01, b"\0") + codec.tlv(0x87, b"cn") + codec.tlv(0x30, b""))
+            client.transport.write(b"".join(codec.message(i, op) for i in range(1, requests + 1)))
+            yield sleep(1.0)
+            (conn,) = svc.guard.connections
+            server = conn.wrappedProtocol
+            self.assertTrue(server.writesPaused)
+            transport = conn.transport
+            pending = len(transport.dataBuffer) + transport._tempDataLen + len(server.buffer)
+            self.assertLess(pending, 2 << 20)
+            client.transport.resumeProducing()
+            done = b"\x65\x07\x0a\x01\x04"  # searchResultDone, sizeLimitExceeded
+            for _ in range(100):
+                if client.received.count(done) >= requests:
+                    break
+                yield sleep(0.1)
+            self.assertEqual(client.received.count(done), requests)
+            client.transport.loseConnection()
+
+        return run()

@@ -494,3 +494,27 @@ class FactoryTests(unittest.TestCase):
         self.assertIs(factory.directory, directory)
         self.assertEqual(dns(client.send(search(1, SUFFIX))), [SUFFIX, USERS])
         self.assertIsNone(directory.findUser("alice"))
+
+
+class BackPressureTests(unittest.TestCase):
+    def test_aClientThatDoesNotReadIsNotRead(self):
+        """When the transport's buffer is full (it pauses us), requests wait, and go on when it drains."""
+        client = Client(makeFactory())
+        self.assertIs(client.transport.producer, client.protocol)
+        client.protocol.pauseProducing()  # what the transport does when its buffer is full
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertEqual(client.send(search(1, USERS, "(uid=bob)") + search(2, USERS, "(uid=alice)")), [])
+        client.transport.clear()
+        client.protocol.resumeProducing()
+        self.assertEqual(dns(decodeAll(client.transport.value())), [BOB, ALICE])
+        self.assertEqual(client.transport.producerState, "producing")
+
+    def test_bigBatchesAreWrittenAsTheyGrow(self):
+        """Answers to many pipelined requests reach the transport in chunks, so it can push back."""
+        client = Client(makeFactory())
+        writes = []
+        write = client.transport.write
+        client.transport.write = lambda data: (writes.append(data), write(data))
+        client.protocol.dataReceived(b"".join(search(i, USERS, "(uid=bob)") for i in range(1, 400)))
+        self.assertGreater(len(writes), 1)
+        self.assertEqual(len(decodeAll(b"".join(writes))), 2 * 399)

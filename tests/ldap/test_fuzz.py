@@ -31,6 +31,13 @@ CORPUS = [
         pureber.BEROctetString(b"cn"), pureber.BEROctetString(b"x"))), 7),
     msg(pureldap.LDAPDelRequest(entry=ALICE.encode()), 8),
     msg(pureldap.LDAPAbandonRequest(id=3), 9),
+    msg(pureldap.LDAPAddRequest(entry=b"uid=x,ou=users,dc=example,dc=com", attributes=[
+        (pureldap.LDAPAttributeDescription(b"cn"), pureber.BERSet([pureldap.LDAPAttributeValue(b"x")]))]), 10),
+    msg(pureldap.LDAPModifyRequest(object=ALICE.encode(), modification=[pureber.BERSequence([
+        pureber.BEREnumerated(2), pureber.BERSequence([pureldap.LDAPAttributeDescription(b"sn"),
+                                                       pureber.BERSet([pureldap.LDAPAttributeValue(b"y")])])])]), 11),
+    msg(pureldap.LDAPModifyDNRequest(entry=ALICE.encode(), newrdn=b"uid=al", deleteoldrdn=True,
+                                     newSuperior=b"ou=groups,dc=example,dc=com"), 12),
 ]
 
 MAX_REQUEST = 2048

@@ -8,6 +8,8 @@ Checked up front (C{netsvc check-config} too), each a L{Problem} naming the key:
     worker would hold its own rooms, and users on two workers would not meet.
   - SMTP with C{workers > 1} is refused: its queue must have one delivery owner
     (see L{netsvc.workers.isDeliveryOwner}); run SMTP in a netsvc with C{workers: 1}.
+  - A writable LDAP directory with C{workers > 1} is refused: each worker has its
+    own copy of the directory.
   - A listener Twisted binds by itself in a way a worker cannot adopt
     (C{tls:DIR} SNI folders, plugin endpoints) is refused with C{workers > 1}.
 """
@@ -73,6 +75,11 @@ def checkWorkers(settings: Any) -> list[tuple[str, str]]:
         problems.append(("services.smtp",
                          f"not supported with workers: {n} -- the mail queue needs one delivery owner; "
                          f"run SMTP in a netsvc of its own with workers: 1"))
+    ldap = services.get("ldap")
+    if ldap is not None and ldap.enabled and getattr(ldap, "writable", False):
+        problems.append(("services.ldap.writable",
+                         f"not supported with workers: {n} -- each worker holds its own copy of the directory: "
+                         f"a write in one would not reach the others; set writable: false or workers: 1"))
     listeners = [(f"services.{name}.listen[{i}]", l.endpoint)
                  for name, svc in services.items() if svc.enabled for i, l in enumerate(getattr(svc, "listen", []))]
     listeners += [(f"metrics.listen[{i}]", l.endpoint) for i, l in enumerate(settings.metrics.listen)]

@@ -124,12 +124,12 @@ class WriteTests(unittest.TestCase):
 
 
 class WritableSettingsTests(unittest.TestCase):
-    def load(self, extra: str, ldif: str = "[example.ldif]"):
+    def load(self, extra: str, ldif: str = "[example.ldif]", top: str = ""):
         folder = Path(self.mktemp()).absolute()
         folder.mkdir()
         shutil.copy(EXAMPLE, folder / "example.ldif")
         path = folder / "netsvc.yaml"
-        path.write_text(f"services:\n  ldap:\n    ldif: {ldif}\n    writable: true\n{extra}")
+        path.write_text(f"{top}services:\n  ldap:\n    ldif: {ldif}\n    writable: true\n{extra}")
         return config.load(str(path))
 
     def test_needsWriters(self):
@@ -149,6 +149,12 @@ class WritableSettingsTests(unittest.TestCase):
         with self.assertRaises(config.ConfigError) as caught:
             self.load("    writers: [cn=admins,ou=groups,dc=example,dc=com]\n")  # unquoted: split at commas
         self.assertIn("services.ldap.writers[0]: 'cn=admins' is not an entry of the directory", str(caught.exception))
+
+    def test_notWithWorkers(self):
+        """Each worker would have its own copy of the directory."""
+        with self.assertRaises(config.ConfigError) as caught:
+            self.load("    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n", top="workers: 2\n")
+        self.assertIn("services.ldap.writable: not supported with workers: 2", str(caught.exception))
 
     def test_ok(self):
         settings = self.load("    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n")

@@ -103,6 +103,7 @@ def makeService(settings: Settings, context: Any) -> IService:
     metrics = SMTPMetrics(context.metrics)
     shared = dict(queue=store, metrics=metrics, clock=reactor, authenticator=authenticator,
                   onAccepted=onAccepted, **_limits(settings, reactor))
+    context.certificate  # noqa: B018 - STARTTLS needs it: a bad certificate fails at start-up, not mid-session
     svc.configs = []
     for i, listener in enumerate(settings.listen):
         config = ServerConfig(tlsOptions=_starttls(context), submission=listener.submission, **shared)

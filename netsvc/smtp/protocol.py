@@ -4,8 +4,10 @@ The ESMTP server session (RFC 5321) with PIPELINING (2920), SIZE (1870),
 (3207), AUTH PLAIN/LOGIN (4954, only under TLS) and DSN parameters (3461).
 
 Wire behaviour only: everything it decides with comes in a L{ServerConfig}
-(the queue, the authenticator, the limits, the TLS context), so tests drive it
-over a StringTransport.
+(netsvc.smtp.policy: the queue, the authenticator, the limits, the TLS context),
+so tests drive it over a StringTransport.  The AUTH command is in
+netsvc.smtp.sasl, the DATA reader in netsvc.smtp.data, the command syntax in
+netsvc.smtp.syntax.
 
 Contract:
   - Replies are sent in command order, one write per pipelined group; while a
@@ -30,25 +32,23 @@ per DATA line.  Its xtext codec is used (netsvc.smtp.syntax).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
 from collections.abc import Callable
 from typing import Any
 
-import attrs
-from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from netsvc.metrics import Registry
-from netsvc.policies import AccessList, RateLimiter
 from netsvc.smtp.data import DataReader
+from netsvc.smtp.policy import ServerConfig, SMTPMetrics, reply
 from netsvc.smtp.queue import Envelope, Recipient
+from netsvc.smtp.sasl import AuthCommands
 from netsvc.smtp.syntax import SyntaxProblem, checkMailbox, parseDSNMail, parseDSNRcpt, parsePathArgument
 
 log = Logger()
+
+__all__ = ["MAX_COMMAND_LINE", "SMTPFactory", "SMTPMetrics", "SMTPSession", "ServerConfig", "reply"]
 
 #: Longest command line we read (RFC 5321 says 512; extensions and AUTH need more; Postfix allows 2048).
 MAX_COMMAND_LINE = 4096
@@ -58,73 +58,7 @@ MAX_ERRORS = 20
 MAX_HELD_INPUT = 256 * 1024
 
 
-class SMTPMetrics:
-    """The SMTP-specific counters (connections and bytes are the Guard's)."""
-
-    def __init__(self, registry: Registry, service: str = "smtp") -> None:
-        s = {"service": service}
-        self.service = service
-        self.sessions = registry.counter("netsvc_smtp_sessions_total", "SMTP sessions started.",
-                                         ["service"]).labels(**s)
-        self.accepted = registry.counter("netsvc_smtp_messages_accepted_total",
-                                         "Messages accepted (durably queued, 250 sent).", ["service"]).labels(**s)
-        self.bytes = registry.counter("netsvc_smtp_message_bytes_total", "Bytes of accepted messages.",
-                                      ["service"]).labels(**s)
-        self._rejects = registry.counter("netsvc_smtp_rejects_total", "Commands or messages refused, by reason.",
-                                         ["service", "reason"])
-        self._auth = registry.counter("netsvc_smtp_auth_total", "AUTH attempts, by result.", ["service", "result"])
-
-    def reject(self, reason: str) -> None:
-        self._rejects.labels(service=self.service, reason=reason).inc()
-
-    def auth(self, result: str) -> None:
-        self._auth.labels(service=self.service, result=result).inc()
-
-
-@attrs.define
-class ServerConfig:
-    """What sessions of one listener share."""
-
-    hostname: str
-    #: Has C{newMessage()} -> an object with write/commit(envelope)/abort (L{netsvc.smtp.queue.Queue}).
-    queue: Any
-    metrics: SMTPMetrics
-    clock: Any
-    mynetworks: list[str] = attrs.field(factory=lambda: ["127.0.0.0/8", "::1/128"])
-    #: A L{netsvc.auth.Authenticator}, or None: no AUTH.
-    authenticator: Any = None
-    #: Returns the TLS context factory for STARTTLS; None: no STARTTLS.
-    tlsOptions: Callable[[], Any] | None = None
-    submission: bool = False
-    maxSize: int = 25_000_000
-    maxRecipients: int = 100
-    maxMessages: int = 100
-    maxLine: int = 1000
-    authPerSession: int = 3
-    #: Failed AUTH per client IP, and MAIL transactions per client IP (token buckets).
-    authFailures: RateLimiter | None = None
-    messageRate: RateLimiter | None = None
-    #: Called with each accepted message's queue id.
-    onAccepted: Callable[[str], None] | None = None
-    trusted: AccessList | None = attrs.field(init=False, default=None)
-
-    def __attrs_post_init__(self) -> None:
-        self.trusted = AccessList(self.mynetworks) if self.mynetworks else None
-
-    def isTrusted(self, host: str) -> bool:
-        return self.trusted is not None and self.trusted.permits(host)
-
-
-def reply(code: int, status: str | None, text: str) -> bytes:
-    """One reply; C{text} may hold several lines (a multi-line reply)."""
-    lines = text.split("\n")
-    prefix = f"{code} {status} " if status else f"{code} "
-    dash = f"{code}-{status} " if status else f"{code}-"
-    out = [(dash if i < len(lines) - 1 else prefix) + line for i, line in enumerate(lines)]
-    return ("\r\n".join(out) + "\r\n").encode("utf-8")
-
-
-class SMTPSession(Protocol):
+class SMTPSession(AuthCommands, Protocol):
     """One client connection.  See the module docstring for the contract."""
 
     def __init__(self, config: ServerConfig) -> None:
@@ -355,146 +289,6 @@ class SMTPSession(Protocol):
         self.helo = None
         self.esmtp = False
         self._resetTransaction()
-
-    def do_AUTH(self, rest: bytes) -> None:
-        c = self.config
-        if c.authenticator is None:
-            self._error(502, "5.5.1", "Error: authentication not enabled", "bad_command")
-            return
-        if not self.secure:
-            self.config.metrics.auth("no_tls")
-            self._error(538, "5.7.11", "Encryption required for requested authentication mechanism", "auth_no_tls")
-            return
-        if self.helo is None or not self.esmtp:
-            self._error(503, "5.5.1", "Error: send EHLO first", "bad_sequence")
-            return
-        if self.user is not None:
-            self._error(503, "5.5.1", "Error: already authenticated", "bad_sequence")
-            return
-        if self.mailFrom is not None:
-            self._error(503, "5.5.1", "Error: MAIL transaction in progress", "bad_sequence")
-            return
-        mechanism, _, initial = rest.partition(b" ")
-        mechanism = mechanism.upper()
-        if mechanism not in (b"PLAIN", b"LOGIN"):
-            self._error(504, "5.5.4", "Error: unsupported authentication mechanism", "bad_syntax")
-            return
-        if c.authFailures is not None and not c.authFailures.allow(self.host, 0.0) \
-                or not self._authBudget():
-            self.config.metrics.auth("rate_limited")
-            self.config.metrics.reject("auth_rate")
-            self._send(454, "4.7.0", "Too many failed authentication attempts; try again later")
-            return
-        initial = initial.strip()
-        if mechanism == b"PLAIN":
-            if initial:
-                self._authPlain(initial)
-            else:
-                self._authState = self._authPlain
-                self._send(334, None, "")
-        else:
-            if initial:
-                self._authLoginUser(initial)
-            else:
-                self._authState = self._authLoginUser
-                self._send(334, None, "VXNlcm5hbWU6")  # "Username:"
-
-    def _authBudget(self) -> bool:
-        """Whether this client IP may try AUTH now (one token of the failure bucket available)."""
-        limiter = self.config.authFailures
-        if limiter is None or limiter.rate <= 0:
-            return True
-        bucket = limiter._buckets.get(self.host)
-        if bucket is None:
-            return True
-        tokens = min(limiter.burst, bucket[0] + (limiter.clock.seconds() - bucket[1]) * limiter.rate)
-        return tokens >= 1
-
-    def _decode(self, line: bytes) -> bytes | None:
-        """A base64 AUTH response; None (and the session answered) when cancelled or garbage."""
-        self._authState = None
-        if line == b"*":
-            self._send(501, "5.0.0", "Authentication cancelled")
-            return None
-        if line == b"=":
-            return b""
-        try:
-            return base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
-            self._authFailed("garbage")
-            return None
-
-    def _authPlain(self, line: bytes) -> None:
-        decoded = self._decode(line)
-        if decoded is None:
-            return
-        parts = decoded.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            self._authFailed("garbage")
-            return
-        authzid, user, password = parts
-        if authzid and authzid != user:
-            self._authFailed("authzid")
-            return
-        self._checkPassword(user, password)
-
-    def _authLoginUser(self, line: bytes) -> None:
-        decoded = self._decode(line)
-        if decoded is None:
-            return
-        if not decoded:
-            self._authFailed("garbage")
-            return
-        self._authState = lambda l: self._authLoginPassword(decoded, l)
-        self._send(334, None, "UGFzc3dvcmQ6")  # "Password:"
-
-    def _authLoginPassword(self, user: bytes, line: bytes) -> None:
-        decoded = self._decode(line)
-        if decoded is not None:
-            self._checkPassword(user, decoded)
-
-    def _checkPassword(self, user: bytes, password: bytes) -> None:
-        try:
-            name, secret = user.decode("utf-8"), password.decode("utf-8")
-        except UnicodeDecodeError:
-            self._authFailed("garbage")
-            return
-        self._hold()
-        d = defer.maybeDeferred(self.config.authenticator.check, name, secret)
-
-        def done(ok: Any) -> None:
-            if self._closed:
-                return
-            if ok is True:
-                self.user = name
-                self.config.metrics.auth("ok")
-                self._send(235, "2.7.0", "Authentication successful")
-                log.info("smtp: {client} authenticated as {user}", client=self.host, user=name)
-            else:
-                self._authFailed("failed")
-            self._release()
-
-        def failed(f: Any) -> None:
-            log.failure("smtp: authenticator failed", f)
-            if not self._closed:
-                self._send(454, "4.7.0", "Temporary authentication failure")
-                self._release()
-
-        d.addCallbacks(done, failed)
-
-    def _authFailed(self, kind: str) -> None:
-        self._authState = None
-        c = self.config
-        c.metrics.auth("failed")
-        c.metrics.reject("auth_" + kind)
-        if c.authFailures is not None:
-            c.authFailures.allow(self.host)
-        self.authFailures += 1
-        log.info("smtp: AUTH failed from {client} ({kind})", client=self.host, kind=kind)
-        if self.authFailures >= c.authPerSession:
-            self._close(421, "4.7.0", f"{c.hostname} Error: too many failed authentication attempts")
-        else:
-            self._send(535, "5.7.8", "Authentication credentials invalid")
 
     # -- transactions
 

@@ -314,8 +314,8 @@ def authenticatorFor(source: Any, context: Any, key: str = "users") -> Any:
     """
     The authenticator for an C{ldap:} or C{directory:} L{netsvc.auth.UserSource}.
 
-    @raise netsvc.runtime.StartupError: the bind password file or CA file cannot be used, or
-        C{directory: true} without services.ldap in the configuration.
+    @raise netsvc.runtime.StartupError: the bind password file or CA file cannot be used, TLS
+        options that contradict the URL, or C{directory: true} without services.ldap.
     """
     from netsvc.config import Problem
     from netsvc.runtime import StartupError
@@ -328,7 +328,16 @@ def authenticatorFor(source: Any, context: Any, key: str = "users") -> Any:
         return LocalDirectory(context, source.attribute, source.timeout)
     if source.kind != "ldap":
         raise ValueError(f"not an LDAP user source: {source.kind}")
-    url = client.parseURL(source.ldap)
+    try:
+        url = client.parseURL(source.ldap)
+    except ValueError as e:
+        raise StartupError([Problem(context.configFile, f"{key}.ldap", str(e))]) from None
+    if url.tls and source.starttls:
+        raise StartupError([Problem(context.configFile, f"{key}.starttls",
+                                    "ldaps:// is TLS already: starttls goes with ldap://")])
+    if source.cacert and not (url.tls or source.starttls):
+        raise StartupError([Problem(context.configFile, f"{key}.cacert",
+                                    "only used with starttls: true or an ldaps:// URL")])
     cacert = str(context.settings.path(source.cacert)) if source.cacert else None
     if cacert and (url.tls or source.starttls):
         try:

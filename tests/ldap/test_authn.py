@@ -278,6 +278,13 @@ class SlapdTests(unittest.TestCase):
         self.assertEqual(len(errors), 1)
         self.assertIn("Invalid credentials (49)", errors[0]["problem"])
 
+    def test_contradictoryTLSIsAStartupError(self):
+        for kw, key in (({"ldap": self.slapd.ldapsURL, "starttls": True}, "starttls"),
+                        ({"starttls": False}, "cacert")):
+            e = self.assertRaises(ConfigError, authn.authenticatorFor, self.source(**kw), self.context(),
+                                  "services.smtp.users")
+            self.assertIn(f"services.smtp.users.{key}", str(e))
+
     def test_missingPasswordFileIsAStartupError(self):
         e = self.assertRaises(ConfigError, auth.authenticatorFor, self.source(bind_password_file="nope.pw"),
                               self.context(), "services.smtp.users")

@@ -477,3 +477,42 @@ services:
             self.assertIs((yield users.check("alice", "alice-pw")), False)  # locked out with everyone
         self.assertEqual(len(warnings), 1)
         self.assertIn("too many failed binds", warnings[0]["error"])
+
+
+class SMTPAuthTests(unittest.TestCase):
+    """services.smtp's AUTH with the users of services.ldap (users: {directory: true}), smtplib as the client."""
+
+    @defer.inlineCallbacks
+    def test_submissionWithDirectoryUsers(self):
+        import smtplib
+        import ssl
+
+        from twisted.internet import threads
+
+        from tests.helpers import port, startDaemon, stateDir
+
+        daemon = startDaemon(self, f"""
+services:
+  smtp:
+    listen:
+      - {{endpoint: "tls:0:interface=127.0.0.1", submission: true}}
+    hostname: mail.test
+    users: {{directory: true}}
+  ldap:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    suffix: dc=example,dc=com
+    ldif: ["{EXAMPLE_LDIF}"]
+""")
+        context = ssl.create_default_context(cafile=str(stateDir(daemon) / "tls" / "selfsigned.pem"))
+
+        def submit():
+            with smtplib.SMTP_SSL("127.0.0.1", port(daemon, 0, "smtp"), context=context, timeout=10) as c:
+                with self.assertRaises(smtplib.SMTPAuthenticationError):
+                    c.login("carol", "not-carol-pw")
+                c.login("carol", "carol-pw")  # {CRYPT} SHA-512 in the example LDIF
+                return c.sendmail("carol@example.com", ["x@example.org"], b"Subject: hi\r\n\r\nhello\r\n")
+
+        self.assertEqual((yield threads.deferToThread(submit)), {})
+        svc = daemon.getServiceNamed("smtp")
+        (id,) = svc.capture.ids()
+        self.assertEqual(svc.capture.envelope(id).client["user"], "carol")

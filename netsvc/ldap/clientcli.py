@@ -104,7 +104,10 @@ def _checkConnection(args: argparse.Namespace) -> None:
             raise UsageError(f"cannot read password file {args.passwordFile}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
     elif args.prompt:
-        args.password = getpass.getpass(f"Enter LDAP Password for {args.binddn}: ")
+        try:
+            args.password = getpass.getpass(f"Enter LDAP Password for {args.binddn}: ")
+        except EOFError:
+            raise UsageError("-W: no password (end of input)") from None
     if args.binddn and not args.password:
         # An empty password makes a simple bind anonymous (RFC 4513 5.1.2): refuse, as ldapsearch does.
         raise UsageError("-D needs a password (-w, -W or -y)")
@@ -344,9 +347,12 @@ def _hash(reactor: Any, args: argparse.Namespace, out: Any, err: Any, stdin: Any
 
     stdin = stdin or sys.stdin
     if stdin.isatty():
-        password = getpass.getpass("New password: ")
-        if password and getpass.getpass("Re-enter new password: ") != password:
-            raise UsageError("the passwords do not match")
+        try:
+            password = getpass.getpass("New password: ")
+            if password and getpass.getpass("Re-enter new password: ") != password:
+                raise UsageError("the passwords do not match")
+        except EOFError:
+            raise UsageError("no password (end of input)") from None
     else:
         password = stdin.readline().rstrip("\r\n")
     if not password:

@@ -167,13 +167,22 @@ class Daemon:
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.pids)
 
+    def workerCPU(self) -> list[float]:
+        return [cpu_seconds(p) for p in self.workers]
 
-def measured(daemon: Daemon | None, pid: int | None, fn) -> tuple[float, float]:
-    """(requests/s, CPU microseconds per request) of fn() -> (requests, seconds)."""
+
+def measured(daemon: Daemon | None, pid: int | None, fn) -> tuple[float, float, float]:
+    """
+    (requests/s, CPU microseconds per request, the busiest worker's share of the
+    workers' CPU) of fn() -> (requests, seconds).
+    """
     before = daemon.cpu() if daemon else cpu_seconds(pid)
+    split = daemon.workerCPU() if daemon else []
     count, seconds = fn()
     used = (daemon.cpu() if daemon else cpu_seconds(pid)) - before
-    return count / seconds, (used / count * 1e6) if count else float("nan")
+    shares = [after - b for after, b in zip(daemon.workerCPU(), split)] if daemon else []
+    busiest = max(shares) / sum(shares) if shares and sum(shares) > 0 else 1.0
+    return count / seconds, (used / count * 1e6) if count else float("nan"), busiest
 
 
 def echo(loadgen: str, port: int, seconds: float) -> tuple[float, float]:
@@ -303,11 +312,11 @@ def main() -> None:
                                  ("web", lambda p=p: wrk(p["web"], args.seconds)),
                                  ("forward", lambda p=p: forward(tools["forwardload"], p["forward"], args.seconds))):
                     quiet(d)
-                    rate, cpu = measured(d, None, fn)
-                    rows[name].setdefault(w, []).append((rate, cpu))
-                    log(f"run {run + 1} workers: {w} {name}: {rate:,.0f}/s, {cpu:.0f} us CPU per request "
-                        f"(load {loadavg()})")
-            rate, cpu = measured(None, cache.pid, lambda: dnsperf(cacheport, queries, args.seconds))
+                    rate, cpu, busiest = measured(d, None, fn)
+                    rows[name].setdefault(w, []).append((rate, cpu, busiest))
+                    log(f"run {run + 1} workers: {w} {name}: {rate:,.0f}/s, {cpu:.0f} us CPU per request, "
+                        f"busiest worker {busiest:.0%} of the workers' CPU (load {loadavg()})")
+            rate, cpu, _ = measured(None, cache.pid, lambda: dnsperf(cacheport, queries, args.seconds))
             dnsmasqRuns.append(rate)
             log(f"run {run + 1} dnsmasq: {rate:,.0f}/s, {cpu:.0f} us CPU per query")
         after = loadavg()
@@ -352,8 +361,9 @@ def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
     print(f"\nworkers: 1 vs workers: 2, medians of {args.runs} runs of {args.seconds:g} s, runs interleaved; "
           f"{os.cpu_count()} CPUs shared with the load generators (and other users: load average at the end "
           f"{after})\n")
-    print("| workload | workers: 1 | workers: 2 | ratio (2/1) | CPU/req w1 (us) | CPU/req w2 (us) | CPU ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | workers: 1 | workers: 2 | ratio (2/1) | CPU/req w1 (us) | CPU/req w2 (us) | CPU ratio "
+          "| w2: busiest worker's CPU share |")
+    print("|---|---|---|---|---|---|---|---|")
     units = {"echo": "round trips/s (100 conns)", "dns": "cached queries/s", "web": "HTTPS 1 KB req/s (wrk -c50)",
              "forward": "new connections/s (8 threads)"}
     for name, per in rows.items():
@@ -363,11 +373,12 @@ def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
         ratio = med(b[0] / a[0] for a, b in zip(one, two))
         cpuRatio = med(b[1] / a[1] for a, b in zip(one, two))
         print(f"| {name}: {units[name]} | {med(r[0] for r in one):,.0f} | {med(r[0] for r in two):,.0f} | "
-              f"{ratio:.2f}x | {med(r[1] for r in one):.0f} | {med(r[1] for r in two):.0f} | {cpuRatio:.2f} |")
+              f"{ratio:.2f}x | {med(r[1] for r in one):.0f} | {med(r[1] for r in two):.0f} | {cpuRatio:.2f} | "
+              f"{med(r[2] for r in two):.0%} |")
     if dnsmasqRuns and rows["dns"]:
         d = med(dnsmasqRuns)
         print(f"| dnsmasq (cache), same runs | {d:,.0f} | | w1 {med(r[0] for r in rows['dns'][1]) / d:.2f}x, "
-              f"w2 {med(r[0] for r in rows['dns'][2]) / d:.2f}x of dnsmasq | | | |")
+              f"w2 {med(r[0] for r in rows['dns'][2]) / d:.2f}x of dnsmasq | | | | |")
     if chatRows:
         print(f"\nchat, {args.clients} clients in one room (8 senders x 16 in flight; latency at 20 msg/s), "
               f"medians of {args.runs} runs\n")

@@ -315,7 +315,7 @@ def authenticatorFor(source: UserSource, context: Any, key: str = "users") -> Au
         return UsersFile(path)
     from netsvc.ldap import authn  # only when an LDAP source is configured
 
-    return authn.authenticatorFor(source, context)
+    return authn.authenticatorFor(source, context, key)
 
 
 def _main(argv: list[str]) -> int:

@@ -106,6 +106,7 @@ services:
     hostname: relay.test
     relay: {{smarthost: "{sink.endpoint}", starttls: none}}
     queue: {{retry: [1s], fsync: true, concurrency: {CONCURRENCY}}}
+    max_messages_per_session: 100000
     limits: {{rate: 0}}
 """)
         daemon = startNetsvc(self, config, folder / "var")

@@ -6,6 +6,8 @@ then L{prepare} changes what differs:
   - its status goes to C{state_dir/workers/N.json} (C{status.json} is the parent's);
   - its metrics are written for the other workers every second, and its
     C{/metrics} and C{/status} answer for the whole daemon (L{aggregate});
+  - its log lines say which worker wrote them (C{[worker1/netsvc.runtime#info]}, and a
+    C{worker} field in JSON);
   - once running, it tells the parent so on the readiness pipe.
 
 It runs under C{python -m netsvc.workers.boot}, which makes it die with the
@@ -38,6 +40,9 @@ def prepare(daemon: Any, info: WorkerInfo) -> None:
     for listener in daemon.listeners:
         fd, family, kind = info.sockets[listener.keyPath]
         listener.endpoint = AdoptingEndpoint(reactor, listener.endpoint, fd, family, kind)
+    observer = getattr(daemon, "logObserver", None)
+    if observer is not None:
+        daemon.logObserver = _labelled(observer, info.index)
     folder = context.stateDir / "workers"
     daemon.statusName = f"workers/{info.index}.json"
     status = daemon.status
@@ -73,3 +78,13 @@ def prepare(daemon: Any, info: WorkerInfo) -> None:
 
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: publisher.running and publisher.stop())
+
+
+def _labelled(observer: Any, index: int) -> Any:
+    """A log observer that passes each event on with this worker's number in its namespace and fields."""
+    prefix = f"worker{index}/"
+
+    def observe(event: dict[str, Any]) -> None:
+        observer({**event, "log_namespace": prefix + str(event.get("log_namespace", "")), "worker": index})
+
+    return observe

@@ -95,6 +95,22 @@ class SenderTests(unittest.TestCase):
         self.assertEqual(h.outcome, [None])
         self.assertTrue(h.transport.disconnecting)
 
+    def test_largeMessageStreamedAndStuffed(self) -> None:
+        from netsvc.smtp.sender import SMALL_MESSAGE
+
+        line = b"x" * 62 + b"\r\n"
+        big = b"Subject: big\r\n\r\n" + (line * 100 + b".dot\r\n") * (SMALL_MESSAGE // (len(line) * 100) + 2)
+        h = Harness([outgoing(big, ("b@example.org",))], starttls="none")
+        h.reply("220 mx")
+        h.reply(*EHLO)
+        h.sent()
+        h.reply("250 ok", "250 ok", "354 go")
+        h.pumpData()
+        wire = h.transport.value()
+        self.assertTrue(wire.endswith(b"\r\n.\r\n"))
+        self.assertEqual(wire[:-3].replace(b"\r\n..", b"\r\n."), big)  # unstuffed: the message exactly
+        self.assertNotIn(b"\r\n.d", wire)
+
     def test_sequentialWithoutPipeliningAndMailRefused(self) -> None:
         h = Harness([outgoing(), outgoing(b"x\r\n", ("d@example.org",))], starttls="none")
         h.reply("220 mx")

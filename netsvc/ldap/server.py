@@ -61,6 +61,10 @@ from netsvc.rates import TokenBucket
 
 log = Logger()
 
+#: After closing, how long a peer has to finish (TLS close_notify) before the connection is aborted.
+CLOSE_GRACE = 5.0
+
+
 class LDAPLimits:
     """What the factory enforces (from the settings; replaced on reload)."""
 
@@ -147,6 +151,7 @@ class LDAPServerProtocol(SearchOperations, Protocol):
         self.tls = False
         self.waiting = False  # a bind is being checked: requests wait
         self.writesPaused = False  # the client does not read its answers: requests wait
+        self._abortCall: Any = None
         self.closing = False
         self.paged: dict = {}  # cookie -> the rest of a paged search (netsvc.ldap.searching)
         self._nextCookie = 0
@@ -234,12 +239,21 @@ class LDAPServerProtocol(SearchOperations, Protocol):
         self.factory.metrics.protocolErrors.inc()
         log.info("ldap: closing {client}: {reason}", client=self.host, reason=reason)
         self.write(codec.noticeOfDisconnection(PROTOCOL_ERROR, reason))
+        self.close()
+
+    def close(self) -> None:
+        """
+        Send what is pending and close; a peer that does not finish the close (a TLS
+        close_notify that never comes) is cut off after L{CLOSE_GRACE} seconds.
+        """
         self.closing = True
         self.buffer.clear()
-        if self._out is not None:
-            self.transport.write(b"".join(self._out))
+        if self._out:
+            chunk = b"".join(self._out)
             self._out.clear()
+            self.transport.write(chunk)
         self.transport.loseConnection()
+        self._abortCall = self.factory.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def handle(self, raw: bytes) -> None:
         try:
@@ -257,8 +271,7 @@ class LDAPServerProtocol(SearchOperations, Protocol):
             elif tag == codec.BIND_REQUEST:
                 self.bind(msg)
             elif tag == codec.UNBIND_REQUEST:
-                self.closing = True
-                self.transport.loseConnection()
+                self.close()
             elif tag == codec.EXTENDED_REQUEST:
                 self.extended(msg)
             elif tag == codec.COMPARE_REQUEST:
@@ -415,6 +428,9 @@ class LDAPServerProtocol(SearchOperations, Protocol):
         return self.boundDN is not None or self.factory.limits.anonymous == "read"
 
     def connectionLost(self, reason: Any) -> None:
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
+        self._abortCall = None
         self.closing = True
         self.paged.clear()
         self.buffer = bytearray()

@@ -228,8 +228,9 @@ class ServiceTests(unittest.TestCase):
             tls = ldap3.Tls(ca_certs_file=self.cafile, validate=ssl.CERT_REQUIRED)
             server = ldap3.Server("127.0.0.1", port=self.port, tls=tls, get_info=ldap3.ALL)
             out = {}
-            with ldap3.Connection(server, ALICE, "alice-pw", auto_bind=ldap3.AUTO_BIND_TLS_BEFORE_BIND,
-                                  receive_timeout=10) as conn:
+            conn = ldap3.Connection(server, ALICE, "alice-pw", auto_bind=ldap3.AUTO_BIND_TLS_BEFORE_BIND,
+                                    receive_timeout=10)
+            try:  # (not "with": ldap3 does not unbind on exit a connection bound on entry)
                 out["whoami"] = conn.extend.standard.who_am_i()
                 out["naming"] = list(server.info.naming_contexts)
                 conn.search(USERS, "(objectClass=person)", attributes=["sn", "userPassword"])
@@ -238,6 +239,8 @@ class ServiceTests(unittest.TestCase):
                 out["paged"] = [e["dn"] for e in conn.extend.standard.paged_search(
                     SUFFIX, "(objectClass=*)", attributes=["cn"], paged_size=3, generator=False)]
                 out["schema"] = "inetOrgPerson" in server.schema.object_classes
+            finally:
+                conn.unbind()
             ldaps = ldap3.Server("127.0.0.1", port=self.tlsPort, use_ssl=True, tls=tls)
             conn = ldap3.Connection(ldaps, BOB, "wrong", receive_timeout=10)
             try:

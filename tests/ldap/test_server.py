@@ -518,3 +518,32 @@ class BackPressureTests(unittest.TestCase):
         client.protocol.dataReceived(b"".join(search(i, USERS, "(uid=bob)") for i in range(1, 400)))
         self.assertGreater(len(writes), 1)
         self.assertEqual(len(decodeAll(b"".join(writes))), 2 * 399)
+
+
+class ClosingTests(unittest.TestCase):
+    def test_aPeerThatDoesNotFinishTheCloseIsCutOff(self):
+        """After an unbind (or a protocol error) the peer has CLOSE_GRACE seconds, then the connection is aborted."""
+        from netsvc.ldap.server import CLOSE_GRACE
+
+        factory = makeFactory()
+        client = Client(factory)
+        aborted = []
+        client.transport.abortConnection = lambda: aborted.append(True)
+        client.send(search(1, USERS, "(uid=bob)") + msg(pureldap.LDAPUnbindRequest(), 2))
+        self.assertTrue(client.closed)
+        factory.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertEqual(aborted, [])
+        factory.clock.advance(0.2)
+        self.assertEqual(aborted, [True])
+
+    def test_closedInTimeNothingAborted(self):
+        factory = makeFactory()
+        client = Client(factory)
+        client.send(msg(pureldap.LDAPUnbindRequest(), 1))
+        client.protocol.connectionLost(None)
+        self.assertEqual(factory.clock.getDelayedCalls(), [])
+
+    def test_answersBeforeTheUnbindAreSent(self):
+        client = Client(makeFactory())
+        out = client.send(search(1, USERS, "(uid=bob)") + msg(pureldap.LDAPUnbindRequest(), 2) + search(3, USERS))
+        self.assertEqual([r.id for r in out], [1, 1])

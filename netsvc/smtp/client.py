@@ -185,6 +185,11 @@ def runSend(reactor: Any, args: argparse.Namespace) -> Any:
         for address in [args.sender] + args.to:
             if any(c in address for c in "<> \r\n") or (address and "@" not in address):
                 raise UsageError(f"not a mail address: {address!r}")
+        if args.cacert:
+            try:
+                clientCreator(args.host, cafile=args.cacert)
+            except CertificateError as e:
+                raise UsageError(f"--cacert {args.cacert}: {e}") from None
         password = readPassword(args) if args.user else None
         raw = sys.stdin.buffer.read()
         try:

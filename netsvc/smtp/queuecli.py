@@ -45,6 +45,10 @@ def queueFolder(configFile: str) -> tuple[Path, Path]:
     smtp = settings.services.get("smtp")
     if smtp is None:
         raise QueueCLIError(f"{configFile}: no services.smtp section")
+    if smtp.relay.mode == "capture":
+        raise QueueCLIError(f"{configFile}: services.smtp.relay is capture: nothing is delivered, so there is "
+                            f"no queue; the mail is kept under {os.path.normpath(settings.stateDir / 'captured')} (the web "
+                            f"service lists it at /mail/)")
     return settings.stateDir / smtp.queue.dir, settings.stateDir
 
 

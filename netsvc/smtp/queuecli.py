@@ -46,9 +46,9 @@ def queueFolder(configFile: str) -> tuple[Path, Path]:
     if smtp is None:
         raise QueueCLIError(f"{configFile}: no services.smtp section")
     if smtp.relay.mode == "capture":
+        captured = os.path.normpath(settings.stateDir / "captured")
         raise QueueCLIError(f"{configFile}: services.smtp.relay is capture: nothing is delivered, so there is "
-                            f"no queue; the mail is kept under {os.path.normpath(settings.stateDir / 'captured')} (the web "
-                            f"service lists it at /mail/)")
+                            f"no queue; the mail is kept under {captured} (the web service lists it at /mail/)")
     return settings.stateDir / smtp.queue.dir, settings.stateDir
 
 

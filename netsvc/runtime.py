@@ -232,6 +232,9 @@ class Daemon(service.MultiService):
 
     #: A descriptor for the terminal's stderr when twistd daemonizes (see L{netsvc.tap}): start errors go there.
     startupErrorFD: int | None = None
+    #: Whether state_dir/status.json is written (and removed at the end); C{netsvc forward} runs a daemon
+    #: of its own in the foreground and must not replace (then delete) the status of one running there.
+    writesStatus = True
 
     def privilegedStartService(self) -> None:
         try:
@@ -253,7 +256,8 @@ class Daemon(service.MultiService):
             where = f"{a.get('host')}:{a.get('port')}" if "port" in a else a.get("path")
             log.info("{key} listening on {type} {where} ({endpoint})", key=a["key"], type=a["type"],
                      where=where, endpoint=a["endpoint"])
-        self.writeStatus()
+        if self.writesStatus:
+            self.writeStatus()
 
     def startService(self) -> None:
         super().startService()
@@ -270,7 +274,8 @@ class Daemon(service.MultiService):
         log.info("stopping: listeners closed, draining connections for up to {timeout}s",
                  timeout=self.context.settings.drain_timeout)
         d = defer.maybeDeferred(super().stopService)
-        d.addBoth(self._removeStatus)
+        if self.writesStatus:
+            d.addBoth(self._removeStatus)
         return d
 
     def _onSIGHUP(self, signum: int, frame: Any) -> None:

@@ -457,3 +457,30 @@ class RunAsAUserTests(unittest.TestCase):
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
         self.assertEqual((process.returncode, out, err), (0, b"", b""))
+
+    def test_forwardLeavesMakeRunsStatusAlone(self):
+        """netsvc forward (state_dir var/ by default) neither replaces nor deletes var/status.json."""
+        import os
+        import signal
+
+        folder = Path(self.mktemp()).absolute()
+        (folder / "var").mkdir(parents=True)
+        (folder / "var" / "status.json").write_text('{"pid": 1}\n')
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        process = subprocess.Popen([sys.executable, "-m", "netsvc", "forward", str(freePort()), "127.0.0.1:9"],
+                                   cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        said = b""
+        while b" -> " not in said:
+            line = process.stderr.readline()
+            self.assertTrue(line, f"netsvc forward ended: {said!r}")
+            said += line
+        self.assertEqual((folder / "var" / "status.json").read_text(), '{"pid": 1}\n')
+        import time
+
+        time.sleep(0.3)  # the reactor's signal handlers are installed just after start-up
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(30), 0)
+        process.stderr.close()
+        self.assertEqual((folder / "var" / "status.json").read_text(), '{"pid": 1}\n')

@@ -120,6 +120,7 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
 
         settings = attrs.evolve(settings, base_dir=os.getcwd())
         daemon = buildDaemon(settings, reactor, configFile="command line")
+        daemon.writesStatus = False  # var/status.json is make run's, not this foreground rule's
         observer = logs.observerFor(structure(LogSettings, data["log"]), sys.stderr)
         daemon.privilegedStartService()
     except ConfigError as e:

@@ -53,6 +53,10 @@ class FanOutSettings:
     nick_ttl: Duration = field(Duration(30), min=3, max=3600)
     #: How long one Redis command may take.
     timeout: Duration = field(Duration(5), min=0.1, max=300)
+    #: A file holding the Redis password (AUTH; requirepass or an ACL user's); none: no AUTH.
+    password_file: str | None = field(None)
+    #: The ACL user (Redis 6+) the password is for; none: the default user.
+    username: str | None = field(None)
 
     def check(self) -> list[tuple[str, str]]:
         from netsvc.endpoints import EndpointError, parseClient
@@ -124,6 +128,15 @@ def _redisFanOut(settings: Settings, context: Any) -> Any:
     fanout = settings.fanout
     assert fanout is not None
     spec = parseClient(fanout.redis)
+    password = None
+    if fanout.password_file:
+        path = context.settings.path(fanout.password_file)
+        try:
+            password = path.read_text().strip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise StartupError([Problem(context.configFile, "services.chat.fanout.password_file",
+                                        f"cannot read {path}: {getattr(e, 'strerror', None) or e}")]) from None
     return RedisFanOut(clientFromString(context.reactor, spec, timeout=fanout.timeout), str(spec),
                        RedisMetrics(context.metrics), context.reactor, prefix=fanout.prefix,
-                       nickTTL=fanout.nick_ttl, timeout=fanout.timeout, historySize=settings.history)
+                       nickTTL=fanout.nick_ttl, timeout=fanout.timeout, historySize=settings.history,
+                       password=password, username=fanout.username)

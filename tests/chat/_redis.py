@@ -18,7 +18,8 @@ from tests.interop._daemon import _dieWithParent, requirePeer
 class RedisServer:
     """C{redis-server} on 127.0.0.1:C{port}; L{stop} and L{start} again to simulate an outage."""
 
-    def __init__(self, testCase) -> None:
+    def __init__(self, testCase, *extra: str) -> None:
+        self.extra = list(extra)
         self.binary = requirePeer("redis-server", "redis-server")
         self.port = freePort()
         self.process: subprocess.Popen | None = None
@@ -32,12 +33,12 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--protected-mode", "no", "--loglevel", "warning"],
+             "--protected-mode", "no", "--loglevel", "warning", *self.extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=_dieWithParent if sys.platform.startswith("linux") else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.command(b"PING") == b"+PONG\r\n":
+            if self.command(b"PING") in (b"+PONG\r\n", b"-NOAUTH Authentication required.\r\n"):
                 return
             if self.process.poll() is not None:
                 raise AssertionError(f"redis-server exited with status {self.process.returncode}")

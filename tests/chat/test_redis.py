@@ -216,6 +216,54 @@ class TwoNodesTests(unittest.TestCase):
         yield other.expect(b"1 in #lobby: alice\n")
 
 
+class AuthTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_passwordFromAFile(self):
+        redis = RedisServer(self, "--requirepass", "s3cret-pw")
+        from pathlib import Path
+
+        secret = Path(self.mktemp())
+        secret.write_text("s3cret-pw\n")
+        wrong = Path(self.mktemp())
+        wrong.write_text("nope\n")
+        base = f"""
+services:
+  chat:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    fanout: {{redis: "{redis.endpoint}", timeout: 2s, password_file: "{{}}"}}
+"""
+        refused = []
+        from twisted.logger import globalLogPublisher
+
+        def watch(event):
+            if "refused this node" in event.get("log_format", ""):
+                refused.append(event)
+
+        globalLogPublisher.addObserver(watch)
+        self.addCleanup(globalLogPublisher.removeObserver, watch)
+        good = startDaemon(self, base.replace("{}", str(secret.resolve())))
+        bad = startDaemon(self, base.replace("{}", str(wrong.resolve())))
+        fanout = good.getServiceNamed("chat").hub.fanOut
+        yield waitFor(lambda: fanout.redis.up)
+        self.assertEqual(fanout.metrics.up.value, 1)
+        yield waitFor(lambda: refused, timeout=5)
+        self.assertFalse(bad.getServiceNamed("chat").hub.fanOut.redis.up)
+        lonely = Client(self, port(bad, 0, "chat"))  # the refused node still serves its own clients
+        yield lonely.expect(b"joined #lobby\n")
+        lonely.send("still here")
+        yield lonely.expect(b"still here\n")
+
+    def test_unreadablePasswordFile(self):
+        from netsvc import config
+        from netsvc.runtime import buildDaemon
+
+        settings = config.parse('services: {chat: {fanout: {redis: "tcp:host=127.0.0.1:port=1", '
+                                'password_file: /nonexistent/pw}}}', "t.yaml")
+        with self.assertRaises(config.ConfigError) as e:
+            buildDaemon(settings, configFile="t.yaml")
+        self.assertIn("t.yaml: services.chat.fanout.password_file: cannot read /nonexistent/pw", str(e.exception))
+
+
 class ConfigTests(unittest.TestCase):
     def test_badRedisEndpoint(self):
         from netsvc import config

@@ -37,12 +37,16 @@ def _noDelay(transport: Any) -> None:
         setNoDelay(True)
 
 
+def _whenUsable(protocol: Any, made: Any, up: Any) -> Any:
+    # txredisapi's connectionMade is an inlineCallbacks: with a password it AUTHs first
+    # (and closes the connection, for good, if Redis refuses it).
+    return made.addCallback(lambda _: up(protocol) if protocol._ready else None)
+
+
 class _CommandProtocol(txredisapi.RedisProtocol):
     def connectionMade(self) -> Any:
         _noDelay(self.transport)
-        d = super().connectionMade()  # synchronous: no password, no dbid
-        self.factory.owner._commandsUp(self)
-        return d
+        return _whenUsable(self, super().connectionMade(), self.factory.owner._commandsUp)
 
     def connectionLost(self, why: Any) -> None:
         super().connectionLost(why)
@@ -52,9 +56,7 @@ class _CommandProtocol(txredisapi.RedisProtocol):
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):
     def connectionMade(self) -> Any:
         _noDelay(self.transport)
-        d = super().connectionMade()
-        self.factory.owner._subscriberUp(self)
-        return d
+        return _whenUsable(self, super().connectionMade(), self.factory.owner._subscriberUp)
 
     def connectionLost(self, why: Any) -> None:
         super().connectionLost(why)
@@ -78,9 +80,11 @@ class Connections:
     @param endpoint: an L{IStreamClientEndpoint} (from C{netsvc.endpoints.clientFromString}).
     @param timeout: seconds a command may wait for its reply.
     @param backoff: (first, max) seconds between reconnection attempts.
+    @param password: Redis AUTH (with C{username} for a Redis 6 ACL user); None: no AUTH.
     """
 
-    def __init__(self, owner: Any, endpoint: Any, timeout: float, backoff: tuple[float, float] = (0.5, 10.0)) -> None:
+    def __init__(self, owner: Any, endpoint: Any, timeout: float, backoff: tuple[float, float] = (0.5, 10.0),
+                 password: str | None = None, username: str | None = None) -> None:
         self.owner = owner
         self.endpoint = endpoint
         self.commands: _CommandProtocol | None = None
@@ -93,6 +97,8 @@ class Connections:
         for factory in (self._commandFactory, self._subscriberFactory):
             factory.owner = self
             factory.initialDelay, factory.maxDelay = backoff
+            factory.password, factory.username = password, username
+            factory.replyTimeout = timeout  # AUTH included
 
     @property
     def up(self) -> bool:
@@ -159,6 +165,9 @@ class Connections:
             self.owner.connected()
 
     def _lost(self, protocol: Any, which: str, why: Any) -> None:
+        if protocol is not self.commands and protocol is not self.subscriber and protocol.factory.stopped:
+            log.error("chat: Redis refused this node ({which} connection): wrong or missing password "
+                      "(fanout.password_file); not retrying", which=which)
         wasUp = self.up
         if which == "commands" and self.commands is protocol:
             self.commands = None

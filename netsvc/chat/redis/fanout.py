@@ -80,7 +80,8 @@ class RedisFanOut(service.Service):
 
     def __init__(self, endpoint: Any, where: str, metrics: RedisMetrics, clock: Any, prefix: str = "netsvc:chat:",
                  nickTTL: float = 30.0, timeout: float = 5.0, historySize: int = 50,
-                 backoff: tuple[float, float] = (0.5, 10.0)) -> None:
+                 backoff: tuple[float, float] = (0.5, 10.0), password: str | None = None,
+                 username: str | None = None) -> None:
         self.where = where
         self.metrics = metrics
         self.clock = clock
@@ -89,7 +90,7 @@ class RedisFanOut(service.Service):
         self.historySize = historySize
         self.node = f"{uuid.uuid4().hex[:12]}"
         self.mine = self.node + "|"
-        self.redis = Connections(self, endpoint, timeout, backoff)
+        self.redis = Connections(self, endpoint, timeout, backoff, password, username)
         self.hub: Hub | None = None
         self.serials: dict[Member, str] = {}  # member -> its presence field
         self._serial = itertools.count(1)

@@ -177,6 +177,11 @@ def runAddUser(reactor: Any, args: argparse.Namespace) -> int:
             lines = Path(args.password_file).read_text().splitlines()
             password = lines[0] if lines else ""
         else:
+            try:
+                open("/dev/tty").close()
+            except OSError:
+                sys.stderr.write("netsvc mail: adduser: no terminal to ask the password on; give --password-file\n")
+                return 2
             password = getpass.getpass(f"Password for {args.user}: ")
             if getpass.getpass("Again: ") != password:
                 sys.stderr.write("netsvc mail: adduser: the passwords differ\n")

@@ -12,7 +12,6 @@ start with C{***}; room messages are C{<name> text} (line) or C{name: text} (nul
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from netsvc.chat.framing import FRAMINGS, Framing, LineFraming, NulFraming  # noqa: F401 (re-exported)
 from netsvc.chat.hub import LOBBY, ChatError, Event, Hub, displayName, notice
 from netsvc.policies import TokenBucket
 
@@ -42,67 +42,6 @@ HELP = [
     "  /quit [reason]         leave",
     "anything else is said to the room (//text says /text)",
 ]
-
-
-# -- framings ---------------------------------------------------------------------
-
-
-class Framing:
-    """How messages are delimited and how events are shown."""
-
-    name = ""
-    delimiter = b""
-
-    def render(self, event: Event) -> bytes:
-        cached = event.rendered.get(self.name)
-        if cached is None:
-            cached = event.rendered[self.name] = self.format(event).encode("utf-8") + self.delimiter
-        return cached
-
-    def format(self, event: Event) -> str:
-        stamp = time.strftime("[%H:%M:%S] ", time.localtime(event.time)) if event.replay else ""
-        kind = event.kind
-        if kind == "message":
-            return stamp + self.message(event.sender, event.text)
-        if kind == "action":
-            return f"{stamp}* {event.sender} {event.text}"
-        if kind == "private":
-            return f"{stamp}*{event.sender}* {event.text}"
-        if kind == "sent":
-            return f"{stamp}-> *{event.target}* {event.text}"
-        return f"{stamp}*** {event.text}"
-
-    def message(self, sender: str, text: str) -> str:
-        raise NotImplementedError
-
-    def strip(self, message: bytes) -> bytes:
-        return message
-
-
-class LineFraming(Framing):
-    name = "line"
-    delimiter = b"\n"
-
-    def message(self, sender: str, text: str) -> str:
-        return f"<{sender}> {text}"
-
-    def strip(self, message: bytes) -> bytes:
-        return message[:-1] if message.endswith(b"\r") else message
-
-
-class NulFraming(Framing):
-    name = "nul"
-    delimiter = b"\0"
-
-    def message(self, sender: str, text: str) -> str:
-        return f"{sender}: {text}"
-
-    def format(self, event: Event) -> str:
-        # A NUL inside a message would split it for the reader.
-        return super().format(event).replace("\0", "")
-
-
-FRAMINGS: dict[str, Framing] = {"line": LineFraming(), "nul": NulFraming()}
 
 
 # -- output coalescing --------------------------------------------------------------

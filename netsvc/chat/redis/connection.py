@@ -99,6 +99,8 @@ class Connections:
             factory.initialDelay, factory.maxDelay = backoff
             factory.password, factory.username = password, username
             factory.replyTimeout = timeout  # AUTH included
+            # The "pool ready" Deferred: unused here, and failed by a refused AUTH (which _lost logs).
+            factory.deferred.addErrback(lambda f: None)
 
     @property
     def up(self) -> bool:

@@ -64,6 +64,8 @@ PER_DOMAIN = 10
 MESSAGES_PER_CONNECTION = 100
 #: Messages loaded for sending at once, per unit of concurrency.
 LOADED_PER_CONNECTION = 20
+#: At shutdown, how long transactions in progress get to finish.
+STOP_GRACE = 5.0
 
 
 class DeliveryMetrics:
@@ -150,6 +152,7 @@ class Delivery(service.Service):
         self.connections = 0
         self._pumpCall: Any = None
         self._loop: task.LoopingCall | None = None
+        self._stopped: defer.Deferred | None = None
         self.writer = EnvelopeWriter(queue)
         metrics.queued.setFunction(lambda: len(self.scheduled) + len(self.flights))
 
@@ -173,12 +176,29 @@ class Delivery(service.Service):
         self._loop.start(TICK, now=True)
 
     def stopService(self) -> Any:
-        service.Service.stopService(self)  # running = False: connections take no new message
+        """
+        Connections take no new message; the transactions in progress get up to
+        L{STOP_GRACE} seconds to be answered (and recorded), so that a restart does
+        not send them again.
+        """
+        service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._pumpCall is not None and self._pumpCall.active():
             self._pumpCall.cancel()
-        return None
+        if not self.connections:
+            return None
+        self._stopped = defer.Deferred()
+        timer = self.clock.callLater(STOP_GRACE, self._allStopped)
+        self._stopped.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return self._stopped
+
+    def _allStopped(self) -> None:
+        d, self._stopped = self._stopped, None
+        if d is not None:
+            if self.connections:
+                log.info("delivery: stopping with {n} connection(s) still open", n=self.connections)
+            d.callback(None)
 
     def kick(self, id: str) -> None:
         """A new message was committed: attempt it as soon as there is room."""
@@ -273,6 +293,8 @@ class Delivery(service.Service):
             self.connections -= 1
             self.active[domain] -= 1
             self.metrics.connections.dec()
+            if not self.connections and self._stopped is not None:
+                self._allStopped()
             self._wake()
 
         d.addBoth(done)

@@ -49,7 +49,7 @@ class FakeSessions:
         self.script = lambda target, address: Reply(250, "2.0.0 ok")
         self.refuse: set[str] = set()
         self.hold = False
-        self.held: list[tuple[Any, Any, Any, defer.Deferred]] = []
+        self.held: list[Held] = []
         self.sessions: list[str] = []
         self.received: list[tuple[str, list[str], bytes]] = []
         self.onRecorded = None  # called after each onResult returns
@@ -59,9 +59,9 @@ class FakeSessions:
         if target.host in self.refuse:
             return defer.fail(ConnectionRefusedError("refused"))
         if self.hold:
-            d: defer.Deferred = defer.Deferred()
-            self.held.append((target, nextMessage, onResult, d))
-            return d
+            held = Held(target, nextMessage, onResult)
+            self.held.append(held)
+            return held.done
         self.run(target, nextMessage, onResult)
         return defer.succeed(None)
 
@@ -79,9 +79,24 @@ class FakeSessions:
 
     def release(self) -> None:
         held, self.held = self.held, []
-        for target, nextMessage, onResult, d in held:
-            self.run(target, nextMessage, onResult)
-            d.callback(None)
+        for h in held:
+            self.run(h.target, h.nextMessage, h.onResult)
+            h.done.callback(None)
+
+
+class Held:
+    """A session whose first transaction has started (its message taken) and whose answers wait."""
+
+    def __init__(self, target: Target, nextMessage: Any, onResult: Any) -> None:
+        self.target, self.onResult, self._next = target, onResult, nextMessage
+        self.first = nextMessage()
+        self.done: defer.Deferred = defer.Deferred()
+
+    def nextMessage(self) -> Any:
+        if self.first is not None:
+            m, self.first = self.first, None
+            return m
+        return self._next()
 
 
 def settings(mode: str = "mx", **queue: Any) -> Settings:
@@ -328,6 +343,28 @@ class DeliveryTests(unittest.TestCase):
             self.sessions.release()
             yield self.settle(lambda: self.sessions.held or not self.queue.ids())
         self.assertEqual(len(self.sessions.sessions), 12)
+
+    @defer.inlineCallbacks
+    def test_stopLetsTransactionsInProgressFinish(self) -> None:
+        for i in range(3):
+            yield self.enqueue([f"user@d{i}.example"])
+        self.sessions.hold = True
+        delivery = self.makeDelivery()
+        delivery.startService()
+        yield self.settle(lambda: len(self.sessions.held) == 3)
+        stopped = delivery.stopService()
+        self.assertFalse(stopped.called)
+        self.sessions.release()  # the answers come in after the stop began: still recorded
+        yield self.settle(lambda: stopped.called)
+        self.assertEqual(self.queue.ids(), [])
+        # Without answers, the stop gives up after the grace period.
+        yield self.enqueue(["late@d9.example"])
+        delivery.startService()
+        yield self.settle(lambda: len(self.sessions.held) == 1)
+        stopped = delivery.stopService()
+        self.clock.advance(5)
+        self.assertTrue(stopped.called)
+        self.sessions.held.clear()
 
     @defer.inlineCallbacks
     def test_smarthostOneConnectionForManyDomains(self) -> None:

@@ -21,6 +21,7 @@ NSUBSCHEMA = "cn=subschema"
 
 OID_STARTTLS = "1.3.6.1.4.1.1466.20037"
 OID_WHOAMI = "1.3.6.1.4.1.4203.1.11.3"
+OID_PASSWORD_MODIFY = "1.3.6.1.4.1.4203.1.11.1"
 OID_PAGED = "1.2.840.113556.1.4.319"
 #: ManageDsaIT (RFC 3296): "treat referrals as entries"; there are no referral objects, so it changes nothing.
 OID_MANAGE_DSA_IT = "2.16.840.1.113730.3.4.2"
@@ -145,8 +146,8 @@ class SpecialEntry(Entry):
     __slots__ = ("strict",)
 
 
-def rootDSE(suffix: str, startTLS: bool) -> SpecialEntry:
-    extensions = [OID_WHOAMI] + ([OID_STARTTLS] if startTLS else [])
+def rootDSE(suffix: str, startTLS: bool, writable: bool = False) -> SpecialEntry:
+    extensions = [OID_WHOAMI] + ([OID_STARTTLS] if startTLS else []) + ([OID_PASSWORD_MODIFY] if writable else [])
     attrs = [("objectClass", b"top"), ("objectClass", b"extensibleObject"),
              ("namingContexts", suffix.encode()), ("subschemaSubentry", SUBSCHEMA_DN.encode()),
              ("supportedLDAPVersion", b"3")]

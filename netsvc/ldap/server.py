@@ -13,7 +13,8 @@ Operations:
     scan limits (4, 3, 11), the paged results control (RFC 2696), the root DSE and
     C{cn=Subschema} (in L{netsvc.ldap.searching}).  Results of one read are written
     in one batch (pipelining).
-  - compare, whoami (RFC 4532), StartTLS (RFC 4511 4.14: success, then TLS).
+  - compare, whoami (RFC 4532), StartTLS (RFC 4511 4.14: success, then TLS), password
+    modify (RFC 3062, writable directories: L{netsvc.ldap.passwd}).
   - add, modify, delete, modify DN: by writers only, saved before the answer
     (L{netsvc.ldap.writes}); unwillingToPerform when the directory is read-only.
   - abandon: nothing to do (every operation finishes before the next is read).
@@ -33,11 +34,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from netsvc.ldap import codec
-from netsvc.ldap.answer import OID_STARTTLS, OID_WHOAMI, rootDSE, subschemaEntry
+from netsvc.ldap.answer import OID_PASSWORD_MODIFY, OID_STARTTLS, OID_WHOAMI, rootDSE, subschemaEntry
 from netsvc.ldap.codec import BERError, FilterTooDeep
 from netsvc.ldap.directory import Directory
 from netsvc.ldap.entry import SECRET
 from netsvc.ldap.match import matches
+from netsvc.ldap.passwd import PasswordOperations
 from netsvc.ldap.resultcodes import (
     AUTH_METHOD_NOT_SUPPORTED,
     COMPARE_FALSE,
@@ -119,7 +121,7 @@ class LDAPServerFactory(Factory):
         self.tlsOptions = tlsOptions
         self.now = now
         self.failedBinds: dict[str, TokenBucket] = {}
-        self.rootDSE = rootDSE(directory.suffix, tlsOptions is not None)
+        self.rootDSE = rootDSE(directory.suffix, tlsOptions is not None, store is not None)
         self.subschema = subschemaEntry()
 
     def buildProtocol(self, addr: Any) -> LDAPServerProtocol:
@@ -130,7 +132,7 @@ class LDAPServerFactory(Factory):
     def reconfigure(self, limits: LDAPLimits) -> None:
         self.limits = limits
         self.failedBinds.clear()
-        self.rootDSE = rootDSE(self.directory.suffix, self.tlsOptions is not None)
+        self.rootDSE = rootDSE(self.directory.suffix, self.tlsOptions is not None, self.store is not None)
 
     def bindBucket(self, host: str) -> TokenBucket:
         bucket = self.failedBinds.get(host)
@@ -142,7 +144,7 @@ class LDAPServerFactory(Factory):
         return bucket
 
 
-class LDAPServerProtocol(SearchOperations, Protocol):
+class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
     def __init__(self, factory: LDAPServerFactory) -> None:
         self.factory = factory
         self.buffer = bytearray()
@@ -330,8 +332,7 @@ class LDAPServerProtocol(SearchOperations, Protocol):
             password = "\0invalid"
         d = self.factory.directory.checkPassword(req.name, password)
         if not d.called:  # checked in a thread: later requests wait for the answer
-            self.waiting = True
-            self.transport.pauseProducing()
+            self.hold()
         d.addCallback(lambda ok: self._bound(msg.id, req.name, ok))
 
     def _bound(self, msgid: int, name: str, ok: bool) -> None:
@@ -345,6 +346,15 @@ class LDAPServerProtocol(SearchOperations, Protocol):
             self.factory.bindBucket(self.host).take(1)
             metrics.bindsFailed.inc()
             self.write(codec.result(msgid, codec.BIND_RESPONSE, INVALID_CREDENTIALS))
+        self.release()
+
+    def hold(self) -> None:
+        """A check runs in a thread (a bind's password): later requests wait (RFC 4511 4.2.1)."""
+        self.waiting = True
+        self.transport.pauseProducing()
+
+    def release(self) -> None:
+        """The check is done: the requests that waited are handled now."""
         if self.waiting:
             self.waiting = False
             if not self.closing and not self.writesPaused:
@@ -381,6 +391,8 @@ class LDAPServerProtocol(SearchOperations, Protocol):
                                     extra=codec.tlv(0x8B, identity.encode())))
         elif name == OID_STARTTLS:
             self.startTLS(msg)
+        elif name == OID_PASSWORD_MODIFY:
+            self.passwordModify(msg)
         else:
             self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, PROTOCOL_ERROR,
                                     f"unsupported extended operation {name}"))

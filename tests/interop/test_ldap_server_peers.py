@@ -229,6 +229,24 @@ class WritableTests(LDAPDaemonTestCase):
         status, out = self.tool("ldapdelete", *alice, USERS)
         self.assertEqual(status, 66, out)
 
+    def test_ldappasswd(self):
+        """RFC 3062: bob changes his own password; alice (a writer) has one generated for carol."""
+        bob = "uid=bob,ou=users,dc=example,dc=com"
+        status, out = self.tool("ldappasswd", "-x", "-H", self.url, "-D", bob, "-w", "bob-pw", "-a", "bob-pw",
+                                "-s", "bob-new")
+        self.assertEqual(status, 0, out)
+        status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", bob, "-w", "bob-new")
+        self.assertEqual((status, out.strip()), (0, f"dn:{bob}"))
+        status, out = self.tool("ldappasswd", "-x", "-H", self.url, "-D", ALICE, "-w", "alice-pw", CAROL)
+        self.assertEqual(status, 0, out)
+        self.assertIn("New password: ", out)
+        generated = out.split("New password: ", 1)[1].split()[0]
+        status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", CAROL, "-w", generated)
+        self.assertEqual((status, out.strip()), (0, f"dn:{CAROL}"))
+        status, out = self.tool("ldappasswd", "-x", "-H", self.url, "-D", bob, "-w", "bob-new", "-s", "x", ALICE)
+        self.assertEqual(status, 1, out)  # (ldappasswd exits 1, not with the result code)
+        self.assertIn("Insufficient access (50)", out)
+
 
 class Ldap3Tests(LDAPDaemonTestCase):
     def test_ldap3(self):

@@ -6,12 +6,27 @@ import shutil
 from pathlib import Path
 
 from ldaptor.protocols import pureber, pureldap
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from netsvc import config
 from netsvc.ldap.directory import Directory
 from netsvc.ldap.writes import LDIFStore
-from tests.ldap._wire import ALICE, BOB, CAROL, EXAMPLE, SUFFIX, USERS, Client, bind, dns, makeFactory, msg, search
+from tests.ldap._wire import (
+    ALICE,
+    BOB,
+    CAROL,
+    EXAMPLE,
+    SUFFIX,
+    USERS,
+    Client,
+    bind,
+    decodeAll,
+    dns,
+    makeFactory,
+    msg,
+    search,
+)
 
 ADMINS = "cn=admins,ou=groups,dc=example,dc=com"
 EVE = "uid=eve,ou=users,dc=example,dc=com"
@@ -31,7 +46,9 @@ def modify(msgid: int, dn: str, *changes: tuple[int, str, list[str]]) -> bytes:
     return msg(pureldap.LDAPModifyRequest(object=dn.encode(), modification=mods), msgid)
 
 
-class WriteTests(unittest.TestCase):
+class WritableCase(unittest.TestCase):
+    """A writable copy of the example directory; the client is bound as alice (a member of cn=admins)."""
+
     def setUp(self):
         folder = Path(self.mktemp())
         folder.mkdir()
@@ -40,6 +57,7 @@ class WriteTests(unittest.TestCase):
         directory = Directory.load(SUFFIX, [self.path])
         self.factory = makeFactory(directory, writers=[ADMINS, BOB])
         self.factory.store = LDIFStore(directory, self.path)
+        self.factory.reconfigure(self.factory.limits)  # the root DSE now offers password modify
         self.client = Client(self.factory)
         self.assertEqual(self.code(bind(1, ALICE, "alice-pw")), 0)  # alice is in cn=admins
 
@@ -51,6 +69,8 @@ class WriteTests(unittest.TestCase):
         """The directory as the file now holds it."""
         return Directory.load(SUFFIX, [self.path])
 
+
+class WriteTests(WritableCase):
     def test_add(self):
         self.assertEqual(self.code(add(2, EVE, objectClass=["inetOrgPerson"], cn=["Eve"], sn=["Dropper"])), 0)
         self.assertEqual(dns(self.client.send(search(3, USERS, "(uid=eve)"))), [EVE])  # uid from the RDN
@@ -159,3 +179,76 @@ class WritableSettingsTests(unittest.TestCase):
     def test_ok(self):
         settings = self.load("    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n")
         self.assertTrue(settings.services["ldap"].writable)
+
+
+def passwd(msgid: int, user: str | None = None, old: str | None = None, new: str | None = None) -> bytes:
+    return msg(pureldap.LDAPPasswordModifyRequest(
+        userIdentity=user.encode() if user else None, oldPasswd=old.encode() if old else None,
+        newPasswd=new.encode() if new else None), msgid)
+
+
+class PasswordModifyTests(WritableCase):
+    """RFC 3062 (ldappasswd): users change their own password, writers anyone's."""
+
+    def binds(self, dn: str, password: str) -> bool:
+        (response,) = Client(self.factory).send(bind(1, dn, password))
+        return response.value.resultCode == 0
+
+    def test_ownPassword(self):
+        bob = Client(self.factory)
+        bob.send(bind(1, BOB, "bob-pw"))
+        (response,) = bob.send(passwd(2, old="bob-pw", new="new-bob"))
+        self.assertEqual(response.value.resultCode, 0)
+        self.assertTrue(self.binds(BOB, "new-bob"))
+        self.assertFalse(self.binds(BOB, "bob-pw"))
+        self.assertTrue(self.saved().get(BOB).first("userPassword").startswith("{SSHA}"))
+        (wrong,) = bob.send(passwd(3, old="bob-pw", new="x"))
+        self.assertEqual(wrong.value.resultCode, 49)
+
+    def test_generated(self):
+        (response,) = self.client.send(passwd(2))  # alice, her own, the server makes one
+        self.assertEqual(response.value.resultCode, 0)
+        raw = response.value.response  # SEQUENCE { genPasswd [0] }
+        self.assertEqual(raw[0], 0x30)
+        self.assertEqual(raw[2], 0x80)
+        generated = raw[4:4 + raw[3]].decode()
+        self.assertGreaterEqual(len(generated), 12)
+        self.assertTrue(self.binds(ALICE, generated))
+
+    def test_othersOnlyByWriters(self):
+        self.factory.limits.writers = [ADMINS]
+        bob = Client(self.factory)
+        bob.send(bind(1, BOB, "bob-pw"))
+        (response,) = bob.send(passwd(2, user=ALICE, new="x"))
+        self.assertEqual(response.value.resultCode, 50)
+        (response,) = self.client.send(passwd(3, user=BOB, new="set-by-alice"))  # alice is in cn=admins
+        self.assertEqual(response.value.resultCode, 0)
+        self.assertTrue(self.binds(BOB, "set-by-alice"))
+
+    def test_refusals(self):
+        (anonymous,) = Client(self.factory).send(passwd(1, new="x"))
+        self.assertEqual(anonymous.value.resultCode, 53)
+        (unknown,) = self.client.send(passwd(2, user="uid=nobody,ou=users,dc=example,dc=com", new="x"))
+        self.assertEqual(unknown.value.resultCode, 32)
+        readOnly = Client(makeFactory())
+        readOnly.send(bind(1, ALICE, "alice-pw"))
+        (response,) = readOnly.send(passwd(2, new="x"))
+        self.assertEqual(response.value.resultCode, 53)
+
+    def test_oldPasswordCheckedInAThread(self):
+        """While the old password is checked (a slow scheme), later requests wait."""
+        pending = defer.Deferred()
+        self.factory.directory.checkPassword = lambda dn, pw: pending
+        out = self.client.send(passwd(2, old="whatever", new="n") + search(3, USERS, "(uid=bob)"))
+        self.assertEqual(out, [])
+        self.client.transport.clear()
+        pending.callback(True)
+        responses = decodeAll(self.client.transport.value())
+        self.assertEqual([r.id for r in responses], [2, 3, 3])
+        self.assertEqual(responses[0].value.resultCode, 0)
+
+    def test_advertised(self):
+        (entry, _) = self.client.send(search(9, "", scope=0, attributes=("supportedExtension",)))
+        self.assertIn((b"supportedExtension", [b"1.3.6.1.4.1.4203.1.11.3", b"1.3.6.1.4.1.1466.20037",
+                                               b"1.3.6.1.4.1.4203.1.11.1"]),
+                      [(n, [bytes(v) for v in vs]) for n, vs in entry.value.attributes])

@@ -183,9 +183,9 @@ class RedisFanOut(service.Service):
         if not room.members and folded != LOBBY:
             self.redis.unsubscribe(self._key("room:", folded))
             self.loaded.discard(folded)
-        if member.room is None and room is not None and self.hub is not None and member not in room.members:
-            # disconnected (not moving to another room): forget its presence field once it is gone everywhere
-            self.clock.callLater(0, self._forget, member)
+        # Leaving is also the first half of moving to another room (same member, same presence field):
+        # the field is forgotten only if the member is still in no room a moment later (disconnected).
+        self.clock.callLater(0, self._forget, member)
 
     def _forget(self, member: Member) -> None:
         if member.room is None:

@@ -74,6 +74,20 @@ class DecoderFuzzTests(unittest.TestCase):
     def test_mutatedRequests(self, data):
         self.decodeOnlyBERErrors(data)
 
+    @FUZZ
+    @given(st.one_of(st.binary(max_size=80), st.builds(
+        lambda parts: codec.tlv(0x30, b"".join(codec.tlv(t, v) for t, v in parts)),
+        st.lists(st.tuples(st.sampled_from([0x80, 0x81, 0x82, 0x83, 0x04]), st.binary(max_size=10)), max_size=4))))
+    def test_passwordModifyValue(self, data):
+        from netsvc.ldap.passwd import decodeValue
+
+        try:
+            user, old, new = decodeValue(data)
+        except codec.BERError:
+            return
+        for v in (user, old, new):
+            self.assertTrue(v is None or isinstance(v, str))
+
     def decodeOnlyBERErrors(self, data: bytes) -> None:
         try:
             head = codec.frame(data)

@@ -154,10 +154,8 @@ class SearchOperations:
             return
         code, text, more, count = self._send(msg.id, state.results, sel, sizeLimit, timeLimit, state.sent, size)
         state.sent += count
-        next = b""
-        if more and code == SUCCESS:
-            next = self._peekMore(state)
-        self.write(codec.result(msg.id, done, code, text, controls=_pagedControl(next)))
+        cookie = self._peekMore(state) if more and code == SUCCESS else b""
+        self.write(codec.result(msg.id, done, code, text, controls=_pagedControl(cookie)))
 
     def _peekMore(self, state: _Paged) -> bytes:
         """A cookie for the rest of C{state}'s results, or b"" when there are none."""

@@ -297,10 +297,10 @@ class LogTests(Captured):
         from netsvc.config import LogSettings
 
         stream = io.StringIO()
+        self.addCleanup(setattr, logs, "_lowest", logs._lowest)  # observerFor sets the process-wide level
         observer = logs.observerFor(LogSettings(level=level), stream)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        self.addCleanup(setattr, logs, "_lowest", logs._lowest)
         return stream
 
     @defer.inlineCallbacks

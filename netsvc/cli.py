@@ -118,11 +118,62 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(checkConfig(None, args))
     from twisted.internet import defer, task
 
+    if not getattr(args, "logsItself", False):
+        from twisted.logger import globalLogBeginner
+
+        globalLogBeginner.beginLoggingTo([_ErrorLines(argv[0])], discardBuffer=True, redirectStandardIO=False)
+
     def run(reactor: Any) -> defer.Deferred:
-        return defer.maybeDeferred(args.run, reactor, args).addErrback(_unexpected, argv[0]) \
-            .addCallback(_exitWith)
+        d = defer.maybeDeferred(args.run, reactor, args)
+        interrupted: list[bool] = []
+        if not getattr(args, "untilInterrupted", False):  # (chat and forward: Ctrl-C is how they end)
+
+            def onShutdown() -> None:
+                if not d.called:  # Ctrl-C / SIGTERM before the command was done
+                    interrupted.append(True)
+                    clients.quiet = True  # what breaks now is the interruption's doing, not news
+
+            reactor.addSystemEventTrigger("before", "shutdown", onShutdown)
+        d.addErrback(_unexpected, argv[0])
+        d.addCallback(lambda status: EXIT_INTERRUPTED if interrupted else status)
+        return d.addCallback(_exitWith)
+
+    from netsvc import clients
 
     task.react(run)
+
+
+#: The status after Ctrl-C (128 + SIGINT), as shells report a command a signal ended.
+EXIT_INTERRUPTED = 130
+
+
+class _ErrorLines:
+    """
+    The log observer of a client command: nothing below error level, an error as one
+    line.  (Twisted logs some failures itself, e.g. a Deferred nobody handled; without
+    an observer it prints their tracebacks.)
+    """
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __call__(self, event: dict) -> None:
+        import os
+
+        from twisted.internet.error import ReactorNotRunning
+        from twisted.logger import LogLevel, formatEvent
+
+        failure = event.get("log_failure")
+        if failure is None:
+            if event.get("log_level", LogLevel.info) >= LogLevel.error:
+                sys.stderr.write(f"netsvc {self.command}: {formatEvent(event)}\n")
+            return
+        if failure.check(ReactorNotRunning):  # Ctrl-C racing the command's own end
+            return
+        if os.environ.get("NETSVC_TRACEBACK"):
+            failure.printTraceback(sys.stderr)
+        sys.stderr.write(f"netsvc {self.command}: unexpected error: {failure.type.__name__}: "
+                         f"{failure.getErrorMessage()} (NETSVC_TRACEBACK=1 shows where)\n")
 
 
 def _unexpected(failure: Any, command: str) -> int:

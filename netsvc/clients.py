@@ -57,8 +57,14 @@ def target(host: str, port: int, transport: str = "") -> str:
     return f"{where} ({transport})" if transport else where
 
 
+#: Set once the user has interrupted the command (Ctrl-C): failures that follow are not reported.
+quiet = False
+
+
 def fail(command: str, what: str, reason: str, status: int = EXIT_FAILURE) -> int:
-    """Write C{netsvc COMMAND: WHAT: REASON} on stderr; return C{status}."""
+    """Write C{netsvc COMMAND: WHAT: REASON} on stderr (unless L{quiet}); return C{status}."""
+    if quiet:
+        return status
     sys.stderr.write(f"netsvc {command}: {what}: {reason}\n" if what else f"netsvc {command}: {reason}\n")
     sys.stderr.flush()
     return status

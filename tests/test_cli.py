@@ -484,3 +484,24 @@ class RunAsAUserTests(unittest.TestCase):
         self.assertEqual(process.wait(30), 0)
         process.stderr.close()
         self.assertEqual((folder / "var" / "status.json").read_text(), '{"pid": 1}\n')
+
+    def test_ctrlCIsQuiet(self):
+        """Ctrl-C while waiting for an answer: status 130 (128 + SIGINT) and nothing on stderr."""
+        import signal
+        import time
+
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(30)
+        process = subprocess.Popen([sys.executable, "-m", "netsvc", "dns", "query", "x.lab",
+                                    f"@127.0.0.1:{server.getsockname()[1]}", "--tcp", "--timeout", "30"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        connection, _ = server.accept()  # connected: the query is waiting for its answer
+        self.addCleanup(connection.close)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+        self.assertEqual((process.returncode, out, err), (130, b"", b""))

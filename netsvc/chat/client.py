@@ -139,5 +139,5 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=1.0, metavar="SECONDS",
                    help="seconds to keep listening after the end of input (default 1)")
     clients.addConnectionOptions(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, untilInterrupted=True)
     return p

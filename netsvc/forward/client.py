@@ -200,5 +200,5 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--log-format", dest="log_format", default="text", choices=["text", "json"],
                    help="log lines on stderr as text (default) or JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="log only warnings and errors")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, logsItself=True, untilInterrupted=True)
     return p

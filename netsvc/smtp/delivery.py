@@ -292,6 +292,9 @@ class Delivery(service.Service):
         def done(_: Any) -> None:
             self.connections -= 1
             self.active[domain] -= 1
+            if not self.active[domain]:  # one entry per domain ever seen would grow without end
+                del self.active[domain]
+                self.starting.pop(domain, None)
             self.metrics.connections.dec()
             if not self.connections and self._stopped is not None:
                 self._allStopped()
@@ -484,8 +487,13 @@ class Delivery(service.Service):
             return defer.succeed(None)
         self.metrics.reports.inc()
         d = self.queue.enqueueBytes("", [env.sender], data, dsn=True)
-        d.addCallback(self.kick)
-        return d
+
+        def queued(id: str) -> None:
+            log.info("delivery {id}: {kind} to <{sender}> queued as {report}", id=flight.id,
+                     kind="bounce" if action == "failed" else "delay warning", sender=env.sender, report=id)
+            self.kick(id)
+
+        return d.addCallback(queued)
 
     # -- control requests -----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Pure functions on bytes/str; they raise L{SyntaxProblem} carrying the reply
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from twisted.mail.smtp import xtext_decode
@@ -23,6 +24,10 @@ _MAILBOX = re.compile(rf"^(?P<local>{_ATOMS}|{_QUOTED})@(?P<domain>{_ATOMS}|\[[^
 _PATH_ARG = re.compile(rb"^(?P<kw>FROM|TO)\s*:\s*(?P<path><[^<>]*>|[^\s<>]+)(?P<params>(?:\s+\S+)*)\s*$",
                        re.IGNORECASE)
 _SOURCE_ROUTE = re.compile(r"^@[^:]+:")
+#: A domain label (RFC 5321 4.1.2 sub-domain: letters, digits, inner hyphens; also "_", seen in real
+#: host names, and non-ASCII U-label characters, for SMTPUTF8): at most 63 characters.
+_LABEL = re.compile("^[A-Za-z0-9_\u0080-\U0010ffff](?:[A-Za-z0-9_\u0080-\U0010ffff-]{0,61}"
+                    "[A-Za-z0-9_\u0080-\U0010ffff])?$")
 _PARAM = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
 
@@ -85,7 +90,34 @@ def checkMailbox(path: str, sender: bool) -> str:
         raise SyntaxProblem(501, status, f"Bad {what} address syntax")
     if len(m.group("local").encode()) > MAX_LOCAL or len(m.group("domain").encode()) > MAX_DOMAIN:
         raise SyntaxProblem(501, status, f"Bad {what} address: local part or domain too long")
+    if not validDomain(m.group("domain")):
+        raise SyntaxProblem(501, status, f"Bad {what} address: invalid domain")
     return path
+
+
+def validDomain(domain: str) -> bool:
+    """
+    A domain delivery can use: dot-separated labels (no empty label, so no trailing
+    dot; no "%", "!" or "/"), or an address literal that is a real IPv4 or
+    C{IPv6:} address (RFC 5321 4.1.3; no general literals, no zone index).
+    """
+    if domain.startswith("["):
+        literal = domain[1:-1]
+        if literal[:5].upper() == "IPV6:":
+            literal = literal[5:]
+            if "%" in literal:  # a zone index means nothing off this host
+                return False
+            try:
+                ipaddress.IPv6Address(literal)
+            except ValueError:
+                return False
+            return True
+        try:
+            ipaddress.IPv4Address(literal)
+        except ValueError:
+            return False
+        return True
+    return all(_LABEL.match(label) for label in domain.split("."))
 
 
 def decodeXtext(value: str) -> str:

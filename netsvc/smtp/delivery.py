@@ -39,7 +39,6 @@ At start-up every queued message is scheduled again (a restart resumes).
 from __future__ import annotations
 
 import heapq
-import os
 from collections import defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -49,8 +48,9 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from netsvc.smtp.control import takeRequests
 from netsvc.smtp.dsn import FULL_LIMIT, ReportItem, buildReport, statusOf
-from netsvc.smtp.records import EnvelopeWriter
+from netsvc.smtp.records import DeliveryMetrics, EnvelopeWriter
 from netsvc.smtp.routing import RoutingError
 from netsvc.smtp.sender import Outgoing, Recipient
 
@@ -66,27 +66,6 @@ MESSAGES_PER_CONNECTION = 100
 LOADED_PER_CONNECTION = 20
 #: At shutdown, how long transactions in progress get to finish.
 STOP_GRACE = 5.0
-
-
-class DeliveryMetrics:
-    def __init__(self, registry: Any, service: str = "smtp") -> None:
-        s = {"service": service}
-        self.delivered = registry.counter("netsvc_smtp_delivered_total", "Recipients delivered (2xx).",
-                                          ["service"]).labels(**s)
-        self.deferred = registry.counter("netsvc_smtp_deferred_total",
-                                         "Recipient attempts that failed temporarily (retried).",
-                                         ["service"]).labels(**s)
-        self.bounced = registry.counter("netsvc_smtp_bounced_total",
-                                        "Recipients given up on (5xx, or older than max_age).",
-                                        ["service"]).labels(**s)
-        self.attempts = registry.counter("netsvc_smtp_delivery_attempts_total",
-                                         "Recipient delivery attempts.", ["service"]).labels(**s)
-        self.reports = registry.counter("netsvc_smtp_reports_total", "Bounces and delay warnings queued.",
-                                        ["service"]).labels(**s)
-        self.connections = registry.gauge("netsvc_smtp_delivery_connections",
-                                          "Outgoing SMTP connections open now.", ["service"]).labels(**s)
-        self.queued = registry.gauge("netsvc_smtp_queue_messages", "Messages in the queue.",
-                                     ["service"]).labels(**s)
 
 
 class _Flight:
@@ -498,17 +477,8 @@ class Delivery(service.Service):
     # -- control requests -----------------------------------------------------------------------
 
     def _applyRequests(self) -> None:
-        try:
-            names = sorted(os.listdir(self.queue.ctl))
-        except FileNotFoundError:
-            return
         now = self.clock.seconds()
-        for name in names:
-            action, _, id = name.partition("-")
-            try:
-                os.unlink(self.queue.ctl / name)
-            except FileNotFoundError:
-                continue
+        for action, id in takeRequests(self.queue.ctl):
             if action == "retry" and id == "all":
                 for other in list(self.scheduled):
                     self._schedule(other, now)
@@ -516,6 +486,8 @@ class Delivery(service.Service):
             elif action == "retry" and id in self.scheduled:
                 self._schedule(id, now)
                 log.info("queue: retry of {id} requested", id=id)
+            elif action == "retry":
+                log.info("queue: retry of {id} requested: already being attempted (or gone)", id=id)
             elif action == "delete":
                 if id in self.flights:
                     self.flights[id].deleteRequested = True
@@ -524,36 +496,16 @@ class Delivery(service.Service):
                     self.queue.remove(id)
                 log.info("queue: {id} deleted on request", id=id)
             else:
-                log.info("queue: ignoring control request {name}", name=name)
+                log.info("queue: ignoring control request {action}-{id}", action=action, id=id)
 
 
 def makeDelivery(settings: Any, queue: Any, context: Any) -> Delivery:
     """
     The delivery service for C{settings} (C{relay.mode} smarthost or mx) over
-    C{queue}; MX lookups go through the daemon's resolver (L{netsvc.dns.lookup}).
+    C{queue}: routes, sessions and credentials from L{netsvc.smtp.outbound}.
+
+    @raise netsvc.runtime.StartupError: the relay's cacert or password file is unusable.
     """
-    from netsvc.smtp.outbound import SessionOpener
-    from netsvc.smtp.routing import MXRouter, SmarthostRouter
-    from netsvc.tls import CertificateError
+    from netsvc.smtp.outbound import buildDelivery
 
-    relay = settings.relay
-    if relay.mode == "smarthost":
-        router: Any = SmarthostRouter(relay.smarthost)
-    elif relay.mode == "mx":
-        from netsvc.dns.lookup import query, resolverFor
-
-        router = MXRouter(lambda name, qtype: query(resolverFor(context), name, qtype), port=relay.port,
-                          hostname=settings.hostname)
-    else:
-        raise ValueError("capture mode has no delivery")
-    resolvePath = getattr(context.settings, "path", Path)
-    try:
-        opener = SessionOpener(settings, context.reactor, resolvePath)
-    except (OSError, CertificateError) as e:
-        from netsvc.config import Problem
-        from netsvc.runtime import StartupError
-
-        key = "relay.cacert" if isinstance(e, CertificateError) else "relay.auth.password_file"
-        reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-        raise StartupError([Problem(getattr(context, "configFile", ""), f"services.smtp.{key}", reason)]) from None
-    return Delivery(settings, queue, router, opener, context.reactor, DeliveryMetrics(context.metrics, "smtp"))
+    return buildDelivery(settings, queue, context)

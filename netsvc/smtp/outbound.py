@@ -86,3 +86,36 @@ class SessionOpener:
         d = self.endpoint(target).connect(factory)
         d.addCallback(lambda _: sender.done)
         return d
+
+
+def buildDelivery(settings: Any, queue: Any, context: Any) -> Any:
+    """
+    L{netsvc.smtp.delivery.makeDelivery}: the router (smarthost, or MX through the
+    daemon's resolver, L{netsvc.dns.lookup}), this module's sessions, the metrics.
+    """
+    from netsvc.smtp.delivery import Delivery
+    from netsvc.smtp.records import DeliveryMetrics
+    from netsvc.smtp.routing import MXRouter, SmarthostRouter
+    from netsvc.tls import CertificateError
+
+    relay = settings.relay
+    if relay.mode == "smarthost":
+        router: Any = SmarthostRouter(relay.smarthost)
+    elif relay.mode == "mx":
+        from netsvc.dns.lookup import query, resolverFor
+
+        router = MXRouter(lambda name, qtype: query(resolverFor(context), name, qtype), port=relay.port,
+                          hostname=settings.hostname)
+    else:
+        raise ValueError("capture mode has no delivery")
+    resolvePath = getattr(context.settings, "path", Path)
+    try:
+        opener = SessionOpener(settings, context.reactor, resolvePath)
+    except (OSError, CertificateError) as e:
+        from netsvc.config import Problem
+        from netsvc.runtime import StartupError
+
+        key = "relay.cacert" if isinstance(e, CertificateError) else "relay.auth.password_file"
+        reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        raise StartupError([Problem(getattr(context, "configFile", ""), f"services.smtp.{key}", reason)]) from None
+    return Delivery(settings, queue, router, opener, context.reactor, DeliveryMetrics(context.metrics, "smtp"))

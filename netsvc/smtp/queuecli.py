@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from netsvc import auth
+from netsvc.smtp.control import request
 
 DEFAULT_CONFIG = "etc/netsvc.yaml"
 
@@ -123,19 +124,10 @@ def showMessage(queue: Any, id: str, out: Any) -> int:
     return 0
 
 
-def request(queue: Any, name: str) -> None:
-    """Drop a control request (atomic create; one already waiting is as good)."""
-    try:
-        fd = os.open(queue.ctl / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
-
-
 def retry(queue: Any, id: str | None, running: bool, out: Any) -> int:
     if id is not None:
         _checkId(queue, id)
-    request(queue, f"retry-{id}" if id else "retry-all")
+    request(queue.ctl, f"retry-{id}" if id else "retry-all")
     what = id or "every message"
     out.write(f"{what}: retry requested" + ("" if running else " (applied when the daemon starts)") + "\n")
     return 0
@@ -144,7 +136,7 @@ def retry(queue: Any, id: str | None, running: bool, out: Any) -> int:
 def delete(queue: Any, id: str, running: bool, out: Any) -> int:
     _checkId(queue, id)
     if running:
-        request(queue, f"delete-{id}")
+        request(queue.ctl, f"delete-{id}")
         out.write(f"{id}: delete requested\n")
     else:
         queue.remove(id)

@@ -1,6 +1,6 @@
 """
-The delivery side's envelope writes: a result is on disk before the reactor
-reads the next reply.
+What the delivery side records: its envelope writes (a result is on disk
+before the reactor reads the next reply) and its metrics (L{DeliveryMetrics}).
 
 L{EnvelopeWriter.write} rewrites C{env/<id>.json} at once (write to
 C{tmp/<id>.dlv}, rename) in the calling reactor callback: a kill -9 after it
@@ -85,3 +85,24 @@ def flushed(writer: EnvelopeWriter) -> defer.Deferred:
         return None
 
     return defer.maybeDeferred(check)
+
+
+class DeliveryMetrics:
+    def __init__(self, registry: Any, service: str = "smtp") -> None:
+        s = {"service": service}
+        self.delivered = registry.counter("netsvc_smtp_delivered_total", "Recipients delivered (2xx).",
+                                          ["service"]).labels(**s)
+        self.deferred = registry.counter("netsvc_smtp_deferred_total",
+                                         "Recipient attempts that failed temporarily (retried).",
+                                         ["service"]).labels(**s)
+        self.bounced = registry.counter("netsvc_smtp_bounced_total",
+                                        "Recipients given up on (5xx, or older than max_age).",
+                                        ["service"]).labels(**s)
+        self.attempts = registry.counter("netsvc_smtp_delivery_attempts_total",
+                                         "Recipient delivery attempts.", ["service"]).labels(**s)
+        self.reports = registry.counter("netsvc_smtp_reports_total", "Bounces and delay warnings queued.",
+                                        ["service"]).labels(**s)
+        self.connections = registry.gauge("netsvc_smtp_delivery_connections",
+                                          "Outgoing SMTP connections open now.", ["service"]).labels(**s)
+        self.queued = registry.gauge("netsvc_smtp_queue_messages", "Messages in the queue.",
+                                     ["service"]).labels(**s)

@@ -297,3 +297,76 @@ class ArgumentTests(unittest.TestCase):
         ]
         for argv in cases:
             self.assertEqual(self.status(*argv), 2, argv)
+
+
+class QueueCommandTests(unittest.TestCase):
+    """netsvc mail queue's functions over a queue folder (no daemon)."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        from netsvc.smtp.queue import Envelope, Queue
+
+        self.queue = Queue(Path(self.mktemp()), fsync=False, reactor=reactor)
+        env = Envelope.new("alice@lab", ["bob@example.org", "carol@example.org"], id="0001", created=1000.0,
+                           next_attempt=1600.0)
+        env.recipients[0].status = "sent"
+        env.recipients[1].last_error = "mx.example.org:25: 451 4.7.1 greylisted"
+        (self.queue.msg / "0001").write_bytes(b"Subject: queued\r\nFrom: alice@lab\r\n\r\nbody\r\n")
+        (self.queue.env / "0001.json").write_bytes(env.dumps())
+
+    def test_listAndShow(self) -> None:
+        from netsvc.smtp import queuecli
+
+        out = io.StringIO()
+        self.assertEqual(queuecli.listQueue(self.queue, out, now=1300.0), 0)
+        text = out.getvalue()
+        self.assertIn("0001", text)
+        self.assertIn("<alice@lab> -> carol@example.org (mx.example.org:25: 451 4.7.1 greylisted)", text)
+        self.assertNotIn("bob@example.org", text)  # delivered already
+        self.assertRegex(text, r"0001\s+5m\s+\d+\s+5m")  # age 5 minutes, next attempt in 5 minutes
+        self.assertIn("1 message(s)", text)
+        out = io.StringIO()
+        queuecli.showMessage(self.queue, "0001", out)
+        self.assertIn('"status": "sent"', out.getvalue())
+        self.assertIn("Subject: queued", out.getvalue())
+        self.assertNotIn("body", out.getvalue())
+        self.assertRaises(queuecli.QueueCLIError, queuecli.showMessage, self.queue, "../../etc/passwd", out)
+        empty = io.StringIO()
+        self.queue.remove("0001")
+        queuecli.listQueue(self.queue, empty)
+        self.assertEqual(empty.getvalue(), "the queue is empty\n")
+
+    def test_retryAndDeleteAskTheRunningDaemon(self) -> None:
+        from netsvc.smtp import queuecli
+        from netsvc.smtp.control import takeRequests
+
+        out = io.StringIO()
+        queuecli.retry(self.queue, "0001", True, out)
+        queuecli.retry(self.queue, "0001", True, out)  # one request is as good as two
+        queuecli.retry(self.queue, None, True, out)
+        queuecli.delete(self.queue, "0001", True, out)
+        self.assertEqual(self.queue.ids(), ["0001"])  # the daemon owns it: only asked
+        self.assertEqual(takeRequests(self.queue.ctl), [("delete", "0001"), ("retry", "0001"), ("retry", "all")])
+        self.assertEqual(takeRequests(self.queue.ctl), [])
+
+    def test_deleteWithoutDaemonActsAtOnce(self) -> None:
+        from netsvc.smtp import queuecli
+
+        queuecli.delete(self.queue, "0001", False, io.StringIO())
+        self.assertEqual(self.queue.ids(), [])
+        self.assertFalse((self.queue.msg / "0001").exists())
+
+    def test_daemonRunning(self) -> None:
+        import json
+        import os
+
+        from netsvc.smtp.queuecli import daemonRunning
+
+        state = Path(self.mktemp())
+        state.mkdir()
+        self.assertFalse(daemonRunning(state))
+        (state / "status.json").write_text(json.dumps({"pid": os.getpid()}))
+        self.assertTrue(daemonRunning(state))
+        (state / "status.json").write_text(json.dumps({"pid": 2**22 + 12345}))  # above pid_max: no such process
+        self.assertFalse(daemonRunning(state))

@@ -185,6 +185,17 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(seen, [["sent", "pending"]])
 
     @defer.inlineCallbacks
+    def test_recordsAreFsyncedWhenTheQueueSyncs(self) -> None:
+        self.queue.fsync = True
+        id = yield self.enqueue(["bob@example.org", "dave@other.example"])
+        self.sessions.script = lambda t, a: Reply(250, "ok") if a.startswith("bob") else Reply(451, "4.3.0 later")
+        delivery = self.makeDelivery()
+        delivery.startService()
+        yield self.settle(lambda: id in delivery.scheduled and delivery.writer.synced >= 2
+                          and not delivery.writer._busy)
+        self.assertEqual(list(self.queue.tmp.iterdir()), [])  # written by rename, nothing left behind
+
+    @defer.inlineCallbacks
     def test_temporaryFailureRetriedOnSchedule(self) -> None:
         id = yield self.enqueue(["bob@example.org"])
         self.sessions.script = lambda t, a: Reply(451, "4.7.1 greylisted")

@@ -12,7 +12,8 @@ TLS policy, the smarthost's credentials.
     certificate against the host name (the MX name, or the smarthost's C{sni=}
     or host); C{opportunistic} encrypts when offered without checking the
     certificate (RFC 7435 -- what MTAs do by default on port 25, since most MX
-    certificates do not match); C{none} stays in plaintext.
+    certificates do not match) and goes on in clear if the handshake fails; C{none}
+    stays in plaintext.
   - AUTH (PLAIN/LOGIN, after TLS only) to the smarthost when C{relay.auth} is set;
     the password file is read once, at start-up.
 """
@@ -24,9 +25,12 @@ from typing import Any
 
 from twisted.internet import endpoints, protocol
 from twisted.internet.abstract import isIPv6Address
+from twisted.logger import Logger
 
-from netsvc.smtp.sender import SMTPSender
+from netsvc.smtp.sender import SessionError, SMTPSender
 from netsvc.tls import clientCreator
+
+log = Logger()
 
 #: Seconds to wait for a TCP connection, and for each reply.
 CONNECT_TIMEOUT = 30.0
@@ -74,6 +78,21 @@ class SessionOpener:
 
     def __call__(self, target: Any, nextMessage: Any, onResult: Any) -> Any:
         starttls = "none" if target.tls else self.starttls
+        d = self.session(target, nextMessage, onResult, starttls)
+        if starttls == "opportunistic":
+            def plaintext(f: Any) -> Any:
+                # The STARTTLS handshake failed (before any message): as other MTAs do, try again in clear.
+                if f.check(SessionError) and f.value.tlsFailed and f.value.current is None:
+                    log.info("delivery: {target}: TLS handshake failed ({error}); trying without TLS",
+                             target=str(target), error=str(f.value))
+                    return self.session(target, nextMessage, onResult, "none")
+                return f
+
+            d.addErrback(plaintext)
+        return d
+
+    def session(self, target: Any, nextMessage: Any, onResult: Any, starttls: str) -> Any:
+        """One connection and SMTP session to C{target}; fires when it ends (L{SMTPSender.done})."""
         creator = None
         if starttls == "required":
             creator = clientCreator(target.host, cafile=self.cacert)

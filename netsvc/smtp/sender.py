@@ -85,6 +85,8 @@ class SessionError(Exception):
         super().__init__(message)
         self.reply = reply
         self.current: Any = None
+        #: The session ended during the STARTTLS handshake (an opportunistic client may go on without TLS).
+        self.tlsFailed = False
 
     @property
     def permanent(self) -> bool:
@@ -198,6 +200,7 @@ class SMTPSender(LineReceiver, TimeoutMixin):
         self.replyLines: list[str] = []  # the last reply's lines (EHLO's are the extensions)
         self._txn: _Transaction | None = None
         self._finished = False
+        self._handshaking = False
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -262,6 +265,7 @@ class SMTPSender(LineReceiver, TimeoutMixin):
         self._finished = True
         self.setTimeout(None)
         error.current = self._txn.message if self._txn is not None else None
+        error.tlsFailed = self._handshaking
         self._txn = None
         self._handlers.clear()
         if close and self.transport is not None:
@@ -288,6 +292,7 @@ class SMTPSender(LineReceiver, TimeoutMixin):
         self._send(f"EHLO {self.identity}", self._ehloReply)
 
     def _ehloReply(self, reply: Reply) -> None:
+        self._handshaking = False
         if reply.code == 250:
             # The first line is the server's name; each further one an extension.
             self.extensions = {}
@@ -326,6 +331,7 @@ class SMTPSender(LineReceiver, TimeoutMixin):
             return
         self.transport.startTLS(self.tlsCreator)
         self.tls = True
+        self._handshaking = True  # until the server answers the EHLO sent under TLS
         self._ehlo()
 
     def _authenticate(self) -> None:

@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import directlyProvides
@@ -370,3 +372,86 @@ class QueueCommandTests(unittest.TestCase):
         self.assertTrue(daemonRunning(state))
         (state / "status.json").write_text(json.dumps({"pid": 2**22 + 12345}))  # above pid_max: no such process
         self.assertFalse(daemonRunning(state))
+
+
+class _BrokenTLSServer(LineReceiver):
+    """Offers STARTTLS, then answers the handshake with garbage; otherwise a minimal SMTP server."""
+
+    def connectionMade(self) -> None:
+        self.factory.sessions.append([])
+        self.inData = False
+        self.sendLine(b"220 broken.test ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.factory.sessions[-1].append(line)
+        if self.inData:
+            if line == b".":
+                self.inData = False
+                self.sendLine(b"250 2.0.0 kept")
+            return
+        verb = line.split(b" ")[0].upper()
+        replies = {b"EHLO": b"250-broken.test\r\n250-PIPELINING\r\n250 STARTTLS", b"MAIL": b"250 ok",
+                   b"RCPT": b"250 ok", b"DATA": b"354 go", b"QUIT": b"221 bye"}
+        if verb == b"STARTTLS":
+            self.sendLine(b"220 go ahead")
+            self.transport.write(b"this is not a TLS record\r\n" * 4)
+            self.transport.loseConnection()
+            return
+        self.sendLine(replies.get(verb, b"500 what"))
+        if verb == b"DATA":
+            self.inData = True
+        elif verb == b"QUIT":
+            self.transport.loseConnection()
+
+
+class OpportunisticTLSTests(unittest.TestCase):
+    """Over loopback: a failed STARTTLS handshake is retried in clear (opportunistic), never when required."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        factory = Factory.forProtocol(_BrokenTLSServer)
+        factory.sessions = []
+        self.factory = factory
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    def opener(self, starttls: str) -> Any:
+        from twisted.internet import reactor
+
+        from netsvc.smtp.outbound import SessionOpener
+        from netsvc.smtp.settings import RelaySettings, Settings
+
+        number = self.port.getHost().port
+        return SessionOpener(Settings(hostname="relay.test", relay=RelaySettings(
+            smarthost=f"tcp:host=127.0.0.1:port={number}", starttls=starttls)), reactor, replyTimeout=5)
+
+    def deliver(self, starttls: str) -> Any:
+        from netsvc.smtp.routing import SmarthostRouter
+
+        opener = self.opener(starttls)
+        target = SmarthostRouter(f"tcp:host=127.0.0.1:port={self.port.getHost().port}").target
+        pending = [outgoing(b"Subject: x\r\n\r\nhi\r\n", ("b@example.org",))]
+        results: list = []
+        d = opener(target, lambda: pending.pop() if pending else None, lambda m, r: results.extend(r))
+        return d.addCallback(lambda _: results)
+
+    @defer.inlineCallbacks
+    def test_opportunisticFallsBackToClear(self) -> None:
+        results = yield self.deliver("opportunistic")
+        self.assertEqual([(r.address, reply.code) for r, reply in results], [("b@example.org", 250)])
+        first, second = self.factory.sessions
+        self.assertIn(b"STARTTLS", first)
+        self.assertNotIn(b"STARTTLS", second)
+        self.assertIn(b".", second)
+
+    @defer.inlineCallbacks
+    def test_requiredDoesNot(self) -> None:
+        try:
+            yield self.deliver("required")
+        except SessionError as e:
+            self.assertTrue(e.tlsFailed)
+        else:
+            self.fail("delivered without TLS")
+        self.assertEqual(len(self.factory.sessions), 1)

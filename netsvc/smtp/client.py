@@ -133,7 +133,7 @@ def send(reactor: Any, args: argparse.Namespace, data: bytes, password: str | No
     endpoint = clients.streamEndpoint(reactor, args.host, args.port, args.tls, args.cacert, args.insecure,
                                       args.timeout)
     message = Outgoing(args.sender, [Recipient(a) for a in args.to], lambda: io.BytesIO(data), len(data),
-                       eightBit=any(b > 127 for b in data))
+                       eightBit=not data.isascii())
     pending = [message]
     results: list[Any] = []
 

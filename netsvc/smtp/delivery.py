@@ -94,6 +94,15 @@ class _Job:
         self.domain = domain
 
 
+def _hasEightBit(path: Path) -> bool:
+    """Whether the file has a byte over 127 (then it goes out with BODY=8BITMIME)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if not chunk.isascii():
+                return True
+    return False
+
+
 def _describe(error: BaseException) -> str:
     from netsvc.clients import describe
 
@@ -238,8 +247,7 @@ class Delivery(service.Service):
             env = self.queue.envelope(id)
             path = self.queue.messagePath(id)
             size = path.stat().st_size
-            with open(path, "rb") as f:
-                eightBit = any(b > 127 for b in f.read(FULL_LIMIT))
+            eightBit = _hasEightBit(path)
         except FileNotFoundError:
             return  # deleted meanwhile
         except (OSError, ValueError) as e:

@@ -152,7 +152,7 @@ def buildReport(envelope: Any, original: bytes, items: Sequence[ReportItem], act
     else:
         third = b"Content-Type: text/rfc822-headers\r\n"
         body = _headerBlock(original)
-    eightBit = any(b > 127 for b in body)
+    eightBit = not body.isascii()
     if eightBit:
         third += b"Content-Transfer-Encoding: 8bit\r\n"
     third += b"Content-Description: " + (b"Undelivered message" if full else b"Undelivered message headers")

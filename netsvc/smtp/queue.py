@@ -15,6 +15,11 @@ a batch is being written are written together as the next batch (group commit: t
 file syncs of a batch run in parallel, and each folder is fsync'd once per batch).
 Nothing is acknowledged before it is durable.
 
+Removal (L{Queue.remove}): the envelope is unlinked first, then the message, at
+once; the C{env/} folder is fsync'd after it in the writer thread (removals that
+wait together share one sync), so a power cut cannot bring a delivered message
+back for a second delivery.  (A kill -9 cannot either: the unlink is in the kernel.)
+
 Recovery (L{Queue.recover}): C{tmp/} is emptied, and a C{msg/} file without an
 envelope (never acknowledged) is removed.
 
@@ -40,6 +45,7 @@ from twisted.logger import Logger
 log = Logger()
 
 _counter = itertools.count()
+_jobs = itertools.count()
 
 
 def newId() -> str:
@@ -133,15 +139,20 @@ def _writeFile(path: Path, data: bytes, sync: bool) -> None:
 
 
 class _Job:
-    """One commit or envelope rewrite waiting for the writer thread."""
+    """
+    One commit or envelope rewrite waiting for the writer thread (or, with no
+    envelope, a request to fsync C{env/} after removals).
+    """
 
-    __slots__ = ("message", "envelope", "deferred", "error")
+    __slots__ = ("message", "envelope", "deferred", "error", "tmp")
 
-    def __init__(self, message: IncomingMessage | None, envelope: Envelope) -> None:
+    def __init__(self, message: IncomingMessage | None, envelope: Envelope | None, tmpDir: Path) -> None:
         self.message = message
         self.envelope = envelope
         self.deferred: defer.Deferred = defer.Deferred()
         self.error: BaseException | None = None
+        # Unique per job: two rewrites of one envelope may wait in the same batch.
+        self.tmp = tmpDir / f"{envelope.id}.{next(_jobs)}.env" if envelope is not None else tmpDir
 
 
 class Queue:
@@ -163,6 +174,7 @@ class Queue:
             d.mkdir(parents=True, exist_ok=True)
         self._waiting: list[_Job] = []
         self._writing = False
+        self._removals: _Job | None = None  # the waiting env/ sync for removals, if any
         self._pool: ThreadPoolExecutor | None = None
         #: Called with each committed id (the delivery side's kick); set by the service.
         self.onCommit: Callable[[str], None] | None = None
@@ -197,15 +209,29 @@ class Queue:
 
     def update(self, envelope: Envelope) -> defer.Deferred:
         """Atomically rewrite an envelope (tmp + fsync + rename + folder fsync); fires None."""
-        return self._submit(_Job(None, envelope)).addCallback(lambda _: None)
+        return self._submit(_Job(None, envelope, self.tmp)).addCallback(lambda _: None)
 
-    def remove(self, id: str) -> None:
-        """Remove a message: envelope first (the commit point), then the data."""
+    def remove(self, id: str) -> defer.Deferred:
+        """
+        Remove a message now: envelope first (the commit point), then the data.
+        The returned Deferred (callers may ignore it) fires once the removal is
+        durable (C{env/} fsync'd; batched with other removals and commits).
+        """
         for path in (self.env / f"{id}.json", self.msg / id):
             try:
                 path.unlink()
             except FileNotFoundError:
                 pass
+        if not self.fsync:
+            return defer.succeed(None)
+        if self._removals is None:
+            self._removals = _Job(None, None, self.tmp)
+            self._removals.deferred.addErrback(
+                lambda f: log.error("queue: cannot sync removals: {error}", error=f.getErrorMessage()))
+            self._submit(self._removals)
+        d: defer.Deferred = defer.Deferred()
+        self._removals.deferred.addBoth(lambda _: d.callback(None))
+        return d
 
     def _submit(self, job: _Job) -> defer.Deferred:
         self._waiting.append(job)
@@ -215,6 +241,7 @@ class Queue:
 
     def _writeNext(self) -> None:
         batch, self._waiting = self._waiting, []
+        self._removals = None  # removals from now on need a later sync
         if not batch:
             self._writing = False
             return
@@ -231,12 +258,15 @@ class Queue:
         whose message could be lost).  Round 3: env/ is fsync'd.
         """
         sync = self.fsync
+        removals = any(job.envelope is None for job in batch)
+        batch = [job for job in batch if job.envelope is not None]
 
         def prepare(job: _Job) -> None:
+            assert job.envelope is not None
             try:
                 if job.message is not None:
                     job.message.finish(sync)
-                _writeFile(self.tmp / f"{job.envelope.id}.env", job.envelope.dumps(), sync)
+                _writeFile(job.tmp, job.envelope.dumps(), sync)
             except BaseException as e:
                 job.error = e
 
@@ -255,17 +285,18 @@ class Queue:
                     job.error = e
         if moved and sync:
             _fsyncDir(self.msg)
-        wrote = False
+        wrote = removals
         for job in batch:
-            tmp = self.tmp / f"{job.envelope.id}.env"
+            assert job.envelope is not None
             if job.error is not None:
-                tmp.unlink(missing_ok=True)
+                job.tmp.unlink(missing_ok=True)
                 continue
             try:
-                os.rename(tmp, self.env / f"{job.envelope.id}.json")
+                os.rename(job.tmp, self.env / f"{job.envelope.id}.json")
                 wrote = True
             except BaseException as e:
                 job.error = e
+                job.tmp.unlink(missing_ok=True)
         if wrote and sync:
             _fsyncDir(self.env)
 
@@ -278,10 +309,17 @@ class Queue:
         for job in batch:
             error = job.error if job.error is not None else (
                 result.value if isinstance(result, defer.Failure) else None)
+            if job.envelope is None:  # removals' sync
+                job.deferred.callback(None) if error is None else job.deferred.errback(error)
+                continue
             if error is not None:
                 log.error("queue: cannot write {id}: {error}", id=job.envelope.id, error=repr(error))
                 if job.message is not None:
                     job.message.discard()
+                    try:  # renamed into msg/ before the failure: never acknowledged
+                        (self.msg / job.message.id).unlink(missing_ok=True)
+                    except OSError:
+                        pass
                 job.deferred.errback(error)
             else:
                 job.deferred.callback(job.envelope.id)
@@ -327,7 +365,7 @@ class IncomingMessage:
             raise RuntimeError("message already committed or aborted")
         self._done = True
         envelope.id = self.id
-        return self.queue._submit(_Job(self, envelope))
+        return self.queue._submit(_Job(self, envelope, self.queue.tmp))
 
     def finish(self, sync: bool) -> None:
         """(Writer thread) flush, fsync and close the data file."""

@@ -101,6 +101,45 @@ class QueueTests(unittest.TestCase):
         d.addCallback(lambda _: self.assertEqual(list((self.dir / "tmp").iterdir()), []))
         return d
 
+    @defer.inlineCallbacks
+    def test_updatesOfOneEnvelopeInOneBatch(self):
+        """Two rewrites of the same envelope waiting together: both succeed, the last one is on disk, intact."""
+        id = yield self.queue.enqueueBytes("a@x", ["b@y"], b"x\r\n")
+        busy = self.queue.enqueueBytes("a@x", ["b@y"], b"y\r\n")  # the writer is busy: the next two wait together
+        first, second = self.queue.envelope(id), self.queue.envelope(id)
+        first.recipients[0].last_error = "a much longer error text than the second one has" * 4
+        second.attempts = 2
+        yield defer.gatherResults([busy, self.queue.update(first), self.queue.update(second)])
+        self.assertEqual(self.queue.envelope(id), second)
+        self.assertEqual(list((self.dir / "tmp").iterdir()), [])
+
+    @defer.inlineCallbacks
+    def test_removeIsMadeDurable(self):
+        """remove() returns at once; the env/ folder is fsync'd after it (batched), so a power cut cannot revive it."""
+        from netsvc.smtp import queue as queueModule
+
+        synced = []
+        real = queueModule._fsyncDir
+        self.patch(queueModule, "_fsyncDir", lambda path: (synced.append(Path(path).name), real(path)))
+        ids = []
+        for i in range(3):
+            ids.append((yield self.queue.enqueueBytes("a@x", ["b@y"], b"%d\r\n" % i)))
+        del synced[:]
+        ds = [self.queue.remove(id) for id in ids]
+        self.assertEqual(self.queue.ids(), [])  # gone at once
+        yield defer.gatherResults(ds)
+        self.assertIn("env", synced)
+        self.assertLessEqual(synced.count("env"), 2)  # batched, not one sync per removal
+
+    def test_failedEnvelopeRenameLeavesNoMessage(self):
+        m = self.queue.newMessage()
+        m.write(b"x")
+        (self.dir / "env" / f"{m.id}.json").mkdir()  # the envelope's rename fails
+        d = m.commit(Envelope.new("a@x", ["b@y"]))
+        self.assertFailure(d, OSError)
+        d.addCallback(lambda _: self.assertEqual(list((self.dir / "msg").iterdir()), []))
+        return d
+
     def test_envelopeRoundTrip(self):
         env = Envelope.new("", ["b@y"], envid="E1", warned=True)
         self.assertEqual(Envelope.loads(env.dumps()), env)

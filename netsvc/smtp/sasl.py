@@ -70,8 +70,8 @@ class AuthCommands:
         if c.authFailures is not None and not c.authFailures.allow(self.host, 0.0) \
                 or not self._authBudget():
             self.config.metrics.auth("rate_limited")
-            self.config.metrics.reject("auth_rate")
-            self._send(454, "4.7.0", "Too many failed authentication attempts; try again later")
+            # an error like any other: a session looping on it is closed after MAX_ERRORS
+            self._error(454, "4.7.0", "Too many failed authentication attempts; try again later", "auth_rate")
             return
         initial = initial.strip()
         if mechanism == b"PLAIN":

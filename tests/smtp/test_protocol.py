@@ -434,6 +434,18 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"))
         self.assertTrue(t.disconnecting)
 
+    def test_rateLimitedAuthCountsAsAnError(self):
+        """With the client IP's AUTH budget spent, a session looping on AUTH (454 each) is still closed in the end."""
+        config = self.makeConfig(authFailures=RateLimiter(0.1, 1, self.clock))
+        p, t = self.connect(peer="192.0.2.11", secure=True, config=config)
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")
+        out = self.send(p, t, (b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n") * 30)
+        self.assertTrue(out.startswith(b"454 4.7.0"), out)
+        self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"), out)
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(len(self.auth.calls), 1)
+
     def test_idleTimeoutAndDrain(self):
         p, t = self.connect()
         self.send(p, t, b"EHLO x\r\n")

@@ -44,7 +44,8 @@ class DataReader:
         self.done = False
         self.problem: str | None = None
         self._midLine = False  # dropping the rest of an over-long line
-        self._head: bytes | None = b""  # the header section while held; None once written
+        self._head: bytearray | None = bytearray()  # the header section while held; None once written
+        self._scanned = 0  # lines of _head before this offset are known to be header lines
 
     def feed(self, buf: bytes) -> int:
         """Consume complete lines of C{buf} (and all of an over-long line); return the count consumed."""
@@ -106,12 +107,12 @@ class DataReader:
         if self._head is None:
             self.sink.write(body)
             return
-        head = self._head + body
-        split = _headerEnd(head)
+        head = self._head
+        head += body
+        split, self._scanned = _headerEnd(head, self._scanned)
         if split is None and len(head) < MAX_HEADER_HOLD:
-            self._head = head
             return
-        self._writeHead(head, split)
+        self._writeHead(bytes(head), split)
 
     def _writeHead(self, head: bytes, split: tuple[int, bool] | None) -> None:
         self._head = None
@@ -122,23 +123,24 @@ class DataReader:
     def _finish(self) -> None:
         self.done = True
         if self.problem is None and self._head is not None:
-            self._writeHead(self._head, _headerEnd(self._head))
+            self._writeHead(bytes(self._head), _headerEnd(self._head, self._scanned)[0])
 
 
-def _headerEnd(head: bytes) -> tuple[int, bool] | None:
+def _headerEnd(head: bytes | bytearray, pos: int = 0) -> tuple[tuple[int, bool] | None, int]:
     """
     Where the header section of C{head} ends: (offset of the blank line or of the
-    first line that is not a header, whether a blank line must be inserted there);
-    None if every complete line so far is a header.
+    first line that is not a header, whether a blank line must be inserted there),
+    or None if every complete line so far is a header; and the offset where the
+    scan stopped (pass it back as C{pos} once more has arrived: each line is looked
+    at once however the section is split into packets).
     """
-    pos = 0
     while True:
         nl = head.find(b"\r\n", pos)
         if nl < 0:
-            return None
+            return None, pos
         if nl == pos:
-            return pos, False
+            return (pos, False), pos
         first = head[pos:pos + 1]
         if not ((pos > 0 and first in (b" ", b"\t")) or _HEADER_LINE.match(head, pos)):
-            return pos, True
+            return (pos, True), pos
         pos = nl + 2

@@ -520,6 +520,27 @@ class DataReaderTests(unittest.TestCase):
         self.assertEqual((r.problem, r.done, sink.aborted), ("size", True, True))
 
 
+    def test_headerLinesArriveOneByOne(self):
+        """A header section sent a line per packet is scanned once, not once per packet (quadratic CPU)."""
+        from netsvc.smtp import data
+
+        calls = []
+
+        real = data._HEADER_LINE
+
+        class Counting:
+            def match(self, *a):
+                calls.append(1)
+                return real.match(*a)
+
+        self.patch(data, "_HEADER_LINE", Counting())
+        lines = 2000
+        message = b"".join(b"X-H%d: value\r\n" % i for i in range(lines)) + b"\r\nbody\r\n.\r\n"
+        r, sink, _ = self.read(message, chunk=len(b"X-H1000: value\r\n"), maxSize=10**6)
+        self.assertTrue(r.done)
+        self.assertTrue(sink.data.endswith(b"X-H1999: value\r\n\r\nbody\r\n"))
+        self.assertLess(len(calls), 3 * lines)
+
 class AddressSyntaxTests(unittest.TestCase):
     """What a trusted client may queue: the tricks are normalised or refused, never passed to delivery as garbage."""
 

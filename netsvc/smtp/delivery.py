@@ -26,10 +26,10 @@ Outcomes, per recipient:
     C{queue.delay_warning}; a bounce (status 4.4.7) once it is older than
     C{queue.max_age}.
 
-Envelopes are written here directly (not through L{Queue.update}, whose writes
-are batched in a thread) so that the "delivered" record is on disk before the
-reactor reads anything else; the server side only ever creates envelopes, so
-there is still one writer per file.
+Envelopes are rewritten and removed here directly (L{netsvc.smtp.records}, not
+through L{Queue.update}/L{Queue.remove}, whose work is batched in a thread) so that
+the "delivered" record is on disk before the reactor reads anything else; the
+server side only ever creates envelopes, so there is still one writer per file.
 
 Control requests from C{netsvc mail queue} (files in C{<queue>/ctl/}:
 C{retry-ID}, C{retry-all}, C{delete-ID}) are applied every L{TICK} seconds.
@@ -259,7 +259,7 @@ class Delivery(service.Service):
             if r.status == "pending":
                 groups["*" if self.smarthost else r.address.rpartition("@")[2].lower()].append(i)
         if not groups:
-            self.queue.remove(id)  # finished before a crash that kept the envelope
+            self.writer.remove(id)  # finished before a crash that kept the envelope
             return
         self.flights[id] = flight
         flight.groups = len(groups)
@@ -399,7 +399,7 @@ class Delivery(service.Service):
                 flight.deferred[i] = detail
         if sent:
             if all(x.status == "sent" for x in env.recipients):
-                self.queue.remove(flight.id)
+                self.writer.remove(flight.id)
             else:
                 self.writer.write(env)
         flight.groups -= 1
@@ -416,7 +416,7 @@ class Delivery(service.Service):
             if all(r.status == "sent" for r in env.recipients):
                 return  # removed when the last one was recorded
             if flight.deleteRequested:
-                self.queue.remove(flight.id)
+                self.writer.remove(flight.id)
                 return
             expired = now >= env.created + float(q.max_age)
             failed = list(flight.failed)
@@ -439,7 +439,7 @@ class Delivery(service.Service):
                     log.info("delivery {id}: <{rcpt}> failed: {status} {why}", id=flight.id,
                              rcpt=item.recipient.address, status=item.status, why=item.diagnostic)
             if not env.pending():
-                self.queue.remove(flight.id)
+                self.writer.remove(flight.id)
                 return
             env.attempts += 1
             waits = q.retry
@@ -501,7 +501,7 @@ class Delivery(service.Service):
                     self.flights[id].deleteRequested = True
                 else:
                     self.scheduled.pop(id, None)
-                    self.queue.remove(id)
+                    self.writer.remove(id)
                 log.info("queue: {id} deleted on request", id=id)
             else:
                 log.info("queue: ignoring control request {action}-{id}", action=action, id=id)

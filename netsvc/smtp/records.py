@@ -1,6 +1,7 @@
 """
-What the delivery side records: its envelope writes (a result is on disk
-before the reactor reads the next reply) and its metrics (L{DeliveryMetrics}).
+What the delivery side records: its envelope rewrites and removals (a result
+is on disk before the reactor reads the next reply) and its metrics
+(L{DeliveryMetrics}).
 
 L{EnvelopeWriter.write} rewrites C{env/<id>.json} at once (write to
 C{tmp/<id>.dlv}, rename) in the calling reactor callback: a kill -9 after it
@@ -32,7 +33,9 @@ class EnvelopeWriter:
         self.queue = queue
         self._waiting: list[Path] = []
         self._busy = False
+        self._folderOnly = False  # a removal waits for the folder's fsync
         self.synced = 0  # files fsync'd (tests)
+        self.folderSyncs = 0
 
     def write(self, envelope: Any) -> None:
         """Rewrite C{envelope} now (write + rename); its fsync follows off the reactor when the queue fsyncs."""
@@ -46,9 +49,26 @@ class EnvelopeWriter:
             if not self._busy:
                 self._syncNext()
 
+    def remove(self, id: str) -> None:
+        """
+        Remove a delivered (or deleted) message now: envelope first (the commit
+        point), then the data; the folder's fsync (so that a power cut cannot bring
+        it back) follows off the reactor, batched with the writes.
+        """
+        for path in (self.queue.env / f"{id}.json", self.queue.msg / id):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.queue.fsync:
+            self._folderOnly = True
+            if not self._busy:
+                self._syncNext()
+
     def _syncNext(self) -> None:
         batch, self._waiting = self._waiting, []
-        if not batch:
+        folder, self._folderOnly = self._folderOnly, False
+        if not batch and not folder:
             self._busy = False
             return
         self._busy = True
@@ -73,6 +93,7 @@ class EnvelopeWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.folderSyncs += 1
 
 
 def flushed(writer: EnvelopeWriter) -> defer.Deferred:

@@ -194,6 +194,11 @@ class DeliveryTests(unittest.TestCase):
         yield self.settle(lambda: id in delivery.scheduled and delivery.writer.synced >= 2
                           and not delivery.writer._busy)
         self.assertEqual(list(self.queue.tmp.iterdir()), [])  # written by rename, nothing left behind
+        folderSyncs = delivery.writer.folderSyncs
+        self.sessions.script = lambda t, a: Reply(250, "ok")
+        self.clock.advance(61)
+        yield self.settle(lambda: not self.queue.ids() and delivery.writer.folderSyncs > folderSyncs
+                          and not delivery.writer._busy)  # the removal's folder fsync too
 
     @defer.inlineCallbacks
     def test_temporaryFailureRetriedOnSchedule(self) -> None:

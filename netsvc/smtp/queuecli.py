@@ -73,7 +73,7 @@ def _openQueue(folder: Path) -> Any:
 
     if not (folder / "env").is_dir():
         raise QueueCLIError(f"no queue at {folder} (has the relay run with this configuration?)")
-    return Queue(folder, fsync=True)
+    return Queue(folder, fsync=False)  # reads, and a delete needs no folder fsync (it only removes)
 
 
 def _checkId(queue: Any, id: str) -> None:

@@ -6,6 +6,12 @@ The store is a L{netsvc.smtp.queue.Queue} (same layout, same durability: the
 250 comes after fsync + rename), plus what the web listing needs: summaries
 (sender, recipients, subject, date, size) and a parsed view of one message.
 It keeps at most C{keep} messages; past that the oldest are removed.
+
+Whatever a client sent, the views do not fail: the email package raises on some
+malformed headers (C{From: a@[1.2.3}, some RFC 2047 words), so every header and
+the body are read one by one with the raw value as the fallback, undecodable
+bytes become U+FFFD, and the text shown is cut at L{MAX_TEXT} characters
+(C{truncated}; the raw message has everything).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from netsvc.smtp.queue import Queue
 
 #: Bytes read from a message for its summary (the header section).
 SUMMARY_BYTES = 16384
+#: Characters of a message's text in the parsed view.
+MAX_TEXT = 1_000_000
 
 
 class CaptureStore(Queue):
@@ -71,10 +79,10 @@ class CaptureStore(Queue):
             "client": env.client,
             "created": env.created,
             "size": path.stat().st_size,
-            "subject": str(headers.get("subject", "")),
-            "from": str(headers.get("from", "")),
-            "to": str(headers.get("to", "")),
-            "date": str(headers.get("date", "")),
+            "subject": _header(headers, "subject"),
+            "from": _header(headers, "from"),
+            "to": _header(headers, "to"),
+            "date": _header(headers, "date"),
         }
 
     def raw(self, id: str) -> bytes:
@@ -84,15 +92,59 @@ class CaptureStore(Queue):
         """The summary, all headers, the first text part, and the attachments (name, type, size)."""
         out = self.summary(id)
         msg = BytesParser(policy=email.policy.default).parsebytes(self.raw(id))
-        out["headers"] = [[k, str(v)] for k, v in msg.items()]
-        body = msg.get_body(preferencelist=("plain", "html"))
+        out["headers"] = [[k, _parsed(msg, k, v)] for k, v in msg.raw_items()]
+        text = _text(msg).replace("\r\n", "\n")
+        out["truncated"] = len(text) > MAX_TEXT
+        out["text"] = text[:MAX_TEXT]
+        attachments = []
         try:
-            out["text"] = body.get_content() if body is not None else ""
-        except (LookupError, ValueError):
-            out["text"] = body.get_payload() if body is not None else ""
-        out["text"] = out["text"].replace("\r\n", "\n")
-        out["attachments"] = [
-            {"filename": part.get_filename() or "", "type": part.get_content_type(),
-             "size": len(part.get_payload(decode=True) or b"")}
-            for part in msg.iter_attachments()]
+            for part in msg.iter_attachments():
+                try:
+                    name = _safe(part.get_filename() or "")
+                except Exception:  # noqa: BLE001 - a malformed Content-Disposition
+                    name = ""
+                attachments.append({"filename": name, "type": part.get_content_type(),
+                                    "size": len(part.get_payload(decode=True) or b"")})
+        except Exception:  # noqa: BLE001 - a malformed structure: what was listed so far
+            pass
+        out["attachments"] = attachments
         return out
+
+
+def _safe(text: str) -> str:
+    """Text as it can be shown and encoded: undecodable bytes (lone surrogates) become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _parsed(msg: Any, name: str, raw: str) -> str:
+    """One header's decoded value (RFC 2047 words), or its raw unfolded value where the parser fails."""
+    try:
+        return _safe(str(msg.policy.header_fetch_parse(name, raw)))
+    except Exception:  # noqa: BLE001 - the email package raises on some malformed headers
+        return _safe(raw.replace("\r\n", "").replace("\n", ""))
+
+
+def _header(msg: Any, name: str) -> str:
+    """The first C{name} header, decoded, or ""."""
+    for key, raw in msg.raw_items():
+        if key.lower() == name:
+            return _parsed(msg, key, raw)
+    return ""
+
+
+def _text(msg: Any) -> str:
+    """The first text part (plain preferred), decoded as well as it can be."""
+    try:
+        body = msg.get_body(preferencelist=("plain", "html"))
+    except Exception:  # noqa: BLE001
+        body = None
+    if body is None:
+        return ""
+    try:
+        return _safe(body.get_content())
+    except Exception:  # noqa: BLE001 - unknown charset, bad transfer encoding
+        payload = body.get_payload(decode=True) or b""
+        return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else _safe(str(payload))

@@ -9,6 +9,9 @@ The captured mail on the web service (capture mode), mounted at C{/mail}:
 
 The resource is a leaf: it dispatches on C{request.postpath} (what follows the
 mount prefix).  It finds the smtp service's capture store at request time.
+One message is parsed in a thread (a 25 MB message takes seconds to parse: the
+reactor, and so every SMTP session, must not wait for it).  Everything taken
+from a message is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -20,20 +23,24 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 _ID = re.compile(r"^[0-9a-f]{16,40}$")
 
 
 class MailResource(resource.Resource):
     isLeaf = True
+    log = Logger()
 
     def __init__(self, getStore: Callable[[], Any]) -> None:
         super().__init__()
         self.getStore = getStore
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         store = self.getStore()
         if store is None:
             return _text(request, 404, "no smtp service in capture mode")
@@ -51,17 +58,33 @@ class MailResource(resource.Resource):
         base, _, ext = name.partition(".")
         if not _ID.match(base) or ext not in ("", "json", "eml"):
             return _text(request, 404, "not found")
-        try:
-            if ext == "eml":
-                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-                request.setHeader(b"content-disposition", f'inline; filename="{base}.eml"'.encode())
-                return store.raw(base)
-            parsed = store.parsed(base)
-        except FileNotFoundError:
-            return _text(request, 404, "no such message")
-        if ext == "json":
-            return _json(request, parsed)
-        return self._message(request, parsed)
+        if ext == "eml":
+            try:
+                raw = store.raw(base)
+            except FileNotFoundError:
+                return _text(request, 404, "no such message")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.setHeader(b"content-disposition", f'inline; filename="{base}.eml"'.encode())
+            return raw
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def render(parsed: dict[str, Any]) -> bytes:
+            return _json(request, parsed) if ext == "json" else self._message(request, parsed)
+
+        def failed(f: Failure) -> bytes:
+            if f.check(FileNotFoundError):
+                return _text(request, 404, "no such message")
+            self.log.failure("mail view {id}", f, id=base)
+            return _text(request, 500, "cannot read this message")
+
+        def send(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        threads.deferToThread(store.parsed, base).addCallback(render).addErrback(failed).addCallback(send)
+        return NOT_DONE_YET
 
     def _summary(self, store: Any, id: str) -> dict[str, Any] | None:
         try:
@@ -94,7 +117,9 @@ class MailResource(resource.Resource):
                 f"<p>Envelope: from {_e(m['sender'] or '<>')} to {_e(', '.join(m['recipients']))}</p>"
                 f"<table>{headers}</table>"
                 + (f"<h2>Attachments</h2><ul>{attachments}</ul>" if attachments else "")
-                + f"<h2>Text</h2><pre>{_e(m['text'])}</pre>")
+                + f"<h2>Text</h2><pre>{_e(m['text'])}</pre>"
+                + (f"<p>(cut here; the whole message: <a href=\"{m['id']}.eml\">raw</a>)</p>"
+                   if m.get("truncated") else ""))
         return _page(request, m["subject"] or m["id"], body)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import smtplib
 from email.message import EmailMessage
@@ -52,6 +53,36 @@ class StoreTests(unittest.TestCase):
         again.recover()
         self.assertEqual(again.latest(), store.latest())
 
+    @defer.inlineCallbacks
+    def test_malformedHeadersDoNotBreakTheViews(self):
+        """The email package raises on some malformed headers; one such message must not break the listing."""
+        store = CaptureStore(Path(self.mktemp()), fsync=False)
+        store.recover()
+        poison = (b"From: a@[1.2.3\r\nTo: =?iso-2022-jp?b?GyRC?=\r\nSubject: poison \xff\r\n"
+                  b"Content-Type: text/plain; charset=x-unknown\r\n\r\nbody \xe9\r\n")
+        id = yield store.enqueueBytes("a@b.test", ["c@d.test"], poison)
+        s = store.summary(id)
+        self.assertEqual(s["from"], "a@[1.2.3")
+        self.assertEqual(s["subject"], "poison \ufffd")
+        p = store.parsed(id)
+        self.assertIn(["From", "a@[1.2.3"], p["headers"])
+        self.assertIn("body", p["text"])
+        json.dumps(p, ensure_ascii=False).encode("utf-8")  # no lone surrogates
+
+    @defer.inlineCallbacks
+    def test_hugeTextIsCut(self):
+        from netsvc.smtp import capture
+
+        store = CaptureStore(Path(self.mktemp()), fsync=False)
+        store.recover()
+        big = b"Subject: big\r\n\r\n" + (b"t" * 98 + b"\r\n") * (capture.MAX_TEXT // 100 + 1000)
+        id = yield store.enqueueBytes("a@b.test", ["c@d.test"], big)
+        p = store.parsed(id)
+        self.assertTrue(p["truncated"])
+        self.assertLessEqual(len(p["text"]), capture.MAX_TEXT)
+        self.assertFalse(store.parsed((yield store.enqueueBytes("a@b.test", ["c@d.test"], b"x: y\r\n\r\nz\r\n")))
+                         ["truncated"])
+
     def test_envelopeOnly(self):
         self.assertEqual(Envelope.new("a@b", ["c@d"]).pending()[0].address, "c@d")
 
@@ -89,3 +120,38 @@ class WebTests(unittest.TestCase):
         self.assertEqual(att.get_payload(decode=True), bytes(range(256)) * 40)
         self.assertEqual((yield get(http, "/mail/ffffffffffffffffffffffff", tls=False)).status, 404)
         self.assertEqual((yield get(http, "/mail/../../etc/passwd", tls=False)).status, 404)
+
+    @defer.inlineCallbacks
+    def test_pagesEscapeWhatClientsSent(self):
+        daemon = startWeb(self, SMTP)
+        smtpPort = port(daemon, 0, "smtp")
+        http = webPort(daemon, 1)
+        word = base64.b64encode("<img src=x onerror=alert(1)> ünï".encode()).decode()
+        messages = [
+            b"Subject: <script>alert(1)</script>\r\nFrom: \"<b>x</b>\" <a@b.test>\r\n\r\n</pre><script>2</script>\r\n",
+            f"Subject: =?utf-8?b?{word}?=\r\n\r\nbody\r\n".encode(),
+            b"From: nosubject@b.test\r\n\r\nbody\r\n",
+            b"From: a@[1.2.3\r\nSubject: poison\r\n\r\nbody\r\n",
+        ]
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", smtpPort, timeout=10) as c:
+                for m in messages:
+                    c.sendmail("s@b.test", ["q@example.org"], m)
+
+        yield threads.deferToThread(send)
+        page = yield get(http, "/mail/", tls=False)
+        self.assertEqual(page.status, 200)
+        self.assertNotIn(b"<script>", page.body)
+        self.assertNotIn(b"<img", page.body)
+        self.assertIn(b"&lt;script&gt;alert(1)&lt;/script&gt;", page.body)
+        self.assertIn("&lt;img src=x onerror=alert(1)&gt; ünï".encode(), page.body)
+        self.assertIn(b"(no subject)", page.body)
+        self.assertIn(b">poison</a>", page.body)
+        listing = json.loads((yield get(http, "/mail/messages.json", tls=False)).body)
+        self.assertEqual(len(listing), 4)
+        for entry in listing:
+            view = yield get(http, f"/mail/{entry['id']}", tls=False)
+            self.assertEqual(view.status, 200)
+            self.assertNotIn(b"<script>", view.body)
+            self.assertNotIn(b"<b>", view.body)

@@ -4,7 +4,7 @@ indexed for equality lookups, searched by scope and filter.
 
     directory = Directory.load("dc=example,dc=com", [Path("example.ldif")])   # raises LoadError
     directory.get("uid=ann,ou=users,dc=example,dc=com")  -> Entry | None
-    directory.search(base, scope, filter, maxScan)       -> iterator of Entry (LDIF order)
+    directory.search(base, scope, filter, maxScan, viewer)  -> iterator of Entry (LDIF order)
 
 The Directory API other modules rely on (docs/LDAP.md, C{netsvc.ldap.authn}):
     context.directory.findUser(name, attribute="uid") -> Entry | None    sync, cheap, case-insensitive
@@ -198,14 +198,16 @@ class Directory:
 
     # -- search
 
-    def search(self, base: str, scope: int, flt: tuple, maxScan: int = 0) -> Iterator[Entry]:
+    def search(self, base: str, scope: int, flt: tuple, maxScan: int = 0,
+               viewer: str | None = None) -> Iterator[Entry]:
         """
         The entries in scope (0 base, 1 one level, 2 subtree of the normalized
-        C{base}) that match C{flt}, in LDIF order.  Indexes narrow the candidates
-        when the filter allows; at most C{maxScan} candidates are examined
-        (0: no limit) before L{ScanLimit} is raised.
+        C{base}) that match C{flt} as C{viewer} (a normalized DN, None: anonymous)
+        may see them (L{netsvc.ldap.match}: userPassword), in LDIF order.  Indexes
+        narrow the candidates when the filter allows; at most C{maxScan} candidates
+        are examined (0: no limit) before L{ScanLimit} is raised.
         """
-        test = compileFilter(flt)
+        test = compileFilter(flt, viewer)
         candidates = _candidates(self.index, flt)
         if scope == 0:
             e = self.entries.get(base)

@@ -15,38 +15,61 @@ Approximate match is equality.  An extensible match with a known matching rule
 uses that rule; with an unknown one it matches nothing.  Filters on attributes
 the entry does not have are false (also under C{not}: two-valued logic, which
 only differs from RFC 4511's three values for attributes the schema does not know).
+
+C{userPassword} is readable only by its own entry, and so is what a filter says about
+it: an assertion on it is false for every entry but the C{viewer}'s (the bound DN,
+normalized), whatever the stored value -- else C{(userPassword={SSHA}a*)} would read
+the hash out one character at a time.  Under C{not} it is then true for all of them
+alike, which tells nothing either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from netsvc.ldap.entry import Entry
+from netsvc.ldap.entry import SECRET, Entry
 from netsvc.ldap.schema import RULES, SCHEMA, normalize
 
 Test = Callable[[Entry], bool]
 
 
-def matches(flt: tuple, entry: Entry) -> bool:
-    return compileFilter(flt)(entry)
+def matches(flt: tuple, entry: Entry, viewer: str | None = None) -> bool:
+    return compileFilter(flt, viewer)(entry)
 
 
-def compileFilter(flt: tuple) -> Test:
-    """A function telling whether an entry matches C{flt} (a decoded filter tuple)."""
+def compileFilter(flt: tuple, viewer: str | None = None) -> Test:
+    """
+    A function telling whether an entry matches C{flt} (a decoded filter tuple),
+    as seen by C{viewer} (the normalized DN of the bound identity, None: anonymous).
+    """
     kind = flt[0]
-    if kind == "eq" or kind == "approx":
-        return _equal(flt[1], flt[2])
+    if kind in ("and", "or", "not"):
+        return _compileSet(flt, viewer)
+    test = _compileItem(flt)
+    attr = flt[2] if kind == "ext" else flt[1]
+    if attr is not None and SCHEMA.canonical(attr) == SECRET:
+        return lambda e: e.ndn == viewer and test(e)
+    return test
+
+
+def _compileSet(flt: tuple, viewer: str | None) -> Test:
+    kind = flt[0]
     if kind == "and":
-        subs = [compileFilter(f) for f in flt[1]]
+        subs = [compileFilter(f, viewer) for f in flt[1]]
         if len(subs) == 1:
             return subs[0]
         return lambda e: all(t(e) for t in subs)
     if kind == "or":
-        subs = [compileFilter(f) for f in flt[1]]
+        subs = [compileFilter(f, viewer) for f in flt[1]]
         return lambda e: any(t(e) for t in subs)
-    if kind == "not":
-        sub = compileFilter(flt[1])
-        return lambda e: not sub(e)
+    sub = compileFilter(flt[1], viewer)
+    return lambda e: not sub(e)
+
+
+def _compileItem(flt: tuple) -> Test:
+    kind = flt[0]
+    if kind == "eq" or kind == "approx":
+        return _equal(flt[1], flt[2])
     if kind == "present":
         canon = SCHEMA.canonical(flt[1])
         return lambda e: canon in e.attrs

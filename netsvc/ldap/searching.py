@@ -96,7 +96,7 @@ class SearchOperations:
         if paged is not None:
             self._pagedSearch(msg, paged, base, scope, sel, sizeLimit, timeLimit)
             return
-        results = directory.search(base, scope, req.filter, limits.maxScan)
+        results = directory.search(base, scope, req.filter, limits.maxScan, self.boundDN)
         code, text, _, _ = self._send(msg.id, results, sel, sizeLimit, timeLimit, 0)
         self.write(codec.result(msg.id, done, code, text))
 
@@ -148,7 +148,8 @@ class SearchOperations:
                                         "unknown or stale paged results cookie"))
                 return
         else:
-            state = _Paged(key, self.factory.directory.search(base, scope, req.filter, self.factory.limits.maxScan))
+            state = _Paged(key, self.factory.directory.search(base, scope, req.filter, self.factory.limits.maxScan,
+                                                              self.boundDN))
         if size <= 0:  # the client abandons the paged search
             self.write(codec.result(msg.id, done, SUCCESS, controls=_pagedControl(b"")))
             return

@@ -433,7 +433,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         if canon not in entry.attrs:
             self.write(codec.result(msg.id, codec.COMPARE_RESPONSE, NO_SUCH_ATTRIBUTE))
             return
-        same = matches(("eq", req.attribute, req.value), entry)
+        same = matches(("eq", req.attribute, req.value), entry, self.boundDN)
         self.write(codec.result(msg.id, codec.COMPARE_RESPONSE, COMPARE_TRUE if same else COMPARE_FALSE))
 
     def _mayRead(self) -> bool:

@@ -473,7 +473,8 @@ class SMTPSession(AuthCommands, Protocol):
         id = self._incoming.id if self._incoming is not None else ""
         rcpt = f"\r\n\tfor <{self.recipients[0].address}>" if len(self.recipients) == 1 else ""
         date = email.utils.formatdate(localtime=True)
-        out = (f"Received: from {_clean(self.helo or '')} ([{self.host}])\r\n\tby {c.hostname} (netsvc) "
+        literal = f"IPv6:{self.host}" if ":" in self.host else self.host  # RFC 5321 4.1.3 address literal
+        out = (f"Received: from {_clean(self.helo or '')} ([{literal}])\r\n\tby {c.hostname} (netsvc) "
                f"with {proto} id {id}{rcpt}; {date}\r\n")
         if b"message-id" not in names:
             out += f"Message-ID: <{id}@{c.hostname}>\r\n"

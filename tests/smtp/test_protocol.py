@@ -176,6 +176,12 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(self.send(p, t, b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
         self.assertTrue(t.disconnecting)
 
+    def test_receivedNamesAnIPv6ClientAsAnAddressLiteral(self):
+        p, t = self.connect(peer="::1")
+        self.send(p, t, b"EHLO client.test\r\n")
+        self.assertTrue(self.transaction(p, t).endswith(b"250 2.0.0 Ok: queued as id0\r\n"))
+        self.assertTrue(self.queue.committed()[0].data.startswith(b"Received: from client.test ([IPv6:::1])\r\n"))
+
     def test_noOpenRelay(self):
         p, t = self.connect(peer="192.0.2.7")
         self.send(p, t, b"EHLO outsider\r\n")

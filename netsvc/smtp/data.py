@@ -5,7 +5,8 @@ L{DataReader.feed} takes whatever bytes the session has buffered and consumes
 complete lines: it finds the end marker (C{CRLF . CRLF}; only CRLF ends a line,
 so C{LF . LF} never ends a message -- no SMTP smuggling), removes dot-stuffing,
 checks the size (running total, nothing buffered past the header section), the
-line length, NUL bytes and bare LF, and writes the message to its sink (a queue
+line length, NUL bytes, bare CR (relayed, C{CR . CR} ends the data for some
+receivers) and bare LF, and writes the message to its sink (a queue
 L{netsvc.smtp.queue.IncomingMessage}).  The header section is held until it is
 complete so that the trace headers can be written first: C{prefix(names)}
 returns them (Received, and Message-ID/Date when C{names} -- the lower-cased
@@ -31,7 +32,7 @@ _HEADER_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
 class DataReader:
     """
     Reads one message.  After each L{feed}: C{done} (the end marker was seen) and
-    C{problem} (None, or "size", "line", "nul", "barelf" -- the message must not be
+    C{problem} (None, or "size", "line", "nul", "barecr", "barelf" -- the message must not be
     accepted; "barelf" means the session must end at once).
     """
 
@@ -93,6 +94,9 @@ class DataReader:
             return
         if b"\0" in body:
             self._fail("nul")
+            return
+        if body.count(b"\r") != body.count(b"\r\n"):
+            self._fail("barecr")
             return
         if len(body) > self.maxLine and max(map(len, body.split(b"\n"))) >= self.maxLine:
             self._fail("line")

@@ -17,7 +17,7 @@ Contract:
   - 250 after DATA only once the queue's commit has fired (durable).
   - Bad input: over-long command or text line 500 5.5.2 (the transaction, not the
     session, ends); over size 552 5.3.4 (SIZE= at MAIL, running total in DATA);
-    NUL 554 5.6.0; bare LF, data pipelined after DATA/EHLO: 521/554 and close;
+    NUL or bare CR 554 5.6.0; bare LF, data pipelined after DATA/EHLO: 521/554 and close;
     a client that vanishes mid-DATA leaves nothing (the tmp file is removed).
   - Failed AUTH (wrong or garbage) 535 5.7.8, counted; limited per session
     (then 421) and per client IP (token bucket; then 454 4.7.0 without checking).
@@ -420,11 +420,14 @@ class SMTPSession(AuthCommands, Protocol):
         problem = reader.problem
         if problem is not None:
             self._resetTransaction()
-            self.config.metrics.reject({"size": "size", "line": "line_too_long", "nul": "nul"}[problem])
+            self.config.metrics.reject({"size": "size", "line": "line_too_long", "nul": "nul",
+                                        "barecr": "bare_cr"}[problem])
             if problem == "size":
                 self._send(552, "5.3.4", "Error: message too big for system")
             elif problem == "line":
                 self._send(500, "5.5.2", "Error: line too long")
+            elif problem == "barecr":
+                self._send(554, "5.6.0", "Error: message contains bare <CR> characters")
             else:
                 self._send(554, "5.6.0", "Error: message contains NUL characters")
             return True

@@ -352,6 +352,20 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(out.endswith(b"554 5.6.0 Error: message contains NUL characters\r\n"), out)
         self.assertEqual(self.queue.committed(), [])
 
+    def test_bareCRInData(self):
+        """
+        A bare CR is refused like NUL (RFC 5321 2.3.8): relayed, "<CR>.<CR>" is an end of data for some
+        receivers (SMTP smuggling); only the transaction ends.
+        """
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.transaction(p, t, b"Subject: x\r\n\r\nfoo\r.\rMAIL FROM:<evil@x>\r\n")
+        self.assertTrue(out.endswith(b"554 5.6.0 Error: message contains bare <CR> characters\r\n"), out)
+        self.assertEqual(self.queue.committed(), [])
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="bare_cr"), 1)
+        out = self.transaction(p, t)
+        self.assertTrue(out.endswith(b"250 2.0.0 Ok: queued as id1\r\n"), out)
+
     def test_vanishMidData(self):
         p, t = self.connect()
         self.send(p, t, b"EHLO x\r\n")

@@ -303,7 +303,8 @@ class LocalDirectory:
         if directory is None or not password:
             return defer.succeed(False)
         entry = directory.findUser(user, self.attribute)
-        # An unknown user is checked against no entry: the directory spends a dummy hash on it.
+        # An unknown user is checked against no entry: the directory spends on it what a wrong password
+        # costs (a dummy of its most common scheme, on the same path).
         d = defer.maybeDeferred(directory.checkPassword, entry.dn if entry is not None else _NO_SUCH_DN, password)
         d.addTimeout(self.timeout, self.context.reactor)
         d.addCallback(lambda ok: bool(ok) and entry is not None)

@@ -38,7 +38,7 @@ INDEXED = ("objectclass", "uid", "cn", "sn", "mail", "givenname", "ou", "dc", "m
 
 #: userPassword schemes cheap enough (one salted SHA) to verify on the reactor thread.
 _CHEAP = ("{SSHA}", "{SHA}", "{SSHA256}", "{SSHA512}")
-#: What an unknown DN's password is checked against (so that it costs what a known one costs).
+#: What an unknown DN's password is checked against in a directory without passwords.
 _DUMMY = "scrypt:" + "00" * 16 + ":" + "00" * 32
 
 
@@ -78,6 +78,7 @@ class Directory:
         self.index = index
         #: Entries in LDIF order (what a subtree search of the suffix walks).
         self.ordered = list(entries.values())
+        self.dummy = _dummyPassword(self.ordered)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -181,16 +182,20 @@ class Directory:
         Whether C{password} matches one of the C{userPassword} values of entry
         C{dn} (any scheme L{netsvc.auth.verifyPassword} knows; cleartext values
         too, as in LDAP).  Salted-SHA values are checked at once (microseconds);
-        anything else (scrypt, crypt) in a thread.  An unknown DN costs a dummy
-        scrypt check and gives False.  Never errbacks.
+        anything else (scrypt, crypt) in a thread.  Never errbacks.
+
+        An unknown DN (or an entry without a password) gives False after the same
+        work as a wrong password: a check of one of the directory's own values of
+        its most common scheme (L{_dummyPassword}), on the same path.
         """
         entry = self.get(dn)
         stored = [v.decode("utf-8", "replace") for v in entry.attrs.get("userpassword", ())] if entry else []
         if not password:
             return defer.succeed(False)
-        if stored and all(s[:s.find("}") + 1].upper() in _CHEAP for s in stored):
-            return defer.succeed(_verifyAny(password, stored))
-        work = stored or [_DUMMY]
+        work = stored or [self.dummy]
+        if all(s[:s.find("}") + 1].upper() in _CHEAP for s in work):
+            ok = _verifyAny(password, work)
+            return defer.succeed(ok and bool(stored))
         d = deferToThread(_verifyAny, password, work)
         if not stored:
             d.addCallback(lambda _: False)
@@ -245,6 +250,43 @@ class Directory:
 
 def _seq(entry: Entry) -> int:
     return entry.seq
+
+
+def costClass(stored: str) -> str:
+    """
+    What checking a password against C{stored} costs, as a name: its scheme,
+    with the parameters that set the work for crypt(3) (C{{CRYPT}$6$rounds=...}).
+    """
+    if stored.startswith("scrypt:"):
+        return "scrypt"
+    scheme, brace, rest = stored.partition("}")
+    if not brace or not scheme.startswith("{"):
+        return "plain"
+    scheme = scheme.upper() + "}"
+    if scheme == "{SCRYPT}":
+        return "scrypt"
+    if scheme == "{CRYPT}":
+        return scheme + "$".join(rest.split("$")[:-2])
+    return scheme
+
+
+def _dummyPassword(entries: list[Entry]) -> str:
+    """
+    A userPassword value of the directory's most common cost class (the first of
+    them in LDIF order): what an unknown DN's password is checked against, so that
+    it costs what a wrong password costs (the result is thrown away).
+    """
+    first: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for e in entries:
+        for v in e.attrs.get("userpassword", ()):
+            stored = v.decode("utf-8", "replace")
+            cls = costClass(stored)
+            first.setdefault(cls, stored)
+            counts[cls] = counts.get(cls, 0) + 1
+    if not counts:
+        return _DUMMY
+    return first[max(counts, key=lambda c: counts[c])]
 
 
 def _verifyAny(password: str, stored: list[str]) -> bool:

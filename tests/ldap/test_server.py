@@ -69,7 +69,7 @@ class BindTests(unittest.TestCase):
         self.assertIsNone(self.client.protocol.boundDN)
 
     def test_unknownDN(self):
-        """An unknown DN costs a (threaded) dummy check, then 49."""
+        """An unknown DN costs a dummy check (tests/ldap/test_access.py), then 49."""
         d = self.factory.directory.checkPassword("uid=nobody,ou=users,dc=example,dc=com", "x")
         return d.addCallback(self.assertFalse)
 

@@ -17,6 +17,13 @@ or hangs makes C{check} fire False (logged once, and once more when it is back),
 never an error and never a hang.  An empty password is False without asking the
 server (a simple bind with an empty password is an anonymous bind, RFC 4513 5.1.2).
 
+Timing: an unknown user name (or an ambiguous one) costs the same round trips as
+a wrong password -- the search, then a bind with the password as C{UNKNOWN_RDN}
+under the base.  What remains is the server's own work: a server that answers
+a bind to a DN it does not have without hashing (slapd does; netsvc's own
+directory hashes a dummy) answers it faster than a wrong password, by about one
+hash of the user's scheme (microseconds for {SSHA}, ~50 ms for scrypt).
+
 L{RemoteDirectory.isReserved} must answer at once, so it answers from a cache of
 the names in the directory: loaded when the reactor starts (or at the first
 question), refreshed in the background every L{REFRESH} seconds (L{RETRY} after a
@@ -54,6 +61,8 @@ MAX_NAME = 256
 PAGE = 500
 
 _NO_SUCH_DN = "cn=no such user"
+#: The RDN an unknown user's password is bound as, under the base (a name no directory has).
+UNKNOWN_RDN = "cn=netsvc-no-such-user-0c5e1f"
 
 
 class Pool:
@@ -200,6 +209,12 @@ class RemoteDirectory:
             self._trouble(f"searching {self.attribute}={user} under {self.base}", e)
             return False
         if dn is None:
+            # Unknown (or ambiguous): the same bind round trip as for a wrong password, to a DN
+            # that does not exist, so that the answer's time does not say the name is unknown.
+            try:
+                await self._binds.run(lambda conn: conn.bind(f"{UNKNOWN_RDN},{self.base}", password))
+            except Exception:
+                pass
             self._fine()
             return False
         try:

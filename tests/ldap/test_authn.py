@@ -71,6 +71,34 @@ class RemoteInMemoryTests(unittest.TestCase):
         self.assertLessEqual(self.connects, 2)  # one search and one bind connection, reused
 
     @defer.inlineCallbacks
+    def test_unknownUserCostsABind(self):
+        """
+        An unknown user is not answered after the search alone: a bind with the password
+        is made as for a known user (to a DN that does not exist), so that the answer
+        takes the same round trips; the server's refusal is not logged.
+        """
+        binds: list[str] = []
+
+        async def recordingConnect(*args, **kw):
+            conn = await client.connect(*args, **kw)
+            bind = conn.bind
+
+            def recording(dn, password):
+                binds.append(dn)
+                return bind(dn, password)
+
+            conn.bind = recording
+            return conn
+
+        users = remote(self.url, self, connect=recordingConnect)
+        self.assertIs((yield users.check("jo", "wrong")), False)
+        self.assertIs((yield users.check("nobody", "wrong")), False)
+        self.assertIs((yield users.check("nobody", "s3cret")), False)
+        self.assertEqual(len(binds), 3)
+        self.assertTrue(binds[1].endswith("," + USERS), binds)
+        self.assertEqual(self.errors, [])
+
+    @defer.inlineCallbacks
     def test_emptyPasswordNeverAsksTheServer(self):
         # An empty password would make the bind anonymous, and "succeed".
         users = remote(self.url, self, connect=self.countingConnect)

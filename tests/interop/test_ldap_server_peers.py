@@ -10,11 +10,9 @@ from status.json; the generated certificate (for 127.0.0.1) is the CA clients tr
 
 from __future__ import annotations
 
-import atexit
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,28 +24,6 @@ EXAMPLE = REPO / "etc" / "ldap" / "example.ldif"
 USERS = "ou=users,dc=example,dc=com"
 ALICE = "uid=alice,ou=users,dc=example,dc=com"
 CAROL = "uid=carol,ou=users,dc=example,dc=com"
-
-
-class _ClassScope:
-    """What startNetsvc needs of a test case, for a daemon shared by a whole test class."""
-
-    failureException = AssertionError
-
-    def __init__(self) -> None:
-        self.cleanups: list = []
-        self.folder = Path(tempfile.mkdtemp(prefix="netsvc-ldap-interop-"))
-        self.cleanups.append(lambda: shutil.rmtree(self.folder, ignore_errors=True))
-
-    def mktemp(self) -> str:
-        return tempfile.mktemp(dir=self.folder)
-
-    def addCleanup(self, f, *args) -> None:
-        self.cleanups.append(lambda: f(*args))
-
-    def close(self) -> None:
-        cleanups, self.cleanups = self.cleanups, []
-        for f in reversed(cleanups):
-            f()
 
 
 def startLDAP(testCase, extra: str = "") -> tuple:
@@ -69,7 +45,12 @@ def startLDAP(testCase, extra: str = "") -> tuple:
 
 
 class LDAPDaemonTestCase(unittest.TestCase):
-    """Each test gets its own daemon; see L{SharedDaemonTestCase} for one per class."""
+    """
+    Each test gets its own daemon, stopped by its cleanup.  (Not one per class: trial
+    26 never calls setUpClass/tearDownClass -- its TestSuite.run does not run class
+    fixtures -- so a class-wide daemon would outlive its class; and tests sharing one
+    would share its failed-bind counters.)
+    """
 
     def setUp(self) -> None:
         self.daemon, self.ldif, self.url, self.ldapsURL = startLDAP(self)
@@ -82,30 +63,7 @@ class LDAPDaemonTestCase(unittest.TestCase):
         return result.returncode, decoded(result)
 
 
-class SharedDaemonTestCase(LDAPDaemonTestCase):
-    """
-    One daemon for the whole class (its tests only read), started by the first
-    test, stopped at exit (trial does not call tearDownClass) or by tearDownClass.
-    """
-
-    scope: _ClassScope | None = None
-
-    def setUp(self) -> None:
-        cls = type(self)
-        if cls.scope is None:
-            cls.scope = _ClassScope()
-            atexit.register(cls.scope.close)
-            cls.shared = startLDAP(cls.scope)
-        self.daemon, self.ldif, self.url, self.ldapsURL = cls.shared
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if cls.scope is not None:
-            cls.scope.close()
-            cls.scope = None
-
-
-class OpenLDAPToolsTests(SharedDaemonTestCase):
+class OpenLDAPToolsTests(LDAPDaemonTestCase):
     def test_readmeSearch(self):
         """The README's command: the users with their sn."""
         status, out = self.tool("ldapsearch", "-x", "-LLL", "-H", self.url, "-b", USERS, "(objectclass=person)", "sn")

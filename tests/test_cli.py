@@ -73,8 +73,13 @@ class TopLevelTests(Captured):
 
     def test_helpWithoutMarkupAndEveryOptionHelped(self) -> None:
         top = cli.parser()
-        for name in ("check-config", "echo", "chat", "dns", "forward", "fetch"):
-            p = top.commands[name]
+        parsers = [(name, top.commands[name]) for name in ("check-config", "echo", "chat", "dns", "forward", "fetch")]
+        ldap = top.commands["ldap"]
+        for action in ldap._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"ldap {sub}", p) for sub, p in action.choices.items()]
+        self.assertEqual([name for name, _ in parsers[6:]], ["ldap search", "ldap whoami", "ldap compare", "ldap hash"])
+        for name, p in parsers:
             text = p.format_help()
             self.assertNotRegex(text, r"\b[CLIBU]\{", f"epydoc markup in netsvc {name} --help")
             self.assertTrue(p.description, f"netsvc {name} --help has no description")

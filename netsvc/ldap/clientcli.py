@@ -376,7 +376,9 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = commands.add_parser("search", help="search the directory (ldapsearch)")
+    s = commands.add_parser("search", help="search the directory (ldapsearch)", description=(
+        "Search an LDAP directory as ldapsearch does; entries are printed as LDIF (or --json). "
+        "Exit status: the LDAP result code (0 success, 4 size limit exceeded, 32 no such object, ...)."))
     _addConnection(s)
     s.add_argument("-b", dest="base", default="", metavar="BASE", help="search base (default: the root DSE)")
     s.add_argument("-s", dest="scope", choices=list(client.SCOPES), default="sub", help="scope (default sub)")
@@ -398,17 +400,23 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
                    help="attributes to return (default all user attributes; '+' operational, '1.1' none)")
     s.set_defaults(run=search)
 
-    w = commands.add_parser("whoami", help="who the server thinks you are (ldapwhoami, RFC 4532)")
+    w = commands.add_parser("whoami", help="who the server thinks you are (ldapwhoami, RFC 4532)", description=(
+        "Print the identity the server associates with this connection after the bind "
+        "(dn:..., or anonymous), as ldapwhoami does."))
     _addConnection(w)
     w.set_defaults(run=whoami)
 
-    c = commands.add_parser("compare", help="compare an attribute value (ldapcompare): exit 6 true, 5 false")
+    c = commands.add_parser("compare", help="compare an attribute value (ldapcompare): exit 6 true, 5 false",
+                            description=("Ask the server whether entry DN has the value in attribute attr, as "
+                                         "ldapcompare does: prints TRUE (exit 6) or FALSE (exit 5)."))
     _addConnection(c)
-    c.add_argument("dn", metavar="DN")
+    c.add_argument("dn", metavar="DN", help="the entry to compare, e.g. uid=alice,ou=users,dc=example,dc=com")
     c.add_argument("assertion", metavar="attr:value", help="attr:value or attr::base64value")
     c.set_defaults(run=compare)
 
-    h = commands.add_parser("hash", help="hash a password read from standard input ({SSHA} or scrypt)")
+    h = commands.add_parser("hash", help="hash a password read from standard input ({SSHA} or scrypt)",
+                            description=("Print a hash of a password read from standard input (asked twice at a "
+                                         "terminal, as slappasswd does), for LDIF userPassword values or users files."))
     h.add_argument("--scheme", choices=["ssha", "scrypt"], default="ssha",
                    help="ssha for LDIF userPassword (default), scrypt for users files")
     h.set_defaults(run=hashCommand)

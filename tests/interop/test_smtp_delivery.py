@@ -339,7 +339,8 @@ services:
         while time.monotonic() < deadline and len(self.queued()) != 1:
             time.sleep(0.05)
         self.assertEqual([p.name[:-5] for p in self.queued()], [second])
-        self.assertTrue(self.daemon.waitForOutput(f"retry of {second} requested", ARRIVAL), self.daemon.output()[-2000:])
+        self.assertTrue(self.daemon.waitForOutput(f"retry of {second} requested", ARRIVAL),
+                        self.daemon.output()[-2000:])
         status, out = netsvc(self, "mail", "queue", "show", "nonexistent", "--config", config)
         self.assertEqual(status, 1)
         self.assertIn("no message 'nonexistent'", out)

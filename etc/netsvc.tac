@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.logger import ILogObserver
 
 from netsvc import logs
+from netsvc.auth import UserSource
 from netsvc.config import DatagramListener, Limits, Listener, LogSettings, MetricsSettings, Settings, Size
 from netsvc.chat.service import ChatListener
 from netsvc.chat.service import Settings as ChatSettings
@@ -14,13 +15,17 @@ from netsvc.dns.service import Settings as DNSSettings
 from netsvc.echo.service import Settings as EchoSettings
 from netsvc.forward.settings import ForwardListener, Health, Rule, UDPSettings
 from netsvc.forward.settings import Settings as ForwardSettings
+from netsvc.ldap.settings import Settings as LDAPSettings
 from netsvc.runtime import buildDaemon
+from netsvc.smtp.settings import RelaySettings, SMTPListener
+from netsvc.smtp.settings import Settings as SMTPSettings
 from netsvc.web.service import Settings as WebSettings
 from netsvc.web.settings import AccessLogSettings, WebListener
 
 here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.path.abspath("etc")
 
 settings = Settings(
+    base_dir=here,  # relative paths below (ldif, users) resolve here, as in etc/netsvc.yaml
     state_dir=os.path.join(here, "..", "var"),
     log=LogSettings(format="text", level="info"),
     metrics=MetricsSettings(listen=[Listener(endpoint="tcp:9100:interface=127.0.0.1")]),
@@ -71,6 +76,26 @@ settings = Settings(
                 Record(name="mail.lab", type="A", value="10.0.0.8"),
             ],
             allow=["127.0.0.0/8", "::1/128"],
+        ),
+        "ldap": LDAPSettings(
+            listen=[
+                Listener(endpoint="tcp:3389:interface=127.0.0.1"),
+                Listener(endpoint="tls:3636:interface=127.0.0.1"),
+            ],
+            suffix="dc=example,dc=com",
+            ldif=["ldap/example.ldif"],
+            anonymous="read",
+        ),
+        "smtp": SMTPSettings(
+            listen=[
+                SMTPListener(endpoint="tcp:2525:interface=127.0.0.1"),
+                SMTPListener(endpoint="tcp:2587:interface=127.0.0.1", submission=True),
+                SMTPListener(endpoint="tls:2465:interface=127.0.0.1", submission=True),
+            ],
+            hostname="mail.lab",
+            mynetworks=["127.0.0.0/8", "::1/128"],
+            users=UserSource(file="mail-users.txt"),
+            relay=RelaySettings(capture=True, keep=10000),
         ),
     },
 )

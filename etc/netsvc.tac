@@ -7,9 +7,9 @@ from twisted.logger import ILogObserver
 
 from netsvc import logs
 from netsvc.auth import UserSource
-from netsvc.config import DatagramListener, Limits, Listener, LogSettings, MetricsSettings, Settings, Size
 from netsvc.chat.service import ChatListener
 from netsvc.chat.service import Settings as ChatSettings
+from netsvc.config import DatagramListener, Limits, Listener, LogSettings, MetricsSettings, Settings, Size
 from netsvc.dns.service import Record
 from netsvc.dns.service import Settings as DNSSettings
 from netsvc.echo.service import Settings as EchoSettings

@@ -66,7 +66,10 @@ class SMTPSession(AuthCommands, Protocol):
         self._buf = b""
         self._out: list[bytes] = []
         self._busy = False  # a reply waits on a Deferred: hold input
-        self._paused = False
+        self._writesPaused = False  # the transport's write buffer is full: commands wait
+        self._inputHeld = False  # much input waits: the transport is not read
+        self._processing = False
+        self._again = False
         self._closed = False
         self._skipping = False  # dropping the rest of an over-long command line
         self._reader: DataReader | None = None
@@ -90,6 +93,10 @@ class SMTPSession(AuthCommands, Protocol):
         self.host = getattr(peer, "host", None) or "unix"
         self.secure = ISSLTransport.providedBy(self.transport)
         self.config.metrics.sessions.inc()
+        # Back-pressure: a client that does not read its replies fills the transport's
+        # buffer; the transport pauses us and we stop answering its commands, then
+        # reading them (bounded memory; see _process).
+        self.transport.registerProducer(self, True)
         self._send(220, None, f"{self.config.hostname} ESMTP netsvc")
         self._flush()
 
@@ -112,6 +119,25 @@ class SMTPSession(AuthCommands, Protocol):
             self._close(421, "4.3.2", f"{self.config.hostname} Service shutting down")
         else:
             self._drainWhenIdle = True
+
+    # -- as the transport's producer (of replies)
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's buffer is full (or, under TLS, waits for the handshake):
+        stop answering.  Input is then only buffered, and the transport is paused
+        once that passes MAX_HELD_INPUT -- not at once, or a TLS handshake that
+        holds our banner back would never be read.
+        """
+        self._writesPaused = True
+
+    def resumeProducing(self) -> None:
+        self._writesPaused = False
+        if not self._closed:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
 
     # -- output
 
@@ -142,7 +168,28 @@ class SMTPSession(AuthCommands, Protocol):
         self._process()
 
     def _process(self) -> None:
-        while self._buf and not self._busy and not self._closed:
+        if self._processing:  # re-entered (a commit fired, the transport resumed us): once more
+            self._again = True
+            return
+        self._processing = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._processInput()
+                self._flush()
+        finally:
+            self._processing = False
+        stalled = (self._busy or self._writesPaused) and len(self._buf) > MAX_HELD_INPUT
+        if stalled != self._inputHeld and not self._closed:
+            self._inputHeld = stalled
+            if stalled:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _processInput(self) -> None:
+        while self._buf and not self._busy and not self._closed and not self._writesPaused:
             if self._reader is not None:
                 if not self._readData():
                     break
@@ -174,10 +221,6 @@ class SMTPSession(AuthCommands, Protocol):
                 self._authState(line)
             else:
                 self._command(line)
-        if self._busy and len(self._buf) > MAX_HELD_INPUT and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
-        self._flush()
 
     def _lineTooLong(self) -> None:
         self._authState = None
@@ -196,9 +239,6 @@ class SMTPSession(AuthCommands, Protocol):
 
     def _release(self) -> None:
         self._busy = False
-        if self._paused and not self._closed:
-            self._paused = False
-            self.transport.resumeProducing()
         if self._drainWhenIdle and self._incoming is None and self.mailFrom is None:
             self._close(421, "4.3.2", f"{self.config.hostname} Service shutting down")
             return

@@ -395,6 +395,40 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(t.value(), b"250 2.0.0 Ok: queued as id0\r\n250 2.1.0 Ok\r\n221 2.0.0 Bye\r\n")
         self.assertTrue(t.disconnecting)
 
+    def test_clientNotReadingRepliesIsNotRead(self):
+        """
+        Back-pressure: the session is its transport's producer.  When the client does not read its replies
+        and the transport's buffer fills, the session stops answering, and once the input waiting passes
+        MAX_HELD_INPUT it stops reading (memory stays bounded).  Not at once: under TLS the banner waits
+        for the handshake, which must still be read.
+        """
+        self.queue.autoCommit = False
+        p, t = self.connect()
+        self.assertIs(t.producer, p)
+        self.assertTrue(t.streaming)
+        self.send(p, t, b"EHLO x\r\n")
+        p.pauseProducing()  # the transport: my write buffer is full
+        self.assertEqual(self.send(p, t, b"NOOP\r\n"), b"")
+        self.assertEqual(t.producerState, "producing")  # a little input: still read
+        self.assertEqual(self.send(p, t, b"NOOP\r\n" * 50000), b"")
+        self.assertEqual(t.producerState, "paused")
+        p.resumeProducing()
+        self.assertEqual(t.value().count(b"250 2.0.0 Ok\r\n"), 50001)
+        self.assertEqual(t.producerState, "producing")
+        # input held behind a commit, and writes paused meanwhile: both must clear
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n")
+        self.send(p, t, b"x: y\r\n\r\nbody\r\n.\r\n" + b"NOOP\r\n" * 50000)
+        self.assertEqual(t.producerState, "paused")
+        p.pauseProducing()
+        d, m = self.queue.pending[0]
+        t.clear()
+        d.callback(m.id)
+        self.assertEqual(t.value(), b"250 2.0.0 Ok: queued as id0\r\n")  # the rest waits for the client
+        self.assertEqual(t.producerState, "paused")
+        p.resumeProducing()
+        self.assertEqual(t.producerState, "producing")
+        self.assertEqual(t.value().count(b"250 2.0.0 Ok\r\n"), 50000)
+
     def test_dataPipelinedAfterDATA(self):
         p, t = self.connect()
         self.send(p, t, b"EHLO x\r\n")

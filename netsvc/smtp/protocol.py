@@ -5,13 +5,17 @@ The ESMTP server session (RFC 5321) with PIPELINING (2920), SIZE (1870),
 
 Wire behaviour only: everything it decides with comes in a L{ServerConfig}
 (netsvc.smtp.policy: the queue, the authenticator, the limits, the TLS context),
-so tests drive it over a StringTransport.  The AUTH command is in
-netsvc.smtp.sasl, the DATA reader in netsvc.smtp.data, the command syntax in
-netsvc.smtp.syntax.
+so tests drive it over a StringTransport.  This module holds the connection:
+input framing, pipelining and back-pressure, replies, EHLO/HELO, STARTTLS and
+the small commands.  MAIL/RCPT/DATA and the commit are in
+netsvc.smtp.transaction, AUTH in netsvc.smtp.sasl, the DATA reader in
+netsvc.smtp.data, the command syntax in netsvc.smtp.syntax.
 
 Contract:
   - Replies are sent in command order, one write per pipelined group; while a
     reply waits on a Deferred (AUTH check, queue commit) input is held, not read.
+  - Back-pressure: the session is its transport's producer; a client that does
+    not read its replies is not answered, then (past 256 KB waiting) not read.
   - Relay: a RCPT is accepted only from C{mynetworks} or an authenticated session,
     otherwise 554 5.7.1.  Submission listeners need AUTH (after STARTTLS on plain TCP).
   - 250 after DATA only once the queue's commit has fired (durable).
@@ -32,21 +36,16 @@ per DATA line.  Its xtext codec is used (netsvc.smtp.syntax).
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 
 from netsvc.smtp.data import DataReader
 from netsvc.smtp.policy import ServerConfig, SMTPMetrics, reply
-from netsvc.smtp.queue import Envelope, Recipient
 from netsvc.smtp.sasl import AuthCommands
-from netsvc.smtp.syntax import SyntaxProblem, checkMailbox, parseDSNMail, parseDSNRcpt, parsePathArgument
-
-log = Logger()
+from netsvc.smtp.transaction import TransactionCommands
 
 __all__ = ["MAX_COMMAND_LINE", "SMTPFactory", "SMTPMetrics", "SMTPSession", "ServerConfig", "reply"]
 
@@ -58,7 +57,7 @@ MAX_ERRORS = 20
 MAX_HELD_INPUT = 256 * 1024
 
 
-class SMTPSession(AuthCommands, Protocol):
+class SMTPSession(TransactionCommands, AuthCommands, Protocol):
     """One client connection.  See the module docstring for the contract."""
 
     def __init__(self, config: ServerConfig) -> None:
@@ -329,206 +328,6 @@ class SMTPSession(AuthCommands, Protocol):
         self.helo = None
         self.esmtp = False
         self._resetTransaction()
-
-    # -- transactions
-
-    def _resetTransaction(self) -> None:
-        self.mailFrom: str | None = None
-        self.recipients: list[Recipient] = []
-        self.ret: str | None = None
-        self.envid: str | None = None
-        self.smtputf8 = False
-        self.declaredSize = 0
-
-    def do_MAIL(self, rest: bytes) -> None:
-        c = self.config
-        if self.helo is None:
-            self._error(503, "5.5.1", "Error: send HELO/EHLO first", "bad_sequence")
-            return
-        if self.mailFrom is not None:
-            self._error(503, "5.5.1", "Error: nested MAIL command", "bad_sequence")
-            return
-        if c.submission and self.user is None:
-            if not self.secure and c.tlsOptions is not None:
-                self._error(530, "5.7.0", "Must issue a STARTTLS command first", "auth_required")
-            else:
-                self._error(530, "5.7.0", "Authentication required", "auth_required")
-            return
-        if self.messages >= c.maxMessages:
-            self.config.metrics.reject("messages_per_session")
-            self._close(421, "4.7.0", f"{c.hostname} Error: too many messages in this session")
-            return
-        try:
-            path, params, ascii = parsePathArgument(rest, "FROM")
-            sender = checkMailbox(path, sender=True)
-            self.smtputf8 = "SMTPUTF8" in params
-            if not ascii and not self.smtputf8:
-                raise SyntaxProblem(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
-            size = params.get("SIZE")
-            if "SIZE" in params:
-                if not size or not size.isdigit():
-                    raise SyntaxProblem(501, "5.5.4", "Bad SIZE parameter")
-                if int(size) > c.maxSize:
-                    raise SyntaxProblem(552, "5.3.4", "Message size exceeds fixed maximum message size")
-            body = (params.get("BODY") or "7BIT").upper()
-            if body not in ("7BIT", "8BITMIME"):
-                raise SyntaxProblem(555, "5.5.4", "Unsupported BODY type")
-            ret, envid = parseDSNMail(params)
-            unknown = set(params) - {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
-            if unknown:
-                raise SyntaxProblem(555, "5.5.4", f"Unsupported parameter {sorted(unknown)[0]}")
-        except SyntaxProblem as e:
-            code, status, text = e.reply
-            self._error(code, status, text, "size" if code == 552 else "bad_sender")
-            return
-        if c.messageRate is not None and not c.messageRate.allow(self.host):
-            self.config.metrics.reject("rate")
-            self._send(450, "4.7.1", "Error: too many messages from your address; try again later")
-            return
-        self.mailFrom = sender
-        self.ret, self.envid = ret, envid
-        self.declaredSize = int(size) if size else 0
-        self._send(250, "2.1.0", "Ok")
-
-    def do_RCPT(self, rest: bytes) -> None:
-        c = self.config
-        if self.mailFrom is None:
-            self._error(503, "5.5.1", "Error: need MAIL command", "bad_sequence")
-            return
-        try:
-            path, params, ascii = parsePathArgument(rest, "TO")
-            address = checkMailbox(path, sender=False)
-            if not ascii and not self.smtputf8:
-                raise SyntaxProblem(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
-            notify, orcpt = parseDSNRcpt(params)
-            unknown = set(params) - {"NOTIFY", "ORCPT"}
-            if unknown:
-                raise SyntaxProblem(555, "5.5.4", f"Unsupported parameter {sorted(unknown)[0]}")
-        except SyntaxProblem as e:
-            self._error(*e.reply, "bad_recipient")
-            return
-        if self.user is None and not c.isTrusted(self.host):
-            self.config.metrics.reject("relay_denied")
-            self._send(554, "5.7.1", f"<{address}>: Relay access denied")
-            return
-        if len(self.recipients) >= c.maxRecipients:
-            self.config.metrics.reject("too_many_recipients")
-            self._send(452, "4.5.3", "Error: too many recipients")
-            return
-        self.recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
-        self._send(250, "2.1.5", "Ok")
-
-    def do_DATA(self, rest: bytes) -> None:
-        c = self.config
-        if self.mailFrom is None:
-            self._error(503, "5.5.1", "Error: need MAIL command", "bad_sequence")
-            return
-        if not self.recipients:
-            self._error(554, "5.5.1", "Error: no valid recipients", "bad_sequence")
-            return
-        if rest:
-            self._error(501, "5.5.4", "Syntax: DATA", "bad_syntax")
-            return
-        if self._needsSync("DATA"):
-            return
-        try:
-            self._incoming = c.queue.newMessage()
-        except OSError as e:
-            log.error("smtp: cannot create a queue file: {error}", error=str(e))
-            self._send(451, "4.3.0", "Error: local error in processing; try again later")
-            self._resetTransaction()
-            return
-        self.messages += 1
-        self._reader = DataReader(self._incoming, c.maxSize, c.maxLine, self._traceHeaders)
-        self._send(354, None, "End data with <CR><LF>.<CR><LF>")
-
-    def _readData(self) -> bool:
-        """Feed the buffer to the DATA reader; False when it needs more input."""
-        reader = self._reader
-        assert reader is not None
-        used = reader.feed(self._buf)
-        self._buf = self._buf[used:]
-        if reader.problem == "barelf":
-            self._abortData()
-            self.config.metrics.reject("bare_lf")
-            self._close(521, "5.5.2", f"{self.config.hostname} Error: bare <LF> received")
-            return False
-        if not reader.done:
-            return False
-        self._reader = None
-        incoming, self._incoming = self._incoming, None
-        problem = reader.problem
-        if problem is not None:
-            self._resetTransaction()
-            self.config.metrics.reject({"size": "size", "line": "line_too_long", "nul": "nul",
-                                        "barecr": "bare_cr"}[problem])
-            if problem == "size":
-                self._send(552, "5.3.4", "Error: message too big for system")
-            elif problem == "line":
-                self._send(500, "5.5.2", "Error: line too long")
-            elif problem == "barecr":
-                self._send(554, "5.6.0", "Error: message contains bare <CR> characters")
-            else:
-                self._send(554, "5.6.0", "Error: message contains NUL characters")
-            return True
-        self._commit(incoming, reader.size)
-        return True
-
-    def _commit(self, incoming: Any, size: int) -> None:
-        envelope = Envelope.new(self.mailFrom or "", self.recipients, ret=self.ret, envid=self.envid,
-                                client={"address": self.host, "helo": self.helo, "user": self.user})
-        self._resetTransaction()
-        self._hold()
-        d = incoming.commit(envelope)
-
-        def committed(id: str) -> None:
-            c = self.config
-            c.metrics.accepted.inc()
-            c.metrics.bytes.inc(size)
-            log.debug("smtp: accepted {id} from {client}", id=id, client=self.host)
-            if c.onAccepted is not None:
-                c.onAccepted(id)
-            if not self._closed:
-                self._send(250, "2.0.0", f"Ok: queued as {id}")
-                self._release()
-
-        def failed(f: Any) -> None:
-            log.failure("smtp: queue commit failed", f)
-            self.config.metrics.reject("queue_error")
-            if not self._closed:
-                self._send(451, "4.3.0", "Error: local error in processing; message not accepted")
-                self._release()
-
-        d.addCallbacks(committed, failed)
-
-    def _abortData(self) -> None:
-        if self._incoming is not None:
-            self._incoming.abort()
-            self._incoming = None
-        self._reader = None
-
-    def _traceHeaders(self, names: set[bytes]) -> bytes:
-        """Received (RFC 5321 4.4, RFC 3848 protocol names), and Message-ID/Date when missing."""
-        c = self.config
-        proto = "UTF8SMTP" if self.smtputf8 else "ESMTP" if self.esmtp else "SMTP"
-        if self.esmtp or self.smtputf8:
-            proto += ("S" if self.secure else "") + ("A" if self.user else "")
-        id = self._incoming.id if self._incoming is not None else ""
-        rcpt = f"\r\n\tfor <{self.recipients[0].address}>" if len(self.recipients) == 1 else ""
-        date = email.utils.formatdate(localtime=True)
-        literal = f"IPv6:{self.host}" if ":" in self.host else self.host  # RFC 5321 4.1.3 address literal
-        out = (f"Received: from {_clean(self.helo or '')} ([{literal}])\r\n\tby {c.hostname} (netsvc) "
-               f"with {proto} id {id}{rcpt}; {date}\r\n")
-        if b"message-id" not in names:
-            out += f"Message-ID: <{id}@{c.hostname}>\r\n"
-        if b"date" not in names:
-            out += f"Date: {date}\r\n"
-        return out.encode("utf-8")
-
-
-def _clean(helo: str) -> str:
-    """A HELO argument made safe for a header comment (no parentheses, controls or excess)."""
-    return "".join(ch for ch in helo if ch.isprintable() and ch not in "()\\")[:255] or "unknown"
 
 
 class SMTPFactory(Factory):

@@ -21,8 +21,9 @@ from netsvc import clients
 #: RFC 4511 derefAliases, by ldapsearch's -a names.
 DEREF = {"never": 0, "search": 1, "find": 2, "always": 3}
 
+#: ldapsearch's -s names; children is the subordinate subtree (the subtree without its base), slapd's scope 3.
 SCOPES = {"base": pureldap.LDAP_SCOPE_baseObject, "one": pureldap.LDAP_SCOPE_singleLevel,
-          "sub": pureldap.LDAP_SCOPE_wholeSubtree}
+          "sub": pureldap.LDAP_SCOPE_wholeSubtree, "children": 3}
 
 PAGED_RESULTS = b"1.2.840.113556.1.4.319"
 WHOAMI = b"1.3.6.1.4.1.4203.1.11.3"

@@ -79,7 +79,7 @@ class BindRequest(NamedTuple):
 
 class SearchRequest(NamedTuple):
     base: str
-    scope: int  # 0 base, 1 one level, 2 subtree
+    scope: int  # 0 base, 1 one level, 2 subtree, 3 subordinate subtree (children)
     deref: int
     sizeLimit: int
     timeLimit: int
@@ -348,7 +348,7 @@ def _search(data: bytes, start: int, end: int) -> SearchRequest:
         attributes.append(_string(data, as_, ae))
         s = ae
     scope, deref, sizeLimit, timeLimit, typesOnly = fields
-    if scope not in (0, 1, 2):
+    if scope not in (0, 1, 2, 3):  # 3: subordinate subtree (draft-sermersheim-ldap-subordinate-scope, as slapd)
         raise BERError(f"bad search scope {scope}")
     return SearchRequest(base, scope, deref, max(0, sizeLimit), max(0, timeLimit), bool(typesOnly), flt, attributes)
 

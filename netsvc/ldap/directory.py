@@ -206,8 +206,8 @@ class Directory:
     def search(self, base: str, scope: int, flt: tuple, maxScan: int = 0,
                viewer: str | None = None) -> Iterator[Entry]:
         """
-        The entries in scope (0 base, 1 one level, 2 subtree of the normalized
-        C{base}) that match C{flt} as C{viewer} (a normalized DN, None: anonymous)
+        The entries in scope (0 base, 1 one level, 2 subtree, 3 subtree without
+        the base, of the normalized C{base}) that match C{flt} as C{viewer} (a normalized DN, None: anonymous)
         may see them (L{netsvc.ldap.match}: userPassword), in LDIF order.  Indexes
         narrow the candidates when the filter allows; at most C{maxScan} candidates
         are examined (0: no limit) before L{ScanLimit} is raised.
@@ -232,7 +232,7 @@ class Directory:
                 raise ScanLimit(scanned)
             if scope == 1 and e.parent != base:
                 continue
-            if scope == 2 and not isWithin(e.ndn, base):
+            if scope >= 2 and not isWithin(e.ndn, base) or scope == 3 and e.ndn == base:
                 continue
             if test(e):
                 yield e

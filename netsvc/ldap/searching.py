@@ -85,8 +85,8 @@ class SearchOperations:
             return
         directory = factory.directory
         scope = req.scope
-        if base == "":  # below the root: the naming context
-            base, scope = directory.nsuffix, (0 if scope == 1 else scope)
+        if base == "":  # below the root: the naming context (and, for the subtrees, what is under it)
+            base, scope = directory.nsuffix, {1: 0, 3: 2}.get(scope, scope)
         if base not in directory.entries:
             self.write(codec.result(msg.id, done, NO_SUCH_OBJECT, matched=self._matched(base)))
             return

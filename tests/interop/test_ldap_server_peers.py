@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +72,23 @@ class OpenLDAPToolsTests(LDAPDaemonTestCase):
         self.assertIn(f"dn: {ALICE}\nsn: Liddell\n", out)
         self.assertEqual(out.count("sn: "), 4)
         self.assertNotIn("userPassword", out)
+
+    def test_childrenScopeAndPasswordProbes(self):
+        """
+        -s children (slapd's subordinate scope) from ldapsearch and netsvc ldap; a filter on
+        userPassword finds nothing for anyone but the entry itself (the hash cannot be probed).
+        """
+        search = ["-H", self.url, "-s", "children", "-b", "dc=example,dc=com", "(objectClass=organizationalUnit)",
+                  "1.1"]
+        status, out = self.tool("ldapsearch", "-x", "-LLL", *search)
+        self.assertEqual((status, out.split()), (0, ["dn:", USERS, "dn:", "ou=groups,dc=example,dc=com"]))
+        result = runToCompletion(self, [sys.executable, "-m", "netsvc", "ldap", "search", *search])
+        self.assertEqual((result.returncode, result.stdout.decode().split()),
+                         (0, ["dn:", USERS, "dn:", "ou=groups,dc=example,dc=com"]), decoded(result))
+        probe = ["ldapsearch", "-x", "-LLL", "-H", self.url, "-b", USERS, "(userPassword={SSHA}4*)", "1.1"]
+        self.assertEqual(self.tool(*probe), (0, ""))
+        status, out = self.tool(*probe[:5], "-D", ALICE, "-w", "alice-pw", *probe[5:])
+        self.assertEqual((status, out.strip()), (0, f"dn: {ALICE}"))
 
     def test_binds(self):
         status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", ALICE, "-w", "alice-pw")

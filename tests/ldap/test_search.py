@@ -78,6 +78,19 @@ class SearchTests(unittest.TestCase):
         self.assertEqual(len(dns(self.search(SUFFIX, scope=2))), 10)
         self.assertEqual(len(dns(self.search("ou=groups,dc=example,dc=com", scope=2))), 4)
 
+    def test_childrenScope(self):
+        """
+        The subordinate subtree (scope 3, "-s children" in ldapsearch, which slapd
+        serves): the subtree without its base; the connection goes on.
+        """
+        self.assertEqual(len(dns(self.search("ou=groups,dc=example,dc=com", scope=3))), 3)
+        out = self.search(SUFFIX, "(objectClass=organizationalUnit)", scope=3)
+        self.assertEqual(dns(out), [USERS, "ou=groups,dc=example,dc=com"])
+        self.assertEqual(dns(self.search(ALICE, scope=3)), [])
+        self.assertEqual(len(dns(self.search("", scope=3))), 10)  # below the root DSE: the naming context and all
+        self.assertEqual(done(out).resultCode, 0)
+        self.assertFalse(self.client.closed)
+
     def test_noSuchObject(self):
         out = self.search("ou=nobody,ou=users,dc=example,dc=com")
         self.assertEqual(done(out).resultCode, 32)

@@ -209,10 +209,10 @@ class SmtplibTests(SMTPDaemonTestCase):
         with smtplib.SMTP("127.0.0.1", self.port(SUBMISSION), timeout=IO_TIMEOUT) as c:
             c.starttls(context=ssl.create_default_context(cafile=self.cafile))
             c.ehlo()
-            c.auth("PLAIN", c.auth_plain) if (setattr(c, "user", "dev") or setattr(c, "password", "devpass")) \
-                is None else None
+            self.assertEqual(c.esmtp_features["auth"].split(), ["PLAIN", "LOGIN"])
+            self.assertEqual(c.login("dev", "devpass")[0], 235)  # smtplib picks PLAIN
             self.assertEqual(c.send_message(self.message()), {})
-        self.assertEqual(len(self.captured()), n + 1)
+        self.assertEqual(json.loads(self.newOne(n).read_text())["client"]["user"], "dev")
 
     def test_booksSenders(self):
         """One daemon: plain relay with an attachment, STARTTLS + AUTH PLAIN, an outsider refused."""
@@ -262,3 +262,58 @@ class PostfixClientTests(SMTPDaemonTestCase):
         subjects = sorted(message_from_bytes(self.capturedMessage(e))["Subject"] for e in self.captured())
         self.assertEqual(subjects, [f"through postfix {i}" for i in range(3)])
         self.assertIn("status=sent (250 2.0.0 Ok: queued as", postfix.output())
+
+
+class TLSAndBadInputTests(SMTPDaemonTestCase):
+    def test_opensslStarttlsAndInjection(self):
+        """
+        openssl s_client negotiates STARTTLS and verifies the certificate; commands pipelined behind
+        STARTTLS in clear (CVE-2011-0411) are refused and the session ends without TLS.
+        """
+        openssl = requirePeer("openssl", "openssl")
+        result = runToCompletion(self, [openssl, "s_client", "-starttls", "smtp", "-connect",
+                                        f"127.0.0.1:{self.port(SUBMISSION)}", "-CAfile", self.cafile,
+                                        "-verify_return_error", "-brief"], timeout=30)
+        out = decoded(result)
+        self.assertEqual(result.returncode, 0, out)
+        self.assertIn("Verification: OK", out)
+        with socket.create_connection(("127.0.0.1", self.port(SUBMISSION)), timeout=IO_TIMEOUT) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"EHLO client.test\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            sock.sendall(b"STARTTLS\r\nAUTH PLAIN AGRldgBkZXZwYXNz\r\n")
+            self.assertTrue(f.readline().startswith(b"554 5.5.0"))
+            self.assertEqual(f.readline(), b"")  # closed, never in TLS
+
+    def test_badInputEndsOnlyTheTransaction(self):
+        """Over the real daemon: NUL, bare CR, an over-long line -- that message refused, the session goes on."""
+        n = len(self.captured())
+        with socket.create_connection(("127.0.0.1", self.port(RELAY)), timeout=IO_TIMEOUT) as sock:
+            f = sock.makefile("rb")
+
+            def reply() -> bytes:
+                line = f.readline()
+                while line[3:4] == b"-":
+                    line = f.readline()
+                return line
+
+            reply()
+            sock.sendall(b"EHLO client.test\r\n")
+            reply()
+            for body, code in [(b"a\0b\r\n", b"554 5.6.0"), (b"a\rb\r\n", b"554 5.6.0"),
+                               (b"x" * 1200 + b"\r\n", b"500 5.5.2")]:
+                sock.sendall(b"MAIL FROM:<dev@example.test>\r\nRCPT TO:<qa@example.org>\r\nDATA\r\n")
+                self.assertEqual([reply()[:3] for _ in range(3)], [b"250", b"250", b"354"])
+                sock.sendall(b"Subject: bad\r\n\r\n" + body + b".\r\n")
+                self.assertTrue(reply().startswith(code), body[:10])
+            sock.sendall(b"NOOP\r\n")
+            self.assertTrue(reply().startswith(b"250 2.0.0"))
+            sock.sendall(b"MAIL FROM:<dev@example.test>\r\nRCPT TO:<qa@example.org>\r\nDATA\r\n")
+            [reply() for _ in range(3)]
+            sock.sendall(b"Subject: bare LF\r\n\r\nline\n.\r\n")
+            self.assertTrue(reply().startswith(b"521 5.5.2"))
+            self.assertEqual(f.readline(), b"")
+        self.assertEqual(len(self.captured()), n)
+        self.assertEqual(list((self.state / "captured" / "tmp").iterdir()), [])

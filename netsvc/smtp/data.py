@@ -5,7 +5,7 @@ L{DataReader.feed} takes whatever bytes the session has buffered and consumes
 complete lines: it finds the end marker (C{CRLF . CRLF}; only CRLF ends a line,
 so C{LF . LF} never ends a message -- no SMTP smuggling), removes dot-stuffing,
 checks the size (running total, nothing buffered past the header section), the
-line length, NUL bytes, bare CR (relayed, C{CR . CR} ends the data for some
+line length, the hop count (Received headers: a loop), NUL bytes, bare CR (relayed, C{CR . CR} ends the data for some
 receivers) and bare LF, and writes the message to its sink (a queue
 L{netsvc.smtp.queue.IncomingMessage}).  The header section is held until it is
 complete so that the trace headers can be written first: C{prefix(names)}
@@ -25,6 +25,8 @@ from typing import Any
 
 #: Hold at most this much of a header section before writing it out anyway.
 MAX_HEADER_HOLD = 256 * 1024
+#: More Received headers than this is a mail loop (RFC 5321 6.3: "at least 100"; Postfix: 50).
+MAX_HOPS = 100
 
 _HEADER_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
 
@@ -32,7 +34,7 @@ _HEADER_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
 class DataReader:
     """
     Reads one message.  After each L{feed}: C{done} (the end marker was seen) and
-    C{problem} (None, or "size", "line", "nul", "barecr", "barelf" -- the message must not be
+    C{problem} (None, or "size", "line", "nul", "barecr", "hops", "barelf" -- the message must not be
     accepted; "barelf" means the session must end at once).
     """
 
@@ -121,7 +123,11 @@ class DataReader:
     def _writeHead(self, head: bytes, split: tuple[int, bool] | None) -> None:
         self._head = None
         end, needsBlank = split if split is not None else (len(head), False)
-        names = {m.group(1).lower() for m in map(_HEADER_LINE.match, head[:end].split(b"\r\n")) if m}
+        found = [m.group(1).lower() for m in map(_HEADER_LINE.match, head[:end].split(b"\r\n")) if m]
+        if found.count(b"received") > MAX_HOPS:
+            self._fail("hops")
+            return
+        names = set(found)
         self.sink.write(self.prefix(names) + head[:end] + (b"\r\n" if needsBlank else b"") + head[end:])
 
     def _finish(self) -> None:

@@ -175,11 +175,13 @@ class TransactionCommands:
         if problem is not None:
             self._resetTransaction()
             self.config.metrics.reject({"size": "size", "line": "line_too_long", "nul": "nul",
-                                        "barecr": "bare_cr"}[problem])
+                                        "barecr": "bare_cr", "hops": "loop"}[problem])
             if problem == "size":
                 self._send(552, "5.3.4", "Error: message too big for system")
             elif problem == "line":
                 self._send(500, "5.5.2", "Error: line too long")
+            elif problem == "hops":
+                self._send(554, "5.4.6", "Error: too many hops (a mail loop?)")
             elif problem == "barecr":
                 self._send(554, "5.6.0", "Error: message contains bare <CR> characters")
             else:

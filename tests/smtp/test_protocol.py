@@ -366,6 +366,18 @@ class SessionTests(unittest.TestCase):
         out = self.transaction(p, t)
         self.assertTrue(out.endswith(b"250 2.0.0 Ok: queued as id1\r\n"), out)
 
+    def test_mailLoopRefused(self):
+        """More than 100 Received headers (RFC 5321 6.3): a loop; refused, not relayed once more."""
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        hops = b"Received: from a by b; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+        out = self.transaction(p, t, hops * 101 + b"Subject: x\r\n\r\nloop\r\n")
+        self.assertTrue(out.endswith(b"554 5.4.6 Error: too many hops (a mail loop?)\r\n"), out)
+        self.assertEqual(self.queue.committed(), [])
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="loop"), 1)
+        out = self.transaction(p, t, hops * 100 + b"Subject: x\r\n\r\nfine\r\n")
+        self.assertTrue(out.endswith(b"250 2.0.0 Ok: queued as id1\r\n"), out)
+
     def test_vanishMidData(self):
         p, t = self.connect()
         self.send(p, t, b"EHLO x\r\n")

@@ -55,6 +55,9 @@ MAX_COMMAND_LINE = 4096
 MAX_ERRORS = 20
 #: Input held while a reply waits (pipelined commands); beyond it, stop reading.
 MAX_HELD_INPUT = 256 * 1024
+#: Seconds a closing connection has to take its last reply before it is aborted: a TLS close
+#: waits for the peer (for ever if it never did the handshake), and so does a full write buffer.
+CLOSE_GRACE = 10.0
 
 
 class SMTPSession(TransactionCommands, AuthCommands, Protocol):
@@ -69,6 +72,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self._inputHeld = False  # much input waits: the transport is not read
         self._processing = False
         self._again = False
+        self._abortCall: Any = None
         self._closed = False
         self._skipping = False  # dropping the rest of an over-long command line
         self._reader: DataReader | None = None
@@ -101,6 +105,9 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
+        self._abortCall = None
         if self._incoming is not None:  # vanished mid-DATA: nothing is kept
             self.config.metrics.reject("lost_in_data")
             self._incoming.abort()
@@ -157,6 +164,13 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self._closed = True
         self._buf = b""
         self.transport.loseConnection()
+        self._abortCall = self.config.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abortCall = None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
 
     # -- input
 

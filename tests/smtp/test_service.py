@@ -192,6 +192,35 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertIn(b"4.7.0", banners[2])
 
 
+class SilentClientTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_silentClientOnImplicitTLSIsClosed(self):
+        """
+        A client that connects to the TLS port and never says anything: the idle timeout's 421 cannot
+        go out (no handshake) and a TLS close waits for the peer -- the connection is aborted instead
+        of staying open for ever.
+        """
+        from netsvc.smtp import protocol
+
+        self.patch(protocol, "CLOSE_GRACE", 0.5)
+        daemon = startDaemon(self, "services:\n  smtp:\n    listen: ['tls:0:interface=127.0.0.1']\n"
+                                   "    limits: {idle_timeout: 1s}\n")
+        p = port(daemon, 0, "smtp")
+
+        def silent():
+            with socket.create_connection(("127.0.0.1", p), timeout=10) as s:
+                started = time.monotonic()
+                try:
+                    data = s.recv(100)
+                except ConnectionResetError:
+                    data = b""
+                return data, time.monotonic() - started
+
+        data, waited = yield threads.deferToThread(silent)
+        self.assertEqual(data, b"")
+        self.assertLess(waited, 5)
+
+
 class RecoveryTests(unittest.TestCase):
     def test_recoveryAtStart(self):
         import attrs

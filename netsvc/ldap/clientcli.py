@@ -10,7 +10,7 @@ ldapsearch, ldapwhoami, ldapcompare and slappasswd.
     netsvc ldap compare -H ldap://127.0.0.1:3389 uid=alice,ou=users,dc=example,dc=com sn:Liddell
     echo secret | netsvc ldap hash [--scheme ssha|scrypt]
 
-Output: LDIF (RFC 2849: base64 for unsafe values, folded at 76 columns; C{-o
+Output: LDIF (RFC 2849: base64 for unsafe values, folded at 78 columns; C{-o
 ldif-wrap=no} or C{=N} to change) as C{ldapsearch -LLL} prints it, or C{--json}
 (one object per line: C{{"dn": ..., "attributes": {"cn": ["..."]}}}, values that
 are not UTF-8 as C{{"base64": "..."}}).
@@ -393,7 +393,7 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--page-size", dest="pageSize", type=int, default=0, metavar="N", help="same as -E pr=N")
     s.add_argument("-L", dest="ldifLevel", action="count", default=0, help="accepted for ldapsearch; output is LDIF")
     s.add_argument("-o", dest="options", action="append", default=[], metavar="ldif-wrap=no|N",
-                   help="LDIF line folding (default 76)")
+                   help=f"LDIF line folding (default {WIDTH}, as ldapsearch)")
     s.add_argument("--json", action="store_true", help="one JSON object per entry")
     s.add_argument("filter", nargs="?", help="RFC 4515 filter (default (objectClass=*))")
     s.add_argument("attributes", nargs="*", metavar="ATTRIBUTE",

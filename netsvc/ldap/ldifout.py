@@ -1,6 +1,8 @@
 """
 Writing LDIF (RFC 2849): entries as C{dn:}/C{attr:} lines, values that are not
-"safe strings" base64-encoded (C{attr:: ...}), lines folded at 76 columns.
+"safe strings" base64-encoded (C{attr:: ...}), lines folded at 78 columns --
+byte for byte what OpenLDAP's ldapsearch (libldap's LDIF writer) prints: its
+width, C{name: } never split, C{userPassword} always base64.
 
     entryLDIF("uid=jo,ou=users,dc=example,dc=com", [("cn", [b"Jo"]), ("jpegPhoto", [b"\\xff..."])])
     -> b"dn: uid=jo,ou=users,dc=example,dc=com\\ncn: Jo\\njpegPhoto:: /9j/...\\n\\n"
@@ -19,8 +21,11 @@ import base64
 import re
 from collections.abc import Iterable, Sequence
 
-#: Where OpenLDAP's ldapsearch folds lines too (its default C{ldif-wrap}).
-WIDTH = 76
+#: Where OpenLDAP's ldapsearch folds lines (libldap's LDIF_LINE_WIDTH; checked against ldap-utils 2.5).
+WIDTH = 78
+
+#: Attributes whose values libldap always writes in base64 (ldif_must_b64_encode), by name or OID.
+_ALWAYS_BASE64 = frozenset([b"userpassword", b"2.5.4.35"])
 
 HEADER = b"version: 1\n\n"
 
@@ -45,12 +50,17 @@ def _bytes(text: str | bytes) -> bytes:
     return text.encode("utf-8") if isinstance(text, str) else text
 
 
-def fold(line: bytes, width: int = WIDTH) -> bytes:
-    """C{line} (no newline) folded: C{width} bytes, then continuation lines of a space and C{width - 1} bytes."""
-    if len(line) <= width:
+def fold(line: bytes, width: int = WIDTH, keep: int = 0) -> bytes:
+    """
+    C{line} (no newline) folded: C{width} bytes (or its first C{keep} bytes, the
+    C{name: } part, if that is more), then continuation lines of a space and
+    C{width - 1} bytes.
+    """
+    first = max(width, keep)
+    if len(line) <= first:
         return line + b"\n"
-    parts = [line[:width]]
-    for start in range(width, len(line), width - 1):
+    parts = [line[:first]]
+    for start in range(first, len(line), width - 1):
         parts.append(b" " + line[start:start + width - 1])
     return b"\n".join(parts) + b"\n"
 
@@ -59,11 +69,13 @@ def valueLine(name: str | bytes, value: bytes, width: int = WIDTH) -> bytes:
     """One C{name: value} (or C{name:: base64}) line, folded, with its newline."""
     name = _bytes(name)
     value = _bytes(value)
-    if isSafe(value):
-        line = name + b": " + value if value else name + b":"
+    if isSafe(value) and name.split(b";", 1)[0].lower() not in _ALWAYS_BASE64:
+        if not value:
+            return name + b":\n"
+        head = name + b": "
     else:
-        line = name + b":: " + base64.b64encode(value)
-    return fold(line, width) if width else line + b"\n"
+        head, value = name + b":: ", base64.b64encode(value)
+    return fold(head + value, width, len(head)) if width else head + value + b"\n"
 
 
 def entryLDIF(dn: str | bytes, attributes: Iterable[tuple[str | bytes, Sequence[bytes]]],

@@ -90,6 +90,22 @@ class OpenLDAPToolsTests(LDAPDaemonTestCase):
         status, out = self.tool(*probe[:5], "-D", ALICE, "-w", "alice-pw", *probe[5:])
         self.assertEqual((status, out.strip()), (0, f"dn: {ALICE}"))
 
+    def test_netsvcLDIFIsLdapsearchs(self):
+        """
+        netsvc ldap search prints what ldapsearch -LLL prints, byte for byte: folding at the
+        same width (and -o ldif-wrap=N), userPassword in base64, the subschema's long values.
+        """
+        searches = [["-D", ALICE, "-w", "alice-pw", "-b", "dc=example,dc=com", "(objectClass=*)", "*", "+"],
+                    ["-b", "cn=subschema", "-s", "base", "(objectClass=*)", "+"],
+                    ["-o", "ldif-wrap=40", "-b", "cn=subschema", "-s", "base", "(objectClass=*)", "+"],
+                    ["-o", "ldif-wrap=no", "-b", "", "-s", "base", "(objectClass=*)", "*", "+"]]
+        for search in searches:
+            theirs = runToCompletion(self, ["ldapsearch", "-x", "-LLL", "-H", self.url, *search])
+            ours = runToCompletion(self, [sys.executable, "-m", "netsvc", "ldap", "search", "-H", self.url, *search])
+            self.assertEqual((theirs.returncode, ours.returncode), (0, 0), decoded(ours))
+            self.assertGreater(len(theirs.stdout), 300)
+            self.assertEqual(ours.stdout.decode(), theirs.stdout.decode(), search)
+
     def test_binds(self):
         status, out = self.tool("ldapwhoami", "-x", "-H", self.url, "-D", ALICE, "-w", "alice-pw")
         self.assertEqual((status, out.strip()), (0, f"dn:{ALICE}"))

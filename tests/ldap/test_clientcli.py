@@ -78,7 +78,7 @@ class ParsingTests(unittest.TestCase):
             self.assertRaises(clientcli.UsageError, clientcli.parseExtensions, bad)
 
     def test_wrap(self):
-        self.assertEqual(clientcli.parseWrap([]), 76)
+        self.assertEqual(clientcli.parseWrap([]), 78)  # ldapsearch's default
         self.assertEqual(clientcli.parseWrap(["ldif-wrap=no"]), 0)
         self.assertEqual(clientcli.parseWrap(["ldif-wrap=120"]), 120)
         self.assertRaises(clientcli.UsageError, clientcli.parseWrap, ["ldif-wrap=yes"])

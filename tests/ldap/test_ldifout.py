@@ -68,6 +68,26 @@ class FoldTests(unittest.TestCase):
         out = valueLine("jpegPhoto", bytes(range(256)) * 2)
         self.assertTrue(all(len(piece) <= WIDTH for piece in out.split(b"\n")))
 
+    def test_widthIsLdapsearchs(self):
+        """OpenLDAP's ldapsearch (2.5, libldap's LDIF_LINE_WIDTH) folds at 78 columns by default."""
+        self.assertEqual(WIDTH, 78)
+
+    def test_nameIsNeverSplit(self):
+        """
+        As libldap writes it: "name: " stays whole on the first line even when it is wider
+        than the fold width; the value starts on the next (ldapsearch -o ldif-wrap=10).
+        """
+        out = valueLine("ldapSyntaxes", b"( 1.3.6.1.4.1.1466 )", width=10)
+        self.assertEqual(out, b"ldapSyntaxes: \n ( 1.3.6.1\n .4.1.1466\n  )\n")
+        self.assertEqual(valueLine("cn", b"abcdefghijkl", width=10), b"cn: abcdef\n ghijkl\n")
+        self.assertEqual(valueLine("description", b"x", width=10), b"description: \n x\n")
+
+    def test_userPasswordAlwaysBase64(self):
+        """As ldapsearch and slapcat print it (libldap's ldif_must_b64_encode): userPassword, also by OID."""
+        for name in ("userPassword", "USERPASSWORD", "userPassword;x-tag", "2.5.4.35"):
+            self.assertEqual(valueLine(name, b"{SSHA}abc"), name.encode() + b":: e1NTSEF9YWJj\n", name)
+        self.assertEqual(valueLine("userPasswordX", b"abc"), b"userPasswordX: abc\n")
+
     def test_noFolding(self):
         out = entryLDIF("dc=x", [("description", [b"z" * 300])], width=0)
         self.assertIn(b"description: " + b"z" * 300 + b"\n", out)

@@ -356,17 +356,28 @@ class SMTPFactory(Factory):
         return SMTPSession(self.config)
 
     def refusalProtocol(self, reason: str) -> Protocol:
-        return _Refusal(self.config.hostname, reason)
+        return _Refusal(self.config.hostname, reason, self.config.clock)
 
 
 class _Refusal(Protocol):
-    """A connection over the Guard's limits: 421, then close (RFC 5321 3.1)."""
+    """
+    A connection over the Guard's limits: 421, then close (RFC 5321 3.1).  Under
+    TLS the 421 waits for the handshake: a client that never does it is aborted
+    after CLOSE_GRACE (it is not counted by the Guard, so nothing else would).
+    """
 
-    def __init__(self, hostname: str, reason: str) -> None:
+    def __init__(self, hostname: str, reason: str, clock: Any) -> None:
         self.hostname = hostname
         self.reason = reason
+        self.clock = clock
+        self._abortCall: Any = None
 
     def connectionMade(self) -> None:
         text = "Service shutting down" if self.reason == "shutdown" else "Too many connections; try again later"
         self.transport.write(reply(421, "4.7.0", f"{self.hostname} {text}"))
         self.transport.loseConnection()
+        self._abortCall = self.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()

@@ -221,6 +221,39 @@ class SilentClientTests(unittest.TestCase):
         self.assertLess(waited, 5)
 
 
+    @defer.inlineCallbacks
+    def test_silentClientOverTheLimitOnImplicitTLSIsClosed(self):
+        """A connection over the per-IP limit on the TLS port gets its 421 if it does the handshake, else an abort."""
+        from netsvc.smtp import protocol
+
+        self.patch(protocol, "CLOSE_GRACE", 0.5)
+        daemon = startDaemon(self, "services:\n  smtp:\n    listen: ['tls:0:interface=127.0.0.1']\n"
+                                   "    limits: {idle_timeout: 1m, max_connections_per_ip: 1}\n")
+        p = port(daemon, 0, "smtp")
+        cafile = str(Path(daemon.context.stateDir) / "tls" / "selfsigned.pem")
+
+        def overTheLimit():
+            with socket.create_connection(("127.0.0.1", p), timeout=10) as first:
+                first.settimeout(1)
+                with socket.create_connection(("127.0.0.1", p), timeout=10) as silent:
+                    started = time.monotonic()
+                    try:
+                        data = silent.recv(100)
+                    except ConnectionResetError:
+                        data = b""
+                    waited = time.monotonic() - started
+                ctx = ssl.create_default_context(cafile=cafile)
+                with ctx.wrap_socket(socket.create_connection(("127.0.0.1", p), timeout=10),
+                                     server_hostname="localhost") as polite:
+                    banner = polite.recv(200)
+                return data, waited, banner
+
+        data, waited, banner = yield threads.deferToThread(overTheLimit)
+        self.assertEqual(data, b"")
+        self.assertLess(waited, 5)
+        self.assertTrue(banner.startswith(b"421 4.7.0"), banner)
+
+
 class RecoveryTests(unittest.TestCase):
     def test_recoveryAtStart(self):
         import attrs

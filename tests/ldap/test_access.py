@@ -39,6 +39,8 @@ ALICE_HASH = "{SSHA}4LGZEfLEQuQDLt9a+fYwnAJ6M38QsrUIn3VF4g=="
 
 PROBES = [
     "(userPassword=*)",
+    "(USERPASSWORD=*)",
+    "(userPassword;binary=*)",
     f"(userPassword={ALICE_HASH})",
     "(userPassword={SSHA}4*)",
     "(userPassword=*4LGZ*)",

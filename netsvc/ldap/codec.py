@@ -53,7 +53,14 @@ class BERError(ValueError):
     """Malformed BER or LDAP: the connection cannot go on (protocolError)."""
 
 
-class FilterTooDeep(BERError):
+class RequestRefused(BERError):
+    """
+    A well-formed message whose request cannot be served (C{.messageID} is known):
+    that request fails with protocolError, the connection is kept.
+    """
+
+
+class FilterTooDeep(RequestRefused):
     """A search filter nested deeper than L{MAX_FILTER_DEPTH}: that request is refused, the connection kept."""
 
 
@@ -202,7 +209,8 @@ def decodeMessage(data: bytes) -> Message:
     """
     Decode one complete LDAPMessage (C{data} is exactly its bytes, header included).
 
-    @raise FilterTooDeep: a search filter nested too deeply (the message id is known: C{.messageID}).
+    @raise RequestRefused: a search filter nested too deeply (L{FilterTooDeep}) or a scope that does not
+        exist; the message id is known: C{.messageID}.
     @raise BERError: anything malformed.
     """
     tag, start, end = header(data, 0, len(data))
@@ -221,7 +229,7 @@ def decodeMessage(data: bytes) -> Message:
         controls = _controls(data, cs, ce)
     try:
         op = _decodeOp(optag, data, os_, oe)
-    except FilterTooDeep as exc:
+    except RequestRefused as exc:
         exc.messageID = msgid  # type: ignore[attr-defined]
         raise
     return Message(msgid, optag, op, controls)
@@ -349,7 +357,7 @@ def _search(data: bytes, start: int, end: int) -> SearchRequest:
         s = ae
     scope, deref, sizeLimit, timeLimit, typesOnly = fields
     if scope not in (0, 1, 2, 3):  # 3: subordinate subtree (draft-sermersheim-ldap-subordinate-scope, as slapd)
-        raise BERError(f"bad search scope {scope}")
+        raise RequestRefused(f"bad search scope {scope}")
     return SearchRequest(base, scope, deref, max(0, sizeLimit), max(0, timeLimit), bool(typesOnly), flt, attributes)
 
 

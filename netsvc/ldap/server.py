@@ -21,7 +21,7 @@ Operations:
 Malformed input (bad BER, unknown operations, a request over C{maxRequest}
 bytes -- checked from its length header, before it is buffered) gets a Notice of
 Disconnection (protocolError) and the connection is closed.  A filter nested
-too deeply only fails its own search (protocolError).
+too deeply, or a scope that does not exist, only fails its own search (protocolError).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from twisted.logger import Logger
 
 from netsvc.ldap import codec
 from netsvc.ldap.answer import OID_PASSWORD_MODIFY, OID_STARTTLS, OID_WHOAMI, rootDSE, subschemaEntry
-from netsvc.ldap.codec import BERError, FilterTooDeep
+from netsvc.ldap.codec import BERError, RequestRefused
 from netsvc.ldap.directory import Directory
 from netsvc.ldap.entry import SECRET
 from netsvc.ldap.match import matches
@@ -260,7 +260,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
     def handle(self, raw: bytes) -> None:
         try:
             msg = codec.decodeMessage(raw)
-        except FilterTooDeep as e:
+        except RequestRefused as e:  # only searches raise it
             self.write(codec.result(e.messageID, codec.SEARCH_DONE, PROTOCOL_ERROR, str(e)))  # type: ignore
             return
         except BERError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ldaptor.protocols import pureber, pureldap
 from twisted.trial import unittest
 
+from netsvc.ldap import codec
 from tests.ldap._wire import (
     ALICE,
     BOB,
@@ -95,6 +96,17 @@ class SearchTests(unittest.TestCase):
         out = self.search("ou=nobody,ou=users,dc=example,dc=com")
         self.assertEqual(done(out).resultCode, 32)
         self.assertEqual(done(out).matchedDN, USERS.encode())
+
+    def test_unknownScope(self):
+        """A scope that is not 0-3 fails that search with protocolError, as slapd answers; the connection goes on."""
+        op = codec.tlv(codec.SEARCH_REQUEST, codec.octets(SUFFIX.encode()) + codec.integer(7, 0x0A)
+                       + codec.integer(0, 0x0A) + codec.integer(0) + codec.integer(0) + codec.tlv(0x01, b"\0")
+                       + codec.tlv(0x87, b"cn") + codec.tlv(0x30, b""))
+        (response,) = self.client.send(codec.message(5, op))
+        self.assertEqual((response.id, response.value.resultCode), (5, 2))
+        self.assertIn(b"scope", response.value.errorMessage)
+        self.assertFalse(self.client.closed)
+        self.assertEqual(dns(self.search(USERS, "(uid=bob)")), [BOB])
 
     def test_invalidDN(self):
         self.assertEqual(done(self.search("not a dn")).resultCode, 34)

@@ -67,8 +67,7 @@ class AuthCommands:
         if mechanism not in (b"PLAIN", b"LOGIN"):
             self._error(504, "5.5.4", "Error: unsupported authentication mechanism", "bad_syntax")
             return
-        if c.authFailures is not None and not c.authFailures.allow(self.host, 0.0) \
-                or not self._authBudget():
+        if c.authFailures is not None and c.authFailures.available(self.host) < 1:
             self.config.metrics.auth("rate_limited")
             # an error like any other: a session looping on it is closed after MAX_ERRORS
             self._error(454, "4.7.0", "Too many failed authentication attempts; try again later", "auth_rate")
@@ -86,17 +85,6 @@ class AuthCommands:
             else:
                 self._authState = self._authLoginUser
                 self._send(334, None, "VXNlcm5hbWU6")  # "Username:"
-
-    def _authBudget(self) -> bool:
-        """Whether this client IP may try AUTH now (one token of the failure bucket available)."""
-        limiter = self.config.authFailures
-        if limiter is None or limiter.rate <= 0:
-            return True
-        bucket = limiter._buckets.get(self.host)
-        if bucket is None:
-            return True
-        tokens = min(limiter.burst, bucket[0] + (limiter.clock.seconds() - bucket[1]) * limiter.rate)
-        return tokens >= 1
 
     def _decode(self, line: bytes) -> bytes | None:
         """A base64 AUTH response; None (and the session answered) when cancelled or garbage."""

@@ -407,6 +407,11 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, UNAVAILABLE, "TLS is not configured",
                                     extra=oid))
             return
+        if self.buffer:
+            # Sent behind the request, in clear (RFC 4511 4.14.1 forbids it): were it served, answers to
+            # requests injected by a man in the middle would go out inside the TLS session.
+            self.protocolError("requests sent after StartTLS before its response")
+            return
         # The success response goes out in clear, then everything after is TLS.
         self.write(codec.result(msg.id, codec.EXTENDED_RESPONSE, SUCCESS, extra=oid))
         if self._out:

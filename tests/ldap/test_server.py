@@ -159,6 +159,18 @@ class OtherOperationTests(unittest.TestCase):
         (again,) = self.client.send(msg(pureldap.LDAPStartTLSRequest(), 2))
         self.assertEqual(again.value.resultCode, 1)
 
+    def test_clearTextAfterStartTLSIsNotServed(self):
+        """
+        Requests sent behind the StartTLS request, before its answer (RFC 4511 4.14.1 forbids it; a
+        man in the middle injecting clear text does it), are never answered inside the TLS session:
+        the connection is closed with a Notice of Disconnection, in clear, and TLS is not started.
+        """
+        whoami = msg(pureldap.LDAPExtendedRequest(requestName=b"1.3.6.1.4.1.4203.1.11.3"), 2)
+        out = self.client.send(msg(pureldap.LDAPStartTLSRequest(), 1) + whoami)
+        self.assertIsNone(self.client.transport.tlsStarted)
+        self.assertEqual([(r.id, r.value.resultCode) for r in out], [(0, 2)])
+        self.assertTrue(self.client.closed)
+
     def test_startTLSUnavailable(self):
         (response,) = Client(makeFactory(tls=False)).send(msg(pureldap.LDAPStartTLSRequest(), 1))
         self.assertEqual(response.value.resultCode, 52)

@@ -9,8 +9,9 @@ The captured mail on the web service (capture mode), mounted at C{/mail}:
 
 The resource is a leaf: it dispatches on C{request.postpath} (what follows the
 mount prefix).  It finds the smtp service's capture store at request time.
-One message is parsed in a thread (a 25 MB message takes seconds to parse: the
-reactor, and so every SMTP session, must not wait for it).  Everything taken
+Messages are read and parsed in a thread (a 25 MB message takes seconds to
+parse, a list of 200 a noticeable fraction of one: the reactor, and so every
+SMTP session, must not wait for it).  Everything taken
 from a message is HTML-escaped.
 """
 
@@ -49,9 +50,12 @@ class MailResource(resource.Resource):
             if not request.path.endswith(b"/"):
                 request.redirect(request.path + b"/")
                 return b""
-            return self._list(request, store)
+            ids, count = store.latest(), store.count()  # read here: the reactor changes them
+            return self._later(request, lambda: self._summaries(store, ids),
+                               lambda rows: self._list(request, rows, count))
         if parts == ["messages.json"]:
-            return _json(request, [self._summary(store, id) for id in store.latest()])
+            ids = store.latest()
+            return self._later(request, lambda: self._summaries(store, ids), lambda rows: _json(request, rows))
         if len(parts) != 1:
             return _text(request, 404, "not found")
         name = parts[0]
@@ -66,43 +70,48 @@ class MailResource(resource.Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.setHeader(b"content-disposition", f'inline; filename="{base}.eml"'.encode())
             return raw
+        return self._later(request, lambda: store.parsed(base),
+                           lambda parsed: _json(request, parsed) if ext == "json" else self._message(request, parsed))
+
+    def _later(self, request: Request, work: Callable[[], Any], render: Callable[[Any], bytes]) -> int:
+        """Run C{work} in a thread, then answer with C{render(result)} (404 if a message is gone)."""
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-        def render(parsed: dict[str, Any]) -> bytes:
-            return _json(request, parsed) if ext == "json" else self._message(request, parsed)
 
         def failed(f: Failure) -> bytes:
             if f.check(FileNotFoundError):
                 return _text(request, 404, "no such message")
-            self.log.failure("mail view {id}", f, id=base)
-            return _text(request, 500, "cannot read this message")
+            self.log.failure("mail view", f)
+            return _text(request, 500, "cannot read the captured mail")
 
         def send(body: bytes) -> None:
             if not gone:
                 request.write(body)
                 request.finish()
 
-        threads.deferToThread(store.parsed, base).addCallback(render).addErrback(failed).addCallback(send)
+        threads.deferToThread(work).addCallback(render).addErrback(failed).addCallback(send)
         return NOT_DONE_YET
 
-    def _summary(self, store: Any, id: str) -> dict[str, Any] | None:
-        try:
-            return store.summary(id)
-        except FileNotFoundError:  # removed meanwhile
-            return None
+    @staticmethod
+    def _summaries(store: Any, ids: list[str]) -> list[dict[str, Any]]:
+        """(In a thread.)  The summaries of C{ids}, skipping those removed meanwhile."""
+        out = []
+        for id in ids:
+            try:
+                out.append(store.summary(id))
+            except FileNotFoundError:
+                pass
+        return out
 
-    def _list(self, request: Request, store: Any) -> bytes:
+    def _list(self, request: Request, summaries: list[dict[str, Any]], count: int) -> bytes:
         rows = []
-        for id in store.latest():
-            s = self._summary(store, id)
-            if s is None:
-                continue
+        for s in summaries:
+            id = s["id"]
             when = datetime.datetime.fromtimestamp(s["created"]).strftime("%Y-%m-%d %H:%M:%S")
             rows.append(
                 f"<tr><td>{when}</td><td>{_e(s['sender'] or '<>')}</td><td>{_e(', '.join(s['recipients']))}</td>"
                 f"<td><a href=\"{id}\">{_e(s['subject'] or '(no subject)')}</a></td><td>{s['size']}</td></tr>")
-        body = (f"<h1>Captured mail</h1><p>{store.count()} message(s); newest first. "
+        body = (f"<h1>Captured mail</h1><p>{count} message(s); newest first. "
                 f"<a href=\"messages.json\">JSON</a></p>"
                 "<table><tr><th>Received</th><th>From</th><th>To</th><th>Subject</th><th>Bytes</th></tr>"
                 + "".join(rows) + "</table>")
@@ -137,8 +146,6 @@ def _page(request: Request, title: str, body: str) -> bytes:
 
 def _json(request: Request, data: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
-    if isinstance(data, list):
-        data = [d for d in data if d is not None]
     return json.dumps(data, ensure_ascii=False).encode("utf-8")
 
 

@@ -155,3 +155,26 @@ class WebTests(unittest.TestCase):
             self.assertEqual(view.status, 200)
             self.assertNotIn(b"<script>", view.body)
             self.assertNotIn(b"<b>", view.body)
+
+    @defer.inlineCallbacks
+    def test_messagesAreReadOffTheReactor(self):
+        """Parsing is slow for big messages: the list, the JSON and one message are read in a thread."""
+        import threading
+
+        daemon = startWeb(self, SMTP)
+        store = daemon.getServiceNamed("smtp").capture
+        http = webPort(daemon, 1)
+        id = yield store.enqueueBytes("s@b.test", ["q@example.org"], b"Subject: s\r\n\r\nbody\r\n")
+        threadsUsed = []
+        for name in ("summary", "parsed"):
+            real = getattr(store, name)
+
+            def spy(*a, real=real):
+                threadsUsed.append(threading.current_thread() is threading.main_thread())
+                return real(*a)
+
+            self.patch(store, name, spy)
+        for path in ("/mail/", "/mail/messages.json", f"/mail/{id}", f"/mail/{id}.json"):
+            self.assertEqual((yield get(http, path, tls=False)).status, 200, path)
+        self.assertTrue(threadsUsed)
+        self.assertNotIn(True, threadsUsed)

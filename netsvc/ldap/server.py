@@ -5,7 +5,8 @@ wire behaviour only; the service builds the factory from settings.
 Operations:
   - bind: anonymous (when allowed), simple against C{userPassword}
     (L{Directory.checkPassword}); a DN with an empty password is
-    unwillingToPerform (53) as slapd answers; wrong passwords are invalidCredentials
+    unwillingToPerform (53) as slapd answers, a name that is no DN invalidDNSyntax
+    (34); wrong passwords are invalidCredentials
     (49), and a client IP that fails too often is refused without a check for a
     while; SASL is authMethodNotSupported (7).  Requests sent while a bind is
     being checked wait for it (RFC 4511 4.2.1).
@@ -37,6 +38,7 @@ from netsvc.ldap import codec
 from netsvc.ldap.answer import OID_PASSWORD_MODIFY, OID_STARTTLS, OID_WHOAMI, rootDSE, subschemaEntry
 from netsvc.ldap.codec import BERError, RequestRefused
 from netsvc.ldap.directory import Directory
+from netsvc.ldap.dn import DNError, normalizeDN
 from netsvc.ldap.entry import SECRET
 from netsvc.ldap.match import matches
 from netsvc.ldap.passwd import PasswordOperations
@@ -46,6 +48,7 @@ from netsvc.ldap.resultcodes import (
     COMPARE_TRUE,
     INSUFFICIENT_ACCESS,
     INVALID_CREDENTIALS,
+    INVALID_DN_SYNTAX,
     NO_SUCH_ATTRIBUTE,
     NO_SUCH_OBJECT,
     OPERATIONS_ERROR,
@@ -319,6 +322,12 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             metrics.bindsFailed.inc()
             self.write(codec.result(msg.id, codec.BIND_RESPONSE, UNWILLING,
                                     "unauthenticated bind (DN with no password) disallowed"))
+            return
+        try:
+            normalizeDN(req.name)
+        except DNError as e:
+            metrics.bindsFailed.inc()
+            self.write(codec.result(msg.id, codec.BIND_RESPONSE, INVALID_DN_SYNTAX, str(e)))
             return
         bucket = self.factory.bindBucket(self.host)
         if not bucket.take(0) or bucket.tokens < 1:

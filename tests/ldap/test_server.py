@@ -70,6 +70,12 @@ class BindTests(unittest.TestCase):
         d = self.factory.directory.checkPassword("uid=nobody,ou=users,dc=example,dc=com", "x")
         return d.addCallback(self.assertFalse)
 
+    def test_invalidDNSyntax(self):
+        """A bind name that is no DN: invalidDNSyntax (34), as slapd answers; not a failed password."""
+        self.assertEqual(self.code(bind(1, "not a dn", "x")), 34)
+        self.assertEqual(self.factory.metrics.bindsFailed.value, 1)
+        self.assertEqual(self.factory.failedBinds, {})
+
     def test_emptyPasswordIsUnwillingToPerform(self):
         """slapd's answer to an unauthenticated bind (a DN, no password): 53, not success, not 49."""
         (response,) = self.client.send(bind(1, ALICE, ""))

@@ -49,6 +49,7 @@ class TransactionCommands:
     def _resetTransaction(self) -> None:
         self.mailFrom: str | None = None
         self.recipients: list[Recipient] = []
+        self._rcptKeys: set[str] = set()
         self.ret: str | None = None
         self.envid: str | None = None
         self.smtputf8 = False
@@ -129,7 +130,11 @@ class TransactionCommands:
             self.config.metrics.reject("too_many_recipients")
             self._send(452, "4.5.3", "Error: too many recipients")
             return
-        self.recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
+        local, at, domain = address.rpartition("@")
+        key = f"{local}@{domain.lower()}" if at else address.lower()  # the local part is case-sensitive
+        if key not in self._rcptKeys:  # a duplicate is acknowledged, not delivered twice (as Postfix)
+            self._rcptKeys.add(key)
+            self.recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
         self._send(250, "2.1.5", "Ok")
 
     def do_DATA(self, rest: bytes) -> None:

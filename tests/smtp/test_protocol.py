@@ -182,6 +182,17 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(self.transaction(p, t).endswith(b"250 2.0.0 Ok: queued as id0\r\n"))
         self.assertTrue(self.queue.committed()[0].data.startswith(b"Received: from client.test ([IPv6:::1])\r\n"))
 
+    def test_duplicateRecipientKeptOnce(self):
+        """The same recipient twice in one transaction (the domain in any case): 250, but delivered once."""
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\n"
+                              b"RCPT TO:<r@EXAMPLE.test>\r\nRCPT TO:<R@example.test>\r\nDATA\r\n")
+        self.assertEqual(out.count(b"250 2.1.5 Ok\r\n"), 3, out)
+        self.send(p, t, b"x: y\r\n\r\nbody\r\n.\r\n")
+        env = self.queue.committed()[0].envelope
+        self.assertEqual([r.address for r in env.recipients], ["r@example.test", "R@example.test"])
+
     def test_noOpenRelay(self):
         p, t = self.connect(peer="192.0.2.7")
         self.send(p, t, b"EHLO outsider\r\n")

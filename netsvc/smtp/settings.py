@@ -144,6 +144,7 @@ class Settings(ServiceSettings):
 
     def check(self) -> list[tuple[str, str]]:
         from netsvc.policies import parseNetworks
+        from netsvc.smtp.syntax import validDomain
 
         problems = super().check()
         try:
@@ -152,6 +153,8 @@ class Settings(ServiceSettings):
             problems.append(("mynetworks", str(e)))
         if not self.listen:
             problems.append(("listen", "needs at least one listener"))
+        if self.hostname.startswith("[") or not validDomain(self.hostname):
+            problems.append(("hostname", f"{self.hostname!r} is not a host name (banner, EHLO, Received, Message-ID)"))
         for i, listener in enumerate(self.listen):
             if endpoints.isDatagram(listener.endpoint):
                 problems.append((f"listen[{i}]", "SMTP does not run over UDP"))

@@ -196,6 +196,8 @@ class SettingsTests(unittest.TestCase):
             ("mynetworks: [nonsense]", "mynetworks"),
             ("queue: {retry: []}", "retry"),
             ("relays: {}", "did you mean 'relay'"),
+            ("hostname: 'mail lab'", "services.smtp.hostname"),
+            ("hostname: 'mail.lab.'", "services.smtp.hostname"),
         ]:
             with self.assertRaises(ConfigError) as e:
                 parse(SUB % bad)

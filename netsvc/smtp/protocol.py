@@ -16,6 +16,9 @@ Contract:
     reply waits on a Deferred (AUTH check, queue commit) input is held, not read.
   - Back-pressure: the session is its transport's producer; a client that does
     not read its replies is not answered, then (past 256 KB waiting) not read.
+  - A closing connection (QUIT, 421, 521, 554) that does not take its last reply
+    within CLOSE_GRACE -- a TLS client that never did the handshake, a client
+    that stopped reading -- is aborted; so is a refused one (over the limits).
   - Relay: a RCPT is accepted only from C{mynetworks} or an authenticated session,
     otherwise 554 5.7.1.  Submission listeners need AUTH (after STARTTLS on plain TCP).
   - 250 after DATA only once the queue's commit has fired (durable).

@@ -3,7 +3,9 @@ The mail transaction of the server session (RFC 5321 3.3): MAIL (SIZE, BODY,
 SMTPUTF8, DSN RET/ENVID), RCPT (the relay check, the recipient limit, DSN
 NOTIFY/ORCPT), DATA (read by L{netsvc.smtp.data.DataReader}) and the durable
 commit: the 250 is sent only once the queue's commit has fired; the trace
-headers (Received, and Message-ID/Date when missing) are written first.
+headers (Received, and Message-ID/Date when missing) are written first.  A
+recipient given twice is kept once; a message with more than 100 Received
+headers is a loop (554 5.4.6).
 
 A mixin of L{netsvc.smtp.protocol.SMTPSession}: it uses the session's config,
 reply queue (C{_send}, C{_error}, C{_close}, C{_needsSync}), input hold

@@ -34,7 +34,8 @@ _HEADER_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
 class DataReader:
     """
     Reads one message.  After each L{feed}: C{done} (the end marker was seen) and
-    C{problem} (None, or "size", "line", "nul", "barecr", "hops", "barelf" -- the message must not be
+    C{problem} (None, or "size", "line", "nul", "barecr", "hops", "io" (the sink could not write:
+    C{ioError}), "barelf" -- the message must not be
     accepted; "barelf" means the session must end at once).
     """
 
@@ -46,6 +47,7 @@ class DataReader:
         self.size = 0
         self.done = False
         self.problem: str | None = None
+        self.ioError: OSError | None = None
         self._midLine = False  # dropping the rest of an over-long line
         self._head: bytearray | None = bytearray()  # the header section while held; None once written
         self._scanned = 0  # lines of _head before this offset are known to be header lines
@@ -111,7 +113,7 @@ class DataReader:
             self._fail("size")
             return
         if self._head is None:
-            self.sink.write(body)
+            self._write(body)
             return
         head = self._head
         head += body
@@ -128,7 +130,14 @@ class DataReader:
             self._fail("hops")
             return
         names = set(found)
-        self.sink.write(self.prefix(names) + head[:end] + (b"\r\n" if needsBlank else b"") + head[end:])
+        self._write(self.prefix(names) + head[:end] + (b"\r\n" if needsBlank else b"") + head[end:])
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.sink.write(data)
+        except OSError as e:  # disk full, I/O error: this message cannot be kept
+            self.ioError = e
+            self._fail("io")
 
     def _finish(self) -> None:
         self.done = True

@@ -15,6 +15,7 @@ reply queue (C{_send}, C{_error}, C{_close}, C{_needsSync}), input hold
 from __future__ import annotations
 
 import email.utils
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -182,11 +183,17 @@ class TransactionCommands:
         if problem is not None:
             self._resetTransaction()
             self.config.metrics.reject({"size": "size", "line": "line_too_long", "nul": "nul",
-                                        "barecr": "bare_cr", "hops": "loop"}[problem])
+                                        "barecr": "bare_cr", "hops": "loop", "io": "queue_error"}[problem])
             if problem == "size":
                 self._send(552, "5.3.4", "Error: message too big for system")
             elif problem == "line":
                 self._send(500, "5.5.2", "Error: line too long")
+            elif problem == "io":
+                log.error("smtp: cannot write a queue file: {error}", error=str(reader.ioError))
+                if reader.ioError is not None and reader.ioError.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._send(452, "4.3.1", "Error: insufficient system storage")
+                else:
+                    self._send(451, "4.3.0", "Error: local error in processing; try again later")
             elif problem == "hops":
                 self._send(554, "5.4.6", "Error: too many hops (a mail loop?)")
             elif problem == "barecr":

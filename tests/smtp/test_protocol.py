@@ -471,6 +471,26 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(t.value(), b"451 4.3.0 Error: local error in processing; message not accepted\r\n")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
+    def test_diskFullWhileReceiving(self):
+        """The queue file cannot be written (ENOSPC): 452 4.3.1 at the end of the data, the session goes on."""
+        import errno
+
+        p, t = self.connect()
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n")
+        (m,) = self.queue.messages
+
+        def full(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        m.write = full
+        out = self.send(p, t, b"Subject: x\r\n\r\n" + b"body\r\n" * 100 + b".\r\n")
+        self.assertEqual(out, b"452 4.3.1 Error: insufficient system storage\r\n")
+        self.assertTrue(m.aborted)
+        self.assertEqual(self.queue.committed(), [])
+        self.assertFalse(t.disconnecting)
+        self.assertEqual(self.send(p, t, b"NOOP\r\n"), b"250 2.0.0 Ok\r\n")
+
     # -- limits
 
     def test_maxRecipients(self):

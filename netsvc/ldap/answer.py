@@ -45,7 +45,9 @@ class Selection:
 
     @classmethod
     def parse(cls, attributes: list[str], typesOnly: bool = False) -> Selection:
-        """The selection for a request's attribute list (remembered: clients repeat theirs)."""
+        """The selection for a request's attribute list (remembered, if short: clients repeat theirs)."""
+        if len(attributes) > 32 or sum(map(len, attributes)) > 1024:  # a long one would pin its size in memory
+            return cls._parse(attributes, typesOnly)
         key = (tuple(attributes), typesOnly)
         found = _SELECTIONS.get(key)
         if found is None:

@@ -126,13 +126,24 @@ def escapeValue(value: str) -> str:
     return "".join(out)
 
 
-@lru_cache(maxsize=65536)
+#: DNs up to this many characters are remembered once normalized (at most L{_CACHED} of them): clients
+#: repeat their bases and bind DNs; a long one (a request may hold a megabyte) would pin its size in memory.
+MAX_CACHED_DN = 512
+_CACHED = 16384
+
+
 def normalizeDN(text: str) -> str:
     """
     The canonical form of a DN (see the module docstring).
 
     @raise DNError: C{text} is not a DN.
     """
+    if len(text) > MAX_CACHED_DN:
+        return _normalizeDN(text)
+    return _cachedDN(text)
+
+
+def _normalizeDN(text: str) -> str:
     from netsvc.ldap.schema import SCHEMA, normalize
 
     out = []
@@ -145,6 +156,9 @@ def normalizeDN(text: str) -> str:
             avas.append(f"{at.name.lower()}={escapeValue(norm)}")
         out.append("+".join(sorted(avas)))
     return ",".join(out)
+
+
+_cachedDN = lru_cache(maxsize=_CACHED)(_normalizeDN)
 
 
 def parentDN(ndn: str) -> str | None:

@@ -293,6 +293,12 @@ OBJECT_CLASSES = [
 ]
 
 #: An attribute type for names the schema does not know: compared case-insensitively.
+#: Attribute types the schema does not know that are remembered (names from LDIF files, filters,
+#: attribute lists), and how long their names may be: requests can hold any number of new ones.
+MAX_UNKNOWN = 4096
+MAX_UNKNOWN_NAME = 128
+
+
 def _unknown(name: str) -> AttributeType:
     return AttributeType(name.lower(), (name,), _CI, DSTRING)
 
@@ -305,6 +311,7 @@ class Schema:
         self.attributes = attributes
         self.objectClasses = objectClasses
         self._attrs: dict[str, AttributeType] = {}
+        self._unknown: dict[str, AttributeType] = {}  # bounded (MAX_UNKNOWN)
         for a in attributes:
             self._attrs[a.oid] = a
             for n in a.names:
@@ -320,7 +327,11 @@ class Schema:
         key = name.lower()
         found = self._attrs.get(key)
         if found is None:
-            found = self._attrs[key] = _unknown(name)
+            found = self._unknown.get(key)
+            if found is None:
+                found = _unknown(name)
+                if len(self._unknown) < MAX_UNKNOWN and len(key) <= MAX_UNKNOWN_NAME:
+                    self._unknown[key] = found
         return found
 
     def canonical(self, name: str) -> str:

@@ -1,0 +1,53 @@
+"""
+Bounded memory under hostile input: what the server remembers between requests
+(the DN normalization cache, the attribute selection cache) keeps only small keys,
+so a client sending many large, distinct DNs or attribute lists (each up to
+max_message) cannot make the process grow without bound.
+"""
+
+from __future__ import annotations
+
+from twisted.trial import unittest
+
+from netsvc.ldap import answer, dn
+from netsvc.ldap.schema import MAX_UNKNOWN as SCHEMA_BOUND
+from netsvc.ldap.schema import SCHEMA, Schema
+from tests.ldap._wire import Client, dns, makeFactory, search
+
+#: Names and OIDs of the built-in attribute types.
+KNOWN = len(Schema()._attrs)
+
+
+class CacheTests(unittest.TestCase):
+    def test_longDNsAreNotRemembered(self):
+        before = dn._cachedDN.cache_info().currsize
+        for i in range(50):
+            dn.normalizeDN(f"cn={i}{'x' * 10_000},dc=example,dc=com")
+        self.assertEqual(dn._cachedDN.cache_info().currsize, before)
+        self.assertEqual(dn.normalizeDN("CN=Short, DC=Example,DC=com"), dn.normalizeDN("cn=short,dc=example,dc=com"))
+        self.assertLessEqual(dn._cachedDN.cache_info().maxsize, 16384)
+
+    def test_searchBasesOverTheWire(self):
+        client = Client(makeFactory())
+        before = dn._cachedDN.cache_info().currsize
+        for i in range(20):
+            self.assertEqual(dns(client.send(search(i + 2, f"cn={i}{'y' * 50_000},dc=example,dc=com"))), [])
+        self.assertEqual(dn._cachedDN.cache_info().currsize, before)
+
+    def test_longAttributeListsAreNotRemembered(self):
+        before = len(answer._SELECTIONS)
+        for i in range(50):
+            answer.Selection.parse([f"a{i}x{n}" for n in range(200)])
+        self.assertEqual(len(answer._SELECTIONS), before)
+        self.assertIs(answer.Selection.parse(["cn", "sn"]), answer.Selection.parse(["cn", "sn"]))
+
+    def test_unknownAttributeNamesAreBounded(self):
+        """Attribute names the schema does not know (any filter or attribute list can hold them) are bounded."""
+        client = Client(makeFactory())
+        for i in range(300):
+            name = f"x{i}" + "z" * 2_000
+            self.assertEqual(dns(client.send(search(i + 2, flt=f"({name}=1)", attributes=(name + "q",)))), [])
+        for i in range(SCHEMA_BOUND + 100):
+            SCHEMA.attribute(f"u{i}")
+        self.assertLessEqual(len(SCHEMA._attrs) + len(SCHEMA._unknown), KNOWN + SCHEMA_BOUND)
+        self.assertEqual(SCHEMA.canonical("Unknown-Attr"), "unknown-attr")

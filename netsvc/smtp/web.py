@@ -63,13 +63,7 @@ class MailResource(resource.Resource):
         if not _ID.match(base) or ext not in ("", "json", "eml"):
             return _text(request, 404, "not found")
         if ext == "eml":
-            try:
-                raw = store.raw(base)
-            except FileNotFoundError:
-                return _text(request, 404, "no such message")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.setHeader(b"content-disposition", f'inline; filename="{base}.eml"'.encode())
-            return raw
+            return self._later(request, lambda: store.raw(base), lambda raw: _raw(request, base, raw))
         return self._later(request, lambda: store.parsed(base),
                            lambda parsed: _json(request, parsed) if ext == "json" else self._message(request, parsed))
 
@@ -147,6 +141,12 @@ def _page(request: Request, title: str, body: str) -> bytes:
 def _json(request: Request, data: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(data, ensure_ascii=False).encode("utf-8")
+
+
+def _raw(request: Request, id: str, raw: bytes) -> bytes:
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-disposition", f'inline; filename="{id}.eml"'.encode())
+    return raw
 
 
 def _text(request: Request, code: int, text: str) -> bytes:

@@ -166,7 +166,7 @@ class WebTests(unittest.TestCase):
         http = webPort(daemon, 1)
         id = yield store.enqueueBytes("s@b.test", ["q@example.org"], b"Subject: s\r\n\r\nbody\r\n")
         threadsUsed = []
-        for name in ("summary", "parsed"):
+        for name in ("summary", "parsed", "raw"):
             real = getattr(store, name)
 
             def spy(*a, real=real):
@@ -174,7 +174,7 @@ class WebTests(unittest.TestCase):
                 return real(*a)
 
             self.patch(store, name, spy)
-        for path in ("/mail/", "/mail/messages.json", f"/mail/{id}", f"/mail/{id}.json"):
+        for path in ("/mail/", "/mail/messages.json", f"/mail/{id}", f"/mail/{id}.json", f"/mail/{id}.eml"):
             self.assertEqual((yield get(http, path, tls=False)).status, 200, path)
         self.assertTrue(threadsUsed)
         self.assertNotIn(True, threadsUsed)

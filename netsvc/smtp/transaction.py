@@ -100,8 +100,7 @@ class TransactionCommands:
             self._error(code, status, text, "size" if code == 552 else "bad_sender")
             return
         if c.messageRate is not None and not c.messageRate.allow(self.host):
-            self.config.metrics.reject("rate")
-            self._send(450, "4.7.1", "Error: too many messages from your address; try again later")
+            self._error(450, "4.7.1", "Error: too many messages from your address; try again later", "rate")
             return
         self.mailFrom = sender
         self.ret, self.envid = ret, envid

@@ -518,6 +518,10 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(self.send(p, t, b"MAIL FROM:<s@example.test>\r\n").startswith(b"450 4.7.1"))
         self.clock.advance(1)
         self.assertTrue(self.send(p, t, b"MAIL FROM:<s@example.test>\r\n").startswith(b"250"))
+        # a client that keeps trying without waiting is an erring client: closed in the end
+        self.send(p, t, b"RSET\r\n")
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\n" * 30)
+        self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"), out)
 
     def test_pipeliningAfterEHLO(self):
         p, t = self.connect()

@@ -125,8 +125,7 @@ class TransactionCommands:
             self._error(*e.reply, "bad_recipient")
             return
         if self.user is None and not c.isTrusted(self.host):
-            self.config.metrics.reject("relay_denied")
-            self._send(554, "5.7.1", f"<{address}>: Relay access denied")
+            self._error(554, "5.7.1", f"<{address}>: Relay access denied", "relay_denied")
             return
         if len(self.recipients) >= c.maxRecipients:
             self.config.metrics.reject("too_many_recipients")

@@ -201,6 +201,9 @@ class SessionTests(unittest.TestCase):
                               b"554 5.5.1 Error: no valid recipients\r\n")
         self.assertEqual(self.queue.messages, [])
         self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="relay_denied"), 1)
+        # probing for a relay, recipient after recipient, is an erring client: closed in the end
+        out = self.send(p, t, b"RCPT TO:<victim@example.org>\r\n" * 30)
+        self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"), out)
 
     def test_authenticatedRelay(self):
         p, t = self.connect(peer="192.0.2.7", secure=True)

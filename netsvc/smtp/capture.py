@@ -22,9 +22,12 @@ from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netsvc.smtp.queue import Queue
+
+log = Logger()
 
 #: Bytes read from a message for its summary (the header section).
 SUMMARY_BYTES = 16384
@@ -54,7 +57,11 @@ class CaptureStore(Queue):
 
     def _prune(self) -> None:
         while len(self._ids) > self.keep:
-            self.remove(self._ids.popleft())
+            id = self._ids.popleft()
+            try:
+                self.remove(id)
+            except OSError as e:  # never stop the writer (every session waits on it) for one old message
+                log.error("capture: cannot remove {id}: {error}", id=id, error=str(e))
 
     def count(self) -> int:
         return len(self._ids)

@@ -324,7 +324,10 @@ class Queue:
             else:
                 job.deferred.callback(job.envelope.id)
                 if job.message is not None and self.onCommit is not None:
-                    self.onCommit(job.envelope.id)
+                    try:
+                        self.onCommit(job.envelope.id)
+                    except Exception:  # a bug in the hook must not stop the writer: every session would wait
+                        log.failure("queue: the commit hook failed for {id}", id=job.envelope.id)
         self._writeNext()
 
     # -- reading

@@ -140,6 +140,19 @@ class QueueTests(unittest.TestCase):
         d.addCallback(lambda _: self.assertEqual(list((self.dir / "msg").iterdir()), []))
         return d
 
+    @defer.inlineCallbacks
+    def test_failingOnCommitDoesNotStallTheQueue(self):
+        """A bug in the commit hook (delivery's kick) is logged; later commits are still written and acknowledged."""
+        def broken(id):
+            raise RuntimeError("kick failed")
+
+        self.queue.onCommit = broken
+        first = yield self.queue.enqueueBytes("a@x", ["b@y"], b"1\r\n")
+        second = yield self.queue.enqueueBytes("a@x", ["b@y"], b"2\r\n")
+        yield self.queue.update(self.queue.envelope(second))  # written after the second's hook ran
+        self.assertEqual(self.queue.ids(), [first, second])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     def test_envelopeRoundTrip(self):
         env = Envelope.new("", ["b@y"], envid="E1", warned=True)
         self.assertEqual(Envelope.loads(env.dumps()), env)

@@ -215,7 +215,10 @@ class TransactionCommands:
             c.metrics.bytes.inc(size)
             log.debug("smtp: accepted {id} from {client}", id=id, client=self.host)
             if c.onAccepted is not None:
-                c.onAccepted(id)
+                try:
+                    c.onAccepted(id)
+                except Exception:  # the message is durable: the client gets its 250 regardless
+                    log.failure("smtp: the accept hook failed for {id}", id=id)
             if not self._closed:
                 self._send(250, "2.0.0", f"Ok: queued as {id}")
                 self._release()

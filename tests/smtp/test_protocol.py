@@ -474,6 +474,17 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(t.value(), b"451 4.3.0 Error: local error in processing; message not accepted\r\n")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
+    def test_failingAcceptHookStillAnswers(self):
+        """The message is durable: a bug in the hook (delivery's kick) is logged, the client still gets its 250."""
+        def broken(id):
+            raise RuntimeError("kick failed")
+
+        p, t = self.connect(config=self.makeConfig(onAccepted=broken))
+        self.send(p, t, b"EHLO x\r\n")
+        self.assertTrue(self.transaction(p, t).endswith(b"250 2.0.0 Ok: queued as id0\r\n"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.send(p, t, b"NOOP\r\n"), b"250 2.0.0 Ok\r\n")
+
     def test_diskFullWhileReceiving(self):
         """The queue file cannot be written (ENOSPC): 452 4.3.1 at the end of the data, the session goes on."""
         import errno

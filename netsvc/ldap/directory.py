@@ -27,7 +27,7 @@ from netsvc import auth
 from netsvc.ldap.dn import DNError, isWithin, normalizeDN, parentDN
 from netsvc.ldap.entry import Entry
 from netsvc.ldap.ldifload import LDIFError, parseLDIF
-from netsvc.ldap.match import assertionKey, compileFilter
+from netsvc.ldap.match import assertionKey, assertions, compileFilter
 from netsvc.ldap.schema import SCHEMA, normalize
 
 log = Logger()
@@ -35,6 +35,9 @@ log = Logger()
 #: Attributes with an equality index (canonical names).
 INDEXED = ("objectclass", "uid", "cn", "sn", "mail", "givenname", "ou", "dc", "member", "uniquemember",
            "memberuid", "uidnumber", "gidnumber", "displayname", "employeenumber")
+
+#: How many assertions of a filter testing one entry counts as examining one entry (max_scan).
+ASSERTIONS_PER_SCAN = 8
 
 #: userPassword schemes cheap enough (one salted SHA) to verify on the reactor thread.
 _CHEAP = ("{SSHA}", "{SHA}", "{SSHA256}", "{SSHA512}")
@@ -210,9 +213,12 @@ class Directory:
         the base, of the normalized C{base}) that match C{flt} as C{viewer} (a normalized DN, None: anonymous)
         may see them (L{netsvc.ldap.match}: userPassword), in LDIF order.  Indexes
         narrow the candidates when the filter allows; at most C{maxScan} candidates
-        are examined (0: no limit) before L{ScanLimit} is raised.
+        are examined (0: no limit) before L{ScanLimit} is raised -- an entry counts
+        once per L{ASSERTIONS_PER_SCAN} assertions of the filter, so that a huge
+        filter cannot hold the reactor where a small one could not.
         """
         test = compileFilter(flt, viewer)
+        cost = -(-assertions(flt) // ASSERTIONS_PER_SCAN)
         candidates = _candidates(self.index, flt)
         if scope == 0:
             e = self.entries.get(base)
@@ -227,7 +233,7 @@ class Directory:
             pool = self._subtree(base)
         scanned = 0
         for e in pool:
-            scanned += 1
+            scanned += cost
             if maxScan and scanned > maxScan:
                 raise ScanLimit(scanned)
             if scope == 1 and e.parent != base:

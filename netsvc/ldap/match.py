@@ -52,6 +52,47 @@ def compileFilter(flt: tuple, viewer: str | None = None) -> Test:
     return test
 
 
+def assertions(flt: tuple) -> int:
+    """
+    How many attribute assertions testing C{flt} against one entry may cost (the
+    equality assertions on one attribute under an OR count once: one set lookup).
+    """
+    kind = flt[0]
+    if kind == "and":
+        return sum(assertions(f) for f in flt[1])
+    if kind == "or":
+        groups, rest = _equalityGroups(flt[1])
+        return len(groups) + sum(assertions(f) for f in rest)
+    if kind == "not":
+        return assertions(flt[1])
+    return 1
+
+
+def _equalityGroups(subs: list) -> tuple[dict[str, set[bytes]], list]:
+    """The equality assertions of an OR by attribute ({canonical: normalized values}), and the other parts."""
+    groups: dict[str, set[bytes]] = {}
+    rest = []
+    for f in subs:
+        if f[0] in ("eq", "approx"):
+            canon, norm = assertionKey(f[1], f[2])
+            if canon != SECRET:
+                groups.setdefault(canon, set()).add(norm)
+                continue
+        rest.append(f)
+    return groups, rest
+
+
+def _anyOf(canon: str, values: set[bytes]) -> Test:
+    if canon == "objectclass":
+        return lambda e: not values.isdisjoint(e.classes)
+
+    def test(e: Entry) -> bool:
+        norms = e.norms.get(canon)
+        return norms is not None and not values.isdisjoint(norms)
+
+    return test
+
+
 def _compileSet(flt: tuple, viewer: str | None) -> Test:
     kind = flt[0]
     if kind == "and":
@@ -60,7 +101,12 @@ def _compileSet(flt: tuple, viewer: str | None) -> Test:
             return subs[0]
         return lambda e: all(t(e) for t in subs)
     if kind == "or":
-        subs = [compileFilter(f, viewer) for f in flt[1]]
+        # (|(uid=a)(uid=b)...): the equality assertions on one attribute are one set lookup.
+        groups, rest = _equalityGroups(flt[1])
+        subs = [_anyOf(canon, values) for canon, values in groups.items()]
+        subs += [compileFilter(f, viewer) for f in rest]
+        if len(subs) == 1:
+            return subs[0]
         return lambda e: any(t(e) for t in subs)
     sub = compileFilter(flt[1], viewer)
     return lambda e: not sub(e)

@@ -32,22 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import free_udp_tcp_port as freePort
+
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = "127.0.0.77"
-
-
-def freePort() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 def answers(host: str, port: int, name: str = "h0.bench.test") -> bool:

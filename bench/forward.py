@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import free_port as freePort
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
@@ -68,12 +70,6 @@ procs: list[subprocess.Popen] = []
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], **kw) -> subprocess.Popen:

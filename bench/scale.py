@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_seconds, free_port, log
+from _common import cpu_seconds, free_port, free_udp_tcp_port, log
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -90,20 +90,6 @@ services:
     limits: {{max_connections: 20000, max_connections_per_ip: 20000, rate: 1000, burst: 1000, idle_timeout: 1h}}
     history: 0
 {fanout}"""
-
-
-def free_udp_tcp_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 def dns_answers(port: int) -> bool:

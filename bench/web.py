@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import free_port as freePort
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
@@ -83,12 +85,6 @@ http {{
 
 def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def waitForPort(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:

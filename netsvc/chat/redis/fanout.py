@@ -34,7 +34,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from netsvc.chat.hub import LOBBY, Event, Hub, Member, Room, displayName, notice
+from netsvc.chat.hub import LOBBY, Event, Hub, LocalFanOut, Member, Room, displayName, notice
 from netsvc.chat.redis import scripts
 from netsvc.chat.redis.connection import Connections
 
@@ -99,6 +99,7 @@ class RedisFanOut(service.Service):
         self.everConnected = False
         self.heartbeat = task.LoopingCall(self._heartbeat)
         self.heartbeat.clock = clock
+        self._local = LocalFanOut()
 
     # -- the service
 
@@ -127,11 +128,7 @@ class RedisFanOut(service.Service):
         self.hub = hub
 
     def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
-        n = 0
-        for member in list(room.members):
-            if member is not exclude:
-                member.deliver(event)
-                n += 1
+        n = self._local.publish(room, event, exclude)  # this node's members first, then the other nodes
         if not self.redis.up:
             self.metrics.skipped.value += 1
             return n

@@ -224,13 +224,14 @@ class Queue:
                 pass
         if not self.fsync:
             return defer.succeed(None)
-        if self._removals is None:
-            self._removals = _Job(None, None, self.tmp)
-            self._removals.deferred.addErrback(
+        job = self._removals
+        if job is None:  # no sync waiting yet: one for this removal and those that follow it meanwhile
+            job = self._removals = _Job(None, None, self.tmp)
+            job.deferred.addErrback(
                 lambda f: log.error("queue: cannot sync removals: {error}", error=f.getErrorMessage()))
-            self._submit(self._removals)
+            self._submit(job)  # (an idle writer takes it at once and forgets it as the waiting one)
         d: defer.Deferred = defer.Deferred()
-        self._removals.deferred.addBoth(lambda _: d.callback(None))
+        job.deferred.addBoth(lambda _: d.callback(None))
         return d
 
     def _submit(self, job: _Job) -> defer.Deferred:

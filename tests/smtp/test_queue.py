@@ -131,6 +131,19 @@ class QueueTests(unittest.TestCase):
         self.assertIn("env", synced)
         self.assertLessEqual(synced.count("env"), 2)  # batched, not one sync per removal
 
+    @defer.inlineCallbacks
+    def test_removeWithTheWriterIdle(self):
+        """remove() called in a later reactor turn (nothing being written) -- the delivery side's case."""
+        from twisted.internet import reactor, task
+
+        id = yield self.queue.enqueueBytes("a@x", ["b@y"], b"x\r\n")
+        yield task.deferLater(reactor, 0, lambda: None)  # out of the commit's callback: the writer is idle
+        self.assertFalse(self.queue._writing)
+        yield self.queue.remove(id)
+        self.assertEqual(self.queue.ids(), [])
+        yield task.deferLater(reactor, 0, lambda: None)
+        yield defer.gatherResults([self.queue.remove("gone-1"), self.queue.remove("gone-2")])
+
     def test_failedEnvelopeRenameLeavesNoMessage(self):
         m = self.queue.newMessage()
         m.write(b"x")

@@ -54,6 +54,20 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(again.latest(), store.latest())
 
     @defer.inlineCallbacks
+    def test_restartWithASmallerKeep(self):
+        """Start-up pruning (keep lowered in the config) removes the oldest, with the queue's writer idle."""
+        folder = Path(self.mktemp())
+        store = CaptureStore(folder, keep=5, fsync=True)
+        store.recover()
+        ids = []
+        for i in range(4):
+            ids.append((yield store.enqueueBytes("a@b.test", ["c@d.test"], b"n: %d\r\n\r\nx\r\n" % i)))
+        again = CaptureStore(folder, keep=2, fsync=True)
+        again.recover()
+        self.assertEqual(again.ids(), ids[2:])
+        self.assertEqual(again.latest(), list(reversed(ids[2:])))
+
+    @defer.inlineCallbacks
     def test_malformedHeadersDoNotBreakTheViews(self):
         """The email package raises on some malformed headers; one such message must not break the listing."""
         store = CaptureStore(Path(self.mktemp()), fsync=False)

@@ -1,4 +1,6 @@
-"""The ESMTP session over a StringTransport: replies, relay policy, AUTH, DATA checks, pipelining."""
+"""The ESMTP session over a StringTransport: replies, relay policy, AUTH, DATA checks, pipelining.
+
+AUTH: test_sasl.py; the DATA reader alone: test_data.py; address syntax: test_syntax.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from zope.interface import directlyProvides
 
 from netsvc.metrics import Registry
 from netsvc.policies import RateLimiter
-from netsvc.smtp.data import DataReader
 from netsvc.smtp.protocol import MAX_COMMAND_LINE, ServerConfig, SMTPFactory, SMTPMetrics
 
 
@@ -79,7 +80,9 @@ def plain(user, password, authz=""):
     return base64.b64encode(f"{authz}\0{user}\0{password}".encode())
 
 
-class SessionTests(unittest.TestCase):
+class SessionCase(unittest.TestCase):
+    """A session over a StringTransport with fakes for the queue and the authenticator (no tests here)."""
+
     peer = "127.0.0.1"
 
     def setUp(self):
@@ -115,6 +118,14 @@ class SessionTests(unittest.TestCase):
         fam = self.registry.get(name)
         return fam.labels(service="smtp", **labels).value
 
+    def transaction(self, p, t, body=b"Subject: hi\r\n\r\nhello\r\n", rcpt=b"<r@example.test>"):
+        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:" + rcpt + b"\r\nDATA\r\n")
+        out += self.send(p, t, body + b".\r\n")
+        return out
+
+
+
+class SessionTests(SessionCase):
     # -- EHLO
 
     def test_ehloPlain(self):
@@ -151,11 +162,6 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(t.disconnecting)
 
     # -- relay policy
-
-    def transaction(self, p, t, body=b"Subject: hi\r\n\r\nhello\r\n", rcpt=b"<r@example.test>"):
-        out = self.send(p, t, b"MAIL FROM:<s@example.test>\r\nRCPT TO:" + rcpt + b"\r\nDATA\r\n")
-        out += self.send(p, t, body + b".\r\n")
-        return out
 
     def test_relayFromMynetworks(self):
         p, t = self.connect()
@@ -204,76 +210,6 @@ class SessionTests(unittest.TestCase):
         # probing for a relay, recipient after recipient, is an erring client: closed in the end
         out = self.send(p, t, b"RCPT TO:<victim@example.org>\r\n" * 30)
         self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"), out)
-
-    def test_authenticatedRelay(self):
-        p, t = self.connect(peer="192.0.2.7", secure=True)
-        self.send(p, t, b"EHLO outsider\r\n")
-        self.assertEqual(self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n"),
-                         b"235 2.7.0 Authentication successful\r\n")
-        out = self.transaction(p, t)
-        self.assertTrue(out.endswith(b"250 2.0.0 Ok: queued as id0\r\n"), out)
-        env = self.queue.committed()[0].envelope
-        self.assertEqual(env.client["user"], "alice")
-        self.assertIn(b"with ESMTPSA id", self.queue.committed()[0].data)
-        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="ok"), 1)
-
-    def test_authLogin(self):
-        p, t = self.connect(peer="192.0.2.7", secure=True)
-        self.send(p, t, b"EHLO x\r\n")
-        self.assertEqual(self.send(p, t, b"auth login\r\n"), b"334 VXNlcm5hbWU6\r\n")
-        self.assertEqual(self.send(p, t, base64.b64encode(b"alice") + b"\r\n"), b"334 UGFzc3dvcmQ6\r\n")
-        self.assertEqual(self.send(p, t, base64.b64encode(b"s3cret") + b"\r\n"),
-                         b"235 2.7.0 Authentication successful\r\n")
-        self.assertEqual(self.send(p, t, b"AUTH PLAIN x\r\n"), b"503 5.5.1 Error: already authenticated\r\n")
-
-    def test_authRefusedWithoutTLS(self):
-        p, t = self.connect()
-        self.send(p, t, b"EHLO x\r\n")
-        out = self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
-        self.assertTrue(out.startswith(b"538 5.7.11"), out)
-        self.assertEqual(self.auth.calls, [])
-
-    def test_garbageAuthCountedAndLimited(self):
-        p, t = self.connect(peer="192.0.2.9", secure=True)
-        self.send(p, t, b"EHLO x\r\n")
-        self.assertEqual(self.send(p, t, b"AUTH PLAIN !!!notbase64\r\n"),
-                         b"535 5.7.8 Authentication credentials invalid\r\n")
-        self.assertEqual(self.send(p, t, b"AUTH PLAIN " + base64.b64encode(b"no-nuls") + b"\r\n"),
-                         b"535 5.7.8 Authentication credentials invalid\r\n")
-        out = self.send(p, t, b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")
-        self.assertTrue(out.startswith(b"421 4.7.0"), out)  # third failure in the session
-        self.assertTrue(t.disconnecting)
-        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="failed"), 3)
-        # the same IP, new sessions: two more failures use up the burst of 5, then 454 without checking
-        for _ in range(2):
-            p, t = self.connect(peer="192.0.2.9", secure=True)
-            self.send(p, t, b"EHLO x\r\n")
-            self.send(p, t, b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")
-        calls = len(self.auth.calls)
-        p, t = self.connect(peer="192.0.2.9", secure=True)
-        self.send(p, t, b"EHLO x\r\n")
-        out = self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
-        self.assertTrue(out.startswith(b"454 4.7.0"), out)
-        self.assertEqual(len(self.auth.calls), calls)
-        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="rate_limited"), 1)
-        # another client is not affected; and the bucket refills with time
-        p2, t2 = self.connect(peer="192.0.2.10", secure=True)
-        self.send(p2, t2, b"EHLO x\r\n")
-        self.assertTrue(self.send(p2, t2, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n").startswith(b"235"))
-        self.clock.advance(10)
-        self.assertTrue(self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n").startswith(b"235"))
-
-    def test_submissionRequiresAuth(self):
-        config = self.makeConfig(submission=True)
-        p, t = self.connect(config=config)
-        self.send(p, t, b"EHLO x\r\n")
-        self.assertEqual(self.send(p, t, b"MAIL FROM:<a@b.test>\r\n"),
-                         b"530 5.7.0 Must issue a STARTTLS command first\r\n")
-        p, t = self.connect(config=config, secure=True)
-        self.send(p, t, b"EHLO x\r\n")
-        self.assertEqual(self.send(p, t, b"MAIL FROM:<a@b.test>\r\n"), b"530 5.7.0 Authentication required\r\n")
-        self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
-        self.assertEqual(self.send(p, t, b"MAIL FROM:<a@b.test>\r\n"), b"250 2.1.0 Ok\r\n")
 
     # -- envelope syntax and DSN
 
@@ -549,18 +485,6 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"))
         self.assertTrue(t.disconnecting)
 
-    def test_rateLimitedAuthCountsAsAnError(self):
-        """With the client IP's AUTH budget spent, a session looping on AUTH (454 each) is still closed in the end."""
-        config = self.makeConfig(authFailures=RateLimiter(0.1, 1, self.clock))
-        p, t = self.connect(peer="192.0.2.11", secure=True, config=config)
-        self.send(p, t, b"EHLO x\r\n")
-        self.send(p, t, b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")
-        out = self.send(p, t, (b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n") * 30)
-        self.assertTrue(out.startswith(b"454 4.7.0"), out)
-        self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"), out)
-        self.assertTrue(t.disconnecting)
-        self.assertEqual(len(self.auth.calls), 1)
-
     def test_idleTimeoutAndDrain(self):
         p, t = self.connect()
         self.send(p, t, b"EHLO x\r\n")
@@ -580,113 +504,3 @@ def _addr(host):
     from twisted.internet.address import IPv4Address
 
     return IPv4Address("TCP", host, 12345)
-
-
-class Sink:
-    def __init__(self):
-        self.data = b""
-        self.aborted = False
-
-    def write(self, data):
-        self.data += data
-
-    def abort(self):
-        self.aborted = True
-
-
-class DataReaderTests(unittest.TestCase):
-    def read(self, message, chunk=None, maxSize=10_000):
-        sink = Sink()
-        r = DataReader(sink, maxSize, 1000, lambda names: b"X-Names: " + b",".join(sorted(names)) + b"\r\n")
-        buf = b""
-        pieces = [message] if chunk is None else [message[i:i + chunk] for i in range(0, len(message), chunk)]
-        for piece in pieces:
-            buf += piece
-            buf = buf[r.feed(buf):]
-            if r.done:
-                break
-        return r, sink, buf
-
-    def test_chunkBoundariesDoNotMatter(self):
-        msg = (b"From: a\r\nSubject: s\r\n folded\r\n\r\n..leading dot\r\nline\r\n.\r\nNEXT\r\n")
-        results = {self.read(msg, chunk)[1].data for chunk in (None, 1, 2, 3, 7)}
-        self.assertEqual(results, {b"X-Names: from,subject\r\nFrom: a\r\nSubject: s\r\n folded\r\n\r\n"
-                                   b".leading dot\r\nline\r\n"})
-        r, _, rest = self.read(msg, 1)
-        self.assertTrue(r.done)
-        self.assertEqual(rest, b"")  # the reader stops at the end marker; "NEXT" not consumed here
-        r, _, rest = self.read(msg)
-        self.assertEqual(rest, b"NEXT\r\n")
-
-    def test_noHeaders(self):
-        _, sink, _ = self.read(b"just text\r\n.\r\n")
-        self.assertEqual(sink.data, b"X-Names: \r\n\r\njust text\r\n")
-        _, sink, _ = self.read(b".\r\n")
-        self.assertEqual(sink.data, b"X-Names: \r\n")
-        _, sink, _ = self.read(b"Subject: only\r\n.\r\n")
-        self.assertEqual(sink.data, b"X-Names: subject\r\nSubject: only\r\n")
-
-    def test_sizeAndLine(self):
-        r, sink, _ = self.read(b"a: b\r\n\r\n" + b"x" * 998 + b"\r\n.\r\n", 64)
-        self.assertIsNone(r.problem)
-        r, sink, _ = self.read(b"a: b\r\n\r\n" + b"x" * 999 + b"\r\n.\r\n", 64)
-        self.assertEqual(r.problem, "line")
-        r, sink, _ = self.read(b"a: b\r\n\r\n" + (b"x" * 98 + b"\r\n") * 200 + b".\r\n", 500)
-        self.assertEqual((r.problem, r.done, sink.aborted), ("size", True, True))
-
-
-    def test_headerLinesArriveOneByOne(self):
-        """A header section sent a line per packet is scanned once, not once per packet (quadratic CPU)."""
-        from netsvc.smtp import data
-
-        calls = []
-
-        real = data._HEADER_LINE
-
-        class Counting:
-            def match(self, *a):
-                calls.append(1)
-                return real.match(*a)
-
-        self.patch(data, "_HEADER_LINE", Counting())
-        lines = 2000
-        message = b"".join(b"X-H%d: value\r\n" % i for i in range(lines)) + b"\r\nbody\r\n.\r\n"
-        r, sink, _ = self.read(message, chunk=len(b"X-H1000: value\r\n"), maxSize=10**6)
-        self.assertTrue(r.done)
-        self.assertTrue(sink.data.endswith(b"X-H1999: value\r\n\r\nbody\r\n"))
-        self.assertLess(len(calls), 3 * lines)
-
-class AddressSyntaxTests(unittest.TestCase):
-    """What a trusted client may queue: the tricks are normalised or refused, never passed to delivery as garbage."""
-
-    def check(self, path, sender=False):
-        from netsvc.smtp.syntax import checkMailbox
-
-        return checkMailbox(path, sender=sender)
-
-    def test_accepted(self):
-        cases = {
-            "@relay.test,@other.test:user@example.test": "user@example.test",  # source route dropped
-            "user%other@example.test": "user%other@example.test",  # percent hack: only a local part here
-            '"quoted local"@example.test': '"quoted local"@example.test',
-            "USER@EXAMPLE.TEST": "USER@EXAMPLE.TEST",
-            "x@[192.0.2.1]": "x@[192.0.2.1]",
-            "x@[IPv6:2001:db8::1]": "x@[IPv6:2001:db8::1]",
-            "x@b_c.example": "x@b_c.example",
-            "x@xn--bcher-kva.example": "x@xn--bcher-kva.example",
-            "é@bücher.example": "é@bücher.example",
-            "x@localhost": "x@localhost",
-        }
-        for path, expected in cases.items():
-            self.assertEqual(self.check(path), expected, path)
-
-    def test_refused(self):
-        from netsvc.smtp.syntax import SyntaxProblem
-
-        for path in ["x@example.test.", "x@.example.test", "x@exa..mple", "x@-bad.example", "x@bad-.example",
-                     "x@exa%mple.test", "x@a!b.test", "x@a/b.test", "x@[garbage]", "x@[1.2.3]",
-                     "x@[IPv6:1.2.3.4]", "x@[IPv6:zz::1]", "x@[::1]", "x@[tag:whatever]", "x@" + "a" * 64 + ".test",
-                     "@a:b@c@d"]:
-            with self.assertRaises(SyntaxProblem, msg=path) as e:
-                self.check(path)
-            self.assertEqual(e.exception.reply[:2], (501, "5.1.3"), path)

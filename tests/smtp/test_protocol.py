@@ -182,6 +182,20 @@ class SessionTests(SessionCase):
         self.assertEqual(self.send(p, t, b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
         self.assertTrue(t.disconnecting)
 
+    def test_messageIdAndDateKeptWhenPresent(self):
+        """Message-ID and Date are added only when missing (any case, folded or not); Received always."""
+        p, t = self.connect()
+        self.send(p, t, b"EHLO client.test\r\n")
+        body = (b"message-id:\r\n <own@client.test>\r\nDATE: Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+                b"Subject: hi\r\n\r\nMessage-ID: <in-the-body@x>\r\n")
+        self.assertTrue(self.transaction(p, t, body).endswith(b"queued as id0\r\n"))
+        data = self.queue.committed()[0].data
+        head = data.split(b"\r\n\r\n")[0]
+        self.assertEqual(head.lower().count(b"message-id:"), 1)
+        self.assertEqual(head.lower().count(b"\ndate:"), 1)
+        self.assertTrue(data.startswith(b"Received: from client.test "))
+        self.assertTrue(data.endswith(body))
+
     def test_receivedNamesAnIPv6ClientAsAnAddressLiteral(self):
         p, t = self.connect(peer="::1")
         self.send(p, t, b"EHLO client.test\r\n")

@@ -8,6 +8,7 @@ it uses C{self.factory}, C{self.write}, C{self.boundDN} and C{self._mayRead()}.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from netsvc.ldap import codec
@@ -15,7 +16,7 @@ from netsvc.ldap.answer import NSUBSCHEMA, OID_MANAGE_DSA_IT, OID_PAGED, Selecti
 from netsvc.ldap.codec import BERError
 from netsvc.ldap.directory import ScanLimit
 from netsvc.ldap.dn import DNError, normalizeDN, parentDN
-from netsvc.ldap.match import matches
+from netsvc.ldap.match import assertions, matches
 from netsvc.ldap.resultcodes import (
     ADMIN_LIMIT,
     INSUFFICIENT_ACCESS,
@@ -31,15 +32,21 @@ from netsvc.ldap.resultcodes import (
 
 #: Paged searches one connection may keep open at once (the oldest is dropped).
 MAX_PAGED = 8
+#: An open paged search holds its compiled filter until the next page.  Those with filters of more than
+#: LIGHT_FILTER assertions may hold at most PAGED_WEIGHT assertions in all, across connections (about
+#: 1.3 KB each); beyond, a new one gets its first page, then adminLimitExceeded.
+LIGHT_FILTER = 64
+PAGED_WEIGHT = 32768
 
 
 class _Paged:
-    __slots__ = ("key", "results", "sent")
+    __slots__ = ("key", "results", "sent", "weight")
 
-    def __init__(self, key: tuple, results: Any) -> None:
+    def __init__(self, key: tuple, results: Any, weight: int = 0) -> None:
         self.key = key
         self.results = results
         self.sent = 0
+        self.weight = weight if weight > LIGHT_FILTER else 0
 
 
 class SearchOperations:
@@ -140,7 +147,8 @@ class SearchOperations:
         except BERError as e:
             self.write(codec.result(msg.id, done, PROTOCOL_ERROR, f"bad paged results control: {e}"))
             return
-        key = (base, scope, repr(req.filter), tuple(req.attributes))
+        # A digest: the filter's text could be a megabyte, kept as long as the paged search.
+        key = hashlib.sha256(repr((base, scope, req.filter, req.attributes)).encode()).digest()
         if cookie:
             state = self.paged.pop(cookie, None)
             if state is None or state.key != key:
@@ -149,13 +157,18 @@ class SearchOperations:
                 return
         else:
             state = _Paged(key, self.factory.directory.search(base, scope, req.filter, self.factory.limits.maxScan,
-                                                              self.boundDN))
+                                                              self.boundDN), assertions(req.filter))
         if size <= 0:  # the client abandons the paged search
             self.write(codec.result(msg.id, done, SUCCESS, controls=_pagedControl(b"")))
             return
         code, text, more, count = self._send(msg.id, state.results, sel, sizeLimit, timeLimit, state.sent, size)
         state.sent += count
-        cookie = self._peekMore(state) if more and code == SUCCESS else b""
+        cookie = b""
+        if more and code == SUCCESS:
+            if state.weight and self.factory.pagedWeight() + state.weight > PAGED_WEIGHT:
+                code, text = ADMIN_LIMIT, "too many large paged searches are open; try again later"
+            else:
+                cookie = self._peekMore(state)
         self.write(codec.result(msg.id, done, code, text, controls=_pagedControl(cookie)))
 
     def _peekMore(self, state: _Paged) -> bytes:

@@ -124,6 +124,7 @@ class LDAPServerFactory(Factory):
         self.tlsOptions = tlsOptions
         self.now = now
         self.failedBinds: dict[str, TokenBucket] = {}
+        self.protocols: set[LDAPServerProtocol] = set()  # connected
         self.rootDSE = rootDSE(directory.suffix, tlsOptions is not None, store is not None)
         self.subschema = subschemaEntry()
 
@@ -136,6 +137,10 @@ class LDAPServerFactory(Factory):
         self.limits = limits
         self.failedBinds.clear()
         self.rootDSE = rootDSE(self.directory.suffix, self.tlsOptions is not None, self.store is not None)
+
+    def pagedWeight(self) -> int:
+        """The assertions held by open paged searches with large filters, on all connections."""
+        return sum(state.weight for p in self.protocols for state in p.paged.values())
 
     def bindBucket(self, host: str) -> TokenBucket:
         bucket = self.failedBinds.get(host)
@@ -165,6 +170,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
 
     def connectionMade(self) -> None:
         self.host = peerHost(self.transport.getPeer())
+        self.factory.protocols.add(self)
         self.tls = ISSLTransport.providedBy(self.transport)
         # Responses are written whole, once per read: Nagle would only hold the last one back.
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
@@ -459,4 +465,5 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         self._abortCall = None
         self.closing = True
         self.paged.clear()
+        self.factory.protocols.discard(self)
         self.buffer = bytearray()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import signal
+import smtplib
 import socket
 import ssl
 import sys
@@ -306,11 +307,25 @@ class CheckConfigTests(unittest.TestCase):
 class TacTests(unittest.TestCase):
     """C{twistd -ny etc/netsvc.tac}, from the repository root (its state goes to var/)."""
 
-    def test_tacServesEcho(self) -> None:
+    def test_tacServesEchoSMTPAndLDAP(self) -> None:
         skipUnlessFixedPortsFree()
         daemon = startTwistd(self, ["-y", TAC], stateDir=REPO / "var", cwd=REPO)
         self.assertEqual(tcpEcho("127.0.0.1", 7007, b"from the tac"), b"from the tac")
         self.assertEqual(udpEcho("127.0.0.1", 7007, b"udp too"), b"udp too")
         self.assertEqual(tlsEcho("127.0.0.1", 7443, b"tls too", daemon.cafile), b"tls too")
+        # The tac composes the SMTP relay and the LDAP directory as the YAML file does.
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=IO_TIMEOUT) as smtp:
+            code, features = smtp.ehlo("tac.test")
+            self.assertEqual(code, 250)
+            self.assertIn(b"STARTTLS", features)
+        with socket.create_connection(("127.0.0.1", 3389), timeout=IO_TIMEOUT) as ldap:
+            ldap.sendall(ANONYMOUS_BIND)
+            reply = ldap.recv(64)
+        self.assertEqual(reply[:2], b"\x30\x0c", reply)  # a BindResponse...
+        self.assertEqual(reply[7:10], b"\x0a\x01\x00", reply)  # ...resultCode success
         assertStoppedCleanly(self, daemon.stop(DRAIN_BOUND), daemon.output())
         self.assertFalse(daemon.statusPath.exists(), "status.json left behind")
+
+
+#: LDAPMessage(1, BindRequest(version 3, name "", simple "")) in BER.
+ANONYMOUS_BIND = bytes.fromhex("300c020101600702010304008000")

@@ -392,19 +392,24 @@ class Hub:
         # With a cluster, a room new on this node is subscribed and loaded first: the member sees its
         # own join (then topic and history) once everything said in the room after it will reach it.
         waiting = self.cluster is not None and self.cluster.entered(member, room)
-        if self._announces(room):
-            self.publish(room, joined, exclude=member if waiting else None)
-        elif not waiting:
-            member.deliver(joined)
         log.info("chat: {name} joined {room}", name=displayName(member), room=room.name)
         if not waiting:
-            self.replay(member, room)
+            self._announceJoin(member, room, joined)
+        # Else the join is announced (to everyone, on every node) in settled(): announced before this
+        # node's subscription is confirmed, someone elsewhere could answer it before the answer can
+        # reach this node (the subscription and the publication travel on different connections).
 
     def settled(self, member: Member, room: Room) -> None:
-        """The cluster has C{room} ready here: C{member}, who joined it meanwhile, is told, then replayed."""
+        """The cluster has C{room} ready here: C{member}, who joined it meanwhile, is announced, then replayed."""
         if member.room is room:
-            member.deliver(notice(f"{displayName(member)} joined {room.name}"))
-            self.replay(member, room)
+            self._announceJoin(member, room, notice(f"{displayName(member)} joined {room.name}"))
+
+    def _announceJoin(self, member: Member, room: Room, joined: Event) -> None:
+        if self._announces(room):
+            self.publish(room, joined)
+        else:
+            member.deliver(joined)
+        self.replay(member, room)
 
     def replay(self, member: Member, room: Room) -> None:
         """Show C{member} the topic and history of C{room} (on joining it)."""

@@ -35,6 +35,11 @@ class FakeCluster(LocalFanOut):
         self.entered_ = []
         self.sent = []
         self.topics = []
+        self.published = []  # (room, text) of every event that would go to the other nodes
+
+    def publish(self, room, event, exclude=None):
+        self.published.append((room.name, event.text))
+        return super().publish(room, event, exclude)
 
     def attach(self, hub):
         self.hub = hub
@@ -153,10 +158,14 @@ class ClusterHubTests(unittest.TestCase):
         self.hub.join(self.b, "#new")
         self.hub.join(self.a, "#new")
         self.assertNotIn("10.0.0.1:1 joined #new", self.a.notices())  # not before it is subscribed here
-        self.assertIn("10.0.0.1:1 joined #new", self.b.notices())  # the others are told at once
+        # Nor to the others (here or on other nodes): an answer to it could not reach this node yet.
+        self.assertNotIn("10.0.0.1:1 joined #new", self.b.notices())
+        self.assertNotIn(("#new", "10.0.0.1:1 joined #new"), self.cluster.published)
         self.hub.rooms["#new"].history.append(Event("message", "old", "x"))
         self.hub.settled(self.a, self.hub.rooms["#new"])
         self.assertEqual(self.a.got[-2:], [("notice", "10.0.0.1:1 joined #new"), ("message", "old")])
+        self.assertIn("10.0.0.1:1 joined #new", self.b.notices())  # everyone is told once it is ready
+        self.assertIn(("#new", "10.0.0.1:1 joined #new"), self.cluster.published)
         self.hub.join(self.a, "#other")
         before = list(self.a.got)
         self.hub.settled(self.a, self.hub.rooms["#new"])  # moved on meanwhile: nothing

@@ -18,10 +18,10 @@ from twisted.application import service
 from twisted.application.service import IService
 
 from netsvc.auth import authenticatorFor
-from netsvc.config import Problem
 from netsvc.policies import RateLimiter
-from netsvc.runtime import ServerService, StartupError
+from netsvc.runtime import ServerService
 from netsvc.smtp.capture import CaptureStore
+from netsvc.smtp.delivery import makeDelivery
 from netsvc.smtp.protocol import ServerConfig, SMTPFactory, SMTPMetrics
 from netsvc.smtp.queue import Queue
 from netsvc.smtp.settings import Settings
@@ -88,11 +88,6 @@ def makeService(settings: Settings, context: Any) -> IService:
     # First child: recovery runs before delivery starts reading the queue.
     _Recovery(store).setServiceParent(svc)
     if queue is not None:
-        try:
-            from netsvc.smtp.delivery import makeDelivery
-        except ImportError as e:  # pragma: no cover - only while delivery is being written
-            raise StartupError([Problem(context.configFile, "services.smtp.relay",
-                                        f"delivery is not available ({e}); use relay: {{capture: true}}")]) from None
         delivery = makeDelivery(settings, queue, context)
         delivery.setServiceParent(svc)
         onAccepted = delivery.kick

@@ -7,6 +7,13 @@ The store is a L{netsvc.smtp.queue.Queue} (same layout, same durability: the
 (sender, recipients, subject, date, size) and a parsed view of one message.
 It keeps at most C{keep} messages; past that the oldest are removed.
 
+With C{workers: N} every worker captures into the same folders (ids carry the
+worker's index, so names never collide).  The owner (worker 0) alone prunes: it
+learns of the other workers' messages through L{discover} (called by
+L{netsvc.smtp.watch.QueueWatcher}); another worker does not track ids at all.
+L{listing} then reads the folder (in a thread: any worker's web page shows
+every worker's mail).
+
 Whatever a client sent, the views do not fail: the email package raises on some
 malformed headers (C{From: a@[1.2.3}, some RFC 2047 words), so every header and
 the body are read one by one with the raw value as the fallback, undecodable
@@ -25,7 +32,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from netsvc.smtp.queue import Queue
+from netsvc.smtp.queue import ALONE, Queue, Writer
 
 log = Logger()
 
@@ -38,37 +45,69 @@ MAX_TEXT = 1_000_000
 class CaptureStore(Queue):
     """Captured messages, newest last; see the module docstring."""
 
-    def __init__(self, directory: Path, *, keep: int = 10000, fsync: bool = True, reactor: Any = None) -> None:
-        super().__init__(directory, fsync=fsync, reactor=reactor)
+    def __init__(self, directory: Path, *, keep: int = 10000, fsync: bool = True, reactor: Any = None,
+                 writer: Writer = ALONE) -> None:
+        super().__init__(directory, fsync=fsync, reactor=reactor, writer=writer)
         self.keep = keep
-        self._ids: deque[str] = deque()
+        #: Other processes write here too: the listing is read from the folder.
+        self.shared = not writer.alone
+        self._ids: deque[str] = deque()  # the owner's: every message, oldest first
+        self._known: set[str] = set()
 
     def recover(self) -> None:
         super().recover()
-        self._ids = deque(self.ids())
-        self._prune()
+        if self.writer.owner:
+            self._ids = deque(self.ids())
+            self._known = set(self._ids)
+            self._prune()
 
     def _batchDone(self, result: Any, batch: list[Any]) -> None:
-        for job in batch:
-            if job.message is not None and job.error is None and not isinstance(result, Failure):
-                self._ids.append(job.envelope.id)
-        self._prune()
+        if self.writer.owner:
+            for job in batch:
+                if job.message is not None and job.error is None and not isinstance(result, Failure):
+                    self._add(job.envelope.id)
+            self._prune()
         super()._batchDone(result, batch)
+
+    def discover(self, id: str) -> None:
+        """(The owner.)  C{id} was committed, maybe by another worker: count it (once) and prune."""
+        if id in self._known or not (self.env / f"{id}.json").exists():
+            return  # known, or already gone
+        self._add(id)
+        self._prune()
+
+    def _add(self, id: str) -> None:
+        if id not in self._known:
+            self._known.add(id)
+            self._ids.append(id)
 
     def _prune(self) -> None:
         while len(self._ids) > self.keep:
             id = self._ids.popleft()
+            self._known.discard(id)
             try:
                 self.remove(id)
             except OSError as e:  # never stop the writer (every session waits on it) for one old message
                 log.error("capture: cannot remove {id}: {error}", id=id, error=str(e))
 
     def count(self) -> int:
+        """Messages kept (the owner's count; see L{listing} for a shared store)."""
         return len(self._ids)
 
     def latest(self, limit: int = 200) -> list[str]:
-        """The ids of the newest C{limit} messages, newest first."""
+        """The ids of the newest C{limit} messages, newest first (the owner's view; see L{listing})."""
         return list(reversed(list(self._ids)[-limit:]))
+
+    def listing(self, limit: int = 200) -> tuple[list[str], int]:
+        """
+        (The newest C{limit} ids, newest first; how many there are.)  A shared store
+        reads the folder -- every worker's mail; call it in a thread.  Otherwise the
+        ids kept in memory: call it in the reactor.
+        """
+        if not self.shared:
+            return self.latest(limit), self.count()
+        ids = self.ids()
+        return list(reversed(ids[-limit:])), len(ids)
 
     def summary(self, id: str) -> dict[str, Any]:
         """Envelope and main headers of one message (FileNotFoundError if it is gone)."""

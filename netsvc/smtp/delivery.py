@@ -34,6 +34,10 @@ server side only ever creates envelopes, so there is still one writer per file.
 Control requests from C{netsvc mail queue} (files in C{<queue>/ctl/}:
 C{retry-ID}, C{retry-all}, C{delete-ID}) are applied every L{TICK} seconds.
 At start-up every queued message is scheduled again (a restart resumes).
+
+With C{workers: N} this runs in the delivery owner (worker 0) only; mail the
+other workers commit reaches it through L{Delivery.discover}
+(L{netsvc.smtp.watch}: inotify, and a periodic scan).
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ class Delivery(service.Service):
         self._heap: list[tuple[float, str]] = []
         self.fresh: deque[str] = deque()  # kicked: attempt as soon as there is room
         self._freshIds: set[str] = set()
+        self.unreadable: set[str] = set()  # envelopes that could not be read (reported once)
         self.flights: dict[str, _Flight] = {}
         self.outbox: dict[str, deque[_Job]] = defaultdict(deque)
         self.active: dict[str, int] = defaultdict(int)  # connections per domain
@@ -154,6 +159,7 @@ class Delivery(service.Service):
             try:
                 env = self.queue.envelope(id)
             except (OSError, ValueError) as e:
+                self.unreadable.add(id)
                 log.error("queue: unreadable envelope {id}: {error}", id=id, error=str(e))
                 continue
             self._schedule(id, env.next_attempt)
@@ -187,6 +193,27 @@ class Delivery(service.Service):
             if self.connections:
                 log.info("delivery: stopping with {n} connection(s) still open", n=self.connections)
             d.callback(None)
+
+    def discover(self, id: str) -> None:
+        """
+        C{id} is in the queue, maybe committed by another worker (workers: N; see
+        L{netsvc.smtp.watch}): schedule it unless it is known already -- as a due
+        new message is kicked.  Idempotent; an id gone meanwhile is ignored.
+        """
+        if id in self.flights or id in self._freshIds or id in self.scheduled or id in self.unreadable:
+            return
+        try:
+            env = self.queue.envelope(id)
+        except FileNotFoundError:
+            return  # delivered and removed meanwhile
+        except (OSError, ValueError) as e:
+            self.unreadable.add(id)  # said once: the scan would find it again every few seconds
+            log.error("queue: unreadable envelope {id}: {error}", id=id, error=str(e))
+            return
+        if env.next_attempt <= self.clock.seconds():
+            self.kick(id)
+        else:
+            self._schedule(id, env.next_attempt)
 
     def kick(self, id: str) -> None:
         """A new message was committed: attempt it as soon as there is room."""
@@ -251,6 +278,7 @@ class Delivery(service.Service):
         except FileNotFoundError:
             return  # deleted meanwhile
         except (OSError, ValueError) as e:
+            self.unreadable.add(id)
             log.error("queue: cannot read {id}: {error}; left in place", id=id, error=str(e))
             return
         flight = _Flight(id, env, path, size, eightBit)

@@ -2,7 +2,8 @@
 The durable mail queue: a message is acknowledged only once it is on disk.
 
 On disk under the queue folder:
-  - C{tmp/}: C{<id>.msg} and C{<id>.env} being written.  Emptied at start-up.
+  - C{tmp/}: C{<id>.msg} and C{<id>.env} being written (C{tmp/<index>/} for worker
+    C{index} of C{workers: N}: each writer has its own).
   - C{msg/<id>}: the message (RFC 5322 bytes, CRLF line ends, Received prepended).
   - C{env/<id>.json}: the envelope (L{Envelope}); its rename into C{env/} is the commit point.
   - C{ctl/}: request files from C{netsvc mail queue} (handled by the delivery side).
@@ -20,10 +21,21 @@ once; the C{env/} folder is fsync'd after it in the writer thread (removals that
 wait together share one sync), so a power cut cannot bring a delivered message
 back for a second delivery.  (A kill -9 cannot either: the unlink is in the kernel.)
 
-Recovery (L{Queue.recover}): C{tmp/} is emptied, and a C{msg/} file without an
-envelope (never acknowledged) is removed.
+Writers.  With C{workers: 1} the daemon is the one writer.  With C{workers: N}
+every worker commits into the same folders (L{Writer}: its index, the count, and
+whether it is the delivery owner, worker 0); only the owner removes or rewrites.
+An id ends with its writer's index (L{newId}, L{writerOf}), so ids never collide
+across workers, and recovery can tell whose a file is.
 
-One writer: the daemon process.  Other processes only read, or drop files in C{ctl/}.
+Recovery (L{Queue.recover}), at start-up, before any connection: the writer's
+own C{tmp/} is emptied, and a C{msg/} file without an envelope (never
+acknowledged) is removed -- only if this writer wrote it: another worker may be
+between its two renames at that very moment.  The owner also clears what no
+running worker can own (files of a C{workers: 1} run, indexes >= N), and moves
+aside an envelope without a message.  With C{workers: 1} everything is the
+daemon's.
+
+Other processes (C{netsvc mail queue}) only read, or drop files in C{ctl/}.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import itertools
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,9 +61,59 @@ _counter = itertools.count()
 _jobs = itertools.count()
 
 
-def newId() -> str:
-    """A queue id: sortable by creation time (microseconds), unique within and across runs."""
-    return f"{time.time_ns() // 1000:014x}{next(_counter) % 0x10000:04x}{secrets.token_hex(2)}"
+#: Length of an id without, and with, its writer's index (two hex digits: workers: N has N <= 256).
+_ID_LENGTH = 22
+_WRITER_ID_LENGTH = 24
+
+
+def newId(writer: int | None = None) -> str:
+    """
+    A queue id: sortable by creation time (microseconds), unique within and across
+    runs; with C{writer} (a worker's index, 0-255) it ends with that index in two hex
+    digits, so two workers can never make the same id.  Always lower-case hex.
+    """
+    id = f"{time.time_ns() // 1000:014x}{next(_counter) % 0x10000:04x}{secrets.token_hex(2)}"
+    return id if writer is None else f"{id}{writer:02x}"
+
+
+def writerOf(id: str) -> int | None:
+    """The worker index a L{newId} carries, or None (a C{workers: 1} id, or not an id at all)."""
+    if len(id) != _WRITER_ID_LENGTH:
+        return None
+    try:
+        return int(id[_ID_LENGTH:], 16)
+    except ValueError:
+        return None
+
+
+@attrs.frozen
+class Writer:
+    """
+    Who writes into a queue folder: worker C{index} (None: not a worker, the only
+    writer) of C{count}; C{owner}: the one process that delivers, removes and
+    rewrites (worker 0, or the only process).
+    """
+
+    index: int | None = None
+    count: int = 1
+    owner: bool = True
+
+    @property
+    def alone(self) -> bool:
+        return self.index is None
+
+    def owns(self, id: str) -> bool:
+        """Whether recovery may treat C{id}'s unfinished files as this writer's own (see the module docstring)."""
+        if self.alone:
+            return True
+        other = writerOf(id)
+        if other == self.index:
+            return True
+        return self.owner and (other is None or other >= self.count)
+
+
+#: The only writer (workers: 1).
+ALONE = Writer()
 
 
 @attrs.define
@@ -157,20 +220,24 @@ class _Job:
 
 class Queue:
     """
-    The queue folder (see the module docstring).  Single writer: the daemon.
+    The queue folder (see the module docstring), as written by C{writer}
+    (default: the only writer).
     """
 
-    def __init__(self, directory: Path, *, fsync: bool = True, reactor: Any = None) -> None:
+    def __init__(self, directory: Path, *, fsync: bool = True, reactor: Any = None,
+                 writer: Writer = ALONE) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.reactor = reactor
         self.directory = Path(directory)
         self.fsync = fsync
-        self.tmp = self.directory / "tmp"
+        self.writer = writer
+        self.tmpRoot = self.directory / "tmp"
+        self.tmp = self.tmpRoot if writer.alone else self.tmpRoot / str(writer.index)
         self.msg = self.directory / "msg"
         self.env = self.directory / "env"
         self.ctl = self.directory / "ctl"
-        for d in (self.tmp, self.msg, self.env, self.ctl):
+        for d in (self.tmpRoot, self.tmp, self.msg, self.env, self.ctl):
             d.mkdir(parents=True, exist_ok=True)
         self._waiting: list[_Job] = []
         self._writing = False
@@ -182,23 +249,44 @@ class Queue:
     # -- start-up
 
     def recover(self) -> None:
-        """Empty tmp/; remove messages that were never acknowledged (no envelope)."""
-        for p in self.tmp.iterdir():
-            p.unlink()
+        """
+        Empty this writer's tmp/; remove this writer's messages that were never
+        acknowledged (no envelope).  The owner (or the only writer) also clears
+        what belongs to no running writer and checks every envelope has its message.
+        """
+        self._emptyTmp()
         committed = {p.name[:-5] for p in self.env.iterdir() if p.name.endswith(".json")}
         for p in self.msg.iterdir():
-            if p.name not in committed:
+            if p.name not in committed and self.writer.owns(p.name):
                 log.info("queue: removing unacknowledged message {id}", id=p.name)
-                p.unlink()
+                p.unlink(missing_ok=True)
+        if not self.writer.owner:
+            return  # the owner removes messages: an envelope checked here could be removed meanwhile
         for id in committed:
             if not (self.msg / id).exists():  # cannot happen with the commit order; be loud if it does
                 log.error("queue: envelope {id} has no message; moved aside", id=id)
                 os.replace(self.env / f"{id}.json", self.directory / f"orphan-{id}.json")
 
+    def _emptyTmp(self) -> None:
+        """This writer's tmp/; for the owner, also what no running worker writes (see L{recover})."""
+        w = self.writer
+        for p in self.tmpRoot.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                mine = p == self.tmp
+                dead = w.alone or (w.owner and not (p.name.isdigit() and int(p.name) < w.count))
+                if mine:
+                    for f in p.iterdir():
+                        f.unlink()
+                elif dead:
+                    log.info("queue: removing {path} (no such writer now)", path=str(p))
+                    shutil.rmtree(p, ignore_errors=True)
+            elif w.alone or w.owner:  # a file of a workers: 1 run (or, alone, of this writer)
+                p.unlink()
+
     # -- writing
 
     def newMessage(self) -> IncomingMessage:
-        return IncomingMessage(self, newId())
+        return IncomingMessage(self, newId(self.writer.index))
 
     def enqueueBytes(self, sender: str, recipients: list[str | Recipient], data: bytes,
                      **envfields: Any) -> defer.Deferred:

@@ -7,6 +7,12 @@ listener (submission or relay), the message store -- the capture store
 delivery service (netsvc.smtp.delivery) as a child, kicked after each commit.
 The store recovers (tmp/ emptied, unacknowledged files removed) when the
 service starts, before any connection is accepted.
+
+With C{workers: N} every worker runs the listeners and commits into the same
+folder (L{netsvc.smtp.queue.Writer}); only the delivery owner
+(L{netsvc.workers.isDeliveryOwner}, worker 0) runs delivery (retries, bounces,
+C{ctl/} requests) or capture pruning, and a L{QueueWatcher} tells it of the
+other workers' commits.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from typing import Any
 from twisted.application import service
 from twisted.application.service import IService
 
+from netsvc import workers
 from netsvc.auth import authenticatorFor
 from netsvc.policies import RateLimiter
 from netsvc.runtime import ServerService
 from netsvc.smtp.capture import CaptureStore
 from netsvc.smtp.delivery import makeDelivery
 from netsvc.smtp.protocol import ServerConfig, SMTPFactory, SMTPMetrics
-from netsvc.smtp.queue import Queue
+from netsvc.smtp.queue import ALONE, Queue, Writer, writerOf
 from netsvc.smtp.settings import Settings
+from netsvc.smtp.watch import QueueWatcher
 
 __all__ = ["SMTPService", "Settings", "makeService"]
 
@@ -60,6 +68,14 @@ class SMTPService(ServerService):
             config.__attrs_post_init__()
 
 
+def _writer() -> Writer:
+    """This process's place among the queue's writers (L{netsvc.workers.current})."""
+    info = workers.current()
+    if info is None:
+        return ALONE
+    return Writer(index=info.index, count=info.count, owner=workers.isDeliveryOwner())
+
+
 def _limits(settings: Settings, reactor: Any) -> dict[str, Any]:
     limits = settings.limits
     return dict(
@@ -79,18 +95,25 @@ def makeService(settings: Settings, context: Any) -> IService:
     capture: CaptureStore | None = None
     queue: Queue | None = None
     onAccepted = None
+    writer = _writer()
     if settings.relay.mode == "capture":
         capture = CaptureStore(stateDir / "captured", keep=settings.relay.keep,
-                               fsync=settings.queue.fsync, reactor=reactor)
+                               fsync=settings.queue.fsync, reactor=reactor, writer=writer)
         store: Queue = capture
     else:
-        store = queue = Queue(stateDir / settings.queue.dir, fsync=settings.queue.fsync, reactor=reactor)
+        store = queue = Queue(stateDir / settings.queue.dir, fsync=settings.queue.fsync, reactor=reactor,
+                              writer=writer)
     # First child: recovery runs before delivery starts reading the queue.
     _Recovery(store).setServiceParent(svc)
-    if queue is not None:
+    onNew = capture.discover if capture is not None else None
+    if queue is not None and writer.owner:
         delivery = makeDelivery(settings, queue, context)
         delivery.setServiceParent(svc)
         onAccepted = delivery.kick
+        onNew = delivery.discover
+    if writer.owner and not writer.alone and onNew is not None:  # workers: N: the others' commits
+        own = writer.index
+        QueueWatcher(store.env, onNew, reactor, ignore=lambda id: writerOf(id) == own).setServiceParent(svc)
     svc.capture = capture
     svc.queue = queue
 

@@ -9,6 +9,8 @@ The captured mail on the web service (capture mode), mounted at C{/mail}:
 
 The resource is a leaf: it dispatches on C{request.postpath} (what follows the
 mount prefix).  It finds the smtp service's capture store at request time.
+With C{workers: N} the store is shared: the list is read from its folder, so
+whichever worker answers shows the mail every worker captured.
 Messages are read and parsed in a thread (a 25 MB message takes seconds to
 parse, a list of 200 a noticeable fraction of one: the reactor, and so every
 SMTP session, must not wait for it).  Everything taken
@@ -50,12 +52,13 @@ class MailResource(resource.Resource):
             if not request.path.endswith(b"/"):
                 request.redirect(request.path + b"/")
                 return b""
-            ids, count = store.latest(), store.count()  # read here: the reactor changes them
-            return self._later(request, lambda: self._summaries(store, ids),
-                               lambda rows: self._list(request, rows, count))
+            listing = self._listing(store)
+            return self._later(request, lambda: self._summaries(store, *listing()),
+                               lambda rows: self._list(request, *rows))
         if parts == ["messages.json"]:
-            ids = store.latest()
-            return self._later(request, lambda: self._summaries(store, ids), lambda rows: _json(request, rows))
+            listing = self._listing(store)
+            return self._later(request, lambda: self._summaries(store, *listing()),
+                               lambda rows: _json(request, rows[0]))
         if len(parts) != 1:
             return _text(request, 404, "not found")
         name = parts[0]
@@ -87,15 +90,26 @@ class MailResource(resource.Resource):
         return NOT_DONE_YET
 
     @staticmethod
-    def _summaries(store: Any, ids: list[str]) -> list[dict[str, Any]]:
-        """(In a thread.)  The summaries of C{ids}, skipping those removed meanwhile."""
+    def _listing(store: Any) -> Callable[[], tuple[list[str], int]]:
+        """
+        What lists the newest messages: a shared store (workers: N) reads its folder
+        (in the thread); otherwise the ids are read here, in the reactor that changes them.
+        """
+        if getattr(store, "shared", False):
+            return store.listing
+        ids, count = store.latest(), store.count()
+        return lambda: (ids, count)
+
+    @staticmethod
+    def _summaries(store: Any, ids: list[str], count: int) -> tuple[list[dict[str, Any]], int]:
+        """(In a thread.)  The summaries of C{ids}, skipping those removed meanwhile; and C{count}."""
         out = []
         for id in ids:
             try:
                 out.append(store.summary(id))
             except FileNotFoundError:
                 pass
-        return out
+        return out, count
 
     def _list(self, request: Request, summaries: list[dict[str, Any]], count: int) -> bytes:
         rows = []

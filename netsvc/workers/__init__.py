@@ -2,7 +2,7 @@
 C{workers: N}: one netsvc daemon as N worker processes sharing the listeners.
 
   - L{settings}: the C{workers:} value (C{auto} = the CPU count) and the checks
-    of what cannot run as several workers (chat without a fan-out, SMTP).
+    of what cannot run as several workers (chat without a fan-out, a writable LDAP).
   - L{sockets}: the parent binds every listener once (or once per worker, with
     SO_REUSEPORT); a worker adopts what it is given instead of binding.
   - L{supervisor}: the parent: starts the workers, restarts the ones that die

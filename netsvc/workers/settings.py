@@ -6,8 +6,8 @@ The top-level C{workers:} setting and what it cannot be combined with.
 Checked up front (C{netsvc check-config} too), each a L{Problem} naming the key:
   - chat with C{workers > 1} needs C{services.chat.fanout} (Redis): otherwise each
     worker would hold its own rooms, and users on two workers would not meet.
-  - SMTP with C{workers > 1} is refused: its queue must have one delivery owner
-    (see L{netsvc.workers.isDeliveryOwner}); run SMTP in a netsvc with C{workers: 1}.
+  - SMTP runs with C{workers > 1} (every worker accepts into the one queue folder,
+    worker 0 alone delivers: L{netsvc.workers.isDeliveryOwner}); nothing to refuse.
   - A writable LDAP directory with C{workers > 1} is refused: each worker has its
     own copy of the directory.
   - A listener Twisted binds by itself in a way a worker cannot adopt
@@ -70,11 +70,7 @@ def checkWorkers(settings: Any) -> list[tuple[str, str]]:
                          f"required with workers: {n} -- without it each worker has its own rooms and users "
                          f"on two workers never meet; add fanout: {{redis: \"tcp:host=127.0.0.1:port=6379\"}} "
                          f"or set workers: 1"))
-    smtp = services.get("smtp")
-    if smtp is not None and smtp.enabled:
-        problems.append(("services.smtp",
-                         f"not supported with workers: {n} -- the mail queue needs one delivery owner; "
-                         f"run SMTP in a netsvc of its own with workers: 1"))
+    # services.smtp: allowed -- every worker accepts into the shared queue, worker 0 delivers (netsvc.smtp.service).
     ldap = services.get("ldap")
     if ldap is not None and ldap.enabled and getattr(ldap, "writable", False):
         problems.append(("services.ldap.writable",

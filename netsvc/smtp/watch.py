@@ -11,8 +11,8 @@ reported more than once, or after it was removed):
     commit is a rename into it): within a reactor turn of the commit.  Events for
     ids C{ignore} says are this process's own (its commits call their hook
     directly) are dropped.
-  - A scan of C{env/} every C{interval} seconds (L{SCAN_INTERVAL}; L{SCAN_ALONE}
-    without inotify), the safety net for what inotify cannot promise: its event
+  - A scan of C{env/} when it starts (once the watch is set) and every C{interval}
+    seconds (L{SCAN_INTERVAL}; L{SCAN_ALONE} without inotify), the safety net for what inotify cannot promise: its event
     queue can overflow (Twisted drops the overflow event), and another OS has none.
     The scan reports every id, own ones included.
 
@@ -66,8 +66,9 @@ class QueueWatcher(service.Service):
         interval = self.interval or (SCAN_INTERVAL if self.notifier is not None else SCAN_ALONE)
         self._loop = task.LoopingCall(self.scan)
         self._loop.clock = self.reactor
-        # now=False: the owner's start-up has just read the queue (delivery resumes it).
-        self._loop.start(interval, now=False).addErrback(lambda f: log.failure("queue scan", f))
+        # now=True: a commit between the owner's start-up read of the queue and the watch would otherwise wait
+        # for the first scan.
+        self._loop.start(interval, now=True).addErrback(lambda f: log.failure("queue scan", f))
 
     def stopService(self) -> None:
         service.Service.stopService(self)

@@ -247,9 +247,13 @@ class WatcherTests(unittest.TestCase):
 
     def test_scanFindsEverythingOnItsTick(self):
         clock = Clock()
+        self.commit("a" * 24)  # before the watch: found by the scan at start
         w = QueueWatcher(self.folder, self.seen.append, clock, useInotify=False, interval=2)
         w.startService()
         self.addCleanup(w.stopService)
+        self.assertEqual(self.seen, ["a" * 24])
+        del self.seen[:]
+        os.unlink(self.folder / ("a" * 24 + ".json"))
         self.commit("b" * 24)
         self.commit("c" * 22)
         clock.advance(1)
@@ -264,14 +268,13 @@ class WatcherTests(unittest.TestCase):
             self.seen.append(id)
             raise RuntimeError("bug")
 
+        self.commit("d" * 24)
+        self.commit("e" * 24)
         w = QueueWatcher(self.folder, onNew, clock, useInotify=False, interval=1)
         w.startService()
         self.addCleanup(w.stopService)
-        self.commit("d" * 24)
-        self.commit("e" * 24)
         clock.advance(1)
-        clock.advance(1)
-        self.assertEqual(len(self.seen), 4)
+        self.assertEqual(len(self.seen), 4)  # at start and a second later, both ids each time
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)
 
 

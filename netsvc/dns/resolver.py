@@ -73,13 +73,17 @@ class DNSMetrics:
                                                   ["service", "upstream", "reason"])
 
     def answered(self, qtype: int, rcode: int) -> None:
+        self.counter(qtype, rcode).value += 1
+
+    def counter(self, qtype: int, rcode: int) -> Any:
+        """The C{netsvc_dns_queries_total} counter of answers of C{rcode} to C{qtype} queries."""
         counter = self._bound.get((qtype, rcode))
         if counter is None:
             counter = self._queries.labels(service=self.service, qtype=typeLabel(qtype),
                                            rcode=wire.RCODE_NAMES.get(rcode, str(rcode)))
             if len(self._bound) < 4096:
                 self._bound[(qtype, rcode)] = counter
-        counter.value += 1
+        return counter
 
     def upstreamAnswered(self, upstream: str, seconds: float) -> None:
         histogram = self._latency.get(upstream)
@@ -173,6 +177,32 @@ class Resolver:
                 self.metrics.staleServed.value += 1
             return StaleAnswer(stale.stored)
         return None
+
+    def reusableUntil(self, key: tuple[bytes, int, int], answer: Any, now: float) -> tuple[float, Any] | None:
+        """
+        For how long the answer L{lookup} just gave for C{key} may be given again
+        exactly as rendered now, without looking again: (until, its cache entry, or
+        None for local data); None when it may not be (served stale, or not what
+        local data or the cache hold).  Never past one second from now (so hit
+        counts and prefetching still see every popular name at least once a
+        second), the entry's expiry or prefetch time, or the next whole second of
+        the answer's age (its TTLs count down by seconds).  Whoever keeps it must
+        also check that L{local} and L{cache} are still the same objects and that
+        the cache still holds that entry (see L{netsvc.dns.protocol.DNSDatagramProtocol}).
+        """
+        if not isinstance(answer, wire.Stored):
+            return None
+        until = now + 1.0
+        if self.local.lookup(key, now) is answer:
+            entry = None
+        else:
+            entry = self.cache.entries.get(key)
+            if entry is None or entry.stored is not answer:
+                return None
+            until = min(until, entry.expires, entry.prefetchAt)
+        if not answer.static:
+            until = min(until, answer.stored + int(now - answer.stored) + 1)
+        return until, entry
 
     def prefetch(self, entry: Any) -> None:
         entry.refreshing = True

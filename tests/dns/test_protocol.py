@@ -19,7 +19,8 @@ from netsvc.config import Limits
 from netsvc.dns import wire
 from netsvc.dns.local import LocalData
 from netsvc.dns.protocol import DNSDatagramProtocol, DNSStreamFactory
-from netsvc.dns.resolver import DNSMetrics
+from netsvc.dns.resolver import DNSMetrics, failure
+from netsvc.policies import AccessList
 from tests.dns._fakes import FakeDatagramTransport, FakeUpstream, a, decode, makeGuard, makeResolver, query
 
 CLIENT = ("127.0.0.1", 40000)
@@ -168,6 +169,90 @@ class AccessTests(Setup, unittest.TestCase):
     def test_oversizedDropped(self) -> None:
         self.build(limits=Limits(max_message=100))
         self.assertIsNone(self.send(query("www.test") + b"\x00" * 100))
+
+
+class MemoTests(Setup, unittest.TestCase):
+    """
+    A question asked again is answered from the rendered-answer memo: the same
+    bytes the full path would send (but the ID), only while they are still true.
+    """
+
+    def setUp(self) -> None:
+        self.build()
+        self.send(query("www.test"))  # from the upstream, now cached
+
+    def fullPath(self, data: bytes) -> bytes:
+        """What the full path answers to C{data} (the memo emptied first)."""
+        self.udp._memo.clear()
+        self.udp.datagramReceived(data, CLIENT)
+        return self.transport.written[-1][0]
+
+    def again(self, data: bytes) -> bytes:
+        self.udp.datagramReceived(data, CLIENT)
+        return self.transport.written[-1][0]
+
+    def test_repeatedQuestionNotLookedUpAgain(self) -> None:
+        first = self.fullPath(query("www.test", id=1))
+        lookups = []
+        original = self.resolver.lookup
+        self.resolver.lookup = lambda *a: lookups.append(a) or original(*a)
+        second = self.again(query("www.test", id=2))
+        self.assertEqual(lookups, [])
+        self.assertEqual(second[:2], b"\x00\x02")
+        self.assertEqual(second[2:], first[2:])
+        self.assertEqual(len(self.upstream.asked), 1)
+
+    def test_eachQueryFormItsOwnAnswer(self) -> None:
+        self.again(query("www.test"))
+        m = self.send(query("www.test", rd=False))
+        self.assertEqual((m.recDes, len(m.answers)), (0, 1))
+        m = self.send(query("www.test", edns=1232))
+        self.assertEqual([rr.type for rr in m.additional], [wire.OPT])
+        m = self.send(query("WwW.test"))
+        self.assertEqual(m.queries[0].name.name, b"WwW.test")
+
+    def test_ttlCountsDown(self) -> None:
+        self.again(query("www.test"))
+        before = self.send(query("www.test")).answers[0].ttl
+        self.clock.advance(1.5)
+        after = self.send(query("www.test")).answers[0].ttl
+        self.assertEqual(before - after, 1)
+        self.assertEqual(self.again(query("www.test"))[2:], self.fullPath(query("www.test"))[2:])
+
+    def test_replacedEntryReplacesMemo(self) -> None:
+        self.again(query("www.test"))
+        key = (b"\x03www\x04test\x00", dns.A, dns.IN)
+        self.resolver.cache.put(key, failure(key), 5, "servfail", self.clock.seconds())
+        self.assertEqual(decode(self.again(query("www.test"))).rCode, dns.ESERVER)
+
+    def test_clearedCacheAsksUpstream(self) -> None:
+        self.again(query("www.test"))
+        self.resolver.cache.clear()
+        self.again(query("www.test"))
+        self.assertEqual(len(self.upstream.asked), 2)
+
+    def test_expiredEntryNotServed(self) -> None:
+        self.again(query("www.test"))
+        self.clock.advance(301)
+        self.again(query("www.test"))
+        self.assertEqual(len(self.upstream.asked), 2)
+
+    def test_accessListAndMetricsApply(self) -> None:
+        hits = self.resolver.metrics.cacheHits.value
+        self.again(query("www.test"))
+        self.again(query("www.test"))
+        self.assertEqual(self.resolver.metrics.cacheHits.value, hits + 2)
+        self.guard.access = AccessList([], ["127.0.0.1"])  # as a SIGHUP would
+        self.assertEqual(self.send(query("www.test")).rCode, dns.EREFUSED)
+        text = self.guard.metrics.registry.render()
+        self.assertIn('netsvc_dns_queries_total{service="dns",qtype="A",rcode="NOERROR"} 3', text)
+
+    def test_notWithQueryLog(self) -> None:
+        logged = DNSDatagramProtocol(self.resolver, self.guard, self.metrics, queryLog=True)
+        logged.makeConnection(FakeDatagramTransport())
+        logged.datagramReceived(query("www.test"), CLIENT)
+        logged.datagramReceived(query("www.test"), CLIENT)
+        self.assertIsNone(logged._memo)
 
 
 class StreamTests(Setup, unittest.TestCase):

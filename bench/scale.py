@@ -6,28 +6,36 @@ Run from the repository root (Linux; needs gcc, wrk, dnsperf, dnsmasq, redis-ser
 
     .venv/bin/python bench/scale.py [--runs 3] [--seconds 5] [--clients 1000]
 
-Two daemons run side by side (the one not being measured is idle): each serves
+Four daemons run side by side (those not being measured are idle), each serving
 echo (tcp), dns (udp, answers from its cache; upstream: a dnsmasq authoritative
 for bench.test), web (a 1 KB file over TLS) and forward (to forwardload's
-backend), one with `workers: 1`, one with `workers: 2`.  A caching dnsmasq
-forwarding to the same upstream is measured in the same runs.  The load
-generators are C programs (bench/echoload.c, bench/forwardload.c, wrk, dnsperf)
-so that the daemon, not the client, runs out of CPU first -- but on a 2-core
-machine they share the cores with the daemon.  Nothing is pinned: two workers
-need both cores.
+backend): one with `workers: 1`, one with `workers: 2`, and the control -- two
+separate `workers: 1` daemons with the load split between them, which is what two
+processes get from this machine with nothing shared: the most `workers: 2` can
+hope for.  A caching dnsmasq forwarding to the same upstream is measured in the
+same runs.  The load generators are C programs (bench/echoload.c,
+bench/forwardload.c, wrk, dnsperf), two processes per run each with half the
+concurrency, so that the daemon, not one client thread, runs out of CPU first --
+but on a 2-core machine they share the cores with the daemon.  Nothing is pinned:
+two workers need both cores.
 
   echo     round trips/s, 100 connections each with 32 bytes in flight (echoload)
   dns      queries/s from the cache (dnsperf, 200 outstanding from 8 sockets, 202 names)
-  web      requests/s, 1 KB over HTTPS keep-alive (wrk -t1 -c50)
+  web      requests/s, 1 KB over HTTPS keep-alive (wrk, 50 connections)
   forward  new connections/s (forwardload, 8 threads: connect, 1 byte, read to EOF)
-  CPU/req  the daemon's CPU (parent + workers, user + system) per request, in microseconds
+  CPU/req  the daemon's CPU (parent + workers, user + system) per request, in microseconds,
+           and the load generators' (the forward backend's is not counted)
+  ceiling  2d / (d + c): with d and c the daemon's and the load generators' CPU per
+           request (workers: 1), the ratio two workers would reach if they and the
+           load generators used both cores fully and nothing else cost more -- a
+           second worker cannot add more than the client leaves it.
 
 Chat: deliveries/s and p99 latency (bench/chatload.c) with 1,000 clients in one
 room: one process (`workers: 1`, no fan-out) against two processes over Redis
 (`workers: 2`, fanout: redis; the kernel splits the clients between them).
 Redis's own CPU is reported beside.
 
-Runs are interleaved (w1, w2, w1, w2 ...); medians of --runs are reported with the
+Runs are interleaved (w1, w2, control, w1 ...); medians of --runs are reported with the
 median of the per-run ratios.  The machine's load average is printed with the
 table: on a shared machine the ratios are what was seen, not what the code can do.
 """
@@ -38,6 +46,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -157,52 +166,117 @@ class Daemon:
         return [cpu_seconds(p) for p in self.workers]
 
 
-def measured(daemon: Daemon | None, pid: int | None, fn) -> tuple[float, float, float]:
+class Group:
+    """One or more daemons measured together: CPU summed, each worker (or daemon) a share."""
+
+    def __init__(self, daemons: list[Daemon]) -> None:
+        self.daemons = daemons
+
+    def cpu(self) -> float:
+        return sum(d.cpu() for d in self.daemons)
+
+    def workerCPU(self) -> list[float]:
+        return [c for d in self.daemons for c in d.workerCPU()]
+
+    def quiet(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            before = self.cpu()
+            time.sleep(0.5)
+            if self.cpu() - before < 0.03 * len(self.daemons):
+                return
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.proc.terminate()
+        for d in self.daemons:
+            d.proc.wait(30)
+
+
+def clientCPU() -> float:
+    """CPU seconds (user + system) of the load generators run so far (waited-for children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(daemon: Daemon | Group | None, pid: int | None, fn) -> tuple[float, float, float, float]:
     """
     (requests/s, CPU microseconds per request, the busiest worker's share of the
-    workers' CPU) of fn() -> (requests, seconds).
+    workers' CPU, the load generator's CPU microseconds per request) of fn() -> (requests, seconds).
     """
     before = daemon.cpu() if daemon else cpu_seconds(pid)
     split = daemon.workerCPU() if daemon else []
+    client = clientCPU()
     count, seconds = fn()
     used = (daemon.cpu() if daemon else cpu_seconds(pid)) - before
+    client = clientCPU() - client
     shares = [after - b for after, b in zip(daemon.workerCPU(), split)] if daemon else []
     busiest = max(shares) / sum(shares) if shares and sum(shares) > 0 else 1.0
-    return count / seconds, (used / count * 1e6) if count else float("nan"), busiest
+    per = (lambda seconds: seconds / count * 1e6) if count else (lambda seconds: float("nan"))
+    return count / seconds, per(used), busiest, per(client)
 
 
-def echo(loadgen: str, port: int, seconds: float) -> tuple[float, float]:
-    out = subprocess.run([loadgen, "127.0.0.1", str(port), "100", str(seconds), "1"], capture_output=True,
-                         text=True, timeout=seconds + 60).stdout
-    m = re.search(r"roundtrips=(\d+) seconds=([\d.]+)", out)
-    if not m:
-        raise RuntimeError(f"echoload: {out}")
-    return float(m.group(1)), float(m.group(2))
+class Load:
+    """
+    One workload's load generator, run as C{CLIENTS} processes at once, each with
+    its share of the concurrency: (argv for one process, parser of its output
+    -> (requests, seconds)).  Several processes so that the client is never one
+    thread pinned to one core while the daemon has two, and so that the control
+    (two separate daemons) can get one process each.
+    """
+
+    def __init__(self, argv, parse) -> None:
+        self.argv = argv
+        self.parse = parse
+
+    def __call__(self, ports: list[int], seconds: float) -> tuple[float, float]:
+        procs = [subprocess.Popen(self.argv(port, seconds), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for port in ports]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=seconds + 60)
+            results.append(self.parse(out, err))
+        return sum(r[0] for r in results), max(r[1] for r in results)
 
 
-def dnsperf(port: int, queries: Path, seconds: float) -> tuple[float, float]:
-    out = subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-q", "200", "-t", "3",
-                          "-c", "8", "-l", str(seconds)], capture_output=True, text=True, timeout=seconds + 60).stdout
-    completed = re.search(r"Queries completed:\s+(\d+)", out)
-    elapsed = re.search(r"Run time \(s\):\s+([\d.]+)", out)
-    if not completed or not elapsed:
-        raise RuntimeError(f"dnsperf: {out}")
-    return float(completed.group(1)), float(elapsed.group(1))
+#: Client processes per workload; each gets 1/CLIENTS of the concurrency below.
+CLIENTS = 2
 
 
-def wrk(port: int, seconds: float) -> tuple[float, float]:
-    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{int(seconds)}s", f"https://127.0.0.1:{port}/1k.txt"],
-                         capture_output=True, text=True, timeout=seconds + 60).stdout
-    m = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
-    if not m or "Non-2xx" in out:
-        raise RuntimeError(f"wrk: {out}")
-    return float(m.group(1)), float(m.group(2)) / (1000 if m.group(3) == "ms" else 1)
+def loads(tools: dict[str, str], queries: Path) -> dict[str, Load]:
+    def echo(out, err):
+        m = re.search(r"roundtrips=(\d+) seconds=([\d.]+)", out)
+        if not m:
+            raise RuntimeError(f"echoload: {out} {err}")
+        return float(m.group(1)), float(m.group(2))
 
+    def dnsperf(out, err):
+        completed = re.search(r"Queries completed:\s+(\d+)", out)
+        elapsed = re.search(r"Run time \(s\):\s+([\d.]+)", out)
+        if not completed or not elapsed:
+            raise RuntimeError(f"dnsperf: {out} {err}")
+        return float(completed.group(1)), float(elapsed.group(1))
 
-def forward(loadgen: str, port: int, seconds: float) -> tuple[float, float]:
-    out = subprocess.run([loadgen, "127.0.0.1", str(port), "8", str(int(seconds))], capture_output=True, text=True,
-                         timeout=seconds + 60).stdout.split()
-    return float(out[0]), float(out[2])
+    def wrk(out, err):
+        m = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+        if not m or "Non-2xx" in out:
+            raise RuntimeError(f"wrk: {out} {err}")
+        return float(m.group(1)), float(m.group(2)) / (1000 if m.group(3) == "ms" else 1)
+
+    def forward(out, err):
+        fields = out.split()
+        return float(fields[0]), float(fields[2])
+
+    n = CLIENTS
+    return {
+        "echo": Load(lambda port, sec: [tools["echoload"], "127.0.0.1", str(port), str(100 // n), str(sec), "1"], echo),
+        "dns": Load(lambda port, sec: ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-q",
+                                       str(200 // n), "-t", "3", "-c", str(8 // n), "-l", str(sec)], dnsperf),
+        "web": Load(lambda port, sec: ["wrk", "-t1", f"-c{50 // n}", f"-d{int(sec)}s",
+                                       f"https://127.0.0.1:{port}/1k.txt"], wrk),
+        "forward": Load(lambda port, sec: [tools["forwardload"], "127.0.0.1", str(port), str(8 // n), str(int(sec))],
+                        forward),
+    }
 
 
 def chat(loadgen: str, port: int, daemon: Daemon, clients: int, seconds: float) -> dict[str, float]:
@@ -212,15 +286,6 @@ def chat(loadgen: str, port: int, daemon: Daemon, clients: int, seconds: float) 
     if done.returncode != 0:
         raise RuntimeError(f"chatload: {done.stderr.strip()[-500:]}")
     return {k: float(v) for k, v in (item.split("=") for item in done.stdout.split())}
-
-
-def quiet(daemon: Daemon, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        before = daemon.cpu()
-        time.sleep(0.5)
-        if daemon.cpu() - before < 0.03:
-            return
 
 
 def loadavg() -> str:
@@ -237,7 +302,6 @@ def main() -> None:
     for tool in ("gcc", "wrk", "dnsperf", "dnsmasq", "redis-server"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: install with scripts/install-test-peers")
-    import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -268,47 +332,54 @@ def main() -> None:
                                                      f"--server=127.0.0.1#{upstream}", "--cache-size=100000",
                                                      "--dns-forward-max=1000"])
         children.start("backend", [tools["forwardload"], "serve", str(backend), "4"])
-        daemons: dict[int, Daemon] = {}
-        ports: dict[int, dict[str, int]] = {}
-        for w in (1, 2):
-            ports[w] = {"echo": free_port(), "dns": free_udp_tcp_port(), "web": free_port(), "forward": free_port()}
-            state = work / f"state-w{w}"
-            config = work / f"w{w}.yaml"
-            config.write_text(DAEMON.format(state=state, workers=w, cert=cert, key=key, root=root,
-                                            upstream=upstream, backend=backend, **ports[w]))
-            daemons[w] = Daemon(children, f"netsvc-w{w}", config, state)
-        for port in (ports[1]["dns"], ports[2]["dns"], cacheport):
+        # Three setups: workers: 1, workers: 2, and the control -- two separate
+        # workers: 1 daemons with the load split between them: what two processes
+        # get from this machine with nothing shared, the most workers: 2 can hope for.
+        setups: dict[str, Group] = {}
+        ports: dict[str, dict[str, list[int]]] = {}
+        for setup, workers, count in (("w1", 1, 1), ("w2", 2, 1), ("control", 1, 2)):
+            group = []
+            for i in range(count):
+                own = {"echo": free_port(), "dns": free_udp_tcp_port(), "web": free_port(), "forward": free_port()}
+                state = work / f"state-{setup}-{i}"
+                config = work / f"{setup}-{i}.yaml"
+                config.write_text(DAEMON.format(state=state, workers=workers, cert=cert, key=key, root=root,
+                                                upstream=upstream, backend=backend, **own))
+                group.append((Daemon(children, f"netsvc-{setup}-{i}", config, state), own))
+            setups[setup] = Group([d for d, _ in group])
+            # the CLIENTS load generator processes: all on one daemon, or one on each of the control's
+            ports[setup] = {name: [group[i % count][1][name] for i in range(CLIENTS)] for name in group[0][1]}
+        dnsPorts = [p for per in ports.values() for p in per["dns"]] + [cacheport]
+        for port in dnsPorts:
             deadline = time.monotonic() + 20
             while not dns_answers(port) and time.monotonic() < deadline:
                 time.sleep(0.2)
         queries = work / "queries.txt"
         queries.write_text("".join(f"h{i}.bench.test A\n" for i in range(202)))
-        for port in (ports[1]["dns"], ports[2]["dns"], cacheport):  # warm the caches
-            dnsperf(port, queries, 1)
+        workloads = loads(tools, queries)
+        for port in set(dnsPorts):  # warm the caches
+            workloads["dns"]([port], 1)
 
         log(f"load average before: {loadavg()}")
-        rows: dict[str, dict[int, list]] = {"echo": {}, "dns": {}, "web": {}, "forward": {}}
-        dnsmasqRuns: list[float] = []
+        rows: dict[str, dict[str, list]] = {"echo": {}, "dns": {}, "web": {}, "forward": {}}
+        dnsmasqRuns: list[tuple[float, float, float]] = []
         for run in range(args.runs if args.only != "chat" else 0):
-            for w in (1, 2):
-                d = daemons[w]
-                p = ports[w]
-                for name, fn in (("echo", lambda p=p: echo(tools["echoload"], p["echo"], args.seconds)),
-                                 ("dns", lambda p=p: dnsperf(p["dns"], queries, args.seconds)),
-                                 ("web", lambda p=p: wrk(p["web"], args.seconds)),
-                                 ("forward", lambda p=p: forward(tools["forwardload"], p["forward"], args.seconds))):
-                    quiet(d)
-                    rate, cpu, busiest = measured(d, None, fn)
-                    rows[name].setdefault(w, []).append((rate, cpu, busiest))
-                    log(f"run {run + 1} workers: {w} {name}: {rate:,.0f}/s, {cpu:.0f} us CPU per request, "
-                        f"busiest worker {busiest:.0%} of the workers' CPU (load {loadavg()})")
-            rate, cpu, _ = measured(None, cache.pid, lambda: dnsperf(cacheport, queries, args.seconds))
-            dnsmasqRuns.append(rate)
-            log(f"run {run + 1} dnsmasq: {rate:,.0f}/s, {cpu:.0f} us CPU per query")
+            for setup, group in setups.items():
+                for name, load in workloads.items():
+                    group.quiet()
+                    rate, cpu, busiest, client = measured(
+                        group, None, lambda load=load, at=ports[setup][name]: load(at, args.seconds))
+                    rows[name].setdefault(setup, []).append((rate, cpu, busiest, client))
+                    log(f"run {run + 1} {setup} {name}: {rate:,.0f}/s, {cpu:.1f} us CPU per request, "
+                        f"busiest process {busiest:.0%} of the daemon's CPU, load generators {client:.1f} us "
+                        f"per request (load {loadavg()})")
+            rate, cpu, _, client = measured(None, cache.pid,
+                                            lambda: workloads["dns"]([cacheport] * CLIENTS, args.seconds))
+            dnsmasqRuns.append((rate, cpu, client))
+            log(f"run {run + 1} dnsmasq: {rate:,.0f}/s, {cpu:.1f} us CPU per query, dnsperf {client:.1f} us")
         after = loadavg()
-        for d in daemons.values():
-            d.proc.terminate()
-            d.proc.wait(30)
+        for group in setups.values():
+            group.stop()
 
         chatRows: dict[str, list[dict[str, float]]] = {}
         redisCPU: list[float] = []
@@ -327,7 +398,7 @@ def main() -> None:
                 chats[label] = (Daemon(children, f"chat-w{w}", config, state), port)
             for run in range(args.runs):
                 for label, (d, port) in chats.items():
-                    quiet(d)
+                    Group([d]).quiet()
                     r0 = cpu_seconds(redis.pid)
                     result = chat(tools["chatload"], port, d, args.clients, args.seconds)
                     if "2 processes" in label:
@@ -344,27 +415,38 @@ def main() -> None:
 
 def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
     med = statistics.median
-    print(f"\nworkers: 1 vs workers: 2, medians of {args.runs} runs of {args.seconds:g} s, runs interleaved; "
-          f"{os.cpu_count()} CPUs shared with the load generators (and other users: load average at the end "
-          f"{after})\n")
-    print("| workload | workers: 1 | workers: 2 | ratio (2/1) | CPU/req w1 (us) | CPU/req w2 (us) | CPU ratio "
-          "| w2: busiest worker's CPU share |")
-    print("|---|---|---|---|---|---|---|---|")
-    units = {"echo": "round trips/s (100 conns)", "dns": "cached queries/s", "web": "HTTPS 1 KB req/s (wrk -c50)",
+    print(f"\nworkers: 1 vs workers: 2 vs two separate workers: 1 daemons (control), medians of {args.runs} runs of "
+          f"{args.seconds:g} s, runs interleaved; {CLIENTS} load generator processes per run; {os.cpu_count()} CPUs "
+          f"shared with the load generators (load average at the end {after})\n")
+    print("| workload | workers: 1 | workers: 2 | ratio (2/1) | control: 2 x workers: 1 | workers: 2 / control "
+          "| CPU/req w1, w2, control (us) | CPU ratio w2/w1 | load generators' CPU/req (us) | ceiling | "
+          "w2: busiest worker's share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    units = {"echo": "round trips/s (100 conns)", "dns": "cached queries/s", "web": "HTTPS 1 KB req/s (wrk, 50 conns)",
              "forward": "new connections/s (8 threads)"}
     for name, per in rows.items():
         if not per:
             continue
-        one, two = per[1], per[2]
+        one, two, ctl = per["w1"], per["w2"], per["control"]
         ratio = med(b[0] / a[0] for a, b in zip(one, two))
+        vsControl = med(b[0] / c[0] for b, c in zip(two, ctl))
         cpuRatio = med(b[1] / a[1] for a, b in zip(one, two))
+        daemonCPU, clientCPU = med(r[1] for r in one), med(r[3] for r in one)
+        # Two cores shared by the daemon and its load generators: at best 2 / (d + c)
+        # requests/s, against 1 / d for one process on a core of its own.
+        ceiling = 2 * daemonCPU / (daemonCPU + clientCPU)
         print(f"| {name}: {units[name]} | {med(r[0] for r in one):,.0f} | {med(r[0] for r in two):,.0f} | "
-              f"{ratio:.2f}x | {med(r[1] for r in one):.0f} | {med(r[1] for r in two):.0f} | {cpuRatio:.2f} | "
-              f"{med(r[2] for r in two):.0%} |")
+              f"**{ratio:.2f}x** | {med(r[0] for r in ctl):,.0f} | {vsControl:.2f} | "
+              f"{daemonCPU:.1f}, {med(r[1] for r in two):.1f}, {med(r[1] for r in ctl):.1f} | {cpuRatio:.2f} | "
+              f"{clientCPU:.1f} | {ceiling:.2f}x | {med(r[2] for r in two):.0%} |")
     if dnsmasqRuns and rows["dns"]:
-        d = med(dnsmasqRuns)
-        print(f"| dnsmasq (cache), same runs | {d:,.0f} | | w1 {med(r[0] for r in rows['dns'][1]) / d:.2f}x, "
-              f"w2 {med(r[0] for r in rows['dns'][2]) / d:.2f}x of dnsmasq | | | | |")
+        d = med(r[0] for r in dnsmasqRuns)
+        print(f"| dnsmasq (cache), same runs | {d:,.0f} | | | | | {med(r[1] for r in dnsmasqRuns):.1f} | | "
+              f"{med(r[2] for r in dnsmasqRuns):.1f} | | |")
+        print(f"\nDNS against dnsmasq: workers: 1 {med(r[0] for r in rows['dns']['w1']) / d:.2f}x, "
+              f"workers: 2 {med(r[0] for r in rows['dns']['w2']) / d:.2f}x")
+    print("\nceiling: 2d / (d + c) with d, c the daemon's and the load generators' CPU per request with "
+          "workers: 1 -- the most a second worker can add when both share two cores with the load generators.")
     if chatRows:
         print(f"\nchat, {args.clients} clients in one room (8 senders x 16 in flight; latency at 20 msg/s), "
               f"medians of {args.runs} runs\n")

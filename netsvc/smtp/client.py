@@ -38,7 +38,8 @@ from typing import Any
 from twisted.internet import defer, endpoints
 
 from netsvc import clients
-from netsvc.smtp.sender import Outgoing, Recipient, SessionError, SMTPSender
+from netsvc.smtp.sender import SMTPSender
+from netsvc.smtp.sendertypes import Outgoing, Recipient, SessionError
 from netsvc.tls import CertificateError, clientCreator
 
 #: What mimetypes' "encoding" (a compressed file) means as a content type.

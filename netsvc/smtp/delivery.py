@@ -11,25 +11,11 @@ their outbox one after the other (at most L{MESSAGES_PER_CONNECTION} each);
 the route comes from L{netsvc.smtp.routing} and the session is
 L{netsvc.smtp.sender.SMTPSender} (STARTTLS as configured, AUTH to a smarthost).
 
-Outcomes, per recipient:
-  - 2xx: recorded at once, in the reactor callback that read the reply: the
-    envelope is rewritten (write + rename, fsync'd off the reactor right after),
-    or the message removed when nobody is left.  So a kill -9 can only repeat a
-    delivery whose reply was on the wire but not yet read -- the window no MTA
-    can close.
-  - 5xx (or a permanent routing failure): bounced when the attempt ends (an
-    RFC 3464 report from <> to the sender; never for a bounce), then marked failed.
-    Until then the recipient stays pending on disk: a crash means another try
-    (and another 5xx), never a lost bounce.
-  - 4xx, connection and TLS failures: retried after C{queue.retry[n]} (the last
-    wait repeats); a delay warning once the message is older than
-    C{queue.delay_warning}; a bounce (status 4.4.7) once it is older than
-    C{queue.max_age}.
-
-Envelopes are rewritten and removed here directly (L{netsvc.smtp.records}, not
-through L{Queue.update}/L{Queue.remove}, whose work is batched in a thread) so that
-the "delivered" record is on disk before the reactor reads anything else; the
-server side only ever creates envelopes, so there is still one writer per file.
+What each answer does to the message (recorded at once, bounced, warned
+about, retried after C{queue.retry[n]}) is L{netsvc.smtp.outcomes}; it tells
+the scheduler the next attempt, and kicks the bounces and warnings it queues.
+Messages are removed here directly too (L{netsvc.smtp.records}: a finished
+message found at load, a deletion request), never through the queue's thread.
 
 Control requests from C{netsvc mail queue} (files in C{<queue>/ctl/}:
 C{retry-ID}, C{retry-all}, C{delete-ID}) are applied every L{TICK} seconds.
@@ -53,10 +39,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from netsvc.smtp.control import takeRequests
-from netsvc.smtp.dsn import FULL_LIMIT, ReportItem, buildReport, statusOf
+from netsvc.smtp.outcomes import Flight, Job, Outcomes
 from netsvc.smtp.records import DeliveryMetrics, EnvelopeWriter
 from netsvc.smtp.routing import RoutingError
-from netsvc.smtp.sender import Outgoing, Recipient
+from netsvc.smtp.sendertypes import Outgoing, Recipient
 
 log = Logger()
 
@@ -70,32 +56,6 @@ MESSAGES_PER_CONNECTION = 100
 LOADED_PER_CONNECTION = 20
 #: At shutdown, how long transactions in progress get to finish.
 STOP_GRACE = 5.0
-
-
-class _Flight:
-    """One message being attempted: its envelope, and what its groups have answered so far."""
-
-    def __init__(self, id: str, envelope: Any, path: Path, size: int, eightBit: bool) -> None:
-        self.id = id
-        self.envelope = envelope
-        self.path = path
-        self.size = size
-        self.eightBit = eightBit
-        self.groups = 0  # domain groups not yet answered
-        self.failed: list[ReportItem] = []
-        self.deferred: dict[int, tuple[str, str]] = {}  # recipient index -> (status, reason)
-        self.deleteRequested = False
-
-
-class _Job:
-    """A message's recipients in one domain."""
-
-    __slots__ = ("flight", "indexes", "domain")
-
-    def __init__(self, flight: _Flight, indexes: list[int], domain: str) -> None:
-        self.flight = flight
-        self.indexes = indexes
-        self.domain = domain
 
 
 def _hasEightBit(path: Path) -> bool:
@@ -138,8 +98,8 @@ class Delivery(service.Service):
         self.fresh: deque[str] = deque()  # kicked: attempt as soon as there is room
         self._freshIds: set[str] = set()
         self.unreadable: set[str] = set()  # envelopes that could not be read (reported once)
-        self.flights: dict[str, _Flight] = {}
-        self.outbox: dict[str, deque[_Job]] = defaultdict(deque)
+        self.flights: dict[str, Flight] = {}
+        self.outbox: dict[str, deque[Job]] = defaultdict(deque)
         self.active: dict[str, int] = defaultdict(int)  # connections per domain
         self.starting: dict[str, int] = defaultdict(int)  # connections not yet sending
         self.connections = 0
@@ -147,6 +107,8 @@ class Delivery(service.Service):
         self._loop: task.LoopingCall | None = None
         self._stopped: defer.Deferred | None = None
         self.writer = EnvelopeWriter(queue)
+        self.outcomes = Outcomes(settings, queue, self.writer, metrics, clock, schedule=self._schedule,
+                                 kick=self.kick, finished=self._finished)
         metrics.queued.setFunction(lambda: len(self.scheduled) + len(self.flights))
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -230,6 +192,11 @@ class Delivery(service.Service):
         self.scheduled[id] = when
         heapq.heappush(self._heap, (when, id))
 
+    def _finished(self, id: str) -> None:
+        """L{Outcomes}: the attempt of C{id} is over (rescheduled, or gone): room for another."""
+        self.flights.pop(id, None)
+        self._wake()
+
     def _wake(self) -> None:
         if self.running and (self._pumpCall is None or not self._pumpCall.active()):
             self._pumpCall = self.clock.callLater(0, self._pump)
@@ -281,7 +248,7 @@ class Delivery(service.Service):
             self.unreadable.add(id)
             log.error("queue: cannot read {id}: {error}; left in place", id=id, error=str(e))
             return
-        flight = _Flight(id, env, path, size, eightBit)
+        flight = Flight(id, env, path, size, eightBit)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(env.recipients):
             if r.status == "pending":
@@ -292,7 +259,7 @@ class Delivery(service.Service):
         self.flights[id] = flight
         flight.groups = len(groups)
         for domain, indexes in groups.items():
-            self.outbox[domain].append(_Job(flight, indexes, domain))
+            self.outbox[domain].append(Job(flight, indexes, domain))
 
     # -- connections --------------------------------------------------------------------------
 
@@ -353,7 +320,7 @@ class Delivery(service.Service):
 
                 def onResult(message: Outgoing, results: list[Any], target: Any = target) -> None:
                     state["job"] = None
-                    self._answered(message.key, results, target)
+                    self.outcomes.answered(message.key, results, target)
 
                 try:
                     yield self.openSession(target, nextMessage, onResult)
@@ -364,7 +331,7 @@ class Delivery(service.Service):
                     if job is not None:  # died in the middle of this message: only it waits
                         state["job"] = None
                         reason = f"{target}: {_describe(e)}"
-                        self._groupAnswered(job, [(i, "defer", ("4.4.2", reason)) for i in job.indexes])
+                        self.outcomes.groupAnswered(job, [(i, "defer", ("4.4.2", reason)) for i in job.indexes])
                     if state["count"]:
                         return  # it did deliver: the destination works; the rest of the outbox goes on
                     log.info("delivery: {target}: {error}", target=str(target), error=_describe(e))
@@ -374,7 +341,7 @@ class Delivery(service.Service):
         finally:
             started()
 
-    def _outgoing(self, job: _Job) -> Outgoing:
+    def _outgoing(self, job: Job) -> Outgoing:
         f = job.flight
         env = f.envelope
         rcpts = [Recipient(env.recipients[i].address, env.recipients[i].notify, env.recipients[i].orcpt)
@@ -388,127 +355,10 @@ class Delivery(service.Service):
         while box:
             job = box.popleft()
             if permanent:
-                self._groupAnswered(job, [(i, "fail", (status, f"X-netsvc; {reason}", None)) for i in job.indexes])
+                outcomes = [(i, "fail", (status, f"X-netsvc; {reason}", None)) for i in job.indexes]
             else:
-                self._groupAnswered(job, [(i, "defer", (status, reason)) for i in job.indexes])
-
-    # -- outcomes -----------------------------------------------------------------------------
-
-    def _answered(self, job: _Job, results: list[Any], target: Any) -> None:
-        """One transaction's replies (in the reactor callback that read them)."""
-        outcomes = []
-        for i, (_, reply) in zip(job.indexes, results):
-            if reply.ok:
-                outcomes.append((i, "sent", str(reply)))
-            elif reply.permanent:
-                outcomes.append((i, "fail", (statusOf(reply.code, reply.text), f"smtp; {reply}", target.host)))
-            else:
-                outcomes.append((i, "defer", (statusOf(reply.code, reply.text), f"{target}: {reply}")))
-            log.info("delivery {id}: <{rcpt}> via {target}: {reply}", id=job.flight.id,
-                     rcpt=job.flight.envelope.recipients[i].address, target=str(target), reply=str(reply))
-        self._groupAnswered(job, outcomes)
-
-    def _groupAnswered(self, job: _Job, outcomes: list[tuple[int, str, Any]]) -> None:
-        flight = job.flight
-        env = flight.envelope
-        sent = False
-        for i, outcome, detail in outcomes:
-            r = env.recipients[i]
-            self.metrics.attempts.inc()
-            if outcome == "sent":
-                r.status, r.last_error = "sent", None
-                r.attempts += 1
-                sent = True
-                self.metrics.delivered.inc()
-            elif outcome == "fail":
-                status, diagnostic, remote = detail
-                flight.failed.append(ReportItem(r, status, diagnostic, remote))
-            else:
-                flight.deferred[i] = detail
-        if sent:
-            if all(x.status == "sent" for x in env.recipients):
-                self.writer.remove(flight.id)
-            else:
-                self.writer.write(env)
-        flight.groups -= 1
-        if flight.groups == 0:
-            self._finish(flight).addErrback(lambda f: log.failure("finishing {id}", f, id=flight.id))
-
-    @defer.inlineCallbacks
-    def _finish(self, flight: _Flight) -> Any:
-        """Every group has answered: bounce, warn, schedule the next attempt, or remove."""
-        env = flight.envelope
-        now = self.clock.seconds()
-        q = self.settings.queue
-        try:
-            if all(r.status == "sent" for r in env.recipients):
-                return  # removed when the last one was recorded
-            if flight.deleteRequested:
-                self.writer.remove(flight.id)
-                return
-            expired = now >= env.created + float(q.max_age)
-            failed = list(flight.failed)
-            for item in failed:
-                item.recipient.attempts += 1
-                item.recipient.last_error = item.diagnostic
-            for i, (_, reason) in flight.deferred.items():
-                r = env.recipients[i]
-                r.attempts += 1
-                r.last_error = reason
-                if expired:
-                    failed.append(ReportItem(r, "4.4.7", f"X-netsvc; delivery time expired; last error: {reason}"))
-                else:
-                    self.metrics.deferred.inc()
-            if failed:
-                yield self._report(env, flight, failed, "failed")
-                for item in failed:
-                    item.recipient.status = "failed"
-                    self.metrics.bounced.inc()
-                    log.info("delivery {id}: <{rcpt}> failed: {status} {why}", id=flight.id,
-                             rcpt=item.recipient.address, status=item.status, why=item.diagnostic)
-            if not env.pending():
-                self.writer.remove(flight.id)
-                return
-            env.attempts += 1
-            waits = q.retry
-            env.next_attempt = now + float(waits[min(env.attempts - 1, len(waits) - 1)])
-            if (float(q.delay_warning) > 0 and not env.warned and not env.dsn
-                    and now - env.created >= float(q.delay_warning)):
-                items = [ReportItem(env.recipients[i], status, f"X-netsvc; {reason}")
-                         for i, (status, reason) in flight.deferred.items()]
-                yield self._report(env, flight, items, "delayed", retryUntil=env.created + float(q.max_age))
-                env.warned = True
-            self.writer.write(env)
-            self._schedule(flight.id, env.next_attempt)
-        except Exception as e:
-            # The report could not be queued (disk full ...): nothing is marked; try again later.
-            log.error("delivery {id}: {error}; retrying later", id=flight.id, error=str(e))
-            for r in env.recipients:
-                if r.status == "failed":
-                    r.status = "pending"
-            self._schedule(flight.id, now + float(q.retry[0]))
-        finally:
-            self.flights.pop(flight.id, None)
-            self._wake()
-
-    def _report(self, env: Any, flight: _Flight, items: list[ReportItem], action: str,
-                retryUntil: float | None = None) -> defer.Deferred:
-        """Queue a bounce or a warning (fires once it is durable; nothing when none is due)."""
-        with open(flight.path, "rb") as f:
-            original = f.read(FULL_LIMIT + 1)
-        data = buildReport(env, original, items, action, self.hostname, now=self.clock.seconds(),
-                           retryUntil=retryUntil)
-        if data is None:
-            return defer.succeed(None)
-        self.metrics.reports.inc()
-        d = self.queue.enqueueBytes("", [env.sender], data, dsn=True)
-
-        def queued(id: str) -> None:
-            log.info("delivery {id}: {kind} to <{sender}> queued as {report}", id=flight.id,
-                     kind="bounce" if action == "failed" else "delay warning", sender=env.sender, report=id)
-            self.kick(id)
-
-        return d.addCallback(queued)
+                outcomes = [(i, "defer", (status, reason)) for i in job.indexes]
+            self.outcomes.groupAnswered(job, outcomes)
 
     # -- control requests -----------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from twisted.internet import endpoints, protocol
 from twisted.internet.abstract import isIPv6Address
 from twisted.logger import Logger
 
-from netsvc.smtp.sender import SessionError, SMTPSender
+from netsvc.smtp.sender import SMTPSender
+from netsvc.smtp.sendertypes import SessionError
 from netsvc.tls import clientCreator
 
 log = Logger()

@@ -11,6 +11,10 @@ ESMTP), STARTTLS as C{starttls} says (C{required}: fail without it;
 C{opportunistic}: when offered; C{none}: never), AUTH PLAIN or LOGIN when
 C{auth} is given (only over TLS, unless C{starttls="none"} was chosen), then one
 transaction per message C{nextMessage()} hands out, until it returns None: QUIT.
+This module holds the session: reply parsing, timeouts, the set-up and the
+ending; the transactions are L{netsvc.smtp.sendertransaction} (a mixin), and
+the values handed in and out (L{Outgoing}, L{Recipient}, L{Reply},
+L{SessionError}) are L{netsvc.smtp.sendertypes}.
 
 Each transaction's outcome goes to C{onResult(message, [(recipient, Reply)])}
 as soon as the server has answered the end of DATA (or refused MAIL/RCPT/DATA);
@@ -40,135 +44,18 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.protocols.basic import FileSender, LineReceiver
+from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from netsvc.smtp.sendertransaction import SenderTransactions, Transaction
+from netsvc.smtp.sendertypes import Outgoing, Recipient, Reply, SessionError
+
 #: A reply longer than this many lines ends the session (a broken or hostile server).
 MAX_REPLY_LINES = 100
-#: Messages up to this size are read and written in one piece; larger ones are streamed.
-SMALL_MESSAGE = 256 * 1024
 
 
-class Reply:
-    """An SMTP reply: C{code} (int) and C{text} (its lines joined by spaces)."""
-
-    __slots__ = ("code", "text")
-
-    def __init__(self, code: int, text: str) -> None:
-        self.code = code
-        self.text = text
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}".rstrip()
-
-    def __repr__(self) -> str:
-        return f"Reply({self.code}, {self.text!r})"
-
-
-class SessionError(Exception):
-    """
-    The session could not go on.  C{reply}: the server's reply that ended it
-    (None: a local reason -- connection lost, timeout, TLS).  C{current}: the
-    message in flight with no final answer.
-    """
-
-    def __init__(self, message: str, reply: Reply | None = None) -> None:
-        super().__init__(message)
-        self.reply = reply
-        self.current: Any = None
-        #: The session ended during the STARTTLS handshake (an opportunistic client may go on without TLS).
-        self.tlsFailed = False
-
-    @property
-    def permanent(self) -> bool:
-        return self.reply is not None and self.reply.permanent
-
-
-class Recipient:
-    """One RCPT: the address and its DSN parameters (RFC 3461), as given by the client."""
-
-    __slots__ = ("address", "notify", "orcpt")
-
-    def __init__(self, address: str, notify: str | None = None, orcpt: str | None = None) -> None:
-        self.address = address
-        self.notify = notify
-        self.orcpt = orcpt
-
-    def __repr__(self) -> str:
-        return f"Recipient({self.address!r})"
-
-
-class Outgoing:
-    """
-    One message to send.  C{openData()} returns a binary file of the message with
-    CRLF line ends (not dot-stuffed); C{size} its length in bytes.
-    """
-
-    def __init__(self, sender: str, recipients: list[Recipient], openData: Callable[[], Any], size: int,
-                 ret: str | None = None, envid: str | None = None, eightBit: bool = True,
-                 key: Any = None) -> None:
-        self.sender = sender
-        self.recipients = recipients
-        self.openData = openData
-        self.size = size
-        self.ret = ret
-        self.envid = envid
-        self.eightBit = eightBit
-        self.key = key  # the caller's (e.g. the queue id)
-
-    def needsUTF8(self) -> bool:
-        return not all(a.isascii() for a in [self.sender] + [r.address for r in self.recipients])
-
-
-class DotStuffer:
-    """
-    The DATA transparency of RFC 5321 4.5.2, across chunk edges: a line that
-    starts with a dot gets a second one.  Feed chunks in order; L{end} says what
-    closes the data.
-    """
-
-    def __init__(self) -> None:
-        self.atLineStart = True
-        self.empty = True
-
-    def __call__(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return chunk
-        out = chunk.replace(b"\n.", b"\n..")
-        if self.atLineStart and chunk[:1] == b".":
-            out = b"." + out
-        self.atLineStart = chunk[-1:] == b"\n"
-        self.empty = False
-        return out
-
-    def end(self) -> bytes:
-        return b".\r\n" if self.atLineStart else b"\r\n.\r\n"
-
-
-def _xtext(value: str) -> str:
-    """RFC 3461 xtext: '+', '=', controls and non-ASCII as +HH."""
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
-                   for c in value)
-
-
-class _Transaction:
-    def __init__(self, message: Outgoing) -> None:
-        self.message = message
-        self.mail: Reply | None = None
-        self.rcpts: list[Reply] = []
-        self.data: Reply | None = None
-
-
-class SMTPSender(LineReceiver, TimeoutMixin):
+class SMTPSender(SenderTransactions, LineReceiver, TimeoutMixin):
     """One client session; see the module docstring."""
 
     delimiter = b"\r\n"
@@ -198,7 +85,7 @@ class SMTPSender(LineReceiver, TimeoutMixin):
         self._handlers: deque[Callable[[Reply], None]] = deque()
         self._lines: list[str] = []
         self.replyLines: list[str] = []  # the last reply's lines (EHLO's are the extensions)
-        self._txn: _Transaction | None = None
+        self._txn: Transaction | None = None
         self._finished = False
         self._handshaking = False
 
@@ -370,152 +257,7 @@ class SMTPSender(LineReceiver, TimeoutMixin):
             return
         self._next()
 
-    # -- transactions --------------------------------------------------------------------------
-
-    def _next(self) -> None:
-        if self._finished:
-            return
-        message = self.nextMessage()
-        if message is None:
-            self._send("QUIT", self._quitReply)
-            return
-        self._txn = _Transaction(message)
-        utf8 = message.needsUTF8()
-        if utf8 and "SMTPUTF8" not in self.extensions:
-            self._report(Reply(553, "5.6.7 the server does not support SMTPUTF8 (non-ASCII address)"))
-            return
-        mail = f"MAIL FROM:<{message.sender}>"
-        if "SIZE" in self.extensions:
-            mail += f" SIZE={message.size}"
-        if message.eightBit and "8BITMIME" in self.extensions:
-            mail += " BODY=8BITMIME"
-        if utf8:
-            mail += " SMTPUTF8"
-        dsn = "DSN" in self.extensions
-        if dsn and message.ret:
-            mail += f" RET={message.ret}"
-        if dsn and message.envid:
-            mail += f" ENVID={_xtext(message.envid)}"
-        commands = [(mail, self._mailReply)]
-        for r in message.recipients:
-            rcpt = f"RCPT TO:<{r.address}>"
-            if dsn and r.notify:
-                rcpt += f" NOTIFY={r.notify}"
-            if dsn and r.orcpt:
-                kind, _, addr = r.orcpt.partition(";")
-                rcpt += f" ORCPT={kind};{_xtext(addr)}"
-            commands.append((rcpt, self._rcptReply))
-        commands.append(("DATA", self._dataReply))
-        if "PIPELINING" in self.extensions:
-            for line, handler in commands:
-                self._send(line, handler)
-        else:
-            self._sequential = deque(commands)
-            line, handler = self._sequential.popleft()
-            self._send(line, handler)
-
-    def _sendNextInSequence(self) -> None:
-        """Without PIPELINING: the next command, or the end of the transaction when it cannot go on."""
-        txn = self._txn
-        assert txn is not None
-        if txn.mail is not None and not txn.mail.ok:
-            self._abortTransaction()
-            return
-        if len(self._sequential) == 1 and not any(r.ok for r in txn.rcpts):  # only DATA left
-            self._abortTransaction()
-            return
-        line, handler = self._sequential.popleft()
-        self._send(line, handler)
-
-    def _mailReply(self, reply: Reply) -> None:
-        self._txn.mail = reply
-        if "PIPELINING" not in self.extensions:
-            self._sendNextInSequence()
-
-    def _rcptReply(self, reply: Reply) -> None:
-        self._txn.rcpts.append(reply)
-        if "PIPELINING" not in self.extensions:
-            self._sendNextInSequence()
-
-    def _dataReply(self, reply: Reply) -> None:
-        txn = self._txn
-        if reply.code != 354:
-            txn.data = reply
-            self._abortTransaction()
-            return
-        if not txn.mail.ok or not any(r.ok for r in txn.rcpts):
-            # A server that says 354 with nobody to deliver to: end the data at once.
-            self._send(".", self._finalReply)
-            return
-        stuffer = DotStuffer()
-        try:
-            data = txn.message.openData()
-            small = data.read(SMALL_MESSAGE) if txn.message.size <= SMALL_MESSAGE else None
-        except OSError as e:
-            self._fail(SessionError(f"cannot read the message: {e}"), abort=True)
-            return
-        if small is not None:  # the usual case: one write, body and end together
-            data.close()
-            self.transport.write(stuffer(small) + stuffer.end())
-            if self.trace is not None:
-                self.trace(">", f"<{txn.message.size} bytes of message data>")
-                self.trace(">", ".")
-            self._handlers.append(self._finalReply)
-            return
-        d = FileSender().beginFileTransfer(data, self.transport, stuffer)
-
-        def sent(_: Any) -> None:
-            data.close()
-            if self._finished:
-                return
-            self.transport.write(stuffer.end())
-            if self.trace is not None:
-                self.trace(">", f"<{txn.message.size} bytes of message data>")
-                self.trace(">", ".")
-            self._handlers.append(self._finalReply)
-
-        def failed(f: Failure) -> None:
-            data.close()
-            self._fail(SessionError(f"sending the message failed: {f.getErrorMessage()}"), abort=True)
-
-        d.addCallbacks(sent, failed)
-
-    def _finalReply(self, reply: Reply) -> None:
-        self._txn.data = reply
-        self._report(None)
-
-    def _abortTransaction(self) -> None:
-        """MAIL, every RCPT or DATA refused: RSET, then report."""
-        self._send("RSET", self._rsetReply)
-
-    def _rsetReply(self, reply: Reply) -> None:
-        if not reply.ok:
-            self._refused("RSET", reply)
-            return
-        self._report(None)
-
-    def _report(self, every: Reply | None) -> None:
-        """The transaction's outcome, per recipient, to onResult; then the next message."""
-        txn = self._txn
-        assert txn is not None
-        results: list[tuple[Recipient, Reply]] = []
-        for i, rcpt in enumerate(txn.message.recipients):
-            if every is not None:
-                reply = every
-            elif txn.mail is not None and not txn.mail.ok:
-                reply = txn.mail
-            elif i < len(txn.rcpts) and not txn.rcpts[i].ok:
-                reply = txn.rcpts[i]
-            elif txn.data is not None:
-                reply = txn.data
-            else:  # not reached: every path sets data or a refusal
-                reply = Reply(451, "4.3.0 no answer")
-            results.append((rcpt, reply))
-        self._txn = None
-        self.sent += 1
-        d = defer.maybeDeferred(self.onResult, txn.message, results)
-        d.addCallbacks(lambda _: self._next(),
-                       lambda f: self._fail(SessionError(f"recording the result failed: {f.getErrorMessage()}")))
+    # -- the end ------------------------------------------------------------------------------
 
     def _quitReply(self, reply: Reply) -> None:
         self._finished = True

@@ -25,7 +25,9 @@ from twisted.trial import unittest
 from zope.interface import directlyProvides
 
 from netsvc.smtp import client
-from netsvc.smtp.sender import DotStuffer, Outgoing, Recipient, SessionError, SMTPSender
+from netsvc.smtp.sender import SMTPSender
+from netsvc.smtp.sendertransaction import DotStuffer
+from netsvc.smtp.sendertypes import Outgoing, Recipient, SessionError
 
 BODY = b"Subject: t\r\n\r\n.first line starts with a dot\r\nmiddle\r\n.\r\nlast"
 
@@ -98,7 +100,7 @@ class SenderTests(unittest.TestCase):
         self.assertTrue(h.transport.disconnecting)
 
     def test_largeMessageStreamedAndStuffed(self) -> None:
-        from netsvc.smtp.sender import SMALL_MESSAGE
+        from netsvc.smtp.sendertransaction import SMALL_MESSAGE
 
         line = b"x" * 62 + b"\r\n"
         big = b"Subject: big\r\n\r\n" + (line * 100 + b".dot\r\n") * (SMALL_MESSAGE // (len(line) * 100) + 2)

@@ -21,7 +21,7 @@ from netsvc.metrics import Registry
 from netsvc.smtp.delivery import Delivery, DeliveryMetrics
 from netsvc.smtp.queue import Envelope, Queue
 from netsvc.smtp.routing import RoutingError, Target
-from netsvc.smtp.sender import Reply, SessionError
+from netsvc.smtp.sendertypes import Reply, SessionError
 from netsvc.smtp.settings import QueueSettings, RelaySettings, Settings
 
 MESSAGE = b"From: alice@lab\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\nhello\r\n"

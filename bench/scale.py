@@ -6,14 +6,15 @@ Run from the repository root (Linux; needs gcc, wrk, dnsperf, dnsmasq, redis-ser
 
     .venv/bin/python bench/scale.py [--runs 3] [--seconds 5] [--clients 1000]
 
-Four daemons run side by side (those not being measured are idle), each serving
+Five daemons run side by side (those not being measured are idle), each serving
 echo (tcp), dns (udp, answers from its cache; upstream: a dnsmasq authoritative
 for bench.test), web (a 1 KB file over TLS) and forward (to forwardload's
-backend): one with `workers: 1`, one with `workers: 2`, and the control -- two
-separate `workers: 1` daemons with the load split between them, which is what two
-processes get from this machine with nothing shared: the most `workers: 2` can
-hope for.  A caching dnsmasq forwarding to the same upstream is measured in the
-same runs.  The load generators are C programs (bench/echoload.c,
+backend): one with `workers: 1`, one with `workers: 2` (`cpu_affinity: auto`, the
+default: workers pinned, connections steered to the worker on their CPU), one
+with `workers: 2` and `cpu_affinity: off`, and the control -- two separate
+`workers: 1` daemons with the load split between them, which is what two
+processes get from this machine with nothing shared.  A caching dnsmasq
+forwarding to the same upstream is measured in the same runs.  The load generators are C programs (bench/echoload.c,
 bench/forwardload.c, wrk, dnsperf), two processes per run each with half the
 concurrency, so that the daemon, not one client thread, runs out of CPU first --
 but on a 2-core machine they share the cores with the daemon.  Nothing is pinned:
@@ -35,7 +36,7 @@ room: one process (`workers: 1`, no fan-out) against two processes over Redis
 (`workers: 2`, fanout: redis; the kernel splits the clients between them).
 Redis's own CPU is reported beside.
 
-Runs are interleaved (w1, w2, control, w1 ...); medians of --runs are reported with the
+Runs are interleaved (w1, w2, w2 off, control, w1 ...); medians of --runs are reported with the
 median of the per-run ratios.  The machine's load average is printed with the
 table: on a shared machine the ratios are what was seen, not what the code can do.
 """
@@ -67,6 +68,7 @@ DAEMON = """\
 state_dir: {state}
 log: {{level: warn}}
 workers: {workers}
+cpu_affinity: {affinity}
 drain_timeout: 1s
 tls: {{cert: {cert}, key: {key}}}
 services:
@@ -332,19 +334,20 @@ def main() -> None:
                                                      f"--server=127.0.0.1#{upstream}", "--cache-size=100000",
                                                      "--dns-forward-max=1000"])
         children.start("backend", [tools["forwardload"], "serve", str(backend), "4"])
-        # Three setups: workers: 1, workers: 2, and the control -- two separate
-        # workers: 1 daemons with the load split between them: what two processes
-        # get from this machine with nothing shared, the most workers: 2 can hope for.
+        # Four setups: workers: 1; workers: 2 (cpu_affinity: auto, the default); workers: 2 with
+        # cpu_affinity: off; and the control -- two separate workers: 1 daemons with the load split
+        # between them: what two processes get from this machine with nothing shared.
         setups: dict[str, Group] = {}
         ports: dict[str, dict[str, list[int]]] = {}
-        for setup, workers, count in (("w1", 1, 1), ("w2", 2, 1), ("control", 1, 2)):
+        for setup, workers, count, pinned in (("w1", 1, 1, "auto"), ("w2", 2, 1, "auto"), ("w2 off", 2, 1, "off"),
+                                              ("control", 1, 2, "auto")):
             group = []
             for i in range(count):
                 own = {"echo": free_port(), "dns": free_udp_tcp_port(), "web": free_port(), "forward": free_port()}
                 state = work / f"state-{setup}-{i}"
                 config = work / f"{setup}-{i}.yaml"
-                config.write_text(DAEMON.format(state=state, workers=workers, cert=cert, key=key, root=root,
-                                                upstream=upstream, backend=backend, **own))
+                config.write_text(DAEMON.format(state=state, workers=workers, affinity=pinned, cert=cert, key=key,
+                                                root=root, upstream=upstream, backend=backend, **own))
                 group.append((Daemon(children, f"netsvc-{setup}-{i}", config, state), own))
             setups[setup] = Group([d for d, _ in group])
             # the CLIENTS load generator processes: all on one daemon, or one on each of the control's
@@ -415,38 +418,39 @@ def main() -> None:
 
 def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
     med = statistics.median
-    print(f"\nworkers: 1 vs workers: 2 vs two separate workers: 1 daemons (control), medians of {args.runs} runs of "
-          f"{args.seconds:g} s, runs interleaved; {CLIENTS} load generator processes per run; {os.cpu_count()} CPUs "
-          f"shared with the load generators (load average at the end {after})\n")
-    print("| workload | workers: 1 | workers: 2 | ratio (2/1) | control: 2 x workers: 1 | workers: 2 / control "
-          "| CPU/req w1, w2, control (us) | CPU ratio w2/w1 | load generators' CPU/req (us) | ceiling | "
-          "w2: busiest worker's share |")
+    print(f"\nworkers: 1 vs workers: 2 (cpu_affinity: auto, and off) vs two separate workers: 1 daemons (control), "
+          f"medians of {args.runs} runs of {args.seconds:g} s, runs interleaved; {CLIENTS} load generator processes "
+          f"per run; {os.cpu_count()} CPUs shared with the load generators (load average at the end {after})\n")
+    print("| workload | workers: 1 | workers: 2 | **ratio** | w2, affinity off (ratio) | control: 2 x workers: 1 "
+          "(ratio) | CPU/req w1, w2, w2 off, control (us) | CPU ratio w2/w1 | load generators' CPU/req (us) "
+          "| ceiling | w2: busiest worker's share |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     units = {"echo": "round trips/s (100 conns)", "dns": "cached queries/s", "web": "HTTPS 1 KB req/s (wrk, 50 conns)",
              "forward": "new connections/s (8 threads)"}
     for name, per in rows.items():
         if not per:
             continue
-        one, two, ctl = per["w1"], per["w2"], per["control"]
-        ratio = med(b[0] / a[0] for a, b in zip(one, two))
-        vsControl = med(b[0] / c[0] for b, c in zip(two, ctl))
-        cpuRatio = med(b[1] / a[1] for a, b in zip(one, two))
+        one = per["w1"]
+        ratio = lambda setup, per=per: med(b[0] / a[0] for a, b in zip(per["w1"], per[setup]))  # noqa: E731
+        rate = lambda setup, per=per: f"{med(r[0] for r in per[setup]):,.0f}"  # noqa: E731
+        cpu = lambda setup, per=per: f"{med(r[1] for r in per[setup]):.1f}"  # noqa: E731
+        cpuRatio = med(b[1] / a[1] for a, b in zip(one, per["w2"]))
         daemonCPU, clientCPU = med(r[1] for r in one), med(r[3] for r in one)
         # Two cores shared by the daemon and its load generators: at best 2 / (d + c)
         # requests/s, against 1 / d for one process on a core of its own.
         ceiling = 2 * daemonCPU / (daemonCPU + clientCPU)
-        print(f"| {name}: {units[name]} | {med(r[0] for r in one):,.0f} | {med(r[0] for r in two):,.0f} | "
-              f"**{ratio:.2f}x** | {med(r[0] for r in ctl):,.0f} | {vsControl:.2f} | "
-              f"{daemonCPU:.1f}, {med(r[1] for r in two):.1f}, {med(r[1] for r in ctl):.1f} | {cpuRatio:.2f} | "
-              f"{clientCPU:.1f} | {ceiling:.2f}x | {med(r[2] for r in two):.0%} |")
+        print(f"| {name}: {units[name]} | {rate('w1')} | {rate('w2')} | **{ratio('w2'):.2f}x** | {rate('w2 off')} "
+              f"({ratio('w2 off'):.2f}x) | {rate('control')} ({ratio('control'):.2f}x) | "
+              f"{', '.join(cpu(s) for s in ('w1', 'w2', 'w2 off', 'control'))} | {cpuRatio:.2f} | {clientCPU:.1f} | "
+              f"{ceiling:.2f}x | {med(r[2] for r in per['w2']):.0%} |")
     if dnsmasqRuns and rows["dns"]:
         d = med(r[0] for r in dnsmasqRuns)
         print(f"| dnsmasq (cache), same runs | {d:,.0f} | | | | | {med(r[1] for r in dnsmasqRuns):.1f} | | "
               f"{med(r[2] for r in dnsmasqRuns):.1f} | | |")
-        print(f"\nDNS against dnsmasq: workers: 1 {med(r[0] for r in rows['dns']['w1']) / d:.2f}x, "
+        print(f"\nDNS against dnsmasq (same runs): workers: 1 {med(r[0] for r in rows['dns']['w1']) / d:.2f}x, "
               f"workers: 2 {med(r[0] for r in rows['dns']['w2']) / d:.2f}x")
     print("\nceiling: 2d / (d + c) with d, c the daemon's and the load generators' CPU per request with "
-          "workers: 1 -- the most a second worker can add when both share two cores with the load generators.")
+          "workers: 1 -- what two workers would reach if they and the load generators used both cores fully.")
     if chatRows:
         print(f"\nchat, {args.clients} clients in one room (8 senders x 16 in flight; latency at 20 msg/s), "
               f"medians of {args.runs} runs\n")

@@ -36,7 +36,7 @@ import yaml
 from netsvc import endpoints
 from netsvc.policies import Limits, networkProblems
 from netsvc.schema import ConfigError, Duration, Invalid, Problem, Size, field, frozen, suggest  # noqa: F401
-from netsvc.workers.settings import WorkerCount, checkWorkers
+from netsvc.workers.settings import CPUAffinity, WorkerCount, checkWorkers
 
 # -- the structuring engine --------------------------------------------------
 
@@ -325,6 +325,9 @@ class Settings:
     services: ServicesMap = field(factory=ServicesMap)
     #: Worker processes sharing the listeners (auto: one per CPU); see netsvc.workers.
     workers: WorkerCount = field(WorkerCount(1))
+    #: With workers > 1: auto pins each worker to its CPUs and hands each connection to the
+    #: worker on the CPU it arrived on (netsvc.workers.affinity); off: neither.
+    cpu_affinity: CPUAffinity = field(CPUAffinity("auto"))
     #: The folder relative paths resolve against (not a YAML key).
     base_dir: str = attrs.field(default=".", kw_only=True, metadata={"internal": True})
 

@@ -11,6 +11,8 @@ C{workers: N}: one netsvc daemon as N worker processes sharing the listeners.
   - L{worker}: what a worker does differently (adopted listeners, its status
     file, metrics of the whole daemon on C{/metrics} and C{/status}).
   - L{aggregate}: merging the workers' metrics.
+  - L{affinity}: C{cpu_affinity: auto}: workers pinned to CPUs, connections steered
+    to the worker on their CPU.
 
 This module imports nothing heavy: L{current} is safe to call from any service
 (e.g. C{if not workers.isDeliveryOwner(): ...} for a single-owner loop).
@@ -28,6 +30,8 @@ ENV_WORKER = "NETSVC_WORKER"
 #: Set in a worker's environment: JSON {listener key: [fd, family, type]}, and the readiness pipe's fd.
 ENV_SOCKETS = "NETSVC_WORKER_SOCKETS"
 ENV_READY = "NETSVC_WORKER_READY_FD"
+#: Set in a worker's environment with cpu_affinity: the CPUs it runs on ("0,2").
+ENV_CPUS = "NETSVC_WORKER_CPUS"
 
 
 @attrs.frozen

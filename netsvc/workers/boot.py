@@ -2,6 +2,7 @@
 C{python -m netsvc.workers.boot TWISTD-ARGS...}: how the supervisor starts a
 worker.  Before running twistd it asks Linux to send it SIGTERM when the parent
 dies (so an orphaned worker drains and exits rather than serving on alone),
+pins itself to its CPUs (C{cpu_affinity: auto}: before any thread starts),
 and leaves the terminal's process group (Ctrl-C reaches the parent, which
 stops the workers in order).
 """
@@ -27,6 +28,12 @@ def main() -> None:
         os.setpgrp()
     except OSError:
         pass
+    cpus = os.environ.get("NETSVC_WORKER_CPUS")  # netsvc.workers.ENV_CPUS, without importing the package
+    if cpus:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+        except (AttributeError, ValueError, OSError) as e:  # a CPU taken away since: run unpinned
+            print(f"netsvc worker: cannot pin to CPUs {cpus}: {e}", file=sys.stderr)
     from twisted.scripts.twistd import run
 
     sys.argv = ["twistd", *sys.argv[1:]]

@@ -43,6 +43,22 @@ class WorkerCount(int):
         return cls(value)
 
 
+class CPUAffinity(str):
+    """
+    C{cpu_affinity:} -- C{auto} (pin workers to CPUs and steer connections to the
+    worker on their CPU; see L{netsvc.workers.affinity}) or C{off} (YAML's C{off},
+    C{false} and C{no} are all read as false).
+    """
+
+    @classmethod
+    def fromConfig(cls, value: object, path: str, walker: object = None) -> CPUAffinity:
+        if value is False or value == "off":
+            return cls("off")
+        if value is True or value == "auto":
+            return cls("auto")
+        raise Invalid(f"expected auto or off, got {value!r}")
+
+
 def cpuCount() -> int:
     """The CPUs this process may run on (its affinity mask, else the machine's)."""
     try:

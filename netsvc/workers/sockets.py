@@ -31,11 +31,15 @@ from typing import Any
 
 from twisted.internet import defer, endpoints
 from twisted.internet.abstract import isIPv6Address
+from twisted.logger import Logger
 
 from netsvc.endpoints import UDPServerEndpoint
 from netsvc.schema import Problem
+from netsvc.workers import affinity
 
 REUSEPORT = getattr(socket, "SO_REUSEPORT", None)
+
+log = Logger()
 
 
 class Bound:
@@ -88,10 +92,13 @@ def describeEndpoint(endpoint: Any) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"{type(endpoint).__name__} cannot be adopted by a worker")
 
 
-def bind(key: str, description: str, endpoint: Any, workers: int, configFile: str = "") -> Bound:
+def bind(key: str, description: str, endpoint: Any, workers: int, configFile: str = "",
+         steering: bytes | None = None) -> Bound:
     """
     Bind what C{endpoint} would listen on: C{workers} SO_REUSEPORT sockets for
-    TCP/UDP (one if SO_REUSEPORT is missing), one socket for unix.
+    TCP/UDP (one if SO_REUSEPORT is missing), one socket for unix.  C{steering}:
+    a program from L{netsvc.workers.affinity.program} choosing the worker's socket
+    for each connection or datagram (None: the kernel's hash of the address).
 
     @raise netsvc.runtime.StartupError: it cannot be bound (naming C{key}).
     """
@@ -111,6 +118,12 @@ def bind(key: str, description: str, endpoint: Any, workers: int, configFile: st
                 s = _bindInet(family, stream, p["interface"], port, p.get("backlog", 50))
                 port = s.getsockname()[1]  # port 0: the others join the port the first one got
                 sockets.append(s)
+            if steering is not None and len(sockets) > 1:
+                try:
+                    affinity.attach(sockets[0], steering)  # the group's, whichever socket sets it
+                except OSError as e:  # an old kernel, a seccomp filter: the hash still spreads the load
+                    log.warn("{key}: cannot steer connections by CPU ({error}); spread by address instead",
+                             key=key, error=e.strerror or str(e))
         except BaseException:
             for s in sockets:
                 s.close()

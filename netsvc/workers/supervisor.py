@@ -40,7 +40,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from netsvc.schema import ConfigError
-from netsvc.workers import ENV_READY, ENV_SOCKETS, ENV_WORKER
+from netsvc.workers import ENV_CPUS, ENV_READY, ENV_SOCKETS, ENV_WORKER, affinity
 from netsvc.workers.sockets import Bound, bind
 
 log = Logger()
@@ -102,6 +102,8 @@ class Supervisor(service.Service):
         self.reactor = reactor
         self.bound: list[Bound] = []
         self.slots = [Slot(i) for i in range(count)]
+        #: Each worker's CPUs (cpu_affinity: auto, when it can be right), else None.
+        self.cpus = affinity.plan(count) if getattr(self.context.settings, "cpu_affinity", "off") == "auto" else None
         self.exitStatus = EXIT_OK
         self.stopping = False
         self.started = time.time()
@@ -126,8 +128,9 @@ class Supervisor(service.Service):
         configFile = self.context.configFile
         errorFD = getattr(self.daemon, "startupErrorFD", None)
         try:
+            steering = affinity.program(self.cpus) if self.cpus is not None else None
             for l in self.daemon.listeners:
-                self.bound.append(bind(l.keyPath, l.description, l.endpoint, self.count, configFile))
+                self.bound.append(bind(l.keyPath, l.description, l.endpoint, self.count, configFile, steering))
         except BaseException as e:
             for b in self.bound:
                 b.close()
@@ -138,6 +141,10 @@ class Supervisor(service.Service):
         if errorFD is not None:
             os.close(errorFD)
             self.daemon.startupErrorFD = None
+        if self.cpus is not None:
+            log.info("workers pinned to CPUs ({cpus}); each connection and datagram goes to the worker on "
+                     "the CPU it arrives on", cpus=", ".join(f"worker {i}: {','.join(map(str, c))}"
+                                                            for i, c in enumerate(self.cpus)))
         for b in self.bound:
             a = b.address
             where = f"{a.get('host')}:{a.get('port')}" if "port" in a else a.get("path")
@@ -203,6 +210,8 @@ class Supervisor(service.Service):
         env[ENV_SOCKETS] = json.dumps(sockets)
         env[ENV_READY] = str(readyFD)
         env["NETSVC_WORKER_PARENT"] = str(os.getpid())
+        if self.cpus is not None:
+            env[ENV_CPUS] = ",".join(map(str, self.cpus[slot.index]))
         proto = _WorkerProcess(self, slot)
         args = [sys.executable, "-m", "netsvc.workers.boot", *self.workerArgs]
         slot.proto = proto
@@ -297,7 +306,8 @@ class Supervisor(service.Service):
             "services": [svc.name for svc in self.daemon],
             "listeners": [b.address for b in self.bound],
             "workers": [{"index": s.index, "pid": s.pid, "started": s.started, "restarts": s.restarts,
-                         "running": s.proto is not None and s.proto.ready} for s in self.slots],
+                         "running": s.proto is not None and s.proto.ready,
+                         "cpus": self.cpus[s.index] if self.cpus is not None else None} for s in self.slots],
         }
 
     def writeStatus(self) -> None:

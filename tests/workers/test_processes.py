@@ -27,6 +27,7 @@ from tests.interop._daemon import (
     udpEcho,
 )
 from tests.interop.test_chat_redis import LineClient
+from tests.workers.test_affinity import fromCPU
 
 ECHO = """\
 state_dir: state
@@ -75,7 +76,11 @@ class WorkersTests(unittest.TestCase):
         return float(m.group(1)) if m else 0.0
 
     def test_everyListenerAndTheWholeDaemonMetrics(self):
-        daemon = self.start(ECHO + ('      - "tcp6:0:interface=::1"\n' if ipv6LoopbackWorks() else ""))
+        # cpu_affinity: off -- spread by the hash of the client's address (this test's one
+        # client thread would otherwise be steered to the one worker on its CPU)
+        daemon = self.start(ECHO.replace("workers: 2\n", "workers: 2\ncpu_affinity: off\n")
+                            + ('      - "tcp6:0:interface=::1"\n' if ipv6LoopbackWorks() else ""))
+        self.assertEqual([w["cpus"] for w in daemon.status["workers"]], [None, None])
         workers = daemon.status["workers"]
         self.assertEqual([w["index"] for w in workers], [0, 1])
         self.assertTrue(all(w["running"] and w["pid"] != daemon.process.pid for w in workers))
@@ -105,6 +110,33 @@ class WorkersTests(unittest.TestCase):
         self.assertGreaterEqual(total, 44, text)
         self.assertEqual(total, sum(perWorker))
         self.assertTrue(all(n > 0 for n in perWorker), f"SO_REUSEPORT spreads connections: {perWorker}")
+
+    def test_pinnedWorkersServeTheirCPUs(self):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise unittest.SkipTest("cpu_affinity needs 2 CPUs (this process may use only one)")
+        daemon = self.start(ECHO)
+        workers = daemon.status["workers"]
+        plan = [w["cpus"] for w in workers]
+        self.assertEqual(sorted(c for cs in plan for c in cs), cpus)
+        for w in workers:
+            self.assertEqual(sorted(os.sched_getaffinity(w["pid"])), w["cpus"])
+        port = daemon.port("services.echo.listen[0]")
+        expected = [0, 0]
+        for cpu in cpus:
+            owner = next(i for i, cs in enumerate(plan) if cpu in cs)
+            expected[owner] += 5
+            fromCPU(cpu, lambda: [tcpEcho("127.0.0.1", port, b"pinned\n") for _ in range(5)])
+        deadline = time.monotonic() + 10
+        while True:  # other workers' figures are up to a second old
+            text = self.metrics(daemon)
+            perWorker = [self.metric(text, f'netsvc_connections_accepted_total{{service="echo",worker="{i}"}}')
+                         for i in range(2)]
+            if perWorker == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        self.assertEqual(perWorker, expected, "each connection served by the worker on the client's CPU")
+        self.assertIn("workers pinned to CPUs", daemon.output())
 
     def test_deadWorkerRestartedHupAndTerm(self):
         daemon = self.start(ECHO)

@@ -9,9 +9,9 @@ Run from the repository root (Linux; needs gcc, wrk, dnsperf, dnsmasq, redis-ser
 Five daemons run side by side (those not being measured are idle), each serving
 echo (tcp), dns (udp, answers from its cache; upstream: a dnsmasq authoritative
 for bench.test), web (a 1 KB file over TLS) and forward (to forwardload's
-backend): one with `workers: 1`, one with `workers: 2` (`cpu_affinity: auto`, the
-default: workers pinned, connections steered to the worker on their CPU), one
-with `workers: 2` and `cpu_affinity: off`, and the control -- two separate
+backend): one with `workers: 1`, one with `workers: 2` and `cpu_affinity: auto`
+(workers pinned, connections steered to the worker on their CPU), one with
+`workers: 2` and `cpu_affinity: off` (the default: hashed by address), and the control -- two separate
 `workers: 1` daemons with the load split between them, which is what two
 processes get from this machine with nothing shared.  A caching dnsmasq
 forwarding to the same upstream is measured in the same runs.  The load generators are C programs (bench/echoload.c,
@@ -334,13 +334,13 @@ def main() -> None:
                                                      f"--server=127.0.0.1#{upstream}", "--cache-size=100000",
                                                      "--dns-forward-max=1000"])
         children.start("backend", [tools["forwardload"], "serve", str(backend), "4"])
-        # Four setups: workers: 1; workers: 2 (cpu_affinity: auto, the default); workers: 2 with
-        # cpu_affinity: off; and the control -- two separate workers: 1 daemons with the load split
+        # Four setups: workers: 1; workers: 2 with cpu_affinity: auto; workers: 2 with
+        # cpu_affinity: off (the default); and the control -- two separate workers: 1 daemons with the load split
         # between them: what two processes get from this machine with nothing shared.
         setups: dict[str, Group] = {}
         ports: dict[str, dict[str, list[int]]] = {}
-        for setup, workers, count, pinned in (("w1", 1, 1, "auto"), ("w2", 2, 1, "auto"), ("w2 off", 2, 1, "off"),
-                                              ("control", 1, 2, "auto")):
+        for setup, workers, count, pinned in (("w1", 1, 1, "off"), ("w2", 2, 1, "auto"), ("w2 off", 2, 1, "off"),
+                                              ("control", 1, 2, "off")):
             group = []
             for i in range(count):
                 own = {"echo": free_port(), "dns": free_udp_tcp_port(), "web": free_port(), "forward": free_port()}
@@ -421,7 +421,7 @@ def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
     print(f"\nworkers: 1 vs workers: 2 (cpu_affinity: auto, and off) vs two separate workers: 1 daemons (control), "
           f"medians of {args.runs} runs of {args.seconds:g} s, runs interleaved; {CLIENTS} load generator processes "
           f"per run; {os.cpu_count()} CPUs shared with the load generators (load average at the end {after})\n")
-    print("| workload | workers: 1 | workers: 2 | **ratio** | w2, affinity off (ratio) | control: 2 x workers: 1 "
+    print("| workload | workers: 1 | workers: 2, cpu_affinity: auto | **ratio** | workers: 2, off (ratio) | control: 2 x workers: 1 "
           "(ratio) | CPU/req w1, w2, w2 off, control (us) | CPU ratio w2/w1 | load generators' CPU/req (us) "
           "| ceiling | w2: busiest worker's share |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

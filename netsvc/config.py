@@ -326,8 +326,8 @@ class Settings:
     #: Worker processes sharing the listeners (auto: one per CPU); see netsvc.workers.
     workers: WorkerCount = field(WorkerCount(1))
     #: With workers > 1: auto pins each worker to its CPUs and hands each connection to the
-    #: worker on the CPU it arrived on (netsvc.workers.affinity); off: neither.
-    cpu_affinity: CPUAffinity = field(CPUAffinity("auto"))
+    #: worker on the CPU it arrived on (netsvc.workers.affinity); off (default): neither.
+    cpu_affinity: CPUAffinity = field(CPUAffinity("off"))
     #: The folder relative paths resolve against (not a YAML key).
     base_dir: str = attrs.field(default=".", kw_only=True, metadata={"internal": True})
 

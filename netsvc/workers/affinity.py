@@ -20,6 +20,11 @@ to the hash (an index past the group's sockets means "hash" to the kernel).
 
 Only when it can be right: Linux, 1 < N <= the CPUs this process may use.  With
 more workers than CPUs, nothing is pinned and the hash spreads the load.
+
+Not the default: it is only as balanced as the CPUs the traffic arrives on.  A
+NIC with several queues (RSS) spreads flows over CPUs, and local clients on
+several CPUs spread themselves; but a single-queue NIC interrupts one CPU, and
+every connection would go to one worker.
 """
 
 from __future__ import annotations

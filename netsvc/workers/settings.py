@@ -46,8 +46,8 @@ class WorkerCount(int):
 class CPUAffinity(str):
     """
     C{cpu_affinity:} -- C{auto} (pin workers to CPUs and steer connections to the
-    worker on their CPU; see L{netsvc.workers.affinity}) or C{off} (YAML's C{off},
-    C{false} and C{no} are all read as false).
+    worker on their CPU; see L{netsvc.workers.affinity}) or C{off}, the default
+    (YAML's C{off}, C{false} and C{no} are all read as false).
     """
 
     @classmethod

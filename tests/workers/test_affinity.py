@@ -35,8 +35,9 @@ class PlanTests(unittest.TestCase):
         self.assertIsNone(affinity.plan(1, [0, 1]))
         self.assertIsNone(affinity.plan(3, [0, 1]))  # more workers than CPUs: the hash spreads them
 
-    def test_settingDefaultsToAuto(self):
-        self.assertEqual(config.parse("workers: 2\n").cpu_affinity, "auto")
+    def test_settingDefaultsToOff(self):
+        self.assertEqual(config.parse("workers: 2\n").cpu_affinity, "off")
+        self.assertEqual(config.parse("workers: 2\ncpu_affinity: auto\n").cpu_affinity, "auto")
         for off in ("off", "false", "no", '"off"'):  # YAML 1.1 reads off/no as false
             self.assertEqual(config.parse(f"workers: 2\ncpu_affinity: {off}\n").cpu_affinity, "off")
         with self.assertRaises(config.ConfigError) as e:

@@ -76,10 +76,8 @@ class WorkersTests(unittest.TestCase):
         return float(m.group(1)) if m else 0.0
 
     def test_everyListenerAndTheWholeDaemonMetrics(self):
-        # cpu_affinity: off -- spread by the hash of the client's address (this test's one
-        # client thread would otherwise be steered to the one worker on its CPU)
-        daemon = self.start(ECHO.replace("workers: 2\n", "workers: 2\ncpu_affinity: off\n")
-                            + ('      - "tcp6:0:interface=::1"\n' if ipv6LoopbackWorks() else ""))
+        # cpu_affinity: off (the default) -- spread by the hash of the client's address
+        daemon = self.start(ECHO + ('      - "tcp6:0:interface=::1"\n' if ipv6LoopbackWorks() else ""))
         self.assertEqual([w["cpus"] for w in daemon.status["workers"]], [None, None])
         workers = daemon.status["workers"]
         self.assertEqual([w["index"] for w in workers], [0, 1])
@@ -115,7 +113,7 @@ class WorkersTests(unittest.TestCase):
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             raise unittest.SkipTest("cpu_affinity needs 2 CPUs (this process may use only one)")
-        daemon = self.start(ECHO)
+        daemon = self.start(ECHO.replace("workers: 2\n", "workers: 2\ncpu_affinity: auto\n"))
         workers = daemon.status["workers"]
         plan = [w["cpus"] for w in workers]
         self.assertEqual(sorted(c for cs in plan for c in cs), cpus)

@@ -9,16 +9,16 @@ Run from the repository root (Linux; needs gcc, wrk, dnsperf, dnsmasq, redis-ser
 Five daemons run side by side (those not being measured are idle), each serving
 echo (tcp), dns (udp, answers from its cache; upstream: a dnsmasq authoritative
 for bench.test), web (a 1 KB file over TLS) and forward (to forwardload's
-backend): one with `workers: 1`, one with `workers: 2` and `cpu_affinity: auto`
-(workers pinned, connections steered to the worker on their CPU), one with
-`workers: 2` and `cpu_affinity: off` (the default: hashed by address), and the control -- two separate
-`workers: 1` daemons with the load split between them, which is what two
-processes get from this machine with nothing shared.  A caching dnsmasq
-forwarding to the same upstream is measured in the same runs.  The load generators are C programs (bench/echoload.c,
-bench/forwardload.c, wrk, dnsperf), two processes per run each with half the
-concurrency, so that the daemon, not one client thread, runs out of CPU first --
-but on a 2-core machine they share the cores with the daemon.  Nothing is pinned:
-two workers need both cores.
+backend): one with `workers: 1`; one with `workers: 2` and `cpu_affinity: auto`
+(workers pinned, connections steered to the worker on their CPU); one with
+`workers: 2` and `cpu_affinity: off` (the default: hashed by address); and the
+control -- two separate `workers: 1` daemons with the load split between them,
+which is what two processes get from this machine with nothing shared.  A
+caching dnsmasq forwarding to the same upstream is measured in the same runs.
+The load generators are C programs (bench/echoload.c, bench/forwardload.c, wrk,
+dnsperf), two processes per run each with half the concurrency, so that the
+daemon, not one client thread, runs out of CPU first -- but on a 2-core machine
+they share the cores with the daemon.
 
   echo     round trips/s, 100 connections each with 32 bytes in flight (echoload)
   dns      queries/s from the cache (dnsperf, 200 outstanding from 8 sockets, 202 names)
@@ -421,9 +421,9 @@ def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
     print(f"\nworkers: 1 vs workers: 2 (cpu_affinity: auto, and off) vs two separate workers: 1 daemons (control), "
           f"medians of {args.runs} runs of {args.seconds:g} s, runs interleaved; {CLIENTS} load generator processes "
           f"per run; {os.cpu_count()} CPUs shared with the load generators (load average at the end {after})\n")
-    print("| workload | workers: 1 | workers: 2, cpu_affinity: auto | **ratio** | workers: 2, off (ratio) | control: 2 x workers: 1 "
-          "(ratio) | CPU/req w1, w2, w2 off, control (us) | CPU ratio w2/w1 | load generators' CPU/req (us) "
-          "| ceiling | w2: busiest worker's share |")
+    print("| workload | workers: 1 | workers: 2, cpu_affinity: auto | **ratio** | workers: 2, off (ratio) "
+          "| control: 2 x workers: 1 (ratio) | CPU/req w1, w2, w2 off, control (us) | CPU ratio w2/w1 "
+          "| load generators' CPU/req (us) | ceiling | w2: busiest worker's share |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     units = {"echo": "round trips/s (100 conns)", "dns": "cached queries/s", "web": "HTTPS 1 KB req/s (wrk, 50 conns)",
              "forward": "new connections/s (8 threads)"}

@@ -145,6 +145,11 @@ class Supervisor(service.Service):
             log.info("workers pinned to CPUs ({cpus}); each connection and datagram goes to the worker on "
                      "the CPU it arrives on", cpus=", ".join(f"worker {i}: {','.join(map(str, c))}"
                                                             for i, c in enumerate(self.cpus)))
+        elif getattr(self.context.settings, "cpu_affinity", "off") == "auto":
+            log.warn("cpu_affinity: auto not applied ({count} workers, {cpus} CPUs usable{linux}): workers are "
+                     "not pinned and connections are spread by address", count=self.count,
+                     cpus=len(affinity.availableCPUs()),
+                     linux="" if sys.platform.startswith("linux") else ", not Linux")
         for b in self.bound:
             a = b.address
             where = f"{a.get('host')}:{a.get('port')}" if "port" in a else a.get("path")

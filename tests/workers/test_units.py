@@ -221,3 +221,47 @@ class SupervisorTests(unittest.TestCase):
         self.assertEqual(self.sup.exitStatus, supervisor.EXIT_KILLED)
         self.end(self.reactor.spawned[1][0], signal=9)
         self.successResultOf(d)
+
+
+class AffinityTests(unittest.TestCase):
+    """cpu_affinity in the supervisor: each worker's CPUs in its environment and status, or a warning."""
+
+    def start(self, count, affinity):
+        from pathlib import Path
+
+        from twisted.logger import globalLogPublisher
+
+        daemon = _FakeDaemon(Path(self.mktemp()))
+        daemon.context.settings.cpu_affinity = affinity
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reactor = _Reactor()
+        reactor.running = True
+        sup = supervisor.Supervisor(daemon, count, ["-n", "netsvc"], reactor)
+        sup.privilegedStartService()  # as twistd does, before startService
+        sup.startService()
+        return sup, reactor, [e.get("log_format", "") for e in events]
+
+    def test_pinnedWhenItCanBe(self):
+        import os
+
+        if len(os.sched_getaffinity(0)) < 2:
+            raise unittest.SkipTest("needs 2 CPUs this process may use")
+        sup, reactor, logged = self.start(2, "auto")
+        cpus = [env.get("NETSVC_WORKER_CPUS") for _, env, _ in reactor.spawned]
+        self.assertTrue(all(cpus), cpus)
+        self.assertEqual([w["cpus"] for w in sup.status()["workers"]], [list(map(int, c.split(","))) for c in cpus])
+        self.assertTrue(any("workers pinned to CPUs" in f for f in logged))
+
+    def test_warnsWhenItCannotApply(self):
+        import os
+
+        sup, reactor, logged = self.start(len(os.sched_getaffinity(0)) + 1, "auto")
+        self.assertEqual([env.get("NETSVC_WORKER_CPUS") for _, env, _ in reactor.spawned], [None] * sup.count)
+        self.assertTrue(any("cpu_affinity: auto not applied" in f for f in logged), logged)
+
+    def test_offPinsNothing(self):
+        sup, reactor, logged = self.start(2, "off")
+        self.assertEqual([env.get("NETSVC_WORKER_CPUS") for _, env, _ in reactor.spawned], [None, None])
+        self.assertFalse(any("cpu_affinity" in f or "pinned" in f for f in logged))

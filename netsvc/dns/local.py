@@ -10,6 +10,7 @@ the cache and the upstreams.  A name under a blocked domain is blocked too.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,6 +21,9 @@ from twisted.names import dns
 from netsvc.dns import wire
 
 log = Logger()
+
+#: LocalData generations, unique in the process (see LocalData.generation).
+_generations = itertools.count(1)
 
 TYPES = {"A": dns.A, "AAAA": dns.AAAA, "CNAME": dns.CNAME, "MX": dns.MX, "TXT": dns.TXT,
          "PTR": dns.PTR, "SRV": dns.SRV}
@@ -195,6 +199,8 @@ class LocalData:
         self.names: dict[str, list[dns.RRHeader]] = {}
         self.blocked: set[str] = set()
         self.memo: dict[Any, wire.Stored | None] = {}
+        #: Changes (to a number no LocalData had before) whenever the data is rebuilt.
+        self.generation = 0
         self.reloadIfChanged(force=True)
 
     @property
@@ -250,6 +256,7 @@ class LocalData:
         self.names = names
         self.blocked = parseBlocklist(self.blocklistFile.read()) if self.blocklistFile else set()
         self.memo = {}
+        self.generation = next(_generations)
         log.info("dns local data: {names} names, {blocked} blocked domains",
                  names=len(names), blocked=len(self.blocked))
 

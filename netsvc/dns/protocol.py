@@ -31,8 +31,10 @@ ABORT_GRACE = 2.0
 READ_BATCH = 256
 #: Queries one stream connection may have waiting on upstreams before we stop reading from it.
 MAX_PENDING_PER_CONNECTION = 64
-#: Rendered answers kept per UDP listener (see L{DNSDatagramProtocol}); emptied when full.
+#: Rendered answers kept per UDP listener (see L{DNSDatagramProtocol}), oldest out first; only for
+#: queries up to MEMO_QUERY_MAX bytes (an ordinary one is under 100), so at most ~7 MB each.
 MEMO_MAX = 4096
+MEMO_QUERY_MAX = 512
 
 
 def nameText(qname: bytes) -> str:
@@ -89,10 +91,12 @@ class DNSDatagramProtocol(DatagramProtocol, _Answering):
     looking up or rendering: about a quarter less CPU per cached answer.  A
     memo entry is used only while the answer it holds is exactly what the full
     path would send (L{Resolver.reusableUntil}: at most a second, until the
-    TTLs' next countdown, the entry's expiry or prefetch time; and while the
-    resolver still has the same local data, cache and cache entry), and the
-    access list, rate limit and metrics apply to it as to any query.  Not used
-    with the query log on (every query is logged through the full path).
+    TTLs' next countdown, the entry's expiry or prefetch time; and
+    L{Resolver.stillAnswers}: local data not rebuilt -- a hosts file, the
+    blocklist, SIGHUP -- and the cache still holding that entry), and the access
+    list, rate limit and metrics apply to it as to any query.  Bounded: queries
+    up to L{MEMO_QUERY_MAX} bytes, L{MEMO_MAX} entries, oldest out first.  Not
+    used with the query log on (every query is logged through the full path).
     """
 
     noisy = False
@@ -104,7 +108,8 @@ class DNSDatagramProtocol(DatagramProtocol, _Answering):
         self._bytesIn = m.bytesIn
         self._bytesOut = m.bytesOut
         self._sendto: Any = None
-        #: query bytes after the ID -> (answer after the ID, until, local, cache, key, entry, counters...)
+        #: query bytes after the ID -> (answer after the ID, since, until, local data generation, key,
+        #: cache entry, counters); no reference to the resolver's data, which SIGHUP may replace
         self._memo: dict[bytes, tuple] | None = None if queryLog else {}
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
@@ -164,6 +169,8 @@ class DNSDatagramProtocol(DatagramProtocol, _Answering):
 
     def _remember(self, data: bytes, query: wire.Query, answer: Any, now: float, sent: bytes) -> None:
         """Keep C{sent}, the answer to C{data}, for L{_fromMemo}, if and while it may be reused."""
+        if len(data) > MEMO_QUERY_MAX:
+            return
         resolver = self.resolver
         reuse = resolver.reusableUntil(query.key, answer, now)
         if reuse is None:
@@ -173,17 +180,16 @@ class DNSDatagramProtocol(DatagramProtocol, _Answering):
         source = None if metrics is None else metrics.cacheHits if entry is not None else metrics.localAnswers
         memo = self._memo
         if len(memo) >= MEMO_MAX:
-            memo.clear()
-        memo[data[2:]] = (sent[2:], until, resolver.local, resolver.cache, query.key, entry,
+            del memo[next(iter(memo))]  # the oldest: one client's many spellings cannot empty it for all
+        memo[data[2:]] = (sent[2:], now, until, resolver.local.generation, query.key, entry,
                           self.dnsMetrics.counter(query.qtype, answer.rcode), source)
 
     def _fromMemo(self, memo: tuple, data: bytes, addr: Any) -> bool:
         """Answer C{data} from its memo entry if it is still good and the client may ask; else False."""
-        tail, until, local, cache, key, entry, answered, source = memo
-        resolver = self.resolver
-        if (self.clock.seconds() >= until or resolver.local is not local or resolver.cache is not cache
-                or (entry is not None and cache.entries.get(key) is not entry)):
-            del self._memo[data[2:]]
+        tail, since, until, localGeneration, key, entry, answered, source = memo
+        now = self.clock.seconds()
+        if not since <= now < until or not self.resolver.stillAnswers(key, entry, localGeneration):
+            del self._memo[data[2:]]  # (since: a clock set back)
             return False
         host = addr[0]
         guard = self.guard

@@ -187,8 +187,8 @@ class Resolver:
         counts and prefetching still see every popular name at least once a
         second), the entry's expiry or prefetch time, or the next whole second of
         the answer's age (its TTLs count down by seconds).  Whoever keeps it must
-        also check that L{local} and L{cache} are still the same objects and that
-        the cache still holds that entry (see L{netsvc.dns.protocol.DNSDatagramProtocol}).
+        also check that local data has the same L{LocalData.generation} and that
+        the cache still holds that entry (L{stillAnswers}).
         """
         if not isinstance(answer, wire.Stored):
             return None
@@ -199,10 +199,16 @@ class Resolver:
             entry = self.cache.entries.get(key)
             if entry is None or entry.stored is not answer:
                 return None
-            until = min(until, entry.expires, entry.prefetchAt)
+            until = min(until, entry.expires)
+            if self.cache.prefetch:
+                until = min(until, entry.prefetchAt)
         if not answer.static:
             until = min(until, answer.stored + int(now - answer.stored) + 1)
-        return until, entry
+        return (until, entry) if until > now else None
+
+    def stillAnswers(self, key: tuple[bytes, int, int], entry: Any, localGeneration: int) -> bool:
+        """Whether an answer L{reusableUntil} allowed (C{entry}: its cache entry or None) is still the one."""
+        return self.local.generation == localGeneration and (entry is None or self.cache.entries.get(key) is entry)
 
     def prefetch(self, entry: Any) -> None:
         entry.refreshing = True

@@ -7,6 +7,7 @@ malformed input (fuzzed), pipelined TCP answers.
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +17,7 @@ from twisted.names import dns
 from twisted.trial import unittest
 
 from netsvc.config import Limits
-from netsvc.dns import wire
+from netsvc.dns import protocol, wire
 from netsvc.dns.local import LocalData
 from netsvc.dns.protocol import DNSDatagramProtocol, DNSStreamFactory
 from netsvc.dns.resolver import DNSMetrics, failure
@@ -246,6 +247,45 @@ class MemoTests(Setup, unittest.TestCase):
         self.assertEqual(self.send(query("www.test")).rCode, dns.EREFUSED)
         text = self.guard.metrics.registry.render()
         self.assertIn('netsvc_dns_queries_total{service="dns",qtype="A",rcode="NOERROR"} 3', text)
+
+    def test_localDataRebuiltReplacesMemo(self) -> None:
+        hosts = Path(self.mktemp())
+        hosts.write_text("10.0.0.1 nas.lab\n")
+        blocklist = Path(self.mktemp())
+        blocklist.write_text("")
+        self.resolver.local = LocalData(hostsFiles=[str(hosts)], blocklist=str(blocklist))
+        for _ in range(2):
+            self.assertIn(bytes([10, 0, 0, 1]), self.again(query("nas.lab")))
+        self.again(query("www.test"))  # cached, now in the memo too
+        hosts.write_text("10.0.0.2 nas.lab\n")
+        blocklist.write_text("www.test\n")
+        self.resolver.local.reloadIfChanged(force=True)  # as the 2 s timer does: the same object
+        self.assertIn(bytes([10, 0, 0, 2]), self.again(query("nas.lab")))
+        self.assertEqual(decode(self.again(query("www.test"))).rCode, dns.ENAME)
+
+    def test_bigQueriesNotKept(self) -> None:
+        padded = bytearray(query("www.test", edns=1232))
+        padded[-2:] = struct.pack("!H", 600)  # an OPT record with 600 bytes of option data
+        padded += b"\x00\x0c" + struct.pack("!H", 596) + b"\x00" * 596  # one padding option (RFC 7830)
+        self.assertEqual(self.send(bytes(padded)).rCode, dns.OK)
+        self.assertEqual(self.udp._memo, {})
+
+    def test_fullMemoLetsTheOldestGo(self) -> None:
+        self.patch(protocol, "MEMO_MAX", 3)
+        for i in range(5):
+            self.send(query("www.test", id=i, edns=1232 - i))  # five spellings of one question
+        self.assertEqual(len(self.udp._memo), 3)
+        kept = [struct.unpack("!H", key[-8:-6])[0] for key in self.udp._memo]
+        self.assertEqual(kept, [1230, 1229, 1228])
+
+    def test_clockSetBackDropsMemo(self) -> None:
+        self.again(query("www.test"))
+        lookups = []
+        original = self.resolver.lookup
+        self.resolver.lookup = lambda *a: lookups.append(a) or original(*a)
+        self.clock.rightNow -= 3600
+        self.again(query("www.test"))
+        self.assertEqual(len(lookups), 1)
 
     def test_notWithQueryLog(self) -> None:
         logged = DNSDatagramProtocol(self.resolver, self.guard, self.metrics, queryLog=True)

@@ -18,8 +18,10 @@ crosses CPUs, as with nginx's C{worker_cpu_affinity auto} plus C{SO_INCOMING_CPU
 steering.  A CPU the program does not know (the affinity mask changed) falls back
 to the hash (an index past the group's sockets means "hash" to the kernel).
 
-Only when it can be right: Linux, 1 < N <= the CPUs this process may use.  With
-more workers than CPUs, nothing is pinned and the hash spreads the load.
+Only when it can be right: Linux, N > 1 workers, and a CPU count (of the CPUs
+this process may use) that is a multiple of N.  Otherwise nothing is pinned and
+the hash spreads the load.  The workers are pinned by L{netsvc.workers.boot}
+(from C{NETSVC_WORKER_CPUS}), before any thread starts.
 
 Not the default: it is only as balanced as the CPUs the traffic arrives on.  A
 NIC with several queues (RSS) spreads flows over CPUs, and local clients on
@@ -58,14 +60,14 @@ def availableCPUs() -> list[int]:
 def plan(count: int, cpus: list[int] | None = None) -> list[list[int]] | None:
     """
     The CPUs of each of C{count} workers (worker I: the CPUs at positions I, I+N,
-    ...), or None when workers are not to be pinned: one worker, more workers than
-    CPUs, or not Linux.
+    ...), or None when workers are not to be pinned: one worker, a CPU count that
+    is not a multiple of the workers (more workers than CPUs included), or not Linux.
     """
     cpus = availableCPUs() if cpus is None else sorted(cpus)
     if not sys.platform.startswith("linux") or getattr(socket, "SO_REUSEPORT", None) is None:
         return None
-    if count < 2 or count > len(cpus) or 2 * len(cpus) + 2 > _MAX_INSNS:
-        return None
+    if count < 2 or len(cpus) % count or 2 * len(cpus) + 2 > _MAX_INSNS:
+        return None  # (with 3 CPUs and 2 workers one worker would get two CPUs' connections, and use one)
     return [cpus[i::count] for i in range(count)]
 
 
@@ -73,14 +75,15 @@ def program(cpusByWorker: list[list[int]]) -> bytes:
     """
     The steering program for a group whose socket I belongs to worker I: load
     the current CPU; for each known CPU, if equal, return its worker's index;
-    otherwise return the worker count (past the last socket: the kernel hashes).
+    otherwise return 0xFFFFFFFF (past any socket the group could have: the kernel
+    falls back to its hash).
     """
     insns = [(_LD_W_ABS, 0, 0, _SKF_AD_CPU)]
     for index, cpus in enumerate(cpusByWorker):
         for cpu in cpus:
             insns.append((_JEQ_K, 0, 1, cpu))  # equal: the next instruction; else skip it
             insns.append((_RET_K, 0, 0, index))
-    insns.append((_RET_K, 0, 0, len(cpusByWorker)))
+    insns.append((_RET_K, 0, 0, 0xFFFFFFFF))
     return b"".join(_INSN.pack(*i) for i in insns)
 
 
@@ -90,7 +93,3 @@ def attach(sock: socket.socket, code: bytes) -> None:
     fprog = struct.pack("HL", len(code) // _INSN.size, ctypes.addressof(buffer))  # struct sock_fprog
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
-
-def pin(cpus: list[int]) -> None:
-    """Run this process (and the threads it starts later) on C{cpus} only."""
-    os.sched_setaffinity(0, set(cpus))

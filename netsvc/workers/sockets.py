@@ -51,6 +51,8 @@ class Bound:
         self.kind = kind  # "stream" or "datagram"
         self.family = family
         self.sockets = sockets
+        #: Whether a steering program (netsvc.workers.affinity) chooses among the sockets.
+        self.steered = False
 
     def socketFor(self, index: int) -> socket.socket:
         return self.sockets[index % len(self.sockets)]
@@ -118,17 +120,21 @@ def bind(key: str, description: str, endpoint: Any, workers: int, configFile: st
                 s = _bindInet(family, stream, p["interface"], port, p.get("backlog", 50))
                 port = s.getsockname()[1]  # port 0: the others join the port the first one got
                 sockets.append(s)
+            steered = False
             if steering is not None and len(sockets) > 1:
                 try:
                     affinity.attach(sockets[0], steering)  # the group's, whichever socket sets it
+                    steered = True
                 except OSError as e:  # an old kernel, a seccomp filter: the hash still spreads the load
-                    log.warn("{key}: cannot steer connections by CPU ({error}); spread by address instead",
-                             key=key, error=e.strerror or str(e))
+                    log.warn("{key}: cannot steer connections by CPU ({error})", key=key,
+                             error=e.strerror or str(e))
         except BaseException:
             for s in sockets:
                 s.close()
             raise
-        return Bound(key, description, "stream" if stream else "datagram", family, sockets)
+        bound = Bound(key, description, "stream" if stream else "datagram", family, sockets)
+        bound.steered = steered
+        return bound
     except (OSError, ValueError) as e:
         reason = (getattr(e, "strerror", None) or str(e)).lower()
         raise StartupError([Problem(configFile, key, f"cannot listen on {description!r}: {reason}")]) from None
@@ -141,8 +147,8 @@ def _bindInet(family: int, stream: bool, interface: str, port: int, backlog: int
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's own ports do
         if REUSEPORT is not None:
             s.setsockopt(socket.SOL_SOCKET, REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # IPV6_V6ONLY is left to the system's default, as Twisted's own ports do: a tcp6: listener on
+        # :: accepts IPv4 clients (or not) the same with workers: N as with workers: 1.
         s.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
         if stream:
             s.listen(backlog)

@@ -131,6 +131,11 @@ class Supervisor(service.Service):
             steering = affinity.program(self.cpus) if self.cpus is not None else None
             for l in self.daemon.listeners:
                 self.bound.append(bind(l.keyPath, l.description, l.endpoint, self.count, configFile, steering))
+            if steering is not None and any(len(b.sockets) > 1 and not b.steered for b in self.bound):
+                # pinned workers under the address hash would be the worst of both: nothing pinned then
+                log.warn("cpu_affinity: auto not applied: connections cannot be steered by CPU here; "
+                         "workers are not pinned and connections are spread by address")
+                self.cpus = None
         except BaseException as e:
             for b in self.bound:
                 b.close()
@@ -145,9 +150,10 @@ class Supervisor(service.Service):
             log.info("workers pinned to CPUs ({cpus}); each connection and datagram goes to the worker on "
                      "the CPU it arrives on", cpus=", ".join(f"worker {i}: {','.join(map(str, c))}"
                                                             for i, c in enumerate(self.cpus)))
-        elif getattr(self.context.settings, "cpu_affinity", "off") == "auto":
-            log.warn("cpu_affinity: auto not applied ({count} workers, {cpus} CPUs usable{linux}): workers are "
-                     "not pinned and connections are spread by address", count=self.count,
+        elif steering is None and getattr(self.context.settings, "cpu_affinity", "off") == "auto":
+            log.warn("cpu_affinity: auto not applied ({count} workers, {cpus} CPUs usable{linux}; it needs a "
+                     "CPU count that is a multiple of the workers): workers are not pinned and connections "
+                     "are spread by address", count=self.count,
                      cpus=len(affinity.availableCPUs()),
                      linux="" if sys.platform.startswith("linux") else ", not Linux")
         for b in self.bound:

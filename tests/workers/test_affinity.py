@@ -29,11 +29,12 @@ class PlanTests(unittest.TestCase):
             return
         self.assertEqual(affinity.plan(2, [0, 1]), [[0], [1]])
         self.assertEqual(affinity.plan(2, [5, 3, 4, 2]), [[2, 4], [3, 5]])
-        self.assertEqual(affinity.plan(3, [0, 1, 2, 3]), [[0, 3], [1], [2]])
+        self.assertEqual(affinity.plan(3, [0, 1, 2, 3, 4, 5]), [[0, 3], [1, 4], [2, 5]])
 
     def test_notPinned(self):
         self.assertIsNone(affinity.plan(1, [0, 1]))
         self.assertIsNone(affinity.plan(3, [0, 1]))  # more workers than CPUs: the hash spreads them
+        self.assertIsNone(affinity.plan(2, [0, 1, 2]))  # one worker would get two CPUs of connections
 
     def test_settingDefaultsToOff(self):
         self.assertEqual(config.parse("workers: 2\n").cpu_affinity, "off")
@@ -126,7 +127,15 @@ class SteeringTests(unittest.TestCase):
             self.assertEqual(accepted, [self.owner[cpu]] * 5)
 
     def test_withoutSteeringTheHashSpreads(self):
-        bound = bind("k", "udp:0:interface=127.0.0.1", UDPServerEndpoint(reactor, 0, interface="127.0.0.1"), 2)
+        self.spreadWith(None)
+
+    def test_unknownCPUFallsBackToTheHash(self):
+        self.spreadWith(affinity.program([[4094], [4095]]))  # CPUs this machine does not have
+
+    def spreadWith(self, steering):
+        bound = bind("k", "udp:0:interface=127.0.0.1", UDPServerEndpoint(reactor, 0, interface="127.0.0.1"), 2,
+                     steering=steering)
+        self.assertEqual(bound.steered, steering is not None)
         self.addCleanup(bound.close)
         port = bound.sockets[0].getsockname()[1]
 

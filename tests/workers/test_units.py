@@ -261,6 +261,36 @@ class AffinityTests(unittest.TestCase):
         self.assertEqual([env.get("NETSVC_WORKER_CPUS") for _, env, _ in reactor.spawned], [None] * sup.count)
         self.assertTrue(any("cpu_affinity: auto not applied" in f for f in logged), logged)
 
+    def test_notPinnedWhenSteeringFails(self):
+        import errno
+        import os
+
+        from twisted.internet import endpoints
+        from twisted.internet import reactor as real
+
+        from netsvc.workers import affinity
+
+        if len(os.sched_getaffinity(0)) < 2:
+            raise unittest.SkipTest("needs 2 CPUs this process may use")
+
+        def refused(sock, code):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        self.patch(affinity, "attach", refused)
+
+        class Listener:
+            keyPath = "services.echo.listen[0]"
+            description = "tcp:0:interface=127.0.0.1"
+            endpoint = endpoints.TCP4ServerEndpoint(real, 0, interface="127.0.0.1")
+
+        self.patch(_FakeDaemon, "listeners", [Listener()])
+        sup, reactor, logged = self.start(2, "auto")
+        self.addCleanup(lambda: [b.close() for b in sup.bound])
+        self.assertEqual([b.steered for b in sup.bound], [False])
+        self.assertEqual([env.get("NETSVC_WORKER_CPUS") for _, env, _ in reactor.spawned], [None, None])
+        self.assertTrue(any("cannot be steered by CPU here" in f for f in logged), logged)
+        self.assertFalse(any("workers pinned" in f for f in logged))
+
     def test_offPinsNothing(self):
         sup, reactor, logged = self.start(2, "off")
         self.assertEqual([env.get("NETSVC_WORKER_CPUS") for _, env, _ in reactor.spawned], [None, None])

@@ -80,6 +80,24 @@ class BindTests(unittest.TestCase):
         self.assertEqual(len(ports), 1)
         self.assertEqual(len(bound.sockets), 3 if hasattr(socket, "SO_REUSEPORT") else 1)
 
+    def test_ipv6OnlyAsTheSystemSays(self):
+        """A tcp6: listener on :: is dual-stack or not as with workers: 1 (Twisted leaves IPV6_V6ONLY alone)."""
+        from pathlib import Path
+
+        from twisted.internet import endpoints, reactor
+
+        setting = Path("/proc/sys/net/ipv6/bindv6only")
+        if not socket.has_ipv6 or not setting.exists():
+            raise unittest.SkipTest("no IPv6 here")
+        try:
+            bound = bind("k", "tcp6:0", endpoints.TCP6ServerEndpoint(reactor, 0), 2)
+        except config.ConfigError as e:
+            raise unittest.SkipTest(f"cannot bind [::]: {e}") from None
+        self.addCleanup(bound.close)
+        system = int(setting.read_text())
+        self.assertEqual([s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) for s in bound.sockets],
+                         [system] * len(bound.sockets))
+
     def test_portInUseNamesTheKey(self):
         from twisted.internet import endpoints, reactor
 

@@ -6,14 +6,14 @@ Without it (C{cpu_affinity: off}), the kernel picks a worker's socket by a hash
 of the client's address and the scheduler runs any worker anywhere: a connection
 set up by the network stack on one CPU is often served by a worker on the other,
 and every wake-up crosses CPUs.  On a 2-core machine that cost a new forwarded
-connection about 1.25x the CPU of one worker (bench/scale.py), while two
-separate single-process daemons, each with its own clients, cost the same as one.
+connection 1.1x to 1.3x the CPU of one worker (bench/scale.py), while two
+separate single-process daemons, each with its own clients, cost about the same as one.
 
 With it, worker I is pinned to the CPUs C{c} with C{position(c) % N == I} (one CPU
 each when N equals the CPU count), and a classic BPF program on each SO_REUSEPORT
 group (C{SO_ATTACH_REUSEPORT_CBPF}) returns, for each incoming connection or
 datagram, the index of the worker pinned to the CPU that is processing it -- the
-CPU the NIC's queue interrupts (RSS), or on loopback the sender's.  Nothing
+CPU the NIC's queue interrupts (RSS) or RPS hands it to, or on loopback the sender's.  Nothing
 crosses CPUs, as with nginx's C{worker_cpu_affinity auto} plus C{SO_INCOMING_CPU}
 steering.  A CPU the program does not know (the affinity mask changed) falls back
 to the hash (an index past the group's sockets means "hash" to the kernel).

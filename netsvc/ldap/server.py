@@ -62,7 +62,7 @@ from netsvc.ldap.schema import SCHEMA
 from netsvc.ldap.searching import SearchOperations
 from netsvc.ldap.writes import WriteError, isWriter
 from netsvc.policies import peerHost
-from netsvc.rates import TokenBucket
+from netsvc.rates import RateLimiter
 
 log = Logger()
 
@@ -123,7 +123,8 @@ class LDAPServerFactory(Factory):
         self.clock = clock
         self.tlsOptions = tlsOptions
         self.now = now
-        self.failedBinds: dict[str, TokenBucket] = {}
+        #: Failed binds per client address (a bind is refused while its bucket is empty).
+        self.failedBinds = RateLimiter(limits.failedBindRate, limits.failedBindBurst, clock)
         self.protocols: set[LDAPServerProtocol] = set()  # connected
         self.rootDSE = rootDSE(directory.suffix, tlsOptions is not None, store is not None)
         self.subschema = subschemaEntry()
@@ -135,21 +136,12 @@ class LDAPServerFactory(Factory):
 
     def reconfigure(self, limits: LDAPLimits) -> None:
         self.limits = limits
-        self.failedBinds.clear()
+        self.failedBinds = RateLimiter(limits.failedBindRate, limits.failedBindBurst, self.clock)
         self.rootDSE = rootDSE(self.directory.suffix, self.tlsOptions is not None, self.store is not None)
 
     def pagedWeight(self) -> int:
         """The assertions held by open paged searches with large filters, on all connections."""
         return sum(state.weight for p in self.protocols for state in p.paged.values())
-
-    def bindBucket(self, host: str) -> TokenBucket:
-        bucket = self.failedBinds.get(host)
-        if bucket is None:
-            if len(self.failedBinds) >= 65536:
-                self.failedBinds.clear()
-            bucket = self.failedBinds[host] = TokenBucket(
-                self.limits.failedBindRate, self.limits.failedBindBurst, self.clock)
-        return bucket
 
 
 class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
@@ -335,8 +327,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             metrics.bindsFailed.inc()
             self.write(codec.result(msg.id, codec.BIND_RESPONSE, INVALID_DN_SYNTAX, str(e)))
             return
-        bucket = self.factory.bindBucket(self.host)
-        if not bucket.take(0) or bucket.tokens < 1:
+        if self.factory.failedBinds.available(self.host) < 1:
             metrics.bindsFailed.inc()
             self.write(codec.result(msg.id, codec.BIND_RESPONSE, INVALID_CREDENTIALS,
                                     "too many failed binds from this address; try again later"))
@@ -358,7 +349,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             metrics.bindsOk.inc()
             self.write(codec.result(msgid, codec.BIND_RESPONSE, SUCCESS))
         else:
-            self.factory.bindBucket(self.host).take(1)
+            self.factory.failedBinds.allow(self.host)
             metrics.bindsFailed.inc()
             self.write(codec.result(msgid, codec.BIND_RESPONSE, INVALID_CREDENTIALS))
         self.release()

@@ -74,7 +74,8 @@ class BindTests(unittest.TestCase):
         """A bind name that is no DN: invalidDNSyntax (34), as slapd answers; not a failed password."""
         self.assertEqual(self.code(bind(1, "not a dn", "x")), 34)
         self.assertEqual(self.factory.metrics.bindsFailed.value, 1)
-        self.assertEqual(self.factory.failedBinds, {})
+        limits = self.factory.limits
+        self.assertEqual(self.factory.failedBinds.available("192.0.2.7"), limits.failedBindBurst)
 
     def test_emptyPasswordIsUnwillingToPerform(self):
         """slapd's answer to an unauthenticated bind (a DN, no password): 53, not success, not 49."""

@@ -247,3 +247,17 @@ class ParsingTests(unittest.TestCase):
         text = "# S\n```sh\nredis-server &\ncat > a <<'Y'\nx: 1\nY\nnetsvc chat h:1\n```\n"
         self.assertEqual(readmeCommands(text),
                          [("S", SCRIPT + "redis-server &\ncat > a <<'Y'\nx: 1\nY\nnetsvc chat h:1")])
+
+
+class ConfigurationExampleTests(unittest.TestCase):
+    """The README's whole-file example under "## Configuration" is a valid netsvc configuration."""
+
+    def test_parses(self) -> None:
+        from netsvc import config
+
+        text = (REPO / "README.md").read_text()
+        section = text[text.index("\n## Configuration"):]
+        block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+        settings = config.parse(block, "README.md")
+        self.assertEqual((int(settings.workers), settings.cpu_affinity), (1, "off"))
+        self.assertIn("::1", settings.tls.names)

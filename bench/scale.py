@@ -416,6 +416,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: The fields of one measurement (see L{measured}).
+RATE, CPU, BUSIEST, LOAD = range(4)
+
+
+def _median(runs: list[tuple], field: int) -> float:
+    return statistics.median(r[field] for r in runs)
+
+
+def _ratio(base: list[tuple], runs: list[tuple], field: int = RATE) -> float:
+    """The median of the per-run ratios of C{runs} to C{base} (runs interleaved: same-run pairs)."""
+    return statistics.median(b[field] / a[field] for a, b in zip(base, runs))
+
+
 def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
     med = statistics.median
     print(f"\nworkers: 1 vs workers: 2 (cpu_affinity: auto, and off) vs two separate workers: 1 daemons (control), "
@@ -431,18 +444,17 @@ def report(rows, dnsmasqRuns, chatRows, redisCPU, args, after) -> None:
         if not per:
             continue
         one = per["w1"]
-        ratio = lambda setup, per=per: med(b[0] / a[0] for a, b in zip(per["w1"], per[setup]))  # noqa: E731
-        rate = lambda setup, per=per: f"{med(r[0] for r in per[setup]):,.0f}"  # noqa: E731
-        cpu = lambda setup, per=per: f"{med(r[1] for r in per[setup]):.1f}"  # noqa: E731
-        cpuRatio = med(b[1] / a[1] for a, b in zip(one, per["w2"]))
-        daemonCPU, clientCPU = med(r[1] for r in one), med(r[3] for r in one)
+        daemonCPU, loadCPU = _median(one, CPU), _median(one, LOAD)
         # Two cores shared by the daemon and its load generators: at best 2 / (d + c)
         # requests/s, against 1 / d for one process on a core of its own.
-        ceiling = 2 * daemonCPU / (daemonCPU + clientCPU)
-        print(f"| {name}: {units[name]} | {rate('w1')} | {rate('w2')} | **{ratio('w2'):.2f}x** | {rate('w2 off')} "
-              f"({ratio('w2 off'):.2f}x) | {rate('control')} ({ratio('control'):.2f}x) | "
-              f"{', '.join(cpu(s) for s in ('w1', 'w2', 'w2 off', 'control'))} | {cpuRatio:.2f} | {clientCPU:.1f} | "
-              f"{ceiling:.2f}x | {med(r[2] for r in per['w2']):.0%} |")
+        ceiling = 2 * daemonCPU / (daemonCPU + loadCPU)
+        print(f"| {name}: {units[name]} | {_median(one, RATE):,.0f} | {_median(per['w2'], RATE):,.0f} | "
+              f"**{_ratio(one, per['w2']):.2f}x** | {_median(per['w2 off'], RATE):,.0f} "
+              f"({_ratio(one, per['w2 off']):.2f}x) | {_median(per['control'], RATE):,.0f} "
+              f"({_ratio(one, per['control']):.2f}x) | "
+              f"{', '.join(f'{_median(per[s], CPU):.1f}' for s in ('w1', 'w2', 'w2 off', 'control'))} | "
+              f"{_ratio(one, per['w2'], CPU):.2f} | {loadCPU:.1f} | {ceiling:.2f}x | "
+              f"{_median(per['w2'], BUSIEST):.0%} |")
     if dnsmasqRuns and rows["dns"]:
         d = med(r[0] for r in dnsmasqRuns)
         print(f"| dnsmasq (cache), same runs | {d:,.0f} | | | | | {med(r[1] for r in dnsmasqRuns):.1f} | | "

@@ -102,8 +102,9 @@ class Supervisor(service.Service):
         self.reactor = reactor
         self.bound: list[Bound] = []
         self.slots = [Slot(i) for i in range(count)]
+        self.pinning = getattr(self.context.settings, "cpu_affinity", "off") == "auto"
         #: Each worker's CPUs (cpu_affinity: auto, when it can be right), else None.
-        self.cpus = affinity.plan(count) if getattr(self.context.settings, "cpu_affinity", "off") == "auto" else None
+        self.cpus = affinity.plan(count) if self.pinning else None
         self.exitStatus = EXIT_OK
         self.stopping = False
         self.started = time.time()
@@ -150,7 +151,7 @@ class Supervisor(service.Service):
             log.info("workers pinned to CPUs ({cpus}); each connection and datagram goes to the worker on "
                      "the CPU it arrives on", cpus=", ".join(f"worker {i}: {','.join(map(str, c))}"
                                                             for i, c in enumerate(self.cpus)))
-        elif steering is None and getattr(self.context.settings, "cpu_affinity", "off") == "auto":
+        elif steering is None and self.pinning:
             log.warn("cpu_affinity: auto not applied ({count} workers, {cpus} CPUs usable{linux}; it needs a "
                      "CPU count that is a multiple of the workers): workers are not pinned and connections "
                      "are spread by address", count=self.count,

@@ -44,6 +44,17 @@ class RateLimiter:
             return True
         return False
 
+    def refund(self, key: Any, cost: float = 1.0) -> None:
+        """
+        Give back C{cost} tokens taken by L{allow} (never above the burst).  The
+        reserve-first pattern for failure limits: C{allow()} before the expensive
+        check (so parallel attempts cannot all pass a check made before any of
+        them failed), C{refund()} when it succeeded.
+        """
+        bucket = self._buckets.get(key)
+        if self.rate > 0 and bucket is not None:
+            bucket[0] = min(self.burst, bucket[0] + cost)
+
     def available(self, key: Any) -> float:
         """The tokens C{key} has now, without taking any (the burst for a new key or no limit)."""
         bucket = self._buckets.get(key)

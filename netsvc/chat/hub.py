@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -76,7 +77,11 @@ class Member(Protocol):
     room: Room | None
 
     def deliver(self, event: Event) -> None:
-        """Queue C{event} for this member (must not block or raise)."""
+        """
+        Queue C{event} for this member: never block, never deliver to anyone else
+        from here.  Should it raise, the hub logs the failure once, counts it and
+        drops the member (its C{drop(why)} if it has one, else it is disconnected).
+        """
 
 
 def displayName(member: Member) -> str:
@@ -148,14 +153,36 @@ class Cluster(FanOut, Protocol):
 class LocalFanOut:
     """Every member is in this process: deliver directly."""
 
+    def __init__(self, failed: Callable[[Member, Failure], None] | None = None) -> None:
+        #: Called with a member whose deliver raised (the hub sets its L{Hub.memberFailed}).
+        self.failed = failed or _logOnly
+
     def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
-        n = 0
-        # A snapshot: delivering can disconnect a member (a slow reader), which leaves the room.
-        for member in list(room.members):
-            if member is not exclude:
-                member.deliver(event)
-                n += 1
-        return n
+        return deliverEach(room.members, event, exclude, self.failed)
+
+
+def deliverEach(members: dict[Member, None], event: Event, exclude: Member | None,
+                failed: Callable[[Member, Failure], None]) -> int:
+    """
+    Deliver C{event} to each of C{members} (but C{exclude}); the count delivered.
+    Iterates over a snapshot and skips whoever left meanwhile; a member whose
+    deliver raises is handed to C{failed} and the others still get the event.
+    """
+    n = 0
+    for member in list(members):
+        if member is exclude or member not in members:
+            continue
+        try:
+            member.deliver(event)
+        except Exception:
+            failed(member, Failure())
+        else:
+            n += 1
+    return n
+
+
+def _logOnly(member: Member, failure: Failure) -> None:
+    log.failure("chat: delivery to {name} failed", failure, name=displayName(member))
 
 
 class NickAuthority(Protocol):
@@ -184,6 +211,12 @@ class Hub:
                  onEvent: Callable[..., None] | None = None,
                  fanOut: FanOut | None = None, presenceLimit: int | None = None) -> None:
         self.fanOut = fanOut or LocalFanOut()
+        if isinstance(self.fanOut, LocalFanOut):
+            self.fanOut.failed = self.memberFailed
+        # Room events waiting to be delivered: what a delivery causes (a kicked slow reader's
+        # leave notice) is queued here and delivered after it, never from inside it.
+        self._outbox: deque[tuple[Room, Event, Member | None]] = deque()
+        self._delivering = False
         #: The fan-out when it spans nodes (None: this process is the whole chat).
         self.cluster: Cluster | None = fanOut if getattr(fanOut, "distributed", False) else None  # type: ignore
         #: Nicknames being claimed on the cluster (folded -> member), held here meanwhile.
@@ -202,10 +235,56 @@ class Hub:
     # -- the one place room traffic goes through
 
     def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
-        """Deliver C{event} to every member of C{room} (but C{exclude}); the count delivered."""
-        n = self.fanOut.publish(room, event, exclude)
-        self.onEvent("deliveries", count=n)
-        return n
+        """
+        Deliver C{event} to every member of C{room} (but C{exclude}); the count
+        delivered by this call.  Called while a delivery is under way (from a
+        member's deliver: a kick, a leave), the event is queued and delivered by
+        the outer call once the current delivery is over (then 0 is returned):
+        deliveries never nest, however many members a delivery kicks.
+        """
+        self._outbox.append((room, event, exclude))
+        if self._delivering:
+            return 0
+        self._delivering = True
+        total = 0
+        try:
+            while self._outbox:
+                room, event, exclude = self._outbox.popleft()
+                try:
+                    n = self.fanOut.publish(room, event, exclude)
+                except Exception:
+                    log.failure("chat: publishing to {room} failed", room=room.name)
+                    continue
+                total += n
+                self.onEvent("deliveries", count=n)
+        finally:
+            self._delivering = False
+        return total
+
+    def memberFailed(self, member: Member, failure: Failure) -> None:
+        """
+        C{member} raised while being delivered to (or written to): logged once,
+        counted, and the member dropped (its connection closed, its nickname freed).
+        """
+        log.failure("chat: delivery to {name} failed; disconnecting it", failure, name=displayName(member))
+        self.onEvent("delivery_failed", count=1)
+        drop = getattr(member, "drop", None)
+        try:
+            if drop is not None:
+                drop("delivery failed")
+        except Exception:
+            log.failure("chat: dropping {name} failed", name=displayName(member))
+        if member.room is not None or (member.nick is not None and self.nicks.get(member.nick.lower()) is member):
+            self.disconnect(member, "delivery failed")
+
+    def deliverTo(self, member: Member, event: Event) -> bool:
+        """Deliver C{event} to one C{member} (another than the caller); False if it failed (and was dropped)."""
+        try:
+            member.deliver(event)
+        except Exception:
+            self.memberFailed(member, Failure())
+            return False
+        return True
 
     # -- lifecycle
 
@@ -218,12 +297,14 @@ class Hub:
     def disconnect(self, member: Member, why: str = "quit") -> None:
         """A member is gone (quit, reset, kicked): announced to its room."""
         room = member.room
-        if room is not None:
-            self._leave(member, f"{displayName(member)} left ({why})")
-        if member.nick is not None and self.nicks.get(member.nick.lower()) is member:
-            del self.nicks[member.nick.lower()]
-            if self.cluster is not None:
-                self.cluster.renamed(member, member.nick)
+        try:
+            if room is not None:
+                self._leave(member, f"{displayName(member)} left ({why})")
+        finally:  # the nickname is freed whatever happened above
+            if member.nick is not None and self.nicks.get(member.nick.lower()) is member:
+                del self.nicks[member.nick.lower()]
+                if self.cluster is not None:
+                    self.cluster.renamed(member, member.nick)
         log.info("chat: {name} disconnected" + ("" if why == "disconnected" else " ({why})"),
                  name=displayName(member), why=why)
 
@@ -247,7 +328,8 @@ class Hub:
             return self._remotePrivmsg(member, nick, text)
         if target is None:
             raise ChatError(f"no such nickname: {nick}")
-        target.deliver(Event("private", text, displayName(member), target=target.nick or ""))
+        if not self.deliverTo(target, Event("private", text, displayName(member), target=target.nick or "")):
+            raise ChatError(f"no such nickname: {nick}")
         member.deliver(Event("sent", text, displayName(member), target=target.nick or ""))
         self.onEvent("deliveries", count=1)
 

@@ -21,6 +21,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netsvc.chat.framing import FRAMINGS, Framing, LineFraming, NulFraming  # noqa: F401 (re-exported)
@@ -71,7 +72,10 @@ class Flusher:
             self.call = None
         pending, self.pending = self.pending, []
         for proto in pending:
-            proto.flush()
+            try:
+                proto.flush()
+            except Exception:  # one client's failure never leaves the others' output unsent
+                proto.hub.memberFailed(proto, Failure())
 
 
 # -- the protocol --------------------------------------------------------------------
@@ -114,6 +118,9 @@ class ChatMetrics:
             "netsvc_chat_dropped_total", "Messages dropped, by reason.", ["service", "reason"])
         self._kicks = registry.counter(
             "netsvc_chat_kicks_total", "Clients disconnected by the server, by reason.", ["service", "reason"])
+        self.deliveryFailures = registry.counter(
+            "netsvc_chat_delivery_failures_total",
+            "Deliveries or writes to a client that raised (the client was disconnected).", ["service"]).labels(**s)
         self.rooms = registry.gauge("netsvc_chat_rooms", "Rooms that exist.", ["service"]).labels(**s)
         self.service = service
 
@@ -128,6 +135,8 @@ class ChatMetrics:
             self.deliveries.value += count
         elif name == "rooms":
             self.rooms.set(count)
+        elif name == "delivery_failed":
+            self.deliveryFailures.value += count
 
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
@@ -416,19 +425,33 @@ class ChatProtocol(Protocol):
             self.transport.write(data)
 
     def kick(self, why: str, abort: bool = False) -> None:
-        """Disconnect this client, telling it and its room why."""
+        """
+        Disconnect this client, telling it and its room why.  Called from inside
+        a delivery (a slow reader), the room's leave notice is queued by the hub
+        and delivered after it.  The connection is closed (aborted with C{abort})
+        whatever the hub does.
+        """
         if self.gone:
             return
         self.metrics.kick(why.replace(" ", "_")).inc()
         log.info("chat: kicked {name} ({why})", name=displayName(self), why=why)
         self.gone = True
-        self.hub.disconnect(self, f"kicked: {why}")
-        if abort:
-            self.transport.abortConnection()
-            return
-        self._out.append(self.framing.render(notice(f"disconnected: {why}")))
-        self.flush()
-        self.transport.loseConnection()
+        try:
+            self.hub.disconnect(self, f"kicked: {why}")
+        finally:
+            if abort or self.transport is None:
+                self._out = []
+                self._outSize = 0
+                if self.transport is not None:
+                    self.transport.abortConnection()
+            else:
+                self._out.append(self.framing.render(notice(f"disconnected: {why}")))
+                self.flush()
+                self.transport.loseConnection()
+
+    def drop(self, why: str) -> None:
+        """The hub's call when delivering to this client failed: closed at once."""
+        self.kick(why, abort=True)
 
     # -- IPushProducer: the transport tells us when the client is not reading
 

@@ -34,7 +34,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from netsvc.chat.hub import LOBBY, Event, Hub, LocalFanOut, Member, Room, displayName, notice
+from netsvc.chat.hub import LOBBY, Event, Hub, LocalFanOut, Member, Room, deliverEach, displayName, notice
 from netsvc.chat.redis import scripts
 from netsvc.chat.redis.connection import Connections
 
@@ -126,6 +126,7 @@ class RedisFanOut(service.Service):
 
     def attach(self, hub: Hub) -> None:
         self.hub = hub
+        self._local.failed = hub.memberFailed
 
     def publish(self, room: Room, event: Event, exclude: Member | None = None) -> int:
         n = self._local.publish(room, event, exclude)  # this node's members first, then the other nodes
@@ -248,9 +249,9 @@ class RedisFanOut(service.Service):
         self.metrics.received.value += 1
         if data.get("k") == "private":
             target = hub.nicks.get(str(data.get("to", "")))
-            if target is not None:
-                target.deliver(Event("private", str(data.get("x", "")), str(data.get("s", "")),
-                                     target=target.nick or "", when=data.get("w")))
+            if target is not None and hub.deliverTo(
+                    target, Event("private", str(data.get("x", "")), str(data.get("s", "")),
+                                  target=target.nick or "", when=data.get("w"))):
                 hub.onEvent("deliveries", count=1)
             return
         room = hub.rooms.get(str(data.get("r", "")).lower())
@@ -263,11 +264,7 @@ class RedisFanOut(service.Service):
                       str(data.get("t", "")), when=data.get("w"))
         if event.kind in _HISTORIC:
             room.history.append(event)
-        n = 0
-        for member in list(room.members):
-            member.deliver(event)
-            n += 1
-        hub.onEvent("deliveries", count=n)
+        hub.onEvent("deliveries", count=deliverEach(room.members, event, None, hub.memberFailed))
 
     # -- connection events (from Connections)
 

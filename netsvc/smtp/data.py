@@ -52,9 +52,12 @@ class DataReader:
         self._head: bytearray | None = bytearray()  # the header section while held; None once written
         self._scanned = 0  # lines of _head before this offset are known to be header lines
 
-    def feed(self, buf: bytes) -> int:
-        """Consume complete lines of C{buf} (and all of an over-long line); return the count consumed."""
-        pos = 0
+    def feed(self, buf: bytes, start: int = 0) -> int:
+        """
+        Consume complete lines of C{buf} from offset C{start} (and all of an
+        over-long line); return the offset reached (what is before it is consumed).
+        """
+        pos = start
         if self._midLine:
             nl = buf.find(b"\n")
             if nl < 0:

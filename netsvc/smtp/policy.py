@@ -58,6 +58,8 @@ class ServerConfig:
     maxMessages: int = 100
     maxLine: int = 1000
     authPerSession: int = 3
+    #: NOOP/RSET/VRFY/EXPN/HELP per session (again from 0 after each accepted message); then 421.
+    junkLimit: int = 100
     #: Failed AUTH per client IP, and MAIL transactions per client IP (token buckets).
     authFailures: RateLimiter | None = None
     messageRate: RateLimiter | None = None

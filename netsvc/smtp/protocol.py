@@ -16,6 +16,13 @@ Contract:
     reply waits on a Deferred (AUTH check, queue commit) input is held, not read.
   - Back-pressure: the session is its transport's producer; a client that does
     not read its replies is not answered, then (past 256 KB waiting) not read.
+    Replies are handed to the transport at least every OUTPUT_CHUNK bytes, so a
+    long pipelined group stops as soon as the transport's buffer is full.
+  - Input is parsed from an offset into the buffer (each line is looked at once,
+    the rest is never re-sliced per line).
+  - Junk (NOOP, RSET, VRFY, EXPN, HELP): at most C{junkLimit} per session, counted
+    again from 0 after each accepted message (Postfix's smtpd_junk_command_limit);
+    then 421 4.7.0 and close.  Errors: at most MAX_ERRORS (smtpd_hard_error_limit).
   - A closing connection (QUIT, 421, 521, 554) that does not take its last reply
     within CLOSE_GRACE -- a TLS client that never did the handshake, a client
     that stopped reading -- is aborted; so is a refused one (over the limits).
@@ -58,6 +65,8 @@ MAX_COMMAND_LINE = 4096
 MAX_ERRORS = 20
 #: Input held while a reply waits (pipelined commands); beyond it, stop reading.
 MAX_HELD_INPUT = 256 * 1024
+#: Replies are written to the transport once this much is waiting (the transport may then pause us).
+OUTPUT_CHUNK = 16 * 1024
 #: Seconds a closing connection has to take its last reply before it is aborted: a TLS close
 #: waits for the peer (for ever if it never did the handshake), and so does a full write buffer.
 CLOSE_GRACE = 10.0
@@ -69,7 +78,9 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._buf = b""
+        self._pos = 0  # where the unparsed input starts in _buf
         self._out: list[bytes] = []
+        self._outSize = 0
         self._busy = False  # a reply waits on a Deferred: hold input
         self._writesPaused = False  # the transport's write buffer is full: commands wait
         self._inputHeld = False  # much input waits: the transport is not read
@@ -88,6 +99,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self.user: str | None = None
         self.host = ""
         self.errors = 0
+        self.junk = 0  # junk commands since the session began or the last accepted message
         self.authFailures = 0
         self.messages = 0
         self._resetTransaction()
@@ -151,12 +163,15 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
     # -- output
 
     def _send(self, code: int, status: str | None, text: str) -> None:
-        self._out.append(reply(code, status, text))
+        data = reply(code, status, text)
+        self._out.append(data)
+        self._outSize += len(data)
 
     def _flush(self) -> None:
         if self._out and not self._closed:
             data = b"".join(self._out)
             self._out = []
+            self._outSize = 0
             self.transport.write(data)
 
     def _close(self, code: int, status: str, text: str) -> None:
@@ -165,7 +180,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self._send(code, status, text)
         self._flush()
         self._closed = True
-        self._buf = b""
+        self._buf, self._pos = b"", 0
         self.transport.loseConnection()
         self._abortCall = self.config.clock.callLater(CLOSE_GRACE, self._abort)
 
@@ -180,8 +195,16 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._buf = self._buf + data if self._buf else data
+        if self._pos >= len(self._buf):
+            self._buf = data
+        else:  # (at most MAX_HELD_INPUT and a read are kept: see _process)
+            self._buf = self._buf[self._pos:] + data
+        self._pos = 0
         self._process()
+
+    def _pending(self) -> int:
+        """Bytes received and not yet parsed."""
+        return len(self._buf) - self._pos
 
     def _process(self) -> None:
         if self._processing:  # re-entered (a commit fired, the transport resumed us): once more
@@ -196,7 +219,9 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
                 self._flush()
         finally:
             self._processing = False
-        stalled = (self._busy or self._writesPaused) and len(self._buf) > MAX_HELD_INPUT
+        if self._pos and self._pos >= len(self._buf):
+            self._buf, self._pos = b"", 0
+        stalled = (self._busy or self._writesPaused) and self._pending() > MAX_HELD_INPUT
         if stalled != self._inputHeld and not self._closed:
             self._inputHeld = stalled
             if stalled:
@@ -205,20 +230,25 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
                 self.transport.resumeProducing()
 
     def _processInput(self) -> None:
-        while self._buf and not self._busy and not self._closed and not self._writesPaused:
+        while self._pos < len(self._buf) and not self._busy and not self._closed and not self._writesPaused:
             if self._reader is not None:
                 if not self._readData():
                     break
                 continue
-            nl = self._buf.find(b"\n")
+            if self._outSize >= OUTPUT_CHUNK:  # the transport may pause us (pauseProducing) here
+                self._flush()
+                continue
+            buf, pos = self._buf, self._pos
+            nl = buf.find(b"\n", pos)
             if nl < 0:
-                if len(self._buf) > MAX_COMMAND_LINE:
-                    self._buf = b""
+                if len(buf) - pos > MAX_COMMAND_LINE:
+                    self._buf, self._pos = b"", 0
                     if not self._skipping:
                         self._lineTooLong()
                     self._skipping = True
                 break
-            line, self._buf = self._buf[:nl + 1], self._buf[nl + 1:]
+            line = buf[pos:nl + 1]
+            self._pos = nl + 1
             if self._skipping:
                 self._skipping = False
                 continue
@@ -250,6 +280,15 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         else:
             self._send(code, status, text)
 
+    def _junk(self) -> bool:
+        """Count a junk command; past C{junkLimit}, close the session (True: do not answer it)."""
+        self.junk += 1
+        if self.junk > self.config.junkLimit:
+            self.config.metrics.reject("junk_commands")
+            self._close(421, "4.7.0", f"{self.config.hostname} Error: too many junk commands")
+            return True
+        return False
+
     def _hold(self) -> None:
         self._busy = True
 
@@ -273,7 +312,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
 
     def _needsSync(self, what: str) -> bool:
         """RFC 2920: nothing may follow EHLO/HELO/DATA/STARTTLS in the same group."""
-        if self._buf:
+        if self._pending():
             self.config.metrics.reject("pipelining")
             self._close(554, "5.5.0", f"Error: SMTP protocol synchronization (data sent after {what})")
             return True
@@ -304,9 +343,13 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self.do_EHLO(rest, esmtp=False)
 
     def do_NOOP(self, rest: bytes) -> None:
+        if self._junk():
+            return
         self._send(250, "2.0.0", "Ok")
 
     def do_RSET(self, rest: bytes) -> None:
+        if self._junk():
+            return
         self._resetTransaction()
         self._send(250, "2.0.0", "Ok")
 
@@ -314,12 +357,18 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self._close(221, "2.0.0", "Bye")
 
     def do_VRFY(self, rest: bytes) -> None:
+        if self._junk():
+            return
         self._send(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_EXPN(self, rest: bytes) -> None:
+        if self._junk():
+            return
         self._send(502, "5.5.1", "Error: EXPN not supported")
 
     def do_HELP(self, rest: bytes) -> None:
+        if self._junk():
+            return
         self._send(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY STARTTLS AUTH")
 
     def do_STARTTLS(self, rest: bytes) -> None:

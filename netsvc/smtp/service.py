@@ -83,6 +83,7 @@ def _limits(settings: Settings, reactor: Any) -> dict[str, Any]:
         maxSize=settings.max_message_size, maxRecipients=settings.max_recipients,
         maxMessages=settings.max_messages_per_session, maxLine=settings.max_line_length,
         authPerSession=settings.auth_failures.per_session,
+        junkLimit=settings.junk_command_limit,
         authFailures=RateLimiter(settings.auth_failures.rate, settings.auth_failures.burst, reactor),
         messageRate=RateLimiter(*limits.bucket(), reactor) if limits.rate else None,
     )

@@ -16,6 +16,7 @@ C{services.smtp} settings: listeners, relay policy, the queue and the limits.
         max_message_size: 25MB
         max_recipients: 100
         max_messages_per_session: 100
+        junk_command_limit: 100         # NOOP/RSET/VRFY/EXPN/HELP per session (per message), then 421
 
 The Python shape (C{Settings.relay.mode}, C{Settings.queue.retry}, ...) is the
 contract the delivery side relies on (see the team's SMTP.md).
@@ -138,6 +139,9 @@ class Settings(ServiceSettings):
     #: Longest text line in DATA including CRLF (RFC 5321 4.5.3.1.6: 1000).
     max_line_length: int = field(1000, min=1000, max=1 << 20)
     auth_failures: AuthLimits = field(factory=AuthLimits)
+    #: NOOP, RSET, VRFY, EXPN and HELP allowed per session, counted again after each accepted message
+    #: (Postfix's smtpd_junk_command_limit); the next one is answered 421 and the session closed.
+    junk_command_limit: int = field(100, min=1, max=1_000_000)
     #: rate/burst: messages per second per client IP; max_message is unused (see max_message_size).
     limits: Limits = field(factory=lambda: Limits(
         max_connections=1024, max_connections_per_ip=64, idle_timeout=Duration(300), rate=50, burst=200))

@@ -39,6 +39,8 @@ class TransactionCommands:
     user: str | None
     messages: int
     _buf: bytes
+    _pos: int
+    junk: int
     _closed: bool
     _reader: DataReader | None
     _incoming: Any
@@ -166,8 +168,7 @@ class TransactionCommands:
         """Feed the buffer to the DATA reader; False when it needs more input."""
         reader = self._reader
         assert reader is not None
-        used = reader.feed(self._buf)
-        self._buf = self._buf[used:]
+        self._pos = reader.feed(self._buf, self._pos)
         if reader.problem == "barelf":
             self._abortData()
             self.config.metrics.reject("bare_lf")
@@ -211,6 +212,7 @@ class TransactionCommands:
 
         def committed(id: str) -> None:
             c = self.config
+            self.junk = 0  # as Postfix: junk is counted again after each message delivered
             c.metrics.accepted.inc()
             c.metrics.bytes.inc(size)
             log.debug("smtp: accepted {id} from {client}", id=id, client=self.host)

@@ -379,7 +379,7 @@ class SessionTests(SessionCase):
         for the handshake, which must still be read.
         """
         self.queue.autoCommit = False
-        p, t = self.connect()
+        p, t = self.connect(config=self.makeConfig(junkLimit=10**6))  # NOOPs here are not junk
         self.assertIs(t.producer, p)
         self.assertTrue(t.streaming)
         self.send(p, t, b"EHLO x\r\n")
@@ -498,6 +498,55 @@ class SessionTests(SessionCase):
         out = self.send(p, t, b"X\r\n" * 25)
         self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"))
         self.assertTrue(t.disconnecting)
+
+    def test_junkCommandLimit(self):
+        """20,000 pipelined NOOPs: junkLimit (100) answered, then 421 and close (Postfix smtpd_junk_command_limit)."""
+        p, t = self.connect()
+        out = self.send(p, t, b"NOOP\r\n" * 20000)
+        self.assertEqual(out, b"250 2.0.0 Ok\r\n" * 100 + b"421 4.7.0 mx.test Error: too many junk commands\r\n")
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="junk_commands"), 1)
+
+    def test_junkCountsEveryJunkVerbAndRestartsAfterAMessage(self):
+        p, t = self.connect(config=self.makeConfig(junkLimit=4))
+        self.send(p, t, b"EHLO x\r\n")
+        out = self.send(p, t, b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n")
+        self.assertEqual(out.count(b"\r\n"), 4)
+        self.assertFalse(t.disconnecting)
+        self.assertTrue(self.transaction(p, t).endswith(b"250 2.0.0 Ok: queued as id0\r\n"))
+        out = self.send(p, t, b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n")  # counted again from 0
+        self.assertEqual(out.count(b"\r\n"), 4)
+        self.assertFalse(t.disconnecting)
+        out = self.send(p, t, b"EXPN x\r\nNOOP\r\n")
+        self.assertEqual(out, b"421 4.7.0 mx.test Error: too many junk commands\r\n")
+        self.assertTrue(t.disconnecting)
+
+    def test_longPipelineParsedFromAnOffset(self):
+        """
+        200,000 pipelined commands in one read are parsed in linear time: each line is sliced once from
+        an offset, the rest of the buffer is never copied per line (that was quadratic: ~1.2 MB copied
+        200,000 times).  Structural: the buffer counts the bytes its slices copy.
+        """
+        copied = [0]
+        lines = 200_000
+        data = b"NOOP\r\n" * lines
+        limit = 3 * len(data)
+
+        class Counting(bytes):
+            def __getitem__(self, key):
+                out = bytes.__getitem__(self, key)
+                if isinstance(key, slice):
+                    copied[0] += len(out)
+                    if copied[0] > limit:
+                        raise AssertionError(f"{copied[0]} bytes copied parsing {len(data)}")
+                    return Counting(out)
+                return out
+
+        p, t = self.connect(config=self.makeConfig(junkLimit=10**6))
+        p.dataReceived(Counting(data))
+        self.assertEqual(t.value().count(b"250 2.0.0 Ok\r\n"), lines)
+        self.assertLessEqual(copied[0], limit)
+        self.assertEqual((p._buf, p._pos), (b"", 0))  # nothing kept once parsed
 
     def test_idleTimeoutAndDrain(self):
         p, t = self.connect()

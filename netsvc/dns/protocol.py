@@ -14,11 +14,14 @@ cache only; when neither has it, REFUSED (no upstream is asked).
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Any
 
-from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
+from zope.interface import implementer
 
 from netsvc.dns import wire
 from netsvc.dns.resolver import Resolver, typeLabel
@@ -31,10 +34,15 @@ ABORT_GRACE = 2.0
 READ_BATCH = 256
 #: Queries one stream connection may have waiting on upstreams before we stop reading from it.
 MAX_PENDING_PER_CONNECTION = 64
+#: Unparsed input one stream connection may hold: a whole query (64 KB) and a read or two that
+#: arrived before a pause took effect; more means the transport ignored the pause (closed).
+MAX_UNPARSED = 256 * 1024
 #: Rendered answers kept per UDP listener (see L{DNSDatagramProtocol}), oldest out first; only for
 #: queries up to MEMO_QUERY_MAX bytes (an ordinary one is under 100), so at most ~7 MB each.
 MEMO_MAX = 4096
 MEMO_QUERY_MAX = 512
+
+_LENGTH = struct.Struct("!H")
 
 
 def nameText(qname: bytes) -> str:
@@ -249,12 +257,26 @@ class DNSDatagramProtocol(DatagramProtocol, _Answering):
         self._bytesOut.value += len(data)
 
 
-class DNSStreamProtocol(Int16StringReceiver, _Answering):
+@implementer(IPushProducer)
+class DNSStreamProtocol(Protocol, _Answering):
     """
-    Answers length-prefixed queries over TCP or TLS.  Answers may come back out
-    of order; reading pauses while too many wait on upstreams.
+    Answers length-prefixed queries over TCP or TLS (RFC 7766): pipelined,
+    answered as they are ready (answers from local data and the cache at once,
+    others when their upstream answers, so possibly out of order).
+
+    Back-pressure: the protocol is a streaming producer of its transport.  When
+    the transport's send buffer is full (a client that does not read) it is
+    paused: it stops answering the queries it has buffered and stops reading
+    (C{transport.pauseProducing()}); resumed, it answers what it buffered, then
+    reads again.  It also stops reading while L{MAX_PENDING_PER_CONNECTION}
+    queries wait on upstreams (their answers are written when they come, paused
+    or not, so what a connection can make the server hold is bounded by the
+    transport's buffer plus that many answers).  Unparsed input is held up to
+    L{MAX_UNPARSED} bytes (at most a read or two arrive after a pause);
+    beyond that the connection is closed.
     """
 
+    #: Framing: a query is at most this long (the 2-byte length allows no more).
     MAX_LENGTH = 65535
 
     def __init__(self, resolver: Resolver, guard: Any, dnsMetrics: Any, queryLog: bool = False,
@@ -262,19 +284,99 @@ class DNSStreamProtocol(Int16StringReceiver, _Answering):
         self._setup(resolver, guard, dnsMetrics, queryLog)
         self.transportName = transportName
         self.pending = 0
-        self.paused = False
+        #: The transport paused us (its send buffer is full).
+        self.outputPaused = False
+        #: We asked the transport to stop reading.
+        self.readingPaused = False
         self.closed = False
+        self._buffer = b""
+        self._offset = 0
+        self._processing = False
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "unix")
+        self.transport.registerProducer(self, True)
 
-    def stringReceived(self, data: bytes) -> None:
+    # -- input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._offset < len(self._buffer):
+            self._buffer = self._buffer[self._offset:] + data  # the unparsed rest only, once per read
+        else:
+            self._buffer = data
+        self._offset = 0
+        if len(self._buffer) > MAX_UNPARSED:
+            self.guard.metrics.limit("max_buffer").value += 1
+            self.close()
+            self.transport.abortConnection()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        """Answer buffered queries until paused, closed, or no whole query is left."""
+        if self._processing:
+            return  # re-entered (an answer that was ready at once): the loop below carries on
+        self._processing = True
+        try:
+            buffer = self._buffer
+            end = len(buffer)
+            maxLength = min(self.MAX_LENGTH, self.guard.limits.max_message)
+            while not (self.outputPaused or self.pending >= MAX_PENDING_PER_CONNECTION or self.closed):
+                offset = self._offset
+                if end - offset < 2:
+                    break
+                length = (buffer[offset] << 8) | buffer[offset + 1]
+                if length > maxLength:
+                    self.guard.metrics.limit("max_message").value += 1
+                    self.close()
+                    break
+                if end - offset - 2 < length:
+                    break
+                self._offset = offset + 2 + length
+                self.queryReceived(buffer[offset + 2:offset + 2 + length])
+                if self.transport.disconnecting:
+                    break
+        finally:
+            self._processing = False
+        if self._offset == len(self._buffer):
+            self._buffer, self._offset = b"", 0
+        self._readOrNot()
+
+    def _readOrNot(self) -> None:
+        """Read from the transport only while we may answer what comes."""
+        if self.closed:
+            return
+        stop = self.outputPaused or self.pending >= MAX_PENDING_PER_CONNECTION
+        if stop and not self.readingPaused:
+            self.readingPaused = True
+            self.transport.pauseProducing()
+        elif not stop and self.readingPaused:
+            self.readingPaused = False
+            self.transport.resumeProducing()
+
+    # -- IPushProducer, for the transport
+
+    def pauseProducing(self) -> None:
+        self.outputPaused = True
+        self._readOrNot()
+
+    def resumeProducing(self) -> None:
+        self.outputPaused = False
+        self._process()
+
+    def stopProducing(self) -> None:
+        self.closed = True
+        self._buffer = b""
+
+    # -- answering
+
+    def queryReceived(self, data: bytes) -> None:
         try:
             query = wire.parseQuery(data)
         except wire.BadQuery as e:
             answer = self.badQuery(e, data)
             if answer is None:
-                self.transport.loseConnection()
+                self.close()
             else:
                 self.sendString(answer)
             return
@@ -294,18 +396,15 @@ class DNSStreamProtocol(Int16StringReceiver, _Answering):
             self.sendString(wire.errorResponse(query.id, query.flags, wire.REFUSED, query))
             return
         self.pending += 1
-        if self.pending >= MAX_PENDING_PER_CONNECTION and not self.paused:
-            self.paused = True
-            self.transport.pauseProducing()
         self.resolver.resolve(query.key).addCallback(self._resolved, query)
 
     def _resolved(self, answer: Any, query: wire.Query) -> None:
         self.pending -= 1
-        if self.paused and self.pending < MAX_PENDING_PER_CONNECTION // 2 and not self.closed:
-            self.paused = False
-            self.transport.resumeProducing()
-        if not self.closed:
-            self._send(query, answer, self.clock.seconds(), "upstream")
+        if self.closed:
+            return
+        self._send(query, answer, self.clock.seconds(), "upstream")
+        if self.readingPaused:
+            self._process()  # perhaps below the bound again: buffered queries, then reading
 
     def _send(self, query: wire.Query, answer: Any, now: float, source: str) -> None:
         data = answer.render(query, now)
@@ -316,16 +415,29 @@ class DNSStreamProtocol(Int16StringReceiver, _Answering):
         if self.queryLog:
             self.logQuery(self.peer, query, answer.rcode, source, self.transportName)
 
-    def lengthLimitExceeded(self, length: int) -> None:
+    def sendString(self, data: bytes) -> None:
+        self.transport.write(_LENGTH.pack(len(data)) + data)
+
+    def close(self) -> None:
+        """
+        Close once what was written is sent.  The producer goes first: with one
+        registered, TCP would resume it instead of closing, and TLS would never
+        start its shutdown.
+        """
+        if not self.closed:
+            self.closed = True
+            self.transport.unregisterProducer()
+        self._buffer = b""
         self.transport.loseConnection()
 
     def timedOut(self) -> None:
         """Idle (RFC 7766 lets servers close idle connections): close, and abort if TLS lingers."""
-        self.transport.loseConnection()
+        self.close()
         self.abortCall = self.clock.callLater(ABORT_GRACE, self.transport.abortConnection)
 
     def connectionLost(self, reason: Any) -> None:
         self.closed = True
+        self._buffer = b""
         abortCall = getattr(self, "abortCall", None)
         if abortCall is not None and abortCall.active():
             abortCall.cancel()

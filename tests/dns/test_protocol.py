@@ -355,3 +355,95 @@ class StreamTests(Setup, unittest.TestCase):
         self.assertEqual((m.id, m.rCode), (77, dns.EREFUSED))
         self.assertTrue(t.disconnecting)
         self.assertIsNone(self.factory.refusalProtocol("max_connections"))
+
+
+class StreamBackPressureTests(Setup, unittest.TestCase):
+    """The stream protocol as its transport's producer (StringTransport has no real back-pressure)."""
+
+    answers = StreamTests.answers
+    frame = StreamTests.frame
+
+    def setUp(self) -> None:
+        self.build()
+        self.setUp_stream()
+
+    def test_registeredAsStreamingProducer(self) -> None:
+        self.assertIs(self.stream.producer, self.proto)
+        self.assertTrue(self.stream.streaming)
+
+    def test_pausedAnswersNothingAndStopsReading(self) -> None:
+        self.proto.pauseProducing()
+        self.assertEqual(self.stream.producerState, "paused")
+        self.proto.dataReceived(b"".join(self.frame(query("www.test", id=i)) for i in range(3)))
+        self.assertEqual(self.stream.value(), b"")  # one read arrived after the pause: held, not answered
+        self.proto.resumeProducing()
+        self.assertEqual([m.id for m in self.answers()], [0, 1, 2])
+        self.assertEqual(self.stream.producerState, "producing")
+
+    def test_pauseDuringAWriteStopsAtOnce(self) -> None:
+        """A transport pauses its producer from inside write(): the rest waits for the resume."""
+        write = self.stream.write
+
+        def pausingWrite(data: bytes) -> None:
+            write(data)
+            self.proto.pauseProducing()
+
+        self.stream.write = pausingWrite
+        self.proto.dataReceived(b"".join(self.frame(query("printer.lab", id=i)) for i in range(5)))
+        self.assertEqual([m.id for m in self.answers()], [0])
+        self.proto.resumeProducing()
+        self.assertEqual([m.id for m in self.answers()], [0, 1])
+        self.stream.write = write
+        self.proto.resumeProducing()
+        self.assertEqual([m.id for m in self.answers()], [0, 1, 2, 3, 4])
+
+    def test_pendingUpstreamsStopReadingThenResume(self) -> None:
+        limit = protocol.MAX_PENDING_PER_CONNECTION
+        frames = b"".join(self.frame(query(f"h{i}.slow.test", id=i)) for i in range(limit + 3))
+        self.upstream.zone.update({f"h{i}.slow.test": "hang" for i in range(limit + 3)})
+        self.proto.dataReceived(frames)
+        self.assertEqual((self.proto.pending, self.stream.producerState), (limit, "paused"))
+        self.assertEqual(len(self.upstream.hanging), limit)
+        from tests.dns._fakes import response
+        d = self.upstream.hanging[0]
+        d.callback(response(b"\x02h0\x04slow\x04test\x00", dns.A, answers=[a("h0.slow.test", "192.0.2.9")]))
+        self.assertEqual([m.id for m in self.answers()], [0])
+        self.assertEqual(self.proto.pending, limit)  # the next buffered query took its place
+        self.assertEqual(self.stream.producerState, "paused")
+
+    def test_lengthPrefixSplitAnywhere(self) -> None:
+        data = b"".join(self.frame(query("printer.lab", id=i)) for i in range(4))
+        for i in range(len(data)):
+            self.proto.dataReceived(data[i:i + 1])
+        self.assertEqual([m.id for m in self.answers()], [0, 1, 2, 3])
+        self.assertEqual(self.proto._buffer, b"")
+
+    def test_unparsedInputBounded(self) -> None:
+        self.proto.pauseProducing()
+        chunk = self.frame(query("printer.lab")) * 2000
+        for _ in range(protocol.MAX_UNPARSED // len(chunk) + 1):
+            if self.stream.disconnecting:
+                break
+            self.proto.dataReceived(chunk)
+        self.assertTrue(self.stream.disconnecting)
+        self.assertEqual(self.guard.metrics.limit("max_buffer").value, 1)
+        self.assertEqual(self.proto._buffer, b"")
+
+    def test_oversizedQueryClosesPerLimits(self) -> None:
+        self.build(limits=Limits(max_message=512))
+        self.setUp_stream()
+        self.proto.dataReceived(struct.pack("!H", 513) + b"\x00" * 100)
+        self.assertTrue(self.stream.disconnecting)
+        self.assertIsNone(self.stream.producer)  # unregistered, or TLS would never close
+        self.assertEqual(self.guard.metrics.limit("max_message").value, 1)
+
+    def test_idleCloseUnregistersTheProducer(self) -> None:
+        self.assertIs(self.stream.producer, self.proto)
+        self.proto.timedOut()
+        self.assertIsNone(self.stream.producer)
+
+    def setUp_stream(self) -> None:
+        self.factory = DNSStreamFactory(self.resolver, self.guard, self.metrics)
+        self.proto = self.factory.buildProtocol(None)
+        self.stream = StringTransport()
+        self.proto.makeConnection(self.stream)

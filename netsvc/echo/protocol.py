@@ -23,7 +23,18 @@ class Echo(Protocol):
     Half-close: a client that sends and then shuts its side down (C{socat},
     C{nc -N}) still gets every echo: we close only once our writes are flushed.
     (Without IHalfCloseableProtocol, Twisted drops unsent output on the peer's FIN.)
+
+    Closing unregisters the producer first: with one registered, TLS never
+    starts its shutdown and TCP resumes a paused producer instead of closing.
     """
+
+    #: After an idle close, how long the peer gets (to read what is left, to answer
+    #: TLS's close_notify) before the connection is aborted.
+    abortGrace = 2.0
+
+    def __init__(self, clock: Any = None) -> None:
+        self.clock = clock
+        self._abortCall: Any = None
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.transport, True)
@@ -31,16 +42,37 @@ class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
 
-    def readConnectionLost(self) -> None:
+    def close(self) -> None:
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
+    def readConnectionLost(self) -> None:
+        self.close()
+
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
+        self.close()
+
+    def timedOut(self) -> None:
+        """Idle: close, and abort if the peer neither reads nor closes within L{abortGrace}."""
+        self.close()
+        if self.clock is not None:
+            self._abortCall = self.clock.callLater(self.abortGrace, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
 
 
 class EchoFactory(Factory):
-    protocol = Echo
     noisy = False
+
+    def __init__(self, clock: Any = None) -> None:
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> Echo:
+        p = Echo(self.clock)
+        p.factory = self
+        return p
 
 
 #: Source ports of the small services (echo, discard, daytime, qotd, chargen, time):

@@ -32,7 +32,7 @@ class Settings(ServiceSettings):
 
 def makeService(settings: Settings, context: Any) -> IService:
     svc = context.serverService("echo", settings)
-    streams = svc.guard.wrap(EchoFactory())
+    streams = svc.guard.wrap(EchoFactory(svc.guard.clock))
     for i, listener in enumerate(settings.listen):
         if isDatagram(listener.endpoint):
             svc.listen(i, listener, DatagramEcho(svc.guard))

@@ -34,12 +34,24 @@ class EchoTests(unittest.TestCase):
         self.assertIs(self.transport.producer, self.transport)
         self.assertTrue(self.transport.streaming)
 
+    def test_idleCloseUnregistersThenAborts(self):
+        clock = MemoryReactorClock()
+        proto = EchoFactory(clock).buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.timedOut()
+        self.assertIsNone(transport.producer)  # or TLS would never start its shutdown
+        self.assertTrue(transport.disconnecting)
+        clock.advance(proto.abortGrace)
+        self.assertTrue(transport.disconnected)
+
     def test_halfCloseFlushesThenCloses(self):
         self.assertTrue(IHalfCloseableProtocol.providedBy(self.proto))
         self.proto.dataReceived(b"last words")
         self.proto.readConnectionLost()
         self.assertEqual(self.transport.value(), b"last words")
         self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
 
 
 class DatagramEchoTests(unittest.TestCase):
@@ -66,6 +78,20 @@ class DatagramEchoTests(unittest.TestCase):
             self.proto.datagramReceived(b"x", ("127.0.0.1", 40000))
         self.proto.datagramReceived(b"y", ("127.0.0.2", 40000))
         self.assertEqual(len(self.transport.written), 4)  # burst of 3, plus the other client
+
+    def test_rateLimitOnByDefault(self):
+        """UDP echo reflects to any source address: the service's default limits rate it per client."""
+        from netsvc.echo.service import Settings
+
+        limits = Settings().limits
+        self.assertGreater(limits.rate, 0)
+        guard = Guard(limits, ServiceMetrics(Registry(), "echo"), self.clock)
+        proto = DatagramEcho(guard)
+        transport = FakeDatagramTransport()
+        proto.makeConnection(transport)
+        for _ in range(int(limits.burst) + 10):
+            proto.datagramReceived(b"x", ("127.0.0.1", 40000))
+        self.assertEqual(len(transport.written), limits.burst)
 
     def test_loopPortsIgnored(self):
         # Answering another echo/chargen server would start an endless loop.

@@ -136,3 +136,73 @@ class IPv6Tests(unittest.TestCase):
         self.addCleanup(udp.stopListening)
         udp.connect("::1", port(daemon, 1))
         self.assertEqual((yield proto.roundTrip(b"six")), b"six")
+
+
+def held(conn) -> int:
+    """Output the server holds in userland for one connection (through the guard and TLS layers)."""
+    t, total = conn.transport, 0
+    while t is not None:
+        total += sum(len(x) for x in getattr(t, "_appSendBuffer", []))
+        total += sum(len(x) for x in getattr(getattr(t, "_aggregator", None), "_buffer", []))
+        if hasattr(t, "dataBuffer"):
+            total += len(t.dataBuffer) - t.offset + t._tempDataLen
+        t = getattr(t, "transport", None)
+    return total
+
+
+class NonReadingClientTests(unittest.TestCase):
+    """A client that sends and never reads, over TCP and TLS, against the echo service."""
+
+    def setUp(self):
+        self.daemon = startDaemon(self, ECHO.replace("idle_timeout: 30s", "idle_timeout: 1s"))
+        self.cafile = str(stateDir(self.daemon) / "tls" / "selfsigned.pem")
+
+    @defer.inlineCallbacks
+    def connect(self, tls: bool):
+        client = yield connectEcho("127.0.0.1", port(self.daemon, 2 if tls else 0),
+                                   clientCreator("localhost", cafile=self.cafile) if tls else None)
+        self.addCleanup(client.transport.abortConnection)
+        self.assertEqual((yield client.roundTrip(b"hello")), b"hello")  # the TLS handshake is done
+        t = client.transport
+        while not hasattr(t, "socket"):
+            t = t.transport
+        t.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        (conn,) = self.daemon.getServiceNamed("echo").guard.connections
+        return client, conn
+
+    @defer.inlineCallbacks
+    def sendForever(self, tls: bool):
+        client, conn = yield self.connect(tls)
+        client.transport.pauseProducing()  # never read again
+        chunk = b"x" * 65536
+        sent, most, deadline = 0, 0, time.monotonic() + 3
+        # The client writes only while its own transport accepts it (held by the kernel or sent).
+        while sent < 64 * 2**20 and time.monotonic() < deadline:
+            tcp = client.transport if not tls else client.transport.transport
+            if len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen < 4 * 65536:
+                client.transport.write(chunk)
+                sent += len(chunk)
+            yield sleep(0.002)
+            most = max(most, held(conn))
+        self.assertLess(sent, 32 * 2**20, "the client could push without limit")
+        self.assertLess(most, 2**20, f"the server held {most} bytes for a client that does not read")
+
+    def test_tcpNonReaderBounded(self):
+        return self.sendForever(tls=False)
+
+    def test_tlsNonReaderBounded(self):
+        return self.sendForever(tls=True)
+
+    @defer.inlineCallbacks
+    def idleClose(self, tls: bool):
+        client, conn = yield self.connect(tls)
+        closed = defer.Deferred()
+        client.connectionLost = lambda reason: closed.callback(None)
+        yield closed.addTimeout(6, reactor)  # idle 1 s, then close (or abort after the grace)
+
+    def test_tcpIdleCloses(self):
+        return self.idleClose(tls=False)
+
+    def test_tlsIdleCloses(self):
+        """Echo registers a producer: TLS starts its shutdown only once it is unregistered."""
+        return self.idleClose(tls=True)

@@ -1,0 +1,71 @@
+"""
+The short form of the hostile-client harness (C{bench/hostile.py}): the real daemon on a copy of
+C{etc/netsvc.yaml}, each attack against each listener for a second or so, while a well-behaved client
+of every service keeps making real exchanges.  For every (attack, listener) row: the daemon is alive,
+logged no traceback, its RSS grew by a bounded amount, and every well-behaved exchange was answered.
+
+The bounds are loose on purpose (a 2-core CI machine under attack): a few MB per attacking connection
+where the daemon used to grow by hundreds of MB, and a probe timeout of seconds.  The long form, with
+its table, is the benchmark: C{.venv/bin/python bench/hostile.py}.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import hostile  # noqa: E402  (bench/hostile.py)
+
+#: Each attack's duration in the short form.
+SECONDS = 1.0
+#: The most one attack may grow the daemon's RSS (its peak over its start), in MB.
+MAX_GROWTH_MB = 48.0
+
+ALL = [name for name, *_ in hostile.TARGETS]
+
+
+class HostileClientsTests(SynchronousTestCase):
+    """Each test runs one attack against the listeners named, on a daemon of its own."""
+
+    def check(self, attack: str, targets: list[str], seconds: float = SECONDS) -> None:
+        rows = hostile.run(seconds, [attack], targets)
+        table = hostile.table(rows)
+        problems = []
+        for row in rows:
+            where = f"{row.attack} -> {row.target}"
+            if not row.alive:
+                problems.append(f"{where}: the daemon died")
+            if row.tracebacks:
+                problems.append(f"{where}: {row.tracebacks} traceback/critical lines logged")
+            if row.rssPeak - row.rssBefore > MAX_GROWTH_MB:
+                problems.append(f"{where}: RSS grew {row.rssPeak - row.rssBefore:.0f} MB")
+            if row.failures:
+                problems.append(f"{where}: {row.failures} well-behaved exchanges failed: {row.failed}")
+        self.assertEqual(problems, [], "\n" + table)
+        self.assertEqual(len(rows), len(hostile.plan([attack], targets)))
+
+    def test_noread(self) -> None:
+        """Pipelining clients that never read: the daemon stops reading them, stays small."""
+        self.check("noread", ALL)
+
+    def test_junk(self) -> None:
+        """Random bytes on every listener: protocol errors, never a traceback."""
+        self.check("junk", ALL)
+
+    def test_slowloris(self) -> None:
+        self.check("slowloris", ["web.https", "web.http", "dns.tcp", "smtp", "ldap", "chat.line", "metrics"])
+
+    def test_connflood(self) -> None:
+        self.check("connflood", ["echo.tcp", "web.https", "dns.tcp", "smtp", "ldap", "chat.line"])
+
+    def test_midmessage(self) -> None:
+        self.check("midmessage", ["web.https", "dns.tls", "smtps", "ldaps", "chat.tls", "forward"])
+
+    def test_passwords(self) -> None:
+        """A flood of wrong passwords on every service that takes one; mail is still accepted meanwhile."""
+        self.check("passwords", hostile.PASSWORD_TARGETS, seconds=2.0)

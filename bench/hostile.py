@@ -1,4 +1,4 @@
-"""Hostile clients against every listener of a running netsvc: the daemon must stay small, answer everyone, log no traceback.
+"""Hostile clients against every listener of netsvc: it must stay small, answer everyone, log no traceback.
 
 Run from the repository root:
 
@@ -494,7 +494,7 @@ def _sendFor(sock: socket.socket, data: bytes, stop: Stop, limit: int) -> int:
     while not stop and sent < limit:
         try:
             n = sock.send(view[off:])
-        except (socket.timeout, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except (TimeoutError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             stop.sleep(0.05)
             continue
         except OSError:
@@ -532,12 +532,12 @@ def attackJunk(t: Target, stop: Stop) -> int:
                         try:
                             s.send(junk[off:off + 4096])
                             off = (off + 4096) % len(junk)
-                        except (socket.timeout, ssl.SSLWantWriteError):
+                        except (TimeoutError, ssl.SSLWantWriteError):
                             pass
                         try:
                             if not s.recv(65536):
                                 break
-                        except (socket.timeout, ssl.SSLWantReadError):
+                        except (TimeoutError, ssl.SSLWantReadError):
                             pass
                 except OSError:
                     pass
@@ -564,7 +564,7 @@ def attackSlowloris(t: Target, stop: Stop) -> int:
         for s in list(socks):
             try:
                 s.send(more)
-            except (socket.timeout, ssl.SSLWantWriteError):
+            except (TimeoutError, ssl.SSLWantWriteError):
                 pass
             except OSError:
                 socks.remove(s)

@@ -17,7 +17,8 @@ Operations:
   - compare, whoami (RFC 4532), StartTLS (RFC 4511 4.14: success, then TLS), password
     modify (RFC 3062, writable directories: L{netsvc.ldap.passwd}).
   - add, modify, delete, modify DN: by writers only, saved before the answer
-    (L{netsvc.ldap.writes}); unwillingToPerform when the directory is read-only.
+    (L{netsvc.ldap.writes}: off the reactor, one at a time; the connection's later
+    requests wait for it); unwillingToPerform when the directory is read-only.
   - abandon: nothing to do (every operation finishes before the next is read).
 Malformed input (bad BER, unknown operations, a request over C{maxRequest}
 bytes -- checked from its length header, before it is buffered) gets a Notice of
@@ -378,14 +379,22 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         if not isWriter(factory.directory, self.boundDN, factory.limits.writers):
             self.write(codec.result(msg.id, response, INSUFFICIENT_ACCESS, "only writers may change the directory"))
             return
-        try:
-            factory.store.apply(msg.op)
-        except WriteError as e:
+        d = factory.store.submit(msg.op)
+        if not d.called:  # saved off the reactor: later requests wait for the answer (answers stay in order)
+            self.hold()
+
+        def saved(_: None) -> None:
+            factory.metrics.writes.inc()
+            log.info("ldap: {client} ({who}) changed {dn}", client=self.host, who=self.boundName, dn=msg.op.dn)
+            self.write(codec.result(msg.id, response, SUCCESS))
+
+        def refused(f: Any) -> None:
+            e = f.value if f.check(WriteError) else WriteError(OTHER, "internal error")
+            if not f.check(WriteError):
+                log.failure("ldap: a write from {client} failed", f, client=self.host)
             self.write(codec.result(msg.id, response, e.code, e.text, e.matched))
-            return
-        factory.metrics.writes.inc()
-        log.info("ldap: {client} ({who}) changed {dn}", client=self.host, who=self.boundName, dn=msg.op.dn)
-        self.write(codec.result(msg.id, response, SUCCESS))
+
+        d.addCallbacks(saved, refused).addBoth(lambda _: self.release())
 
     # -- extended operations, compare
 

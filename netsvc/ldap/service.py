@@ -19,6 +19,7 @@ listeners need a restart.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
@@ -43,9 +44,18 @@ def limitsFrom(settings: Settings) -> LDAPLimits:
                       writers=list(settings.writers))
 
 
-def storeFor(settings: Settings, directory: Any, context: Any) -> LDIFStore | None:
-    """Where writes go (the one ldif file) when writable; None: read-only."""
-    return LDIFStore(directory, context.settings.path(settings.ldif[0])) if settings.writable else None
+def storeFor(settings: Settings, directory: Any, context: Any, previous: LDIFStore | None = None) -> LDIFStore | None:
+    """
+    Where writes go (the one ldif file) when writable; None: read-only.  A reload
+    keeps the C{previous} store (its queue and its thread: writes stay serialized).
+    """
+    if not settings.writable:
+        return None
+    path = context.settings.path(settings.ldif[0])
+    if previous is not None:
+        previous.path = Path(path)
+        return previous
+    return LDIFStore(directory, path, reactor=context.reactor)
 
 
 class LDAPService(ServerService):
@@ -61,7 +71,7 @@ class LDAPService(ServerService):
                 log.error("ldap: reload failed, keeping the running directory: {error}", error=str(e))
                 return
         self.factory.directory.replace(directory)
-        self.factory.store = storeFor(settings, self.factory.directory, self.context)
+        self.factory.store = storeFor(settings, self.factory.directory, self.context, self.factory.store)
         self.factory.reconfigure(limitsFrom(settings))
         log.info("ldap: reloaded {count} entries under {suffix}", count=len(directory), suffix=directory.suffix)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 from ldaptor.protocols import pureber, pureldap
@@ -10,8 +11,9 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from netsvc import config
+from netsvc.ldap.codec import ModifyRequest
 from netsvc.ldap.directory import Directory
-from netsvc.ldap.writes import LDIFStore
+from netsvc.ldap.writes import LDIFStore, WriteError, writeDurably
 from tests.ldap._wire import (
     ALICE,
     BOB,
@@ -23,6 +25,7 @@ from tests.ldap._wire import (
     bind,
     decodeAll,
     dns,
+    entries,
     makeFactory,
     msg,
     search,
@@ -46,6 +49,11 @@ def modify(msgid: int, dn: str, *changes: tuple[int, str, list[str]]) -> bytes:
     return msg(pureldap.LDAPModifyRequest(object=dn.encode(), modification=mods), msgid)
 
 
+def _now(f, *args):
+    """A store runner that works at once, on this thread (the tests below read answers synchronously)."""
+    return defer.maybeDeferred(f, *args)
+
+
 class WritableCase(unittest.TestCase):
     """A writable copy of the example directory; the client is bound as alice (a member of cn=admins)."""
 
@@ -56,7 +64,7 @@ class WritableCase(unittest.TestCase):
         shutil.copy(EXAMPLE, self.path)
         directory = Directory.load(SUFFIX, [self.path])
         self.factory = makeFactory(directory, writers=[ADMINS, BOB])
-        self.factory.store = LDIFStore(directory, self.path)
+        self.factory.store = LDIFStore(directory, self.path, run=_now)
         self.factory.reconfigure(self.factory.limits)  # the root DSE now offers password modify
         self.client = Client(self.factory)
         self.assertEqual(self.code(bind(1, ALICE, "alice-pw")), 0)  # alice is in cn=admins
@@ -179,6 +187,141 @@ class WritableSettingsTests(unittest.TestCase):
     def test_ok(self):
         settings = self.load("    writers: ['cn=admins,ou=groups,dc=example,dc=com']\n")
         self.assertTrue(settings.services["ldap"].writable)
+
+
+class OffTheReactorTests(WritableCase):
+    """A write is worked out and saved (rebuild, write, fsync, rename) off the reactor; others answered meanwhile."""
+
+    def setUp(self):
+        super().setUp()
+        self.jobs = []
+        self.events = []
+        store = self.factory.store
+        store.run = self.later
+        store.write = self.recordingWrite
+
+    def later(self, f, *args):
+        """A runner whose work waits until the test lets it go (L{finish})."""
+        d = defer.Deferred()
+        self.jobs.append((d, f, args))
+        return d
+
+    def finish(self):
+        d, f, args = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def recordingWrite(self, path, data):
+        self.events.append(("durable", self.client.transport.value()))
+        writeDurably(path, data)
+
+    def test_othersAnsweredWhileAWriteIsSaved(self):
+        self.client.transport.clear()
+        self.client.protocol.dataReceived(modify(2, BOB, (2, "sn", ["Saved"])) + search(3, USERS, "(uid=bob)"))
+        self.assertEqual(self.client.transport.value(), b"")  # no answer before the file is durable
+        self.assertEqual(len(self.jobs), 1)
+        other = Client(self.factory, host="192.0.2.8")
+        found = other.send(search(1, USERS, "(uid=bob)", attributes=("sn",)))  # the reactor answers meanwhile
+        self.assertEqual([e.attributes for e in entries(found)], [[(b"sn", [b"Builder"])]])
+        self.assertEqual(self.path.read_bytes(), EXAMPLE.read_bytes())
+        self.finish()
+        self.assertEqual(self.events, [("durable", b"")])  # saved before anything was answered
+        responses = decodeAll(self.client.transport.value())
+        self.assertEqual([r.id for r in responses], [2, 3, 3])  # the search behind the write saw it
+        self.assertEqual(responses[0].value.resultCode, 0)
+        self.assertEqual(self.saved().get(BOB).get("sn"), ["Saved"])
+        self.assertEqual(self.factory.directory.get(BOB).get("sn"), ["Saved"])
+
+    def test_writesSerializedInOrder(self):
+        """Two writers: the second is worked out against what the first left, after the first is saved."""
+        bob = Client(self.factory, host="192.0.2.9")
+        self.assertEqual(bob.send(bind(1, BOB, "bob-pw"))[0].value.resultCode, 0)
+        self.client.transport.clear()
+        self.client.protocol.dataReceived(modify(2, CAROL, (0, "title", ["One"])))
+        bob.transport.clear()
+        bob.protocol.dataReceived(modify(2, CAROL, (0, "title", ["One"])))  # exists once the first is saved
+        self.assertEqual(len(self.jobs), 1)  # the second waits for the first
+        self.finish()
+        self.assertEqual(decodeAll(self.client.transport.value())[0].value.resultCode, 0)
+        self.assertEqual(len(self.jobs), 1)
+        self.finish()
+        self.assertEqual(decodeAll(bob.transport.value())[0].value.resultCode, 20)  # attributeOrValueExists
+        self.assertEqual(self.saved().get(CAROL).get("title"), ["Manager", "One"])
+
+    def test_synchronousApplyRefusedWhileAWriteIsSaved(self):
+        """The old synchronous form (password modify still uses it) cannot overtake a queued write (BUSY)."""
+        self.client.protocol.dataReceived(modify(2, CAROL, (0, "title", ["One"])))
+        with self.assertRaises(WriteError) as caught:
+            self.factory.store.apply(ModifyRequest(CAROL, [(0, "title", [b"Two"])]))
+        self.assertEqual(caught.exception.code, 51)
+        self.finish()
+        self.factory.store.apply(ModifyRequest(CAROL, [(0, "title", [b"Two"])]))
+        self.assertEqual(self.saved().get(CAROL).get("title"), ["Manager", "One", "Two"])
+
+    def test_failedSaveAnswersAndTheNextGoesOn(self):
+        self.factory.store.path = Path(self.mktemp()) / "missing-folder" / "x.ldif"
+        self.client.transport.clear()
+        self.client.protocol.dataReceived(modify(2, CAROL, (0, "title", ["One"])) + search(3, USERS, "(uid=carol)"))
+        self.finish()
+        responses = decodeAll(self.client.transport.value())
+        self.assertEqual([(r.id, r.value.__class__.__name__) for r in responses][0], (2, "LDAPModifyResponse"))
+        self.assertEqual(responses[0].value.resultCode, 80)
+        self.assertEqual(self.factory.directory.get(CAROL).get("title"), ["Manager"])  # unchanged
+        self.assertEqual(len(responses), 3)  # the search behind it was answered
+
+
+class WriteThreadTests(unittest.TestCase):
+    """With the store's own thread: a blocking fsync does not block the reactor."""
+
+    @defer.inlineCallbacks
+    def test_blockedFsyncDoesNotBlockTheReactor(self):
+        from twisted.internet import reactor
+
+        from tests.helpers import sleep
+
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        path = folder / "example.ldif"
+        shutil.copy(EXAMPLE, path)
+        directory = Directory.load(SUFFIX, [path])
+        factory = makeFactory(directory, writers=[ADMINS])
+        gate = threading.Event()
+        threads = []
+
+        def blockingWrite(p, data):
+            threads.append(threading.current_thread().name)
+            gate.wait(10)  # an fsync that takes its time (bounded: the test never hangs)
+            writeDurably(p, data)
+
+        factory.store = LDIFStore(directory, path, reactor=reactor, write=blockingWrite)
+        self.addCleanup(factory.store.run.stop)
+        alice = Client(factory)
+        self.assertEqual(alice.send(bind(1, ALICE, "alice-pw"))[0].value.resultCode, 0)
+        alice.transport.clear()
+        alice.protocol.dataReceived(modify(2, BOB, (2, "sn", ["Threaded"])))
+        self.assertEqual(alice.transport.value(), b"")
+        ticks = []
+        reactor.callLater(0, ticks.append, 1)
+        for _ in range(100):  # the reactor turns while the write is blocked (at most 5 s)
+            yield sleep(0.05)
+            if ticks and threads:
+                break
+        self.assertEqual((ticks, threads), ([1], ["PoolThread-ldap-writes-0"]))
+        other = Client(factory, host="192.0.2.8")
+        self.assertEqual(dns(other.send(search(1, USERS, "(uid=bob)"))), [BOB])
+        self.assertEqual(alice.transport.value(), b"")  # not durable yet: not answered
+        gate.set()
+        for _ in range(200):  # at most 10 s
+            if alice.transport.value():
+                break
+            yield sleep(0.05)
+        (response,) = decodeAll(alice.transport.value())
+        self.assertEqual(response.value.resultCode, 0)
+        self.assertEqual(Directory.load(SUFFIX, [path]).get(BOB).get("sn"), ["Threaded"])
 
 
 def passwd(msgid: int, user: str | None = None, old: str | None = None, new: str | None = None) -> bytes:

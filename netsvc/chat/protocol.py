@@ -45,6 +45,11 @@ HELP = [
 ]
 
 
+#: What an empty message (a bare delimiter) costs in flood tokens: blank lines are
+#: allowed at four times the message rate.
+EMPTY_COST = 0.25
+
+
 # -- output coalescing --------------------------------------------------------------
 
 
@@ -170,6 +175,9 @@ class ChatProtocol(Protocol):
         self._buffer = b""
         self._discarding = False
         self._held = False  # a nickname being checked or claimed: later lines wait (see _hold)
+        self._readingPaused = False  # the transport is paused by us (held, or our output is backed up)
+        #: Input kept unparsed while the client does not read (one read, plus a partial line).
+        self._maxWaiting = 65536 + self.limits.maxLine
         self._eofWhileHeld = False
         self._out: list[bytes] = []
         self._outSize = 0
@@ -204,7 +212,13 @@ class ChatProtocol(Protocol):
         delimiter = self.framing.delimiter
         buffer = self._buffer + data if self._buffer else data
         start = 0
-        while not self.gone and not self._held:
+        waiting = False
+        while not self.gone:
+            # While a nickname is settled, or while the client does not read what it is sent, the rest
+            # waits (reading is paused meanwhile; a paused TLS layer may still hand over one record).
+            if self._held or (self.paused and len(buffer) - start <= self._maxWaiting):
+                waiting = True
+                break
             end = buffer.find(delimiter, start)
             if end < 0:
                 break
@@ -213,9 +227,14 @@ class ChatProtocol(Protocol):
             else:
                 self.messageReceived(buffer[start:end])
             start = end + 1
-        rest = buffer[start:]
-        if self._held:  # kept whole until the nickname is settled (reading is paused meanwhile)
+        if self.gone:  # quit or kicked on the way: the rest is not read
+            self._buffer = b""
+            self.flusher.flush()
+            return
+        rest = buffer[start:] if start else buffer
+        if waiting:
             self._buffer = rest
+            self._updateReading()
             self.flusher.flush()
             return
         if len(rest) > self.limits.maxLine:
@@ -223,6 +242,9 @@ class ChatProtocol(Protocol):
                 self._discarding = True
                 self.metrics.drop("too_long").inc()
                 self.deliver(notice(f"error: message longer than {self.limits.maxLine} bytes; dropped"))
+            # Bytes thrown away cost flood tokens too: an endless line is a flood.
+            if not self.gone and not self.bucket.take(len(rest) / self.limits.maxLine):
+                self._flooding()
             rest = b""
         self._buffer = rest
         self.flusher.flush()
@@ -248,6 +270,9 @@ class ChatProtocol(Protocol):
             self.deliver(notice(f"error: message longer than {self.limits.maxLine} bytes; dropped"))
             return
         if not raw.strip():
+            # Empty frames say nothing but cost a loop each: a flood of them is still a flood.
+            if not self.bucket.take(EMPTY_COST):
+                self._flooding()
             return
         self.metrics.messagesIn.value += 1
         if not self.bucket.take():
@@ -325,22 +350,32 @@ class ChatProtocol(Protocol):
         if not isinstance(pending, defer.Deferred) or pending.called:
             return
         self._held = True
-        pause = getattr(self.transport, "pauseProducing", None)
-        if pause is not None:
-            pause()
+        self._updateReading()
 
         def release(result: Any) -> None:
             self._held = False
             if self.gone:
                 return
-            resume = getattr(self.transport, "resumeProducing", None)
-            if resume is not None:
-                resume()
             self.dataReceived(b"")
+            self._updateReading()
             if self._eofWhileHeld and not self._held:
                 self.readConnectionLost()
 
         pending.addBoth(release)
+
+    def _updateReading(self) -> None:
+        """
+        Read from the client unless a nickname is being settled, or input came
+        while its output is backed up (paused).  Not at the pause itself: a TLS
+        layer pauses its producer until the handshake is done, which needs reading.
+        """
+        stop = not self.gone and (self._held or (self.paused and bool(self._buffer)))
+        if stop == self._readingPaused or self.transport is None:
+            return
+        self._readingPaused = stop
+        control = getattr(self.transport, "pauseProducing" if stop else "resumeProducing", None)
+        if control is not None:
+            control()
 
     def cmd_join(self, rest: str) -> None:
         if not rest:
@@ -456,11 +491,16 @@ class ChatProtocol(Protocol):
     # -- IPushProducer: the transport tells us when the client is not reading
 
     def pauseProducing(self) -> None:
+        """The client's socket is full: its output waits here (up to maxOutput), input that comes waits too."""
         self.paused = True
 
     def resumeProducing(self) -> None:
+        """Drained: send what waited, go on with the input that waited, then read again."""
         self.paused = False
         self.flush()
+        if self._buffer and not self.gone and not self.paused:
+            self.dataReceived(b"")
+        self._updateReading()
 
     def stopProducing(self) -> None:
         self.paused = True

@@ -8,7 +8,8 @@ Operations:
     unwillingToPerform (53) as slapd answers, a name that is no DN invalidDNSyntax
     (34); wrong passwords are invalidCredentials
     (49), and a client IP that fails too often is refused without a check for a
-    while; SASL is authMethodNotSupported (7).  Requests sent while a bind is
+    while (reserve first: each bind takes a token before its check, a success gives
+    it back); SASL is authMethodNotSupported (7).  Requests sent while a bind is
     being checked wait for it (RFC 4511 4.2.1).
   - search: scopes, filters (L{netsvc.ldap.match}), C{*}/C{+}/C{1.1}, size, time and
     scan limits (4, 3, 11), the paged results control (RFC 2696), the root DSE and
@@ -91,10 +92,12 @@ class LDAPMetrics:
     """The counters of the LDAP service (bound to its service label)."""
 
     def __init__(self, registry: Any, service: str = "ldap") -> None:
-        binds = registry.counter("netsvc_ldap_binds_total", "LDAP binds, by result (ok, failed).",
+        binds = registry.counter("netsvc_ldap_binds_total",
+                                 "LDAP binds, by result (ok, failed, limited: refused unchecked, too many failures).",
                                  ["service", "result"])
         self.bindsOk = binds.labels(service=service, result="ok")
         self.bindsFailed = binds.labels(service=service, result="failed")
+        self.bindsLimited = binds.labels(service=service, result="limited")
         self.searches = registry.counter("netsvc_ldap_searches_total", "LDAP searches.",
                                          ["service"]).labels(service=service)
         self.entries = registry.counter("netsvc_ldap_entries_returned_total", "Entries returned by searches.",
@@ -328,8 +331,10 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             metrics.bindsFailed.inc()
             self.write(codec.result(msg.id, codec.BIND_RESPONSE, INVALID_DN_SYNTAX, str(e)))
             return
-        if self.factory.failedBinds.available(self.host) < 1:
-            metrics.bindsFailed.inc()
+        # Reserve first: a failure is charged before the check and given back on success, so that
+        # binds checked in parallel (a slow scheme) cannot all pass a bucket none of them has emptied yet.
+        if not self.factory.failedBinds.allow(self.host):
+            metrics.bindsLimited.inc()
             self.write(codec.result(msg.id, codec.BIND_RESPONSE, INVALID_CREDENTIALS,
                                     "too many failed binds from this address; try again later"))
             return
@@ -337,20 +342,21 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             password = req.simple.decode("utf-8")
         except UnicodeDecodeError:
             password = "\0invalid"
+        failedBinds = self.factory.failedBinds  # (the one charged, even if a reload replaces it meanwhile)
         d = self.factory.directory.checkPassword(req.name, password)
         if not d.called:  # checked in a thread: later requests wait for the answer
             self.hold()
-        d.addCallback(lambda ok: self._bound(msg.id, req.name, ok))
+        d.addCallback(lambda ok: self._bound(msg.id, req.name, ok, failedBinds))
 
-    def _bound(self, msgid: int, name: str, ok: bool) -> None:
+    def _bound(self, msgid: int, name: str, ok: bool, failedBinds: RateLimiter) -> None:
         metrics = self.factory.metrics
         if ok:
+            failedBinds.refund(self.host)
             entry = self.factory.directory.get(name)
             self.boundDN, self.boundName = (entry.ndn, entry.dn) if entry else (None, "")
             metrics.bindsOk.inc()
             self.write(codec.result(msgid, codec.BIND_RESPONSE, SUCCESS))
         else:
-            self.factory.failedBinds.allow(self.host)
             metrics.bindsFailed.inc()
             self.write(codec.result(msgid, codec.BIND_RESPONSE, INVALID_CREDENTIALS))
         self.release()

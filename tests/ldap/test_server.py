@@ -107,6 +107,36 @@ class BindTests(unittest.TestCase):
         (later,) = client.send(bind(10, ALICE, "alice-pw"))
         self.assertEqual(later.value.resultCode, 0)
 
+    def test_parallelBindsReserveBeforeTheCheck(self):
+        """
+        Binds checked in parallel (a slow scheme, in a thread) from one address: at most C{burst} reach the
+        check; the rest are refused unchecked at once.  A success gives its token back.
+        """
+        factory = makeFactory(failedBindRate=0.5, failedBindBurst=3)
+        checks = []
+
+        def slowCheck(dn, password):
+            d = defer.Deferred()
+            checks.append((d, password))
+            return d
+
+        factory.directory.checkPassword = slowCheck
+        clients = [Client(factory) for _ in range(10)]
+        answers = [c.send(bind(1, ALICE, "wrong")) for c in clients]
+        self.assertEqual(len(checks), 3)
+        self.assertEqual(answers[:3], [[], [], []])  # being checked
+        self.assertEqual([a[0].value.resultCode for a in answers[3:]], [49] * 7)
+        self.assertEqual(factory.metrics.bindsLimited.value, 7)
+        checks[0][0].callback(True)  # one succeeds: its token comes back
+        checks[1][0].callback(False)
+        checks[2][0].callback(False)
+        self.assertEqual(factory.metrics.bindsFailed.value, 2)
+        clients[5].transport.clear()
+        clients[5].protocol.dataReceived(bind(2, ALICE, "wrong"))
+        self.assertEqual(len(checks), 4)  # the refunded token: checked
+        (refused,) = clients[6].send(bind(2, ALICE, "wrong"))
+        self.assertEqual((refused.value.resultCode, len(checks)), (49, 4))
+
     def test_successfulBindsAreNotLimited(self):
         factory = makeFactory(failedBindRate=0.5, failedBindBurst=2)
         client = Client(factory)

@@ -18,6 +18,16 @@ users come from is a L{UserSource} in the configuration:
 L{authenticatorFor} builds the authenticator; the LDAP kinds live in
 C{netsvc.ldap.authn} and are imported only when configured.
 
+Hashing never runs in the reactor's default thread pool (that pool carries the
+fsyncs the SMTP queue makes before every C{250}): every check goes through
+L{hashPool}, a small L{HashPool} of its own with a bounded queue that refuses at
+once (L{Refused}C{("busy")}, nothing hashed) when full.  Failed checks are
+limited per client and overall by a L{FailureLimit}, reserve-first: a token is
+taken before the hash is computed and given back when the password was right,
+so parallel attempts from one address cannot all pass a limit checked before
+any of them failed.  L{Limited} puts one in front of any L{Authenticator};
+L{limitedCheck} is the same for a caller with its own hash check.
+
 Hash formats understood by L{verifyPassword}: C{scrypt:salt:key} (what this module
 writes; the same as chat's and the web admin's password lines), C{{SCRYPT}scrypt:...},
 C{{SSHA}}, C{{SHA}}, C{{SSHA256}}, C{{SSHA512}} (RFC 2307 style, as slapd writes
@@ -36,14 +46,19 @@ import sys
 import tempfile
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from threading import Thread
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from netsvc.config import Invalid, Problem, field, frozen
+from netsvc.metrics import Counter, Registry
+from netsvc.rates import RateLimiter
 
 log = Logger()
 
@@ -131,6 +146,256 @@ def _crypt(password: str, setting: str) -> str | None:
     return crypt.crypt(password, setting)
 
 
+# -- the hashing pool and failure limits -----------------------------------------
+
+
+class Refused:
+    """
+    The answer of a password check that was not made: falsy (callers that only
+    test the truth of the answer treat it as a wrong password), with C{reason}
+    C{"busy"} (the hashing pool's queue is full) or C{"rate"} (too many failures
+    from this client, or overall) and C{retryAfter} (seconds, an estimate).
+    """
+
+    __slots__ = ("reason", "retryAfter")
+
+    def __init__(self, reason: str, retryAfter: float = 1.0) -> None:
+        self.reason = reason
+        self.retryAfter = retryAfter
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"Refused({self.reason!r}, {self.retryAfter:g})"
+
+
+class PoolBusy(Exception):
+    """L{HashPool.run}: the queue is full; nothing was run."""
+
+
+class _DaemonThread(Thread):
+    """A hashing thread never keeps the process alive (it holds nothing that must be finished)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
+class _HashThreadPool(ThreadPool):
+    threadFactory = _DaemonThread
+
+
+class HashPool:
+    """
+    A small thread pool for password hashing, apart from the reactor's default
+    pool, with a bounded queue: at most C{threads} checks run and C{queue} more
+    wait; beyond that L{run} fails at once with L{PoolBusy} and L{verify} answers
+    L{Refused}C{("busy")}, without hashing.  The threads start at the first check
+    and stop when the reactor shuts down (or at L{stop}; a later check starts them
+    again).  Everything but the work itself happens on the reactor thread.
+
+    C{verify} is the function L{verify} runs (default: L{verifyPassword}, looked
+    up at each call); tests pass a fake.
+    """
+
+    def __init__(self, reactor: Any = None, threads: int = 2, queue: int = 32,
+                 verify: Callable[..., bool] | None = None, name: str = "netsvc-hash") -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self.reactor = reactor
+        self.threads = threads
+        self.queue = queue
+        self.name = name
+        self._verify = verify
+        self._pool: ThreadPool | None = None
+        self._trigger: Any = None
+        #: Checks queued or running now.
+        self.pending = 0
+        #: Checks run, and checks refused because the queue was full.
+        self.ran = Counter()
+        self.refusedBusy = Counter()
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        """
+        C{f(*args, **kwargs)} in one of the pool's threads: a Deferred of its
+        result.  Fails at once with L{PoolBusy} (C{f} not called) when
+        C{threads + queue} calls are already queued or running.
+        """
+        if self.pending >= self.threads + self.queue:
+            self.refusedBusy.inc()
+            return defer.fail(PoolBusy(f"{self.pending} password checks already waiting"))
+        pool = self._start()
+        self.pending += 1
+        self.ran.inc()
+        d = deferToThreadPool(self.reactor, pool, f, *args, **kwargs)
+        d.addBoth(self._finished)
+        return d
+
+    def verify(self, password: str, stored: str, plain: bool = False) -> defer.Deferred:
+        """
+        Fires with L{verifyPassword}C{(password, stored, plain)} computed in the
+        pool, or with L{Refused}C{("busy")} when the queue is full.  Never fails.
+        """
+        return self.tryRun(self._verify or verifyPassword, password, stored, plain)
+
+    def tryRun(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """L{run}, but L{PoolBusy} becomes L{Refused}C{("busy")} and any other error False (logged)."""
+        d = self.run(f, *args)
+
+        def failed(failure: Any) -> Any:
+            if failure.check(PoolBusy):
+                return Refused("busy", 1.0)
+            log.failure("password check failed", failure)
+            return False
+
+        return d.addErrback(failed)
+
+    def _finished(self, result: Any) -> Any:
+        self.pending -= 1
+        return result
+
+    def _start(self) -> ThreadPool:
+        if self._pool is None:
+            pool = _HashThreadPool(0, self.threads, self.name)
+            pool.start()
+            self._pool = pool
+            self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        return self._pool
+
+    def stop(self) -> None:
+        """Stop the threads (waiting for the checks already queued).  A later check starts them again."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if self._trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(self._trigger)
+            except (ValueError, KeyError):
+                pass  # we are the trigger running now
+            self._trigger = None
+        pool.stop()
+
+
+_pools: dict[int, HashPool] = {}
+
+
+def hashPool(reactor: Any = None) -> HashPool:
+    """The process's one L{HashPool} (per reactor): 2 threads, 32 waiting."""
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    pool = _pools.get(id(reactor))
+    if pool is None or pool.reactor is not reactor:
+        pool = _pools[id(reactor)] = HashPool(reactor)
+    return pool
+
+
+class FailureLimit:
+    """
+    Failed password checks allowed per client (C{rate} per second, C{burst} at
+    once, per key -- an IP address) and overall (C{overallRate}, C{overallBurst},
+    whatever the key), used reserve-first:
+
+        if not limit.reserve(client): answer "try later" (nothing checked)
+        ... check ...; if it succeeded (or was not made): limit.refund(client)
+
+    A rate of 0 means no limit of that kind.  C{refusedRate} and C{refusedBusy}
+    count refusals (counters of C{netsvc_password_checks_refused_total} in
+    C{registry} under C{service}, when given).
+    """
+
+    def __init__(self, clock: Any, rate: float = 0.2, burst: float = 10,
+                 overallRate: float = 20.0, overallBurst: float = 100,
+                 registry: Registry | None = None, service: str = "", maxKeys: int = 65536) -> None:
+        self.clock = clock
+        self.perClient = RateLimiter(rate, burst, clock, maxKeys)
+        self.overall = RateLimiter(overallRate, overallBurst, clock, 1)
+        if registry is not None:
+            family = registry.counter("netsvc_password_checks_refused_total",
+                                      "Password checks answered without hashing, by reason (rate, busy).",
+                                      ["service", "reason"])
+            self.refusedRate: Counter = family.labels(service=service, reason="rate")  # type: ignore[assignment]
+            self.refusedBusy: Counter = family.labels(service=service, reason="busy")  # type: ignore[assignment]
+        else:
+            self.refusedRate, self.refusedBusy = Counter(), Counter()
+
+    def reserve(self, client: Any) -> bool:
+        """
+        Take one failure from C{client}'s allowance and the overall one; False
+        (nothing taken) when either is spent.
+        """
+        if not self.perClient.allow(client):
+            self.refusedRate.inc()
+            return False
+        if not self.overall.allow(None):
+            self.perClient.refund(client)
+            self.refusedRate.inc()
+            return False
+        return True
+
+    def refund(self, client: Any) -> None:
+        """Give back what L{reserve} took (the password was right, or it was not checked)."""
+        self.perClient.refund(client)
+        self.overall.refund(None)
+
+    def retryAfter(self, client: Any) -> float:
+        """Seconds until C{client} may try again (at least 1)."""
+        wait = 1.0
+        for limiter, key in ((self.perClient, client), (self.overall, None)):
+            if limiter.rate > 0:
+                wait = max(wait, (1 - limiter.available(key)) / limiter.rate)
+        return float(int(wait + 0.999))
+
+
+def limitedCheck(limit: FailureLimit | None, client: Any,
+                 check: Callable[[], defer.Deferred]) -> defer.Deferred:
+    """
+    C{check()} (a Deferred of a bool, or of L{Refused}) behind C{limit}, reserve-first:
+    with C{client}'s (or the overall) allowance spent, fires L{Refused}C{("rate")}
+    at once without calling C{check}; a success or a L{Refused} answer gives the
+    reservation back; an error is a failure (logged, False).  Never fails.
+    """
+    if limit is not None and not limit.reserve(client):
+        return defer.succeed(Refused("rate", limit.retryAfter(client)))
+    d = defer.maybeDeferred(check)
+
+    def done(ok: Any) -> Any:
+        if isinstance(ok, Refused):
+            if limit is not None:
+                limit.refund(client)
+                if ok.reason == "busy":
+                    limit.refusedBusy.inc()
+            return ok
+        if ok is True and limit is not None:
+            limit.refund(client)
+        return ok is True
+
+    def failed(f: Any) -> bool:
+        log.failure("checking a password", f)
+        return False
+
+    return d.addErrback(failed).addCallback(done)
+
+
+class Limited:
+    """
+    An L{Authenticator} with a L{FailureLimit} in front: C{check(user, password,
+    client)} fires L{Refused}C{("rate")} without checking once C{client} (or
+    everyone together) failed too often.  Without C{client}, only the overall
+    limit applies.
+    """
+
+    def __init__(self, authenticator: Any, limit: FailureLimit) -> None:
+        self.authenticator = authenticator
+        self.limit = limit
+
+    def isReserved(self, user: str) -> bool:
+        return self.authenticator.isReserved(user)
+
+    def check(self, user: str, password: str, client: Any = None) -> defer.Deferred:
+        return limitedCheck(self.limit, client, lambda: self.authenticator.check(user, password))
+
+
 # -- authenticators ------------------------------------------------------------
 
 
@@ -141,7 +406,10 @@ class Authenticator(typing.Protocol):
         """Whether C{user} exists (synchronous and cheap)."""
 
     def check(self, user: str, password: str) -> defer.Deferred[bool]:
-        """Fires with whether C{password} is C{user}'s; never fails.  Hashing runs in a thread."""
+        """
+        Fires with whether C{password} is C{user}'s; never fails.  Hashing runs in
+        L{hashPool}; when its queue is full the answer is L{Refused}C{("busy")} (falsy).
+        """
 
 
 class UsersFile:
@@ -152,9 +420,10 @@ class UsersFile:
     good contents (and is logged).
     """
 
-    def __init__(self, path: str | Path, verify: Any = None) -> None:
+    def __init__(self, path: str | Path, verify: Any = None, pool: HashPool | None = None) -> None:
         self.path = Path(path)
-        self._verify = verify or (lambda password, stored: deferToThread(verifyPassword, password, stored))
+        self._pool = pool
+        self._verify = verify or (lambda password, stored: (self._pool or hashPool()).verify(password, stored))
         self._stamp: tuple[float, int] | None = None
         self._entries: dict[str, str] = {}
         self.reload()
@@ -186,7 +455,7 @@ class UsersFile:
         self.reload()
         stored = self._entries.get(user.lower())
         d = self._verify(password, stored or _DUMMY)
-        d.addCallback(lambda ok: bool(ok) and stored is not None)
+        d.addCallback(lambda ok: ok if isinstance(ok, Refused) else bool(ok) and stored is not None)
         d.addErrback(lambda f: log.failure("checking a password for {user}", f, user=user) and False)
         return d
 

@@ -240,3 +240,20 @@ class RateLimiterTests(unittest.TestCase):
     def test_unlimited(self):
         limiter = RateLimiter(0, 0, MemoryReactorClock())
         self.assertTrue(all(limiter.allow("a") for _ in range(1000)))
+
+    def test_refund(self):
+        """Reserve-first: allow() takes a token before the check, refund() gives it back (never above the burst)."""
+        clock = MemoryReactorClock()
+        limiter = RateLimiter(0.1, 2, clock)
+        self.assertTrue(limiter.allow("a"))
+        self.assertTrue(limiter.allow("a"))
+        self.assertFalse(limiter.allow("a"))
+        limiter.refund("a")
+        self.assertEqual(limiter.available("a"), 1)
+        self.assertTrue(limiter.allow("a"))
+        for _ in range(5):
+            limiter.refund("a")
+        self.assertEqual(limiter.available("a"), 2)
+        limiter.refund("unknown")  # nothing taken: nothing to give back
+        self.assertNotIn("unknown", limiter._buckets)
+        RateLimiter(0, 0, clock).refund("a")  # unlimited: a no-op

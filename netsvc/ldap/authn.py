@@ -46,6 +46,7 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from netsvc.auth import Refused
 from netsvc.ldap import client
 
 log = Logger()
@@ -322,7 +323,7 @@ class LocalDirectory:
         # costs (a dummy of its most common scheme, on the same path).
         d = defer.maybeDeferred(directory.checkPassword, entry.dn if entry is not None else _NO_SUCH_DN, password)
         d.addTimeout(self.timeout, self.context.reactor)
-        d.addCallback(lambda ok: bool(ok) and entry is not None)
+        d.addCallback(lambda ok: ok if isinstance(ok, Refused) else bool(ok) and entry is not None)
         return d.addErrback(lambda f: (log.failure("checking a password for {user}", f, user=user), False)[1])
 
 

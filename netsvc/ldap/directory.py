@@ -8,7 +8,7 @@ indexed for equality lookups, searched by scope and filter.
 
 The Directory API other modules rely on (docs/LDAP.md, C{netsvc.ldap.authn}):
     context.directory.findUser(name, attribute="uid") -> Entry | None    sync, cheap, case-insensitive
-    context.directory.checkPassword(dn, password)     -> Deferred[bool]  never errbacks
+    context.directory.checkPassword(dn, password)     -> Deferred[bool | auth.Refused]  never errbacks
 
 L{Directory.replace} swaps in a reloaded tree in place, so that holders of the
 object (authenticators, connections) see the new entries at once.
@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from netsvc import auth
@@ -72,6 +71,8 @@ class Directory:
     def __init__(self, suffix: str) -> None:
         self.suffix = suffix
         self.nsuffix = normalizeDN(suffix)
+        #: Where slow password checks run (None: L{netsvc.auth.hashPool}).
+        self.pool: auth.HashPool | None = None
         self._set({}, {}, {})
 
     def _set(self, entries: dict[str, Entry], children: dict[str, list[Entry]],
@@ -185,7 +186,9 @@ class Directory:
         Whether C{password} matches one of the C{userPassword} values of entry
         C{dn} (any scheme L{netsvc.auth.verifyPassword} knows; cleartext values
         too, as in LDAP).  Salted-SHA values are checked at once (microseconds);
-        anything else (scrypt, crypt) in a thread.  Never errbacks.
+        anything else (scrypt, crypt) in the hashing pool (L{netsvc.auth.hashPool},
+        never the reactor's default pool); when its queue is full the answer is
+        L{netsvc.auth.Refused}C{("busy")} (falsy), nothing hashed.  Never errbacks.
 
         An unknown DN (or an entry without a password) gives False after the same
         work as a wrong password: a check of one of the directory's own values of
@@ -199,10 +202,10 @@ class Directory:
         if all(s[:s.find("}") + 1].upper() in _CHEAP for s in work):
             ok = _verifyAny(password, work)
             return defer.succeed(ok and bool(stored))
-        d = deferToThread(_verifyAny, password, work)
+        d = (self.pool or auth.hashPool()).tryRun(_verifyAny, password, work)
         if not stored:
-            d.addCallback(lambda _: False)
-        return d.addErrback(lambda f: (log.failure("password check failed", f), False)[1])
+            d.addCallback(lambda ok: ok if isinstance(ok, auth.Refused) else False)
+        return d
 
     # -- search
 

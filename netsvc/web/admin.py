@@ -1,8 +1,11 @@
 """
 C{/metrics} and C{/status} on the web service, behind L{AdminGate}: clients
 in the allow list (loopback by default) pass; others need HTTP basic auth with
-a user of C{admin.users} (scrypt hashes, checked in a thread and remembered for
-a few minutes); without users configured they get 403.
+a user of C{admin.users} (scrypt hashes, checked in L{netsvc.auth.hashPool} and
+remembered for a few minutes); without users configured they get 403.  Wrong
+passwords are limited per client address (a L{netsvc.auth.FailureLimit},
+reserve-first): once over, the answer is 429 with C{Retry-After}, without
+hashing; with the hashing pool's queue full, 503 with C{Retry-After}.
 
 C{/status} is an HTML page, or JSON when asked (C{Accept: application/json},
 C{/status.json} or C{/status?format=json}): pid, start time, uptime, config
@@ -18,10 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
 
-from netsvc.auth import verifyPassword
+from netsvc.auth import FailureLimit, HashPool, Refused, hashPool, limitedCheck
 from netsvc.metrics import Counter, Gauge, Registry
 from netsvc.policies import AccessList
 from netsvc.status import MetricsResource
@@ -31,8 +33,23 @@ from netsvc.web import pages
 AUTH_CACHE_SECONDS = 300.0
 
 
+class _Seconds:
+    """A C{time.monotonic}-like callable as the C{seconds()} of an IReactorTime (for L{FailureLimit})."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.seconds = clock
+
+
 class AdminGate(resource.Resource):
-    """Lets allowed clients (by address, or by password) through to C{target}."""
+    """
+    Lets allowed clients (by address, or by password) through to C{target}.
+
+    @param check: C{(password, stored) -> Deferred[bool | Refused]}; default: in
+        C{pool} (default L{netsvc.auth.hashPool}).
+    @param failures: the wrong-password limit per client address; default: a
+        L{FailureLimit} of its own with the module's defaults.  Gates of one site
+        should share one (and count its refusals in the registry).
+    """
 
     isLeaf = True
 
@@ -43,17 +60,21 @@ class AdminGate(resource.Resource):
         users: dict[str, str],
         clock: Callable[[], float] = time.monotonic,
         check: Callable[..., Any] | None = None,
+        failures: FailureLimit | None = None,
+        pool: HashPool | None = None,
     ) -> None:
         super().__init__()
         self.target = target
         self.access = access
         self.users = users
         self.clock = clock
-        self.check = check or (lambda password, stored: deferToThread(verifyPassword, password, stored))
+        self.check = check or (lambda password, stored: (pool or hashPool()).verify(password, stored))
+        self.failures = failures if failures is not None else FailureLimit(_Seconds(clock))
         self._good: dict[bytes, float] = {}
 
     def render(self, request: server.Request) -> Any:
-        if self.access.permits(request.getClientAddress().host or "unix"):
+        client = request.getClientAddress().host or "unix"
+        if self.access.permits(client):
             return self.target.render(request)
         if not self.users:
             return pages.error(request, 403, "only for clients on the allow list")
@@ -67,10 +88,12 @@ class AdminGate(resource.Resource):
         if expiry is not None and expiry > self.clock():
             return self.target.render(request)
 
-        def checked(ok: bool) -> None:
+        def checked(ok: Any) -> None:
             if request._disconnected:
                 return
-            if ok:
+            if isinstance(ok, Refused):
+                body = self.refuse(request, ok)
+            elif ok is True:
                 if len(self._good) > 1000:
                     self._good.clear()
                 self._good[token] = self.clock() + AUTH_CACHE_SECONDS
@@ -82,8 +105,15 @@ class AdminGate(resource.Resource):
                     request.write(body)
                 request.finish()
 
-        self.check(password, stored).addCallback(checked)
+        limitedCheck(self.failures, client, lambda: self.check(password, stored)).addCallback(checked)
         return server.NOT_DONE_YET
+
+    def refuse(self, request: server.Request, refused: Refused) -> bytes:
+        """429 (too many wrong passwords from this client) or 503 (the hashing pool is full), with Retry-After."""
+        retry = {b"Retry-After": b"%d" % max(1, int(refused.retryAfter))}
+        if refused.reason == "rate":
+            return pages.error(request, 429, "too many wrong passwords; try again later", headers=retry)
+        return pages.error(request, 503, "too many password checks waiting; try again later", headers=retry)
 
     def challenge(self, request: server.Request) -> bytes:
         return pages.error(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import sys
+import threading
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from netsvc import config
+from netsvc import auth, config
 from netsvc.cli import checkConfig
 from netsvc.ldap.directory import Directory, LoadError, ScanLimit
 from netsvc.ldap.ldifload import LDIFError, parseLDIF
@@ -133,6 +134,49 @@ class DirectoryTests(unittest.TestCase):
                                   b"userPassword: plain\n")
         d = directory.checkPassword("cn=x,dc=example,dc=com", "plain")
         return d.addCallback(self.assertTrue)
+
+    def test_slowSchemesInHashPool(self):
+        """A scrypt (or crypt) userPassword is checked in the hashing pool, never the reactor's default pool."""
+        threads = []
+
+        def verify(password, stored, plain=False):
+            threads.append(threading.current_thread().name)
+            return password == "right"
+
+        self.patch(auth, "verifyPassword", verify)
+        self.addCleanup(auth.hashPool().stop)
+        directory = directoryFrom(TOP + b"dn: cn=x,dc=example,dc=com\nobjectClass: person\ncn: x\nsn: x\n"
+                                  b"userPassword: scrypt:00:00\n")
+        d = directory.checkPassword("cn=x,dc=example,dc=com", "right")
+        d.addCallback(self.assertIs, True)
+        d.addCallback(lambda _: self.assertEqual(len(threads), 1))
+        d.addCallback(lambda _: self.assertIn("netsvc-hash", threads[0]))
+        return d
+
+    def test_busyPoolRefuses(self):
+        """With the hashing pool's queue full, a slow check answers Refused("busy") (falsy) without hashing."""
+        gate = threading.Event()
+        calls = []
+
+        def verify(password, stored, plain=False):
+            calls.append(password)
+            gate.wait(30)
+            return False
+
+        directory = directoryFrom(TOP + b"dn: cn=x,dc=example,dc=com\nobjectClass: person\ncn: x\nsn: x\n"
+                                  b"userPassword: scrypt:00:00\n")
+        directory.pool = auth.HashPool(reactor, threads=1, queue=0, verify=verify)
+        self.addCleanup(directory.pool.stop)
+        self.addCleanup(gate.set)
+        self.patch(auth, "verifyPassword", verify)
+        first = directory.checkPassword("cn=x,dc=example,dc=com", "a")
+        busy = self.successResultOf(directory.checkPassword("cn=x,dc=example,dc=com", "b"))
+        self.assertIsInstance(busy, auth.Refused)
+        self.assertEqual(busy.reason, "busy")
+        unknown = self.successResultOf(directory.checkPassword("cn=nobody,dc=example,dc=com", "c"))
+        self.assertIsInstance(unknown, auth.Refused)
+        gate.set()
+        return first.addCallback(self.assertIs, False).addCallback(lambda _: self.assertEqual(calls, ["a"]))
 
     def test_indexedSearchIsNotAScan(self):
         many = directoryFrom(TOP + b"".join(

@@ -2,11 +2,19 @@
 
 import base64
 import json
+import threading
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.trial import unittest
+from twisted.web import resource, server
+from twisted.web.test.requesthelper import DummyRequest
 
+from netsvc import auth
+from netsvc.auth import Refused
 from netsvc.chat.auth import hashPassword
+from netsvc.policies import AccessList
+from netsvc.web.admin import AdminGate
 from tests.web._support import TLS, get, startWeb, webPort
 
 
@@ -84,3 +92,107 @@ class RestrictedTests(unittest.TestCase):
             self.assertIn(b"netsvc_", r.body)
         r = yield get(port, "/status.json", {"Authorization": f"Basic {good}"}, cafile=self.cafile)
         self.assertEqual(r.status, 200)
+
+
+class _Request(DummyRequest):
+    """A DummyRequest with what AdminGate reads: the client, basic auth credentials, _disconnected."""
+
+    def __init__(self, host, user=b"", password=b""):
+        super().__init__([b"metrics"])
+        self.client = IPv4Address("TCP", host, 40000)
+        self.user, self.password = user, password
+        self._disconnected = False
+
+    def getUser(self):
+        return self.user
+
+    def getPassword(self):
+        return self.password
+
+
+class _Target(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return b"secret metrics"
+
+
+class GateLimitTests(unittest.TestCase):
+    """AdminGate in memory: wrong passwords limited per client, reserve-first; hashing in the hashing pool."""
+
+    def setUp(self):
+        self.now = 1000.0
+        self.calls = []
+        self.pending = []
+
+    def gate(self, check=None, **kw):
+        return AdminGate(_Target(), AccessList(["10.0.0.0/8"]), {"ops": "scrypt:00:00"}, clock=lambda: self.now,
+                         check=check or self.slowCheck, **kw)
+
+    def slowCheck(self, password, stored):
+        self.calls.append(password)
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def render(self, gate, host="192.0.2.1", password=b"wrong"):
+        request = _Request(host, b"ops", password)
+        body = gate.render(request)
+        if body is not server.NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+        return request
+
+    def test_parallelWrongPasswordsLimited(self):
+        """
+        20 requests at once from one address with wrong passwords: only the
+        burst (10) is hashed; the rest get 429 with Retry-After at once.
+        """
+        gate = self.gate()
+        requests = [self.render(gate) for _ in range(20)]
+        self.assertEqual(len(self.calls), 10)
+        for r in requests[10:]:
+            self.assertEqual(r.responseCode, 429)
+            self.assertTrue(r.finished)
+            self.assertGreaterEqual(int(r.responseHeaders.getRawHeaders(b"retry-after")[0]), 1)
+        for d in self.pending:
+            d.callback(False)
+        self.assertEqual({r.responseCode for r in requests[:10]}, {401})
+        # another address still gets its check
+        self.render(gate, host="192.0.2.2")
+        self.assertEqual(len(self.calls), 11)
+
+    def test_successRefunds(self):
+        gate = self.gate()
+        for i in range(15):  # right passwords (each different, so none is remembered) never use up the allowance
+            r = self.render(gate, password=b"right%d" % i)
+            self.pending[-1].callback(True)
+            self.assertEqual(r.responseCode, None)
+            self.assertEqual(b"".join(r.written), b"secret metrics")
+        self.assertEqual(len(self.calls), 15)
+
+    def test_busy(self):
+        gate = self.gate(check=lambda password, stored: defer.succeed(Refused("busy")))
+        r = self.render(gate)
+        self.assertEqual(r.responseCode, 503)
+        self.assertEqual(r.responseHeaders.getRawHeaders(b"retry-after"), [b"1"])
+
+    def test_defaultCheckInHashPool(self):
+        """Without a check given, the password is hashed in the hashing pool, not the reactor's default pool."""
+        threads = []
+
+        def verify(password, stored, plain=False):
+            threads.append(threading.current_thread().name)
+            return False
+
+        self.patch(auth, "verifyPassword", verify)
+        self.addCleanup(auth.hashPool().stop)
+        gate = AdminGate(_Target(), AccessList(["10.0.0.0/8"]), {"ops": "scrypt:00:00"})
+        request = _Request("192.0.2.1", b"ops", b"wrong")
+        self.assertIs(gate.render(request), server.NOT_DONE_YET)
+        d = defer.Deferred()
+        request.notifyFinish().addCallback(d.callback)
+        d.addCallback(lambda _: self.assertEqual(request.responseCode, 401))
+        d.addCallback(lambda _: self.assertEqual(len(threads), 1))
+        d.addCallback(lambda _: self.assertIn("netsvc-hash", threads[0]))
+        return d

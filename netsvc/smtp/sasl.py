@@ -6,7 +6,11 @@ Failures -- a wrong password or a garbage response (bad base64, no NULs, an
 authzid that is not the user) -- answer 535 5.7.8, are counted in the metrics,
 close the session after C{authPerSession} of them (421) and take a token from
 the client IP's bucket (C{authFailures}); with the bucket empty, AUTH answers
-454 4.7.0 without checking anything.
+454 4.7.0 without checking anything.  The token is reserved before the password
+is checked and given back when it was right (so parallel sessions from one
+address cannot all pass a bucket that none of them has emptied yet); a check the
+hashing pool refused (busy, L{netsvc.auth.Refused}) gives it back too and
+answers 454 4.7.0 Temporary authentication failure.
 
 A mixin of L{netsvc.smtp.protocol.SMTPSession}: it uses the session's config,
 reply queue (C{_send}, C{_error}, C{_close}) and input hold (C{_hold}, C{_release}).
@@ -21,6 +25,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from netsvc.auth import Refused
 
 log = Logger()
 
@@ -68,9 +74,7 @@ class AuthCommands:
             self._error(504, "5.5.4", "Error: unsupported authentication mechanism", "bad_syntax")
             return
         if c.authFailures is not None and c.authFailures.available(self.host) < 1:
-            self.config.metrics.auth("rate_limited")
-            # an error like any other: a session looping on it is closed after MAX_ERRORS
-            self._error(454, "4.7.0", "Too many failed authentication attempts; try again later", "auth_rate")
+            self._rateLimited()  # early, to spare the exchange; the token is taken before the check
             return
         initial = initial.strip()
         if mechanism == b"PLAIN":
@@ -135,10 +139,17 @@ class AuthCommands:
         except UnicodeDecodeError:
             self._authFailed("garbage")
             return
+        limit, host = self.config.authFailures, self.host
+        if limit is not None and not limit.allow(host):  # reserve first: a failure is paid before the check
+            self._rateLimited()
+            return
         self._hold()
         d = defer.maybeDeferred(self.config.authenticator.check, name, secret)
 
         def done(ok: Any) -> None:
+            if ok is True or isinstance(ok, Refused):
+                if limit is not None:
+                    limit.refund(host)
             if self._closed:
                 return
             if ok is True:
@@ -146,8 +157,11 @@ class AuthCommands:
                 self.config.metrics.auth("ok")
                 self._send(235, "2.7.0", "Authentication successful")
                 log.info("smtp: {client} authenticated as {user}", client=self.host, user=name)
+            elif isinstance(ok, Refused):
+                self.config.metrics.auth("busy" if ok.reason == "busy" else "rate_limited")
+                self._send(454, "4.7.0", "Temporary authentication failure")
             else:
-                self._authFailed("failed")
+                self._authFailed("failed", reserved=True)
             self._release()
 
         def failed(f: Any) -> None:
@@ -158,12 +172,19 @@ class AuthCommands:
 
         d.addCallbacks(done, failed)
 
-    def _authFailed(self, kind: str) -> None:
+    def _rateLimited(self) -> None:
+        self._authState = None
+        self.config.metrics.auth("rate_limited")
+        # an error like any other: a session looping on it is closed after MAX_ERRORS
+        self._error(454, "4.7.0", "Too many failed authentication attempts; try again later", "auth_rate")
+
+    def _authFailed(self, kind: str, reserved: bool = False) -> None:
+        """A failed attempt; C{reserved}: its token was already taken from the client's bucket."""
         self._authState = None
         c = self.config
         c.metrics.auth("failed")
         c.metrics.reject("auth_" + kind)
-        if c.authFailures is not None:
+        if c.authFailures is not None and not reserved:
             c.authFailures.allow(self.host)
         self.authFailures += 1
         log.info("smtp: AUTH failed from {client} ({kind})", client=self.host, kind=kind)

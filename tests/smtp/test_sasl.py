@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 
+from twisted.internet import defer
+
+from netsvc.auth import Refused
 from netsvc.policies import RateLimiter
 from tests.smtp.test_protocol import SessionCase, plain
 
@@ -90,3 +93,68 @@ class AuthTests(SessionCase):
         self.assertTrue(out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n"), out)
         self.assertTrue(t.disconnecting)
         self.assertEqual(len(self.auth.calls), 1)
+
+
+class SlowAuth:
+    """An authenticator whose answers come when the test says (a password check in a thread)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def check(self, user, password):
+        d = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+class ReserveFirstTests(SessionCase):
+    """The client IP's failure bucket is charged before the check, not after it failed."""
+
+    def test_parallelSessionsReserveFirst(self):
+        """10 sessions from one address AUTH at once against a slow check: only the burst (3) reach it."""
+        auth = SlowAuth()
+        config = self.makeConfig(authenticator=auth, authFailures=RateLimiter(0.1, 3, self.clock))
+        sessions = []
+        for _ in range(10):
+            p, t = self.connect(peer="192.0.2.20", secure=True, config=config)
+            self.send(p, t, b"EHLO x\r\n")
+            sessions.append((p, t, self.send(p, t, b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")))
+        self.assertEqual(len(auth.calls), 3)
+        self.assertEqual([out for _, _, out in sessions[:3]], [b""] * 3)  # waiting for their check
+        for _, _, out in sessions[3:]:
+            self.assertTrue(out.startswith(b"454 4.7.0"), out)
+        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="rate_limited"), 7)
+        for d in auth.calls:
+            d.callback(False)
+        for _, t, _ in sessions[:3]:
+            self.assertEqual(t.value(), b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertEqual(config.authFailures.available("192.0.2.20"), 0)  # charged once each, not twice
+
+    def test_successRefunds(self):
+        auth = SlowAuth()
+        config = self.makeConfig(authenticator=auth, authFailures=RateLimiter(0.1, 3, self.clock))
+        for _ in range(5):
+            p, t = self.connect(peer="192.0.2.21", secure=True, config=config)
+            self.send(p, t, b"EHLO x\r\n")
+            self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
+            auth.calls[-1].callback(True)
+            self.assertEqual(t.value(), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(config.authFailures.available("192.0.2.21"), 3)
+
+    def test_busyIsTemporaryAndRefunded(self):
+        """A check the hashing pool refused (queue full): 454 4.7.0, not a failure, the token given back."""
+        auth = SlowAuth()
+        config = self.makeConfig(authenticator=auth, authFailures=RateLimiter(0.1, 3, self.clock))
+        p, t = self.connect(peer="192.0.2.22", secure=True, config=config)
+        self.send(p, t, b"EHLO x\r\n")
+        self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
+        auth.calls[-1].callback(Refused("busy"))
+        self.assertEqual(t.value(), b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(config.authFailures.available("192.0.2.22"), 3)
+        self.assertEqual(p.authFailures, 0)
+        self.assertEqual(self.metric("netsvc_smtp_auth_total", result="busy"), 1)
+        # the session may try again
+        t.clear()
+        self.send(p, t, b"AUTH PLAIN " + plain("alice", "s3cret") + b"\r\n")
+        auth.calls[-1].callback(True)
+        self.assertEqual(t.value(), b"235 2.7.0 Authentication successful\r\n")

@@ -405,10 +405,12 @@ class Authenticator(typing.Protocol):
     def isReserved(self, user: str) -> bool:
         """Whether C{user} exists (synchronous and cheap)."""
 
-    def check(self, user: str, password: str) -> defer.Deferred[bool]:
+    def check(self, user: str, password: str, client: Any = None) -> defer.Deferred[bool]:
         """
         Fires with whether C{password} is C{user}'s; never fails.  Hashing runs in
         L{hashPool}; when its queue is full the answer is L{Refused}C{("busy")} (falsy).
+        C{client} (an address) is what L{Limited} counts failures against; the
+        others ignore it.
         """
 
 
@@ -451,7 +453,7 @@ class UsersFile:
         self.reload()
         return user.lower() in self._entries
 
-    def check(self, user: str, password: str) -> defer.Deferred[bool]:
+    def check(self, user: str, password: str, client: Any = None) -> defer.Deferred[bool]:
         self.reload()
         stored = self._entries.get(user.lower())
         d = self._verify(password, stored or _DUMMY)

@@ -209,3 +209,29 @@ class FailureLimitTests(unittest.TestCase):
         # a client refused by the overall limit keeps its own allowance
         self.assertEqual(limit.perClient.available("192.0.2.5"), 3)
         self.assertTrue(users.isReserved("ann"))
+
+
+class ChatAuthorityTests(unittest.TestCase):
+    def test_limitedNickPasswords(self):
+        """chat.auth.limited: FAILURE_BURST wrong nickname passwords per address are hashed, then Refused("rate")."""
+        from netsvc.chat import auth as chatauth
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("ann:scrypt:00:00\n")
+        calls = []
+
+        def verify(password, stored):
+            calls.append(password)
+            return defer.succeed(False)
+
+        registry = Registry()
+        authority = chatauth.limited(chatauth.PasswordFile(path, verify=verify), Clock(), registry)
+        self.assertTrue(authority.isReserved("ANN"))
+        answers = [self.successResultOf(authority.check("ann", "wrong", client="192.0.2.1")) for _ in range(8)]
+        self.assertEqual(len(calls), chatauth.FAILURE_BURST)
+        self.assertEqual(answers[:chatauth.FAILURE_BURST], [False] * chatauth.FAILURE_BURST)
+        self.assertTrue(all(isinstance(a, auth.Refused) for a in answers[chatauth.FAILURE_BURST:]))
+        self.assertEqual(registry.get("netsvc_password_checks_refused_total")
+                         .labels(service="chat", reason="rate").value, 3)
+        self.assertIs(self.successResultOf(authority.check("ann", "wrong", client="192.0.2.2")), False)

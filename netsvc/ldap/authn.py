@@ -236,8 +236,11 @@ class RemoteDirectory:
             self._known.add(user.lower())
         return True
 
-    def check(self, user: str, password: str) -> defer.Deferred:
-        """Fires with whether C{password} is C{user}'s; False (never an error) when the directory fails."""
+    def check(self, user: str, password: str, client: Any = None) -> defer.Deferred:
+        """
+        Fires with whether C{password} is C{user}'s; False (never an error) when the
+        directory fails.  C{client} is not used (limits are L{netsvc.auth.Limited}'s).
+        """
         if not password or not user or len(user) > MAX_NAME:
             return defer.succeed(False)
         d = defer.ensureDeferred(self._check(user, password))
@@ -314,7 +317,8 @@ class LocalDirectory:
         directory = self._directory()
         return directory is not None and directory.findUser(user, self.attribute) is not None
 
-    def check(self, user: str, password: str) -> defer.Deferred:
+    def check(self, user: str, password: str, client: Any = None) -> defer.Deferred:
+        """L{netsvc.auth.Authenticator.check}: a bool, or L{Refused} when the hashing pool is full."""
         directory = self._directory()
         if directory is None or not password:
             return defer.succeed(False)

@@ -216,6 +216,25 @@ class HashPool:
         self.ran = Counter()
         self.refusedBusy = Counter()
 
+    def countInto(self, registry: Registry) -> None:
+        """
+        Count into C{registry} from now on (idempotent): C{netsvc_password_hashes_total},
+        C{netsvc_password_hash_busy_total} (refused, queue full) and the gauge
+        C{netsvc_password_hash_pending} (queued or running).
+        """
+        ran = registry.counter("netsvc_password_hashes_total", "Password checks run in the hashing pool.")
+        busy = registry.counter("netsvc_password_hash_busy_total",
+                                "Password checks refused without hashing: the hashing pool's queue was full.")
+        for family, attr in ((ran, "ran"), (busy, "refusedBusy")):
+            counter = family.children[()]
+            old = getattr(self, attr)
+            if counter is not old:
+                counter.inc(old.value)  # type: ignore[union-attr]
+                setattr(self, attr, counter)
+        registry.gauge("netsvc_password_hash_pending",
+                       "Password checks queued or running in the hashing pool.").children[()].setFunction(
+            lambda: self.pending)  # type: ignore[union-attr]
+
     def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
         """
         C{f(*args, **kwargs)} in one of the pool's threads: a Deferred of its
@@ -583,6 +602,7 @@ def authenticatorFor(source: UserSource, context: Any, key: str = "users") -> Au
         path = context.settings.path(source.file)
         if not path.is_file():
             raise StartupError([Problem(context.configFile, key, f"cannot read users file {path}")])
+        hashPool(context.reactor).countInto(context.metrics)
         return UsersFile(path)
     from netsvc.ldap import authn  # only when an LDAP source is configured
 

@@ -235,3 +235,21 @@ class ChatAuthorityTests(unittest.TestCase):
         self.assertEqual(registry.get("netsvc_password_checks_refused_total")
                          .labels(service="chat", reason="rate").value, 3)
         self.assertIs(self.successResultOf(authority.check("ann", "wrong", client="192.0.2.2")), False)
+
+
+class PoolMetricsTests(unittest.TestCase):
+    def test_countInto(self):
+        gate = Gate()
+        pool = auth.HashPool(reactor, threads=1, queue=0, verify=gate)
+        self.addCleanup(pool.stop)
+        self.addCleanup(gate.open)
+        pool.verify("a", "x")
+        pool.verify("b", "x")  # busy
+        registry = Registry()
+        pool.countInto(registry)
+        pool.countInto(registry)
+        pool.verify("c", "x")  # busy
+        text = registry.render()
+        self.assertIn("netsvc_password_hashes_total 1", text)
+        self.assertIn("netsvc_password_hash_busy_total 2", text)
+        self.assertIn("netsvc_password_hash_pending 1", text)

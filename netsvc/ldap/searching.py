@@ -39,6 +39,28 @@ LIGHT_FILTER = 64
 PAGED_WEIGHT = 32768
 
 
+class _Stream:
+    """
+    A search whose entries are being written: kept by the connection while its
+    transport is paused (the client does not read), resumed when it drains.
+    C{then(code, text, full, count)} ends it (writes the SearchResultDone).
+    """
+
+    __slots__ = ("msgid", "results", "sel", "sizeLimit", "deadline", "sent", "count", "pageSize", "then")
+
+    def __init__(self, msgid: int, results: Any, sel: Selection, sizeLimit: int, deadline: float, sent: int,
+                 pageSize: int, then: Any) -> None:
+        self.msgid = msgid
+        self.results = results
+        self.sel = sel
+        self.sizeLimit = sizeLimit
+        self.deadline = deadline
+        self.sent = sent
+        self.count = 0
+        self.pageSize = pageSize
+        self.then = then
+
+
 class _Paged:
     __slots__ = ("key", "results", "sent", "weight")
 
@@ -54,6 +76,9 @@ class SearchOperations:
     boundDN: str | None
     paged: dict
     _nextCookie: int
+    writesPaused: bool
+    #: The search being written, suspended while the transport is paused (None: none).
+    streaming: _Stream | None = None
 
     def write(self, data: bytes) -> None:  # provided by the protocol
         raise NotImplementedError
@@ -104,39 +129,65 @@ class SearchOperations:
             self._pagedSearch(msg, paged, base, scope, sel, sizeLimit, timeLimit)
             return
         results = directory.search(base, scope, req.filter, limits.maxScan, self.boundDN)
-        code, text, _, _ = self._send(msg.id, results, sel, sizeLimit, timeLimit, 0)
-        self.write(codec.result(msg.id, done, code, text))
+
+        def then(code: int, text: str, full: bool, count: int) -> None:
+            self.write(codec.result(msg.id, done, code, text))
+
+        self._send(msg.id, results, sel, sizeLimit, timeLimit, 0, then=then)
 
     def _send(self, msgid: int, results: Any, sel: Selection, sizeLimit: int, timeLimit: float,
-              already: int, pageSize: int = 0) -> tuple[int, str, bool, int]:
+              already: int, pageSize: int = 0, then: Any = None) -> None:
         """
         Write entries from C{results} (C{already} sent on earlier pages, at most
-        C{pageSize} now if not 0): (result code, text, whether a full page was
-        sent, how many were sent now).
+        C{pageSize} now if not 0), then call C{then(result code, text, whether a
+        full page was sent, how many were sent now)}.  When the transport pauses
+        (the client does not read) the rest waits in C{self.streaming} until
+        L{pumpSearch} is called again: one search never holds more than a chunk
+        of its answer in memory.
         """
+        stream = _Stream(msgid, results, sel, sizeLimit, self.factory.now() + timeLimit, already, pageSize, then)
+        self.streaming = stream
+        self.pumpSearch()
+
+    def pumpSearch(self) -> None:
+        """Write the streaming search's entries until it ends or the transport pauses."""
+        stream = self.streaming
+        if stream is None:
+            return
         factory = self.factory
         directory = factory.directory
         boundDN = self.boundDN
-        deadline = factory.now() + timeLimit
-        sent = already
-        count = 0
+        msgid, sel, sizeLimit, deadline, pageSize = (stream.msgid, stream.sel, stream.sizeLimit, stream.deadline,
+                                                     stream.pageSize)
+        sent, count = stream.sent, stream.count
         write = self.write
+        outcome: tuple[int, str, bool] | None = None
         try:
-            for entry in results:
+            for entry in stream.results:
                 if sent >= sizeLimit:
-                    return SIZE_LIMIT, "", False, count
+                    outcome = SIZE_LIMIT, "", False
+                    break
                 write(answer(msgid, entry, directory, sel, entry.ndn == boundDN))
                 sent += 1
                 count += 1
                 if count & 63 == 0 and factory.now() > deadline:
-                    return TIME_LIMIT, "", False, count
+                    outcome = TIME_LIMIT, "", False
+                    break
                 if pageSize and count >= pageSize:
-                    return SUCCESS, "", True, count
+                    outcome = SUCCESS, "", True
+                    break
+                if self.writesPaused:  # the rest when the client has read what is sent
+                    factory.metrics.entries.inc(count - stream.count)
+                    stream.sent, stream.count = sent, count
+                    return
+            else:
+                outcome = SUCCESS, "", False
         except ScanLimit:
-            return ADMIN_LIMIT, "search examined too many entries; use an indexed filter", False, count
-        finally:
-            factory.metrics.entries.inc(count)
-        return SUCCESS, "", False, count
+            outcome = ADMIN_LIMIT, "search examined too many entries; use an indexed filter", False
+        factory.metrics.entries.inc(count - stream.count)
+        self.streaming = None
+        code, text, full = outcome
+        stream.then(code, text, full, count)
 
     def _pagedSearch(self, msg: codec.Message, control: codec.Control, base: str, scope: int, sel: Selection,
                      sizeLimit: int, timeLimit: float) -> None:
@@ -161,15 +212,18 @@ class SearchOperations:
         if size <= 0:  # the client abandons the paged search
             self.write(codec.result(msg.id, done, SUCCESS, controls=_pagedControl(b"")))
             return
-        code, text, more, count = self._send(msg.id, state.results, sel, sizeLimit, timeLimit, state.sent, size)
-        state.sent += count
-        cookie = b""
-        if more and code == SUCCESS:
-            if state.weight and self.factory.pagedWeight() + state.weight > PAGED_WEIGHT:
-                code, text = ADMIN_LIMIT, "too many large paged searches are open; try again later"
-            else:
-                cookie = self._peekMore(state)
-        self.write(codec.result(msg.id, done, code, text, controls=_pagedControl(cookie)))
+
+        def then(code: int, text: str, more: bool, count: int) -> None:
+            state.sent += count
+            cookie = b""
+            if more and code == SUCCESS:
+                if state.weight and self.factory.pagedWeight() + state.weight > PAGED_WEIGHT:
+                    code, text = ADMIN_LIMIT, "too many large paged searches are open; try again later"
+                else:
+                    cookie = self._peekMore(state)
+            self.write(codec.result(msg.id, done, code, text, controls=_pagedControl(cookie)))
+
+        self._send(msg.id, state.results, sel, sizeLimit, timeLimit, state.sent, size, then=then)
 
     def _peekMore(self, state: _Paged) -> bytes:
         """A cookie for the rest of C{state}'s results, or b"" when there are none."""

@@ -21,6 +21,10 @@ Operations:
     (L{netsvc.ldap.writes}: off the reactor, one at a time; the connection's later
     requests wait for it); unwillingToPerform when the directory is read-only.
   - abandon: nothing to do (every operation finishes before the next is read).
+Back-pressure: the protocol is its transport's producer.  When the client does
+not read, the transport pauses it: no further request is handled (nor read),
+and a search being answered stops between two entries and goes on when the
+client has read (what is held: the transport's buffer and at most OUTPUT_CHUNK).
 Malformed input (bad BER, unknown operations, a request over C{maxRequest}
 bytes -- checked from its length header, before it is buffered) gets a Notice of
 Disconnection (protocolError) and the connection is closed.  A filter nested
@@ -68,6 +72,8 @@ from netsvc.rates import RateLimiter
 
 log = Logger()
 
+#: Answers are handed to the transport once this much is batched (it then pauses us when its buffer is full).
+OUTPUT_CHUNK = 64 * 1024
 #: After closing, how long a peer has to finish (TLS close_notify) before the connection is aborted.
 CLOSE_GRACE = 5.0
 
@@ -162,6 +168,8 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         self.paged: dict = {}  # cookie -> the rest of a paged search (netsvc.ldap.searching)
         self._nextCookie = 0
         self._out: list[bytes] | None = None
+        self._outSize = 0
+        self.streaming = None  # a search whose entries wait for the client to read (netsvc.ldap.searching)
         self.host = "?"
 
     def connectionMade(self) -> None:
@@ -202,8 +210,11 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         buf = self.buffer
         buf += data
         out = self._out = []
+        self._outSize = 0
         try:
-            while buf and not self.waiting and not self.closing and not self.writesPaused:
+            if self.streaming is not None and not self.writesPaused:
+                self._resumeSearch()
+            while buf and not self.waiting and not self.closing and not self.writesPaused and self.streaming is None:
                 try:
                     head = codec.frame(buf)
                 except BERError as e:
@@ -228,13 +239,25 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             if out:
                 self.transport.write(b"".join(out))
 
+    def _resumeSearch(self) -> None:
+        """Write more of the search that waited for the client to read (see L{SearchOperations.pumpSearch})."""
+        stream = self.streaming
+        try:
+            self.pumpSearch()
+        except Exception:
+            log.failure("ldap: error answering a search from {client}", client=self.host)
+            self.streaming = None
+            self.write(codec.result(stream.msgid, codec.SEARCH_DONE, OTHER, "internal error"))
+
     def write(self, data: bytes) -> None:
         out = self._out
         if out is not None:
             out.append(data)
-            if len(out) >= 256:  # a big batch goes now: the transport may pause us (see pauseProducing)
+            self._outSize += len(data)
+            if len(out) >= 256 or self._outSize >= OUTPUT_CHUNK:  # goes now: the transport may pause us
                 chunk = b"".join(out)
                 out.clear()
+                self._outSize = 0
                 self.transport.write(chunk)
         elif not self.closing:
             self.transport.write(data)
@@ -254,6 +277,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         close_notify that never comes) is cut off after L{CLOSE_GRACE} seconds.
         """
         self.closing = True
+        self.streaming = None
         self.buffer.clear()
         if self._out:
             chunk = b"".join(self._out)
@@ -470,6 +494,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             self._abortCall.cancel()
         self._abortCall = None
         self.closing = True
+        self.streaming = None
         self.paged.clear()
         self.factory.protocols.discard(self)
         self.buffer = bytearray()

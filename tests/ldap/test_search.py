@@ -288,3 +288,80 @@ class SearchTests(unittest.TestCase):
         self.assertEqual(len(writes), 1)
         responses = decodeAll(self.client.transport.value())
         self.assertEqual([r.id for r in responses], list(range(1, 50)) + [50, 50])
+
+
+class _FillingTransport:
+    """Makes a Client's StringTransport pause its producer (the protocol) once C{limit} bytes are unread."""
+
+    def __init__(self, client: Client, limit: int) -> None:
+        self.client, self.limit = client, limit
+        transport = client.transport
+        original = transport.write
+
+        def write(data):
+            original(data)
+            if len(transport.value()) >= self.limit and transport.producer is not None:
+                transport.producer.pauseProducing()
+
+        transport.write = write
+
+    def drain(self) -> list:
+        """The client reads everything: decoded responses; the protocol is resumed."""
+        t = self.client.transport
+        out = decodeAll(t.value())
+        t.clear()
+        t.producer.resumeProducing()
+        return out
+
+
+class StreamingTests(unittest.TestCase):
+    """A search whose client does not read stops between two entries and goes on when it has read."""
+
+    def setUp(self):
+        top = b"dn: dc=example,dc=com\nobjectClass: domain\ndc: example\n\n"
+        self.factory = makeFactory(directoryFrom(top + b"".join(
+            b"dn: cn=e%d,dc=example,dc=com\nobjectClass: person\ncn: e%d\nsn: %s\n\n" % (i, i, b"x" * 1000)
+            for i in range(300))), sizeLimit=1000)
+        self.client = Client(self.factory)
+        self.fill = _FillingTransport(self.client, 20_000)
+
+    def test_searchSuspendedAndResumed(self):
+        p = self.client.protocol
+        self.client.transport.clear()
+        p.dataReceived(search(1, SUFFIX, "(objectClass=person)") + search(2, SUFFIX, scope=0))
+        got, suspended = [], 0
+        for _ in range(100):
+            if p.streaming is None:
+                break
+            suspended += 1
+            self.assertEqual(p.transport.producerState, "paused")  # nothing more is read meanwhile
+            got += self.fill.drain()
+        got += self.fill.drain()
+        self.assertGreaterEqual(suspended, 4)  # ~300 KB, handed to the transport 64 KB at a time
+        self.assertEqual(len(entries(got)), 301)
+        self.assertEqual([r.id for r in got if not isinstance(r.value, pureldap.LDAPSearchResultEntry)], [1, 2])
+        self.assertEqual([r.value.resultCode for r in got if isinstance(r.value, pureldap.LDAPSearchResultDone)],
+                         [0, 0])
+        self.assertEqual(self.factory.metrics.entries.value, 301)
+
+    def test_pagedSearchSuspendedMidPage(self):
+        p = self.client.protocol
+        cookie, seen, suspended = b"", [], 0
+        for rounds in range(1, 10):
+            self.client.transport.clear()
+            p.dataReceived(search(rounds, SUFFIX, "(objectClass=person)", controls=[pagedControl(100, cookie)]))
+            out = []
+            for _ in range(100):
+                if p.streaming is None:
+                    break
+                suspended += 1
+                out += self.fill.drain()
+            out += self.fill.drain()
+            seen += dns(out)
+            cookie = cookieOf(out[-1])
+            if not cookie:
+                break
+        self.assertEqual(rounds, 3)
+        self.assertGreaterEqual(suspended, 3)  # once in each page of ~100 KB
+        self.assertEqual(len(seen), 300)
+        self.assertEqual(len(set(seen)), 300)

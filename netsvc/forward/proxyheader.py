@@ -85,10 +85,12 @@ class HeaderReader:
     """
 
     def __init__(self) -> None:
-        self.buffer = b""
+        #: At most L{V2_MAX} bytes: appended to in place (no copy of what came before per read).
+        self.buffer = bytearray()
 
     def feed(self, data: bytes) -> tuple[Address | None, Address | None, bytes] | None:
-        buf = self.buffer = self.buffer + data
+        buf = self.buffer
+        buf += data
         n = min(len(buf), len(V2_SIGNATURE))
         if buf[:n] == V2_SIGNATURE[:n]:
             return self._v2(buf) if n == len(V2_SIGNATURE) else None
@@ -103,7 +105,7 @@ class HeaderReader:
             if len(buf) >= V1_MAX:
                 raise ProxyHeaderError("PROXY v1 header longer than 107 bytes")
             return None
-        line, rest = buf[:end], buf[end + 2 :]
+        line, rest = bytes(buf[:end]), bytes(buf[end + 2 :])
         parts = line.split(b" ")
         if len(parts) >= 2 and parts[1] == b"UNKNOWN":
             return None, None, rest
@@ -123,14 +125,14 @@ class HeaderReader:
     def _v2(self, buf: bytes) -> tuple[Address | None, Address | None, bytes] | None:
         if len(buf) < 16:
             return None
-        verCmd, family, length = buf[12], buf[13], struct.unpack("!H", buf[14:16])[0]
+        verCmd, family, length = buf[12], buf[13], struct.unpack_from("!H", buf, 14)[0]
         if verCmd >> 4 != 2 or (verCmd & 0x0F) not in (0, 1):
             raise ProxyHeaderError(f"unsupported PROXY v2 version/command 0x{verCmd:02x}")
         if 16 + length > V2_MAX:
             raise ProxyHeaderError(f"PROXY v2 header too long ({length} bytes)")
         if len(buf) < 16 + length:
             return None
-        body, rest = buf[16 : 16 + length], buf[16 + length :]
+        body, rest = bytes(buf[16 : 16 + length]), bytes(buf[16 + length :])
         if verCmd == _V2_LOCAL or family not in _FAMILIES:
             return None, None, rest  # LOCAL (health checks), UNSPEC, unix: the real addresses count
         size, need = _FAMILIES[family]

@@ -286,6 +286,31 @@ class ProxyHeaderTests(unittest.TestCase):
             self.assertEqual(rest, b"")
             self.assertIn(src[1], (5000, 1))
 
+    def test_readerRefusesAtItsBound(self):
+        """A header that never ends is refused as soon as it passes its bound, fed a byte at a time."""
+        for start, filler, bound in (
+            (b"PROXY TCP4 ", b"1", proxyheader.V1_MAX),
+            (proxyheader.V2_SIGNATURE + b"\x21\x11\x08", b"\x01", proxyheader.V2_MAX),  # 2049 > 2048
+        ):
+            reader = proxyheader.HeaderReader()
+            self.assertIsNone(reader.feed(start))
+            fed = len(start)
+            with self.assertRaises(proxyheader.ProxyHeaderError):
+                while fed <= bound:
+                    self.assertIsNone(reader.feed(filler))
+                    fed += 1
+            self.assertLessEqual(len(reader.buffer), bound)
+
+    def test_maximalV2HeaderInPieces(self):
+        tlvs = b"\x04" + struct.pack("!H", proxyheader.V2_MAX - 16 - 12 - 3) + b"x" * (proxyheader.V2_MAX - 31)
+        body = bytes([192, 0, 2, 1, 198, 51, 100, 2]) + struct.pack("!HH", 5000, 80) + tlvs
+        header = proxyheader.V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+        self.assertEqual(len(header), proxyheader.V2_MAX)
+        reader = proxyheader.HeaderReader()
+        for i in range(len(header) - 1):
+            self.assertIsNone(reader.feed(header[i:i + 1]))
+        self.assertEqual(reader.feed(header[-1:] + b"rest"), (("192.0.2.1", 5000), ("198.51.100.2", 80), b"rest"))
+
     def test_readerRejects(self):
         for bad in (
             b"GET / HTTP/1.1\r\n",

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource
 from twisted.web.server import Request
 from twisted.web.websocket import WebSocketResource, WebSocketTransport
+from wsproto.utilities import LocalProtocolError
 
 from netsvc.chat.hub import Event, notice
 from netsvc.chat.protocol import ChatProtocol, ChatShared, Framing
@@ -50,18 +51,31 @@ JSON = JSONFraming()
 
 
 class _WebSocketAsTransport:
-    """What L{ChatProtocol} needs of a transport, over a WebSocket."""
+    """
+    What L{ChatProtocol} needs of a transport, over a WebSocket.  Writes once
+    the WebSocket is closed or closing (the peer's Close was answered, or we
+    closed it) are dropped quietly and counted (C{dropped}): wsproto would raise.
+    """
 
     connected = True
     disconnecting = False
 
-    def __init__(self, ws: WebSocketTransport, peer: Any) -> None:
+    def __init__(self, ws: WebSocketTransport, peer: Any, dropped: Callable[[], None] = lambda: None) -> None:
         self.ws = ws
         self.peer = peer
+        self.dropped = dropped
 
     def write(self, data: bytes) -> None:
-        if not self.disconnecting:
+        if self.disconnecting:
+            self.dropped()
+            return
+        try:
             self.ws.sendTextMessage(data.decode("utf-8"))
+        except LocalProtocolError:
+            # The peer closed the WebSocket: nothing more can be sent on it, and it is not
+            # waited for (a peer that closed but does not read would hold the socket open).
+            self.dropped()
+            self.abortConnection()
 
     def writeSequence(self, seq: list[bytes]) -> None:
         self.write(b"".join(seq))
@@ -69,9 +83,17 @@ class _WebSocketAsTransport:
     def loseConnection(self) -> None:
         if not self.disconnecting:
             self.disconnecting = True
-            self.ws.loseConnection()
+            try:
+                self.ws.loseConnection()
+            except LocalProtocolError:  # already closed by the peer
+                self._socket().abortConnection()
 
-    abortConnection = loseConnection
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        self._socket().abortConnection()
+
+    def _socket(self) -> Any:
+        return self.ws.transport  # type: ignore[attr-defined]
 
     def getPeer(self) -> Any:
         return self.peer
@@ -85,10 +107,37 @@ class _WebSocketAsTransport:
         consumer = getattr(self.ws, "transport", None)
         if getattr(consumer, "producer", None) is not None:
             consumer.unregisterProducer()
-        self.ws.attachProducer(producer)
+        self.ws.attachProducer(_ReadingFollowsWriting(producer, consumer))
 
     def unregisterProducer(self) -> None:
         self.ws.detachProducer()
+
+
+class _ReadingFollowsWriting:
+    """
+    The chat as the producer of a WebSocket's connection: while its output is
+    backed up the socket is not read either (wsproto answers pings by itself,
+    so a client pinging without reading would otherwise grow the output).
+    """
+
+    def __init__(self, chat: Any, connection: Any) -> None:
+        self.chat = chat
+        self.connection = connection
+
+    def pauseProducing(self) -> None:
+        self.chat.pauseProducing()
+        pause = getattr(self.connection, "pauseProducing", None)
+        if pause is not None:
+            pause()
+
+    def resumeProducing(self) -> None:
+        resume = getattr(self.connection, "resumeProducing", None)
+        if resume is not None and not self.chat.gone:
+            resume()
+        self.chat.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.chat.stopProducing()
 
 
 #: A browser message may hold several lines (a paste), each then checked against the line limit.
@@ -144,7 +193,8 @@ class ChatWebSocket:
 
     def negotiationFinished(self) -> None:
         assert self.ws is not None
-        self.chat.makeConnection(_WebSocketAsTransport(self.ws, self.peer))
+        dropped = self.chat.metrics.drop("ws_closed")
+        self.chat.makeConnection(_WebSocketAsTransport(self.ws, self.peer, dropped.inc))
 
     def textMessageReceived(self, message: str | None) -> None:
         if message is None:  # over the bound (see _BoundedBuffer)

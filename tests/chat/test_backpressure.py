@@ -53,10 +53,12 @@ class Flooder:
         """
         deadline = time.monotonic() + seconds
         lastProgress = time.monotonic()
+        pending = memoryview(chunk)
         while self.sent < limit and time.monotonic() < deadline:
             try:
-                n = self.sock.send(chunk)
+                n = self.sock.send(pending)
                 self.sent += n
+                pending = pending[n:] if n < len(pending) else memoryview(chunk)  # whole chunks only
                 lastProgress = time.monotonic()
             except BlockingIOError:
                 if time.monotonic() - lastProgress > stall:

@@ -20,14 +20,18 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from twisted.internet import defer
+
 from netsvc import auth
 from netsvc.ldap import codec
 from netsvc.ldap.codec import BERError, ModifyRequest
 from netsvc.ldap.dn import DNError, normalizeDN
 from netsvc.ldap.resultcodes import (
+    BUSY,
     INSUFFICIENT_ACCESS,
     INVALID_CREDENTIALS,
     NO_SUCH_OBJECT,
+    OTHER,
     PROTOCOL_ERROR,
     SUCCESS,
     UNWILLING,
@@ -93,23 +97,28 @@ class PasswordOperations:
         generated = new is None
         password = secrets.token_urlsafe(12) if generated else new
 
-        def change(ok: bool) -> None:
+        def change(ok: bool) -> Any:
+            if isinstance(ok, auth.Refused):
+                return answer(BUSY, "too many password checks in progress; try again later")
             if not ok:
                 return answer(INVALID_CREDENTIALS, "the old password does not match")
             stored = auth.hashPassword(password, "ssha")
-            try:
-                factory.store.apply(ModifyRequest(entry.dn, [(2, "userPassword", [stored.encode()])]))
-            except WriteError as e:
-                return answer(e.code, e.text)
-            factory.metrics.writes.inc()
-            value = codec.tlv(0x30, codec.tlv(0x80, password.encode())) if generated else None
-            answer(SUCCESS, value=value)
+            saving = factory.store.submit(ModifyRequest(entry.dn, [(2, "userPassword", [stored.encode()])]))
 
-        if old is None:
-            return change(True)
-        d = factory.directory.checkPassword(entry.dn, old)
-        if d.called:
-            d.addCallback(change)
-            return
-        self.hold()
-        d.addCallback(change).addBoth(lambda _: self.release())
+            def saved(_: None) -> None:
+                factory.metrics.writes.inc()
+                value = codec.tlv(0x30, codec.tlv(0x80, password.encode())) if generated else None
+                answer(SUCCESS, value=value)
+
+            def refused(f: Any) -> None:
+                e = f.value if f.check(WriteError) else WriteError(OTHER, "internal error")
+                answer(e.code, e.text)
+
+            return saving.addCallbacks(saved, refused)
+
+        # the old password is checked, and the new one saved, off the reactor: later requests wait
+        d = defer.succeed(True) if old is None else factory.directory.checkPassword(entry.dn, old)
+        d.addCallback(change)
+        if not d.called:
+            self.hold()
+            d.addBoth(lambda _: self.release())

@@ -40,6 +40,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from netsvc import auth
 from netsvc.ldap import codec
 from netsvc.ldap.answer import OID_PASSWORD_MODIFY, OID_STARTTLS, OID_WHOAMI, rootDSE, subschemaEntry
 from netsvc.ldap.codec import BERError, RequestRefused
@@ -50,6 +51,7 @@ from netsvc.ldap.match import matches
 from netsvc.ldap.passwd import PasswordOperations
 from netsvc.ldap.resultcodes import (
     AUTH_METHOD_NOT_SUPPORTED,
+    BUSY,
     COMPARE_FALSE,
     COMPARE_TRUE,
     INSUFFICIENT_ACCESS,
@@ -374,7 +376,12 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
 
     def _bound(self, msgid: int, name: str, ok: bool, failedBinds: RateLimiter) -> None:
         metrics = self.factory.metrics
-        if ok:
+        if isinstance(ok, auth.Refused):  # not checked (the hashing pool is full): not a failure
+            failedBinds.refund(self.host)
+            metrics.bindsLimited.inc()
+            self.write(codec.result(msgid, codec.BIND_RESPONSE, BUSY,
+                                    "too many password checks in progress; try again later"))
+        elif ok:
             failedBinds.refund(self.host)
             entry = self.factory.directory.get(name)
             self.boundDN, self.boundName = (entry.ndn, entry.dn) if entry else (None, "")

@@ -9,6 +9,7 @@ from ldaptor.protocols import pureber, pureldap
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from netsvc import auth
 from netsvc.ldap import codec
 from netsvc.ldap.server import LDAPServerFactory
 from tests.ldap._wire import (
@@ -136,6 +137,18 @@ class BindTests(unittest.TestCase):
         self.assertEqual(len(checks), 4)  # the refunded token: checked
         (refused,) = clients[6].send(bind(2, ALICE, "wrong"))
         self.assertEqual((refused.value.resultCode, len(checks)), (49, 4))
+
+    def test_busyHashPoolAnswersBusyWithoutCharging(self):
+        """
+        A check the hashing pool refused (its queue is full) is answered busy (51), not invalid credentials,
+        and gives its reserved token back: a busy daemon never locks a client out.
+        """
+        factory = makeFactory(failedBindRate=0.5, failedBindBurst=1)
+        factory.directory.checkPassword = lambda dn, pw: defer.succeed(auth.Refused("busy"))
+        client = Client(factory)
+        codes = [client.send(bind(i, ALICE, "alice-pw"))[0].value.resultCode for i in range(1, 4)]
+        self.assertEqual(codes, [51, 51, 51])
+        self.assertEqual(factory.metrics.bindsFailed.value, 0)
 
     def test_successfulBindsAreNotLimited(self):
         factory = makeFactory(failedBindRate=0.5, failedBindBurst=2)

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.logger import Logger, LogLevel
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from netsvc import logs
 from netsvc.config import Limits, MetricsSettings, ServiceSettings
@@ -44,8 +44,43 @@ class MetricsResource(resource.Resource):
 log = Logger()
 
 
+class ScrapeChannel(http.HTTPChannel):
+    """
+    twisted.web's HTTP/1.1 channel, bounded for pipelined requests answered at once.
+
+    HTTPChannel stops reading when its transport's buffer is full only between
+    requests, and a resource that renders at once is always still "being
+    handled" when its own write fills the buffer: a client pipelining
+    C{GET /metrics} and never reading made it answer every request it sent
+    (19 MB held for one connection in a few seconds).  Here, a request that
+    ends while the transport waits leaves the requests read after it unparsed
+    (LineReceiver's C{paused}) and stops reading; they are answered when the
+    transport resumes us.  What one connection holds: the transport's buffer,
+    one answer more, and one read of unparsed requests.
+    """
+
+    def requestDone(self, request: server.Request) -> None:
+        if self._waitingForTransport and self.persistent:
+            self.paused = True  # pipelined requests wait, unparsed
+            self._networkProducer.pauseProducing()
+        else:
+            self.paused = False  # (a request answered later, after a resume)
+        super().requestDone(request)
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self.paused and not self._handlingRequest:
+            self.paused = False
+            self.dataReceived(b"")  # the pipelined requests read before the pause
+
+
 class ScrapeSite(server.Site):
-    """A Site whose access lines (one per scrape) are debug events, not twistd log lines."""
+    """
+    A Site whose access lines (one per scrape) are debug events, not twistd log
+    lines; plain HTTP/1.1 channels (L{ScrapeChannel}: no HTTP/2 for a scraper).
+    """
+
+    protocol = ScrapeChannel
 
     def log(self, request: server.Request) -> None:
         if logs.wants(LogLevel.debug):

@@ -3,8 +3,17 @@ Reverse proxy: a path prefix (or a whole virtual host) forwarded to an
 upstream C{http://} or C{https://} server (certificate verified, against the
 route's C{cafile} or the system's roots).
 
-  - Request: method, path (+ query), headers minus hop-by-hop ones, plus
-    C{X-Forwarded-For} (appended), C{X-Forwarded-Proto}, C{X-Forwarded-Host}.
+  - Path: normalised before it goes anywhere (L{normalisePath}: percent-encoded
+    dots and slashes decoded where they make a dot segment, RFC 3986
+    remove_dot_segments, repeated slashes merged), as nginx and Caddy do; a
+    path that then leaves the route's prefix (C{/api/../admin/},
+    C{/api/%2e%2e/admin/}, C{/api/..%2fadmin/}) or climbs above C{/} is
+    answered 400 and never sent upstream.
+  - Request: method, normalised path (+ query, as sent), headers minus
+    hop-by-hop ones, plus C{X-Forwarded-For}, C{X-Forwarded-Proto},
+    C{X-Forwarded-Host}.  C{X-Forwarded-For} from the client is kept (and the
+    peer appended) only when the peer is one of C{trusted_proxies}; from anyone
+    else it is replaced by the peer's address (nginx's C{set_real_ip_from}).
     The body is sent from what twisted.web has received (it spools request
     bodies to a temporary file before a resource sees them, like nginx's
     default C{proxy_request_buffering on}), streamed with back-pressure.
@@ -18,8 +27,11 @@ route's C{cafile} or the system's roots).
 
 from __future__ import annotations
 
+import ipaddress
+import re
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
@@ -66,6 +78,58 @@ class VerifyingPolicy:
         return clientCreator(hostname.decode("idna"), cafile=self.cafile)
 
 
+class PathEscapes(ValueError):
+    """A request path that climbs above C{/} once its dot segments are removed."""
+
+
+#: A slash or backslash hidden in a segment (encoded), or a backslash some upstreams split at.
+_ENCODED_SEPARATOR = re.compile(rb"%(?:2[fF]|5[cC])|\\")
+#: Re-encoding a decoded piece: what may stay literal in a path segment (RFC 3986 pchar).
+_PCHAR = b"!$&'()*+,;=:@-._~"
+
+
+def normalisePath(path: bytes) -> bytes:
+    """
+    C{path} (no query) with its dot segments removed and repeated slashes
+    merged, as a server must see it before matching a route.
+
+    A segment is a dot segment when it decodes to C{.} or C{..} (C{%2e%2e},
+    C{.%2E}); a segment whose decoded C{/} or C{\\} (C{..%2f}, C{..%5c})
+    would make one is split there too, and its pieces re-encoded, so an
+    upstream that decodes C{%2f} cannot be walked out of its folder either.
+    Other segments (C{b%2Fc} included) are kept exactly as sent.  A trailing slash (or a last dot
+    segment) keeps the path ending in C{/}.
+
+    @raise PathEscapes: the path climbs above C{/} (C{/..}, C{/a/../..}).
+    """
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    pieces: list[bytes] = []
+    for segment in path.split(b"/")[1:]:
+        if b"%" not in segment and b"\\" not in segment:
+            pieces.append(segment)
+            continue
+        decoded = unquote_to_bytes(segment)
+        if decoded in (b".", b".."):
+            pieces.append(decoded)
+            continue
+        split = re.split(rb"[/\\]", decoded) if _ENCODED_SEPARATOR.search(segment) else []
+        if any(p in (b".", b"..") for p in split):
+            pieces.extend(p if p in (b".", b"..") else quote_from_bytes(p, safe=_PCHAR).encode() for p in split)
+        else:
+            pieces.append(segment)
+    out: list[bytes] = []
+    for piece in pieces:
+        if piece == b"..":
+            if not out:
+                raise PathEscapes(path)
+            out.pop()
+        elif piece not in (b".", b""):
+            out.append(piece)
+    trailing = bool(out) and pieces[-1] in (b"", b".", b"..")
+    return b"/" + b"/".join(out) + (b"/" if trailing else b"")
+
+
 def _hopHeaders(headers: Headers) -> set[bytes]:
     named = set(HOP_BY_HOP)
     for value in headers.getRawHeaders(b"connection", []):
@@ -90,8 +154,17 @@ class ProxyResource(Resource):
         timeout: float = 60.0,
         cafile: str | None = None,
         metrics: Any = None,
+        trustedProxies: Iterable[str] = (),
     ) -> None:
+        """
+        @param trustedProxies: CIDR networks (C{trusted_proxies}) whose
+            C{X-Forwarded-For} is kept and appended to; from any other peer it
+            is replaced.
+        """
         super().__init__()
+        from netsvc.policies import parseNetworks
+
+        self.trustedProxies = parseNetworks(trustedProxies)
         parts = urlsplit(upstream)
         self.scheme = parts.scheme.encode()
         self.netloc = parts.netloc.encode()
@@ -107,14 +180,32 @@ class ProxyResource(Resource):
         )
 
     def upstreamURL(self, uri: bytes) -> bytes:
-        path = uri if uri.startswith(b"/") else b"/" + uri
+        """
+        The upstream URL for request URI C{uri}: its path normalised
+        (L{normalisePath}), the prefix stripped if asked, the query as sent.
+
+        @raise PathEscapes: the normalised path is not under this route's prefix.
+        """
+        path, sep, query = uri.partition(b"?")
+        path = normalisePath(path)
+        if not path.startswith(self.prefix):
+            raise PathEscapes(uri)
         if self.stripPrefix and self.prefix != b"/":
-            bare = self.prefix.rstrip(b"/")
-            if path.startswith(bare):
-                path = path[len(bare) :]
-                if not path.startswith(b"/"):
-                    path = b"/" + path
-        return self.scheme + b"://" + self.netloc + self.basePath + path
+            path = path[len(self.prefix.rstrip(b"/")) :]
+            if not path.startswith(b"/"):
+                path = b"/" + path
+        return self.scheme + b"://" + self.netloc + self.basePath + path + sep + query
+
+    def trusts(self, peer: str | None) -> bool:
+        """Whether C{peer} is one of the trusted proxies (whose X-Forwarded-For is kept)."""
+        if not peer or not self.trustedProxies:
+            return False
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        mapped = getattr(address, "ipv4_mapped", None)
+        return any(address in n or (mapped is not None and mapped in n) for n in self.trustedProxies)
 
     def forwardHeaders(self, request: server.Request) -> Headers:
         incoming = request.requestHeaders
@@ -130,8 +221,9 @@ class ProxyResource(Resource):
                 continue
             out.setRawHeaders(name, list(values))
         host = request.getHeader(b"host")
-        client = (request.getClientAddress().host or "unix").encode()
-        prior = incoming.getRawHeaders(b"x-forwarded-for")
+        peer = getattr(request.getClientAddress(), "host", None)
+        client = (peer or "unix").encode()
+        prior = incoming.getRawHeaders(b"x-forwarded-for") if self.trusts(peer) else None
         out.setRawHeaders(b"X-Forwarded-For", [b", ".join(list(prior or []) + [client])])
         out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"])
         if host is not None:
@@ -143,6 +235,12 @@ class ProxyResource(Resource):
         return out
 
     def render(self, request: server.Request) -> Any:
+        try:
+            url = self.upstreamURL(request.uri)
+        except PathEscapes:
+            if self.metrics is not None:
+                self.metrics.refused("proxy_path").inc()
+            return pages.error(request, 400, "the path leaves this proxy route")
         headers = self.forwardHeaders(request)
         body = None
         content = request.content
@@ -152,7 +250,7 @@ class ProxyResource(Resource):
             content.seek(0)
             if length or request.method in (b"POST", b"PUT", b"PATCH"):
                 body = FileBodyProducer(content)
-        d = self.agent.request(request.method, self.upstreamURL(request.uri), headers, body)
+        d = self.agent.request(request.method, url, headers, body)
         exchange = _Exchange(request, self)
         timer = self.reactor.callLater(self.timeout, exchange.timeUp, d)
 

@@ -20,6 +20,7 @@ hosts, reverse proxy, redirect listeners, access log, /metrics and /status.
         vhosts:
           docs.example.test: {root: docs}
           app.example.test: {proxy: [{prefix: /, upstream: "https://10.0.0.5:443"}]}
+        trusted_proxies: [10.0.0.0/8]    # proxies in front whose X-Forwarded-For is kept (default: none)
         admin:                           # /metrics and /status
           allow: [127.0.0.0/8, ::1/128]
           users: {ops: "scrypt:<salt>:<key>"}   # python -m netsvc.chat.auth ops
@@ -165,6 +166,9 @@ class Settings(ServiceSettings):
     vhosts: dict[str, VirtualHost] = field(factory=dict)
     admin: AdminSettings = field(factory=AdminSettings)
     cache: CacheSettings = field(factory=CacheSettings)
+    #: Peers (CIDR) whose C{X-Forwarded-For} the reverse proxy keeps and appends to, like nginx's
+    #: C{set_real_ip_from}; from anyone else it is replaced by the peer's address.  Default: nobody.
+    trusted_proxies: list[str] = field(factory=list)
     #: Where the browser chat is mounted (the page, and its WebSocket at PATH/ws) when the chat
     #: service runs in the same daemon; "" turns it off.
     chat_path: str = field("/chat")
@@ -173,6 +177,9 @@ class Settings(ServiceSettings):
 
     def check(self) -> list[tuple[str, str]]:
         problems = super().check()
+        from netsvc.policies import networkProblems
+
+        problems += networkProblems(self, "trusted_proxies")
         if self.chat_path and (not self.chat_path.startswith("/") or self.chat_path.rstrip("/") == ""):
             problems.append(("chat_path", f"must be a path like /chat, got {self.chat_path!r}"))
         if self.mail_path and (not self.mail_path.startswith("/") or self.mail_path.rstrip("/") == ""):

@@ -8,7 +8,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from netsvc.tls import ServerCertificate, TLSServerEndpoint, generateSelfSigned
-from tests.web._support import TLS, exchange, get, req, startWeb, webPort
+from tests.web._support import TLS, exchange, get, parseResponses, req, startWeb, webPort
 
 
 class Upstream(resource.Resource):
@@ -91,7 +91,8 @@ class ProxyTests(unittest.TestCase):
             seen = json.loads(r.body)
             self.assertEqual(seen["uri"], "/api/thing?x=1")
             h = seen["headers"]
-            self.assertEqual(h["x-forwarded-for"], ["10.1.1.1, 127.0.0.1"])
+            # the client is no trusted proxy (trusted_proxies is empty): its header is replaced
+            self.assertEqual(h["x-forwarded-for"], ["127.0.0.1"])
             self.assertEqual(h["x-forwarded-proto"], ["https"])
             self.assertEqual(h["host"], ["localhost"])
             self.assertEqual(h["x-forwarded-host"], ["localhost"])
@@ -195,3 +196,138 @@ class TLSUpstreamTests(unittest.TestCase):
         self.assertEqual(json.loads(r.body)["uri"], "/good/x")
         r = yield get(webPort(daemon, TLS), "/bad/x", cafile=self.cafile)
         self.assertEqual(r.status, 502)
+
+
+class Recorder(resource.Resource):
+    """An upstream that answers 200 with the request URI it was asked for, and keeps a list of them."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def render(self, request):
+        self.seen.append(request.uri)
+        self.seenForwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        return b"upstream saw " + request.uri
+
+
+class MountEscapeTests(unittest.TestCase):
+    """
+    Issue 21: with C{{prefix: /api/, upstream: http://127.0.0.1:P/app, strip_prefix: true}},
+    C{GET /api/../admin/} (and its encoded spellings) reached the upstream as
+    C{/app/../admin/}; now the path is normalised first and what leaves the mount is 400.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.recorder = Recorder()
+        site = server.Site(self.recorder)
+        site.noisy = False
+        up = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(up.stopListening)
+        p = up.getHost().port
+        extra = (
+            f"    proxy:\n"
+            f"      - {{prefix: /api/, upstream: 'http://127.0.0.1:{p}/app', strip_prefix: true}}\n"
+            f"      - {{prefix: /keep/, upstream: 'http://127.0.0.1:{p}'}}\n"
+        )
+        daemon = startWeb(self, extra)
+        self.port = webPort(daemon, TLS)
+
+    @defer.inlineCallbacks
+    def send(self, path):
+        data = yield exchange(self.port, req("GET", path, close=True), cafile=self.cafile)
+        return parseResponses(data, ["GET"])[0]
+
+    @defer.inlineCallbacks
+    def test_escapesRefused(self):
+        spellings = [
+            "/api/../admin/",
+            "/api/%2e%2e/admin/",
+            "/api/%2E%2E/admin/",
+            "/api/.%2e/admin/",
+            "/api/..%2fadmin/",
+            "/api/..%2Fadmin/",
+            "/api/..%5cadmin/",
+            "/api/x/../../admin/",
+            "/api/x/..%2f..%2fadmin/",
+            "/api/..",
+            "/api/../../../etc/passwd",
+            "/keep/../admin/",
+            "/keep/%2e%2e/admin/",
+        ]
+        for path in spellings:
+            r = yield self.send(path)
+            self.assertEqual(r.status, 400, f"{path}: {r}")
+        self.assertEqual(self.recorder.seen, [])
+
+    @defer.inlineCallbacks
+    def test_normalisedInsideTheMount(self):
+        cases = [
+            ("/api/x/../y?q=/../z", b"/app/y?q=/../z"),  # the query is passed as sent
+            ("/api/x/%2e%2e/y", b"/app/y"),
+            ("/api/a/b/..%2fc", b"/app/a/c"),
+            ("/api//a//b/./c", b"/app/a/b/c"),
+            ("/api/a%2Fb", b"/app/a%2Fb"),  # an encoded slash that makes no dot segment is kept
+            ("/api/x/..", b"/app/"),
+            ("/keep/a/../b", b"/keep/b"),
+        ]
+        for path, expected in cases:
+            r = yield self.send(path)
+            self.assertEqual(r.status, 200, f"{path}: {r}")
+            self.assertEqual(self.recorder.seen[-1], expected, path)
+
+
+class ForwardedForTests(unittest.TestCase):
+    """
+    Issue 21: X-Forwarded-For from the client was kept and appended to, so any
+    client could name the address the upstream logs and trusts.  Now it is kept
+    only from C{trusted_proxies}; from anyone else it is replaced by the peer.
+    """
+
+    @defer.inlineCallbacks
+    def proxied(self, trusted, sent):
+        from twisted.web.client import HTTPConnectionPool
+
+        from netsvc.web.proxy import ProxyResource
+
+        recorder = Recorder()
+        upSite = server.Site(recorder)
+        upSite.noisy = False
+        up = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(upSite)
+        self.addCleanup(up.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        proxy = ProxyResource(
+            f"http://127.0.0.1:{up.getHost().port}", reactor, pool, trustedProxies=trusted
+        )
+        site = server.Site(proxy)
+        site.noisy = False
+        front = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(front.stopListening)
+        headers = {"X-Forwarded-For": sent} if sent else {}
+        data = yield exchange(front.getHost().port, req("GET", "/x", headers, close=True), tls=False)
+        self.assertEqual(parseResponses(data, ["GET"])[0].status, 200)
+        return recorder.seenForwarded
+
+    @defer.inlineCallbacks
+    def test_untrustedReplaced(self):
+        for trusted in ([], ["10.0.0.0/8", "::1/128"]):
+            seen = yield self.proxied(trusted, "6.6.6.6")
+            self.assertEqual(seen, [b"127.0.0.1"], trusted)
+
+    @defer.inlineCallbacks
+    def test_trustedAppended(self):
+        seen = yield self.proxied(["127.0.0.0/8"], "203.0.113.7")
+        self.assertEqual(seen, [b"203.0.113.7, 127.0.0.1"])
+        seen = yield self.proxied(["127.0.0.1"], None)
+        self.assertEqual(seen, [b"127.0.0.1"])
+
+    def test_settingChecked(self):
+        from netsvc.config import ConfigError, parse
+
+        parse("services:\n  web:\n    trusted_proxies: [10.0.0.0/8, '::1']\n")
+        with self.assertRaises(ConfigError) as e:
+            parse("services:\n  web:\n    trusted_proxies: [10.0.0.1/8]\n")
+        self.assertIn("trusted_proxies", str(e.exception))

@@ -10,6 +10,12 @@ Lifecycle:
   - privilegedStartService: every listener binds; a failure (port in use, ...)
     raises L{StartupError} naming the config key, and nothing keeps running.
   - then the bound addresses are logged and written to C{state_dir/status.json}.
+  - with C{twistd --uid/--gid} (run as root to bind low ports), L{handOver}
+    gives the run user what netsvc writes, before twistd drops root: state_dir
+    (and an SMTP queue folder outside it) chowned, the folders of log files and
+    a writable LDAP file checked; what cannot be handed over stops the start
+    with one line naming the folder.  A daemon that keeps running as root with
+    network listeners says so (L{warnIfRoot}).
   - SIGHUP: the shared certificate (and services that support it) reload.
   - stopService: all listeners close at once, then each service's open
     connections get C{drain_timeout} to finish before they are closed.
@@ -17,9 +23,12 @@ Lifecycle:
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import signal
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +72,8 @@ class Context:
         self.reloadSettings = reloadSettings
         self.metrics = registry or Registry()
         self.stateDir = settings.stateDir
+        #: Whether state_dir was there before this process (else everything in it is ours).
+        self.stateDirExisted = Path(self.stateDir).exists()
         self._certificate: ServerCertificate | None = None
         self.reloaders: list[Callable[[], None]] = []
         #: The L{Daemon} being built (its status(), its services), once it exists.
@@ -236,9 +247,14 @@ class Daemon(service.MultiService):
     #: of its own in the foreground and must not replace (then delete) the status of one running there.
     writesStatus = True
 
+    #: (uid, gid) twistd switches to after privilegedStartService (--uid/--gid), when it runs as root.
+    runAs: tuple[int, int] | None = None
+
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
+            if self.runAs is not None:
+                handOver(self.context, *self.runAs)
         except BaseException as e:
             for l in self.listeners:  # release what did bind before the failure
                 if l.port is not None:
@@ -258,9 +274,12 @@ class Daemon(service.MultiService):
                      where=where, endpoint=a["endpoint"])
         if self.writesStatus:
             self.writeStatus()
+            if self.runAs is not None:  # replaced and removed later by the run user
+                os.chown(self.statusPath, *self.runAs)
 
     def startService(self) -> None:
         super().startService()
+        warnIfRoot([l.address for l in self.listeners if l.port is not None])
         if hasattr(signal, "SIGHUP"):
             try:
                 self._oldHandler = signal.signal(signal.SIGHUP, self._onSIGHUP)
@@ -358,3 +377,235 @@ def buildDaemon(settings: Settings, reactor: Any = None, configFile: str = "",
 
         makeMetricsService(settings.metrics, context).setServiceParent(daemon)
     return daemon
+
+
+# -- running without root ---------------------------------------------------------------
+
+
+def runAsFromTwistd(options: Any) -> tuple[int, int] | None:
+    """
+    The (uid, gid) twistd will switch to after binding (C{--uid}/C{--gid}; the
+    user's group when only C{--uid} is given), when this process is root and is
+    asked to become someone else; None otherwise.
+    """
+    twistd = getattr(options, "parent", None)
+    if not hasattr(twistd, "get") or os.geteuid() != 0:
+        return None
+    uid, gid = twistd.get("uid"), twistd.get("gid")
+    if uid is None and gid is None:
+        return None
+    if uid is None:
+        uid = os.geteuid()
+    if gid is None:
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = os.getegid()
+    if uid == 0 and gid == 0:
+        return None
+    return int(uid), int(gid)
+
+
+def _who(uid: int, gid: int) -> tuple[str, str, set[int]]:
+    """User and group names, and every group C{uid} is in (for permission checks)."""
+    try:
+        entry = pwd.getpwuid(uid)
+        user = entry.pw_name
+        groups = set(os.getgrouplist(user, gid))
+    except KeyError:
+        user, groups = str(uid), set()
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return user, group, groups | {gid}
+
+
+def _allows(st: os.stat_result, uid: int, groups: set[int], bits: int) -> bool:
+    """Whether a user (C{uid} in C{groups}) has permission C{bits} (an octal 0o7 mask) by mode bits."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return (st.st_mode >> 6) & bits == bits
+    if st.st_gid in groups:
+        return (st.st_mode >> 3) & bits == bits
+    return st.st_mode & bits == bits
+
+
+def _reachable(path: Path, uid: int, groups: set[int]) -> bool:
+    """Whether every folder above C{path} can be passed through (x) by the user."""
+    for parent in list(path.parents)[::-1]:
+        try:
+            if not _allows(os.stat(parent), uid, groups, 0o1):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _chownTree(top: Path, uid: int, gid: int) -> None:
+    """
+    Give C{top} and everything below it that root made to C{uid}:C{gid}.  Never
+    follows a symbolic link, and leaves alone what belongs to anyone else or a
+    file with more than one link (a hard link planted to a file elsewhere).
+    """
+
+    def give(path: str) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, uid):
+            return
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            return
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(path, uid, gid, follow_symlinks=False)
+
+    give(str(top))
+    for folder, dirs, files in os.walk(top, followlinks=False):
+        for name in dirs + files:
+            give(os.path.join(folder, name))
+
+
+def _places(context: Context) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """
+    What the running daemon writes and reads again, from the settings: folders
+    that are netsvc's own (chowned), folders it writes files in (checked), and
+    TLS keys it reads again on SIGHUP (checked).  Each with its key path.
+    """
+    settings = context.settings
+    services = settings.services
+    own: list[tuple[str, Path]] = [("state_dir", Path(context.stateDir))]
+    written: list[tuple[str, Path]] = []
+    keys: list[tuple[str, Path]] = []
+
+    def enabled(name: str) -> Any:
+        svc = services.get(name)
+        return svc if svc is not None and getattr(svc, "enabled", True) else None
+
+    smtp = enabled("smtp")
+    if smtp is not None and getattr(getattr(smtp, "relay", None), "mode", None) != "capture":
+        own.append(("services.smtp.queue.dir", Path(context.stateDir) / smtp.queue.dir))
+    ldap = enabled("ldap")
+    if ldap is not None and getattr(ldap, "writable", False) and ldap.ldif:
+        written.append(("services.ldap.ldif[0]", settings.path(ldap.ldif[0]).parent))
+    if settings.log.file:
+        written.append(("log.file", settings.path(settings.log.file).parent))
+    web = enabled("web")
+    if web is not None:
+        accessLog = getattr(web, "access_log", None)
+        if accessLog is not None and accessLog.file != "-":
+            written.append(("services.web.access_log.file", settings.path(accessLog.file).parent))
+        for i, files in enumerate(getattr(web, "certificates", [])):
+            keys.append((f"services.web.certificates[{i}].key", settings.path(files.key or files.cert)))
+    if context._certificate is not None and settings.tls.cert != "auto":
+        keys.append(("tls.key", settings.path(settings.tls.key or settings.tls.cert)))
+    return own, written, keys
+
+
+def _within(path: Path, folders: list[Path]) -> bool:
+    return any(path == f or f in path.parents for f in folders)
+
+
+def handOver(context: Context, uid: int, gid: int) -> None:
+    """
+    Before twistd drops root for C{uid}:C{gid}: make what netsvc writes the run
+    user's.  state_dir (and an SMTP queue folder outside it) and what root made
+    in it are chowned -- when netsvc made state_dir in this run or it already
+    belongs to the run user; a state_dir of anyone else stops the start.  The
+    folders of log files and of a writable LDAP file must be writable by the run
+    user (a log file root just made there is given to it).  TLS keys read again
+    on SIGHUP that the run user cannot read are warned about.
+
+    @raise StartupError: one line per folder that cannot be handed over, naming it.
+    """
+    user, group, groups = _who(uid, gid)
+    own, written, keys = _places(context)
+    problems: list[Problem] = []
+    owned: list[Path] = []
+    for key, folder in own:
+        folder = folder.resolve()
+        if _within(folder, owned):
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            st = os.stat(folder)
+            ours = folder == Path(context.stateDir).resolve() and not context.stateDirExisted
+            if st.st_uid != uid and not ours and not (key != "state_dir" and _within(folder, owned)):
+                owner = _userName(st.st_uid)
+                problems.append(Problem(context.configFile, key,
+                    f"{folder} belongs to {owner}, not to {user} (--uid): netsvc running as {user} could not "
+                    f"write there; run chown -R {user}:{group} {folder} (or remove it: netsvc makes it)"))
+                continue
+            if not _reachable(folder, uid, groups):
+                problems.append(Problem(context.configFile, key,
+                    f"{folder} cannot be reached by {user} (--uid): a folder above it is closed to that user"))
+                continue
+            _chownTree(folder, uid, gid)
+            owned.append(folder)
+        except OSError as e:
+            problems.append(Problem(context.configFile, key, f"cannot give {folder} to {user}: {e.strerror}"))
+    for key, folder in written:
+        folder = folder.resolve()
+        if _within(folder, owned):
+            continue
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            problems.append(Problem(context.configFile, key, f"{folder}: {e.strerror}"))
+            continue
+        if not _allows(st, uid, groups, 0o3) or not _reachable(folder, uid, groups):
+            problems.append(Problem(context.configFile, key,
+                f"the folder {folder} is not writable by {user} (--uid), who netsvc runs as: "
+                f"chown {user} {folder} or choose a folder {user} may write"))
+    for key, path in keys:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not (_allows(st, uid, groups, 0o4) and _reachable(path, uid, groups)):
+            log.warn("{key}: {path} is not readable by {user} (--uid): the certificate works now, but a "
+                     "reload (SIGHUP) will fail; make it readable by group {group}", key=key, path=str(path),
+                     user=user, group=group)
+    if problems:
+        raise StartupError(problems)
+    log.info("state handed over to {user}:{group} for running without root ({folders})", user=user,
+             group=group, folders=", ".join(str(f) for f in owned))
+
+
+def runnableBy(context: Context, program: str, uid: int, gid: int) -> None:
+    """
+    C{workers: N} with C{--uid}: the workers are started after root is
+    dropped, so the run user must be able to run this Python.
+
+    @raise StartupError: it cannot (naming the program and the user).
+    """
+    user, _, groups = _who(uid, gid)
+    path = Path(os.path.realpath(program))
+    try:
+        ok = _allows(os.stat(path), uid, groups, 0o5) and _reachable(path, uid, groups)
+    except OSError:
+        ok = False
+    if not ok:
+        raise StartupError([Problem(context.configFile, "workers",
+            f"the workers run as {user} (--uid), who cannot run {path} (a folder above it or the file "
+            f"is closed to that user): install netsvc where {user} can read it, or use workers: 1")])
+
+
+def _userName(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+_NETWORK_TYPES = {"TCP", "UDP", "SSL", "TLS"}
+
+
+def warnIfRoot(addresses: list[dict[str, Any]]) -> None:
+    """Once running: say so when the process is still root and listens on the network."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return
+    network = [a for a in addresses if str(a.get("type", "")).upper() in _NETWORK_TYPES]
+    if network:
+        log.warn("running as root with network listeners ({count}): start netsvc with --uid/--gid (or the "
+                 "systemd unit etc/netsvc.service) so that a flaw in it cannot act as root",
+                 count=len(network))

@@ -166,6 +166,9 @@ def makeService(options: Options) -> Any:
                          reloadSettings=lambda: settingsFromOptions(options))
     daemon.logObserver = logs.observerFor(settings.log, _twistdStream(options, settings))
     daemon.startupErrorFD = _daemonizedStartupErrors(options)
+    from netsvc.runtime import runAsFromTwistd
+
+    daemon.runAs = runAsFromTwistd(options)  # --uid/--gid: what netsvc writes is handed over before the drop
     from netsvc.workers.supervisor import forWorkers
 
     return forWorkers(daemon, settings, options)  # the daemon itself unless workers: N > 1

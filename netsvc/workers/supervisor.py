@@ -137,6 +137,12 @@ class Supervisor(service.Service):
                 log.warn("cpu_affinity: auto not applied: connections cannot be steered by CPU here; "
                          "workers are not pinned and connections are spread by address")
                 self.cpus = None
+            runAs = getattr(self.daemon, "runAs", None)
+            if runAs is not None:  # --uid/--gid: the workers run as that user, and write state_dir
+                from netsvc.runtime import handOver, runnableBy
+
+                handOver(self.context, *runAs)
+                runnableBy(self.context, sys.executable, *runAs)
         except BaseException as e:
             for b in self.bound:
                 b.close()
@@ -174,6 +180,9 @@ class Supervisor(service.Service):
         # twistd has no exit status of its own (a signal stop ends by re-raising the signal): after the
         # reactor has stopped, a failure status ends the process here.
         self.reactor.addSystemEventTrigger("after", "shutdown", self._exitWithStatus)
+        from netsvc.runtime import warnIfRoot
+
+        warnIfRoot([b.address for b in self.bound])
         for slot in self.slots:
             self.spawn(slot)
 

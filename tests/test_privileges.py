@@ -1,0 +1,236 @@
+"""
+Running without root (issue 21): C{twistd --uid nobody --gid nogroup netsvc}
+started as root binds a port below 1024, then works as nobody -- the SMTP queue,
+capture, status.json, TLS reloads -- because what netsvc made as root is handed
+over before twistd drops root; and the shipped systemd unit.
+
+The daemon tests need root (they are skipped, saying so, otherwise); they run
+the real daemon (L{tests.interop._daemon}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from netsvc.runtime import _chownTree
+from tests.interop._daemon import IO_TIMEOUT, REPO, runToCompletion, startNetsvc, startTwistd, twistdCommand
+
+UNIT = REPO / "etc" / "netsvc.service"
+
+
+def _needRoot() -> None:
+    if os.geteuid() != 0:
+        raise unittest.SkipTest("needs root: twistd --uid/--gid drops root, which only root can do")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        raise unittest.SkipTest("no user 'nobody' on this machine") from None
+
+
+def _lowPort() -> int:
+    """A free TCP port below 1024 on 127.0.0.1 (a bounded search)."""
+    for port in list(range(587, 588)) + list(range(900, 1024)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise unittest.SkipTest("no free TCP port below 1024 on 127.0.0.1")
+
+
+def _base(testCase: unittest.TestCase) -> Path:
+    """A folder for the test that nobody may pass through (state_dir is made inside by netsvc)."""
+    base = Path(testCase.mktemp()).absolute()
+    base.mkdir(parents=True)
+    for folder in [base, *base.parents]:
+        if folder == Path(REPO).parent:
+            break
+        os.chmod(folder, os.stat(folder).st_mode | 0o011)
+    return base
+
+
+def _send(port: int) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=IO_TIMEOUT) as client:
+        client.ehlo("client.example.test")
+        code, _ = client.mail("alice@example.test")
+        assert code == 250, code
+        code, _ = client.rcpt("bob@example.test")
+        assert code == 250, code
+        return client.data(b"Subject: unprivileged\r\n\r\nhello from a test\r\n")
+
+
+def _owner(path: Path) -> str:
+    return pwd.getpwuid(os.stat(path).st_uid).pw_name
+
+
+class UnprivilegedTests(unittest.TestCase):
+    """Before: 451 4.3.0 for every message (Permission denied creating the queue file)."""
+
+    def start(self, smtp: str, extra: str = "", uid: str = "nobody") -> tuple[object, Path, int]:
+        _needRoot()
+        base = _base(self)
+        port = _lowPort()
+        config = base / "netsvc.yaml"
+        config.write_text(
+            f"state_dir: state\n"
+            f"services:\n"
+            f"  smtp:\n"
+            f"    listen: ['tcp:{port}:interface=127.0.0.1']\n"
+            f"    relay: {smtp}\n"
+            f"  web:\n"
+            f"    listen: ['tls:0:interface=127.0.0.1']\n" + extra
+        )
+        daemon = startTwistd(
+            self,
+            ["--uid", uid, "--gid", "nogroup", "netsvc", "--config", str(config)],
+            base / "state",
+        )
+        return daemon, base / "state", port
+
+    def test_queueAsNobodyOnALowPort(self):
+        daemon, state, port = self.start("{smarthost: 'tcp:127.0.0.1:1', starttls: none}")
+        self.assertTrue(daemon.waitForOutput("set uid/gid", IO_TIMEOUT), daemon.output())
+        code, reply = _send(port)
+        self.assertEqual(code, 250, (reply, daemon.output()))
+        queued = list((state / "queue" / "env").glob("*.json"))
+        self.assertEqual(len(queued), 1, daemon.output())
+        self.assertEqual(_owner(queued[0]), "nobody")
+        self.assertEqual(_owner(state / "status.json"), "nobody")
+        self.assertNotIn("Permission denied", daemon.output())
+        self.assertNotIn("running as root", daemon.output())
+        # the generated key is readable for a reload
+        daemon.signal(signal.SIGHUP)
+        self.assertTrue(daemon.waitForOutput("certificate reloaded", IO_TIMEOUT), daemon.output())
+        self.assertIn(daemon.stop(), (0, -signal.SIGTERM), daemon.output())
+        self.assertFalse((state / "status.json").exists())  # removed by nobody
+
+    def test_captureAsNobody(self):
+        daemon, state, port = self.start("{capture: true}")
+        code, reply = _send(port)
+        self.assertEqual(code, 250, (reply, daemon.output()))
+        deadline = time.monotonic() + IO_TIMEOUT
+        captured = []
+        while not captured and time.monotonic() < deadline:
+            captured = [p for p in (state / "captured").rglob("*") if p.is_file()]
+            time.sleep(0.05)
+        self.assertTrue(captured, daemon.output())
+        self.assertTrue(all(_owner(p) == "nobody" for p in captured))
+
+    def test_foreignStateDirRefused(self):
+        """A state_dir that exists and belongs to someone else is not taken over: one line names it."""
+        _needRoot()
+        base = _base(self)
+        (base / "state").mkdir()  # root's
+        config = base / "netsvc.yaml"
+        config.write_text("state_dir: state\nservices:\n  echo:\n    listen: ['tcp:0:interface=127.0.0.1']\n")
+        result = runToCompletion(
+            self, twistdCommand() + ["-n", "--pidfile=", "--uid", "nobody", "--gid", "nogroup", "netsvc",
+                                     "--config", str(config)])
+        self.assertNotEqual(result.returncode, 0)
+        text = result.stdout.decode() + result.stderr.decode()
+        self.assertIn(f"state_dir: {base / 'state'} belongs to root, not to nobody", text)
+        self.assertNotIn("Traceback", text)
+        self.assertEqual(_owner(base / "state"), "root")
+
+    def test_workersAsNobody(self):
+        """
+        workers: 2 with --uid: the workers (started after the drop) queue mail as nobody -- or, when
+        nobody cannot run this Python (one under /root here), the start is refused with one line.
+        """
+        _needRoot()
+        nobody = pwd.getpwnam("nobody")
+        from netsvc.runtime import _allows, _reachable
+
+        python = Path(os.path.realpath(sys.executable))
+        runnable = _allows(os.stat(python), nobody.pw_uid, {nobody.pw_gid}, 0o5) and _reachable(
+            python, nobody.pw_uid, {nobody.pw_gid})
+        if not runnable:
+            base = _base(self)
+            config = base / "netsvc.yaml"
+            config.write_text("state_dir: state\nworkers: 2\nservices:\n  echo:\n"
+                              "    listen: ['tcp:0:interface=127.0.0.1']\n")
+            result = runToCompletion(
+                self, twistdCommand() + ["-n", "--pidfile=", "--uid", "nobody", "--gid", "nogroup", "netsvc",
+                                         "--config", str(config)])
+            text = result.stdout.decode() + result.stderr.decode()
+            self.assertNotEqual(result.returncode, 0, text)
+            self.assertIn(f"workers: the workers run as nobody (--uid), who cannot run {python}", text)
+            self.assertNotIn("Traceback", text)
+            return
+        daemon, state, port = self.start("{smarthost: 'tcp:127.0.0.1:1', starttls: none}", "workers: 2\n")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = json.loads((state / "status.json").read_text())
+            if len(status.get("workers", [])) == 2 and all(w["running"] for w in status["workers"]):
+                break
+            time.sleep(0.1)
+        else:
+            self.fail(daemon.output())
+        for _ in range(4):  # whichever worker takes it
+            code, reply = _send(port)
+            self.assertEqual(code, 250, (reply, daemon.output()))
+        self.assertNotIn("Permission denied", daemon.output())
+
+
+class WarnAsRootTests(unittest.TestCase):
+    def test_rootWithNetworkListenersWarns(self):
+        _needRoot()
+        base = _base(self)
+        config = base / "netsvc.yaml"
+        config.write_text("state_dir: state\nservices:\n  echo:\n    listen: ['tcp:0:interface=127.0.0.1']\n")
+        daemon = startNetsvc(self, config, base / "state")
+        self.assertTrue(daemon.waitForOutput("running as root with network listeners", IO_TIMEOUT),
+                        daemon.output())
+
+
+class ChownTreeTests(unittest.TestCase):
+    def test_linksLeftAlone(self):
+        """Symbolic links are not followed and files with other hard links are not given away."""
+        _needRoot()
+        base = _base(self)
+        tree = base / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "sub" / "f").write_text("x")
+        outside = base / "outside"
+        outside.write_text("secret")
+        (tree / "link").symlink_to(outside)
+        os.link(outside, tree / "hard")
+        nobody = pwd.getpwnam("nobody")
+        _chownTree(tree, nobody.pw_uid, nobody.pw_gid)
+        self.assertEqual(_owner(tree / "sub" / "f"), "nobody")
+        self.assertEqual(_owner(tree / "sub"), "nobody")
+        self.assertEqual(_owner(outside), "root")
+
+
+class SystemdUnitTests(unittest.TestCase):
+    def test_unitVerifies(self):
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            raise unittest.SkipTest("systemd-analyze not found: apt-get install systemd")
+        text = UNIT.read_text()
+        for needed in ("DynamicUser=yes", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "StateDirectory=netsvc",
+                       "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes"):
+            self.assertIn(needed, text)
+        # verify needs the ExecStart program to exist: point it at this tree's twistd in a copy
+        copy = Path(self.mktemp()).absolute()
+        copy.mkdir(parents=True)
+        unit = copy / "netsvc.service"
+        twistd = twistdCommand()[0]
+        unit.write_text(text.replace("/usr/bin/twistd", twistd))
+        result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        problems = [line for line in (result.stdout + result.stderr).splitlines()
+                    if "netsvc.service" in line]
+        self.assertEqual((result.returncode, problems), (0, []), result.stdout + result.stderr)

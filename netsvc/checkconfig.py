@@ -14,6 +14,14 @@ Two passes per file (the second on what the first left intact, when it found pro
 The dry run has no effect on the files the configuration names: C{cert: auto}
 and everything else under C{state_dir} are made in a temporary folder, and the
 web access log is not opened (its folder is checked instead).
+
+Then a security check (L{securityWarnings}, in the spirit of C{postfix check}
+and C{unbound-checkconf}): one line per risky setting, with its key path --
+a relay or resolver reachable beyond loopback without an ACL, TLS verification
+switched off, admin pages open without users, passwords accepted without TLS,
+C{accept_proxy} without trusted senders, world-readable password files.
+Warnings leave the exit status 0; C{--strict} makes them errors.  The daemon
+logs the same warnings once at start.
 """
 
 from __future__ import annotations
@@ -29,23 +37,188 @@ from netsvc.config import ConfigError, Problem, Settings, load
 
 
 def checkConfig(reactor: Any, args: argparse.Namespace) -> int:
-    """Validate each file; print C{FILE: OK (services)} or one line per problem (status 1)."""
+    """
+    Validate each file; print C{FILE: OK (services)} or one line per problem
+    (status 1).  Security warnings are printed as C{FILE: KEY: warning: ...};
+    they make the status 1 only with C{args.strict}.
+    """
     status = 0
+    strict = getattr(args, "strict", False)
     for name in args.files:
         try:
             settings = load(name)
         except ConfigError as e:
             problems = e.problems + _dryRunTheRest(name, e.problems)
+            warnings: list[Problem] = []
         else:
             problems = dryRun(settings, name)
-        if problems:
-            for problem in problems:
-                print(problem, file=sys.stderr)
+            warnings = securityWarnings(settings, name)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        for warning in warnings:
+            print(f"{warning.file}: {warning.path}: {'error' if strict else 'warning'}: {warning.reason}",
+                  file=sys.stderr)
+        if problems or (strict and warnings):
             status = 1
         else:
             enabled = [n for n, s in settings.services.items() if s.enabled]
-            print(f"{name}: OK ({', '.join(enabled) or 'no services'})")
+            extra = f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+            print(f"{name}: OK ({', '.join(enabled) or 'no services'}){extra}")
     return status
+
+
+# -- the security check ---------------------------------------------------------------
+
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+
+
+def exposed(endpoint: str) -> bool:
+    """Whether a listener endpoint can be reached from beyond this machine (unix: never; no interface=: yes)."""
+    import ipaddress
+
+    from netsvc.endpoints import split
+
+    try:
+        kind, args, kwargs = split(endpoint)
+    except ValueError:
+        return False
+    if kind in ("unix", "unix6"):
+        return False
+    interface = kwargs.get("interface")
+    if interface is None:
+        return True
+    interface = interface.strip("[]")
+    if interface in _LOOPBACK_NAMES:
+        return False
+    try:
+        return not ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return True
+
+
+def _beyondLoopback(networks: list[str]) -> bool:
+    """Whether a CIDR list admits an address outside loopback."""
+    import ipaddress
+
+    for spec in networks:
+        try:
+            if not ipaddress.ip_network(spec, strict=False).is_loopback:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _everyone(networks: list[str]) -> bool:
+    return any(spec.strip().endswith("/0") for spec in networks)
+
+
+def _endpoints(listen: Any) -> list[str]:
+    return [getattr(item, "endpoint", item) for item in (listen or [])]
+
+
+def _walk(value: Any, path: str) -> Any:
+    """Every (key path, value) below a settings object (attrs classes, dicts, lists)."""
+    import attrs
+
+    yield path, value
+    if attrs.has(type(value)):
+        for f in attrs.fields(type(value)):
+            yield from _walk(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+_INSECURE = ("insecure=yes", "insecure=true", "insecure=1", "insecure=on")
+
+
+def securityWarnings(settings: Settings, configFile: str) -> list[Problem]:
+    """
+    Settings that work but leave a door open: one L{Problem} per finding, with
+    its key path (see the module docstring).  Never raises for a valid file.
+    """
+    out: list[Problem] = []
+
+    def warn(key: str, reason: str) -> None:
+        out.append(Problem(configFile, key, reason))
+
+    services = {name: svc for name, svc in settings.services.items() if getattr(svc, "enabled", True)}
+    # TLS verification switched off, wherever an endpoint string or a flag says so
+    for key, value in _walk(settings, ""):
+        leaf = key.rsplit(".", 1)[-1]
+        if isinstance(value, str) and any(flag in value.lower() for flag in _INSECURE):
+            warn(key, "TLS certificate verification is switched off (insecure=yes): anyone on the path can "
+                      "pose as the peer")
+        elif isinstance(value, bool) and ((leaf in ("insecure", "tls_insecure") and value)
+                                          or (leaf in ("verify", "tls_verify", "verify_tls") and not value)):
+            warn(key, "TLS certificate verification is switched off: anyone on the path can pose as the peer")
+    # resolvers and relays reachable beyond loopback without an ACL
+    dns = services.get("dns")
+    if dns is not None and any(exposed(e) for e in _endpoints(dns.listen)) and (
+            not dns.allow or _everyone(dns.allow)):
+        warn("services.dns.allow", "the resolver listens beyond loopback and answers anyone (an open resolver, "
+                                   "usable for amplification): list the networks it serves")
+    smtp = services.get("smtp")
+    if smtp is not None and any(exposed(e) for e in _endpoints(smtp.listen)) and _everyone(smtp.mynetworks):
+        warn("services.smtp.mynetworks", "an open relay: anyone reaching a listener beyond loopback may relay "
+                                         "mail without AUTH")
+    forward = services.get("forward")
+    for i, rule in enumerate(getattr(forward, "rules", []) or []):
+        if any(exposed(e) for e in _endpoints(rule.listen)) and (not rule.allow or _everyone(rule.allow)):
+            warn(f"services.forward.rules[{i}].allow", "the forward listens beyond loopback and relays anyone "
+                                                        "to its backends: list the networks it serves")
+        proxied = rule.accept_proxy or any(getattr(l, "accept_proxy", None) for l in rule.listen)
+        trusted = [getattr(rule, name, None) for name in ("proxy_from", "trusted_proxies", "accept_proxy_from")]
+        if proxied and not any(trusted):
+            warn(f"services.forward.rules[{i}].accept_proxy", "PROXY headers are believed without a list of "
+                                                               "trusted senders: any client can claim any address")
+    # admin pages without users
+    web = services.get("web")
+    if web is not None and any(exposed(e) for e in _endpoints(web.listen)):
+        admin = web.admin
+        if (admin.metrics_path or admin.status_path) and _beyondLoopback(admin.allow) and not admin.users:
+            warn("services.web.admin.users", "/metrics and /status are open to admin.allow beyond loopback "
+                                             "without a password: add users")
+    if settings.metrics.listen and any(exposed(e) for e in _endpoints(settings.metrics.listen)) and (
+            not settings.metrics.allow or _beyondLoopback(settings.metrics.allow)):
+        warn("metrics.allow", "/metrics is served beyond loopback without a password")
+    # passwords without TLS
+    if smtp is not None and smtp.relay.auth is not None:
+        hostTLS = str(smtp.relay.smarthost or "").startswith(("tls:", "ssl:"))
+        if not hostTLS and smtp.relay.starttls != "required":
+            warn("services.smtp.relay.starttls", f"the smarthost password is sent after STARTTLS "
+                 f"'{smtp.relay.starttls}' (unverified, or in clear text when STARTTLS fails): use required "
+                 f"or a tls: smarthost")
+    chat = services.get("chat")
+    chatAuth = getattr(chat, "auth", None)
+    if chat is not None and chatAuth is not None and (chatAuth.password_file or chatAuth.users is not None):
+        for i, e in enumerate(_endpoints(chat.listen)):
+            if exposed(e) and not e.startswith(("tls:", "ssl:")):
+                warn(f"services.chat.listen[{i}]", "chat passwords are accepted in clear text on a listener "
+                                                   "beyond loopback: use a tls: listener")
+    for key, value in _walk(settings, ""):
+        if type(value).__name__ == "UserSource" and getattr(value, "ldap", None):
+            if str(value.ldap).startswith("ldap://") and not value.starttls:
+                warn(f"{key}.ldap", "users' passwords go to the directory in clear text: use ldaps:// or "
+                                    "starttls: true")
+    # password files others can read
+    for key, value in _walk(settings, ""):
+        leaf = key.rsplit(".", 1)[-1]
+        isFile = leaf in ("password_file", "bind_password_file") or (
+            leaf == "file" and key.endswith("users.file")) or (leaf == "users" and isinstance(value, str))
+        if isFile and isinstance(value, str) and value:
+            path = settings.path(value)
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                continue
+            if mode & 0o004:
+                warn(key, f"{path} is readable by every user of this machine: chmod o-r {path}")
+    return out
 
 
 def dryRun(settings: Settings, configFile: str) -> list[Problem]:

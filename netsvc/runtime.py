@@ -272,6 +272,10 @@ class Daemon(service.MultiService):
             where = f"{a.get('host')}:{a.get('port')}" if "port" in a else a.get("path")
             log.info("{key} listening on {type} {where} ({endpoint})", key=a["key"], type=a["type"],
                      where=where, endpoint=a["endpoint"])
+        from netsvc.workers import current
+
+        if current() is None:  # workers: the parent says it, once
+            logSecurityWarnings(self.context)
         if self.writesStatus:
             self.writeStatus()
             if self.runAs is not None:  # replaced and removed later by the run user
@@ -609,3 +613,16 @@ def warnIfRoot(addresses: list[dict[str, Any]]) -> None:
         log.warn("running as root with network listeners ({count}): start netsvc with --uid/--gid (or the "
                  "systemd unit etc/netsvc.service) so that a flaw in it cannot act as root",
                  count=len(network))
+
+
+def logSecurityWarnings(context: Context) -> None:
+    """At start: the warnings of C{netsvc check-config} (L{netsvc.checkconfig.securityWarnings}), once each."""
+    from netsvc.checkconfig import securityWarnings
+
+    try:
+        warnings = securityWarnings(context.settings, context.configFile)
+    except Exception as e:  # a check must never stop the daemon
+        log.warn("security check could not run: {error!r}", error=e)
+        return
+    for w in warnings:
+        log.warn("security: {key}: {reason}", key=w.path, reason=w.reason)

@@ -163,6 +163,9 @@ class Supervisor(service.Service):
                      "are spread by address", count=self.count,
                      cpus=len(affinity.availableCPUs()),
                      linux="" if sys.platform.startswith("linux") else ", not Linux")
+        from netsvc.runtime import logSecurityWarnings
+
+        logSecurityWarnings(self.context)
         for b in self.bound:
             a = b.address
             where = f"{a.get('host')}:{a.get('port')}" if "port" in a else a.get("path")

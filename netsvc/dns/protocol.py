@@ -37,6 +37,9 @@ MAX_PENDING_PER_CONNECTION = 64
 #: Unparsed input one stream connection may hold: a whole query (64 KB) and a read or two that
 #: arrived before a pause took effect; more means the transport ignored the pause (closed).
 MAX_UNPARSED = 256 * 1024
+#: Answers to pipelined queries are written together up to this many bytes (then the transport
+#: may pause us before the next query is answered).
+BATCH_MAX = 16 * 1024
 #: Rendered answers kept per UDP listener (see L{DNSDatagramProtocol}), oldest out first; only for
 #: queries up to MEMO_QUERY_MAX bytes (an ordinary one is under 100), so at most ~7 MB each.
 MEMO_MAX = 4096
@@ -292,10 +295,20 @@ class DNSStreamProtocol(Protocol, _Answering):
         self._buffer = b""
         self._offset = 0
         self._processing = False
+        #: Answers to the queries of one read, written together (one send instead of one each).
+        self._batch: list[bytes] | None = None
+        self._batchSize = 0
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "unix")
         self.transport.registerProducer(self, True)
+        # Each write is a whole answer, for a client that waits for it: Nagle's algorithm only delays.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
 
     # -- input
 
@@ -317,6 +330,8 @@ class DNSStreamProtocol(Protocol, _Answering):
         if self._processing:
             return  # re-entered (an answer that was ready at once): the loop below carries on
         self._processing = True
+        self._batch = []
+        self._batchSize = 0
         try:
             buffer = self._buffer
             end = len(buffer)
@@ -334,10 +349,14 @@ class DNSStreamProtocol(Protocol, _Answering):
                     break
                 self._offset = offset + 2 + length
                 self.queryReceived(buffer[offset + 2:offset + 2 + length])
+                if self._batchSize >= BATCH_MAX:
+                    self._flush()  # the transport may pause us here
                 if self.transport.disconnecting:
                     break
         finally:
             self._processing = False
+            self._flush()
+            self._batch = None
         if self._offset == len(self._buffer):
             self._buffer, self._offset = b"", 0
         self._readOrNot()
@@ -416,7 +435,20 @@ class DNSStreamProtocol(Protocol, _Answering):
             self.logQuery(self.peer, query, answer.rcode, source, self.transportName)
 
     def sendString(self, data: bytes) -> None:
-        self.transport.write(_LENGTH.pack(len(data)) + data)
+        batch = self._batch
+        if batch is None:
+            self.transport.write(_LENGTH.pack(len(data)) + data)
+        else:
+            batch.append(_LENGTH.pack(len(data)))
+            batch.append(data)
+            self._batchSize += len(data)
+
+    def _flush(self) -> None:
+        batch = self._batch
+        if batch:
+            self._batch = []
+            self._batchSize = 0
+            self.transport.write(b"".join(batch))
 
     def close(self) -> None:
         """

@@ -382,6 +382,7 @@ class StreamBackPressureTests(Setup, unittest.TestCase):
 
     def test_pauseDuringAWriteStopsAtOnce(self) -> None:
         """A transport pauses its producer from inside write(): the rest waits for the resume."""
+        self.patch(protocol, "BATCH_MAX", 0)  # each answer written alone
         write = self.stream.write
 
         def pausingWrite(data: bytes) -> None:
@@ -410,6 +411,14 @@ class StreamBackPressureTests(Setup, unittest.TestCase):
         self.assertEqual([m.id for m in self.answers()], [0])
         self.assertEqual(self.proto.pending, limit)  # the next buffered query took its place
         self.assertEqual(self.stream.producerState, "paused")
+
+    def test_answersToOneReadWrittenTogether(self) -> None:
+        writes = []
+        write = self.stream.write
+        self.stream.write = lambda data: (writes.append(len(data)), write(data))
+        self.proto.dataReceived(b"".join(self.frame(query("printer.lab", id=i)) for i in range(5)))
+        self.assertEqual([m.id for m in self.answers()], [0, 1, 2, 3, 4])
+        self.assertEqual(len(writes), 1)
 
     def test_lengthPrefixSplitAnywhere(self) -> None:
         data = b"".join(self.frame(query("printer.lab", id=i)) for i in range(4))

@@ -299,10 +299,11 @@ class GuardedFactory(Factory):
             log.debug("refused {client}: {reason}", client=host, reason=reason,
                       service=guard.metrics.service)
             refuse = getattr(self.wrappedFactory, "refusalProtocol", None)
-            return refuse(reason) if refuse is not None else _Refused()
+            answer = refuse(reason) if refuse is not None else None
+            return answer if answer is not None else _Refused()
         wrapped = self.wrappedFactory.buildProtocol(addr)
-        if wrapped is None:
-            return None
+        if wrapped is None:  # never None: a TLS wrapper would wrap it and fail on the first byte
+            return _Refused()
         cls = HalfCloseableGuardedProtocol if IHalfCloseableProtocol.providedBy(wrapped) else GuardedProtocol
         return cls(guard, wrapped, host)
 

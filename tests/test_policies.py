@@ -96,6 +96,34 @@ class GuardTests(unittest.TestCase):
         refused = proto.buildProtocol(addr("10.0.0.9"))
         self.assertEqual(refused.reason, "max_connections")
 
+    def test_refusalNeverNone(self):
+        """
+        A wrapped factory whose refusalProtocol (or buildProtocol) answers None still gets a protocol that
+        closes the connection: a TLS wrapper around the guard would wrap None and fail with a traceback on
+        every refused connection (DNS over TLS under a connection flood).
+        """
+        from twisted.internet.ssl import CertificateOptions
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        class Silent(Factory):
+            protocol = Recorder
+
+            def refusalProtocol(self, reason):
+                return None
+
+        class Declines(Factory):
+            def buildProtocol(self, addr):
+                return None
+
+        tls = TLSMemoryBIOFactory(CertificateOptions(), False, self.guard(max_connections=1).wrap(Silent()))
+        tls.doStart()
+        self.connect(tls.wrappedFactory)
+        for factory in (tls, TLSMemoryBIOFactory(CertificateOptions(), False, self.guard().wrap(Declines()))):
+            refused = factory.buildProtocol(addr("10.0.0.9"))
+            transport = StringTransport()
+            refused.makeConnection(transport)  # AttributeError on None before
+            self.assertTrue(transport.disconnecting)
+
     def test_accessList(self):
         guard = Guard(Limits(), self.metrics, self.clock, AccessList(["10.0.0.0/8"], ["10.6.6.0/24"]))
         factory = guard.wrap(Factory.forProtocol(Recorder))

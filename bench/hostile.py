@@ -19,7 +19,7 @@ LDAP and reserved chat nicknames) and, for each attack and each listener, in tur
   the web admin's Basic auth, a reserved chat nickname).
 
 Attackers come from 127.0.0.2 (per-IP limits apply to them); meanwhile one well-behaved client per service
-(from 127.0.0.1) keeps making a real exchange -- an echo round trip, a page over HTTPS, a DNS answer over UDP
+(from 127.0.0.3) keeps making a real exchange -- an echo round trip, a page over HTTPS, a DNS answer over UDP
 and TCP, a mail accepted with 250 after DATA, an LDAP search, a chat welcome, /metrics -- and its worst latency
 is recorded.  The daemon's RSS is sampled every 50 ms.
 
@@ -59,6 +59,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 ATTACKER = "127.0.0.2"
+#: The well-behaved clients' address: not 127.0.0.1, which the forward rules' own connections to echo come from
+#: (they count against echo's per-IP limit, and would hide whether a flood through forward reaches echo's probe).
+PROBER = "127.0.0.3"
 PROBE_TIMEOUT = 5.0  # a probe slower than this is a failure; the table reports the worst latency anyway
 PASSWORD = "right-password"
 
@@ -140,7 +143,7 @@ def tlsContext(alpn: list[str] | None = None) -> ssl.SSLContext:
     return ctx
 
 
-def connect(target: Target, source: str = "127.0.0.1", timeout: float = PROBE_TIMEOUT) -> socket.socket:
+def connect(target: Target, source: str = PROBER, timeout: float = PROBE_TIMEOUT) -> socket.socket:
     sock = socket.create_connection((target.host, target.port), timeout=timeout, source_address=(source, 0))
     if target.tls:
         sock = tlsContext(target.alpn).wrap_socket(sock, server_hostname="localhost")
@@ -255,6 +258,7 @@ def probeDns(t: Target) -> None:
     query = dnsQuery("printer.lab", 1, qid)
     if t.key.endswith("[0]"):  # the UDP listener
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((PROBER, 0))
             s.settimeout(PROBE_TIMEOUT)
             s.sendto(query, (t.host, t.port))
             dnsAnswerOk(s.recv(65536), qid)

@@ -47,7 +47,10 @@ class Client:
     def expect(self, marker: bytes, timeout=5.0):
         """Read until C{marker}; returns the text up to and including it (kept: later reads go on from there)."""
         while marker not in self.seen:
-            self.seen += yield readUntil(self.sock, b"\n", timeout)
+            chunk = yield readUntil(self.sock, b"\n", timeout)
+            if not chunk:
+                raise AssertionError(f"connection closed before {marker!r}; got {self.seen!r}")
+            self.seen += chunk
         at = self.seen.index(marker) + len(marker)
         got, self.seen = self.seen[:at], self.seen[at:]
         return got

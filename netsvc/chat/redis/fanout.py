@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import uuid
 from collections import deque
@@ -34,13 +35,60 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from netsvc.chat.hub import LOBBY, Event, Hub, LocalFanOut, Member, Room, deliverEach, displayName, notice
+from netsvc.chat.hub import LOBBY, ROOM, Event, Hub, LocalFanOut, Member, Room, deliverEach, displayName, notice
 from netsvc.chat.redis import scripts
 from netsvc.chat.redis.connection import Connections
 
 log = Logger()
 
 _HISTORIC = frozenset(("message", "action"))
+_ROOM_KINDS = _HISTORIC | {"notice"}
+#: Bounds on what a payload from Redis may carry (a chat line is at most a few KB).
+MAX_TEXT = 64 * 1024
+MAX_NAME = 128
+#: Times after this (the year 9999) cannot be shown.
+_LAST_TIME = 253402300799.0
+
+
+def parsePayload(message: str | bytes) -> dict[str, Any] | None:
+    """
+    A payload from Redis (a room event, a topic change or a private message),
+    checked at the boundary: a dict whose fields have their types and sizes
+    (names and text are str, C{w} a finite time, the room a valid room name,
+    the kind one this node shows), or None.  Never raises.
+    """
+    try:
+        data = json.loads(message)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    origin, text = data.get("o"), data.get("x", "")
+    if not _name(origin) or not isinstance(text, str) or len(text) > MAX_TEXT:
+        return None
+    if data.get("c") == "topic":
+        room = data.get("r")
+        return {"o": origin, "c": "topic", "r": room, "x": text} if _room(room) else None
+    kind, sender, when = data.get("k"), data.get("s", ""), data.get("w")
+    if not (_name(sender, empty=True) and isinstance(when, (int, float)) and not isinstance(when, bool)
+            and math.isfinite(when) and 0 <= when <= _LAST_TIME):
+        return None
+    event = {"o": origin, "k": kind, "x": text, "s": sender, "w": float(when)}
+    if kind == "private":
+        to = data.get("to")
+        return dict(event, to=to) if _name(to) else None
+    room, target = data.get("r"), data.get("t", "")
+    if kind not in _ROOM_KINDS or not _room(room) or not _name(target, empty=True):
+        return None
+    return dict(event, r=room, t=target)
+
+
+def _name(value: Any, empty: bool = False) -> bool:
+    return isinstance(value, str) and (empty or value != "") and len(value) <= MAX_NAME
+
+
+def _room(value: Any) -> bool:
+    return isinstance(value, str) and ROOM.match(value) is not None
 
 
 class RedisMetrics:
@@ -61,6 +109,9 @@ class RedisMetrics:
             ["service"]).labels(**s)
         self.errors = registry.counter(
             "netsvc_chat_redis_errors_total", "Redis commands that failed or timed out.", ["service"]).labels(**s)
+        self.invalid = registry.counter(
+            "netsvc_chat_redis_invalid_total", "Payloads from Redis dropped as malformed (events and history).",
+            ["service"]).labels(**s)
 
 
 class RedisFanOut(service.Service):
@@ -238,33 +289,36 @@ class RedisFanOut(service.Service):
 
     def messageReceived(self, channel: str, message: str) -> None:
         hub = self.hub
-        try:
-            data = json.loads(message)
-            origin = data["o"]
-        except (ValueError, TypeError, KeyError):
-            log.warn("chat: unreadable message on Redis channel {channel}", channel=channel)
+        data = parsePayload(message)
+        if data is None:
+            self._invalid("message on Redis channel " + channel)
             return
-        if origin == self.node or hub is None:
+        if data["o"] == self.node or hub is None:
             return  # our own event coming back: already delivered here
         self.metrics.received.value += 1
         if data.get("k") == "private":
-            target = hub.nicks.get(str(data.get("to", "")))
+            target = hub.nicks.get(data["to"].lower())
             if target is not None and hub.deliverTo(
-                    target, Event("private", str(data.get("x", "")), str(data.get("s", "")),
-                                  target=target.nick or "", when=data.get("w"))):
+                    target, Event("private", data["x"], data["s"], target=target.nick or "", when=data["w"])):
                 hub.onEvent("deliveries", count=1)
             return
-        room = hub.rooms.get(str(data.get("r", "")).lower())
+        room = hub.rooms.get(data["r"].lower())
         if room is None:
             return
         if data.get("c") == "topic":
-            room.topic = str(data.get("x", ""))
+            room.topic = data["x"]
             return
-        event = Event(str(data.get("k", "notice")), str(data.get("x", "")), str(data.get("s", "")), room.name,
-                      str(data.get("t", "")), when=data.get("w"))
+        event = Event(data["k"], data["x"], data["s"], room.name, data["t"], when=data["w"])
         if event.kind in _HISTORIC:
             room.history.append(event)
         hub.onEvent("deliveries", count=deliverEach(room.members, event, None, hub.memberFailed))
+
+    def _invalid(self, what: str) -> None:
+        """A malformed payload: dropped and counted; logged the first time (a bad publisher could fill the log)."""
+        self.metrics.invalid.value += 1
+        if self.metrics.invalid.value == 1:
+            log.warn("chat: dropped a malformed {what} (counted in netsvc_chat_redis_invalid_total; "
+                     "not logged again)", what=what)
 
     # -- connection events (from Connections)
 
@@ -313,11 +367,11 @@ class RedisFanOut(service.Service):
             room.topic = str(topic)
         history: deque[Event] = deque(maxlen=room.history.maxlen)
         for raw in events:
-            try:
-                data = json.loads(raw)
-                history.append(Event(data["k"], data["x"], data["s"], room.name, data.get("t", ""), when=data["w"]))
-            except (ValueError, TypeError, KeyError):
+            data = parsePayload(raw) if isinstance(raw, (str, bytes)) else None
+            if data is None or data.get("k") not in _HISTORIC:
+                self._invalid(f"history entry of {room.name}")
                 continue
+            history.append(Event(data["k"], data["x"], data["s"], room.name, data["t"], when=data["w"]))
         if history:
             room.history = history
         for member in waiting:

@@ -446,6 +446,17 @@ class GuardedProtocol(Protocol):
             timedOut()
         else:
             self.transport.loseConnection()
+        # A client that does not read never lets a polite close finish (the unsent output, or TLS's
+        # close_notify, waits for it; a registered producer is resumed instead of closed): abort it.
+        self._idleCall = self.guard.clock.callLater(self.guard.abortGrace, self._abortIdle)
+
+    def _abortIdle(self) -> None:
+        self._idleCall = None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
 
     def drain(self) -> None:
         drain = getattr(self.wrappedProtocol, "drain", None)

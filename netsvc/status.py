@@ -13,7 +13,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.web import http, resource, server
 
 from netsvc import logs
-from netsvc.config import Limits, MetricsSettings, ServiceSettings
+from netsvc.config import Duration, Limits, MetricsSettings, ServiceSettings
 from netsvc.metrics import CONTENT_TYPE, Registry
 from netsvc.policies import AccessList
 
@@ -89,7 +89,10 @@ class ScrapeSite(server.Site):
 
 def makeMetricsService(settings: MetricsSettings, context: Any) -> service.IService:
     """One plain-HTTP site serving /metrics on every C{metrics.listen} entry."""
-    svc = context.serverService("metrics", ServiceSettings(limits=Limits(max_connections=64)))
+    # Scrapers are few and quick: one address may not hold every connection (a slowloris from one
+    # host locked out every scraper), and a connection that says nothing for 30 s is closed.
+    limits = Limits(max_connections=64, max_connections_per_ip=16, idle_timeout=Duration(30))
+    svc = context.serverService("metrics", ServiceSettings(limits=limits))
     svc.keyPath = "metrics"
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(context.metrics, AccessList(settings.allow)))

@@ -143,6 +143,26 @@ class GuardTests(unittest.TestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.metrics.limit("idle_timeout").value, 1)
 
+    def test_idleCloseAbortsAClientThatDoesNotRead(self):
+        """
+        A connection the idle timeout closed that is still open after the guard's abort grace (its client
+        does not read, so the unsent output and TLS's close_notify never leave) is aborted; a connection
+        that closed in time leaves no timer behind.
+        """
+        guard = self.guard(idle_timeout=10)
+        factory = guard.wrap(Factory.forProtocol(Recorder))
+        proto, transport = self.connect(factory)
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(guard.abortGrace)
+        self.assertTrue(transport.disconnected)
+
+        polite, _ = self.connect(factory)
+        self.clock.advance(10)
+        polite.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_writesCountAsActivity(self):
         factory = self.guard(idle_timeout=10).wrap(Factory.forProtocol(Recorder))
         proto, transport = self.connect(factory)

@@ -84,3 +84,38 @@ class NonReadingScraperTests(unittest.TestCase):
         body = yield response.content()
         self.assertEqual(response.code, 200)
         self.assertIn(b"netsvc_connections_accepted_total", body)
+
+
+class OneAddressCannotLockOutScrapersTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_perAddressLimitUnderTheTotal(self):
+        """
+        One address holding connections open (a slowloris) reaches its own limit before the listener's
+        total: a scraper from another address is still answered.
+        """
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+
+        daemon = startDaemon(self, 'metrics: {listen: ["tcp:0:interface=127.0.0.1"]}\n'
+                                   'services: {echo: {listen: ["tcp:0:interface=127.0.0.1"]}}\n')
+        svc = daemon.getServiceNamed("metrics")
+        where = svc.listeners[0].port.getHost().port
+        for _ in range(80):  # more than the listener's total of 64 (non-blocking: the daemon is in this process)
+            s = socket.socket()
+            self.addCleanup(s.close)
+            s.bind(("127.0.0.2", 0))
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", where))
+            yield sleep(0.01)
+            try:
+                s.send(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            except OSError:
+                pass  # refused by the per-address limit
+        yield sleep(0.2)
+        self.assertLess(svc.guard.perHost.get("127.0.0.2", 0), svc.guard.limits.max_connections)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        answer = yield treq.get(f"http://127.0.0.1:{where}/metrics", pool=pool, timeout=5)
+        self.assertEqual(answer.code, 200)
+        yield answer.content()

@@ -76,8 +76,10 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Validate netsvc configuration files without starting anything: every problem the "
                     "daemon would refuse before binding (unknown keys, bad values, missing files, unreadable "
                     "certificates) is printed as FILE: KEY: REASON, all of them in one run.",
-        epilog="Exit status: 0 when every file is OK, 1 when one has a problem, 2 on bad usage.")
+        epilog="Exit status: 0 when every file is OK, 1 when one has a problem (or a security warning with "
+               "--strict), 2 on bad usage.")
     check.add_argument("files", nargs="+", metavar="FILE", help="a YAML configuration file (e.g. etc/netsvc.yaml)")
+    check.add_argument("--strict", action="store_true", help="security warnings are errors (exit status 1)")
     check.set_defaults(run=checkConfig)
     top.commands = {"check-config": check}  # type: ignore[attr-defined]
     # Only the command asked for is imported when its module is netsvc.<command>.* (start-up time).

@@ -16,6 +16,7 @@ small adapter that makes the WebSocket look like a transport.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -34,17 +35,33 @@ from netsvc.chat.protocol import ChatProtocol, ChatShared, Framing
 _log = Logger()
 
 
+_RAW_BREAKS = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
 class JSONFraming(Framing):
-    """Events as JSON lines (the browser splits on newlines)."""
+    """
+    Events as JSON lines (the browser splits on newlines).  The text is kept
+    exact (JSON escapes line breaks and controls; the page shows it as text,
+    never as markup): each event says its kind and who sent it.
+    """
 
     name = "json"
     delimiter = b"\n"
 
+    def visible(self, text: str) -> str:
+        return text
+
     def format(self, event: Event) -> str:
-        return json.dumps({
+        text = json.dumps({
             "kind": event.kind, "sender": event.sender, "text": event.text, "room": event.room,
             "target": event.target, "time": round(event.time, 3), "replay": event.replay,
         }, ensure_ascii=False)
+        # JSON allows DEL, C1 controls and U+2028/U+2029 raw in strings, but NEL and the separators
+        # end a line for many readers (Python's splitlines, JavaScript before ES2019): escaped, each
+        # event is one line for any reader, and the text the same once parsed.
+        if _RAW_BREAKS.search(text) is not None:
+            text = _RAW_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        return text
 
 
 JSON = JSONFraming()

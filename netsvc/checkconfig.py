@@ -171,11 +171,11 @@ def securityWarnings(settings: Settings, configFile: str) -> list[Problem]:
         if any(exposed(e) for e in _endpoints(rule.listen)) and (not rule.allow or _everyone(rule.allow)):
             warn(f"services.forward.rules[{i}].allow", "the forward listens beyond loopback and relays anyone "
                                                         "to its backends: list the networks it serves")
+        # accept_proxy without trusted_proxies is a config error; trusting every address is not
         proxied = rule.accept_proxy or any(getattr(l, "accept_proxy", None) for l in rule.listen)
-        trusted = [getattr(rule, name, None) for name in ("proxy_from", "trusted_proxies", "accept_proxy_from")]
-        if proxied and not any(trusted):
-            warn(f"services.forward.rules[{i}].accept_proxy", "PROXY headers are believed without a list of "
-                                                               "trusted senders: any client can claim any address")
+        if proxied and _everyone(rule.trusted_proxies):
+            warn(f"services.forward.rules[{i}].trusted_proxies", "PROXY headers are believed from any address: "
+                 "any client can claim any address; list only the load balancers in front")
     # admin pages without users
     web = services.get("web")
     if web is not None and any(exposed(e) for e in _endpoints(web.listen)):

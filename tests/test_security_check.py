@@ -36,6 +36,7 @@ services:
         listen: ["tcp:7008"]
         connect: ["tls:host=127.0.0.1:port=7443:insecure=yes"]
         accept_proxy: true
+        trusted_proxies: [0.0.0.0/0]
   web:
     listen: ["tls:8443:interface=::"]
     admin: {{allow: [0.0.0.0/0]}}
@@ -46,7 +47,7 @@ EXPECTED_KEYS = [
     "services.dns.allow",
     "services.smtp.mynetworks",
     "services.forward.rules[0].allow",
-    "services.forward.rules[0].accept_proxy",
+    "services.forward.rules[0].trusted_proxies",
     "services.web.admin.users",
     "metrics.allow",
     "services.smtp.relay.starttls",

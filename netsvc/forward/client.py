@@ -62,6 +62,8 @@ def ruleFromArgs(args: argparse.Namespace) -> dict[str, Any]:
             rule[key] = value
     if args.accept_proxy:
         rule["accept_proxy"] = True
+    if args.trusted_proxies:
+        rule["trusted_proxies"] = args.trusted_proxies
     if args.allow:
         rule["allow"] = args.allow
     if args.deny:
@@ -176,7 +178,10 @@ def addParser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--send-proxy", dest="send_proxy", choices=["v1", "v2"],
                    help="send a PROXY protocol header (HAProxy's v1 text or v2 binary) to the backend")
     p.add_argument("--accept-proxy", dest="accept_proxy", action="store_true",
-                   help="expect a PROXY protocol header (v1 or v2) from a load balancer in front")
+                   help="expect a PROXY protocol header (v1 or v2) from a load balancer in front "
+                        "(needs --trusted-proxy)")
+    p.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=[], metavar="CIDR",
+                   help="with --accept-proxy: who may send the header (repeatable; anyone else is refused)")
     p.add_argument("--health-interval", dest="health_interval", metavar="DURATION",
                    help="check each backend this often (off unless given)")
     p.add_argument("--health-timeout", dest="health_timeout", metavar="DURATION",

@@ -46,6 +46,8 @@ class RuleRuntime:
             )
         self.pool = pool
         self.access = AccessList(settings.allow, settings.deny)
+        #: Who may send a PROXY header (an empty list trusts nobody, unlike an empty allow).
+        self.proxySenders = AccessList(settings.trusted_proxies) if settings.trusted_proxies else None
         self.connections: set[Any] = set()
         bw = settings.bandwidth
         self.limited = bool(bw.per_connection or bw.per_rule)
@@ -64,6 +66,8 @@ class RuleRuntime:
         self._running = False
         self._lastNoBackendLog = -1e9
         self._noBackendCount = 0
+        self._lastUntrustedLog = -1e9
+        self._untrustedCount = 0
 
     def start(self) -> None:
         self._running = True
@@ -86,6 +90,11 @@ class RuleRuntime:
     def permits(self, address: tuple[str, int] | None) -> bool:
         return self.access.permits(address[0] if address else "unix")
 
+    def trustsProxy(self, host: str) -> bool:
+        """Whether C{host} (the real peer) may send a PROXY header (C{trusted_proxies}; unix peers: no)."""
+        senders = self.proxySenders
+        return senders is not None and host != "unix" and senders.permits(host)
+
     def noBackend(self) -> None:
         """A connection found no healthy backend: say so (at most every 10 s per rule)."""
         self._noBackendCount += 1
@@ -99,6 +108,22 @@ class RuleRuntime:
             )
             self._lastNoBackendLog = now
             self._noBackendCount = 0
+
+    def untrustedProxy(self, host: str) -> None:
+        """A connection to a PROXY listener from outside trusted_proxies was refused: say so (every 10 s)."""
+        self._untrustedCount += 1
+        now = self.reactor.seconds()
+        if now - self._lastUntrustedLog >= 10:
+            log.warn(
+                "forward {rule}: refused {count} connection(s) to a PROXY listener from senders not in "
+                "trusted_proxies (latest: {client})",
+                rule=self.name,
+                count=self._untrustedCount,
+                client=host,
+                event="proxy_untrusted",
+            )
+            self._lastUntrustedLog = now
+            self._untrustedCount = 0
 
     def opened(self, relay: RelayBase) -> None:
         self.connections.add(relay)
@@ -168,8 +193,16 @@ class RuleFactory(Factory):
         if len(rule.connections) >= rule.settings.max_connections:
             metrics.refused("max_connections").value += 1
             return None
-        if not self.acceptProxy and not rule.access.permits(getattr(addr, "host", None) or "unix"):
+        # The ACL sees the real peer first, PROXY header or not (a claimed address is
+        # checked too, once read: see Relay.dataReceived).
+        if not rule.access.permits(host):
             metrics.refused("acl").value += 1
+            return None
+        if self.acceptProxy and not rule.trustsProxy(host):
+            # Only trusted_proxies may speak PROXY on this listener; anyone else would
+            # choose the address the ACL, the logs and the backend see.
+            metrics.refused("proxy_untrusted").value += 1
+            rule.untrustedProxy(host)
             return None
         backends = rule.pool.backends
         if not (backends[0].up or any(b.up for b in backends)):

@@ -14,7 +14,8 @@ C{services.forward} settings: a list of rules, each listeners -> backends.
             allow: [10.0.0.0/8]
             bandwidth: {per_connection: 1MiB, per_rule: 10MiB}   # bytes/s each way
             send_proxy: v2               # or v1
-            accept_proxy: false
+            accept_proxy: false          # true: a PROXY header comes first, and only from...
+            trusted_proxies: []          # ...these senders (CIDRs, like nginx's set_real_ip_from)
             health: {interval: 2s, fall: 3, rise: 2}
           - name: dns-udp
             listen: ["udp:5300:interface=127.0.0.1"]
@@ -87,6 +88,9 @@ class Rule:
     bandwidth: BandwidthSettings = field(factory=BandwidthSettings)
     send_proxy: Literal["v1", "v2"] | None = field(None)
     accept_proxy: bool = field(False)
+    #: Who may send a PROXY header (CIDRs; nginx's C{set_real_ip_from}).  Required with
+    #: C{accept_proxy}: no sender is trusted unless listed; anyone else is refused.
+    trusted_proxies: list[str] = field(factory=list)
     health: Health | None = field(None)
     udp: UDPSettings = field(factory=UDPSettings)
 
@@ -131,7 +135,15 @@ class Rule:
                         "is not supported yet)",
                     )
                 )
-        problems += networkProblems(self, "allow", "deny")
+        problems += networkProblems(self, "allow", "deny", "trusted_proxies")
+        if listenKinds != {"udp"}:
+            proxied = self.accept_proxy or any(l.accept_proxy for l in self.listen)
+            if proxied and not self.trusted_proxies:
+                problems.append(("trusted_proxies", "accept_proxy needs the list of senders allowed to speak "
+                                 "PROXY (e.g. [10.0.0.2/32], the load balancer's address): without it any client "
+                                 "could claim any address"))
+            elif self.trusted_proxies and not proxied:
+                problems.append(("trusted_proxies", "only used with accept_proxy: true"))
         if self.health is not None:
             for key in ("send", "expect"):
                 value = getattr(self.health, key)

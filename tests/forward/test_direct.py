@@ -25,7 +25,7 @@ class EligibilityTests(unittest.TestCase):
             self,
             f'      - name: plain\n        listen: ["tcp:0:interface=127.0.0.1", "unix:{path}"]\n'
             f'        connect: ["{tcp(port)}"]\n'
-            + rule([tcp(port)], "accept_proxy: true", "proxied")
+            + rule([tcp(port)], "accept_proxy: true\ntrusted_proxies: [127.0.0.1/32]", "proxied")
             + rule([f"tcp:host=localhost:port={port}"], name="named")
             + rule([tcp(port)], "bandwidth: {per_rule: 1MiB}", "paced")
             + rule([tcp(port), f"tls:host=127.0.0.1:port={port}"], name="mixed"),
@@ -69,7 +69,9 @@ class EligibilityTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_acceptProxyListenerBuildsRelays(self):
-        daemon, svc = startForwarder(self, rule([tcp(echoBackend(self))], "accept_proxy: true"))
+        daemon, svc = startForwarder(
+            self, rule([tcp(echoBackend(self))], "accept_proxy: true\ntrusted_proxies: [127.0.0.1/32]")
+        )
         client = yield connect(fport(daemon), Client())
         client.transport.write(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhi")
         yield client.waitFor(2)

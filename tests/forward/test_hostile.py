@@ -115,7 +115,7 @@ class ProxyHeaderTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_behindAHeaderBackendNeverReads(self):
         port, backend = recorderBackend(self)
-        daemon, svc = startForwarder(self, rule([tcp(port)], "accept_proxy: true"))
+        daemon, svc = startForwarder(self, rule([tcp(port)], "accept_proxy: true\ntrusted_proxies: [127.0.0.1/32]"))
         client = yield connect(fport(daemon))
         client.transport.write(proxyheader.v1(("203.0.113.7", 4242), ("198.51.100.1", 443)) + b"hello")
         yield waitUntil(lambda: backend.instances and backend.instances[0].buf)
@@ -136,7 +136,7 @@ class ProxyHeaderTests(unittest.TestCase):
     @defer.inlineCallbacks
     def refusedAtItsBound(self, start: bytes, filler: bytes):
         port, backend = recorderBackend(self)
-        daemon, svc = startForwarder(self, rule([tcp(port)], "accept_proxy: true"))
+        daemon, svc = startForwarder(self, rule([tcp(port)], "accept_proxy: true\ntrusted_proxies: [127.0.0.1/32]"))
         s = socket.socket()
         s.connect(("127.0.0.1", fport(daemon)))
         s.setblocking(False)

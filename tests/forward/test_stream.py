@@ -530,8 +530,8 @@ class ProxyProtocolTests(unittest.TestCase):
         port, backend = recorderBackend(self)
         daemon, svc = startForwarder(
             self,
-            rule([tcp(port)], "accept_proxy: true\nsend_proxy: v1")
-            + rule([tcp(port)], 'accept_proxy: true\ndeny: ["192.0.2.0/24"]', "acl"),
+            rule([tcp(port)], "accept_proxy: true\ntrusted_proxies: [127.0.0.1/32]\nsend_proxy: v1")
+            + rule([tcp(port)], 'accept_proxy: true\ntrusted_proxies: [127.0.0.1/32]\ndeny: ["192.0.2.0/24"]', "acl"),
         )
         client = yield connect(fport(daemon))
         client.transport.write(proxyheader.v2(("203.0.113.7", 4242), ("198.51.100.1", 443)) + b"data")

@@ -157,6 +157,7 @@ class ForwardPeerTests(unittest.TestCase):
             '        listen: ["tcp:0:interface=127.0.0.1"]\n'
             f'        connect: ["tcp:host=127.0.0.1:port={hport}"]\n'
             "        accept_proxy: true\n"
+            "        trusted_proxies: [127.0.0.1/32]\n"
             "        send_proxy: v2\n"
         )
         v1 = daemon.port("services.forward.rules[0].listen[0]")
@@ -176,6 +177,73 @@ class ForwardPeerTests(unittest.TestCase):
             )
             answer = _readAll(s)
         self.assertIn(b"src=203.0.113.9:1234\n", answer)
+
+    def test_haproxyAsTheTrustedSender(self) -> None:
+        """
+        HAProxy in front (send-proxy) from 127.0.0.2, in trusted_proxies: the client it
+        announces is the one netsvc passes on (to HAProxy again, which answers with it).
+        The same HAProxy from 127.0.0.3, not listed: refused, nothing reaches the backend.
+        """
+        haproxy = requirePeer("haproxy", "haproxy")
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.3", 0))
+        except OSError:
+            raise unittest.SkipTest("binding 127.0.0.2/3 needs Linux's 127.0.0.0/8 on lo") from None
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        trustedPort, untrustedPort, answerPort = _freePort(), _freePort(), _freePort()
+        daemon = self.startForwarder(
+            "      - name: behind\n"
+            '        listen: ["tcp:0:interface=127.0.0.1"]\n'
+            f'        connect: ["tcp:host=127.0.0.1:port={answerPort}"]\n'
+            "        accept_proxy: true\n"
+            "        trusted_proxies: [127.0.0.2/32]\n"
+            "        send_proxy: v1\n"
+        )
+        nport = daemon.port("services.forward.rules[0].listen[0]")
+        (folder / "haproxy.cfg").write_text(
+            "global\n"
+            "  log stderr format raw local0 err\n"
+            "defaults\n"
+            "  mode tcp\n"
+            "  timeout connect 5s\n  timeout client 5s\n  timeout server 5s\n"
+            "frontend trusted\n"
+            f"  bind 127.0.0.1:{trustedPort}\n"
+            "  default_backend fromTrusted\n"
+            "backend fromTrusted\n"
+            f"  server netsvc 127.0.0.1:{nport} send-proxy source 127.0.0.2\n"
+            "frontend untrusted\n"
+            f"  bind 127.0.0.1:{untrustedPort}\n"
+            "  default_backend fromUntrusted\n"
+            "backend fromUntrusted\n"
+            f"  server netsvc 127.0.0.1:{nport} send-proxy source 127.0.0.3\n"
+            "frontend answer\n"
+            "  mode http\n"
+            f"  bind 127.0.0.1:{answerPort} accept-proxy\n"
+            '  http-request return status 200 content-type text/plain lf-string "src=%[src]:%[src_port]\\n"\n'
+        )
+        check = runToCompletion(self, [haproxy, "-c", "-f", str(folder / "haproxy.cfg")])
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        self.spawn([haproxy, "-db", "-f", str(folder / "haproxy.cfg")])
+        for port in (trustedPort, untrustedPort, answerPort):
+            _waitPort(port)
+
+        with socket.create_connection(("127.0.0.1", trustedPort), timeout=IO_TIMEOUT) as s:
+            clientPort = s.getsockname()[1]
+            s.sendall(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+            answer = _readAll(s)
+        # netsvc's real peer was 127.0.0.2; the client HAProxy announced went on
+        self.assertIn(f"src=127.0.0.1:{clientPort}\n".encode(), answer, daemon.output()[-2000:])
+
+        with socket.create_connection(("127.0.0.1", untrustedPort), timeout=IO_TIMEOUT) as s:
+            s.sendall(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+            answer = _readAll(s)
+        self.assertEqual(answer, b"")
+        deadline = time.monotonic() + IO_TIMEOUT
+        while "trusted_proxies" not in daemon.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertIn("not in trusted_proxies (latest: 127.0.0.3)", daemon.output())
 
 
 def _readAll(s: socket.socket) -> bytes:

@@ -239,37 +239,111 @@ class Guard:
         Ask every open connection to finish (C{drain()} on protocols that have it),
         wait up to C{timeout} seconds for them to close, then close the rest:
         C{loseConnection()}, and C{abortConnection()} L{abortGrace} seconds later.
-        Fires when no connection is left.
+        Fires when no connection is left, and at the latest L{abortSettle} seconds
+        after the abort whatever state a connection was left in: one still on the
+        books then is forgotten (logged), so that a shutdown always ends.
+
+        A connection whose socket is gone but whose C{connectionLost} never came
+        (a protocol that raised in the last read of a TLS connection: the TLS layer
+        then never tells the protocols above it) gets its C{connectionLost} here,
+        at once, rather than holding the shutdown until the deadline.
         """
         self.draining = True
+        self._sweepGhosts()
+        for conn in list(self.connections):
+            try:
+                conn.drain()
+            except Exception:
+                log.failure("drain() of a connection from {client} failed; it is closed at the deadline",
+                            client=conn.host, service=self.metrics.service)
         if not self.connections:
             return defer.succeed(None)
-        for conn in list(self.connections):
-            conn.drain()
         d = defer.Deferred()
         self._drained.append(d)
-        close = self.clock.callLater(timeout, self._closeAll)
-        abort = self.clock.callLater(timeout + self.abortGrace, self._abortAll)
+        clock = self.clock
+        calls = [
+            clock.callLater(timeout, self._closeAll),
+            clock.callLater(timeout + self.abortGrace, self._abortAll),
+            clock.callLater(timeout + self.abortGrace + self.abortSettle, self._forgetAll),
+        ]
 
         def cancelTimers(result):
-            for call in (close, abort):
+            for call in calls:
                 if call.active():
                     call.cancel()
             return result
 
         return d.addBoth(cancelTimers)
 
+    #: After the abort, this long for the aborted connections' C{connectionLost}; then the drain ends regardless.
+    abortSettle = 0.5
+
     def _closeAll(self) -> None:
+        self._sweepGhosts()
         for conn in list(self.connections):
-            conn.transport.loseConnection()
+            try:
+                conn.transport.loseConnection()
+            except Exception:
+                log.failure("closing a connection from {client} at shutdown failed", client=conn.host,
+                            service=self.metrics.service)
 
     def _abortAll(self) -> None:
+        self._sweepGhosts()
         for conn in list(self.connections):
-            abort = getattr(conn.transport, "abortConnection", None)
-            if abort is not None:
-                abort()
+            try:
+                abort = getattr(conn.transport, "abortConnection", None)
+                if abort is not None:
+                    abort()
+                else:
+                    conn.transport.loseConnection()
+            except Exception:
+                log.failure("aborting a connection from {client} at shutdown failed", client=conn.host,
+                            service=self.metrics.service)
+
+    def _sweepGhosts(self) -> None:
+        """Deliver C{connectionLost} to connections whose transport (or one beneath it) is disconnected."""
+        for conn in list(self.connections):
+            if _transportGone(conn):
+                log.warn("a connection from {client} closed without telling its protocol; closing it now",
+                         client=conn.host, service=self.metrics.service)
+                self._lose(conn)
+
+    def _lose(self, conn: GuardedProtocol) -> None:
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        try:
+            conn.connectionLost(Failure(ConnectionLost("closed without connectionLost")))
+        except Exception:
+            log.failure("connectionLost of a connection from {client} failed", client=conn.host,
+                        service=self.metrics.service)
+        self.closed(conn)  # already done by connectionLost, unless that raised first
+
+    def _forgetAll(self) -> None:
+        """The drain's deadline: what is still on the books is forgotten, and the drain ends."""
+        for conn in list(self.connections):
+            if _transportGone(conn):
+                self._lose(conn)
             else:
-                conn.transport.loseConnection()
+                log.warn("a connection from {client} is still open after the abort; shutdown goes on",
+                         client=conn.host, service=self.metrics.service)
+                self.closed(conn)
+        if self._drained:  # closed() fires them when the last one goes; none may have been left
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+
+def _transportGone(conn: Any) -> bool:
+    """Whether the transport of C{conn}, or one beneath it (TLS over TCP), is disconnected."""
+    transport = conn.transport
+    for _ in range(4):
+        if transport is None:
+            return False
+        if getattr(transport, "disconnected", False):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 @implementer(IProtocolFactory)

@@ -50,6 +50,10 @@ from netsvc.tls import CertificateError, ServerCertificate
 log = Logger()
 
 
+#: Stopping ends at the latest this long after the guards' drain deadline (drain_timeout + abort grace).
+STOP_SLACK = 1.0
+
+
 class StartupError(ConfigError):
     """The configuration is valid but cannot be put to work (port in use, bad certificate)."""
 
@@ -296,10 +300,58 @@ class Daemon(service.MultiService):
             self._oldHandler = None
         log.info("stopping: listeners closed, draining connections for up to {timeout}s",
                  timeout=self.context.settings.drain_timeout)
-        d = defer.maybeDeferred(super().stopService)
+        d = self._stopChildren(float(self.context.settings.drain_timeout) + Guard.abortGrace + STOP_SLACK)
         if self.writesStatus:
             d.addBoth(self._removeStatus)
         return d
+
+    def _stopChildren(self, deadline: float) -> defer.Deferred:
+        """
+        C{MultiService.stopService} with a deadline: fires when every service has
+        stopped, or C{deadline} seconds from now whatever is still stopping (each
+        named in the log), so that twistd's reactor stops regardless.  Guards close
+        and abort their connections by then (L{Guard.drain}); what a service waits
+        for beyond that (a Deferred that never fires) is not worth a daemon that
+        never exits.
+        """
+        service.Service.stopService(self)
+        pending: dict[str, defer.Deferred] = {}
+        done = defer.Deferred()
+
+        def stopped(result: Any, name: str) -> None:
+            pending.pop(name, None)
+            if isinstance(result, Failure):
+                log.failure("stopping {service} failed", result, service=name)
+            if not pending and not done.called:
+                done.callback(None)
+
+        children = list(self)
+        children.reverse()
+        for i, svc in enumerate(children):
+            name = svc.name or f"#{i}"
+            pending[name] = d = defer.maybeDeferred(svc.stopService)
+        for name, d in list(pending.items()):
+            d.addBoth(stopped, name)
+        if not pending:
+            return defer.succeed(None)
+        if done.called:
+            return done
+
+        def late() -> None:
+            if done.called:
+                return
+            log.warn("stopping: still waiting for {services} after {deadline:.1f}s; stopping regardless",
+                     services=", ".join(sorted(pending)), deadline=deadline)
+            done.callback(None)
+
+        timer = self.context.reactor.callLater(deadline, late)
+
+        def cancel(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(cancel)
 
     def _onSIGHUP(self, signum: int, frame: Any) -> None:
         self.context.reactor.callFromThread(self.reload)

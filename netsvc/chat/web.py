@@ -11,15 +11,24 @@ C{{"kind": "message", "sender": "alice", "text": "hi", "room": "#lobby",
 The browser client is a L{netsvc.chat.protocol.ChatProtocol} like any other
 (same commands, flood control, length limit and slow-reader bound), over a
 small adapter that makes the WebSocket look like a transport.
+
+A WebSocket is not bound by the same-origin policy: any page a user visits
+could open one to the chat in their name (cross-site WebSocket hijacking).
+So a handshake is accepted only from the site's own pages (L{OriginPolicy}:
+the origin the request was addressed to, or one of the site's names on one
+of its ports) and from the origins configured (C{web.chat_origins}); others
+get 403.  A handshake without C{Origin} (not a browser: browsers always send
+it) is accepted.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
@@ -31,6 +40,7 @@ from wsproto.utilities import LocalProtocolError
 
 from netsvc.chat.hub import Event, notice
 from netsvc.chat.protocol import ChatProtocol, ChatShared, Framing
+from netsvc.metrics import Counter
 
 _log = Logger()
 
@@ -248,12 +258,117 @@ class ChatWebSocketFactory:
         return ChatWebSocket(shared, request.getClientAddress())
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def parseOrigin(text: str) -> tuple[str, str, int]:
+    """
+    An origin (RFC 6454: C{scheme://host[:port]}, as browsers send it and as
+    C{chat_origins} lists them) as (scheme, host, port): lower case, the port
+    made explicit.
+
+    @raise ValueError: not an http(s) origin (a path, a user, C{null}...).
+    """
+    parts = urlsplit(text.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"expected an origin like https://chat.example.com:8443, got {text!r}")
+    port = parts.port  # raises ValueError when out of range
+    return scheme, parts.hostname.lower().rstrip("."), port if port is not None else _DEFAULT_PORTS[scheme]
+
+
+class OriginPolicy:
+    """
+    Which pages may open the chat's WebSocket, by the handshake's C{Origin}:
+
+      - none (not a browser): allowed;
+      - the origin the request was addressed to (its C{Host}, same host and port);
+      - one of the site's own names (C{names()}: the certificate's, the
+        virtual hosts') on one of its ports (C{ports()}: the web listeners');
+      - one of C{allowed} (origins, exactly).
+
+    Everything else, C{null} (a sandboxed or local page) included, is refused.
+    """
+
+    def __init__(self, names: Callable[[], Iterable[str]] = tuple, ports: Callable[[], Iterable[int]] = tuple,
+                 allowed: Iterable[str] = ()) -> None:
+        self.names = names
+        self.ports = ports
+        self.allowed = {parseOrigin(o) for o in allowed}
+
+    def refusal(self, request: Request) -> str | None:
+        """Why C{request}'s origin may not open the WebSocket, or None when it may."""
+        values = request.requestHeaders.getRawHeaders(b"origin")
+        if not values:
+            return None
+        if len(values) > 1:
+            return "more than one Origin"
+        text = values[0].decode("latin-1")
+        try:
+            scheme, host, port = parseOrigin(text)
+        except ValueError:
+            return f"origin {text!r} is not allowed"
+        if (scheme, host, port) in self.allowed or self._sameOrigin(request, scheme, host, port):
+            return None
+        if host in {_asciiName(n) for n in self.names()} and port in self._sitePorts(request):
+            return None
+        return f"origin {text!r} is not allowed"
+
+    @staticmethod
+    def _sameOrigin(request: Request, scheme: str, host: str, port: int) -> bool:
+        value = request.getHeader(b"host")
+        if not value:
+            return False
+        try:
+            target = urlsplit("//" + value.decode("latin-1"))
+            targetPort = target.port
+        except ValueError:
+            return False
+        if targetPort is None:
+            targetPort = _DEFAULT_PORTS[scheme]
+        return (target.hostname or "").rstrip(".") == host and targetPort == port
+
+    def _sitePorts(self, request: Request) -> set[int]:
+        ports = set(self.ports())
+        here = getattr(request.getHost(), "port", None)
+        if here is not None:
+            ports.add(here)
+        return ports
+
+
+def _asciiName(name: str) -> str:
+    """A host name as browsers put it in an Origin (IDNA A-labels, lower case)."""
+    name = name.lower().rstrip(".")
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name
+
+
 class _Socket(WebSocketResource):
+    def __init__(self, factory: Any, origins: OriginPolicy | None = None,
+                 refused: Callable[[], Counter | None] = lambda: None) -> None:
+        super().__init__(factory)
+        self.origins = origins or OriginPolicy()
+        self.refused = refused
+
     def render_GET(self, request: Request) -> bytes | int:
         if self.factory.getShared() is None:
             request.setResponseCode(503)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"the chat service is not running\n"
+        refusal = self.origins.refusal(request)
+        if refusal is not None:  # another site's page (cross-site WebSocket hijacking)
+            counter = self.refused()
+            if counter is not None:
+                counter.inc()
+            client = request.getClientAddress()
+            _log.info("chat: WebSocket refused for {client}: {reason}",
+                      client=getattr(client, "host", None) or "a client", reason=refusal)
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return f"forbidden: {refusal}\n".encode()
         refusal = _notAWebSocketHandshake(request)
         if refusal is not None:  # Twisted would log it at error level, with the request's repr
             client = request.getClientAddress()
@@ -301,28 +416,81 @@ class _Page(resource.Resource):
 
 
 class ChatResource(resource.Resource):
-    """C{/chat}: redirects to C{/chat/}, the page; C{/chat/ws}: the WebSocket."""
+    """
+    C{/chat}: redirects to C{/chat/}, the page; C{/chat/ws}: the WebSocket, for
+    the origins C{origins} allows (default: only same-origin pages and clients
+    that are not browsers).  C{refused} gives the counter of refused handshakes.
+    """
 
-    def __init__(self, getShared: Callable[[], ChatShared | None]) -> None:
+    def __init__(self, getShared: Callable[[], ChatShared | None], origins: OriginPolicy | None = None,
+                 refused: Callable[[], Counter | None] = lambda: None) -> None:
         super().__init__()
         self.page = _Page()
         self.putChild(b"", self.page)
-        self.putChild(b"ws", _Socket(ChatWebSocketFactory(getShared)))
+        self.putChild(b"ws", _Socket(ChatWebSocketFactory(getShared), origins, refused))
 
     def render_GET(self, request: Request) -> bytes:
         request.redirect(request.uri.split(b"?")[0] + b"/")
         return b""
 
 
-def chatResource(context: Any) -> ChatResource:
-    """The C{/chat} resource for a daemon: it finds the chat service when a browser connects."""
+def chatResource(context: Any, origins: Iterable[str] | None = None) -> ChatResource:
+    """
+    The C{/chat} resource for a daemon: it finds the chat service when a browser
+    connects.  Its WebSocket accepts the site's own origins -- the names of the
+    shared certificate (and C{tls.names}), the virtual hosts', on the web
+    listeners' ports -- and C{origins} (default: the web settings'
+    C{chat_origins}, when they have it).
 
-    def getShared() -> ChatShared | None:
+    @raise ValueError: an entry of C{origins} is not an origin.
+    """
+    web = context.settings.services.get("web")
+    if origins is None:
+        origins = getattr(web, "chat_origins", None) or ()
+
+    def getService(name: str) -> Any:
         daemon = context.daemon
         try:
-            svc = daemon.getServiceNamed("chat") if daemon is not None else None
+            return daemon.getServiceNamed(name) if daemon is not None else None
         except KeyError:
             return None
-        return getattr(svc, "shared", None)
 
-    return ChatResource(getShared)
+    def getShared() -> ChatShared | None:
+        return getattr(getService("chat"), "shared", None)
+
+    def names() -> list[str]:
+        found = list(getattr(getattr(context.settings, "tls", None), "names", None) or ())
+        found += list(getattr(web, "vhosts", None) or ())
+        certificate = getattr(context, "_certificate", None)  # only when loaded: never made for this
+        if certificate is not None and certificate.chain:
+            found += _certificateNames(certificate.chain[0])
+        return found
+
+    def ports() -> list[int]:
+        found = []
+        for listener in getattr(getService("web"), "listeners", None) or ():
+            port = getattr(listener, "port", None)
+            if port is not None:
+                found.append(port.getHost().port)
+        return found
+
+    def refused() -> Counter | None:
+        svc = getService("chat")
+        metrics = getattr(svc, "metrics", None)
+        return metrics.refused("ws_origin") if metrics is not None else None
+
+    return ChatResource(getShared, OriginPolicy(names, ports, origins), refused)
+
+
+def _certificateNames(cert: Any) -> list[str]:
+    """The DNS names and IP addresses a certificate is for."""
+    from cryptography import x509
+
+    from netsvc.tls.certificates import certificateNames
+
+    found = certificateNames(cert)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return found
+    return found + [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]

@@ -158,8 +158,8 @@ def securityWarnings(settings: Settings, configFile: str) -> list[Problem]:
             warn(key, "TLS certificate verification is switched off: anyone on the path can pose as the peer")
     # resolvers and relays reachable beyond loopback without an ACL
     dns = services.get("dns")
-    if dns is not None and any(exposed(e) for e in _endpoints(dns.listen)) and (
-            not dns.allow or _everyone(dns.allow)):
+    # (without allow: the resolver answers loopback and its listeners' own networks only)
+    if dns is not None and any(exposed(e) for e in _endpoints(dns.listen)) and _everyone(dns.allow):
         warn("services.dns.allow", "the resolver listens beyond loopback and answers anyone (an open resolver, "
                                    "usable for amplification): list the networks it serves")
     smtp = services.get("smtp")

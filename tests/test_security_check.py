@@ -26,6 +26,7 @@ metrics:
 services:
   dns:
     listen: ["udp:5353:interface=0.0.0.0"]
+    allow: [0.0.0.0/0]
   smtp:
     listen: ["tcp:2525:interface=0.0.0.0"]
     mynetworks: [0.0.0.0/0]
@@ -109,6 +110,12 @@ class SecurityCheckTests(unittest.TestCase):
 
     def test_loopbackDefaultsAreQuiet(self):
         status, out, err = run(self.write(SAFE), strict=True)
+        self.assertEqual((status, err), (0, ""))
+
+    def test_resolverWithoutAllowIsNotOpen(self):
+        """Without allow: the DNS service answers loopback and its own networks only: no warning."""
+        status, out, err = run(self.write("services:\n  dns:\n    listen: ['udp:5353:interface=0.0.0.0']\n"),
+                               strict=True)
         self.assertEqual((status, err), (0, ""))
 
     def test_exposed(self):

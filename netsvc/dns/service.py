@@ -13,6 +13,7 @@ C{services.dns}: a caching, forwarding DNS resolver with local data.
           - {name: lab, type: MX, value: "10 mail.lab"}
         blocklist: blocked.txt
         forward: {corp.example: ["udp://10.0.0.53"]}
+        allow: [10.0.0.0/8]           # default: loopback and the listeners' own networks (REFUSED otherwise)
         cache: {max_entries: 100000, min_ttl: 0, max_ttl: 1d, negative_ttl_max: 1h,
                 servfail_ttl: 5s, stale_ttl: 1d, prefetch: true}
 """
@@ -26,12 +27,14 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 
 from netsvc.config import DatagramListener, Duration, Invalid, Limits, ServiceSettings, Size, field, frozen
+from netsvc.dns.access import defaultAllow
 from netsvc.dns.cache import Cache
 from netsvc.dns.local import LocalData, makePayload, ownerName
 from netsvc.dns.protocol import DNSDatagramProtocol, DNSStreamFactory
 from netsvc.dns.resolver import DNSMetrics, Resolver
 from netsvc.dns.upstream import Upstream, UpstreamGroup, parseURL, systemUpstreams
 from netsvc.endpoints import isDatagram, split
+from netsvc.policies import AccessList
 
 log = Logger()
 
@@ -158,8 +161,22 @@ def buildResolver(settings: Settings, context: Any, metrics: DNSMetrics) -> Reso
     return Resolver(local, cache, upstreams, forwards, context.reactor, metrics)
 
 
+def accessList(settings: Settings) -> AccessList:
+    """
+    Who is answered: C{allow}/C{deny} as written; without C{allow}, loopback and the
+    listeners' own networks (L{netsvc.dns.access}), never everyone that can reach us.
+    """
+    if settings.allow:
+        return AccessList(settings.allow, settings.deny)
+    return AccessList(defaultAllow(settings.listen), settings.deny)
+
+
 def makeService(settings: Settings, context: Any) -> IService:
     svc = context.serverService("dns", settings)
+    svc.guard.access = accessList(settings)
+    if not settings.allow:
+        log.info("dns: no allow: list, answering {networks} only (REFUSED otherwise)",
+                 networks=", ".join(defaultAllow(settings.listen)))
     metrics = DNSMetrics(context.metrics, "dns")
     resolver = buildResolver(settings, context, metrics)
     queryLog = getattr(getattr(context.settings, "log", None), "level", "info") == "debug"
@@ -190,6 +207,7 @@ def makeService(settings: Settings, context: Any) -> IService:
     def reconfigure(new: Settings) -> None:
         """SIGHUP: new limits, access lists, local data, cache and upstream settings (not listeners)."""
         baseReconfigure(new)
+        svc.guard.access = accessList(new)
         try:
             fresh = buildResolver(new, context, metrics)
         except Exception as e:  # validated settings; a file may have gone

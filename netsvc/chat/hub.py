@@ -186,11 +186,15 @@ def _logOnly(member: Member, failure: Failure) -> None:
 
 
 class NickAuthority(Protocol):
-    """Reserves nicknames: C{isReserved(nick)}, and C{check(nick, password) -> Deferred[bool]}."""
+    """
+    Reserves nicknames: C{isReserved(nick)}, and C{check(nick, password, client)
+    -> Deferred[bool]} (C{client}: the address failures are counted against; the
+    answer may be a falsy L{netsvc.auth.Refused} when the check was not made).
+    """
 
     def isReserved(self, nick: str) -> bool: ...
 
-    def check(self, nick: str, password: str) -> Any: ...
+    def check(self, nick: str, password: str, client: Any = None) -> Any: ...
 
 
 class Hub:

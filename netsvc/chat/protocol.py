@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netsvc.auth import Refused
 from netsvc.chat.framing import FRAMINGS, Framing, LineFraming, NulFraming  # noqa: F401 (re-exported)
 from netsvc.chat.hub import LOBBY, ChatError, Event, Hub, displayName, notice
 from netsvc.policies import TokenBucket
@@ -161,6 +162,8 @@ class ChatProtocol(Protocol):
     nick: str | None = None
     room: Any = None
     address = "?"
+    #: The client's address without the port: what wrong nickname passwords are counted against.
+    host = "?"
     gone = False
     paused = False
 
@@ -189,6 +192,7 @@ class ChatProtocol(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
+        self.host = host or "unix"
         self.address = f"[{host}]:{peer.port}" if host and ":" in host else (
             f"{host}:{peer.port}" if host else "unix")
         self.transport.registerProducer(self, True)
@@ -324,10 +328,18 @@ class ChatProtocol(Protocol):
             return
         if not password:
             raise ChatError(f"nickname {nick} is reserved: /nick {nick} PASSWORD")
-        d = defer.maybeDeferred(self.hub.authority.check, nick, password)  # type: ignore[union-attr]
+        # Failures are limited per client address (netsvc.chat.auth.limited, wrapped by the service):
+        # over the limit, or with the hashing pool full, the answer is a Refused, nothing hashed.
+        d = defer.maybeDeferred(self.hub.authority.check, nick, password, client=self.host)  # type: ignore
 
-        def checked(ok: bool) -> None:
+        def checked(ok: Any) -> None:
             if self.gone:
+                return
+            if isinstance(ok, Refused):  # counted by the limit (netsvc_password_checks_refused_total)
+                if ok.reason == "rate":
+                    self.deliver(notice(f"error: too many attempts, try again in {ok.retryAfter:.0f} s"))
+                else:
+                    self.deliver(notice("error: busy, try again later"))
                 return
             if not ok:
                 log.info("chat: wrong password for {nick} from {client}", nick=nick, client=self.address)

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from twisted.application.service import IService
 
-from netsvc.auth import UserSource, authenticatorFor
-from netsvc.chat.auth import PasswordFile
+from netsvc.auth import UserSource, authenticatorFor, hashPool
+from netsvc.chat.auth import PasswordFile, limited
 from netsvc.chat.hub import Hub
 from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, ChatShared, Flusher
 from netsvc.config import Duration, Limits, Listener, Problem, ServiceSettings, Size, field, frozen
@@ -100,8 +100,12 @@ def makeService(settings: Settings, context: Any) -> IService:
             raise StartupError([Problem(context.configFile, "services.chat.auth.password_file",
                                         f"cannot read {path}")])
         authority = PasswordFile(path)
+        hashPool(context.reactor).countInto(context.metrics)
     elif settings.auth.users is not None:
         authority = authenticatorFor(settings.auth.users, context, "services.chat.auth.users")
+    if authority is not None:
+        # Wrong passwords: 5 per client address, then one per 10 s, reserved before hashing.
+        authority = limited(authority, context.reactor, context.metrics)
     metrics = ChatMetrics(context.metrics)
     fanOut = _redisFanOut(settings, context) if settings.fanout is not None else None
     hub = Hub(settings.history, settings.max_rooms, authority, onEvent=metrics.onHubEvent,

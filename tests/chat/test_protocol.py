@@ -5,6 +5,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
+from netsvc.auth import Refused
 from netsvc.chat.hub import Hub
 from netsvc.chat.protocol import FRAMINGS, ChatFactory, ChatLimits, ChatMetrics, ChatShared, Flusher
 from netsvc.metrics import Registry
@@ -22,11 +23,11 @@ class Room:
         self.limits = limits or ChatLimits(maxLine=100, maxOutput=1000, rate=100, burst=100)
         self.port = 40000
 
-    def connect(self, framing="line"):
+    def connect(self, framing="line", host="127.0.0.1"):
         factory = self.factory(framing)
         proto = factory.buildProtocol(None)
         self.port += 1
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self.port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, self.port))
         transport.abortConnection = lambda: setattr(transport, "aborted", True)
         proto.makeConnection(transport)
         self.flush()
@@ -243,7 +244,13 @@ class ReservedNickTests(unittest.TestCase):
         def isReserved(self, nick):
             return nick.lower() == "admin"
 
-        def check(self, nick, password):
+        def __init__(self):
+            self.clients = []
+
+        def check(self, nick, password, client=None):
+            self.clients.append(client)
+            if password == "busy":
+                return defer.succeed(Refused("busy", 1.0))
             return defer.succeed(password == "s3cret")
 
     def setUp(self):
@@ -258,6 +265,30 @@ class ReservedNickTests(unittest.TestCase):
                          b"*** error: nickname admin is reserved: /nick admin PASSWORD\n")
         self.assertEqual(self.send(b"/nick admin wrong\n"), b"*** error: wrong password for admin\n")
         self.assertEqual(self.send(b"/nick admin s3cret\n"), b"*** 127.0.0.1:40001 is now known as admin\n")
+
+    def test_checkedForTheClientAddress(self):
+        """The address (without port) is what failures are counted against."""
+        self.send(b"/nick admin wrong\n")
+        self.assertEqual(self.room.hub.authority.clients, ["127.0.0.1"])
+
+    def test_busyHashingPool(self):
+        self.assertEqual(self.send(b"/nick admin busy\n"), b"*** error: busy, try again later\n")
+
+    def test_tooManyAttempts(self):
+        """Behind chat's failure limit: five wrong passwords, then 'try again' without a check; others still pass."""
+        from netsvc.chat.auth import limited
+
+        counting = self.Authority()
+        self.room.hub.authority = limited(counting, self.room.clock)
+        answers = [self.send(b"/nick admin wrong\n") for _ in range(20)]
+        self.assertEqual(len(counting.clients), 5)
+        self.assertEqual(answers[:5], [b"*** error: wrong password for admin\n"] * 5)
+        self.assertEqual(answers[5:], [b"*** error: too many attempts, try again in 10 s\n"] * 15)
+        self.assertEqual(self.send(b"/nick admin s3cret\n"), b"*** error: too many attempts, try again in 10 s\n")
+        other, ot = self.room.connect(host="127.0.0.2")
+        self.assertEqual(self.room.send(other, ot, b"/nick admin s3cret\n"),
+                         b"*** 127.0.0.2:40002 is now known as admin\n")
+        self.assertEqual(len(counting.clients), 6)
 
     def test_freeNicksNeedNone(self):
         self.assertEqual(self.send(b"/nick guest\n"), b"*** 127.0.0.1:40001 is now known as guest\n")

@@ -21,6 +21,7 @@ hosts, reverse proxy, redirect listeners, access log, /metrics and /status.
           docs.example.test: {root: docs}
           app.example.test: {proxy: [{prefix: /, upstream: "https://10.0.0.5:443"}]}
         trusted_proxies: [10.0.0.0/8]    # proxies in front whose X-Forwarded-For is kept (default: none)
+        chat_origins: ["https://app.example.test"]   # other pages that may open /chat/ws (default: none)
         admin:                           # /metrics and /status
           allow: [127.0.0.0/8, ::1/128]
           users: {ops: "scrypt:<salt>:<key>"}   # python -m netsvc.chat.auth ops
@@ -172,6 +173,9 @@ class Settings(ServiceSettings):
     #: Where the browser chat is mounted (the page, and its WebSocket at PATH/ws) when the chat
     #: service runs in the same daemon; "" turns it off.
     chat_path: str = field("/chat")
+    #: Pages of other sites allowed to open the chat's WebSocket (origins, C{https://app.example:8443}),
+    #: besides this site's own names and ports.  Handshakes without an Origin (not a browser) are allowed.
+    chat_origins: list[str] = field(factory=list)
     #: Where captured mail is listed (the smtp service in capture mode; admin.allow/users apply); "" off.
     mail_path: str = field("/mail")
 
@@ -182,6 +186,13 @@ class Settings(ServiceSettings):
         problems += networkProblems(self, "trusted_proxies")
         if self.chat_path and (not self.chat_path.startswith("/") or self.chat_path.rstrip("/") == ""):
             problems.append(("chat_path", f"must be a path like /chat, got {self.chat_path!r}"))
+        from netsvc.chat.web import parseOrigin
+
+        for i, origin in enumerate(self.chat_origins):
+            try:
+                parseOrigin(origin)
+            except ValueError as e:
+                problems.append((f"chat_origins[{i}]", str(e)))
         if self.mail_path and (not self.mail_path.startswith("/") or self.mail_path.rstrip("/") == ""):
             problems.append(("mail_path", f"must be a path like /mail, got {self.mail_path!r}"))
         for name, value in self.headers.items():

@@ -59,3 +59,19 @@ services:
             "services.web.access_log.format: expected one of 'combined', 'json'",
         ]:
             self.assertIn(expected, text)
+
+    def test_chatOrigins(self):
+        s = parse("""
+services:
+  web:
+    chat_origins: ["https://app.example.test", "http://127.0.0.1:8080"]
+""").services["web"]
+        self.assertEqual(s.chat_origins, ["https://app.example.test", "http://127.0.0.1:8080"])
+        with self.assertRaises(config.ConfigError) as e:
+            parse("""
+services:
+  web:
+    chat_origins: ["https://app.example.test/chat", "null"]
+""")
+        self.assertIn("services.web.chat_origins[0]: expected an origin like https://", str(e.exception))
+        self.assertIn("services.web.chat_origins[1]: expected an origin like https://", str(e.exception))

@@ -187,12 +187,12 @@ def securityWarnings(settings: Settings, configFile: str) -> list[Problem]:
             not settings.metrics.allow or _beyondLoopback(settings.metrics.allow)):
         warn("metrics.allow", "/metrics is served beyond loopback without a password")
     # passwords without TLS
-    if smtp is not None and smtp.relay.auth is not None:
-        hostTLS = str(smtp.relay.smarthost or "").startswith(("tls:", "ssl:"))
-        if not hostTLS and smtp.relay.starttls != "required":
-            warn("services.smtp.relay.starttls", f"the smarthost password is sent after STARTTLS "
-                 f"'{smtp.relay.starttls}' (unverified, or in clear text when STARTTLS fails): use required "
-                 f"or a tls: smarthost")
+    # (auth without verified TLS is a config error unless this opt-out is written)
+    if smtp is not None and smtp.relay.auth is not None and \
+            smtp.relay.auth.insecure_send_password_without_verified_tls:
+        warn("services.smtp.relay.auth.insecure_send_password_without_verified_tls",
+             "the smarthost password may go over TLS nobody verified, or in clear text: anyone on the path "
+             "can read it; use starttls: required or a tls: smarthost instead")
     chat = services.get("chat")
     chatAuth = getattr(chat, "auth", None)
     if chat is not None and chatAuth is not None and (chatAuth.password_file or chatAuth.users is not None):

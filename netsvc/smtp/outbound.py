@@ -14,8 +14,13 @@ TLS policy, the smarthost's credentials.
     certificate (RFC 7435 -- what MTAs do by default on port 25, since most MX
     certificates do not match) and goes on in clear if the handshake fails; C{none}
     stays in plaintext.
-  - AUTH (PLAIN/LOGIN, after TLS only) to the smarthost when C{relay.auth} is set;
-    the password file is read once, at start-up.
+  - AUTH (PLAIN/LOGIN) to the smarthost when C{relay.auth} is set, only over
+    verified TLS: whatever C{starttls} says, a session that will send the password
+    uses STARTTLS required (verified, no fall-back to clear text), and a C{tls:}
+    smarthost is verified even with C{insecure=yes} -- a failed or unverified
+    handshake fails the attempt (the message is deferred and retried), the
+    password never leaves.  Only C{auth.insecure_send_password_without_verified_tls}
+    turns that off.  The password file is read once, at start-up.
 """
 
 from __future__ import annotations
@@ -50,14 +55,19 @@ class SessionOpener:
             clientCreator("localhost", cafile=self.cacert)  # a bad file fails at start-up, not at delivery
         self.replyTimeout = replyTimeout
         self.auth: tuple[str, str] | None = None
+        #: The password may go over unverified TLS or clear text (the user's explicit choice).
+        self.passwordAnyway = False
         if relay.auth is not None:
             lines = Path(resolvePath(relay.auth.password_file)).read_text().splitlines()
             self.auth = (relay.auth.user, lines[0] if lines else "")
+            self.passwordAnyway = relay.auth.insecure_send_password_without_verified_tls
         self.smarthost = None
         if relay.smarthost:
             from netsvc.endpoints import parseClient
 
             self.smarthost = parseClient(relay.smarthost)
+        #: Sessions carry the smarthost password: verified TLS only (see the module docstring).
+        self.verifiedOnly = self.auth is not None and self.smarthost is not None and not self.passwordAnyway
 
     def endpoint(self, target: Any) -> Any:
         address = target.address
@@ -74,11 +84,15 @@ class SessionOpener:
         if target.tls:
             cafile = (self.smarthost.cafile if self.smarthost is not None else None) or self.cacert
             insecure = self.smarthost.insecure if self.smarthost is not None else False
+            if self.verifiedOnly:
+                insecure = False
             stream = endpoints.wrapClientTLS(clientCreator(target.host, cafile=cafile, insecure=insecure), stream)
         return stream
 
     def __call__(self, target: Any, nextMessage: Any, onResult: Any) -> Any:
         starttls = "none" if target.tls else self.starttls
+        if self.verifiedOnly and not target.tls:
+            starttls = "required"  # the password goes only over verified TLS, never after a fall-back
         d = self.session(target, nextMessage, onResult, starttls)
         if starttls == "opportunistic":
             def plaintext(f: Any) -> Any:
@@ -100,7 +114,8 @@ class SessionOpener:
         elif starttls == "opportunistic":
             creator = clientCreator(target.host, insecure=True)
         sender = SMTPSender(self.hostname, nextMessage, onResult, starttls=starttls, tlsCreator=creator,
-                            auth=self.auth if self.smarthost is not None else None, timeout=self.replyTimeout)
+                            auth=self.auth if self.smarthost is not None else None, timeout=self.replyTimeout,
+                            authWithoutTLS=self.passwordAnyway)
         factory = protocol.Factory.forProtocol(lambda: sender)
         factory.noisy = False  # one log line per delivery is the delivery's own
         d = self.endpoint(target).connect(factory)

@@ -9,7 +9,8 @@ the delivery engine (L{netsvc.smtp.delivery}) and C{netsvc mail send}.
 The session: greeting, EHLO (HELO when EHLO is refused and nothing needs
 ESMTP), STARTTLS as C{starttls} says (C{required}: fail without it;
 C{opportunistic}: when offered; C{none}: never), AUTH PLAIN or LOGIN when
-C{auth} is given (only over TLS, unless C{starttls="none"} was chosen), then one
+C{auth} is given (only over TLS, unless C{authWithoutTLS} says otherwise: the
+caller decides whether that TLS was verified -- its C{tlsCreator}), then one
 transaction per message C{nextMessage()} hands out, until it returns None: QUIT.
 This module holds the session: reply parsing, timeouts, the set-up and the
 ending; the transactions are L{netsvc.smtp.sendertransaction} (a mixin), and
@@ -65,7 +66,7 @@ class SMTPSender(SenderTransactions, LineReceiver, TimeoutMixin):
                  onResult: Callable[[Outgoing, list[tuple[Recipient, Reply]]], Any],
                  starttls: str = "opportunistic", tlsCreator: Any = None,
                  auth: tuple[str, str] | None = None, timeout: float = 300.0,
-                 trace: Callable[[str, str], None] | None = None) -> None:
+                 trace: Callable[[str, str], None] | None = None, authWithoutTLS: bool = False) -> None:
         if starttls not in ("required", "opportunistic", "none"):
             raise ValueError(f"starttls must be required, opportunistic or none, not {starttls!r}")
         if starttls != "none" and tlsCreator is None:
@@ -76,6 +77,8 @@ class SMTPSender(SenderTransactions, LineReceiver, TimeoutMixin):
         self.starttls = starttls
         self.tlsCreator = tlsCreator
         self.auth = auth
+        #: Send the password on a connection without TLS (an explicit, insecure choice).
+        self.authWithoutTLS = authWithoutTLS
         self.timeout = timeout
         self.trace = trace
         self.done: defer.Deferred = defer.Deferred()
@@ -225,8 +228,9 @@ class SMTPSender(SenderTransactions, LineReceiver, TimeoutMixin):
         if self.auth is None:
             self._next()
             return
-        if not self.tls and self.starttls != "none":
-            self._fail(SessionError("not sending a password without TLS (the server offered no STARTTLS)"))
+        if not self.tls and not self.authWithoutTLS:
+            self._fail(SessionError("not sending a password without TLS"
+                                    + (" (the server offered no STARTTLS)" if self.starttls != "none" else "")))
             return
         mechanisms = self.extensions.get("AUTH", "").upper().split()
         user, password = self.auth

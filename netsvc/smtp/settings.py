@@ -11,6 +11,7 @@ C{services.smtp} settings: listeners, relay policy, the queue and the limits.
         mynetworks: ["127.0.0.0/8", "::1/128"]
         users: users.txt                # a netsvc.auth user source
         relay: {capture: true}          # or {smarthost: ..., starttls: required, auth: {...}} or {mx: true}
+                                        # (auth needs verified TLS: starttls required or a tls: smarthost)
         queue: {dir: queue, max_age: 5d, retry: [5m, 10m, 20m, 40m, 1h], delay_warning: 4h,
                 concurrency: 20, fsync: true}
         max_message_size: 25MB
@@ -43,6 +44,11 @@ class RelayAuth:
 
     user: str = field()
     password_file: str = field()
+    #: The password goes only over verified TLS (STARTTLS required, or a tls:
+    #: smarthost, with the certificate checked).  Set to send it anyway -- after an
+    #: unchecked STARTTLS, or in clear text (starttls: opportunistic or none,
+    #: insecure=yes): anyone on the path can then read it.
+    insecure_send_password_without_verified_tls: bool = field(False)
 
 
 @frozen
@@ -85,7 +91,39 @@ class RelaySettings:
                 problems.append(("smarthost", str(e)))
         if self.auth is not None and self.smarthost is None:
             problems.append(("auth", "only used with a smarthost"))
+        elif self.auth is not None and not self.auth.insecure_send_password_without_verified_tls:
+            problems += self._passwordProblems()
         return problems
+
+    @property
+    def implicitTLS(self) -> bool:
+        """A C{tls:}/C{ssl:} smarthost (TLS from the first byte)."""
+        if self.smarthost is None:
+            return False
+        try:
+            return endpoints.parseClient(self.smarthost).kind == "tls"
+        except endpoints.EndpointError:
+            return False
+
+    def _passwordProblems(self) -> list[tuple[str, str]]:
+        """With auth: the password goes only over TLS whose certificate is checked."""
+        optOut = "auth: {..., insecure_send_password_without_verified_tls: true}"
+        try:
+            if self.implicitTLS:
+                if endpoints.parseClient(self.smarthost).insecure:  # type: ignore[arg-type]
+                    return [("smarthost", f"insecure=yes would send the smarthost password to whoever answers "
+                                          f"(the certificate is not checked): give cafile= instead, or write "
+                                          f"{optOut}")]
+                return []
+        except (endpoints.EndpointError, ValueError):
+            return []  # reported above
+        if self.starttls != "required":
+            what = ("encrypts without checking the certificate and falls back to clear text"
+                    if self.starttls == "opportunistic" else "sends it in clear text")
+            return [("starttls", f"with auth the smarthost password goes only over verified TLS: starttls "
+                                 f"{self.starttls} {what}; set starttls: required (with cacert: for a private CA) "
+                                 f"or use a tls: smarthost, or write {optOut}")]
+        return []
 
 
 @frozen

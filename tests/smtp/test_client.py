@@ -175,7 +175,7 @@ class SenderTests(unittest.TestCase):
         self.assertEqual(h.sent(), ["MAIL FROM:<a@lab>"])
 
     def test_authLoginAndRefusal(self) -> None:
-        h = Harness([outgoing()], starttls="none", auth=("user", "pw"))
+        h = Harness([outgoing()], starttls="none", auth=("user", "pw"), authWithoutTLS=True)
         h.reply("220 mx")
         h.sent()
         h.reply("250-mx", "250 AUTH LOGIN")
@@ -188,6 +188,15 @@ class SenderTests(unittest.TestCase):
         (f,) = h.outcome
         self.assertEqual(f.value.reply.code, 535)
         self.assertEqual(h.sent(), ["QUIT"])
+
+    def test_noPasswordInClearUnlessAskedFor(self) -> None:
+        """starttls none alone no longer sends the password in clear: only authWithoutTLS does."""
+        h = Harness([outgoing()], starttls="none", auth=("user", "pw"))
+        h.reply("220 mx")
+        h.sent()
+        h.reply("250-mx", "250 AUTH PLAIN LOGIN")
+        self.assertIn("not sending a password without TLS", str(h.outcome[0].value))
+        self.assertEqual(h.sent(), [])
 
     def test_noPasswordWithoutTLS(self) -> None:
         h = Harness([outgoing()], starttls="opportunistic", tlsCreator=object(), auth=("user", "pw"))

@@ -18,8 +18,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 from netsvc.web.files import FileEntry
 from netsvc.web.negotiate import acceptsGzip, etagMatches, parseHTTPDate
@@ -100,10 +101,12 @@ class _Record:
 
 
 class FastHTTPFactory(Factory):
-    """Builds L{FastHTTPChannel}s for C{site} (a L{netsvc.web.site.WebSite})."""
+    """Builds L{FastHTTPChannel}s for C{site} (a L{netsvc.web.site.WebSite}); C{metrics}: the
+    service's L{netsvc.metrics.ServiceMetrics} (limits counted there), or None."""
 
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: Any, metrics: Any = None) -> None:
         self.site = site
+        self.metrics = metrics
 
     def doStart(self) -> None:
         self.site.doStart()
@@ -115,15 +118,44 @@ class FastHTTPFactory(Factory):
         return self.site.logPrefix()
 
     def buildProtocol(self, addr: Any) -> FastHTTPChannel:
-        return FastHTTPChannel(self.site, addr)
+        channel = FastHTTPChannel(self.site, addr)
+        channel.metrics = self.metrics
+        return channel
 
 
+#: Responses are written in batches of about this many bytes (fewer writes for small files; the
+#: transport is asked after each batch whether it wants more).
+FLUSH = 65536
+
+#: Unparsed input held while the transport has paused us (a pipeline we stopped answering).
+#: Reading stops at the pause, so only what one read (or one TLS record batch) delivered can
+#: arrive; a transport that goes on delivering past this is cut off.
+MAX_HELD = MAX_HEAD + 4 * 65536
+
+
+@implementer(IPushProducer)
 class FastHTTPChannel(Protocol):
-    """One connection: cache hits answered here, everything else by twisted.web (see the module docstring)."""
+    """
+    One connection: cache hits answered here, everything else by twisted.web (see the module
+    docstring).
+
+    Back-pressure: the channel is its transport's streaming producer.  When the transport's
+    write buffer passes its bound it calls L{pauseProducing}: no further buffered request is
+    answered and the transport stops reading; L{resumeProducing} answers what is buffered, then
+    reads again.  Unsent output is thus at most one batch past the transport's bound, and
+    unparsed input at most what had already arrived (L{MAX_HELD}).
+    """
 
     delegate: Protocol | None = None
+    metrics: Any = None
     _secure = False
     _headTimer: Any = None
+    #: The transport asked us to stop producing (its write buffer is full), or the connection is gone.
+    _paused = False
+    #: We stopped the transport reading (while paused).
+    _readingPaused = False
+    _registered = False
+    _h2 = False
 
     def __init__(self, site: Any, addr: Any) -> None:
         self.site = site
@@ -140,72 +172,158 @@ class FastHTTPChannel(Protocol):
                 setNoDelay(True)
             except (OSError, AttributeError):
                 pass
+        self.transport.registerProducer(self, True)
+        self._registered = True
+
+    # -- as the transport's producer
+
+    def pauseProducing(self) -> None:
+        if self.delegate is not None:
+            return
+        self._paused = True
+        self._headDone()  # waiting for the client to read, not for its head
+        if not self._readingPaused:
+            self._readingPaused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.delegate is not None or not self._paused:
+            return
+        self._paused = False
+        self._serve(b"")
+        if not self._paused and self.delegate is None and self._readingPaused:
+            self._readingPaused = False
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+        self._buffer = b""
 
     # -- handing over
 
     def _handOver(self, data: bytes) -> None:
         self._headDone()
+        self._buffer = b""
+        if self._registered:
+            # twisted.web's channel registers itself as the transport's producer.
+            self._registered = False
+            self.transport.unregisterProducer()
+        if self._readingPaused:
+            self._readingPaused = False
+            self.transport.resumeProducing()
         delegate = self.site.buildProtocol(self.addr)
         self.delegate = delegate
         delegate.makeConnection(self.transport)
         if data:
             delegate.dataReceived(data)
 
-    def timedOut(self) -> None:
+    def _close(self) -> None:
+        """Close after what is written (a transport with a producer registered would wait for it)."""
+        self._paused = True
+        self._buffer = b""
+        self._headDone()
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def timedOut(self) -> None:
+        if self.delegate is not None:
+            self.transport.loseConnection()
+        elif self._paused:
+            # A client that does not read would keep a graceful close waiting forever.
+            self.transport.abortConnection()
+        else:
+            self._close()
 
     def drain(self) -> None:
         """Shutdown: a keep-alive connection between requests is closed now (one with twisted.web
         waits for the drain timeout)."""
         if self.delegate is None and not self._buffer:
-            self.transport.loseConnection()
+            self._close()
 
     def connectionLost(self, reason: Any) -> None:
         self._headDone()
+        self._paused = True
+        self._buffer = b""
         if self.delegate is not None:
             self.delegate.connectionLost(reason)
 
     # -- reading
 
     def dataReceived(self, data: bytes) -> None:
-        if self.delegate is not None:
-            self.delegate.dataReceived(data)
+        delegate = self.delegate
+        if delegate is not None:
+            if not self._h2 and getattr(self.transport, "disconnecting", False):
+                # twisted.web's HTTP/1.1 channel has answered (e.g. 400) and is closing; TLS goes on
+                # reading until close_notify, and a line fed to it now would be parsed as the rest
+                # of the refused head (AttributeError: '_version').
+                return
+            delegate.dataReceived(data)
             return
         if self._first:
             self._first = False
             self._secure = ISSLTransport.providedBy(self.transport)
             if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                self._h2 = True
                 self._handOver(data)
                 return
+        self._serve(data)
+
+    def _serve(self, data: bytes) -> None:
+        """Answer the complete requests held (and in C{data}) until paused, handed over or closed."""
         buf = self._buffer + data if self._buffer else data
-        out = []
-        close = False
+        if self._paused:
+            self._buffer = buf
+            if len(buf) > MAX_HELD:
+                self._overflow()
+            return
+        pos = 0
+        out: list[bytes] = []
+        size = 0
+        write = self.transport.write
         while True:
-            end = buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", pos)
             if end < 0:
-                if len(buf) > MAX_HEAD:
+                if len(buf) - pos > MAX_HEAD:
                     break  # handed over below
                 if out:
-                    self.transport.write(b"".join(out))
-                self._buffer = buf
-                self._headStarted()
+                    write(b"".join(out))
+                self._buffer = buf[pos:] if pos else buf
+                if pos or self._paused:
+                    self._headDone()  # a new head (if any) started in this read
+                if not self._paused:
+                    self._headStarted()
                 return
-            answer = self.answer(buf[:end])
+            answer = self.answer(buf[pos:end])
             if answer is None:
                 break
             response, close = answer
             out.append(response)
-            buf = buf[end + 4 :]
-            if close or not buf:
-                break
+            size += len(response)
+            pos = end + 4
+            if close:
+                write(b"".join(out))
+                self._close()
+                return
+            if size >= FLUSH:
+                write(b"".join(out))  # may pause us
+                out = []
+                size = 0
+                if self._paused:
+                    self._buffer = buf[pos:]
+                    self._headDone()
+                    return
         if out:
-            self.transport.write(b"".join(out))
+            write(b"".join(out))
+        self._handOver(buf[pos:])
+
+    def _overflow(self) -> None:
+        """Input kept arriving while paused: the transport ignores pauseProducing.  Cut off."""
         self._buffer = b""
-        self._headDone()
-        if close:
-            self.transport.loseConnection()
-        elif buf:
-            self._handOver(buf)
+        if self.metrics is not None:
+            self.metrics.limit("max_input").value += 1
+        self.transport.abortConnection()
 
     # -- the head timeout
 
@@ -215,6 +333,8 @@ class FastHTTPChannel(Protocol):
 
             clock = getattr(self.site, "reactor", None) or reactor
             self._headTimer = clock.callLater(HEAD_TIMEOUT, self._headTimedOut)
+        elif not self._buffer:
+            self._headDone()
 
     def _headDone(self) -> None:
         if self._headTimer is not None:
@@ -226,7 +346,7 @@ class FastHTTPChannel(Protocol):
         self._headTimer = None
         if self.delegate is None:
             self.transport.write(_REQUEST_TIMEOUT)
-            self.transport.loseConnection()
+            self._close()
 
     def answer(self, head: bytes) -> tuple[bytes, bool] | None:
         """The response bytes and whether to close after them, or None (not for the fast path)."""

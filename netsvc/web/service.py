@@ -308,7 +308,7 @@ def makeService(settings: Settings, context: Any) -> IService:
 
     redirect = redirectSite(httpsPort, onRequest, timeout=timeout)
     extra = _extraCertificates(context, settings)
-    secure, plain = svc.guard.wrap(FastHTTPFactory(site)), svc.guard.wrap(redirect)
+    secure, plain = svc.guard.wrap(FastHTTPFactory(site, svc.metrics)), svc.guard.wrap(redirect)
     for i, listener in enumerate(settings.listen):
         svc.listen(i, listener, plain if listener.redirect_to_https else secure, ALPN)
         if extra and isSharedTLS(*split(listener.endpoint)):

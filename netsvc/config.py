@@ -355,6 +355,10 @@ def parse(text: str, file: str = "<string>", base_dir: str = ".") -> Settings:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         reason = getattr(e, "problem", None) or str(e)
+        if isinstance(e, yaml.reader.ReaderError):  # no mark: a character YAML cannot read
+            line = text.count("\n", 0, e.position) + 1 if isinstance(text, str) else 0
+            where = f"line {line}: " if line else ""
+            reason = f"{e.reason}: {chr(e.character)!r}" if isinstance(e.character, int) else e.reason
         raise ConfigError([Problem(file, "", f"{where}YAML syntax error: {reason}")]) from None
     if data is None:
         data = {}

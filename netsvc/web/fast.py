@@ -156,6 +156,8 @@ class FastHTTPChannel(Protocol):
     _readingPaused = False
     _registered = False
     _h2 = False
+    #: The delegate's producer registration was taken off the transport (it is closing).
+    _released = False
 
     def __init__(self, site: Any, addr: Any) -> None:
         self.site = site
@@ -227,8 +229,20 @@ class FastHTTPChannel(Protocol):
             self.transport.unregisterProducer()
         self.transport.loseConnection()
 
+    def _release(self) -> None:
+        """
+        The delegate is closing: take its producer registration off the transport.  twisted.web's
+        H2Connection calls loseConnection (GOAWAY after a rapid-reset flood, a protocol error)
+        still registered, and TLS and TCP wait for the producer before they close: the
+        connection stayed open, reading, until a timeout.
+        """
+        if not self._released:
+            self._released = True
+            self.transport.unregisterProducer()
+
     def timedOut(self) -> None:
         if self.delegate is not None:
+            self._release()
             self.transport.loseConnection()
         elif self._paused:
             # A client that does not read would keep a graceful close waiting forever.
@@ -260,6 +274,8 @@ class FastHTTPChannel(Protocol):
                 # of the refused head (AttributeError: '_version').
                 return
             delegate.dataReceived(data)
+            if self._h2 and getattr(self.transport, "disconnecting", False):
+                self._release()
             return
         if self._first:
             self._first = False

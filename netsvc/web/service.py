@@ -298,6 +298,8 @@ def makeService(settings: Settings, context: Any) -> IService:
         maxBody=settings.limits.max_message,
     )
 
+    site.serviceMetrics = svc.metrics
+
     def httpsPort() -> int | None:
         if settings.https_port:
             return settings.https_port

@@ -111,6 +111,14 @@ class Host:
         return self.fallback
 
 
+try:  # HTTP/2 support is optional (twisted[http2])
+    from h2.exceptions import ProtocolError as _H2ProtocolError
+
+    _H2_ERRORS: tuple[type[BaseException], ...] = (_H2ProtocolError,)
+except ImportError:  # pragma: no cover
+    _H2_ERRORS = ()
+
+
 class WebRequest(server.Request):
     """A request of a L{WebSite}: routed by table, default headers precomputed."""
 
@@ -181,12 +189,32 @@ class WebRequest(server.Request):
             raw[name] = [value]
         self.prepath = []
         self.postpath = []
+        if self._streamGone():
+            # HTTP/2: reset by the client before it was dispatched (HEADERS and RST_STREAM in one
+            # read: a rapid-reset flood).  Nothing to answer; twisted.web's StreamReset handling
+            # follows and cleans up.  Counted, not rendered, not logged.
+            site.countReset()
+            return
         try:
             self.render(site.resourceFor(self))
         except BaseException:
             self.processingFailed(failure.Failure())
 
+    def _streamGone(self) -> bool:
+        """An HTTP/2 request whose stream h2 has already closed (the client reset it)."""
+        channel = self.channel
+        h2conn = getattr(getattr(channel, "_conn", None), "conn", None)  # H2Stream -> h2 (Twisted 26.10)
+        if h2conn is None:
+            return False
+        stream = h2conn.streams.get(channel.streamID)
+        return stream is None or stream.closed
+
     def processingFailed(self, reason: failure.Failure) -> None:
+        if _H2_ERRORS and reason.check(*_H2_ERRORS) and not isinstance(self.channel, http.HTTPChannel):
+            # The stream went away while the response was written (reset by the client): nothing
+            # to answer, and not a server failure.
+            self.channel.site.countReset()
+            return None
         self._log.failure("web request failed", failure=reason)
         if self.startedWriting:
             self.loseConnection()
@@ -232,6 +260,14 @@ class WebSite(server.Site):
             ((name[1:], host) for name, host in self.hosts.items() if name.startswith("*.")),
             key=lambda x: -len(x[0]),
         )
+
+    #: The service's L{netsvc.metrics.ServiceMetrics} (set by the web service), or None.
+    serviceMetrics: Any = None
+
+    def countReset(self) -> None:
+        """An HTTP/2 stream reset by the client before its response was written."""
+        if self.serviceMetrics is not None:
+            self.serviceMetrics.error("stream_reset").value += 1
 
     def fastPrefix(self, secure: bool) -> bytes:
         """C{Server}, C{Date} and the default headers as bytes (for L{netsvc.web.fast}), per second."""

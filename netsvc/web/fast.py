@@ -155,6 +155,7 @@ class FastHTTPChannel(Protocol):
     #: We stopped the transport reading (while paused).
     _readingPaused = False
     _registered = False
+    _closing = False
     _h2 = False
     #: The delegate's producer registration was taken off the transport (it is closing).
     _released = False
@@ -221,12 +222,16 @@ class FastHTTPChannel(Protocol):
 
     def _close(self) -> None:
         """Close after what is written (a transport with a producer registered would wait for it)."""
-        self._paused = True
+        self._paused = self._closing = True
         self._buffer = b""
         self._headDone()
         if self._registered:
             self._registered = False
             self.transport.unregisterProducer()
+        if self._readingPaused:
+            # TLS closes once it has read the peer's close_notify.  (Input is dropped meanwhile.)
+            self._readingPaused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def _release(self) -> None:
@@ -276,6 +281,8 @@ class FastHTTPChannel(Protocol):
             delegate.dataReceived(data)
             if self._h2 and getattr(self.transport, "disconnecting", False):
                 self._release()
+            return
+        if self._closing:
             return
         if self._first:
             self._first = False

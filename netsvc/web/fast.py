@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from netsvc.web.files import FileEntry
 from netsvc.web.negotiate import acceptsGzip, etagMatches, parseHTTPDate
+from netsvc.web.site import buildH2
 from netsvc.web.static import StaticResource
 
 #: A request head longer than this goes to twisted.web (which answers 431 or 400).
@@ -214,9 +215,11 @@ class FastHTTPChannel(Protocol):
         if self._readingPaused:
             self._readingPaused = False
             self.transport.resumeProducing()
-        delegate = self.site.buildProtocol(self.addr)
-        self.delegate = delegate
-        delegate.makeConnection(self.transport)
+        if self._h2:
+            delegate = self.delegate = buildH2(self.site, self.transport)
+        else:
+            delegate = self.delegate = self.site.buildProtocol(self.addr)
+            delegate.makeConnection(self.transport)
         if data:
             delegate.dataReceived(data)
 

@@ -95,3 +95,93 @@ class RapidResetTests(unittest.TestCase):
         # Twisted's own rapid-reset limit ends the connection (GOAWAY), and it does close.
         self.assertTrue(any(isinstance(e, h2.events.ConnectionTerminated) for e in events))
         self.assertTrue(closed)
+
+
+def _openAndStall(portNumber: int, cafile: str, streams: int, path: str, resume: Any) -> dict[int, int]:
+    """
+    (In a thread.)  Open the flow-control windows wide, ask for C{path} on as many streams as
+    the server allows at once, and stop reading until C{resume} is set; then read everything.
+    Returns each stream's status and body length, as (status, length).
+    """
+    import time
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    conn.increment_flow_control_window(2**31 - 1 - 65535)
+    bodies: dict[int, Any] = {}
+    with _h2Socket(portNumber, cafile) as s:
+        s.sendall(conn.data_to_send())
+        for _ in range(20):  # the server's SETTINGS (its stream limit)
+            events = conn.receive_data(s.recv(65536))
+            s.sendall(conn.data_to_send())
+            if any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events):
+                break
+        count = min(streams, conn.remote_settings.max_concurrent_streams)
+        for sid in range(1, 2 * count, 2):
+            conn.send_headers(sid, _headers(path), end_stream=True)
+            bodies[sid] = [None, 0]
+        s.sendall(conn.data_to_send())
+        resume.wait(10)
+        ended = 0
+        deadline = time.monotonic() + 20
+        while ended < count and time.monotonic() < deadline:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            for e in conn.receive_data(data):
+                if isinstance(e, h2.events.ResponseReceived):
+                    bodies[e.stream_id][0] = int(dict(e.headers)[b":status"])
+                elif isinstance(e, h2.events.DataReceived):
+                    bodies[e.stream_id][1] += len(e.data)
+                    conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                elif isinstance(e, h2.events.StreamEnded):
+                    ended += 1
+            out = conn.data_to_send()
+            if out:
+                s.sendall(out)
+    return {sid: (status, length) for sid, (status, length) in bodies.items()}
+
+
+class FlowControlTests(unittest.TestCase):
+    """A client that opens its windows wide and never reads: what is held for it stays bounded."""
+
+    @defer.inlineCallbacks
+    def test_nonReadingClientBounded(self) -> Any:
+        import threading
+
+        from netsvc.web import site
+
+        daemon = startWeb(self)
+        size = (self.root / "big.txt").stat().st_size  # 560 KB: sent from disk by a producer
+        web = daemon.getServiceNamed("web")
+        resume = threading.Event()
+        self.addCleanup(resume.set)
+        d = threads.deferToThread(_openAndStall, webPort(daemon, TLS), self.cafile, 1000, "/big.txt", resume)
+        held = 0
+        for _ in range(30):
+            yield sleep(0.05)
+            for c in web.guard.connections:
+                h2conn = getattr(c.wrappedProtocol, "delegate", None)
+                h2conn = getattr(h2conn, "_channel", h2conn)  # twisted.web's switch, or not
+                queues = getattr(h2conn, "_outboundStreamQueues", {})
+                queued = sum(len(x) for q in queues.values() for x in q if isinstance(x, bytes))
+                held = max(held, queued + _unsentBytes(c))
+        resume.set()
+        bodies = yield d
+        # Per stream: what is queued, plus a producer's last chunk; 53 MB before (100 streams,
+        # each file read whole).
+        self.assertLess(held, site.MAX_H2_STREAMS * 3 * site.H2_STREAM_BUFFER)
+        self.assertEqual(len(bodies), site.MAX_H2_STREAMS)
+        self.assertEqual(set(bodies.values()), {(200, size)})
+
+
+def _unsentBytes(conn: Any) -> int:
+    from tests.web.test_backpressure import _unsent
+
+    return _unsent(conn)

@@ -270,6 +270,7 @@ H2_STREAM_BUFFER = 65536
 
 try:  # HTTP/2 support is optional (twisted[http2])
     import h2.settings
+    from twisted.web._http2 import _END_STREAM_SENTINEL as _END_STREAM  # Twisted-private, 26.10
     from twisted.web._http2 import H2Connection as _H2Connection  # Twisted-private, checked on 26.10
 except ImportError:  # pragma: no cover
     _H2Connection = None
@@ -289,6 +290,8 @@ if _H2Connection is not None:
 
         def __init__(self, reactor: Any = None) -> None:
             super().__init__(reactor)
+            #: Streams whose producer may be paused by the cap (see remainingOutboundWindow).
+            self._capped: set[int] = set()
             codes = h2.settings.SettingCodes
             self.conn.local_settings = h2.settings.Settings(
                 client=False,
@@ -299,20 +302,29 @@ if _H2Connection is not None:
             )
 
         def remainingOutboundWindow(self, streamID: int) -> int:
-            """The flow-control window left, as twisted.web counts it (window less queued bytes),
-            with the window capped at L{H2_STREAM_BUFFER}: a stream's producer is paused once
-            that much is queued, whatever window the client opened."""
+            """The flow-control window left as twisted.web counts it (the window less the bytes
+            queued), with the window capped at L{H2_STREAM_BUFFER}: a stream's producer pauses
+            once that much is queued, whatever window the client opened."""
             window = self.conn.local_flow_control_window(streamID)
-            remaining = super().remainingOutboundWindow(streamID)
-            return min(remaining, H2_STREAM_BUFFER - (window - remaining))
+            queued = 0
+            for chunk in self._outboundStreamQueues[streamID]:
+                if chunk is not _END_STREAM:
+                    queued += len(chunk)
+            if queued >= H2_STREAM_BUFFER:
+                stream = self.streams.get(streamID)
+                if stream is not None and stream.producer is not None:
+                    self._capped.add(streamID)
+            return min(window, H2_STREAM_BUFFER) - queued
 
         def _sendPrioritisedData(self, *args: Any) -> None:
             super()._sendPrioritisedData(*args)
-            if self._consumerBlocked is None and self._stillProducing:
+            if self._capped and self._consumerBlocked is None and self._stillProducing:
                 # Frames went out: producers paused by the cap above may go on.
-                for stream in list(self.streams.values()):
-                    if stream.producer is not None and not stream._producerProducing:
-                        stream.windowUpdated()
+                capped, self._capped = self._capped, set()
+                for streamID in capped:
+                    stream = self.streams.get(streamID)
+                    if stream is not None:
+                        stream.windowUpdated()  # resumes it if below the cap again
 
         def pauseProducing(self) -> None:
             super().pauseProducing()

@@ -26,6 +26,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
+from netsvc.auth import FailureLimit, hashPool
 from netsvc.config import Problem
 from netsvc.endpoints import isSharedTLS, split
 from netsvc.policies import AccessList
@@ -134,6 +135,7 @@ def _host(
     settings: Settings,
     pools: list[HTTPConnectionPool],
     trees: list[FileTree],
+    metrics: Any = None,
 ) -> Host:
     fallback = NOT_FOUND
     if root is not None:
@@ -160,6 +162,8 @@ def _host(
                 connectTimeout=route.connect_timeout,
                 timeout=route.timeout,
                 cafile=cafile,
+                metrics=metrics,
+                trustedProxies=settings.trusted_proxies,
             ),
         )
     return host
@@ -231,14 +235,18 @@ def makeService(settings: Settings, context: Any) -> IService:
         settings,
         pools,
         trees,
+        svc.metrics,
     )
     admin = settings.admin
+    # One wrong-password allowance for every gate of the site (per client address and overall), counted
+    # in /metrics: a client cannot get more guesses by spreading them over /metrics, /status and /mail.
+    failures = FailureLimit(context.reactor, registry=context.metrics, service="web")
+    hashPool(context.reactor).countInto(context.metrics)
     # An empty allow list admits nobody by address (only users with a password).
     access = AccessList(admin.allow) if admin.allow else AccessList(deny=["0.0.0.0/0", "::/0"])
     if admin.metrics_path:
-        default.mount(
-            admin.metrics_path, AdminGate(openMetrics(context.metrics), access, admin.users), exact=True
-        )
+        metricsGate = AdminGate(openMetrics(context.metrics), access, admin.users, failures=failures)
+        default.mount(admin.metrics_path, metricsGate, exact=True)
     if admin.status_path:
         status = AdminGate(
             StatusResource(
@@ -248,6 +256,7 @@ def makeService(settings: Settings, context: Any) -> IService:
             ),
             access,
             admin.users,
+            failures=failures,
         )
         default.mount(admin.status_path, status, exact=True)
         default.mount(admin.status_path + ".json", status, exact=True)
@@ -260,7 +269,7 @@ def makeService(settings: Settings, context: Any) -> IService:
     if settings.mail_path and smtp is not None and smtp.enabled and smtp.relay.mode == "capture":
         from netsvc.smtp.web import mailResource
 
-        gate = AdminGate(mailResource(context), access, admin.users)
+        gate = AdminGate(mailResource(context), access, admin.users, failures=failures)
         default.mount(settings.mail_path, Mount(settings.mail_path, gate), exact=True)
     hosts = {}
     for name, vhost in settings.vhosts.items():
@@ -274,6 +283,7 @@ def makeService(settings: Settings, context: Any) -> IService:
             settings,
             pools,
             trees,
+            svc.metrics,
         )
 
     merged = dict(DEFAULT_SECURITY_HEADERS)

@@ -94,6 +94,25 @@ class RestrictedTests(unittest.TestCase):
         self.assertEqual(r.status, 200)
 
 
+    @defer.inlineCallbacks
+    def test_oneAllowanceForEveryGate(self):
+        """
+        The gates of the site share one wrong-password allowance: guesses spread over /metrics and
+        /status do not get more tries (10, then 429), and the refusals are counted in /metrics.
+        """
+        stored = hashPassword("s3cret")
+        daemon = startWeb(self, f"    admin: {{allow: [], users: {{ops: '{stored}'}}}}\n")
+        port = webPort(daemon, TLS)
+        bad = {"Authorization": "Basic " + base64.b64encode(b"ops:wrong").decode()}
+        codes = []
+        for i in range(14):
+            r = yield get(port, "/metrics" if i % 2 else "/status.json", bad, cafile=self.cafile)
+            codes.append(r.status)
+        self.assertEqual(codes, [401] * 10 + [429] * 4)
+        text = daemon.context.metrics.render()
+        self.assertIn('netsvc_password_checks_refused_total{service="web",reason="rate"} 4', text)
+
+
 class _Request(DummyRequest):
     """A DummyRequest with what AdminGate reads: the client, basic auth credentials, _disconnected."""
 

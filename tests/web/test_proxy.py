@@ -331,3 +331,35 @@ class ForwardedForTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as e:
             parse("services:\n  web:\n    trusted_proxies: [10.0.0.1/8]\n")
         self.assertIn("trusted_proxies", str(e.exception))
+
+
+class ConfiguredTrustTests(unittest.TestCase):
+    """C{services.web.trusted_proxies} reaches the proxy routes the daemon builds, and escapes are counted."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.upstream = Upstream()
+        site = server.Site(self.upstream)
+        site.noisy = False
+        up = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(up.stopListening)
+        extra = (
+            "    trusted_proxies: [127.0.0.0/8]\n"
+            "    proxy:\n"
+            f"      - {{prefix: /api/, upstream: 'http://127.0.0.1:{up.getHost().port}'}}\n"
+        )
+        self.daemon = startWeb(self, extra)
+        self.port = webPort(self.daemon, TLS)
+
+    @defer.inlineCallbacks
+    def test_trustedProxyFromTheConfiguration(self):
+        r = yield get(self.port, "/api/x", cafile=self.cafile, headers={"X-Forwarded-For": "203.0.113.7"})
+        self.assertEqual(r.status, 200)
+        self.assertEqual(json.loads(r.body)["headers"]["x-forwarded-for"], ["203.0.113.7, 127.0.0.1"])
+
+    @defer.inlineCallbacks
+    def test_escapeCounted(self):
+        r = yield get(self.port, "/api/%2e%2e/admin/", cafile=self.cafile)
+        self.assertEqual(r.status, 400)
+        metrics = self.daemon.getServiceNamed("web").metrics
+        self.assertEqual(metrics.refused("proxy_path").value, 1)

@@ -166,7 +166,10 @@ def ldap_filter_text(data: bytes) -> None:
     rendered = _filterText(decoded)
     assert parseFilter(rendered).toWire() == ber, (data, rendered)
     s = text(data)
-    if s is not None and s.strip().startswith("("):
+    # ldaptor reads an escaped byte >= 0x80 as a character and encodes it in UTF-8 (RFC 4515: the
+    # byte itself), and its pyparsing grammar skips control whitespace (tab ...), so only
+    # filters without either are compared.
+    if s is not None and s.strip().startswith("(") and not re.search(r"\\[89a-fA-F][0-9a-fA-F]|[\x00-\x1f]", s):
         theirs = _ldaptorFilter(s.strip())
         if theirs is not None:
             assert theirs.toWire() == ber, ("ldaptor encodes it differently", data)
@@ -339,7 +342,8 @@ def smtp_data(data: bytes) -> None:
 
     whole = read([data])
     split = read(chunks(data))
-    assert (whole[0], whole[2]) == (split[0], split[2]), (whole[:3], split[:3])
+    # (which problem is reported first may depend on chunking: NUL vs bare CR; both abort)
+    assert (whole[0], whole[2] is None) == (split[0], split[2] is None), (whole[:3], split[:3])
     if whole[2] is None:
         assert whole[1] == split[1], (whole[:3], split[:3])
     # what is held unparsed is at most one line (the reader drops the rest of an over-long line)
@@ -563,8 +567,17 @@ def _site() -> tuple[Any, Any, Any]:
     return _web["clock"], _web["fast"], _web["site"]
 
 
+class _LenientTransport(StringTransport):
+    """Like TCP: resuming a closing transport is a no-op (StringTransport raises; netsvc/web/site.py's
+    channel resumes reading in loseConnection so that TLS can read the close_notify)."""
+
+    def resumeProducing(self) -> None:
+        if not self.disconnecting:
+            super().resumeProducing()
+
+
 def _httpRun(protocol: Any, pieces: list[bytes], clock: Any) -> tuple[bytes, bool]:
-    transport = StringTransport(peerAddress=PEER)
+    transport = _LenientTransport(peerAddress=PEER)
     protocol.makeConnection(transport)
     for piece in pieces:
         if transport.disconnecting:
@@ -584,9 +597,13 @@ def _knownHTTPFinding(data: bytes) -> bool:
     a control character (NUL ...) in a line of the first head is answered 200 by the fast path
     and 400 by twisted.web, e.g. C{b"GET /a.txt HTTP/1.1\r\nHost:\x00localhost\r\n\r\n"}, or (in
     the request line, ended by a bare LF) not answered by the fast path at all but 400 by
-    twisted.web: C{b"GET /nope HTTP/1.0\x00\n\r\n"}.
+    twisted.web: C{b"GET /nope HTTP/1.0\x00\n\r\n"}; a bare LF inside the head makes one header
+    line for the fast path (200) and two for twisted.web (400):
+    C{b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\xab\nUser-Agent: curl/8.5.0\r\n\r\n"}.
     """
     head = data.split(b"\r\n\r\n", 1)[0]
+    if re.search(rb"(^|[^\r])\n", head):  # a bare LF: one header line to the fast path, two to twisted.web
+        return True
     return any(_CONTROL_IN_HEAD.search(line.rstrip(b"\r")) for line in head.split(b"\n"))
 
 

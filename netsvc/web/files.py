@@ -304,7 +304,8 @@ class FileTree:
             return None  # refused, never cached
         if stat.S_ISDIR(st.st_mode):
             if not folder:
-                return Redirect(rawPath + b"/")
+                # the canonical path: the raw one could start with // (a protocol-relative Location)
+                return Redirect(key + b"/")
             for name in self.index:
                 candidate = os.path.join(path, name)
                 try:

@@ -78,6 +78,16 @@ class FileTreeTests(unittest.TestCase):
         self.assertEqual(found.location, b"/sub/")
         self.assertEqual(self.tree.lookup(b"/sub/").body, b"<p>sub</p>")
 
+    def test_folderRedirectNeverLeavesTheSite(self):
+        """
+        Issue 21: C{GET //sub} answered C{Location: //sub/}, which a browser reads as another host
+        (protocol-relative).  The redirect names the folder's canonical path.
+        """
+        for spelling in (b"//sub", b"///sub", b"/./sub", b"//s%75b", b"/\\sub"):
+            found = self.tree.lookup(spelling)
+            self.assertIsInstance(found, Redirect, spelling)
+            self.assertEqual(found.location, b"/sub/", spelling)
+
     def test_listingOnlyWhenEnabled(self):
         self.assertIsNone(self.tree.lookup(b"/"))
         tree = FileTree(str(self.root), listing=True)

@@ -13,13 +13,17 @@ from twisted.trial import unittest
 
 from netsvc import cli
 
-#: One risky setting: a resolver reachable beyond loopback without an ACL.
+#: One risky setting: TLS verification switched off on a forward rule's connection.
 RISKY = """\
 state_dir: state
 services:
-  dns:
-    listen: ["udp:5353:interface=0.0.0.0"]
+  forward:
+    rules:
+      - name: open
+        listen: ["tcp:7008:interface=127.0.0.1"]
+        connect: ["tls:host=127.0.0.1:port=7443:insecure=yes"]
 """
+KEY = "services.forward.rules[0].connect[0]"
 
 SAFE = """\
 state_dir: state
@@ -46,13 +50,13 @@ class StrictTests(unittest.TestCase):
     def test_warningsWithoutStrict(self):
         status, out, err = self.run_(str(self.write(RISKY)))
         self.assertEqual(status, 0, err)
-        self.assertIn("services.dns.allow: warning:", err)
+        self.assertIn(f"{KEY}: warning:", err)
 
     def test_strictMakesWarningsErrors(self):
         path = self.write(RISKY)
         status, out, err = self.run_("--strict", str(path))
         self.assertEqual(status, 1, err)
-        self.assertIn(f"{path}: services.dns.allow: error:", err)
+        self.assertIn(f"{path}: {KEY}: error:", err)
         self.assertNotIn("OK", out)
 
     def test_strictAfterTheFile(self):

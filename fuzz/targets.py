@@ -288,12 +288,6 @@ def proxy_header(data: bytes) -> None:
 # -- SMTP -----------------------------------------------------------------------------
 
 
-#: A finding not fixed yet (reported; netsvc/smtp/syntax.py decodeXtext): "+" not followed by two
-#: hex digits makes twisted's xtext_decode raise TypeError (not SyntaxProblem), e.g. the MAIL
-#: argument C{b"FROM:<a@b.test> ENVID=x+2\x13"}.  Such values are left out until it is fixed.
-_XTEXT_FINDING = re.compile(r"\+(?![0-9A-Fa-f]{2})")
-
-
 @target
 def smtp_address(data: bytes) -> None:
     """MAIL/RCPT arguments: SyntaxProblem (a 5xx reply) or a path; a checked mailbox checks again the same."""
@@ -306,7 +300,7 @@ def smtp_address(data: bytes) -> None:
             assert 500 <= e.reply[0] < 600, e.reply
             continue
         for value in params.values():
-            if value is not None and not _XTEXT_FINDING.search(value):
+            if value is not None:
                 try:
                     decodeXtext(value)
                 except SyntaxProblem:

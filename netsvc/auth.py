@@ -414,6 +414,10 @@ class Limited:
     def check(self, user: str, password: str, client: Any = None) -> defer.Deferred:
         return limitedCheck(self.limit, client, lambda: self.authenticator.check(user, password))
 
+    def __getattr__(self, name: str) -> Any:
+        # the rest of the authenticator's surface (close(), a directory's refresh...) is the wrapped one's
+        return getattr(self.authenticator, name)
+
 
 # -- authenticators ------------------------------------------------------------
 

@@ -124,7 +124,7 @@ def decodeXtext(value: str) -> str:
     """RFC 3461 xtext (C{+2B} for C{+}) to text."""
     try:
         return xtext_decode(value.encode("utf-8"))[0]
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, TypeError):  # TypeError: Twisted's decoder on a '+' not followed by hex
         raise SyntaxProblem(501, "5.5.4", "Malformed xtext") from None
 
 

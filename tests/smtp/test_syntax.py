@@ -39,3 +39,21 @@ class AddressSyntaxTests(unittest.TestCase):
             with self.assertRaises(SyntaxProblem, msg=path) as e:
                 self.check(path)
             self.assertEqual(e.exception.reply[:2], (501, "5.1.3"), path)
+
+
+class XtextTests(unittest.TestCase):
+    def test_decoded(self):
+        from netsvc.smtp.syntax import decodeXtext
+
+        self.assertEqual(decodeXtext("a+2Bb+3Dc"), "a+b=c")
+
+    def test_malformedIs501(self):
+        """A '+' not followed by two hex digits (found by fuzz/smtp_address) is 501, not a TypeError."""
+        from netsvc.smtp.syntax import SyntaxProblem, decodeXtext, parseDSNMail
+
+        for bad in ("x+2\x13", "x+", "+zz"):
+            with self.assertRaises(SyntaxProblem) as e:
+                decodeXtext(bad)
+            self.assertEqual(e.exception.reply[0], 501)
+        with self.assertRaises(SyntaxProblem):
+            parseDSNMail({"ENVID": "x+2\x13"})

@@ -440,7 +440,26 @@ class GuardedProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._last = self._seconds()
         self._bytesIn.value += len(data)
-        self.wrappedProtocol.dataReceived(data)
+        try:
+            self.wrappedProtocol.dataReceived(data)
+        except Exception:
+            self._protocolFailed()
+
+    def _protocolFailed(self) -> None:
+        """
+        A bug in this connection's protocol: logged with its traceback, counted, and only this
+        connection aborted.  Never raised into the transport: under TLS the exception interrupted TLS's
+        own connectionLost, leaving the connection on the guard's books (its per-IP slot, and a drain
+        that never ended).
+        """
+        self.guard.metrics.error("protocol").inc()
+        log.failure("closing the connection from {client} after an error in its protocol",
+                    client=self.host, service=self.guard.metrics.service)
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
         if self._idleCall is not None and self._idleCall.active():
@@ -481,7 +500,13 @@ class GuardedProtocol(Protocol):
 
     def loseConnection(self) -> None:
         self.disconnecting = True
-        self.transport.loseConnection()
+        # A producer still registered would be resumed when the buffer drains instead of the connection
+        # closing (TCP), or keep TLS from starting its shutdown: a closing connection produces nothing more.
+        # (TCP keeps it as .producer, TLS as ._producer; StringTransport refuses to unregister none.)
+        t = self.transport
+        if getattr(t, "producer", None) is not None or getattr(t, "_producer", None) is not None:
+            t.unregisterProducer()
+        t.loseConnection()
 
     def getPeer(self) -> Any:
         return self.transport.getPeer()

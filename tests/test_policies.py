@@ -163,6 +163,52 @@ class GuardTests(unittest.TestCase):
         polite.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_closingUnregistersTheProducer(self):
+        """
+        A protocol that is its transport's producer and closes: the producer is unregistered first (a
+        paused producer left registered is resumed instead of the connection closed, and TLS never
+        starts its shutdown), and what was written is still flushed before the close.
+        """
+        class Producing(Recorder):
+            def connectionMade(self):
+                self.transport.registerProducer(self, True)
+
+            def pauseProducing(self):
+                pass
+
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+
+        factory = self.guard().wrap(Factory.forProtocol(Producing))
+        proto, transport = self.connect(factory)
+        self.assertIs(transport.producer, proto.wrappedProtocol)
+        proto.wrappedProtocol.transport.write(b"last words")
+        proto.wrappedProtocol.transport.loseConnection()
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"last words")
+
+    def test_protocolErrorClosesOnlyThatConnection(self):
+        """
+        A protocol that raises while handling input: the error is logged and counted, that connection
+        is aborted, and nothing is raised into the transport (TLS would stop in its own connectionLost).
+        """
+        class Buggy(Recorder):
+            def dataReceived(self, data):
+                raise ZeroDivisionError("a bug")
+
+        factory = self.guard().wrap(Factory.forProtocol(Buggy))
+        proto, transport = self.connect(factory)
+        other, otherTransport = self.connect(factory, "10.0.0.2")
+        proto.dataReceived(b"boom")  # does not raise
+        self.assertTrue(transport.disconnected)
+        self.assertFalse(otherTransport.disconnecting)
+        self.assertEqual(self.metrics.error("protocol").value, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_writesCountAsActivity(self):
         factory = self.guard(idle_timeout=10).wrap(Factory.forProtocol(Recorder))
         proto, transport = self.connect(factory)

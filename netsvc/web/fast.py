@@ -15,11 +15,13 @@ the same requests through each.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.web.http import _parseRequestLine
 from zope.interface import implementer
 
 from netsvc.web.files import FileEntry
@@ -33,6 +35,10 @@ MAX_HEAD = 16384
 #: A request head that has started must be complete within this long (a slow-loris client keeps
 #: the idle timeout at bay with a byte now and then; nginx's client_header_timeout is 60 s).
 HEAD_TIMEOUT = 30.0
+
+#: What twisted.web refuses in a head and the fast path must not take: control characters, a CR
+#: without its LF, or a bare LF (the fast path would read one header where twisted.web reads two).
+_NOT_FAST = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
@@ -311,8 +317,8 @@ class FastHTTPChannel(Protocol):
         while True:
             end = buf.find(b"\r\n\r\n", pos)
             if end < 0:
-                if len(buf) - pos > MAX_HEAD:
-                    break  # handed over below
+                if len(buf) - pos > MAX_HEAD or (len(buf) > pos and self._refusedAlready(buf, pos)):
+                    break  # handed over below: twisted.web answers (or refuses) it now
                 if out:
                     write(b"".join(out))
                 self._buffer = buf[pos:] if pos else buf
@@ -343,6 +349,22 @@ class FastHTTPChannel(Protocol):
         if out:
             write(b"".join(out))
         self._handOver(buf[pos:])
+
+    @staticmethod
+    def _refusedAlready(buf: bytes, pos: int) -> bool:
+        """
+        Whether the incomplete head at C{pos} is one twisted.web would refuse already (a malformed
+        request line, control characters, a bare LF): it answers 400 as soon as it sees
+        it, where the fast path would wait for the end of a head that may never come.
+        """
+        line = buf.find(b"\r\n", pos)
+        if line >= 0:
+            try:  # twisted.web's own check of the request line (private; checked on Twisted 26.10)
+                _parseRequestLine(buf[pos:line])
+            except ValueError:
+                return True
+        end = len(buf) - 1 if buf.endswith(b"\r") else len(buf)  # its LF may be in the next read
+        return _NOT_FAST.search(buf, pos, end) is not None
 
     def _overflow(self) -> None:
         """Input kept arriving while paused: the transport ignores pauseProducing.  Cut off."""
@@ -376,6 +398,8 @@ class FastHTTPChannel(Protocol):
 
     def answer(self, head: bytes) -> tuple[bytes, bool] | None:
         """The response bytes and whether to close after them, or None (not for the fast path)."""
+        if _NOT_FAST.search(head) is not None:
+            return None  # twisted.web's 400
         lines = head.split(b"\r\n")
         try:
             method, target, version = lines[0].split(b" ")
@@ -410,8 +434,8 @@ class FastHTTPChannel(Protocol):
         else:
             since = parseHTTPDate(headers.get(b"if-modified-since"))
             notModified = since is not None and entry.mtime <= since
-        connection = headers.get(b"connection", b"").lower()
-        close = b"close" in connection
+        # twisted.web's reading of Connection: tokens between spaces (a token, not a substring)
+        close = b"close" in headers.get(b"connection", b"").lower().split(b" ")
         prefix = site.fastPrefix(self._secure)
         if notModified:
             code = 304

@@ -8,7 +8,9 @@ CONFIG  ?= etc/netsvc.yaml
 
 .PHONY: run test install install-test peers bench clean
 
+# The demo users file holds password hashes: readable by its owner only (git keeps no such mode).
 run: install
+	chmod go= etc/mail-users.txt
 	$(BIN)/twistd -n --pidfile= netsvc --config $(CONFIG)
 
 $(BIN)/python:

@@ -119,6 +119,26 @@ class SecurityCheckTests(unittest.TestCase):
                                strict=True)
         self.assertEqual((status, err), (0, ""))
 
+    def test_shippedConfigurationIsStrictClean(self):
+        """
+        etc/netsvc.yaml passes --strict once its demo users file is private, as `make run` makes it
+        (git keeps no mode but the executable bit: a fresh clone has it readable by everyone, which the
+        check rightly reports).
+        """
+        import shutil
+
+        repo, base = Path(__file__).resolve().parents[1], Path(self.mktemp()).absolute()
+        etc = base / "etc"
+        shutil.copytree(repo / "etc", etc)
+        shutil.copytree(repo / "www", base / "www")
+        os.chmod(etc / "mail-users.txt", 0o644)
+        status, out, err = run(etc / "netsvc.yaml", strict=True)
+        self.assertEqual(status, 1)
+        self.assertIn("services.smtp.users.file: error:", err)
+        os.chmod(etc / "mail-users.txt", 0o600)
+        status, out, err = run(etc / "netsvc.yaml", strict=True)
+        self.assertEqual((status, err), (0, ""))
+
     def test_exposed(self):
         for endpoint, expected in [
             ("tcp:80", True),

@@ -76,7 +76,7 @@ class ParseQueryTests(unittest.TestCase):
         data = struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + name + b"\x00\x01\x00\x01"
         self.assertBad(data, wire.FORMERR)
 
-    @settings(max_examples=400, deadline=None)
+    @settings(derandomize=True, max_examples=400, deadline=None)
     @given(st.binary(max_size=600))
     def test_fuzzedBytesNeverCrash(self, data: bytes) -> None:
         try:
@@ -84,7 +84,7 @@ class ParseQueryTests(unittest.TestCase):
         except wire.BadQuery:
             pass
 
-    @settings(max_examples=300, deadline=None)
+    @settings(derandomize=True, max_examples=300, deadline=None)
     @given(st.integers(0, 200), st.binary(min_size=1, max_size=8))
     def test_mutatedQueriesNeverCrash(self, position: int, junk: bytes) -> None:
         data = bytearray(query("www.example.com", edns=1232))
@@ -186,7 +186,7 @@ class CheckMessageTests(unittest.TestCase):
         q = wire.parseQuery(data)
         self.assertFalse(q.edns)
 
-    @settings(max_examples=300, deadline=None)
+    @settings(derandomize=True, max_examples=300, deadline=None)
     @given(st.binary(max_size=400))
     def test_fuzzedAnswersNeverCrash(self, data: bytes) -> None:
         try:

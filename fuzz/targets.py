@@ -615,3 +615,355 @@ def http_request(data: bytes) -> None:
         assert a[1] == b[1], ("close", first, a[1], b[1])
     heads = data.count(b"\n\r\n") + data.count(b"\n\n") + 1
     assert a[0].count(b"HTTP/1.") <= max(heads, 1) * 2 or len(a[0]) < 100000, "more responses than requests"
+
+
+# -- chat -------------------------------------------------------------------------------
+
+#: What may never reach a terminal client inside one message: C0 controls but tab (LF and NUL
+#: included: each framing's delimiter), DEL, C1, the bidi embeddings, overrides and isolates, and
+#: the Unicode line and paragraph separators (tests/chat/test_forgery.py).
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_STAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
+class _Recording:
+    """A framing that remembers what it rendered, and for which kinds of event."""
+
+    def __init__(self) -> None:
+        self.seen: dict[bytes, set[str]] = {}
+
+    def render(self, event: Any) -> bytes:
+        out = super().render(event)  # type: ignore[misc]
+        self.seen.setdefault(out, set()).add(event.kind)
+        return out
+
+
+def _recording(framing: Any) -> Any:
+    return type(f"Recording{type(framing).__name__}", (_Recording, type(framing)), {})()
+
+
+class _Authority:
+    """Reserves C{admin} (password C{pw}); the answer comes on the next reactor turn, as from the hash pool."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+
+    def isReserved(self, nick: str) -> bool:
+        return nick.lower() == "admin"
+
+    def check(self, nick: str, password: str, client: Any = None) -> Any:
+        from twisted.internet import task
+
+        return task.deferLater(self.clock, 0, lambda: password == "pw")
+
+
+class _FakeWebSocket:
+    """The L{twisted.web.websocket.WebSocketTransport} a L{ChatWebSocket} writes to: text messages kept."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.transport = StringTransport(peerAddress=PEER)
+        self.code: int | None = None
+
+    def sendTextMessage(self, text: str) -> None:
+        from wsproto.utilities import LocalProtocolError
+
+        if self.code is not None:
+            raise LocalProtocolError("Connection cannot send data: closed")  # as wsproto does
+        self.messages.append(text)
+
+    def loseConnection(self, code: int = 1000) -> None:
+        self.code = code
+        self.transport.loseConnection()
+
+    def attachProducer(self, producer: Any) -> None:
+        self.transport.registerProducer(producer, True)
+
+    def detachProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+
+def _chatShared(clock: Any, fanOut: Any = None, maxOutput: int = 16384) -> Any:
+    from netsvc.chat.hub import Hub
+    from netsvc.chat.protocol import ChatLimits, ChatMetrics, ChatShared, Flusher
+    from netsvc.metrics import Registry
+
+    metrics = ChatMetrics(Registry())
+    hub = Hub(historySize=5, maxRooms=20, authority=_Authority(clock), onEvent=metrics.onHubEvent, fanOut=fanOut)
+    limits = ChatLimits(maxLine=512, maxOutput=maxOutput, rate=50.0, burst=50.0)
+    return ChatShared(hub, Flusher(clock), limits, clock, metrics)
+
+
+class _ChatClient:
+    """A client of one framing over a StringTransport (C{json}: the browser bridge over a fake WebSocket)."""
+
+    def __init__(self, shared: Any, framing: str, port: int) -> None:
+        from netsvc.chat.framing import FRAMINGS
+        from netsvc.chat.web import JSON, ChatWebSocket
+
+        peer = IPv4Address("TCP", "127.0.0.1", port)
+        self.kind = framing
+        if framing == "json":
+            self.framing = _recording(JSON)
+            self.ws: Any = ChatWebSocket(shared, peer)
+            self.ws.chat.framing = self.framing
+            self.socket = _FakeWebSocket()
+            self.ws.negotiationStarted(self.socket)
+            self.ws.negotiationFinished()
+            self.proto = self.ws.chat
+        else:
+            from netsvc.chat.protocol import ChatProtocol
+
+            self.framing = _recording(FRAMINGS[framing])
+            self.proto = ChatProtocol(shared, self.framing)
+            self.transport = StringTransport(peerAddress=peer)
+            self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        if self.kind == "json":
+            self.ws.textMessageReceived(data.decode("utf-8", "replace"))
+        else:
+            self.proto.dataReceived(data)
+
+    def messages(self) -> list[bytes]:
+        """What this client was sent, one rendered event each (with its delimiter)."""
+        if self.kind == "json":
+            out = "".join(self.socket.messages).encode("utf-8")
+        else:
+            out = self.transport.value()
+        delimiter = self.framing.delimiter
+        assert out == b"" or out.endswith(delimiter), ("output ends inside a message", self.kind, out[-80:])
+        return [m + delimiter for m in out.split(delimiter)[:-1]]
+
+    def check(self) -> None:
+        """Each message is one event as its framing renders it; only a server notice reads as one."""
+        import json
+
+        for m in self.messages():
+            kinds = self.framing.seen.get(m)
+            assert kinds, ("a message that is no rendered event (a delimiter inside one?)", self.kind, m[:120])
+            text = m[:-1].decode("utf-8")
+            if self.kind == "json":
+                event = json.loads(text)
+                assert event["kind"] in kinds, (event, kinds)
+                assert len(text.splitlines()) == 1, ("a line break a reader would split on", text[:120])
+                continue
+            assert _FORBIDDEN.search(text) is None, ("a control character reached a terminal", self.kind, text[:120])
+            if _STAMP.sub("", text).startswith("***"):
+                assert kinds == {"notice"}, ("client text reads as a server notice", self.kind, text[:120], kinds)
+            else:
+                assert "notice" not in kinds, (self.kind, text[:120], kinds)
+
+
+def _chatRun(data: bytes, framing: str) -> None:
+    clock = MemoryReactorClock()
+    shared = _chatShared(clock)
+    observers = [_ChatClient(shared, kind, 40001 + i) for i, kind in enumerate(("line", "nul", "json"))]
+    for client, nick in zip(observers, ("lina", "nully", "webby")):
+        client.send(nick.join(("/nick ", "\n" if client.kind == "line" else "\0")).encode()
+                    if client.kind != "json" else f"/nick {nick}".encode())
+    # One client that never reads: what waits for it stays bounded (else it is disconnected).
+    stalled = _ChatClient(shared, "line", 40009)
+    stalled.proto.pauseProducing()
+    attacker = _ChatClient(shared, framing, 40010)
+    clock.advance(0)
+    limits = shared.limits
+    for piece in chunks(data):
+        if attacker.transport.disconnecting:
+            break
+        clock.advance(0)
+        if attacker.transport.producerState == "paused":  # holding input while a nickname is checked
+            clock.advance(0)
+            if attacker.transport.producerState == "paused":
+                break
+        attacker.send(piece)
+        assert len(attacker.proto._buffer) <= attacker.proto._maxWaiting + len(piece), len(attacker.proto._buffer)
+        if not attacker.proto.paused:
+            assert len(attacker.proto._buffer) <= limits.maxLine + len(piece), len(attacker.proto._buffer)
+        held = sum(len(m) for m in stalled.proto._out)
+        assert held <= limits.maxOutput + 2 * limits.maxLine + 256, ("output held for a stalled reader", held)
+    clock.advance(0)
+    if not attacker.transport.disconnecting:
+        attacker.proto.readConnectionLost()
+    attacker.proto.connectionLost(None)
+    clock.advance(0)
+    for client in observers + [attacker]:
+        client.check()
+    assert not stalled.proto.gone or stalled.transport.disconnecting
+
+
+@target
+def chat_stream(data: bytes) -> None:
+    """
+    Bytes from a chat client, as a line client and as a NUL client, into a hub
+    where a line, a NUL and a browser (JSON) client listen: each sees whole
+    events of its own framing, no control character or line break inside one,
+    and nothing a client wrote reads as a server notice (C{***}); input held
+    and output held for a client that does not read stay bounded.
+    """
+    for framing in ("line", "nul"):
+        _chatRun(data, framing)
+
+
+_chatWeb: dict[str, Any] = {}
+
+
+def _chatSite() -> tuple[Any, Any, Any]:
+    """(clock, fast factory, chat service): a daemon with web and chat, on a memory reactor."""
+    if not _chatWeb:
+        from netsvc import config
+        from netsvc.runtime import buildDaemon
+
+        base = Path(tempfile.mkdtemp(prefix="netsvc-fuzz-chat-"))
+        (base / "www").mkdir()
+        clock = MemoryReactorClock()
+        settings = config.parse(
+            f"state_dir: {base / 'state'}\nservices:\n  web:\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+            f"    root: {base / 'www'}\n  chat:\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+            "    limits: {rate: 50, burst: 50, max_message: 512}\n", "fuzz.yaml")
+        daemon = buildDaemon(settings, clock)
+        fast = daemon.getServiceNamed("web").listeners[0].target.wrappedFactory
+        fast.site.reactor = clock
+        _chatWeb.update(clock=clock, fast=fast, chat=daemon.getServiceNamed("chat"))
+    return _chatWeb["clock"], _chatWeb["fast"], _chatWeb["chat"]
+
+
+_HANDSHAKE = (b"GET /chat/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+_MASK = b"\x37\xfa\x21\x3d"
+
+
+def _wsFrame(head: int, payload: bytes, masked: bool = True) -> bytes:
+    """One client frame: C{head} is the first byte as sent (FIN, RSV bits, opcode), any of them."""
+    n = len(payload)
+    size = bytes([n]) if n < 126 else (b"\x7e" + n.to_bytes(2, "big") if n < 65536 else b"\x7f" + n.to_bytes(8, "big"))
+    if not masked:
+        return bytes([head]) + size + payload
+    size = bytes([size[0] | 0x80]) + size[1:]
+    return bytes([head]) + size + _MASK + bytes(b ^ _MASK[i % 4] for i, b in enumerate(payload))
+
+
+def _wsFrames(data: bytes) -> bytes:
+    """
+    The client's bytes after the handshake.  C{data[0]} odd: the rest as sent;
+    even: frames, each C{head, length, payload} (masked unless the length byte has
+    its high bit set), so that mutations stay mostly frames.
+    """
+    if not data:
+        return b""
+    if data[0] & 1:
+        return data[1:]
+    out, pos = [], 1
+    while pos + 2 <= len(data):
+        head, length = data[pos], data[pos + 1]
+        payload = data[pos + 2:pos + 2 + (length & 0x7F)]
+        pos += 2 + (length & 0x7F)
+        out.append(_wsFrame(head, payload, masked=not length & 0x80))
+    return b"".join(out)
+
+
+def _atFrameBoundary(stream: bytes) -> bool:
+    """Whether C{stream} (client frames) ends between frames (else a frame is still arriving)."""
+    pos = 0
+    while pos < len(stream):
+        if pos + 2 > len(stream):
+            return False
+        masked, n = stream[pos + 1] & 0x80, stream[pos + 1] & 0x7F
+        pos += 2
+        if n >= 126:
+            width = 2 if n == 126 else 8
+            if pos + width > len(stream):
+                return False
+            n = int.from_bytes(stream[pos:pos + width], "big")
+            pos += width
+        pos += (4 if masked else 0) + n
+    return pos == len(stream)
+
+
+def _serverFrames(out: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each frame the server sent: unmasked, whole, final (wsproto never fragments)."""
+    frames, pos = [], 0
+    while pos < len(out):
+        assert pos + 2 <= len(out), ("a torn frame header", out[pos:])
+        head, size = out[pos], out[pos + 1]
+        assert head & 0xF0 == 0x80 and not size & 0x80, ("a server frame fragmented, masked or with RSV",
+                                                          out[pos:pos + 2])
+        n, pos = size & 0x7F, pos + 2
+        if n >= 126:
+            width = 2 if n == 126 else 8
+            n, pos = int.from_bytes(out[pos:pos + width], "big"), pos + width
+        assert pos + n <= len(out), ("a torn frame", n, len(out) - pos)
+        frames.append((head & 0x0F, out[pos:pos + n]))
+        pos += n
+    return frames
+
+
+@target
+def ws_message(data: bytes) -> None:
+    """
+    The browser chat's WebSocket (through the fast path, twisted.web and the
+    upgrade): after a good handshake, any frames or bytes.  Nothing raises, nothing
+    is logged as a failure; the server's frames are whole, its text JSON events;
+    the connection ends with a Close frame (and a code), or it still answers.
+    """
+    import json
+
+    import attrs
+    from twisted.logger import globalLogPublisher
+
+    from netsvc.chat.hub import Hub
+    from netsvc.chat.protocol import Flusher
+
+    clock, fast, chat = _chatSite()
+    shared = chat.shared = attrs.evolve(chat.shared, hub=Hub(5, 20), flusher=Flusher(clock))
+    failures: list[Any] = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        protocol = fast.buildProtocol(PEER)
+        transport = _LenientTransport(peerAddress=PEER)
+        protocol.makeConnection(transport)
+        # The handshake first (in pieces), as a client waits for the 101 before it sends frames:
+        # bytes sent in the read that completes the head stay in twisted.web's channel (pipelining).
+        for piece in chunks(_HANDSHAKE, 3):
+            protocol.dataReceived(piece)
+        clock.advance(0)
+        assert transport.value().startswith(b"HTTP/1.1 101 "), transport.value()[:80]
+        for piece in chunks(_wsFrames(data)):
+            if transport.disconnecting:
+                break
+            protocol.dataReceived(piece)
+            clock.advance(0)
+        if not transport.disconnecting and _atFrameBoundary(_wsFrames(data)):
+            before = len(transport.value().partition(b"\r\n\r\n")[2])
+            protocol.dataReceived(_wsFrame(0x81, b"/who"))
+            clock.advance(0)
+            answer = _serverFrames(transport.value().partition(b"\r\n\r\n")[2][before:])
+            assert any(op == 1 and re.search(rb'"text": "[0-9]+ in #', p) for op, p in answer) \
+                or any(op == 8 for op, p in answer), ("the connection neither answers nor closes", answer)
+        frames = _serverFrames(transport.value().partition(b"\r\n\r\n")[2])
+        closes = [i for i, (op, _) in enumerate(frames) if op == 8]
+        for op, payload in frames[:closes[0] if closes else None]:
+            assert op in (1, 9, 10), ("unexpected frame before a close", op)
+            if op == 1:
+                for line in payload.decode("utf-8").splitlines():
+                    assert "kind" in json.loads(line), line
+        if closes:
+            assert closes[0] == len(frames) - 1, "frames after the close"
+            payload = frames[-1][1]
+            assert len(payload) >= 2 and 1000 <= int.from_bytes(payload[:2], "big") < 5000, payload
+        if transport.disconnecting:
+            assert closes or not transport.value().partition(b"\r\n\r\n")[2], "closed without a Close frame"
+        protocol.connectionLost(None)
+        clock.advance(0)
+        assert not shared.hub.rooms["#lobby"].members, "the member outlived its connection"
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        for c in clock.getDelayedCalls():
+            if c.active():
+                c.cancel()
+    assert not failures, [e.get("log_format") for e in failures]

@@ -967,3 +967,101 @@ def ws_message(data: bytes) -> None:
             if c.active():
                 c.cancel()
     assert not failures, [e.get("log_format") for e in failures]
+
+
+class _FakeRedis:
+    """The fan-out's view of Redis (L{netsvc.chat.redis.connection.Connections}), answered here."""
+
+    up = True
+
+    def __init__(self, history: list[Any]) -> None:
+        from twisted.internet import defer
+
+        self.history = history
+        self.published: list[str] = []
+        self.succeed = defer.succeed
+
+    def eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        from netsvc.chat.redis import scripts
+
+        if script == scripts.LOAD:  # (topic, *history) of #dev; nothing stored for other rooms
+            return self.succeed(self.history if keys[0].endswith("#dev") else [None])
+        if script == scripts.PUBLISH:
+            self.published.append(args[1])
+        return self.succeed({scripts.CLAIM: 1, scripts.WHO: [], scripts.ROOMS: []}.get(script))
+
+    def execute(self, *command: Any) -> Any:
+        if command[0] == "PUBLISH":
+            self.published.append(command[2])
+        return self.succeed(None)
+
+    def subscribe(self, channel: str) -> Any:
+        return self.succeed(None)
+
+    def unsubscribe(self, channel: str) -> None:
+        pass
+
+
+def _fromRedis(raw: bytes) -> str | bytes:
+    """A reply as txredisapi hands it over: text when it is UTF-8, else bytes."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+@target
+def redis_payload(data: bytes) -> None:
+    """
+    Payloads from Redis (lines: a topic and room history until an empty line, then
+    live events): parsePayload gives None or a well-typed event that re-encodes to
+    itself; the room's history keeps only events that replay, and a member joining
+    after them is shown each (whole events, no controls, no forged notice); what
+    this node publishes, the others accept.
+    """
+    import json
+
+    from netsvc.chat.redis.fanout import MAX_NAME, MAX_TEXT, RedisFanOut, RedisMetrics, parsePayload
+    from netsvc.metrics import Registry
+
+    lines = data.split(b"\n")
+    cut = lines.index(b"") if b"" in lines else len(lines)
+    stored, live = [_fromRedis(x) for x in lines[:cut]], [_fromRedis(x) for x in lines[cut + 1:]]
+    for raw in stored + live:
+        parsed = parsePayload(raw)
+        if parsed is None:
+            continue
+        assert isinstance(parsed["o"], str) and 0 < len(parsed["o"]) <= MAX_NAME, parsed
+        assert isinstance(parsed["x"], str) and len(parsed["x"]) <= MAX_TEXT, parsed
+        assert parsePayload(json.dumps(parsed)) == parsed, parsed
+
+    clock = MemoryReactorClock()
+    fan = RedisFanOut(None, "fuzz", RedisMetrics(Registry()), clock, historySize=5)
+    fan.node, fan.mine = "node0", "node0|"
+    fan.redis = redis = _FakeRedis(stored or [""])  # LOAD gives the topic ('' when none) first
+    shared = _chatShared(clock, fanOut=fan)
+    clients = [_ChatClient(shared, kind, 40001 + i) for i, kind in enumerate(("line", "nul", "json"))]
+    for client, nick in zip(clients, ("lina", "nully", "webby")):
+        for command in (f"/nick {nick}", "/join #dev"):
+            client.send(command.encode() + (b"" if client.kind == "json" else client.framing.delimiter))
+    clock.advance(0)
+    room = shared.hub.rooms["#dev"]
+    for raw in live:
+        fan.messageReceived("netsvc:chat:room:#dev", raw)  # type: ignore[arg-type]
+    clients[0].send(b"said here\n/me acts here\n/topic set here\n")
+    clock.advance(0)
+    assert len(room.history) <= 5 and all(e.kind in ("message", "action") for e in room.history), room.history
+    late = _ChatClient(shared, "line", 40009)
+    late.send(b"/join #dev\n")
+    clock.advance(0)
+    assert not late.proto.gone, "joining after the history failed"
+    replayed = [m for m in late.messages() if _STAMP.match(m.decode("utf-8"))]
+    assert len(replayed) == len(room.history), (replayed, room.history)
+    for client in clients + [late]:
+        assert not client.proto.gone, ("a member was dropped", client.kind)
+        client.check()
+    for payload in redis.published:
+        assert parsePayload(payload) is not None, ("another node would drop what this one published", payload)
+    for c in clock.getDelayedCalls():
+        if c.active():
+            c.cancel()

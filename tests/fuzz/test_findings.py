@@ -24,3 +24,23 @@ class ConfigProblemsAreOneLineEach(unittest.TestCase):
         lines = self.problems('services:\n  "ec\\nho": {}\n')
         self.assertEqual(len(lines), 1, lines)
         self.assertTrue(lines[0].startswith("f.yaml: services.ec\\nho: "), lines)
+
+
+class RedisPayloadTextIsUnicode(unittest.TestCase):
+    """redis_payload: a JSON escape of a lone surrogate (\\ud800) is a str Python cannot encode."""
+
+    def test_loneSurrogateDropped(self):
+        from netsvc.chat.redis.fanout import parsePayload
+
+        event = '{"o":"n","k":"message","x":"a\\ud800","s":"alice","r":"#dev","t":"","w":1}'
+        self.assertIsNone(parsePayload(event))
+        self.assertIsNone(parsePayload(event.replace('"alice"', '"\\udfff"').replace("a\\ud800", "ok")))
+        self.assertIsNone(parsePayload('{"o":"n","c":"topic","r":"#dev","x":"\\udc80"}'))
+        self.assertIsNone(parsePayload('{"o":"n","k":"private","to":"b\\ud800","s":"a","x":"hi","w":1}'))
+        self.assertEqual(parsePayload(event.replace("a\\ud800", "\\u00e9\\ud83d\\ude00"))["x"], "\u00e9\U0001f600")
+
+    def test_everyMemberStillReceives(self):
+        """Delivered, such a text raised UnicodeEncodeError in every member's framing: all were dropped."""
+        from fuzz.targets import TARGETS
+
+        TARGETS["redis_payload"](b'\n{"o":"n","k":"message","x":"\\ud800","s":"a","r":"#dev","t":"","w":1}')

@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import re
 import uuid
 from collections import deque
 from typing import Any
@@ -54,8 +55,9 @@ def parsePayload(message: str | bytes) -> dict[str, Any] | None:
     """
     A payload from Redis (a room event, a topic change or a private message),
     checked at the boundary: a dict whose fields have their types and sizes
-    (names and text are str, C{w} a finite time, the room a valid room name,
-    the kind one this node shows), or None.  Never raises.
+    (names and text are str -- Unicode text: no lone surrogate, which a JSON
+    escape can give and no member could be sent --, C{w} a finite time, the room
+    a valid room name, the kind one this node shows), or None.  Never raises.
     """
     try:
         data = json.loads(message)
@@ -64,7 +66,7 @@ def parsePayload(message: str | bytes) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         return None
     origin, text = data.get("o"), data.get("x", "")
-    if not _name(origin) or not isinstance(text, str) or len(text) > MAX_TEXT:
+    if not _name(origin) or not isinstance(text, str) or len(text) > MAX_TEXT or not _unicode(text):
         return None
     if data.get("c") == "topic":
         room = data.get("r")
@@ -84,7 +86,15 @@ def parsePayload(message: str | bytes) -> dict[str, Any] | None:
 
 
 def _name(value: Any, empty: bool = False) -> bool:
-    return isinstance(value, str) and (empty or value != "") and len(value) <= MAX_NAME
+    return isinstance(value, str) and (empty or value != "") and len(value) <= MAX_NAME and _unicode(value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(text: str) -> bool:
+    """Whether C{text} can be encoded (a JSON escape like C{\\ud800} decodes to a lone surrogate)."""
+    return text.isascii() or _SURROGATE.search(text) is None
 
 
 def _room(value: Any) -> bool:

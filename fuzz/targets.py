@@ -1065,3 +1065,97 @@ def redis_payload(data: bytes) -> None:
     for c in clock.getDelayedCalls():
         if c.active():
             c.cancel()
+
+
+# -- DNS local data -------------------------------------------------------------------
+
+_localFiles: dict[str, Path] = {}
+
+
+def _wireName(name: str) -> bytes:
+    """C{name} as a client asks for it (wire labels); AssertionError if no client could."""
+    raw = name.encode("utf-8")
+    labels = raw.split(b".") if raw else []
+    assert all(0 < len(label) <= 63 for label in labels), ("a name no query can hold", name)
+    wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    assert len(wire) <= 255, ("a name no query can hold", name)
+    return wire
+
+
+def _ask(local: Any, name: str, qtype: int) -> Any:
+    """What the local data answers to a query for C{name}: the parsed message, or None (not local)."""
+    import struct
+
+    from twisted.names import dns
+
+    from netsvc.dns import wire
+
+    query = wire.parseQuery(struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + _wireName(name) + struct.pack("!HH", qtype, 1))
+    stored = local.lookup(query.key, 1000.0)
+    if stored is None:
+        return None
+    m = dns.Message()
+    m.fromStr(stored.render(query, 1000.0))
+    assert m.id == 7 and len(m.queries) == 1, m
+    return m
+
+
+@target
+def dns_local_data(data: bytes) -> None:
+    """
+    Local DNS data (records, a hosts file, a blocklist: sections split by a
+    C{--} line): a record is refused with a clear problem (one line) or it
+    answers its name and type; a hosts line's valid names answer their address;
+    a blocked domain and names under it are NXDOMAIN; never a traceback.
+    """
+    from twisted.names import dns
+
+    from netsvc.dns.local import TYPES, LocalData, normalName, ownerName, parseBlocklist, parseHosts
+    from netsvc.dns.service import Record
+
+    text = data.decode("utf-8", "replace")
+    sections = (text.split("\n--\n") + ["", ""])[:3]
+    if not _localFiles:
+        folder = Path(tempfile.mkdtemp(prefix="netsvc-fuzz-dns-"))
+        _localFiles.update(hosts=folder / "hosts", blocklist=folder / "blocked.txt")
+    _localFiles["hosts"].write_text(sections[1], encoding="utf-8", errors="surrogateescape")
+    _localFiles["blocklist"].write_text(sections[2], encoding="utf-8", errors="surrogateescape")
+    records = []
+    for line in sections[0].splitlines():
+        words = line.split(None, 2)
+        if len(words) < 3 or words[1].upper() not in TYPES:
+            continue  # (the configuration's schema refuses other types)
+        record = Record(name=words[0], type=words[1].upper(), value=words[2], ttl=300)
+        problems = record.check()
+        for key, message in problems:
+            assert key in ("name", "value") and message and "\n" not in message and "Traceback" not in message, \
+                (key, message)
+        if not problems:
+            records.append((record.name, record.type, record.value, record.ttl))
+    local = LocalData(records, [str(_localFiles["hosts"])], str(_localFiles["blocklist"]))
+    blocked = parseBlocklist(sections[2])
+    for name, rtype, _, _ in records:
+        owner = ownerName(name, rtype)
+        m = _ask(local, owner, TYPES[rtype])
+        assert m is not None, ("a record that does not answer", name, rtype)
+        if local.isBlocked(owner):
+            assert m.rCode == dns.ENAME, (name, m.rCode)
+        else:
+            assert m.rCode == dns.OK and any(rr.type == TYPES[rtype] for rr in m.answers), (name, rtype, m.answers)
+    for address, names in parseHosts(sections[1]):
+        qtype = dns.AAAA if ":" in address else dns.A
+        for name in names:
+            owner = normalName(name)
+            if not name.isascii() or any(not 0 < len(label) <= 63 for label in owner.split(".")) \
+                    or len(owner) > 253:
+                continue  # (skipped as a hosts file line)
+            m = _ask(local, owner, qtype)
+            assert m is not None, ("a hosts name that does not answer", name, address)
+            if not local.isBlocked(owner):
+                assert m.rCode == dns.OK and m.answers, (name, address, m.rCode)
+    for name in blocked:
+        if not name.isascii() or len(name) > 240 or any(not 0 < len(label) <= 63 for label in name.split(".")):
+            continue
+        for asked in (name, "www." + name):
+            m = _ask(local, asked, dns.A)
+            assert m is not None and m.rCode == dns.ENAME, ("a blocked name answered", asked)

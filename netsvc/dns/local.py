@@ -86,6 +86,10 @@ def _checkName(name: str) -> None:
     n = normalName(name)
     if not n:
         raise ValueError("empty name")
+    if not n.isascii():
+        # Queries carry names as bytes, internationalised ones in their ASCII form: this one would never match.
+        raise ValueError(f"not a valid domain name: {name!r} (write an internationalised name in its ASCII form, "
+                         "xn--...)")
     if len(n) > 253 or any(not 0 < len(label) <= 63 for label in n.split(".")):
         raise ValueError(f"not a valid domain name: {name!r}")
 

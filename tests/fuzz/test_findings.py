@@ -44,3 +44,24 @@ class RedisPayloadTextIsUnicode(unittest.TestCase):
         from fuzz.targets import TARGETS
 
         TARGETS["redis_payload"](b'\n{"o":"n","k":"message","x":"\\ud800","s":"a","r":"#dev","t":"","w":1}')
+
+
+class LocalDNSNamesAnswer(unittest.TestCase):
+    """dns_local_data: a record the configuration accepts answers its name."""
+
+    def test_nonASCIINameRefused(self):
+        """C{café.lab} was accepted and never answered: queries carry names as bytes (IDNs as xn--)."""
+        from netsvc.dns.service import Record
+
+        for record in (Record(name="caf\u00e9.lab", type="A", value="10.0.0.1"),
+                       Record(name="www.lab", type="CNAME", value="caf\u00e9.lab")):
+            problems = record.check()
+            self.assertEqual(len(problems), 1, problems)
+            self.assertIn("xn--", problems[0][1])
+        self.assertEqual(Record(name="xn--caf-dma.lab", type="A", value="10.0.0.1").check(), [])
+
+    def test_hostsNamesSkipped(self):
+        from fuzz.targets import TARGETS
+
+        TARGETS["dns_local_data"]("caf\u00e9.lab A 10.0.0.1\nok.lab A 10.0.0.2\n--\n"
+                                  "10.0.0.3 n\u00e9.lab ok3.lab\n".encode())

@@ -1159,3 +1159,115 @@ def dns_local_data(data: bytes) -> None:
         for asked in (name, "www." + name):
             m = _ask(local, asked, dns.A)
             assert m is not None and m.rCode == dns.ENAME, ("a blocked name answered", asked)
+
+
+_tree: dict[str, Any] = {}
+
+
+def _fileTree() -> Any:
+    """A FileTree over a small root: files, a folder, a hidden file, and symlinks pointing out of it."""
+    if not _tree:
+        import os
+
+        from netsvc.web.files import FileTree
+
+        base = Path(tempfile.mkdtemp(prefix="netsvc-fuzz-files-"))
+        root = base / "www"
+        (root / "sub" / "deeper").mkdir(parents=True)
+        (root / ".well-known").mkdir()
+        (base / "secret.txt").write_bytes(b"outside\n")
+        (root / "index.html").write_bytes(b"<h1>netsvc</h1>\n")
+        (root / "a.txt").write_bytes(b"hello\n" * 50)
+        (root / "empty.txt").write_bytes(b"")
+        (root / ".hidden").write_bytes(b"hidden\n")
+        (root / "sub" / "b.css").write_bytes(b"body {}\n")
+        (root / "sub" / "deeper" / "caf\u00e9 %.txt").write_bytes(b"x\n")
+        (root / ".well-known" / "security.txt").write_bytes(b"Contact: x\n")
+        os.symlink(base / "secret.txt", root / "escape.txt")
+        os.symlink(base, root / "up")
+        os.symlink("sub", root / "inside")
+        _tree.update(tree=FileTree(str(root), listing=True), root=os.path.realpath(root))
+    return _tree["tree"]
+
+
+@target
+def http_headers(data: bytes) -> None:
+    """
+    Request header values and paths for static files (lines: Range,
+    Accept-Encoding, If-None-Match, If-Modified-Since, a path): ranges lie inside
+    the file and coalesce to the same bytes; Accept-Encoding is read without regard
+    to case and an explicit refusal wins; an ETag listed matches; a date parsed
+    formats back to itself; a path resolves to a file under the root or to
+    nothing, and its canonical spelling resolves the same.
+    """
+    import os
+
+    from netsvc.web.files import FileEntry, Listing, Redirect
+    from netsvc.web.negotiate import (
+        MAX_RANGES,
+        Unsatisfiable,
+        acceptsGzip,
+        coalesce,
+        etagMatches,
+        httpDate,
+        parseHTTPDate,
+        parseRange,
+    )
+
+    fields = (data.split(b"\n") + [b""] * 5)[:5]
+    rangeHeader, encodings, inm, since, path = fields
+    for size in (0, 1, 300, 100000):
+        try:
+            ranges = parseRange(rangeHeader, size)
+        except Unsatisfiable:
+            continue
+        if ranges is None:
+            continue
+        assert 0 < len(ranges) <= MAX_RANGES, ranges
+        for a, b in ranges:
+            assert 0 <= a <= b < size, (rangeHeader, size, ranges)
+        merged = coalesce(ranges)
+        assert all(merged[i][1] + 1 < merged[i + 1][0] for i in range(len(merged) - 1)), merged
+        covered = {i for a, b in ranges for i in range(a, min(b, a + 1000) + 1)}
+        assert covered <= {i for a, b in merged for i in range(a, b + 1)}, (ranges, merged)
+
+    gzip = acceptsGzip(encodings)
+    assert gzip == acceptsGzip(encodings.swapcase()), encodings
+    assert not acceptsGzip(b"gzip;q=0, " + encodings), encodings
+    if encodings.strip():
+        assert acceptsGzip(b"gzip, " + encodings)
+
+    etag = b'"5f-1a2b"'
+    assert etagMatches(inm + b", " + etag, etag) and etagMatches(b"W/" + etag + b"," + inm, etag)
+    assert not etagMatches(b"W/" + etag, etag, weak=False) or inm.strip() == b"*"
+    if etagMatches(inm, etag, weak=False):
+        assert etagMatches(inm, etag), inm
+
+    seconds = parseHTTPDate(since)
+    if seconds is not None and 0 <= seconds < 253402300800:
+        assert parseHTTPDate(httpDate(seconds)) == seconds, (since, seconds)
+
+    tree = _fileTree()
+    root = _tree["root"]
+    canon = tree.canonical(path)
+    found = tree.lookup(path)
+    if canon is None:
+        assert found is None, (path, found)
+        return
+    key, segments, folder = canon
+    assert key.startswith(b"/") and tree.canonical(key) == canon, (path, canon, tree.canonical(key))
+    for seg in segments:
+        assert seg not in ("", ".", "..") and "/" not in seg and "\x00" not in seg, segments
+    joined = os.path.normpath(os.path.join(root, *segments))
+    assert joined == root or joined.startswith(root + os.sep), (path, joined)
+    if isinstance(found, FileEntry):
+        real = os.path.realpath(found.path)
+        assert real.startswith(root + os.sep), ("a file outside the root", path, real)
+    elif isinstance(found, Redirect):
+        assert found.location.startswith(b"/") and not found.location.startswith(b"//"), found.location
+        assert tree.canonical(found.location)[0] == found.location, found.location
+    else:
+        assert found is None or isinstance(found, Listing), found
+    again = tree.lookup(key)
+    assert type(again) is type(found) and getattr(again, "path", None) == getattr(found, "path", None), \
+        (path, key, found, again)

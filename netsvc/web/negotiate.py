@@ -44,7 +44,7 @@ def parseRange(header: bytes | None, size: int) -> list[tuple[int, int]] | None:
         try:
             if not first:  # suffix: the last N bytes
                 n = _digits(last)
-                if n == 0:
+                if n == 0 or size == 0:  # no byte to send (an empty file has no last byte)
                     continue
                 ranges.append((max(0, size - n), size - 1))
                 continue

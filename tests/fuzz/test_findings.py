@@ -65,3 +65,14 @@ class LocalDNSNamesAnswer(unittest.TestCase):
 
         TARGETS["dns_local_data"]("caf\u00e9.lab A 10.0.0.1\nok.lab A 10.0.0.2\n--\n"
                                   "10.0.0.3 n\u00e9.lab ok3.lab\n".encode())
+
+
+class EmptyFileRanges(unittest.TestCase):
+    """http_headers: a suffix range of an empty file was (0, -1): 206 with Content-Range 'bytes 0--1/0'."""
+
+    def test_suffixOfAnEmptyFile(self):
+        from netsvc.web.negotiate import Unsatisfiable, parseRange
+
+        self.assertRaises(Unsatisfiable, parseRange, b"bytes=-5", 0)
+        self.assertRaises(Unsatisfiable, parseRange, b"bytes=0-99,-5", 0)
+        self.assertEqual(parseRange(b"bytes=-5", 3), [(0, 2)])

@@ -295,11 +295,16 @@ if _H2Connection is not None:
             codes = h2.settings.SettingCodes
             self.conn.local_settings = h2.settings.Settings(
                 client=False,
-                initial_values={
-                    codes.MAX_CONCURRENT_STREAMS: MAX_H2_STREAMS,
-                    codes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
-                },
+                initial_values={codes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE},
             )
+
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            # The stream cap is announced here and enforced once the client acknowledges it (RFC 9113
+            # 6.5.3): in force from the first frame, it failed the whole connection of a client that
+            # opened more than 32 streams before it had seen our SETTINGS (curl, h2load, Go assume 100).
+            self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_H2_STREAMS})
+            self.transport.write(self.conn.data_to_send())
 
         def remainingOutboundWindow(self, streamID: int) -> int:
             """The flow-control window left as twisted.web counts it (the window less the bytes

@@ -185,3 +185,56 @@ def _unsentBytes(conn: Any) -> int:
     from tests.web.test_backpressure import _unsent
 
     return _unsent(conn)
+
+
+def _manyStreamsAtOnce(portNumber: int, cafile: str, streams: int, path: str) -> tuple[int, bool]:
+    """(In a thread.)  C{streams} requests in the first flight, before the server's SETTINGS are read
+    (what curl, h2load and Go do, assuming 100 streams); the complete responses, and whether the
+    connection was reset."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    for i in range(streams):
+        conn.send_headers(1 + 2 * i, _headers(path), end_stream=True)
+    done, reset = 0, False
+    with _h2Socket(portNumber, cafile) as s:
+        s.sendall(conn.data_to_send())
+        try:
+            while done < streams:
+                data = s.recv(65536)
+                if not data:
+                    break
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):
+                        done += 1
+                    elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                        reset = True
+                    elif isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                out = conn.data_to_send()
+                if out:
+                    s.sendall(out)
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+            reset = True
+    return done, reset
+
+
+class StreamCapTests(unittest.TestCase):
+    """
+    The server's stream cap (32) applies once the client has acknowledged it: a client that opens
+    more streams in its first flight (before it has seen the server's SETTINGS) gets every answer,
+    not a dropped connection.
+    """
+
+    @defer.inlineCallbacks
+    def test_firstFlightOverTheCap(self) -> Any:
+        import h2.settings  # noqa: F401 (used in the thread)
+
+        daemon = startWeb(self)
+        done, reset = yield threads.deferToThread(_manyStreamsAtOnce, webPort(daemon, TLS), self.cafile, 40, "/")
+        self.assertEqual((done, reset), (40, False))

@@ -106,10 +106,12 @@ def normalisePath(path: bytes) -> bytes:
         path = b"/" + path
     pieces: list[bytes] = []
     for segment in path.split(b"/")[1:]:
-        if b"%" not in segment and b"\\" not in segment:
+        if b"%" not in segment and b"\\" not in segment and b";" not in segment:
             pieces.append(segment)
             continue
         decoded = unquote_to_bytes(segment)
+        if decoded.split(b";", 1)[0] in (b".", b"..") and b";" in decoded:
+            raise PathEscapes(path)  # ..;x is .. to Tomcat, Jetty and Spring upstreams
         if decoded in (b".", b".."):
             pieces.append(decoded)
             continue
@@ -128,6 +130,11 @@ def normalisePath(path: bytes) -> bytes:
             out.append(piece)
     trailing = bool(out) and pieces[-1] in (b"", b".", b"..")
     return b"/" + b"/".join(out) + (b"/" if trailing else b"")
+
+
+#: Headers by which a proxy tells the upstream who the client is: kept only from trusted_proxies.
+_CLIENT_CLAIMS = frozenset([b"forwarded", b"x-real-ip", b"x-forwarded-host", b"x-forwarded-port",
+                            b"x-forwarded-proto", b"x-forwarded-for", b"x-client-ip", b"true-client-ip"])
 
 
 def _hopHeaders(headers: Headers) -> set[bytes]:
@@ -210,6 +217,8 @@ class ProxyResource(Resource):
     def forwardHeaders(self, request: server.Request) -> Headers:
         incoming = request.requestHeaders
         drop = _hopHeaders(incoming)
+        peer = getattr(request.getClientAddress(), "host", None)
+        trusted = self.trusts(peer)
         out = Headers()
         for name, values in incoming.getAllRawHeaders():
             lower = name.lower()
@@ -217,13 +226,16 @@ class ProxyResource(Resource):
                 lower in drop or lower.startswith(b":") or lower == b"content-length"
             ):  # the Agent frames the body
                 continue
+            if b"_" in lower or (not trusted and lower in _CLIENT_CLAIMS):
+                # what only a proxy may say about the client, from someone else; and names with an
+                # underscore, which CGI/WSGI upstreams read as their dash spelling (nginx drops them)
+                continue
             if lower == b"host" and not self.preserveHost:
                 continue
             out.setRawHeaders(name, list(values))
         host = request.getHeader(b"host")
-        peer = getattr(request.getClientAddress(), "host", None)
         client = (peer or "unix").encode()
-        prior = incoming.getRawHeaders(b"x-forwarded-for") if self.trusts(peer) else None
+        prior = incoming.getRawHeaders(b"x-forwarded-for") if trusted else None
         out.setRawHeaders(b"X-Forwarded-For", [b", ".join(list(prior or []) + [client])])
         out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"])
         if host is not None:

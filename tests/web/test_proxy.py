@@ -210,6 +210,7 @@ class Recorder(resource.Resource):
     def render(self, request):
         self.seen.append(request.uri)
         self.seenForwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        self.seenHeaders = {k.decode().lower(): v for k, v in request.requestHeaders.getAllRawHeaders()}
         return b"upstream saw " + request.uri
 
 
@@ -257,6 +258,10 @@ class MountEscapeTests(unittest.TestCase):
             "/api/../../../etc/passwd",
             "/keep/../admin/",
             "/keep/%2e%2e/admin/",
+            "/api/..;/admin/",  # Tomcat, Jetty and Spring read ..;x as ..
+            "/api/..;jsessionid=1/admin/",
+            "/api/%2e%2e;/admin/",
+            "/api/x/.;/../../admin/",
         ]
         for path in spellings:
             r = yield self.send(path)
@@ -288,7 +293,7 @@ class ForwardedForTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def proxied(self, trusted, sent):
+    def proxied(self, trusted, sent, headers=None):
         from twisted.web.client import HTTPConnectionPool
 
         from netsvc.web.proxy import ProxyResource
@@ -306,9 +311,10 @@ class ForwardedForTests(unittest.TestCase):
         site.noisy = False
         front = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(front.stopListening)
-        headers = {"X-Forwarded-For": sent} if sent else {}
+        headers = dict(headers or {}, **({"X-Forwarded-For": sent} if sent else {}))
         data = yield exchange(front.getHost().port, req("GET", "/x", headers, close=True), tls=False)
         self.assertEqual(parseResponses(data, ["GET"])[0].status, 200)
+        self.recorded = recorder.seenHeaders
         return recorder.seenForwarded
 
     @defer.inlineCallbacks
@@ -316,6 +322,22 @@ class ForwardedForTests(unittest.TestCase):
         for trusted in ([], ["10.0.0.0/8", "::1/128"]):
             seen = yield self.proxied(trusted, "6.6.6.6")
             self.assertEqual(seen, [b"127.0.0.1"], trusted)
+
+    @defer.inlineCallbacks
+    def test_otherClaimsDroppedFromUntrustedPeers(self):
+        """Forwarded, X-Real-IP, X-Forwarded-Host... and names with underscores (X_Forwarded_For, which
+        CGI/WSGI upstreams read as X-Forwarded-For) are dropped unless the peer is a trusted proxy."""
+        claims = {"Forwarded": "for=6.6.6.6", "X-Real-IP": "6.6.6.6", "X-Forwarded-Host": "evil.example",
+                  "X_Forwarded_For": "6.6.6.6", "X-Kept": "yes"}
+        seen = yield self.proxied([], None, headers=claims)
+        self.assertEqual(seen, [b"127.0.0.1"])
+        self.assertEqual(sorted(k for k in self.recorded if k in {k2.lower() for k2 in claims}),
+                         ["x-forwarded-host", "x-kept"])
+        self.assertNotIn(b"evil.example", self.recorded["x-forwarded-host"])  # ours, from Host
+        seen = yield self.proxied(["127.0.0.0/8"], None, headers=claims)
+        self.assertIn("forwarded", self.recorded)
+        self.assertIn("x-real-ip", self.recorded)
+        self.assertNotIn("x_forwarded_for", self.recorded)
 
     @defer.inlineCallbacks
     def test_trustedAppended(self):

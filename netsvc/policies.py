@@ -547,7 +547,8 @@ class GuardedProtocol(Protocol):
             self.transport.loseConnection()
         # A client that does not read never lets a polite close finish (the unsent output, or TLS's
         # close_notify, waits for it; a registered producer is resumed instead of closed): abort it.
-        self._idleCall = self.guard.clock.callLater(self.guard.abortGrace, self._abortIdle)
+        if self in self.guard.connections:  # (not when timedOut() already closed it for good)
+            self._idleCall = self.guard.clock.callLater(self.guard.abortGrace, self._abortIdle)
 
     def _abortIdle(self) -> None:
         self._idleCall = None

@@ -229,6 +229,18 @@ class GuardTests(unittest.TestCase):
         self.assertEqual(transport.value(), b"bye\n")
         self.assertTrue(transport.disconnecting)
 
+    def test_noAbortTimerWhenTimedOutClosedAtOnce(self):
+        """timedOut() that closed the connection there and then leaves no abort timer behind."""
+        class Abrupt(Recorder):
+            def timedOut(self):
+                self.transport.abortConnection()
+                guarded.connectionLost(None)  # what a real transport reports at once
+
+        factory = self.guard(idle_timeout=1).wrap(Factory.forProtocol(Abrupt))
+        guarded, transport = self.connect(factory)
+        self.clock.advance(1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_idleTimerCancelledOnClose(self):
         factory = self.guard(idle_timeout=10).wrap(Factory.forProtocol(Recorder))
         proto, _ = self.connect(factory)

@@ -459,6 +459,9 @@ class DNSStreamProtocol(Protocol, _Answering):
         if not self.closed:
             self.closed = True
             self.transport.unregisterProducer()
+            if self.readingPaused:  # TLS must read the peer's close_notify to finish closing
+                self.readingPaused = False
+                self.transport.resumeProducing()
         self._buffer = b""
         self.transport.loseConnection()
 

@@ -446,6 +446,15 @@ class StreamBackPressureTests(Setup, unittest.TestCase):
         self.assertIsNone(self.stream.producer)  # unregistered, or TLS would never close
         self.assertEqual(self.guard.metrics.limit("max_message").value, 1)
 
+    def test_closeWhilePausedReadsAgain(self) -> None:
+        """A connection closed while its reading was paused reads again: TLS must read the peer's
+        close_notify to finish closing (else it lingers until the idle timeout)."""
+        self.proto.pauseProducing()
+        self.assertEqual(self.stream.producerState, "paused")
+        self.proto.timedOut()
+        self.assertTrue(self.stream.disconnecting)
+        self.assertEqual(self.stream.producerState, "producing")
+
     def test_idleCloseUnregistersTheProducer(self) -> None:
         self.assertIs(self.stream.producer, self.proto)
         self.proto.timedOut()

@@ -156,6 +156,10 @@ class LDAPServerFactory(Factory):
         return sum(state.weight for p in self.protocols for state in p.paged.values())
 
 
+#: Pipelined requests one connection has handled in one reactor turn before the rest waits.
+TURN_BUDGET = 64
+
+
 class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
     def __init__(self, factory: LDAPServerFactory) -> None:
         self.factory = factory
@@ -173,6 +177,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         self._outSize = 0
         self.streaming = None  # a search whose entries wait for the client to read (netsvc.ldap.searching)
         self.host = "?"
+        self._turnCall: Any = None  # this reactor turn's share of pipelined requests is spent
 
     def connectionMade(self) -> None:
         self.host = peerHost(self.transport.getPeer())
@@ -197,7 +202,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
 
     def resumeProducing(self) -> None:
         self.writesPaused = False
-        if not self.waiting and not self.closing:
+        if not self.waiting and not self.closing and self._turnCall is None:
             self.transport.resumeProducing()
             self.dataReceived(b"")
 
@@ -213,10 +218,20 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         buf += data
         out = self._out = []
         self._outSize = 0
+        handled = 0
         try:
             if self.streaming is not None and not self.writesPaused:
                 self._resumeSearch()
             while buf and not self.waiting and not self.closing and not self.writesPaused and self.streaming is None:
+                if handled >= TURN_BUDGET and self._turnCall is None:
+                    # This turn's share: the rest waits for the next turn, reading paused (a read of
+                    # ~1,300 pipelined searches answered at once kept every other client waiting).
+                    self.transport.pauseProducing()
+                    self._turnCall = self.factory.clock.callLater(0, self._nextTurn)
+                    break
+                if self._turnCall is not None:
+                    break
+                handled += 1
                 try:
                     head = codec.frame(buf)
                 except BERError as e:
@@ -240,6 +255,12 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
             self._out = None
             if out:
                 self.transport.write(b"".join(out))
+
+    def _nextTurn(self) -> None:
+        self._turnCall = None
+        if not self.waiting and not self.closing and not self.writesPaused:
+            self.transport.resumeProducing()
+            self.dataReceived(b"")
 
     def _resumeSearch(self) -> None:
         """Write more of the search that waited for the client to read (see L{SearchOperations.pumpSearch})."""
@@ -401,7 +422,7 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         """The check is done: the requests that waited are handled now."""
         if self.waiting:
             self.waiting = False
-            if not self.closing and not self.writesPaused:
+            if not self.closing and not self.writesPaused and self._turnCall is None:
                 self.transport.resumeProducing()
                 self.dataReceived(b"")
 
@@ -500,6 +521,9 @@ class LDAPServerProtocol(SearchOperations, PasswordOperations, Protocol):
         if self._abortCall is not None and self._abortCall.active():
             self._abortCall.cancel()
         self._abortCall = None
+        if self._turnCall is not None and self._turnCall.active():
+            self._turnCall.cancel()
+        self._turnCall = None
         self.closing = True
         self.streaming = None
         self.paged.clear()

@@ -358,6 +358,9 @@ class BackPressureTests(unittest.TestCase):
 
     def test_bigBatchesAreWrittenAsTheyGrow(self):
         """Answers to many pipelined requests reach the transport in chunks, so it can push back."""
+        from netsvc.ldap import server
+
+        self.patch(server, "TURN_BUDGET", 10**6)  # all in one turn: chunked within the turn
         client = Client(makeFactory())
         writes = []
         write = client.transport.write
@@ -394,3 +397,28 @@ class ClosingTests(unittest.TestCase):
         client = Client(makeFactory())
         out = client.send(search(1, USERS, "(uid=bob)") + msg(pureldap.LDAPUnbindRequest(), 2) + search(3, USERS))
         self.assertEqual([r.id for r in out], [1, 1])
+
+
+class TurnBudgetTests(unittest.TestCase):
+    """
+    One read holding many pipelined requests: TURN_BUDGET are handled in that reactor turn, reading
+    paused; the rest in the next turns, in order.  (A read of ~1,300 pipelined searches handled at
+    once kept every client of every service waiting ~0.5 s.)
+    """
+
+    def test_pipelineHandledOverSeveralTurns(self):
+        from netsvc.ldap.server import TURN_BUDGET
+
+        factory = makeFactory()
+        client = Client(factory)
+        count = 2 * TURN_BUDGET + 7
+        first = client.send(b"".join(search(i, scope=0) for i in range(1, count + 1)))
+        done = [r.id for r in first if isinstance(r.value, pureldap.LDAPSearchResultDone)]
+        self.assertEqual(done, list(range(1, TURN_BUDGET + 1)))
+        self.assertEqual(client.transport.producerState, "paused")
+        client.transport.clear()
+        for _ in range(5):
+            factory.clock.advance(0)
+        rest = [r.id for r in decodeAll(client.transport.value()) if isinstance(r.value, pureldap.LDAPSearchResultDone)]
+        self.assertEqual(rest, list(range(TURN_BUDGET + 1, count + 1)))
+        self.assertEqual(client.transport.producerState, "producing")

@@ -9,13 +9,19 @@ context)}; the L{Context} gives them what they share.
 Lifecycle:
   - privilegedStartService: every listener binds; a failure (port in use, ...)
     raises L{StartupError} naming the config key, and nothing keeps running.
-  - then the bound addresses are logged and written to C{state_dir/status.json}.
-  - with C{twistd --uid/--gid} (run as root to bind low ports), L{handOver}
-    gives the run user what netsvc writes, before twistd drops root: state_dir
-    (and an SMTP queue folder outside it) chowned, the folders of log files and
-    a writable LDAP file checked; what cannot be handed over stops the start
-    with one line naming the folder.  A daemon that keeps running as root with
-    network listeners says so (L{warnIfRoot}).
+  - then the bound addresses are logged and written to C{state_dir/status.json}
+    (with C{--uid}: in startService, after twistd has dropped root).
+  - with C{twistd --uid/--gid} (run as root to bind low ports), root never
+    writes in a folder the run user can write (Postfix's discipline): when the
+    daemon is built, L{claimFolders} takes state_dir (and an SMTP queue folder
+    outside it): one that exists must be the run user's, and what netsvc writes
+    there as root (the generated certificate, the queue folders) is written as
+    that user (L{asRunUser}); one that is missing is made by root and is root's
+    alone until L{handOver}, before the drop, gives it and what root made in it
+    to the user (L{_chownTree}: bottom-up, by descriptor, never through a link).
+    The folders of log files and a writable LDAP file are checked; what cannot
+    be handed over stops the start with one line naming the folder.  A daemon
+    that keeps running as root with network listeners says so (L{warnIfRoot}).
   - SIGHUP: the shared certificate (and services that support it) reload.
   - stopService: all listeners close at once, then each service's open
     connections get C{drain_timeout} to finish before they are closed.
@@ -23,6 +29,8 @@ Lifecycle:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import grp
 import json
 import os
@@ -30,7 +38,7 @@ import pwd
 import signal
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,7 @@ from netsvc.metrics import Registry, ServiceMetrics
 from netsvc.policies import AccessList, Guard
 from netsvc.registry import serviceModule
 from netsvc.tls import CertificateError, ServerCertificate
+from netsvc.tls.certificates import writeAtomically
 
 log = Logger()
 
@@ -66,7 +75,8 @@ class Context:
 
     def __init__(self, settings: Settings, reactor: Any = None, configFile: str = "",
                  registry: Registry | None = None,
-                 reloadSettings: Callable[[], Settings] | None = None) -> None:
+                 reloadSettings: Callable[[], Settings] | None = None,
+                 runAs: tuple[int, int] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.reactor = reactor
@@ -78,6 +88,13 @@ class Context:
         self.stateDir = settings.stateDir
         #: Whether state_dir was there before this process (else everything in it is ours).
         self.stateDirExisted = Path(self.stateDir).exists()
+        #: (uid, gid) twistd switches to after binding (--uid/--gid, started as root); None: no switch.
+        self.runAs = runAs
+        #: Folders root made in this run (L{claimFolders}), with their (st_dev, st_ino): only these are walked
+        #: and chowned by L{handOver}; until then they are root's and nobody else can write in them.
+        self.madeThisRun: dict[Path, tuple[int, int]] = {}
+        #: The folders netsvc owns (state_dir, an SMTP queue outside it), once L{claimFolders} has checked them.
+        self.claimed: list[Path] | None = None
         self._certificate: ServerCertificate | None = None
         self.reloaders: list[Callable[[], None]] = []
         #: The L{Daemon} being built (its status(), its services), once it exists.
@@ -89,13 +106,30 @@ class Context:
     def certificate(self) -> ServerCertificate:
         """The shared server certificate (generated under state_dir with C{cert: auto})."""
         if self._certificate is None:
+            generated = self.settings.tls.cert == "auto"  # written under state_dir: as the run user
             try:
-                self._certificate = ServerCertificate.fromSettings(
-                    self.settings.tls, self.stateDir, resolve=self.settings.path)
+                with self.writing() if generated else contextlib.nullcontext():
+                    self._certificate = ServerCertificate.fromSettings(
+                        self.settings.tls, self.stateDir, resolve=self.settings.path)
             except (CertificateError, OSError) as e:
                 raise StartupError([Problem(self.configFile, "tls.cert", str(e))]) from None
             self.reloaders.append(self._reloadCertificate)
         return self._certificate
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """
+        Around what netsvc writes in state_dir while it is still root (before
+        twistd drops root for C{--uid}): as the run user (L{asRunUser}), so that
+        the kernel applies that user's permissions -- a symbolic link planted in
+        a folder the user owns is then no way into root's files.  Nothing to do
+        without C{--uid}, once root is dropped, and while state_dir is one root
+        made in this run (root's alone until L{handOver} gives it away).
+        """
+        if self.runAs is None or os.geteuid() != 0:
+            return contextlib.nullcontext()
+        if _within(Path(self.stateDir).resolve(), list(self.madeThisRun)):
+            return contextlib.nullcontext()
+        return asRunUser(*self.runAs)
 
     def _reloadCertificate(self) -> None:
         assert self._certificate is not None
@@ -280,13 +314,16 @@ class Daemon(service.MultiService):
 
         if current() is None:  # workers: the parent says it, once
             logSecurityWarnings(self.context)
-        if self.writesStatus:
+        if self.writesStatus and self.runAs is None:
             self.writeStatus()
-            if self.runAs is not None:  # replaced and removed later by the run user
-                os.chown(self.statusPath, *self.runAs)
 
     def startService(self) -> None:
         super().startService()
+        if self.writesStatus and self.runAs is not None:
+            # twistd has dropped root by now (privilegedStartService, the switch, then this): the run user
+            # writes it, in its own folder; root never writes a file where that user could plant a link
+            with self.context.writing():
+                self.writeStatus()
         warnIfRoot([l.address for l in self.listeners if l.port is not None])
         if hasattr(signal, "SIGHUP"):
             try:
@@ -399,9 +436,7 @@ class Daemon(service.MultiService):
         """Write status.json atomically (tests and scripts read the bound ports from it)."""
         path = self.statusPath
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=2) + "\n")
-        os.replace(tmp, path)
+        writeAtomically(path, (json.dumps(self.status(), indent=2) + "\n").encode(), fsync=False)
 
     def _removeStatus(self, result: Any) -> Any:
         try:
@@ -413,16 +448,22 @@ class Daemon(service.MultiService):
 
 def buildDaemon(settings: Settings, reactor: Any = None, configFile: str = "",
                 registry: Registry | None = None,
-                reloadSettings: Callable[[], Settings] | None = None) -> Daemon:
+                reloadSettings: Callable[[], Settings] | None = None,
+                runAs: tuple[int, int] | None = None) -> Daemon:
     """
     Build (not start) the daemon for C{settings}: every enabled service, and the
     C{metrics:} listener if configured.  C{reloadSettings}, if given, is called
-    on SIGHUP for the new settings (see L{Daemon.reload}).
+    on SIGHUP for the new settings (see L{Daemon.reload}).  C{runAs}: the
+    (uid, gid) twistd will switch to (L{runAsFromTwistd}); the folders netsvc
+    owns are claimed for that user first (L{claimFolders}).
 
     @raise StartupError: a service cannot be built (e.g. an unreadable certificate).
     """
-    context = Context(settings, reactor, configFile, registry, reloadSettings)
+    context = Context(settings, reactor, configFile, registry, reloadSettings, runAs)
     daemon = Daemon(context)
+    daemon.runAs = runAs
+    if runAs is not None:  # before any service writes in state_dir
+        claimFolders(context)
     context.daemon = daemon  # for services that report on the whole process (status pages)
     for name, svcSettings in settings.services.items():
         if not svcSettings.enabled:
@@ -499,26 +540,93 @@ def _reachable(path: Path, uid: int, groups: set[int]) -> bool:
     return True
 
 
-def _chownTree(top: Path, uid: int, gid: int) -> None:
+@contextlib.contextmanager
+def asRunUser(uid: int, gid: int) -> Iterator[None]:
     """
-    Give C{top} and everything below it that root made to C{uid}:C{gid}.  Never
-    follows a symbolic link, and leaves alone what belongs to anyone else or a
-    file with more than one link (a hard link planted to a file elsewhere).
+    Root acting as C{uid}:C{gid} for a while (effective ids and supplementary
+    groups, as twistd's switch will set them), then root again: what is written
+    meanwhile is checked by the kernel against that user's permissions, and
+    belongs to it.  Nothing changes when this process is not root.
     """
+    if os.geteuid() != 0:
+        yield
+        return
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups(sorted(_who(uid, gid)[2]))
+    try:
+        os.setegid(gid)
+        try:
+            os.seteuid(uid)
+            try:
+                yield
+            finally:
+                os.seteuid(0)
+        finally:
+            os.setegid(egid)
+    finally:
+        os.setgroups(groups)
 
-    def give(path: str) -> None:
-        st = os.lstat(path)
+
+#: Opening a folder to walk it: never through a symbolic link.
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: Deeper than this, a tree netsvc made is not one (nothing below is given away).
+_MAX_DEPTH = 32
+
+
+def _chownTree(top: Path, uid: int, gid: int, identity: tuple[int, int] | None = None) -> None:
+    """
+    Give C{top} and everything below it that root made to C{uid}:C{gid},
+    bottom-up: the entries of each folder before the folder, C{top} last, so
+    that no folder is the user's while root still works in it.  Folders are
+    opened without following links (C{top} too) and entries are reached
+    relative to their folder's descriptor, never by path; symbolic links,
+    files with more than one link (a hard link planted to a file elsewhere) and
+    anything that belongs to someone other than root or the user are left alone.
+
+    @param identity: C{(st_dev, st_ino)} of C{top} when root made it; a C{top}
+        that is another folder now (swapped) is refused (L{OSError}).
+    """
+    fd = os.open(top, _FOLDER)
+    try:
+        st = os.fstat(fd)
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise OSError(errno.ESTALE, "it was replaced while netsvc started")
+        _chownBelow(fd, uid, gid, 0)
+        if st.st_uid in (0, uid) and (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def _chownBelow(folder: int, uid: int, gid: int, depth: int) -> None:
+    """The entries of the open folder C{folder}, for L{_chownTree}."""
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries]
+    for name in names:
+        try:
+            st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except OSError:
+            continue
         if stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, uid):
-            return
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-            return
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.chown(path, uid, gid, follow_symlinks=False)
-
-    give(str(top))
-    for folder, dirs, files in os.walk(top, followlinks=False):
-        for name in dirs + files:
-            give(os.path.join(folder, name))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if depth >= _MAX_DEPTH:
+                continue
+            try:
+                sub = os.open(name, _FOLDER, dir_fd=folder)
+            except OSError:  # gone, or no longer a folder
+                continue
+            try:
+                now = os.fstat(sub)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                _chownBelow(sub, uid, gid, depth + 1)
+                if (now.st_uid, now.st_gid) != (uid, gid):
+                    os.fchown(sub, uid, gid)
+            finally:
+                os.close(sub)
+        elif st.st_nlink == 1 and (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(name, uid, gid, dir_fd=folder, follow_symlinks=False)
 
 
 def _places(context: Context) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], list[tuple[str, Path]]]:
@@ -561,31 +669,42 @@ def _within(path: Path, folders: list[Path]) -> bool:
     return any(path == f or f in path.parents for f in folders)
 
 
-def handOver(context: Context, uid: int, gid: int) -> None:
+def claimFolders(context: Context) -> None:
     """
-    Before twistd drops root for C{uid}:C{gid}: make what netsvc writes the run
-    user's.  state_dir (and an SMTP queue folder outside it) and what root made
-    in it are chowned -- when netsvc made state_dir in this run or it already
-    belongs to the run user; a state_dir of anyone else stops the start.  The
-    folders of log files and of a writable LDAP file must be writable by the run
-    user (a log file root just made there is given to it).  TLS keys read again
-    on SIGHUP that the run user cannot read are warned about.
+    Before anything is written in them, with C{--uid} (C{context.runAs}): the
+    folders that are netsvc's own (state_dir, an SMTP queue folder outside it).
+    One that is missing is made now by root, and stays root's (nobody else can
+    write in it) until L{handOver} gives it and what root made in it to the run
+    user; one that exists must belong to the run user, and what netsvc writes in
+    it is written as that user (L{Context.writing}).  Done once.
 
-    @raise StartupError: one line per folder that cannot be handed over, naming it.
+    @raise StartupError: one line per folder that belongs to someone else, or
+        that the run user cannot reach, naming it.
     """
+    if context.claimed is not None:
+        return
+    assert context.runAs is not None
+    uid, gid = context.runAs
     user, group, groups = _who(uid, gid)
-    own, written, keys = _places(context)
+    own, _, _ = _places(context)
     problems: list[Problem] = []
-    owned: list[Path] = []
+    claimed: list[Path] = []
     for key, folder in own:
         folder = folder.resolve()
-        if _within(folder, owned):
+        if _within(folder, claimed):
             continue
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            st = os.stat(folder)
-            ours = folder == Path(context.stateDir).resolve() and not context.stateDirExisted
-            if st.st_uid != uid and not ours and not (key != "state_dir" and _within(folder, owned)):
+            made = False
+            if not os.path.lexists(folder):
+                try:
+                    folder.mkdir(parents=True)
+                    made = True
+                except FileExistsError:  # made meanwhile: it is not ours
+                    pass
+            st = os.lstat(folder)
+            if made:
+                context.madeThisRun[folder] = (st.st_dev, st.st_ino)
+            elif st.st_uid != uid or not stat.S_ISDIR(st.st_mode):
                 owner = _userName(st.st_uid)
                 problems.append(Problem(context.configFile, key,
                     f"{folder} belongs to {owner}, not to {user} (--uid): netsvc running as {user} could not "
@@ -595,10 +714,67 @@ def handOver(context: Context, uid: int, gid: int) -> None:
                 problems.append(Problem(context.configFile, key,
                     f"{folder} cannot be reached by {user} (--uid): a folder above it is closed to that user"))
                 continue
-            _chownTree(folder, uid, gid)
-            owned.append(folder)
+            claimed.append(folder)
         except OSError as e:
             problems.append(Problem(context.configFile, key, f"cannot give {folder} to {user}: {e.strerror}"))
+    if problems:
+        raise StartupError(problems)
+    context.claimed = claimed
+    _prepareStore(context, user)
+
+
+def _prepareStore(context: Context, user: str) -> None:
+    """
+    The SMTP queue (or capture) folders in a folder of the run user's: made now,
+    as that user, so that the SMTP service (built by root) finds them there and
+    makes nothing in a tree the user can write.
+    """
+    smtp = context.settings.services.get("smtp")
+    if smtp is None or not getattr(smtp, "enabled", True):
+        return
+    capture = getattr(getattr(smtp, "relay", None), "mode", None) == "capture"
+    key = "state_dir" if capture else "services.smtp.queue.dir"
+    folder = (Path(context.stateDir) / ("captured" if capture else smtp.queue.dir)).resolve()
+    if _within(folder, list(context.madeThisRun)):
+        return  # root's until handOver
+    from netsvc.smtp.queue import Queue
+
+    try:
+        with asRunUser(*context.runAs):  # type: ignore[misc]
+            Queue(folder, reactor=context.reactor)
+    except OSError as e:
+        raise StartupError([Problem(context.configFile, key,
+                                    f"{user} (--uid) cannot make the folders of {folder}: {e.strerror}")]) from None
+
+
+def handOver(context: Context, uid: int, gid: int) -> None:
+    """
+    Before twistd drops root for C{uid}:C{gid}: make what netsvc writes the run
+    user's.  The folders netsvc owns are claimed (L{claimFolders}, normally done
+    when the daemon is built); the ones root made in this run are given to the
+    user with what root made in them (L{_chownTree}); one that already belonged
+    to the user is left as it is (what netsvc wrote there was written as the
+    user).  The folders of log files and of a writable LDAP file must be
+    writable by the run user.  TLS keys read again on SIGHUP that the run user
+    cannot read are warned about.
+
+    @raise StartupError: one line per folder that cannot be handed over, naming it.
+    """
+    if context.runAs is None:
+        context.runAs = (uid, gid)
+    claimFolders(context)
+    user, group, groups = _who(uid, gid)
+    _, written, keys = _places(context)
+    problems: list[Problem] = []
+    owned = list(context.claimed or [])
+    for folder, identity in list(context.madeThisRun.items()):
+        try:
+            _chownTree(folder, uid, gid, identity)
+        except OSError as e:
+            problems.append(Problem(context.configFile, "state_dir",
+                                    f"cannot give {folder} to {user}: {e.strerror}"))
+        else:
+            del context.madeThisRun[folder]  # the user's now: later writes as the user
     for key, folder in written:
         folder = folder.resolve()
         if _within(folder, owned):

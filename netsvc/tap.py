@@ -159,16 +159,16 @@ def makeService(options: Options) -> Any:
     """
     if not getattr(sys.excepthook, "netsvc", False):
         sys.excepthook = _oneLineErrors(sys.excepthook)
-    from netsvc.runtime import buildDaemon
+    from netsvc.runtime import buildDaemon, runAsFromTwistd
 
     settings = settingsFromOptions(options)
+    # --uid/--gid: state_dir is claimed for that user before anything is written in it, and what root
+    # writes there before the drop is written as that user (netsvc.runtime.claimFolders, handOver)
+    runAs = runAsFromTwistd(options)
     daemon = buildDaemon(settings, configFile=options["config"] or "command line",
-                         reloadSettings=lambda: settingsFromOptions(options))
+                         reloadSettings=lambda: settingsFromOptions(options), runAs=runAs)
     daemon.logObserver = logs.observerFor(settings.log, _twistdStream(options, settings))
     daemon.startupErrorFD = _daemonizedStartupErrors(options)
-    from netsvc.runtime import runAsFromTwistd
-
-    daemon.runAs = runAsFromTwistd(options)  # --uid/--gid: what netsvc writes is handed over before the drop
     from netsvc.workers.supervisor import forWorkers
 
     return forWorkers(daemon, settings, options)  # the daemon itself unless workers: N > 1

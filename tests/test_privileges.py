@@ -21,10 +21,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.trial import unittest
 
-from netsvc.runtime import _chownTree
+from netsvc.runtime import _chownTree, asRunUser
 from tests.interop._daemon import IO_TIMEOUT, REPO, runToCompletion, startNetsvc, startTwistd, twistdCommand
 
 UNIT = REPO / "etc" / "netsvc.service"
@@ -185,6 +186,110 @@ class UnprivilegedTests(unittest.TestCase):
         self.assertNotIn("Permission denied", daemon.output())
 
 
+def _nobody() -> tuple[int, int]:
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _victim(base: Path, name: str) -> Path:
+    """A file of root's outside state_dir, that a planted link points at."""
+    victim = base / name
+    victim.write_text("root's, untouched\n")
+    os.chmod(victim, 0o644)
+    return victim
+
+
+def _usersStateDir(base: Path, *folders: str) -> Path:
+    """state_dir (and C{folders} in it) as a first C{--uid nobody} run leaves it: nobody's."""
+    state = base / "state"
+    for folder in ("", *folders):
+        (state / folder).mkdir(parents=True, exist_ok=True)
+        os.chown(state / folder, *_nobody())
+    return state
+
+
+class RootNeverWritesForTheUserTests(unittest.TestCase):
+    """
+    Started as root with --uid, netsvc never writes (as root) in a folder the run user can write, and
+    never walks it: a link the user planted there is no way into root's files.  Before: root wrote
+    status.json.tmp and the generated TLS files through planted links and chowned status.json (through
+    the link) to the user -- e.g. /etc/passwd overwritten and given to nobody -- and chowned whatever
+    was root's in a state_dir of the user's.
+    """
+
+    def startAsNobody(self, base: Path, services: str) -> Any:
+        config = base / "netsvc.yaml"
+        config.write_text("state_dir: state\nservices:\n" + services)
+        return startTwistd(self, ["--uid", "nobody", "--gid", "nogroup", "netsvc", "--config", str(config)],
+                           base / "state")
+
+    def assertUntouched(self, victim: Path) -> None:
+        self.assertEqual(victim.read_text(), "root's, untouched\n")
+        self.assertEqual(_owner(victim), "root")
+
+    def test_statusLinkNotFollowed(self):
+        """(a) state_dir/status.json.tmp -> a file of root's: left alone; status.json written by nobody."""
+        _needRoot()
+        base = _base(self)
+        state = _usersStateDir(base)
+        victim = _victim(base, "passwd")
+        (state / "status.json.tmp").symlink_to(victim)
+        daemon = self.startAsNobody(base, "  echo:\n    listen: ['tcp:0:interface=127.0.0.1']\n")
+        self.assertUntouched(victim)
+        status = state / "status.json"
+        self.assertFalse(status.is_symlink(), daemon.output())
+        self.assertEqual(_owner(status), "nobody")
+        self.assertEqual(json.loads(status.read_text())["pid"], daemon.process.pid)
+
+    def test_certificateLinksNotFollowed(self):
+        """(b) The generated key and certificate are written by nobody; links planted at their names: not followed."""
+        _needRoot()
+        base = _base(self)
+        state = _usersStateDir(base, "tls")
+        victims = {}
+        for name in ("selfsigned.key", "selfsigned.pem"):
+            victims[name] = _victim(base, name + "-victim")
+            (state / "tls" / (name + ".tmp")).symlink_to(victims[name])
+        daemon = self.startAsNobody(base, "  web:\n    listen: ['tls:0:interface=127.0.0.1']\n")
+        for name, victim in victims.items():
+            self.assertUntouched(victim)
+            made = state / "tls" / name
+            self.assertFalse(made.is_symlink(), daemon.output())
+            self.assertEqual(_owner(made), "nobody", daemon.output())
+        self.assertEqual(os.stat(state / "tls" / "selfsigned.key").st_mode & 0o777, 0o600)
+
+    def test_usersStateDirNotWalked(self):
+        """(c) A state_dir of nobody's is not walked: what is root's there (or behind a link) stays root's."""
+        _needRoot()
+        base = _base(self)
+        state = _usersStateDir(base, "sub")
+        victim = _victim(base, "shadow")
+        (state / "escape").symlink_to(victim)
+        (state / "sub" / "escape").symlink_to(base)
+        rootsFile = _victim(state / "sub", "roots")  # as a folder swapped in during a walk would show it
+        self.startAsNobody(base, "  echo:\n    listen: ['tcp:0:interface=127.0.0.1']\n")
+        self.assertUntouched(victim)
+        self.assertUntouched(rootsFile)
+        self.assertEqual(_owner(base), "root")
+
+    def test_queueOutsideStateDir(self):
+        """(d) An SMTP queue folder outside state_dir that netsvc makes in this run is handed over too."""
+        _needRoot()
+        base = _base(self)
+        port = _lowPort()
+        spool = base / "spool" / "netsvc"
+        daemon = self.startAsNobody(
+            base, f"  smtp:\n    listen: ['tcp:{port}:interface=127.0.0.1']\n"
+                  f"    relay: {{smarthost: 'tcp:127.0.0.1:1', starttls: none}}\n"
+                  f"    queue: {{dir: '{spool}'}}\n")
+        code, reply = _send(port)
+        self.assertEqual(code, 250, (reply, daemon.output()))
+        queued = list((spool / "env").glob("*.json"))
+        self.assertEqual(len(queued), 1, daemon.output())
+        self.assertEqual([_owner(p) for p in (spool, spool / "env", queued[0])], ["nobody"] * 3)
+        self.assertEqual(_owner(base / "spool"), "root")
+
+
 class WarnAsRootTests(unittest.TestCase):
     def test_rootWithNetworkListenersWarns(self):
         _needRoot()
@@ -213,6 +318,72 @@ class ChownTreeTests(unittest.TestCase):
         self.assertEqual(_owner(tree / "sub" / "f"), "nobody")
         self.assertEqual(_owner(tree / "sub"), "nobody")
         self.assertEqual(_owner(outside), "root")
+
+    def test_topThatIsALinkNotFollowed(self):
+        """
+        A state_dir swapped for a link to a folder of root's (between the check and the walk) gives nothing
+        away; before, the walk listed the folder behind the link and chowned its files.
+        """
+        _needRoot()
+        base = _base(self)
+        secrets = base / "etc"
+        (secrets / "deeper").mkdir(parents=True)
+        shadow = secrets / "shadow"
+        shadow.write_text("secret")
+        (secrets / "deeper" / "key").write_text("secret")
+        swapped = base / "state"
+        swapped.symlink_to(secrets)
+        try:
+            _chownTree(swapped, *_nobody())
+        except OSError:
+            pass  # refused: fine
+        self.assertEqual({_owner(p) for p in (secrets, shadow, secrets / "deeper", secrets / "deeper" / "key")},
+                         {"root"})
+
+    def test_replacedTopRefused(self):
+        """A folder that is not the one root made (another identity) is not walked."""
+        _needRoot()
+        base = _base(self)
+        tree = base / "tree"
+        tree.mkdir()
+        (tree / "f").write_text("x")
+        with self.assertRaises(OSError):
+            _chownTree(tree, *_nobody(), identity=(0, 0))
+        self.assertEqual({_owner(tree), _owner(tree / "f")}, {"root"})
+
+    def test_bottomUp(self):
+        """Everything below a fresh folder is given, the folder itself too."""
+        _needRoot()
+        base = _base(self)
+        tree = base / "tree"
+        (tree / "a" / "b").mkdir(parents=True)
+        (tree / "a" / "b" / "f").write_text("x")
+        (tree / "g").write_text("y")
+        st = os.stat(tree)
+        _chownTree(tree, *_nobody(), identity=(st.st_dev, st.st_ino))
+        self.assertEqual({_owner(p) for p in (tree, tree / "a", tree / "a" / "b", tree / "a" / "b" / "f",
+                                              tree / "g")}, {"nobody"})
+
+
+class AsRunUserTests(unittest.TestCase):
+    def test_kernelChecksTheUser(self):
+        """Inside, root writes as nobody (root's files are closed to it, what it makes is nobody's); then root again."""
+        _needRoot()
+        base = _base(self)
+        roots = _victim(base, "roots")
+        open_ = base / "open"
+        open_.mkdir()
+        os.chmod(open_, 0o777)
+        groups = os.getgroups()
+        with asRunUser(*_nobody()):
+            self.assertEqual((os.geteuid(), os.getegid()), _nobody())
+            self.assertNotIn(0, os.getgroups())
+            with self.assertRaises(PermissionError):
+                roots.write_text("changed")
+            (open_ / "made").write_text("x")
+        self.assertEqual((os.geteuid(), os.getegid(), os.getgroups()), (0, 0, groups))
+        self.assertEqual(roots.read_text(), "root's, untouched\n")
+        self.assertEqual(_owner(open_ / "made"), "nobody")
 
 
 class SystemdUnitTests(unittest.TestCase):

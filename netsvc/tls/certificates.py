@@ -1,7 +1,7 @@
 """
 Certificate files: L{loadCertificates}, L{readPEMs} (a chain and its matching
 key), L{generateSelfSigned} (EC P-256, with subjectAltNames, written
-atomically), L{certificateNames}, and L{CertificateError}, which every TLS
+atomically: L{writeAtomically}), L{certificateNames}, and L{CertificateError}, which every TLS
 function raises for an unusable file.  The bottom of L{netsvc.tls}.
 """
 
@@ -100,17 +100,32 @@ def generateSelfSigned(certPath: Path, keyPath: Path, names: Sequence[str]) -> N
         .sign(key, hashes.SHA256())
     )
     certPath.parent.mkdir(parents=True, exist_ok=True)
-    _atomicWrite(keyPath, key.private_bytes(
+    writeAtomically(keyPath, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
-    _atomicWrite(certPath, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    writeAtomically(certPath, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def _atomicWrite(path: Path, data: bytes, mode: int) -> None:
+def writeAtomically(path: Path, data: bytes, mode: int = 0o644, fsync: bool = True) -> None:
+    """
+    Write C{data} to C{path} through C{path.tmp} and a rename, so that a reader
+    never sees half a file.  The temporary file is always a new one (a leftover
+    is removed, then C{O_EXCL|O_NOFOLLOW}): a symbolic link planted under its
+    name is replaced, never written through.
+    """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)

@@ -335,11 +335,11 @@ class Supervisor(service.Service):
         }
 
     def writeStatus(self) -> None:
+        from netsvc.tls.certificates import writeAtomically
+
         path = self.context.stateDir / "status.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=2) + "\n")
-        os.replace(tmp, path)
+        writeAtomically(path, (json.dumps(self.status(), indent=2) + "\n").encode(), fsync=False)
 
     def _removeStatus(self) -> None:
         try:

@@ -7,6 +7,8 @@ of connection failures.  L{netsvc.ldap.client} re-exports all of it.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -81,6 +83,10 @@ class LDAPURL:
         return f"{'ldaps' if self.tls else 'ldap'}://{host}:{self.port}"
 
 
+#: A host name or IPv4 address as it may stand in a URL (IPv6 addresses are checked as such).
+_HOST = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
 def parseURL(text: str) -> LDAPURL:
     """C{ldap://host[:port][/dn]} or C{ldaps://...}; the default ports are 389 and 636. Raises ValueError."""
     parts = urlsplit(text)
@@ -91,7 +97,16 @@ def parseURL(text: str) -> LDAPURL:
         port = parts.port
     except ValueError:
         raise ValueError(f"bad port in {text!r}") from None
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"expected ldap://host:port (no user@ in an LDAP URL), got {text!r}")
     host = parts.hostname or "localhost"
+    try:
+        if ":" in host:
+            ipaddress.IPv6Address(host)
+        elif not _HOST.match(host):
+            raise ValueError(host)
+    except ValueError:
+        raise ValueError(f"bad host in {text!r}") from None
     return LDAPURL(scheme == "ldaps", host, port or (636 if scheme == "ldaps" else 389),
                    unquote(parts.path.lstrip("/")))
 

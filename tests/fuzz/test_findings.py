@@ -76,3 +76,18 @@ class EmptyFileRanges(unittest.TestCase):
         self.assertRaises(Unsatisfiable, parseRange, b"bytes=-5", 0)
         self.assertRaises(Unsatisfiable, parseRange, b"bytes=0-99,-5", 0)
         self.assertEqual(parseRange(b"bytes=-5", 3), [(0, 2)])
+
+
+class LDAPURLHosts(unittest.TestCase):
+    """ldap_url: parseURL took what follows a user@ (and brackets) as the host; its text did not parse back."""
+
+    def test_userAndBadHostsRefused(self):
+        from netsvc.ldap.clienttypes import parseURL
+
+        for text in ("ldaps://[::]]m\x00]]]@]]]]", "ldap://user@host", "ldap://a:b@host:389",
+                     "ldap://ho st", "ldap://host\x00/", "ldap://[::1"):
+            self.assertRaises(ValueError, parseURL, text)
+        for text in ("ldap://localhost", "ldaps://ldap.example.com:636/dc=x", "ldap://[::1]:3389",
+                     "ldap://127.0.0.1", "ldap://", "ldap://my_host.lab"):
+            url = parseURL(text)
+            self.assertEqual(parseURL(str(url)).host, url.host)

@@ -567,6 +567,30 @@ def asRunUser(uid: int, gid: int) -> Iterator[None]:
         os.setgroups(groups)
 
 
+def openingAs(runAs: tuple[int, int] | None, path: str | Path) -> contextlib.AbstractContextManager[None]:
+    """
+    Around root opening (or making) C{path} before twistd drops root for
+    C{runAs} -- a log file: as the run user (L{asRunUser}) when that user could
+    change any folder on the way to it (owns one, or may write in one), where it
+    could plant a link; as root otherwise (nobody but root could have put
+    anything there).  Nothing to do without C{--uid} or once root is dropped.
+    """
+    if runAs is None or os.geteuid() != 0:
+        return contextlib.nullcontext()
+    uid, gid = runAs
+    groups = _who(uid, gid)[2]
+    for folder in Path(os.path.abspath(path)).parents:
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            continue  # made on the way: by whoever opens
+        except OSError:
+            return asRunUser(uid, gid)
+        if st.st_uid == uid or _allows(st, uid, groups, 0o2):
+            return asRunUser(uid, gid)
+    return contextlib.nullcontext()
+
+
 #: Opening a folder to walk it: never through a symbolic link.
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 #: Deeper than this, a tree netsvc made is not one (nothing below is given away).

@@ -10,6 +10,7 @@ the key and the reason, and exit status 1 -- never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from twisted.python import usage
 
 from netsvc import logs
-from netsvc.config import ConfigError, Settings, load, structure
+from netsvc.config import ConfigError, Problem, Settings, load, structure
 from netsvc.registry import serviceNames
 
 #: Endpoint types that bind an address; without interface= a command line binds loopback.
@@ -167,11 +168,43 @@ def makeService(options: Options) -> Any:
     runAs = runAsFromTwistd(options)
     daemon = buildDaemon(settings, configFile=options["config"] or "command line",
                          reloadSettings=lambda: settingsFromOptions(options), runAs=runAs)
-    daemon.logObserver = logs.observerFor(settings.log, _twistdStream(options, settings))
+    daemon.logObserver = _observer(options, settings, runAs)
     daemon.startupErrorFD = _daemonizedStartupErrors(options)
     from netsvc.workers.supervisor import forWorkers
 
     return forWorkers(daemon, settings, options)  # the daemon itself unless workers: N > 1
+
+
+def _observer(options: Options, settings: Settings, runAs: tuple[int, int] | None) -> Any:
+    """
+    The daemon's log observer.  With C{--uid}, a log file in a folder the run
+    user could change is opened as that user (L{netsvc.runtime.openingAs}): root
+    never appends through a link planted there.
+
+    @raise StartupError: it cannot be opened (naming the file).
+    """
+    from netsvc.runtime import StartupError, openingAs
+
+    twistdLog = None if settings.log.file else _twistdLogFile(options)
+    path = settings.log.file or twistdLog  # as logs.observerFor opens it
+    try:
+        with openingAs(runAs, path) if path else contextlib.nullcontext():
+            return logs.observerFor(settings.log, _twistdStream(options, settings))
+    except OSError as e:
+        key = "log.file" if settings.log.file else "--logfile"
+        user = runAs and _userName(runAs[0])
+        who = f" as {user} (--uid), who netsvc runs as" if user else ""
+        raise StartupError([Problem(options["config"] or "command line", key,
+                                    f"cannot open {e.filename or path}{who}: {e.strerror}")]) from None
+
+
+def _userName(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 #: What a netsvc start failure looks like on twistd's status pipe (the exception's qualified name).
@@ -217,12 +250,18 @@ def _daemonizedStartupErrors(options: Options) -> int | None:
     return os.dup(2)
 
 
+def _twistdLogFile(options: Options) -> str | None:
+    """The file twistd's log goes to (--logfile, or twistd.log when daemonized); None: standard output."""
+    twistd = getattr(options, "parent", None) or {}
+    logfile = twistd.get("logfile") if hasattr(twistd, "get") else None
+    if logfile == "-" or (logfile is None and (not twistd or twistd.get("nodaemon"))):
+        return None
+    return logfile or "twistd.log"
+
+
 def _twistdStream(options: Options, settings: Settings) -> Any:
     """Where log lines go under twistd: log.file, else twistd's --logfile, else stdout/twistd.log."""
     if settings.log.file:
         return None
-    twistd = getattr(options, "parent", None) or {}
-    logfile = twistd.get("logfile") if hasattr(twistd, "get") else None
-    if logfile == "-" or (logfile is None and (not twistd or twistd.get("nodaemon"))):
-        return sys.stdout
-    return logs.openLogFile(logfile or "twistd.log")
+    logfile = _twistdLogFile(options)
+    return sys.stdout if logfile is None else logs.openLogFile(logfile)

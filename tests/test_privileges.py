@@ -290,6 +290,50 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         self.assertEqual(_owner(base / "spool"), "root")
 
 
+class LogFileAsTheUserTests(unittest.TestCase):
+    """
+    log.file must be in a folder the run user may write (L{handOver} checks it), so root opening it there
+    before the drop would append (client-chosen text, for as long as the daemon runs) through a link the
+    user planted -- e.g. to /etc/passwd.  It is opened as the run user.
+    """
+
+    def config(self, base: Path) -> Path:
+        logs = base / "logs"
+        logs.mkdir()
+        os.chown(logs, *_nobody())
+        config = base / "netsvc.yaml"
+        config.write_text(f"state_dir: state\nlog: {{file: '{logs / 'netsvc.log'}'}}\n"
+                          f"services:\n  echo:\n    listen: ['tcp:0:interface=127.0.0.1']\n")
+        return config
+
+    def test_plantedLinkRefused(self):
+        _needRoot()
+        base = _base(self)
+        config = self.config(base)
+        victim = _victim(base, "passwd")
+        (base / "logs" / "netsvc.log").symlink_to(victim)
+        result = runToCompletion(
+            self, twistdCommand() + ["-n", "--pidfile=", "--uid", "nobody", "--gid", "nogroup", "netsvc",
+                                     "--config", str(config)], timeout=30)
+        text = result.stdout.decode() + result.stderr.decode()
+        self.assertNotEqual(result.returncode, 0, text)
+        self.assertIn("log.file: cannot open", text)
+        self.assertIn("as nobody (--uid)", text)
+        self.assertNotIn("Traceback", text)
+        self.assertEqual(victim.read_text(), "root's, untouched\n")
+        self.assertEqual(_owner(victim), "root")
+
+    def test_madeByTheUser(self):
+        _needRoot()
+        base = _base(self)
+        daemon = startTwistd(self, ["--uid", "nobody", "--gid", "nogroup", "netsvc", "--config",
+                                    str(self.config(base))], base / "state")
+        log = base / "logs" / "netsvc.log"
+        self.assertEqual(_owner(log), "nobody")
+        daemon.stop()
+        self.assertIn("listening on", log.read_text())
+
+
 class WarnAsRootTests(unittest.TestCase):
     def test_rootWithNetworkListenersWarns(self):
         _needRoot()

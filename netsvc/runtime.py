@@ -578,17 +578,28 @@ def openingAs(runAs: tuple[int, int] | None, path: str | Path) -> contextlib.Abs
     if runAs is None or os.geteuid() != 0:
         return contextlib.nullcontext()
     uid, gid = runAs
-    groups = _who(uid, gid)[2]
-    for folder in Path(os.path.abspath(path)).parents:
+    if _userCanChange(Path(path), uid, _who(uid, gid)[2]):
+        return asRunUser(uid, gid)
+    return contextlib.nullcontext()
+
+
+def _userCanChange(path: Path, uid: int, groups: set[int]) -> bool:
+    """
+    Whether the user could change (or could have changed) where C{path} leads:
+    a folder above it, as written or with links resolved, is the user's or
+    writable by the user (by mode bits; a sticky one such as /tmp counts).
+    """
+    written = Path(os.path.abspath(path))
+    for folder in [*written.parents, *written.resolve().parents]:
         try:
             st = os.stat(folder)
         except FileNotFoundError:
-            continue  # made on the way: by whoever opens
+            continue  # made on the way, by whoever makes it
         except OSError:
-            return asRunUser(uid, gid)
+            return True
         if st.st_uid == uid or _allows(st, uid, groups, 0o2):
-            return asRunUser(uid, gid)
-    return contextlib.nullcontext()
+            return True
+    return False
 
 
 #: Opening a folder to walk it: never through a symbolic link.
@@ -713,16 +724,20 @@ def claimFolders(context: Context) -> None:
     own, _, _ = _places(context)
     problems: list[Problem] = []
     claimed: list[Path] = []
-    for key, folder in own:
-        folder = folder.resolve()
+    for key, configured in own:
+        folder = configured.resolve()
         if _within(folder, claimed):
             continue
         try:
             made = False
             if not os.path.lexists(folder):
+                # root makes it only where the user can change nothing on the way (else the user could
+                # choose where root makes a folder that is then given to the user): the user makes it there
+                byUser = _userCanChange(configured, uid, groups)
                 try:
-                    folder.mkdir(parents=True)
-                    made = True
+                    with asRunUser(uid, gid) if byUser else contextlib.nullcontext():
+                        folder.mkdir(parents=True)
+                    made = not byUser
                 except FileExistsError:  # made meanwhile: it is not ours
                     pass
             st = os.lstat(folder)

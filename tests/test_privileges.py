@@ -289,6 +289,29 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         self.assertEqual([_owner(p) for p in (spool, spool / "env", queued[0])], ["nobody"] * 3)
         self.assertEqual(_owner(base / "spool"), "root")
 
+    def test_queueLinkChoosesNothing(self):
+        """
+        A queue folder the user turned into a link to a folder that does not exist is not made by root (it
+        would then be handed to the user: a folder of the user's choosing anywhere, e.g. a systemd drop-in
+        folder): made as the user, refused here, nothing made.
+        """
+        _needRoot()
+        base = _base(self)
+        state = _usersStateDir(base)
+        chosen = base / "etc" / "chosen.d"
+        (state / "queue").symlink_to(chosen)
+        config = base / "netsvc.yaml"
+        config.write_text("state_dir: state\nservices:\n  smtp:\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+                          "    relay: {smarthost: 'tcp:127.0.0.1:1', starttls: none}\n")
+        result = runToCompletion(
+            self, twistdCommand() + ["-n", "--pidfile=", "--uid", "nobody", "--gid", "nogroup", "netsvc",
+                                     "--config", str(config)], timeout=30)
+        text = result.stdout.decode() + result.stderr.decode()
+        self.assertNotEqual(result.returncode, 0, text)
+        self.assertIn("services.smtp.queue.dir: cannot give", text)
+        self.assertNotIn("Traceback", text)
+        self.assertFalse(os.path.lexists(base / "etc"), text)
+
 
 class LogFileAsTheUserTests(unittest.TestCase):
     """

@@ -357,6 +357,31 @@ class LogFileAsTheUserTests(unittest.TestCase):
         self.assertIn("listening on", log.read_text())
 
 
+class AccessLogAsTheUserTests(unittest.TestCase):
+    """The web access log is opened like log.file: as the run user where it could have planted a link."""
+
+    def test_plantedLinkNotFollowedByRoot(self):
+        _needRoot()
+        base = _base(self)
+        logs = base / "logs"
+        logs.mkdir()
+        os.chown(logs, *_nobody())
+        (base / "www").mkdir()
+        victim = _victim(base, "passwd")
+        (logs / "access.log").symlink_to(victim)
+        config = base / "netsvc.yaml"
+        config.write_text("state_dir: state\nservices:\n  web:\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+                          f"    root: {base / 'www'}\n    access_log: {{file: '{logs / 'access.log'}'}}\n")
+        result = runToCompletion(
+            self, twistdCommand() + ["-n", "--pidfile=", "--uid", "nobody", "--gid", "nogroup", "netsvc",
+                                     "--config", str(config)], timeout=30)
+        text = result.stdout.decode() + result.stderr.decode()
+        self.assertNotEqual(result.returncode, 0, text)
+        self.assertIn("services.web.access_log.file: cannot open", text)
+        self.assertEqual(victim.read_text(), "root's, untouched\n")
+        self.assertEqual(_owner(victim), "root")
+
+
 class WarnAsRootTests(unittest.TestCase):
     def test_rootWithNetworkListenersWarns(self):
         _needRoot()

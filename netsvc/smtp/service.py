@@ -17,6 +17,7 @@ other workers' commits.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +98,16 @@ def makeService(settings: Settings, context: Any) -> IService:
     queue: Queue | None = None
     onAccepted = None
     writer = _writer()
-    if settings.relay.mode == "capture":
-        capture = CaptureStore(stateDir / "captured", keep=settings.relay.keep,
-                               fsync=settings.queue.fsync, reactor=reactor, writer=writer)
-        store: Queue = capture
-    else:
-        store = queue = Queue(stateDir / settings.queue.dir, fsync=settings.queue.fsync, reactor=reactor,
-                              writer=writer)
+    # Its folders are made as the run user where state_dir is already that user's (twistd --uid).
+    writing = getattr(context, "writing", contextlib.nullcontext)
+    with writing():
+        if settings.relay.mode == "capture":
+            capture = CaptureStore(stateDir / "captured", keep=settings.relay.keep,
+                                   fsync=settings.queue.fsync, reactor=reactor, writer=writer)
+            store: Queue = capture
+        else:
+            store = queue = Queue(stateDir / settings.queue.dir, fsync=settings.queue.fsync, reactor=reactor,
+                                  writer=writer)
     # First child: recovery runs before delivery starts reading the queue.
     _Recovery(store).setServiceParent(svc)
     onNew = capture.discover if capture is not None else None

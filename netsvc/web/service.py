@@ -17,6 +17,7 @@ there.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -30,7 +31,7 @@ from netsvc.auth import FailureLimit, hashPool
 from netsvc.config import Problem
 from netsvc.endpoints import isSharedTLS, split
 from netsvc.policies import AccessList
-from netsvc.runtime import StartupError
+from netsvc.runtime import StartupError, openingAs
 from netsvc.tls import CertificateError, ServerCertificate, SNIServerCreator
 from netsvc.web.accesslog import AccessLog
 from netsvc.web.admin import AdminGate, StatusResource, openMetrics
@@ -205,7 +206,9 @@ def makeService(settings: Settings, context: Any) -> IService:
         where = settings.access_log.file
         path = where if where == "-" else str(context.settings.path(where))
         try:
-            accessLog = AccessLog.open(path, settings.access_log.format)
+            # as the run user where it could have planted a link there (twistd --uid: still root here)
+            with openingAs(getattr(context, "runAs", None), path) if where != "-" else contextlib.nullcontext():
+                accessLog = AccessLog.open(path, settings.access_log.format)
         except OSError as e:
             raise StartupError(
                 [

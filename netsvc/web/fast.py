@@ -407,6 +407,8 @@ class FastHTTPChannel(Protocol):
             return None
         if version != b"HTTP/1.1" or (method != b"GET" and method != b"HEAD") or target[:1] != b"/":
             return None
+        if not target.isascii():
+            return None  # twisted.web refuses some such bytes (> 0xB0), answers others: it decides
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
             name, sep, value = line.partition(b":")

@@ -91,3 +91,19 @@ class LDAPURLHosts(unittest.TestCase):
                      "ldap://127.0.0.1", "ldap://", "ldap://my_host.lab"):
             url = parseURL(text)
             self.assertEqual(parseURL(str(url)).host, url.host)
+
+
+class FastPathNonASCIITarget(unittest.TestCase):
+    """http_request: a request-target with bytes twisted.web refuses (> 0xB0) was answered 200 by the fast path."""
+
+    def test_handedToTwistedWeb(self):
+        from fuzz.targets import PEER, TARGETS, _httpRun, _site
+
+        clock, fast, site = _site()
+        for target in (b"/?\xff", b"/a.txt?q=\xc3\xa9", b"/\xe2\x9c\x93"):
+            out, closed = _httpRun(fast.buildProtocol(PEER), [b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"],
+                                   clock)
+            theirs, _ = _httpRun(site.buildProtocol(PEER), [b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"],
+                                 clock)
+            self.assertEqual(out.split(b"\r\n", 1)[0], theirs.split(b"\r\n", 1)[0], target)
+        TARGETS["http_request"](b"GET /??\xff\xff??a.txt HTTP/1.1\r\nHost:\r\n\r\n1\r\n")

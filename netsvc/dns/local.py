@@ -57,7 +57,8 @@ def makePayload(rtype: str, value: str, ttl: int) -> Any:
         ipaddress.IPv4Address(value)
         return dns.Record_A(value, ttl)
     if rtype == "AAAA":
-        ipaddress.IPv6Address(value)
+        if ipaddress.IPv6Address(value).scope_id is not None:
+            raise ValueError(f"an AAAA record holds no zone index (%...): {value!r}")
         return dns.Record_AAAA(value, ttl)
     if rtype in ("CNAME", "PTR"):
         _checkName(value)

@@ -107,3 +107,14 @@ class FastPathNonASCIITarget(unittest.TestCase):
                                  clock)
             self.assertEqual(out.split(b"\r\n", 1)[0], theirs.split(b"\r\n", 1)[0], target)
         TARGETS["http_request"](b"GET /??\xff\xff??a.txt HTTP/1.1\r\nHost:\r\n\r\n1\r\n")
+
+
+class LocalDNSZoneIndex(unittest.TestCase):
+    """dns_local_data: an AAAA value with a zone index (fd00::7%eth0) passed ipaddress, then raised OSError."""
+
+    def test_refused(self):
+        from netsvc.dns.service import Record
+
+        problems = Record(name="v6.lab", type="AAAA", value="fd00::7%eth0").check()
+        self.assertEqual([key for key, _ in problems], ["value"], problems)
+        self.assertEqual(Record(name="v6.lab", type="AAAA", value="fd00::7").check(), [])

@@ -6,7 +6,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 CONFIG  ?= etc/netsvc.yaml
 
-.PHONY: run test install install-test peers bench clean
+.PHONY: run test install install-test peers bench fuzz clean
 
 # The demo users file holds password hashes: readable by its owner only (git keeps no such mode).
 run: install
@@ -36,6 +36,15 @@ test: install-test peers
 
 bench: install
 	for b in echo chat dns web forward ldap scale smtp; do $(BIN)/python bench/$$b.py || exit 1; done
+
+# Every fuzz target coverage-guided (atheris, the 'fuzz' extra) for FUZZ_SECONDS each; crash files go
+# to .fuzz/ (see fuzz/README.md: keep one as fuzz/corpus/TARGET/finding-* with a test).
+FUZZ_SECONDS ?= 600
+fuzz: install
+	$(BIN)/python -m pip install --quiet ".[fuzz]"
+	mkdir -p .fuzz
+	cd .fuzz && for t in $$(../$(BIN)/python -c 'import sys; sys.path.insert(0, ".."); from fuzz.targets import TARGETS; print(*TARGETS)'); do \
+		../$(BIN)/python ../fuzz/run.py $$t --seconds $(FUZZ_SECONDS) || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp* var

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from _common import free_udp_tcp_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -353,7 +354,7 @@ def harnessConfig(tmp: Path, repo: Path) -> Path:
     config["drain_timeout"] = "2s"
     services = config["services"]
     # echo on a port chosen here, so that the forward rules (which connect to echo) can name it
-    echoPort = freePort()
+    echoPort = free_udp_tcp_port()
     services["echo"]["listen"] = [re.sub(r"^(tcp|udp):0", rf"\1:{echoPort}", x)
                                   for x in services["echo"]["listen"] if not str(x).startswith("tcp6")]
     for rule in services["forward"]["rules"]:
@@ -378,21 +379,6 @@ def harnessConfig(tmp: Path, repo: Path) -> Path:
     path = tmp / "netsvc.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def freePort() -> int:
-    """A loopback port free for both TCP and UDP."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 class Daemon:

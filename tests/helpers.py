@@ -81,3 +81,15 @@ def freePort() -> int:
 
 def stateDir(daemon) -> Path:
     return Path(daemon.context.stateDir)
+
+
+def loopbackAliasesWork() -> bool:
+    """Whether this machine can use 127.0.0.2 as a source address (a second client address on loopback)."""
+    import socket
+
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False

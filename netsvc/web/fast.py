@@ -211,16 +211,20 @@ class FastHTTPChannel(Protocol):
 
     # -- handing over
 
-    def _handOver(self, data: bytes) -> None:
-        self._headDone()
-        self._buffer = b""
+    def _letGo(self) -> None:
+        """No longer the transport's producer, and reading again (for a delegate, or for TLS to read the
+        peer's close_notify while closing)."""
         if self._registered:
-            # twisted.web's channel registers itself as the transport's producer.
             self._registered = False
             self.transport.unregisterProducer()
         if self._readingPaused:
             self._readingPaused = False
             self.transport.resumeProducing()
+
+    def _handOver(self, data: bytes) -> None:
+        self._headDone()
+        self._buffer = b""
+        self._letGo()  # twisted.web's channel registers itself as the transport's producer
         if self._h2:
             delegate = self.delegate = buildH2(self.site, self.transport)
         else:
@@ -234,13 +238,7 @@ class FastHTTPChannel(Protocol):
         self._paused = self._closing = True
         self._buffer = b""
         self._headDone()
-        if self._registered:
-            self._registered = False
-            self.transport.unregisterProducer()
-        if self._readingPaused:
-            # TLS closes once it has read the peer's close_notify.  (Input is dropped meanwhile.)
-            self._readingPaused = False
-            self.transport.resumeProducing()
+        self._letGo()  # (input is dropped meanwhile)
         self.transport.loseConnection()
 
     def _release(self) -> None:

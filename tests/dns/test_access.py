@@ -11,7 +11,6 @@ path a client from another network takes.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 
 from twisted.internet import defer, endpoints, protocol, reactor
@@ -19,7 +18,7 @@ from twisted.names import dns
 from twisted.trial import unittest
 
 from netsvc.dns import access, client
-from tests.helpers import freePort, port, startDaemon
+from tests.helpers import freePort, loopbackAliasesWork, port, startDaemon
 
 YAML = """
 services:
@@ -29,15 +28,6 @@ services:
     records:
       - {{name: printer.lab, type: A, value: 10.0.0.7}}
 {extra}"""
-
-
-def loopbackAliasesWork() -> bool:
-    try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.2", 0))
-        return True
-    except OSError:
-        return False
 
 
 class _UDPAsker(protocol.DatagramProtocol):

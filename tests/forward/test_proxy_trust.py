@@ -8,8 +8,6 @@ the address a trusted sender claims.  Over real loopback sockets: clients bind
 
 from __future__ import annotations
 
-import socket
-
 from twisted.internet import defer, endpoints, reactor
 from twisted.trial import unittest
 
@@ -17,6 +15,7 @@ from netsvc import config
 from netsvc.forward import proxyheader
 from tests.forward._util import Client, fport, metric, recorderBackend, startForwarder
 from tests.forward.test_stream import rule, tcp, waitUntil
+from tests.helpers import loopbackAliasesWork
 
 HEADER = proxyheader.v1(("203.0.113.7", 4242), ("198.51.100.1", 443))
 
@@ -25,15 +24,6 @@ def connectFrom(source: str, port: int) -> defer.Deferred:
     """A client whose address is C{source} (any 127.x address) to our listener."""
     ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
     return endpoints.connectProtocol(ep, Client())
-
-
-def loopbackAliasesWork() -> bool:
-    try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.2", 0))
-        return True
-    except OSError:
-        return False
 
 
 class TrustedSendersTests(unittest.TestCase):

@@ -38,7 +38,7 @@ bench: install
 	for b in echo chat dns web forward ldap scale smtp; do $(BIN)/python bench/$$b.py || exit 1; done
 
 # Every fuzz target coverage-guided (atheris, the 'fuzz' extra) for FUZZ_SECONDS each; crash files go
-# to .fuzz/ (see fuzz/README.md: keep one as fuzz/corpus/TARGET/finding-* with a test).
+# to .fuzz/ (see fuzz/README.md: keep one as tests/corpus/TARGET/finding-* with a test).
 FUZZ_SECONDS ?= 600
 fuzz: install
 	$(BIN)/python -m pip install --quiet ".[fuzz]"

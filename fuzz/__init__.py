@@ -14,9 +14,9 @@ parser's invariants (a crash or an L{AssertionError} is a finding).  Each runs:
 
     Time (C{--seconds}) and memory (C{--rss-mb}, default 2048) are bounded.
 
-The corpus: C{fuzz/corpus/TARGET/} holds small seed files (real client input:
+The corpus: C{tests/corpus/TARGET/} holds small seed files (real client input:
 curl, swaks, dig, ldapsearch dialogues).  To keep a crash: minimise it (atheris:
 C{-minimize_crash=1}), copy the C{crash-*} file run.py wrote into
-C{fuzz/corpus/TARGET/}, fix the parser; the trial test replays every corpus file
+C{tests/corpus/TARGET/}, fix the parser; the trial test replays every corpus file
 (C{test_TARGET_corpus}).
 """

@@ -2,7 +2,7 @@
 Run one fuzz target coverage-guided: C{python fuzz/run.py TARGET [--seconds N]}.
 
 With atheris installed (C{pip install -e '.[fuzz]'}) this is libFuzzer over the
-instrumented netsvc code, starting from C{fuzz/corpus/TARGET/} (new interesting
+instrumented netsvc code, starting from C{tests/corpus/TARGET/} (new interesting
 inputs are added to a work folder, not to the kept corpus).  Without atheris, a
 mutation loop over the corpus (flip, cut, insert, duplicate), bounded by the same
 time.  Either way a crash or broken invariant stops the run, prints the input as
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     fn = TARGETS[args.target]
-    corpusDir = HERE / "corpus" / args.target
+    corpusDir = HERE.parent / "tests" / "corpus" / args.target
     corpus = [f.read_bytes() for f in sorted(corpusDir.iterdir())] if corpusDir.is_dir() else []
     try:
         import atheris  # type: ignore[import-not-found]

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from fuzz.targets import TARGETS
 
-CORPUS = Path(__file__).resolve().parents[2] / "fuzz" / "corpus"
+CORPUS = Path(__file__).resolve().parents[2] / "tests" / "corpus"
 
 #: Examples per target: the whole package stays well under a minute on two cores.
 EXAMPLES = {"http_request": 300, "smtp_session": 300, "dns_stream": 300, "config_yaml": 300}
@@ -77,7 +77,7 @@ def _make(name: str):
 class FuzzTargetTests(unittest.TestCase):
     def test_everyTargetHasACorpus(self):
         for name in TARGETS:
-            self.assertTrue(seeds(name), f"fuzz/corpus/{name}/ is empty")
+            self.assertTrue(seeds(name), f"tests/corpus/{name}/ is empty")
 
 
 for _name in TARGETS:

@@ -668,6 +668,60 @@ def attackPasswords(t: Target, stop: Stop) -> int:
     return _threads(lambda: _passwordLoop(t, stop, attempt, hello), 8)
 
 
+#: The fuzz corpus (tests/corpus/TARGET/) whose seeds the mutated attack starts from, by listener kind.
+_CORPUS = {"http": "http_request", "redirect": "http_request", "metrics": "http_request", "dns": "dns_stream",
+           "smtp": "smtp_session", "chat-line": "chat_stream", "chat-nul": "chat_stream"}
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    """A few random edits (flips, cuts, insertions, duplications), as the fuzz targets' mutator makes."""
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        pos = rng.randint(0, len(out))
+        kind = rng.randrange(4)
+        if kind == 0 and out:
+            out[min(pos, len(out) - 1)] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            del out[pos:pos + rng.randint(1, 16)]
+        elif kind == 2:
+            out[pos:pos] = rng.randbytes(rng.randint(1, 8))
+        else:
+            out[pos:pos] = out[pos:pos + rng.randint(1, 64)]
+    return bytes(out)
+
+
+def sendMutated(t: Target, rng: random.Random, count: int) -> list[socket.socket]:
+    """
+    C{count} connections to C{t}, each sending a mutated request (from the listener's own request and its
+    fuzz corpus) and then going: closed at once, reset, or after reading for a moment; every tenth is left
+    open mid-message and returned (the caller closes them).
+    """
+    seeds = [t.unit()]
+    corpus = REPO / "tests" / "corpus" / _CORPUS.get(t.kind, "")
+    if t.kind in _CORPUS and corpus.is_dir():
+        seeds += [f.read_bytes() for f in sorted(corpus.iterdir()) if f.is_file()]
+    held = []
+    for i in range(count):
+        try:
+            s = connect(t, ATTACKER, 2.0)
+        except (OSError, ValueError):
+            continue
+        try:
+            s.settimeout(0.05)
+            s.send(mutate(rng, rng.choice(seeds))[:65536])
+            if i % 10 == 9:
+                held.append(s)
+                continue
+            if i % 3 == 1:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif i % 3 == 2:
+                s.recv(65536)
+        except (OSError, ValueError):
+            pass
+        s.close()
+    return held
+
+
 def _threads(fn: Callable[[], object], n: int) -> int:
     threads = [threading.Thread(target=fn, daemon=True) for _ in range(n)]
     for th in threads:

@@ -11,7 +11,12 @@ its table, is the benchmark: C{.venv/bin/python bench/hostile.py}.
 
 from __future__ import annotations
 
+import random
+import shutil
+import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -69,3 +74,35 @@ class HostileClientsTests(SynchronousTestCase):
     def test_passwords(self) -> None:
         """A flood of wrong passwords on every service that takes one; mail is still accepted meanwhile."""
         self.check("passwords", hostile.PASSWORD_TARGETS, seconds=2.0)
+
+
+class MutatedInputThenStopTests(SynchronousTestCase):
+    """
+    Issue 22: after a few thousand mutated inputs across the listeners, SIGTERM no longer stopped the
+    daemon.  Mutated requests (from each listener's own and its fuzz corpus) into every listener of one
+    daemon, some connections left open mid-message; every service still answers, nothing is logged as
+    a traceback, and SIGTERM ends the daemon within drain_timeout (2 s here) + 3 s.
+    """
+
+    def test_mutatedInputThenSIGTERM(self) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="netsvc-mutated-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        daemon = hostile.Daemon(REPO, tmp)
+        self.addCleanup(daemon.stop)
+        held = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        rng = random.Random(22)
+        for name in ALL:
+            held += hostile.sendMutated(daemon.target(name), rng, 150)
+        self.assertTrue(daemon.alive(), daemon.logPath.read_text()[-2000:])
+        for name in hostile.PROBE_TARGETS:
+            daemon.target(name).probe()
+        self.assertEqual(daemon.tracebacks(0), [])
+        began = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        status = daemon.proc.wait(30)
+        took = time.monotonic() - began
+        self.assertLess(took, 2 + 3, f"stopped after {took:.1f} s")
+        # twistd ends with the signal it was stopped by (Twisted 26), or 0
+        self.assertIn(status, (0, -signal.SIGTERM), daemon.logPath.read_text()[-2000:])
+        self.assertIn("Server Shut Down.", daemon.logPath.read_text())

@@ -291,11 +291,7 @@ class Guard:
         self._sweepGhosts()
         for conn in list(self.connections):
             try:
-                abort = getattr(conn.transport, "abortConnection", None)
-                if abort is not None:
-                    abort()
-                else:
-                    conn.transport.loseConnection()
+                _abort(conn.transport)
             except Exception:
                 log.failure("aborting a connection from {client} at shutdown failed", client=conn.host,
                             service=self.metrics.service)
@@ -332,6 +328,15 @@ class Guard:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
+
+
+def _abort(transport: Any) -> None:
+    """Abort a connection (or close it, for a transport that cannot abort)."""
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
 
 
 def _transportGone(conn: Any) -> bool:
@@ -455,11 +460,7 @@ class GuardedProtocol(Protocol):
         self.guard.metrics.error("protocol").inc()
         log.failure("closing the connection from {client} after an error in its protocol",
                     client=self.host, service=self.guard.metrics.service)
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            self.transport.loseConnection()
+        _abort(self.transport)
 
     def connectionLost(self, reason: Any) -> None:
         if self._idleCall is not None and self._idleCall.active():
@@ -552,11 +553,7 @@ class GuardedProtocol(Protocol):
 
     def _abortIdle(self) -> None:
         self._idleCall = None
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            self.transport.loseConnection()
+        _abort(self.transport)
 
     def drain(self) -> None:
         drain = getattr(self.wrappedProtocol, "drain", None)

@@ -586,19 +586,32 @@ def openingAs(runAs: tuple[int, int] | None, path: str | Path) -> contextlib.Abs
 def _userCanChange(path: Path, uid: int, groups: set[int]) -> bool:
     """
     Whether the user could change (or could have changed) where C{path} leads:
-    a folder above it, as written or with links resolved, is the user's or
-    writable by the user (by mode bits; a sticky one such as /tmp counts).
+    a folder above it, as written or with links resolved, is the user's, or is
+    writable by the user (by mode bits) -- where the folder is sticky (/tmp),
+    only if the entry on the way in it is the user's or missing (the user may
+    make it; it cannot rename or remove anyone else's).
     """
     written = Path(os.path.abspath(path))
-    for folder in [*written.parents, *written.resolve().parents]:
-        try:
-            st = os.stat(folder)
-        except FileNotFoundError:
-            continue  # made on the way, by whoever makes it
-        except OSError:
-            return True
-        if st.st_uid == uid or _allows(st, uid, groups, 0o2):
-            return True
+    for chain in (written, written.resolve()):
+        steps = [chain, *chain.parents]
+        for child, folder in zip(steps, steps[1:]):
+            try:
+                st = os.stat(folder)
+            except FileNotFoundError:
+                continue  # made on the way, by whoever makes it
+            except OSError:
+                return True
+            if st.st_uid == uid:
+                return True
+            if not _allows(st, uid, groups, 0o2):
+                continue
+            if not st.st_mode & stat.S_ISVTX:
+                return True
+            try:
+                if os.lstat(child).st_uid == uid:
+                    return True
+            except OSError:
+                return True  # missing: the user could make it first
     return False
 
 

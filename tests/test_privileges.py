@@ -497,3 +497,28 @@ class SystemdUnitTests(unittest.TestCase):
         problems = [line for line in (result.stdout + result.stderr).splitlines()
                     if "netsvc.service" in line]
         self.assertEqual((result.returncode, problems), (0, []), result.stdout + result.stderr)
+
+
+class StickyFolderTests(unittest.TestCase):
+    """
+    A sticky world-writable folder (/tmp) on the way only counts when the entry in it is the user's or
+    missing: the user cannot rename or remove root's (a clone under /tmp refused every --uid start).
+    """
+
+    def test_stickyFolderOnTheWay(self):
+        from netsvc.runtime import _userCanChange
+
+        _needRoot()
+        uid, gid = _nobody()
+        base = _base(self)
+        sticky = base / "tmp"
+        sticky.mkdir()
+        os.chmod(sticky, 0o1777)
+        (sticky / "roots").mkdir()
+        (sticky / "nobodys").mkdir()
+        os.chown(sticky / "nobodys", uid, gid)
+        self.assertFalse(_userCanChange(sticky / "roots" / "state", uid, {gid}))
+        self.assertTrue(_userCanChange(sticky / "nobodys" / "state", uid, {gid}))
+        self.assertTrue(_userCanChange(sticky / "missing" / "state", uid, {gid}))
+        os.chmod(sticky, 0o777)  # not sticky: the user could rename root's entry away
+        self.assertTrue(_userCanChange(sticky / "roots" / "state", uid, {gid}))

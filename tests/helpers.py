@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import defer, endpoints, reactor
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 
 from netsvc import config
 from netsvc.echo.client import EchoClient
@@ -93,3 +93,39 @@ def loopbackAliasesWork() -> bool:
         return True
     except OSError:
         return False
+
+
+class Keeping(Factory):
+    """A factory wrapper that keeps every protocol it builds, for a test to look at (C{.built})."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+        self.built: list = []
+
+    def buildProtocol(self, addr):
+        p = self.factory.buildProtocol(addr)
+        self.built.append(p)
+        return p
+
+
+def silentClient(rcvbuf: int = 16 * 1024):
+    """A client protocol that never reads (reading paused at once, a small socket buffer); C{.received}."""
+    import socket
+
+    class Silent(Protocol):
+        def __init__(self) -> None:
+            self.received = bytearray()
+
+        def connectionMade(self) -> None:
+            self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.transport.pauseProducing()  # read nothing
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+    return Silent()
+
+
+def unsentBytes(transport) -> int:
+    """Output a TCP transport holds in user space (not yet taken by the socket)."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen

@@ -24,6 +24,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from netsvc import auth
+from tests.helpers import loopbackAliasesWork
 from tests.interop._daemon import IO_TIMEOUT, decoded, requirePeer, runToCompletion, startNetsvc
 from tests.interop._mailpeers import PostfixInstance, runSmtpSource
 
@@ -33,21 +34,12 @@ SMTPS = "services.smtp.listen[2]"
 OUTSIDE = "services.smtp.listen[3]"
 
 
-def loopbackAlias() -> bool:
-    try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.2", 0))
-        return True
-    except OSError:
-        return False
-
-
 class SMTPDaemonTestCase(unittest.TestCase):
     def setUp(self) -> None:
         base = Path(self.mktemp()).resolve()
         base.mkdir(parents=True)
         auth.addUser(base / "users.txt", "dev", "devpass")
-        outside = '      - "tcp:0:interface=127.0.0.2"\n' if loopbackAlias() else ""
+        outside = '      - "tcp:0:interface=127.0.0.2"\n' if loopbackAliasesWork() else ""
         (base / "netsvc.yaml").write_text(
             "state_dir: state\n"
             "drain_timeout: 1s\n"
@@ -159,7 +151,7 @@ class SwaksTests(SMTPDaemonTestCase):
 
     def check_noOpenRelay(self):
         n = len(self.captured())
-        if not loopbackAlias():
+        if not loopbackAliasesWork():
             raise unittest.SkipTest("127.0.0.2 cannot be bound here (needed as an outside address)")
         rc, out = self.swaks("--server", "127.0.0.2", "--port", str(self.port(OUTSIDE)),
                              "--local-interface", "127.0.0.2")
@@ -222,7 +214,7 @@ class SmtplibTests(SMTPDaemonTestCase):
 
     def check_outsiderRefused(self):
         n = len(self.captured())
-        if not loopbackAlias():
+        if not loopbackAliasesWork():
             raise unittest.SkipTest("127.0.0.2 cannot be bound here (needed as an outside address)")
         with smtplib.SMTP("127.0.0.2", self.port(OUTSIDE), timeout=IO_TIMEOUT,
                           source_address=("127.0.0.2", 0)) as c:

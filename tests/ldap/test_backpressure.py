@@ -10,13 +10,12 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import defer, endpoints, reactor
-from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from netsvc.ldap import codec
 from netsvc.ldap.server import OUTPUT_CHUNK, LDAPLimits, LDAPMetrics, LDAPServerFactory
 from netsvc.metrics import Registry
-from tests.helpers import sleep
+from tests.helpers import Keeping, silentClient, sleep, unsentBytes
 from tests.ldap._wire import SUFFIX, directoryFrom
 
 ENTRIES = 2000
@@ -39,50 +38,22 @@ def _search(msgid: int, sizeLimit: int = 0) -> bytes:
     return codec.message(msgid, op)
 
 
-class _Servers(Factory):
-    def __init__(self, factory: LDAPServerFactory) -> None:
-        self.factory = factory
-        self.protocols: list = []
-
-    def buildProtocol(self, addr):
-        p = self.factory.buildProtocol(addr)
-        self.protocols.append(p)
-        return p
-
-
-class _Silent(Protocol):
-    def __init__(self) -> None:
-        self.received = bytearray()
-
-    def connectionMade(self) -> None:
-        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
-        self.transport.pauseProducing()  # read nothing
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-
-def _unsent(transport) -> int:
-    """Output a TCP transport holds in user space (not yet taken by the socket)."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
 class NonReadingClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def connect(self):
         self.factory = LDAPServerFactory(_directory(), LDAPLimits(sizeLimit=10 * ENTRIES, timeLimit=60),
                                          LDAPMetrics(Registry()), reactor)
-        servers = _Servers(self.factory)
+        servers = Keeping(self.factory)
         port = yield endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(servers)
         self.addCleanup(port.stopListening)
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        client = yield endpoints.connectProtocol(endpoint, _Silent())
+        client = yield endpoints.connectProtocol(endpoint, silentClient(SMALL))
         self.addCleanup(lambda: client.transport.abortConnection())
         for _ in range(100):
-            if servers.protocols:
+            if servers.built:
                 break
             yield sleep(0.01)
-        (server,) = servers.protocols
+        (server,) = servers.built
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             server.transport.getHandle().setsockopt(socket.SOL_SOCKET, option, SMALL)
         return client, server
@@ -93,7 +64,7 @@ class NonReadingClientTests(unittest.TestCase):
         seen = []
         for _ in range(200):
             yield sleep(0.05)
-            seen.append((progress(), _unsent(server.transport)))
+            seen.append((progress(), unsentBytes(server.transport)))
             if server.writesPaused and len(seen) > 4 and seen[-1] == seen[-4]:
                 break
         return seen[-1]

@@ -5,46 +5,15 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import defer, endpoints, reactor
-from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from netsvc.metrics import Registry
 from netsvc.smtp.protocol import MAX_HELD_INPUT, OUTPUT_CHUNK, ServerConfig, SMTPFactory, SMTPMetrics
-from tests.helpers import sleep
+from tests.helpers import Keeping, silentClient, sleep, unsentBytes
 from tests.smtp.test_protocol import FakeQueue
 
 COMMANDS = 200_000  # 1.2 MB of NOOPs, 2.8 MB of replies if nothing pushed back
 SMALL = 16 * 1024  # socket buffers, so that the kernel cannot absorb the test
-
-
-class _Sessions(Factory):
-    """Builds SMTP sessions with small socket buffers and keeps them for the test to look at."""
-
-    def __init__(self, factory: SMTPFactory) -> None:
-        self.factory = factory
-        self.sessions: list = []
-
-    def buildProtocol(self, addr):
-        p = self.factory.buildProtocol(addr)
-        self.sessions.append(p)
-        return p
-
-
-class _Silent(Protocol):
-    def __init__(self) -> None:
-        self.received = bytearray()
-
-    def connectionMade(self) -> None:
-        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
-        self.transport.pauseProducing()  # read nothing
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-
-def _unsent(transport) -> int:
-    """Output a TCP transport holds in user space (not yet taken by the socket)."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 class NonReadingClientTests(unittest.TestCase):
@@ -52,13 +21,13 @@ class NonReadingClientTests(unittest.TestCase):
     def test_pipeliningClientThatNeverReadsIsNotRead(self):
         config = ServerConfig(hostname="mx.test", queue=FakeQueue(), metrics=SMTPMetrics(Registry()), clock=reactor,
                               junkLimit=10**9)  # NOOPs as plain commands here: back-pressure, not the junk limit
-        sessions = _Sessions(SMTPFactory(config))
+        sessions = Keeping(SMTPFactory(config))
         port = yield endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(sessions)
         self.addCleanup(port.stopListening)
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        client = yield endpoints.connectProtocol(endpoint, _Silent())
+        client = yield endpoints.connectProtocol(endpoint, silentClient(SMALL))
         self.addCleanup(lambda: client.transport.abortConnection())
-        (session,) = sessions.sessions
+        (session,) = sessions.built
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             session.transport.getHandle().setsockopt(socket.SOL_SOCKET, option, SMALL)
         client.transport.write(b"EHLO x\r\n")
@@ -67,7 +36,7 @@ class NonReadingClientTests(unittest.TestCase):
         held = []
         for _ in range(200):  # at most 10 s: wait until the session stops reading
             yield sleep(0.05)
-            held.append((_unsent(session.transport), session._pending()))
+            held.append((unsentBytes(session.transport), session._pending()))
             if session._inputHeld and len(held) > 4 and held[-1] == held[-4]:
                 break
         self.assertTrue(session._inputHeld, held[-1])

@@ -36,9 +36,16 @@ MAX_HEAD = 16384
 #: the idle timeout at bay with a byte now and then; nginx's client_header_timeout is 60 s).
 HEAD_TIMEOUT = 30.0
 
-#: What twisted.web refuses in a head and the fast path must not take: control characters, a CR
-#: without its LF, or a bare LF (the fast path would read one header where twisted.web reads two).
-_NOT_FAST = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+#: Control characters (tab aside).  Once a head's CRLFs are taken out, one of these is what twisted.web
+#: refuses and the fast path must not take: a control character, a CR without its LF, or a bare LF
+#: (the fast path would read one header where twisted.web reads two).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _notFast(head: bytes) -> bool:
+    """Whether C{head} has what twisted.web refuses (a character class over the head without its
+    CRLFs: ~0.8 us, where one pattern with look-arounds cost ~3 us a request)."""
+    return _CONTROL.search(head.replace(b"\r\n", b"")) is not None
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
@@ -362,7 +369,7 @@ class FastHTTPChannel(Protocol):
             except ValueError:
                 return True
         end = len(buf) - 1 if buf.endswith(b"\r") else len(buf)  # its LF may be in the next read
-        return _NOT_FAST.search(buf, pos, end) is not None
+        return _notFast(buf[pos:end])
 
     def _overflow(self) -> None:
         """Input kept arriving while paused: the transport ignores pauseProducing.  Cut off."""
@@ -396,7 +403,7 @@ class FastHTTPChannel(Protocol):
 
     def answer(self, head: bytes) -> tuple[bytes, bool] | None:
         """The response bytes and whether to close after them, or None (not for the fast path)."""
-        if _NOT_FAST.search(head) is not None:
+        if _notFast(head):
             return None  # twisted.web's 400
         lines = head.split(b"\r\n")
         try:

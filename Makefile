@@ -37,14 +37,18 @@ test: install-test peers
 bench: install
 	for b in echo chat dns web forward ldap scale smtp; do $(BIN)/python bench/$$b.py || exit 1; done
 
-# Every fuzz target coverage-guided (atheris, the 'fuzz' extra) for FUZZ_SECONDS each; crash files go
-# to .fuzz/ (see fuzz/README.md: keep one as tests/corpus/TARGET/finding-* with a test).
+# Every fuzz target coverage-guided (atheris, the 'fuzz' extra) for FUZZ_SECONDS each, FUZZ_JOBS at a
+# time; each target's libFuzzer output goes to .fuzz/logs/TARGET.log and its crash files to .fuzz/
+# (see fuzz/README.md: keep one as tests/corpus/TARGET/finding-* with a test).  A crash stops only its
+# own target; the rule fails at the end if any target did.
 FUZZ_SECONDS ?= 600
+FUZZ_JOBS ?= 1
 fuzz: install
 	$(BIN)/python -m pip install --quiet ".[fuzz]"
-	mkdir -p .fuzz
-	cd .fuzz && for t in $$(../$(BIN)/python -c 'import sys; sys.path.insert(0, ".."); from fuzz.targets import TARGETS; print(*TARGETS)'); do \
-		../$(BIN)/python ../fuzz/run.py $$t --seconds $(FUZZ_SECONDS) || exit 1; done
+	mkdir -p .fuzz/logs
+	cd .fuzz && ../$(BIN)/python -c 'import sys; sys.path.insert(0, ".."); from fuzz.targets import TARGETS; print(*TARGETS, sep="\n")' \
+		| xargs -P $(FUZZ_JOBS) -I{} sh -c '../$(BIN)/python ../fuzz/run.py {} --seconds $(FUZZ_SECONDS) >logs/{}.log 2>&1 \
+			&& echo "{}: no crash in $(FUZZ_SECONDS) s" || { echo "{}: FAILED, see .fuzz/logs/{}.log"; exit 1; }'
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp* var

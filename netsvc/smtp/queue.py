@@ -451,6 +451,11 @@ class IncomingMessage:
         self.size += len(data)
         self._file.write(data)
 
+    def contents(self) -> bytes:
+        """(A thread: it reads the file.)  What was written so far, read back (local delivery's copy)."""
+        self._file.flush()
+        return self.tmpPath.read_bytes()
+
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """Make it durable under this message's id; fires with the id (or errbacks, nothing kept)."""
         if self._done:

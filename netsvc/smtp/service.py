@@ -13,6 +13,11 @@ folder (L{netsvc.smtp.queue.Writer}); only the delivery owner
 (L{netsvc.workers.isDeliveryOwner}, worker 0) runs delivery (retries, bounces,
 C{ctl/} requests) or capture pruning, and a L{QueueWatcher} tells it of the
 other workers' commits.
+
+With C{local:} (netsvc.smtp.local) the sessions also write mail for the local
+domains to the users' Maildirs under C{state_dir/<local.maildir>} (every
+worker delivers itself: Maildir delivery needs no lock), through the mailbox
+store (L{netsvc.mailbox.maildir.Maildirs}, with the queue's fsync setting).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from netsvc.policies import RateLimiter
 from netsvc.runtime import ServerService
 from netsvc.smtp.capture import CaptureStore
 from netsvc.smtp.delivery import makeDelivery
+from netsvc.smtp.local import LocalDelivery, LocalMetrics, LocalRouter
 from netsvc.smtp.protocol import ServerConfig, SMTPFactory, SMTPMetrics
 from netsvc.smtp.queue import ALONE, Queue, Writer, writerOf
 from netsvc.smtp.settings import Settings
@@ -54,6 +60,8 @@ class SMTPService(ServerService):
 
     capture: CaptureStore | None = None
     queue: Queue | None = None
+    #: Local delivery (None without services.smtp.local).
+    local: LocalDelivery | None = None
     configs: list[ServerConfig]
 
     def reconfigure(self, settings: Settings) -> None:  # type: ignore[override]
@@ -124,8 +132,9 @@ def makeService(settings: Settings, context: Any) -> IService:
 
     authenticator = authenticatorFor(settings.users, context, "services.smtp.users") if settings.users else None
     metrics = SMTPMetrics(context.metrics)
+    svc.local = _local(settings, context, authenticator)
     shared = dict(queue=store, metrics=metrics, clock=reactor, authenticator=authenticator,
-                  onAccepted=onAccepted, **_limits(settings, reactor))
+                  onAccepted=onAccepted, local=svc.local, **_limits(settings, reactor))
     context.certificate  # noqa: B018 - STARTTLS needs it: a bad certificate fails at start-up, not mid-session
     svc.configs = []
     for i, listener in enumerate(settings.listen):
@@ -133,6 +142,18 @@ def makeService(settings: Settings, context: Any) -> IService:
         svc.configs.append(config)
         svc.listen(i, listener, svc.guard.wrap(SMTPFactory(config)))
     return svc
+
+
+def _local(settings: Settings, context: Any, users: Any) -> LocalDelivery | None:
+    """Local delivery for C{settings.local} (None without it); the store's folder is made when first written."""
+    local = settings.local
+    if local is None:
+        return None
+    from netsvc.mailbox.maildir import Maildirs
+
+    router = LocalRouter(local.domains, local.aliases, users, delimiter=local.recipient_delimiter)
+    store = Maildirs(Path(context.stateDir) / local.maildir, fsync=settings.queue.fsync)
+    return LocalDelivery(router, store, LocalMetrics(context.metrics), context.reactor)
 
 
 def _starttls(context: Any) -> Any:

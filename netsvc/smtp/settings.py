@@ -18,6 +18,10 @@ C{services.smtp} settings: listeners, relay policy, the queue and the limits.
         max_recipients: 100
         max_messages_per_session: 100
         junk_command_limit: 100         # NOOP/RSET/VRFY/EXPN/HELP per session (per message), then 421
+        local:                          # mail for these domains goes to the users' Maildirs (netsvc.smtp.local)
+          domains: [lab.test, localhost]
+          maildir: mail                 # relative to state_dir (like queue.dir): mail/<user>/{cur,new,tmp}
+          aliases: {postmaster: dev, root: dev, team: [alice, bob], ops: oncall@example.org}
 
 The Python shape (C{Settings.relay.mode}, C{Settings.queue.retry}, ...) is the
 contract the delivery side relies on (see the team's SMTP.md).
@@ -25,7 +29,7 @@ contract the delivery side relies on (see the team's SMTP.md).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from netsvc import endpoints
 from netsvc.auth import UserSource
@@ -149,6 +153,65 @@ class QueueSettings:
         return []
 
 
+class AliasTargets(tuple):
+    """
+    What one alias expands to: a name (a local user or another alias), a full
+    address (at a local domain: the same as its name; elsewhere: relayed by the
+    routes of C{relay}), or a list of them (a string with commas is split, as in
+    /etc/aliases).
+    """
+
+    @classmethod
+    def fromConfig(cls, value: object, path: str, walker: Any) -> Any:
+        from netsvc.config import Invalid
+
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for item in items:
+            if not isinstance(item, str):
+                raise Invalid("expected a name, an address or a list of them")
+            out += [part.strip() for part in item.split(",") if part.strip()]
+        if not out:
+            raise Invalid("expected at least one name or address")
+        return cls(out)
+
+
+@frozen
+class LocalSettings:
+    """
+    Local delivery (C{services.smtp.local}): mail for C{domains} is written to
+    the users' Maildirs under C{state_dir/maildir} before the 250; see
+    L{netsvc.smtp.local}.  The local users are the names of C{users:} plus the
+    alias names; C{postmaster} must be an alias (RFC 5321 4.5.1), or
+    C{postmaster: postmaster} for a user of that name.
+    """
+
+    domains: list[str] = field()
+    #: Relative to state_dir, like queue.dir.
+    maildir: str = field("mail")
+    #: name -> targets (see L{AliasTargets}); names are compared case-insensitively.
+    aliases: dict[str, AliasTargets] = field(factory=dict)
+    #: C{bob+tag@} is delivered to bob (Postfix's recipient_delimiter); "" turns it off.
+    recipient_delimiter: str = field("+")
+
+    def check(self) -> list[tuple[str, str]]:
+        from netsvc.smtp.local import aliasProblems
+        from netsvc.smtp.syntax import validDomain
+
+        problems = []
+        if not self.domains:
+            problems.append(("domains", "needs at least one domain"))
+        for i, domain in enumerate(self.domains):
+            if domain.startswith("[") or not validDomain(domain):
+                problems.append((f"domains[{i}]", f"{domain!r} is not a domain name"))
+        if len(self.recipient_delimiter) > 1 or self.recipient_delimiter in ("@", "."):
+            problems.append(("recipient_delimiter", "one character (not @ or .), or \"\" for none"))
+        if not self.maildir:
+            problems.append(("maildir", "needs a folder"))
+        problems += aliasProblems(self.aliases, self.domains, self.recipient_delimiter)
+        return problems
+
+
 @frozen
 class AuthLimits:
     """Failed AUTH attempts: per session, then per client IP (a token bucket)."""
@@ -169,6 +232,8 @@ class Settings(ServiceSettings):
     mynetworks: list[str] = field(factory=lambda: ["127.0.0.0/8", "::1/128"])
     users: UserSource | None = field(None)
     relay: RelaySettings = field(factory=lambda: RelaySettings(capture=True))
+    #: Local delivery to Maildirs (None: every domain takes the relay's routes).
+    local: LocalSettings | None = field(None)
     queue: QueueSettings = field(factory=QueueSettings)
     max_message_size: Size = field(Size(25 * 10**6), min=1024, max=1 << 31)
     #: Recipients per message (RFC 5321 4.5.3.1.8: at least 100 must be accepted).
@@ -202,4 +267,6 @@ class Settings(ServiceSettings):
                 problems.append((f"listen[{i}]", "SMTP does not run over UDP"))
         if any(l.submission for l in self.listen) and self.users is None:
             problems.append(("users", "submission listeners require AUTH: set users"))
+        if self.local is not None and self.users is None:
+            problems.append(("local", "local delivery needs users (the local users are its names)"))
         return problems

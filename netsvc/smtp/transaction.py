@@ -7,6 +7,13 @@ headers (Received, and Message-ID/Date when missing) are written first.  A
 recipient given twice is kept once; a message with more than 100 Received
 headers is a loop (554 5.4.6).
 
+Local delivery (C{config.local}, L{netsvc.smtp.local}): a recipient at a local
+domain is resolved at RCPT (an unknown user: 550 5.1.1; anyone may send to a
+local user, as to Postfix's mydestination, without the relay check); at the
+end of data the local mailboxes are written first, then the other recipients
+(and addresses aliases forward to) are committed to the queue, then the one
+250.  Any failure: 451 4.3.0 and no copy kept anywhere.
+
 A mixin of L{netsvc.smtp.protocol.SMTPSession}: it uses the session's config,
 reply queue (C{_send}, C{_error}, C{_close}, C{_needsSync}), input hold
 (C{_hold}, C{_release}) and state (C{helo}, C{esmtp}, C{user}, C{secure}, C{host}).
@@ -22,10 +29,19 @@ from typing import Any
 from twisted.logger import Logger
 
 from netsvc.smtp.data import DataReader
+from netsvc.smtp.local import Mailbox, UnknownRecipient
 from netsvc.smtp.queue import Envelope, Recipient
 from netsvc.smtp.syntax import SyntaxProblem, checkMailbox, parseDSNMail, parseDSNRcpt, parsePathArgument
 
 log = Logger()
+
+
+class LocalDeliveryError(Exception):
+    """A local mailbox could not be written (C{failure}: why)."""
+
+    def __init__(self, failure: Any) -> None:
+        super().__init__(failure.getErrorMessage())
+        self.failure = failure
 
 
 class TransactionCommands:
@@ -55,6 +71,10 @@ class TransactionCommands:
         self.mailFrom: str | None = None
         self.recipients: list[Recipient] = []
         self._rcptKeys: set[str] = set()
+        #: Local delivery: the mailboxes to write (by user), and the recipients to queue.
+        self._mailboxes: dict[str, Mailbox] = {}
+        self._queued: list[Recipient] = []
+        self._queuedKeys: set[str] = set()
         self.ret: str | None = None
         self.envid: str | None = None
         self.smtputf8 = False
@@ -126,19 +146,41 @@ class TransactionCommands:
         except SyntaxProblem as e:
             self._error(*e.reply, "bad_recipient")
             return
-        if self.user is None and not c.isTrusted(self.host):
+        resolution = None
+        if c.local is not None:
+            try:
+                resolution = c.local.router.resolve(address)
+            except UnknownRecipient:
+                self._error(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in local "
+                                          f"recipient table", "unknown_user")
+                return
+        if resolution is None and self.user is None and not c.isTrusted(self.host):
             self._error(554, "5.7.1", f"<{address}>: Relay access denied", "relay_denied")
             return
         if len(self.recipients) >= c.maxRecipients:
             self.config.metrics.reject("too_many_recipients")
             self._send(452, "4.5.3", "Error: too many recipients")
             return
-        local, at, domain = address.rpartition("@")
-        key = f"{local}@{domain.lower()}" if at else address.lower()  # the local part is case-sensitive
+        # the local part is case-sensitive, except for local users
+        key = _key(address) if resolution is None else address.lower()
         if key not in self._rcptKeys:  # a duplicate is acknowledged, not delivered twice (as Postfix)
             self._rcptKeys.add(key)
-            self.recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
+            recipient = Recipient(address=address, notify=notify, orcpt=orcpt)
+            self.recipients.append(recipient)
+            if resolution is None:
+                self._queue(key, recipient)
+            else:
+                for mailbox in resolution.mailboxes:  # one copy per mailbox
+                    self._mailboxes.setdefault(mailbox.user, mailbox)
+                for forward in resolution.remote:  # an alias forwards elsewhere
+                    self._queue(_key(forward), Recipient(address=forward, notify=notify,
+                                                         orcpt=orcpt or f"rfc822;{address}"))
         self._send(250, "2.1.5", "Ok")
+
+    def _queue(self, key: str, recipient: Recipient) -> None:
+        if key not in self._queuedKeys:
+            self._queuedKeys.add(key)
+            self._queued.append(recipient)
 
     def do_DATA(self, rest: bytes) -> None:
         c = self.config
@@ -204,11 +246,13 @@ class TransactionCommands:
         return True
 
     def _commit(self, incoming: Any, size: int) -> None:
-        envelope = Envelope.new(self.mailFrom or "", self.recipients, ret=self.ret, envid=self.envid,
+        envelope = Envelope.new(self.mailFrom or "", self._queued, ret=self.ret, envid=self.envid,
                                 client={"address": self.host, "helo": self.helo, "user": self.user})
+        mailboxes = list(self._mailboxes.values())
         self._resetTransaction()
         self._hold()
-        d = incoming.commit(envelope)
+        queued = bool(envelope.recipients)
+        d = incoming.commit(envelope) if not mailboxes else self._deliverLocally(incoming, envelope, mailboxes)
 
         def committed(id: str) -> None:
             c = self.config
@@ -216,7 +260,7 @@ class TransactionCommands:
             c.metrics.accepted.inc()
             c.metrics.bytes.inc(size)
             log.debug("smtp: accepted {id} from {client}", id=id, client=self.host)
-            if c.onAccepted is not None:
+            if c.onAccepted is not None and queued:
                 try:
                     c.onAccepted(id)
                 except Exception:  # the message is durable: the client gets its 250 regardless
@@ -226,13 +270,42 @@ class TransactionCommands:
                 self._release()
 
         def failed(f: Any) -> None:
-            log.failure("smtp: queue commit failed", f)
-            self.config.metrics.reject("queue_error")
+            if f.check(LocalDeliveryError):
+                log.failure("smtp: local delivery failed", f.value.failure)
+                self.config.metrics.reject("local_delivery_error")
+            else:
+                log.failure("smtp: queue commit failed", f)
+                self.config.metrics.reject("queue_error")
             if not self._closed:
                 self._send(451, "4.3.0", "Error: local error in processing; message not accepted")
                 self._release()
 
         d.addCallbacks(committed, failed)
+
+    def _deliverLocally(self, incoming: Any, envelope: Envelope, mailboxes: list[Mailbox]) -> Any:
+        """
+        Every local copy first (in a thread), then the queue for the other recipients;
+        fires with the message id once both are durable.  On a failure nothing is
+        kept: the tmp file is dropped, local copies written are removed.
+        """
+        local = self.config.local
+
+        def delivered(written: list[tuple[str, str]]) -> Any:
+            if not envelope.recipients:  # nothing to relay: the queue's tmp file is not needed
+                incoming.abort()
+                return incoming.id
+            d = incoming.commit(envelope)
+
+            def undo(f: Any) -> Any:
+                return local.undo(written).addBoth(lambda _: f)
+
+            return d.addErrback(undo)
+
+        def notDelivered(f: Any) -> Any:
+            incoming.abort()
+            raise LocalDeliveryError(f)
+
+        return local.deliver(incoming, envelope.sender, mailboxes).addCallbacks(delivered, notDelivered)
 
     def _abortData(self) -> None:
         if self._incoming is not None:
@@ -257,6 +330,12 @@ class TransactionCommands:
         if b"date" not in names:
             out += f"Date: {date}\r\n"
         return out.encode("utf-8")
+
+
+def _key(address: str) -> str:
+    """A recipient's identity: the domain is compared case-insensitively, the local part is not (RFC 5321 2.4)."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}" if at else address.lower()
 
 
 def _clean(helo: str) -> str:

@@ -17,6 +17,7 @@ SERVICES: dict[str, str] = {
     "web": "netsvc.web.service",
     "ldap": "netsvc.ldap.service",
     "smtp": "netsvc.smtp.service",
+    "mailbox": "netsvc.mailbox.service",
 }
 
 

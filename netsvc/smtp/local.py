@@ -46,7 +46,7 @@ relayed message cannot: that is why they are written first).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -294,11 +294,14 @@ class LocalDelivery:
         to take a copy back: C{messages()}, C{remove(uids)}).
     """
 
-    def __init__(self, router: LocalRouter, store: Any, metrics: LocalMetrics, reactor: Any) -> None:
+    def __init__(self, router: LocalRouter, store: Any, metrics: LocalMetrics, reactor: Any,
+                 run: Callable[..., defer.Deferred] | None = None) -> None:
         self.router = router
         self.store = store
         self.metrics = metrics
         self.reactor = reactor
+        #: Runs the blocking store work: the reactor's thread pool (tests may run it at once).
+        self._run = run or (lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
 
     def deliver(self, incoming: Any, sender: str, mailboxes: Sequence[Mailbox]) -> defer.Deferred:
         """
@@ -307,8 +310,7 @@ class LocalDelivery:
         once every copy is durable in new/; on any failure every copy written is
         removed and it fails.
         """
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._deliver,
-                                      incoming, sender, list(mailboxes))
+        d = self._run(self._deliver, incoming, sender, list(mailboxes))
 
         def done(result: Any) -> Any:
             if isinstance(result, tuple):
@@ -338,7 +340,7 @@ class LocalDelivery:
 
     def undo(self, written: Sequence[tuple[str, str]]) -> defer.Deferred:
         """Remove copies L{deliver} wrote (the queue commit that should follow failed); in a thread."""
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._remove, list(written))
+        return self._run(self._remove, list(written))
 
     def _remove(self, written: Sequence[tuple[str, str]]) -> None:
         for user, key in written:

@@ -27,7 +27,9 @@ Contract:
     within CLOSE_GRACE -- a TLS client that never did the handshake, a client
     that stopped reading -- is aborted; so is a refused one (over the limits).
   - Relay: a RCPT is accepted only from C{mynetworks} or an authenticated session,
-    otherwise 554 5.7.1.  Submission listeners need AUTH (after STARTTLS on plain TCP).
+    otherwise 554 5.7.1 -- except for a local user (C{config.local}: anyone may
+    send to one; an unknown local user is 550 5.1.1).  Submission listeners need
+    AUTH (after STARTTLS on plain TCP).
   - 250 after DATA only once the queue's commit has fired (durable).
   - Bad input: over-long command or text line 500 5.5.2 (the transaction, not the
     session, ends); over size 552 5.3.4 (SIZE= at MAIL, running total in DATA);

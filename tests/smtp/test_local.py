@@ -1,0 +1,514 @@
+"""
+Local delivery (netsvc.smtp.local): who is local (domains, aliases, plus-addressing),
+the configuration checks, the session's decisions over a StringTransport (550 at
+RCPT, no relay check for local users, mixed local and remote recipients, all or
+nothing), and the daemon over loopback with smtplib and swaks (the copy is in new/
+before the 250, a failing store gives 451 and leaves nothing).
+"""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import subprocess
+from email import message_from_bytes
+from pathlib import Path
+
+from twisted.internet import defer, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+
+from netsvc import auth, config
+from netsvc.mailbox.maildir import MailboxError, Maildirs
+from netsvc.metrics import Registry
+from netsvc.policies import RateLimiter
+from netsvc.smtp.local import (
+    LocalDelivery,
+    LocalMetrics,
+    LocalRouter,
+    Mailbox,
+    Resolution,
+    UnknownRecipient,
+    aliasProblems,
+)
+from netsvc.smtp.protocol import ServerConfig, SMTPFactory, SMTPMetrics
+from netsvc.smtp.settings import Settings
+from tests.helpers import port, startDaemon
+
+
+class Users:
+    """An authenticator that only answers who exists."""
+
+    def __init__(self, *names):
+        self.names = {n.lower() for n in names}
+
+    def isReserved(self, user):
+        return user.lower() in self.names
+
+
+ALIASES = {"postmaster": ["dev"], "root": ["postmaster"], "team": ["alice", "bob@lab.test", "carol@LOCALHOST"],
+           "ops": ["oncall@example.org", "dev"], "keep": ["keep", "keep@elsewhere.example"],
+           "ghost": ["nobody"]}
+
+
+def router(aliases=ALIASES, delimiter="+"):
+    return LocalRouter(["Lab.Test", "localhost"], aliases, Users("dev", "alice", "bob", "carol", "keep", "bob+x"),
+                       delimiter=delimiter)
+
+
+class RouterTests(unittest.TestCase):
+    def test_notLocal(self):
+        self.assertIsNone(router().resolve("bob@example.org"))
+        self.assertIsNone(router().resolve("bob@lab.test.example.org"))
+
+    def test_userAnyCaseDomainAnyCase(self):
+        r = router()
+        self.assertEqual(r.resolve("bob@lab.test"), Resolution([Mailbox("bob", "bob@lab.test")], []))
+        self.assertEqual(r.resolve("BoB@LAB.TEST"), Resolution([Mailbox("bob", "bob@lab.test")], []))
+        self.assertEqual(r.resolve("bob@LocalHost").mailboxes, [Mailbox("bob", "bob@localhost")])
+
+    def test_quotedLocalPart(self):
+        self.assertEqual(router().resolve('"bob"@lab.test').mailboxes, [Mailbox("bob", "bob@lab.test")])
+
+    def test_plusAddressing(self):
+        r = router()
+        self.assertEqual(r.resolve("Bob+News@lab.test").mailboxes, [Mailbox("bob", "bob+news@lab.test")])
+        # a user really called bob+x is bob+x's
+        self.assertEqual(r.resolve("bob+x@lab.test").mailboxes, [Mailbox("bob+x", "bob+x@lab.test")])
+        # plus-addressing off: bob+news is nobody
+        self.assertRaises(UnknownRecipient, router(delimiter="").resolve, "bob+news@lab.test")
+        # "+x" alone is not bob's
+        self.assertRaises(UnknownRecipient, r.resolve, "+x@lab.test")
+
+    def test_unknownUser(self):
+        self.assertRaises(UnknownRecipient, router().resolve, "nobody@lab.test")
+        self.assertRaises(UnknownRecipient, router().resolve, "nobody+bob@lab.test")
+
+    def test_aliases(self):
+        r = router()
+        self.assertEqual(r.resolve("postmaster@lab.test"), Resolution([Mailbox("dev", "dev@lab.test")], []))
+        self.assertEqual(r.resolve("Postmaster"), Resolution([Mailbox("dev", "dev@lab.test")], []))  # bare
+        self.assertEqual(r.resolve("root@localhost"), Resolution([Mailbox("dev", "dev@localhost")], []))
+        self.assertEqual(r.resolve("root+cron@lab.test").mailboxes, [Mailbox("dev", "dev@lab.test")])
+        self.assertEqual(r.resolve("team@lab.test").mailboxes,
+                         [Mailbox("alice", "alice@lab.test"), Mailbox("bob", "bob@lab.test"),
+                          Mailbox("carol", "carol@lab.test")])
+        self.assertEqual(r.resolve("ops@lab.test"),
+                         Resolution([Mailbox("dev", "dev@lab.test")], ["oncall@example.org"]))
+        # a name listing itself is its own mailbox, plus a forward
+        self.assertEqual(r.resolve("keep@lab.test"),
+                         Resolution([Mailbox("keep", "keep@lab.test")], ["keep@elsewhere.example"]))
+
+    def test_aliasToUnknownUserIsUnknown(self):
+        self.assertRaises(UnknownRecipient, router().resolve, "ghost@lab.test")
+
+    def test_pathNamesNeverMailboxes(self):
+        r = LocalRouter(["lab.test"], {"postmaster": ["dev"]}, Users("dev", "../dev", "a/b", ".hidden"))
+        for address in ("../dev@lab.test", "a/b@lab.test", ".hidden@lab.test"):
+            self.assertRaises(UnknownRecipient, r.resolve, address)
+
+
+class AliasProblemTests(unittest.TestCase):
+    def problems(self, aliases, domains=("lab.test",)):
+        return aliasProblems(aliases, list(domains))
+
+    def test_good(self):
+        self.assertEqual(self.problems(ALIASES, ["lab.test", "localhost"]), [])
+
+    def test_loops(self):
+        found = self.problems({"postmaster": ["a"], "a": ["b"], "b": ["a@lab.test"]})
+        self.assertTrue(found)
+        self.assertIn("alias loop", found[0][1])
+        self.assertIn("a -> b -> a", found[0][1])
+        # a plus-addressed way back is a loop too
+        self.assertTrue(self.problems({"postmaster": ["a"], "a": ["b"], "b": ["a+x"]}))
+        # the same name at another (non-local) domain is a forward, not a loop
+        self.assertEqual(self.problems({"postmaster": ["a"], "a": ["a@example.org", "b"]}), [])
+
+    def test_tooDeep(self):
+        chain = {f"a{i}": [f"a{i + 1}"] for i in range(30)}
+        chain["postmaster"] = ["a0"]
+        self.assertTrue(any("deeper" in reason for _, reason in self.problems(chain)))
+
+    def test_postmasterRequired(self):
+        found = self.problems({"root": ["dev"]})
+        self.assertEqual([key for key, _ in found], ["aliases"])
+        self.assertIn("postmaster", found[0][1])
+        self.assertEqual(self.problems({"PostMaster": ["postmaster"]}), [])
+
+    def test_badNamesAndTargets(self):
+        self.assertTrue(self.problems({"postmaster": ["dev"], "x@y": ["dev"]}))
+        self.assertTrue(self.problems({"postmaster": ["../etc"]}))
+        self.assertTrue(self.problems({"postmaster": ["bad address@x"]}))
+        self.assertTrue(self.problems({"postmaster": ["dev"], "Dev": ["a"], "dev": ["b"]}))
+
+    def test_settings(self):
+        def parse(local, users="users: users.txt\n"):
+            return config.structure(Settings, config.yaml.safe_load(
+                f"listen: ['tcp:0:interface=127.0.0.1']\n{users}local: {local}"), "t.yaml", "services.smtp")
+
+        s = parse("{domains: [Lab.test], aliases: {postmaster: dev, root: 'dev, ops@example.org'}}")
+        self.assertEqual(s.local.maildir, "mail")
+        self.assertEqual(list(s.local.aliases["root"]), ["dev", "ops@example.org"])
+        with self.assertRaises(config.ConfigError) as e:
+            parse("{domains: [lab.test], aliases: {postmaster: a, a: [b], b: a}}")
+        self.assertIn("services.smtp.local.aliases", str(e.exception))
+        with self.assertRaises(config.ConfigError) as e:
+            parse("{domains: [lab.test], aliases: {postmaster: dev}}", users="")
+        self.assertIn("local delivery needs users", str(e.exception))
+        with self.assertRaises(config.ConfigError) as e:
+            parse("{domains: ['[127.0.0.1]'], aliases: {postmaster: dev}}")
+        self.assertIn("domains[0]", str(e.exception))
+
+
+# -- the session over a StringTransport ---------------------------------------------------------
+
+
+class Incoming:
+    def __init__(self, queue, id):
+        self.queue, self.id = queue, id
+        self.data = b""
+        self.aborted = False
+        self.envelope = None
+
+    def write(self, data):
+        self.data += data
+
+    def contents(self):
+        return self.data
+
+    def abort(self):
+        self.aborted = True
+
+    def commit(self, envelope):
+        envelope.id = self.id
+        if self.queue.fail:
+            return defer.fail(OSError("disk on fire"))
+        self.envelope = envelope
+        return defer.succeed(self.id)
+
+
+class Queue:
+    def __init__(self):
+        self.messages = []
+        self.fail = False
+
+    def newMessage(self):
+        m = Incoming(self, f"id{len(self.messages)}")
+        self.messages.append(m)
+        return m
+
+    def committed(self):
+        return [m for m in self.messages if m.envelope is not None]
+
+
+class FailingStore(Maildirs):
+    """A store whose C{failAt}-th delivery (from 1) fails."""
+
+    failAt = 0
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.count = 0
+
+    def deliver(self, user, data, folder="INBOX"):
+        self.count += 1
+        if self.count == self.failAt:
+            raise MailboxError("cannot store message: no space left")
+        return super().deliver(user, data, folder)
+
+
+def newFiles(root, user):
+    folder = Path(root) / user / "new"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+class SessionTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.queue = Queue()
+        self.registry = Registry()
+        self.accepted = []
+        self.root = Path(self.mktemp())
+        self.store = FailingStore(self.root, fsync=False)
+        self.local = LocalDelivery(router(), self.store, LocalMetrics(self.registry), self.clock,
+                                   run=lambda f, *a: defer.maybeDeferred(f, *a))
+        self.config = ServerConfig(
+            hostname="mx.test", queue=self.queue, metrics=SMTPMetrics(self.registry), clock=self.clock,
+            maxSize=100_000, messageRate=RateLimiter(0, 0, self.clock), onAccepted=self.accepted.append,
+            local=self.local)
+
+    def connect(self, peer="127.0.0.1"):
+        p = SMTPFactory(self.config).buildProtocol(None)
+        t = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        p.makeConnection(t)
+        p.dataReceived(b"EHLO client.test\r\n")
+        t.clear()
+        return p, t
+
+    def send(self, p, t, data):
+        t.clear()
+        p.dataReceived(data)
+        return t.value().decode()
+
+    def transaction(self, p, t, *rcpts, sender=b"s@example.test", body=b"Subject: hi\r\n\r\nhello\r\n"):
+        out = self.send(p, t, b"MAIL FROM:<" + sender + b">\r\n")
+        for r in rcpts:
+            out += self.send(p, t, b"RCPT TO:<" + r + b">\r\n")
+        out += self.send(p, t, b"DATA\r\n")
+        return out + self.send(p, t, body + b".\r\n")
+
+    def metric(self, name, **labels):
+        return self.registry.get(name).labels(service="smtp", **labels).value
+
+    def test_unknownLocalUser550AtRcpt(self):
+        p, t = self.connect()
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")
+        out = self.send(p, t, b"RCPT TO:<nobody@lab.test>\r\n")
+        self.assertTrue(out.startswith("550 5.1.1 <nobody@lab.test>: Recipient address rejected"), out)
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="unknown_user"), 1)
+        self.assertTrue(self.send(p, t, b"RCPT TO:<ghost@LAB.test>\r\n").startswith("550 5.1.1"))
+
+    def test_outsiderMaySendToLocalUsersOnly(self):
+        p, t = self.connect(peer="192.0.2.7")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")
+        self.assertEqual(self.send(p, t, b"RCPT TO:<bob@lab.test>\r\n"), "250 2.1.5 Ok\r\n")
+        self.assertTrue(self.send(p, t, b"RCPT TO:<x@example.org>\r\n").startswith("554 5.7.1"))
+        self.assertTrue(self.send(p, t, b"RCPT TO:<nobody@lab.test>\r\n").startswith("550 5.1.1"))
+        self.assertTrue(self.send(p, t, b"DATA\r\n").startswith("354"))
+        out = self.send(p, t, b"Subject: in\r\n\r\nhi\r\n.\r\n")
+        self.assertTrue(out.startswith("250 2.0.0 Ok: queued as id0"), out)
+        self.assertEqual(len(newFiles(self.root, "bob")), 1)
+
+    def test_localOnly(self):
+        p, t = self.connect()
+        out = self.transaction(p, t, b"Bob+tag@LAB.test", sender=b"S@Example.test")
+        self.assertTrue(out.endswith("250 2.0.0 Ok: queued as id0\r\n"), out)
+        (path,) = newFiles(self.root, "bob")
+        data = path.read_bytes()
+        self.assertTrue(data.startswith(b"Return-Path: <S@Example.test>\r\nDelivered-To: bob+tag@lab.test\r\n"
+                                        b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (netsvc) with "
+                                        b"ESMTP id id0\r\n\tfor <Bob+tag@LAB.test>; "), data)
+        self.assertTrue(data.endswith(b"Subject: hi\r\n\r\nhello\r\n"))
+        # nothing queued; the queue's tmp file dropped; the delivery side not kicked
+        self.assertEqual(self.queue.committed(), [])
+        self.assertTrue(self.queue.messages[0].aborted)
+        self.assertEqual(self.accepted, [])
+        self.assertEqual(self.metric("netsvc_smtp_messages_accepted_total"), 1)
+        self.assertEqual(self.metric("netsvc_smtp_local_deliveries_total", result="delivered"), 1)
+        self.assertEqual(self.metric("netsvc_smtp_local_bytes_total"), len(data))
+
+    def test_nullSender(self):
+        p, t = self.connect()
+        self.transaction(p, t, b"bob@lab.test", sender=b"")
+        (path,) = newFiles(self.root, "bob")
+        self.assertTrue(path.read_bytes().startswith(b"Return-Path: <>\r\n"))
+
+    def test_mixedLocalAndRemoteOne250(self):
+        p, t = self.connect()
+        out = self.transaction(p, t, b"bob@lab.test", b"x@example.org", b"alice@localhost", b"ops@lab.test")
+        self.assertEqual(out.count("250 2.0.0"), 1)
+        self.assertTrue(out.endswith("250 2.0.0 Ok: queued as id0\r\n"), out)
+        for user in ("bob", "alice", "dev"):
+            self.assertEqual(len(newFiles(self.root, user)), 1, user)
+        (m,) = self.queue.committed()
+        # only the remote recipients are queued: the one given and the one the alias forwards to
+        self.assertEqual([(r.address, r.orcpt) for r in m.envelope.recipients],
+                         [("x@example.org", None), ("oncall@example.org", "rfc822;ops@lab.test")])
+        self.assertEqual(self.accepted, ["id0"])
+        self.assertIn(b"Delivered-To: dev@lab.test\r\n", newFiles(self.root, "dev")[0].read_bytes())
+
+    def test_oneCopyPerMailbox(self):
+        p, t = self.connect()
+        out = self.transaction(p, t, b"bob@lab.test", b"BOB@lab.test", b"bob+a@lab.test", b"team@lab.test",
+                               b"postmaster", b"root@lab.test")
+        self.assertTrue(out.endswith("250 2.0.0 Ok: queued as id0\r\n"), out)
+        self.assertEqual(len(newFiles(self.root, "bob")), 1)
+        self.assertEqual(len(newFiles(self.root, "dev")), 1)
+        self.assertEqual(len(newFiles(self.root, "alice")), 1)
+        self.assertEqual(self.metric("netsvc_smtp_local_deliveries_total", result="delivered"), 4)
+
+    def test_storeFailsNothingKept(self):
+        self.store.failAt = 3  # bob, alice written; carol fails
+        p, t = self.connect()
+        out = self.transaction(p, t, b"team@lab.test", b"x@example.org")
+        self.assertTrue(out.endswith("451 4.3.0 Error: local error in processing; message not accepted\r\n"), out)
+        for user in ("alice", "bob", "carol"):
+            self.assertEqual(newFiles(self.root, user), [], user)
+            self.assertEqual(self.store.inbox(user).messages(), [], user)
+        self.assertEqual(self.queue.committed(), [])
+        self.assertTrue(self.queue.messages[0].aborted)
+        self.assertEqual(self.accepted, [])
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="local_delivery_error"), 1)
+        self.assertEqual(self.metric("netsvc_smtp_local_deliveries_total", result="failed"), 3)
+        self.assertEqual(self.metric("netsvc_smtp_messages_accepted_total"), 0)
+        self.flushLoggedErrors(MailboxError)
+        # the session goes on: the next message is delivered
+        out = self.transaction(p, t, b"bob@lab.test")
+        self.assertTrue(out.endswith("250 2.0.0 Ok: queued as id1\r\n"), out)
+        self.assertEqual(len(newFiles(self.root, "bob")), 1)
+
+    def test_queueFailsLocalCopiesTakenBack(self):
+        self.queue.fail = True
+        p, t = self.connect()
+        out = self.transaction(p, t, b"bob@lab.test", b"x@example.org")
+        self.assertTrue(out.endswith("451 4.3.0 Error: local error in processing; message not accepted\r\n"), out)
+        self.assertEqual(newFiles(self.root, "bob"), [])
+        self.assertEqual(self.store.inbox("bob").messages(), [])
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="queue_error"), 1)
+        self.flushLoggedErrors(OSError)
+
+    def test_withoutLocalEverythingAsBefore(self):
+        self.config.local = None
+        p, t = self.connect(peer="192.0.2.7")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")
+        self.assertTrue(self.send(p, t, b"RCPT TO:<bob@lab.test>\r\n").startswith("554 5.7.1"))
+        p, t = self.connect()
+        self.transaction(p, t, b"bob@lab.test")
+        self.assertEqual([r.address for r in self.queue.committed()[0].envelope.recipients], ["bob@lab.test"])
+        self.assertFalse(self.root.exists())
+
+
+# -- the daemon over loopback ------------------------------------------------------------------
+
+
+def daemonConfig(users, mynetworks):
+    return f"""
+services:
+  smtp:
+    listen:
+      - "tcp:0:interface=127.0.0.1"
+    hostname: mail.test
+    mynetworks: {mynetworks}
+    users: {users}
+    relay: {{capture: true}}
+    queue: {{fsync: true}}
+    local: {{domains: [lab.test, localhost], aliases: {{postmaster: dev, root: dev}}}}
+    limits: {{rate: 0}}
+"""
+
+
+MESSAGE = (b"From: sender@example.org\r\nTo: dev@lab.test\r\nSubject: attachment\r\n\r\n"
+           + b"".join(b"line %d of the message\r\n" % i for i in range(2000)))
+
+
+class LoopbackCase(unittest.TestCase):
+    """The daemon with local delivery and capture; clients from C{mynetworks} may relay (no tests here)."""
+
+    mynetworks = "[]"
+
+    def setUp(self):
+        users = Path(self.mktemp()).absolute()
+        auth.addUser(users, "dev", "devpass")
+        self.daemon = startDaemon(self, daemonConfig(users, self.mynetworks))
+        self.svc = self.daemon.getServiceNamed("smtp")
+        self.state = Path(self.daemon.context.stateDir)
+        self.mail = self.state / "mail"
+        self.port = port(self.daemon, 0, "smtp")
+
+    def send(self, rcpts, data=MESSAGE):
+        """smtplib: the refused recipients, and what dev's new/ holds as soon as the 250 came."""
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as c:
+                refused = c.sendmail("sender@example.org", rcpts, data)
+                return refused, newFiles(self.mail, "dev")
+
+        return threads.deferToThread(run)
+
+
+class LoopbackTests(LoopbackCase):
+    """From outside mynetworks, without AUTH."""
+
+    @defer.inlineCallbacks
+    def test_deliveredBeforeThe250(self):
+        # an outsider (mynetworks is empty, no AUTH) may deliver to local users
+        refused, files = yield self.send(["Dev+Tests@LAB.test", "root@localhost"])
+        self.assertEqual(refused, {})
+        (path,) = files  # in new/ when the 250 arrived; one copy for both
+        data = path.read_bytes()
+        self.assertTrue(data.startswith(b"Return-Path: <sender@example.org>\r\nDelivered-To: dev+tests@lab.test\r\n"
+                                        b"Received: from "), data[:200])
+        self.assertTrue(data.endswith(MESSAGE), "the message's bytes, unchanged")
+        msg = message_from_bytes(data)
+        self.assertEqual(msg["Subject"], "attachment")
+        # the store reads it (UIDs, size)
+        messages = yield threads.deferToThread(lambda: self.svc.local.store.inbox("dev").messages())
+        self.assertEqual([m.size for m in messages], [len(data)])
+        self.assertEqual(self.svc.capture.ids(), [])  # nothing captured: all of it was local
+        text = self.daemon.context.metrics.render()
+        self.assertIn('netsvc_smtp_local_deliveries_total{service="smtp",result="delivered"} 1', text)
+
+    @defer.inlineCallbacks
+    def test_unknownUserAndRelayRefused(self):
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as c:
+                c.ehlo()
+                c.mail("sender@example.org")
+                return c.rcpt("nobody@lab.test"), c.rcpt("x@example.org")
+
+        unknown, relay = yield threads.deferToThread(run)
+        self.assertEqual(unknown[0], 550)
+        self.assertIn(b"5.1.1", unknown[1])
+        self.assertEqual(relay[0], 554)
+
+    @defer.inlineCallbacks
+    def test_failingStore451NothingInNew(self):
+        # the user's mailbox cannot be made: its place is taken by a file
+        self.mail.mkdir(parents=True, exist_ok=True)
+        (self.mail / "dev").write_bytes(b"not a folder")
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as c:
+                try:
+                    c.sendmail("sender@example.org", ["dev@lab.test"], MESSAGE)
+                except smtplib.SMTPDataError as e:
+                    return e.smtp_code, e.smtp_error
+                return None
+
+        code, text = yield threads.deferToThread(run)
+        self.assertEqual(code, 451)
+        self.assertIn(b"4.3.0", text)
+        self.assertEqual((self.mail / "dev").read_bytes(), b"not a folder")
+        self.assertEqual(self.svc.capture.ids(), [])
+        self.assertEqual(list((self.state / "captured" / "tmp").iterdir()), [])  # the session's tmp file dropped
+        self.flushLoggedErrors(MailboxError)
+        # fixed: the client's retry is delivered
+        (self.mail / "dev").unlink()
+        refused, files = yield self.send(["dev@lab.test"])
+        self.assertEqual((refused, len(files)), ({}, 1))
+
+    @defer.inlineCallbacks
+    def test_swaks(self):
+        swaks = shutil.which("swaks")
+        if swaks is None:
+            raise unittest.SkipTest("swaks is not installed: run scripts/install-test-peers (Debian: swaks)")
+
+        def run():
+            return subprocess.run(
+                [swaks, "--server", "127.0.0.1", "--port", str(self.port), "--from", "s@example.org",
+                 "--to", "postmaster@lab.test", "--header", "Subject: from swaks", "--body", "hello from swaks",
+                 "--pipeline"], capture_output=True, timeout=30, text=True)
+
+        result = yield threads.deferToThread(run)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("<-  250 2.0.0 Ok: queued as", result.stdout)
+        (path,) = newFiles(self.mail, "dev")
+        data = path.read_bytes()
+        self.assertIn(b"Delivered-To: dev@lab.test\r\n", data)
+        self.assertIn(b"Subject: from swaks\r\n", data)
+
+
+class TrustedLoopbackTests(LoopbackCase):
+    """From mynetworks: mail for elsewhere is relayed (captured)."""
+
+    mynetworks = "[127.0.0.0/8]"
+
+    @defer.inlineCallbacks
+    def test_mixedLocalAndCaptured(self):
+        refused, files = yield self.send(["dev@lab.test", "someone@example.org"])
+        self.assertEqual((refused, len(files)), ({}, 1))
+        (id,) = self.svc.capture.ids()
+        self.assertEqual([r.address for r in self.svc.capture.envelope(id).recipients], ["someone@example.org"])
+        self.assertNotIn(b"Delivered-To", self.svc.capture.raw(id))

@@ -71,6 +71,8 @@ class _Walker:
             (inner,) = [a for a in args if a is not type(None)]
             return self._structure(inner, value, path)
         if origin is Literal:
+            if value is False and "off" in args:
+                value = "off"  # YAML 1.1 (pyyaml) reads an unquoted off as false
             if value not in args:
                 choices = ", ".join(repr(a) for a in args)
                 raise Invalid(f"expected one of {choices}, got {value!r}{suggest(str(value), map(str, args))}")

@@ -227,13 +227,15 @@ class StatusResource(resource.Resource):
             for name, rowsOf in metrics.items()
             for row in rowsOf
         )
+        web = state.get("web") or {}
+        http2 = f"<p>HTTP/2: {e(str(web['http2']))}</p>" if "http2" in web else ""
         page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>netsvc status</title>
 <style>body{{font-family:sans-serif}} td,th{{padding:0 .8em;text-align:left}}
 .n{{text-align:right}}</style></head>
 <body><h1>netsvc status</h1>
 <p>pid {e(str(state.get("pid")))}, up {uptime:.0f} s, config {e(str(state.get("config") or "-"))}</p>
-<h2>Services</h2><p>{e(", ".join(state.get("services", [])))}</p>
+<h2>Services</h2><p>{e(", ".join(state.get("services", [])))}</p>{http2}
 <h2>Listeners</h2><table><tr><th>key</th><th>endpoint</th><th>host</th><th>port</th></tr>{rows}</table>
 <h2>Counters</h2><table><tr><th>metric</th><th>labels</th><th>value</th></tr>{counters}</table>
 <p><a href="?format=json">JSON</a></p>

@@ -26,7 +26,6 @@ from zope.interface import implementer
 
 from netsvc.web.files import FileEntry
 from netsvc.web.negotiate import acceptsGzip, etagMatches, parseHTTPDate
-from netsvc.web.site import buildH2
 from netsvc.web.static import StaticResource
 
 #: A request head longer than this goes to twisted.web (which answers 431 or 400).
@@ -78,6 +77,9 @@ _IGNORED = frozenset(
         b"content-length",
     ]
 )
+
+#: The same for HTTP/2 requests (which also say C{te: trailers}).
+_FAST_HEADERS = _IGNORED | {b"te"}
 
 
 class _Record:
@@ -233,10 +235,12 @@ class FastHTTPChannel(Protocol):
         self._buffer = b""
         self._letGo()  # twisted.web's channel registers itself as the transport's producer
         if self._h2:
-            delegate = self.delegate = buildH2(self.site, self.transport)
+            from netsvc.web.http2 import H2Channel  # (http2 uses this module's pieces)
+
+            delegate = self.delegate = H2Channel(self.site, self.site.http2, self.metrics)
         else:
             delegate = self.delegate = self.site.buildProtocol(self.addr)
-            delegate.makeConnection(self.transport)
+        delegate.makeConnection(self.transport)
         if data:
             delegate.dataReceived(data)
 
@@ -260,7 +264,10 @@ class FastHTTPChannel(Protocol):
             self.transport.unregisterProducer()
 
     def timedOut(self) -> None:
-        if self.delegate is not None:
+        timedOut = getattr(self.delegate, "timedOut", None)
+        if timedOut is not None:
+            timedOut()  # HTTP/2: GOAWAY, then close
+        elif self.delegate is not None:
             self._release()
             self.transport.loseConnection()
         elif self._paused:
@@ -271,8 +278,11 @@ class FastHTTPChannel(Protocol):
 
     def drain(self) -> None:
         """Shutdown: a keep-alive connection between requests is closed now (one with twisted.web
-        waits for the drain timeout)."""
-        if self.delegate is None and not self._buffer:
+        waits for the drain timeout); HTTP/2 says GOAWAY and closes once its streams are answered."""
+        drain = getattr(self.delegate, "drain", None)
+        if drain is not None:
+            drain()
+        elif self.delegate is None and not self._buffer:
             self._close()
 
     def connectionLost(self, reason: Any) -> None:
@@ -293,15 +303,13 @@ class FastHTTPChannel(Protocol):
                 # of the refused head (AttributeError: '_version').
                 return
             delegate.dataReceived(data)
-            if self._h2 and getattr(self.transport, "disconnecting", False):
-                self._release()
             return
         if self._closing:
             return
         if self._first:
             self._first = False
             self._secure = ISSLTransport.providedBy(self.transport)
-            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2" and self.site.http2:
                 self._h2 = True
                 self._handOver(data)
                 return
@@ -424,23 +432,11 @@ class FastHTTPChannel(Protocol):
         if headers.get(b"content-length", b"0") != b"0" or b"host" not in headers:
             return None
         site = self.site
-        path = target.split(b"?", 1)[0]
-        resource = site.hostFor(_HostOnly(headers.get(b"host"))).route(path)
-        if type(resource) is not StaticResource:
-            return None
-        entry = resource.tree.lookup(path)
-        if type(entry) is not FileEntry or entry.body is None:
+        found = cachedAnswer(site, headers, target)
+        if found is None:
             return None
         started = time.monotonic()
-        useGzip = entry.gzBody is not None and acceptsGzip(headers.get(b"accept-encoding"))
-        etag = entry.gzEtag if useGzip else entry.etag
-        inm = headers.get(b"if-none-match")
-        notModified = False
-        if inm is not None:
-            notModified = etagMatches(inm, etag)
-        else:
-            since = parseHTTPDate(headers.get(b"if-modified-since"))
-            notModified = since is not None and entry.mtime <= since
+        entry, useGzip, etag, notModified = found
         # twisted.web's reading of Connection: tokens between spaces (a token, not a substring)
         close = b"close" in headers.get(b"connection", b"").lower().split(b" ")
         prefix = site.fastPrefix(self._secure)
@@ -473,6 +469,30 @@ class FastHTTPChannel(Protocol):
             record.sentLength = len(body)
             onRequest(record)
         return b"".join(block), close
+
+
+def cachedAnswer(site: Any, headers: dict[bytes, bytes], target: bytes) -> tuple[FileEntry, bool, bytes, bool] | None:
+    """
+    For a GET or HEAD of C{target} with C{headers} (lower-case names, C{host} among them): the
+    cached file entry that answers it, whether gzip, the ETag, and whether 304 -- or None when
+    the request is not for a cached static file (HTTP/1.1 and HTTP/2 fast paths alike).
+    """
+    path = target.split(b"?", 1)[0]
+    resource = site.hostFor(_HostOnly(headers.get(b"host"))).route(path)
+    if type(resource) is not StaticResource:
+        return None
+    entry = resource.tree.lookup(path)
+    if type(entry) is not FileEntry or entry.body is None:
+        return None
+    useGzip = entry.gzBody is not None and acceptsGzip(headers.get(b"accept-encoding"))
+    etag = entry.gzEtag if useGzip else entry.etag
+    inm = headers.get(b"if-none-match")
+    if inm is not None:
+        notModified = etagMatches(inm, etag)
+    else:
+        since = parseHTTPDate(headers.get(b"if-modified-since"))
+        notModified = since is not None and entry.mtime <= since
+    return entry, useGzip, etag, notModified
 
 
 class _HostOnly:

@@ -122,6 +122,7 @@ class FileEntry:
         "headers",
         "gzHeaders",
         "fastBlocks",
+        "h2Headers",
     )
 
     def __init__(self, path: str, st: os.stat_result, now: float) -> None:
@@ -145,6 +146,8 @@ class FileEntry:
         self.gzHeaders: list[tuple[bytes, bytes]] = []
         #: The same as header bytes, made by netsvc.web.fast on first use.
         self.fastBlocks: tuple[bytes, bytes] | None = None
+        #: The same as HTTP/2 header fields (lower case), made by netsvc.web.http2 on first use.
+        self.h2Headers: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None = None
 
     @property
     def hasGzip(self) -> bool:

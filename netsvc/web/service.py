@@ -33,6 +33,7 @@ from netsvc.endpoints import isSharedTLS, split
 from netsvc.policies import AccessList
 from netsvc.runtime import StartupError, openingAs
 from netsvc.tls import CertificateError, ServerCertificate, SNIServerCreator
+from netsvc.web import h2engine
 from netsvc.web.accesslog import AccessLog
 from netsvc.web.admin import AdminGate, StatusResource, openMetrics
 from netsvc.web.fast import FastHTTPFactory
@@ -250,12 +251,13 @@ def makeService(settings: Settings, context: Any) -> IService:
     if admin.metrics_path:
         metricsGate = AdminGate(openMetrics(context.metrics), access, admin.users, failures=failures)
         default.mount(admin.metrics_path, metricsGate, exact=True)
+    http2 = _http2Engine(context, settings)
     if admin.status_path:
         status = AdminGate(
             StatusResource(
                 lambda: context.daemon,
                 context.metrics,
-                lambda: {"web": {"cache": [t.stats() for t in trees]}},
+                lambda: {"web": {"http2": h2engine.describe(http2), "cache": [t.stats() for t in trees]}},
             ),
             access,
             admin.users,
@@ -312,6 +314,8 @@ def makeService(settings: Settings, context: Any) -> IService:
     )
 
     site.serviceMetrics = svc.metrics
+    site.http2 = http2
+    alpn = ALPN if site.http2 else [b"http/1.1"]
 
     def httpsPort() -> int | None:
         if settings.https_port:
@@ -325,9 +329,9 @@ def makeService(settings: Settings, context: Any) -> IService:
     extra = _extraCertificates(context, settings)
     secure, plain = svc.guard.wrap(FastHTTPFactory(site, svc.metrics)), svc.guard.wrap(redirect)
     for i, listener in enumerate(settings.listen):
-        svc.listen(i, listener, plain if listener.redirect_to_https else secure, ALPN)
+        svc.listen(i, listener, plain if listener.redirect_to_https else secure, alpn)
         if extra and isSharedTLS(*split(listener.endpoint)):
-            svc.listeners[-1].endpoint.creator = SNIServerCreator(context.certificate, extra, ALPN)
+            svc.listeners[-1].endpoint.creator = SNIServerCreator(context.certificate, extra, alpn)
     _Housekeeping(context.reactor, pools, accessLog).setServiceParent(svc)
 
     serverReconfigure = svc.reconfigure
@@ -344,6 +348,22 @@ def makeService(settings: Settings, context: Any) -> IService:
     svc.defaultHost = default
     svc.trees = trees
     return svc
+
+
+def _http2Engine(context: Any, settings: Settings) -> str | None:
+    """The HTTP/2 engine C{services.web.http2} asks for (None: off); a problem if it cannot be had."""
+    if settings.http2 == "off":
+        return None
+    engine = h2engine.available(settings.http2)
+    if engine is None:
+        wanted = {"native": "the ngh2 package (libnghttp2)", "python": "the h2 package"}.get(
+            settings.http2, "ngh2 or h2"
+        )
+        raise StartupError([Problem(context.configFile, "services.web.http2",
+                                    f"{settings.http2!r} needs {wanted}, which cannot be imported")])
+    if engine != "native" and settings.http2 == "auto":
+        log.warn("HTTP/2 on the pure-Python h2 engine: ngh2 (libnghttp2) cannot be imported")
+    return engine
 
 
 def _isTLS(description: str) -> bool:

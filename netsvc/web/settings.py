@@ -176,6 +176,9 @@ class Settings(ServiceSettings):
     #: Pages of other sites allowed to open the chat's WebSocket (origins, C{https://app.example:8443}),
     #: besides this site's own names and ports.  Handshakes without an Origin (not a browser) are allowed.
     chat_origins: list[str] = field(factory=list)
+    #: HTTP/2 (ALPN h2) on libnghttp2 ("native"), on the pure-Python h2 ("python"), the native one
+    #: where it can be imported and else h2 ("auto"), or not at all ("off": HTTP/1.1 only).
+    http2: Literal["auto", "native", "python", "off"] = field("auto")
     #: Where captured mail is listed (the smtp service in capture mode; admin.allow/users apply); "" off.
     mail_path: str = field("/mail")
 

@@ -112,14 +112,6 @@ class Host:
         return self.fallback
 
 
-try:  # HTTP/2 support is optional (twisted[http2])
-    from h2.exceptions import ProtocolError as _H2ProtocolError
-
-    _H2_ERRORS: tuple[type[BaseException], ...] = (_H2ProtocolError,)
-except ImportError:  # pragma: no cover
-    _H2_ERRORS = ()
-
-
 class WebRequest(server.Request):
     """A request of a L{WebSite}: routed by table, default headers precomputed."""
 
@@ -164,8 +156,8 @@ class WebRequest(server.Request):
             if reactor is not None:
                 transport = channel.transport
                 self._abortCall = reactor.callLater(2.0, transport.abortConnection)
-        else:  # an HTTP/2 stream: reset it (twisted.web answers 400 there)
-            channel._respondToBadRequestAndDisconnect()
+        else:  # an HTTP/2 stream (netsvc.web.http2): 413, then the upload is stopped
+            channel._conn.refuseBody(channel.streamID)
 
     _abortCall = None
 
@@ -202,20 +194,11 @@ class WebRequest(server.Request):
             self.processingFailed(failure.Failure())
 
     def _streamGone(self) -> bool:
-        """An HTTP/2 request whose stream h2 has already closed (the client reset it)."""
-        channel = self.channel
-        h2conn = getattr(getattr(channel, "_conn", None), "conn", None)  # H2Stream -> h2 (Twisted 26.10)
-        if h2conn is None:
-            return False
-        stream = h2conn.streams.get(channel.streamID)
-        return stream is None or stream.closed
+        """An HTTP/2 request whose stream is already gone (the client reset it)."""
+        conn = getattr(self.channel, "_conn", None)  # H2Stream -> netsvc.web.http2.H2Channel
+        return conn is not None and conn.streamGone(self.channel.streamID)
 
     def processingFailed(self, reason: failure.Failure) -> None:
-        if _H2_ERRORS and reason.check(*_H2_ERRORS) and not isinstance(self.channel, http.HTTPChannel):
-            # The stream went away while the response was written (reset by the client): nothing
-            # to answer, and not a server failure.
-            self.channel.site.countReset()
-            return None
         self._log.failure("web request failed", failure=reason)
         if self.startedWriting:
             self.loseConnection()
@@ -305,107 +288,6 @@ class WebChannel(http.HTTPChannel):
         self._networkProducer.resumeProducing()
 
 
-#: HTTP/2 streams a client may have open at once (h2's default is 100).  Each holds up to one
-#: cached file's bytes (at most C{cache.max_file_size}) until the client reads them.
-MAX_H2_STREAMS = 32
-
-#: Bytes an HTTP/2 stream's producer (a file sent from disk, a proxied body) may have queued
-#: before it is paused, whatever flow-control window the client opened.
-H2_STREAM_BUFFER = 65536
-
-try:  # HTTP/2 support is optional (twisted[http2])
-    import h2.settings
-    from twisted.web._http2 import _END_STREAM_SENTINEL as _END_STREAM  # Twisted-private, 26.10
-    from twisted.web._http2 import H2Connection as _H2Connection  # Twisted-private, checked on 26.10
-except ImportError:  # pragma: no cover
-    _H2Connection = None
-
-
-if _H2Connection is not None:
-
-    class WebH2Connection(_H2Connection):  # type: ignore[misc,valid-type]
-        """
-        twisted.web's HTTP/2 connection, held to issue 18's rule.  twisted.web stops sending when
-        the transport's buffer is full but goes on reading, dispatching requests and letting
-        their file producers run (a client that opens its flow-control windows wide and never
-        reads had every file it asked for read into memory: 53 MB for 100 streams of a 560 KB
-        file).  Here a full transport also pauses every stream's producer and stops reading;
-        at most L{MAX_H2_STREAMS} streams are open at once.
-        """
-
-        def __init__(self, reactor: Any = None) -> None:
-            super().__init__(reactor)
-            #: Streams whose producer may be paused by the cap (see remainingOutboundWindow).
-            self._capped: set[int] = set()
-            codes = h2.settings.SettingCodes
-            self.conn.local_settings = h2.settings.Settings(
-                client=False,
-                initial_values={codes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE},
-            )
-
-        def connectionMade(self) -> None:
-            super().connectionMade()
-            # The stream cap is announced here and enforced once the client acknowledges it (RFC 9113
-            # 6.5.3): in force from the first frame, it failed the whole connection of a client that
-            # opened more than 32 streams before it had seen our SETTINGS (curl, h2load, Go assume 100).
-            self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_H2_STREAMS})
-            self.transport.write(self.conn.data_to_send())
-
-        def remainingOutboundWindow(self, streamID: int) -> int:
-            """The flow-control window left as twisted.web counts it (the window less the bytes
-            queued), with the window capped at L{H2_STREAM_BUFFER}: a stream's producer pauses
-            once that much is queued, whatever window the client opened."""
-            window = self.conn.local_flow_control_window(streamID)
-            queued = 0
-            for chunk in self._outboundStreamQueues[streamID]:
-                if chunk is not _END_STREAM:
-                    queued += len(chunk)
-            if queued >= H2_STREAM_BUFFER:
-                stream = self.streams.get(streamID)
-                if stream is not None and stream.producer is not None:
-                    self._capped.add(streamID)
-            return min(window, H2_STREAM_BUFFER) - queued
-
-        def _sendPrioritisedData(self, *args: Any) -> None:
-            super()._sendPrioritisedData(*args)
-            if self._capped and self._consumerBlocked is None and self._stillProducing:
-                # Frames went out: producers paused by the cap above may go on.
-                capped, self._capped = self._capped, set()
-                for streamID in capped:
-                    stream = self.streams.get(streamID)
-                    if stream is not None:
-                        stream.windowUpdated()  # resumes it if below the cap again
-
-        def pauseProducing(self) -> None:
-            super().pauseProducing()
-            for stream in list(self.streams.values()):
-                stream.flowControlBlocked()  # pauses its producer, if it has one producing
-            self.transport.pauseProducing()
-
-        def resumeProducing(self) -> None:
-            super().resumeProducing()
-            for stream in list(self.streams.values()):
-                stream.windowUpdated()  # resumes its producer if its window is open
-            if self.transport is not None and not self.transport.disconnecting:
-                self.transport.resumeProducing()
-
-
-def buildH2(site: Any, transport: Any) -> Any:
-    """
-    A L{WebH2Connection} for C{site} on C{transport}, registered as the transport's producer:
-    what twisted.web's HTTP/1.1-or-HTTP/2 switch does when ALPN chose h2, with L{WebH2Connection}.
-    """
-    channel = WebH2Connection(getattr(site, "reactor", None))
-    channel.requestFactory = site.requestFactory
-    channel.site = site
-    channel.factory = site
-    channel.timeOut = site.timeOut
-    channel.callLater = site.reactor.callLater
-    channel.makeConnection(transport)
-    transport.registerProducer(channel, True)
-    return channel
-
-
 def _webChannel(factory: Any) -> Any:
     """What L{WebSite} builds per connection: twisted.web's HTTP/1.1-or-HTTP/2 switch around a
     L{WebChannel} (C{_GenericHTTPChannelProtocol} is Twisted-private, checked on 26.10)."""
@@ -455,6 +337,24 @@ class WebSite(server.Site):
         """An HTTP/2 stream reset by the client before its response was written."""
         if self.serviceMetrics is not None:
             self.serviceMetrics.error("stream_reset").value += 1
+
+    #: The HTTP/2 engine ALPN's h2 gets (netsvc.web.h2engine: "native" or "python"), or None: no HTTP/2.
+    http2: str | None = None
+
+    def h2Prefix(self, secure: bool) -> list[tuple[bytes, bytes]]:
+        """C{server}, C{date} and the default headers as HTTP/2 header fields, per second."""
+        date = self.dates.now()
+        cached = self._h2Prefix
+        if cached is None or cached[0] is not date:
+            first = [(b"server", SERVER), (b"date", date)]
+            cached = self._h2Prefix = (
+                date,
+                first + [(n.lower(), v) for n, v in self.plainHeaders],
+                first + [(n.lower(), v) for n, v in self.secureHeaders],
+            )
+        return cached[2] if secure else cached[1]
+
+    _h2Prefix: tuple[bytes, list, list] | None = None
 
     def fastPrefix(self, secure: bool) -> bytes:
         """C{Server}, C{Date} and the default headers as bytes (for L{netsvc.web.fast}), per second."""

@@ -1,0 +1,418 @@
+"""
+The HTTP/2 engines behind L{netsvc.web.http2}: the same small, sans-I/O interface over
+libnghttp2 (the C{ngh2} binding: "native") and over the pure-Python C{h2} ("python").
+
+The protocol in L{netsvc.web.http2} only ever talks to this interface, so both engines serve
+the same requests the same way; the native one is ~20x cheaper per request (HPACK, framing
+and flow control in C).  Events come out as tuples C{(kind, streamID, a, b)}:
+
+  - C{(REQUEST, sid, headers, endStream)}: a request head (pseudo-headers first, names lower case)
+  - C{(DATA, sid, data, endStream)}: request body bytes (acknowledge them with L{ack} once consumed)
+  - C{(END, sid, None, None)}: the request is complete (trailers, if any, are dropped)
+  - C{(RESET, sid, errorCode, None)}: the client reset the stream
+  - C{(CLOSED, sid, errorCode, None)}: the stream is gone (after a response, a reset, or an error)
+  - C{(WINDOW, sid, None, None)}: flow-control window opened (sid 0: the connection's)
+  - C{(GOAWAY, 0, lastStreamID, errorCode)}: the client is going away
+
+A connection-level protocol violation or a flood the engine refuses raises L{EngineError}
+from L{Engine.receive}; the engine has then queued its GOAWAY (write L{Engine.output}, close).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+REQUEST, DATA, END, RESET, CLOSED, WINDOW, GOAWAY = range(7)
+
+#: Error codes (RFC 9113 section 7).
+NO_ERROR = 0x0
+PROTOCOL_ERROR = 0x1
+INTERNAL_ERROR = 0x2
+REFUSED_STREAM = 0x7
+CANCEL = 0x8
+ENHANCE_YOUR_CALM = 0xB
+
+#: SETTINGS identifiers (RFC 9113 section 6.5.2).
+MAX_CONCURRENT_STREAMS = 0x3
+INITIAL_WINDOW_SIZE = 0x4
+MAX_HEADER_LIST_SIZE = 0x6
+
+#: Header names that may not appear in an HTTP/2 message (RFC 9113 section 8.2.2); twisted.web's
+#: responses may carry them (Connection: close, Transfer-Encoding: chunked).
+CONNECTION_HEADERS = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"])
+
+
+class EngineError(Exception):
+    """The connection failed (a protocol violation, a flood); its GOAWAY is queued.
+    C{kind} names it for the metrics: C{protocol} or C{flood}."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class Engine:
+    """What both engines provide (documentation; see L{NativeEngine} and L{PythonEngine})."""
+
+    name = ""
+
+    def start(self, settings: dict[int, int]) -> None: ...
+    def receive(self, data: bytes) -> list[tuple[int, int, Any, Any]]: ...  # type: ignore[empty-body]
+    def output(self, amount: int | None = None) -> bytes: ...  # type: ignore[empty-body]
+    def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None: ...
+    def informational(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def send(self, sid: int, data: bytes, end: bool) -> None: ...
+    def end(self, sid: int) -> None: ...
+    def reset(self, sid: int, code: int) -> None: ...
+    def ack(self, sid: int, amount: int) -> None: ...
+    def queued(self, sid: int | None = None) -> int: ...  # type: ignore[empty-body]
+    def goaway(self, code: int, lastStreamID: int | None) -> None: ...
+    def shutdownNotice(self) -> None: ...
+
+
+try:
+    import ngh2
+except ImportError:  # pragma: no cover - the wheel is a dependency; "auto" then uses h2
+    ngh2 = None  # type: ignore[assignment]
+
+
+class NativeEngine(Engine):
+    """
+    libnghttp2 through C{ngh2} (pinned: alpha, one maintainer -- what netsvc relies on is listed in
+    the README's HTTP/2 section and held by tests/web/test_http2.py).  libnghttp2 brings the limits
+    curl and Apache rely on: rapid reset (a token bucket on RST_STREAM), CONTINUATION floods, header
+    list size and count, SETTINGS and PING-ack floods; each ends the connection with GOAWAY.
+    Request bodies are flow-controlled by hand (C{auto_window_update=False}): the window reopens as
+    twisted.web consumes the body, not as it arrives.
+    """
+
+    name = "native"
+
+    def __init__(self, maxHeaderList: int = 65536) -> None:
+        config = ngh2.Configuration(
+            auto_window_update=False,
+            max_inbound_header_list_size=maxHeaderList,
+            max_inbound_header_count=256,
+        )
+        self.conn = conn = ngh2.Connection(ngh2.Role.SERVER, config)
+        # Bound once: these run per request.
+        self.output = conn.data_to_send  # type: ignore[method-assign]
+        self.queued = conn.queued_body_size  # type: ignore[method-assign]
+        self.ack = self._ack  # type: ignore[method-assign]
+        self._classes = {
+            ngh2.RequestReceived: self._request,
+            ngh2.DataReceived: self._data,
+            ngh2.TrailersReceived: self._trailers,
+            ngh2.StreamReset: self._reset,
+            ngh2.StreamClosed: self._closed,
+            ngh2.WindowUpdated: self._window,
+            ngh2.GoAwayReceived: self._goaway,
+        }
+
+    def start(self, settings: dict[int, int]) -> None:
+        self.conn.initiate_connection(settings)
+
+    def receive(self, data: bytes) -> list[tuple[int, int, Any, Any]]:
+        try:
+            self.conn.receive_data(data)
+        except ngh2.DenialOfServiceError as e:
+            raise EngineError("flood", str(e)) from None
+        except ngh2.NGH2Error as e:
+            raise EngineError("protocol", str(e)) from None
+        out: list[tuple[int, int, Any, Any]] = []
+        classes = self._classes
+        for event in self.conn.events():
+            handler = classes.get(type(event))
+            if handler is not None:
+                handler(event, out)
+        return out
+
+    @staticmethod
+    def _request(e: Any, out: list) -> None:
+        out.append((REQUEST, e.stream_id, e.headers, e.end_stream))
+
+    @staticmethod
+    def _data(e: Any, out: list) -> None:
+        out.append((DATA, e.stream_id, e.data, e.end_stream))
+
+    @staticmethod
+    def _trailers(e: Any, out: list) -> None:
+        out.append((END, e.stream_id, None, None))
+
+    @staticmethod
+    def _reset(e: Any, out: list) -> None:
+        out.append((RESET, e.stream_id, e.error_code, None))
+
+    @staticmethod
+    def _closed(e: Any, out: list) -> None:
+        out.append((CLOSED, e.stream_id, e.error_code, None))
+
+    @staticmethod
+    def _window(e: Any, out: list) -> None:
+        out.append((WINDOW, e.stream_id, None, None))
+
+    @staticmethod
+    def _goaway(e: Any, out: list) -> None:
+        out.append((GOAWAY, 0, e.last_stream_id, e.error_code))
+
+    def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        try:
+            self.conn.send_response(sid, headers, end_stream=end)
+        except ngh2.StreamUnavailableError:
+            pass  # reset by the client meanwhile
+
+    def informational(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        try:
+            self.conn.send_informational_response(sid, headers)
+        except ngh2.StreamUnavailableError:
+            pass
+
+    def send(self, sid: int, data: bytes, end: bool) -> None:
+        try:
+            self.conn.send_data(sid, data, end_stream=end)
+        except ngh2.StreamUnavailableError:
+            pass
+
+    def end(self, sid: int) -> None:
+        try:
+            self.conn.end_stream(sid)
+        except ngh2.StreamUnavailableError:
+            pass
+
+    def reset(self, sid: int, code: int) -> None:
+        try:
+            self.conn.reset_stream(sid, code)
+        except ngh2.StreamUnavailableError:
+            pass
+
+    def _ack(self, sid: int, amount: int) -> None:
+        if amount:
+            try:
+                self.conn.acknowledge_received_data(amount, sid)
+            except ngh2.NGH2Error:
+                pass  # the stream is gone: libnghttp2 has given the connection window back
+
+    def goaway(self, code: int, lastStreamID: int | None) -> None:
+        try:
+            self.conn.send_goaway(code, last_stream_id=lastStreamID)
+        except ngh2.NGH2Error:
+            pass  # already going away
+
+    def shutdownNotice(self) -> None:
+        try:
+            self.conn.send_shutdown_notice()
+        except ngh2.NGH2Error:
+            pass
+
+
+try:
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+    import h2.exceptions
+    import h2.settings
+except ImportError:  # pragma: no cover - h2 comes with twisted[http2]
+    h2 = None  # type: ignore[assignment]
+
+
+class PythonEngine(Engine):
+    """
+    The fallback on C{h2} (where C{ngh2} cannot be imported).  h2 sends DATA only within the
+    client's window and one frame size at a time, so this engine keeps each stream's unsent body
+    (what libnghttp2 queues itself) and frames as much as the windows allow at every L{output}.
+    Outbound headers are not re-validated (they are ours, lower case, no connection headers): h2's
+    validation was a quarter of a response's cost.  A rapid-reset flood is refused by the protocol's
+    own token bucket (L{netsvc.web.http2}), as h2 has none.
+    """
+
+    name = "python"
+
+    def __init__(self, maxHeaderList: int = 65536) -> None:
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=True,
+            normalize_inbound_headers=True,
+        )
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.DEFAULT_MAX_HEADER_LIST_SIZE = maxHeaderList
+        #: Per stream: unsent body chunks, and whether END_STREAM follows them.
+        self._pending: dict[int, deque[bytes]] = {}
+        self._ending: set[int] = set()
+        self._queued: dict[int, int] = {}
+
+    def start(self, settings: dict[int, int]) -> None:
+        conn = self.conn
+        codes = h2.settings.SettingCodes
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={codes.MAX_HEADER_LIST_SIZE: conn.DEFAULT_MAX_HEADER_LIST_SIZE}
+        )
+        conn.initiate_connection()
+        conn.update_settings(settings)
+
+    def receive(self, data: bytes) -> list[tuple[int, int, Any, Any]]:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.DenialOfServiceError as e:
+            self.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            raise EngineError("flood", str(e) or type(e).__name__) from None
+        except h2.exceptions.ProtocolError as e:
+            raise EngineError("protocol", str(e) or type(e).__name__) from None
+        out: list[tuple[int, int, Any, Any]] = []
+        ended: set[int] = set()  # streams whose end rode on their HEADERS or DATA (h2 also says StreamEnded)
+        ev = h2.events
+        for e in events:
+            t = type(e)
+            if t is ev.RequestReceived:
+                end = e.stream_ended is not None
+                if end:
+                    ended.add(e.stream_id)
+                out.append((REQUEST, e.stream_id, e.headers, end))
+            elif t is ev.DataReceived:
+                end = e.stream_ended is not None
+                if end:
+                    ended.add(e.stream_id)
+                out.append((DATA, e.stream_id, e.data, end))
+                pad = e.flow_controlled_length - len(e.data)
+                if pad > 0:
+                    self.ack(e.stream_id, pad)  # padding is nobody's to consume
+            elif t is ev.StreamEnded:
+                if e.stream_id not in ended:
+                    out.append((END, e.stream_id, None, None))
+            elif t is ev.StreamReset:
+                self._forget(e.stream_id)
+                out.append((RESET, e.stream_id, e.error_code, None))
+                out.append((CLOSED, e.stream_id, e.error_code, None))
+            elif t is ev.WindowUpdated:
+                out.append((WINDOW, e.stream_id, None, None))
+            elif t is ev.ConnectionTerminated:
+                out.append((GOAWAY, 0, e.last_stream_id, e.error_code))
+            elif t is ev.RemoteSettingsChanged:
+                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings:
+                    out.append((WINDOW, 0, None, None))
+        return out
+
+    def output(self, amount: int | None = None) -> bytes:
+        if self._pending:
+            self._frame()
+        return self.conn.data_to_send(amount) if amount is not None else self.conn.data_to_send()
+
+    def _frame(self) -> None:
+        """Frame each stream's pending body as far as the windows go (what libnghttp2 does inside)."""
+        conn = self.conn
+        for sid in list(self._pending):
+            chunks = self._pending[sid]
+            try:
+                while chunks:
+                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                    if window <= 0:
+                        break
+                    chunk = chunks[0]
+                    if len(chunk) > window:
+                        chunks[0] = chunk[window:]
+                        chunk = chunk[:window]
+                    else:
+                        chunks.popleft()
+                    self._queued[sid] -= len(chunk)
+                    conn.send_data(sid, chunk, end_stream=not chunks and sid in self._ending)
+            except h2.exceptions.ProtocolError:  # the stream was reset or closed meanwhile
+                chunks.clear()
+            if not chunks:
+                self._forget(sid)
+
+    def _forget(self, sid: int) -> None:
+        self._pending.pop(sid, None)
+        self._queued.pop(sid, None)
+        self._ending.discard(sid)
+
+    def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end)
+        except h2.exceptions.ProtocolError:
+            pass  # reset by the client meanwhile
+
+    def informational(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        try:
+            self.conn.send_headers(sid, headers)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def send(self, sid: int, data: bytes, end: bool) -> None:
+        if data:
+            self._pending.setdefault(sid, deque()).append(bytes(data))
+            self._queued[sid] = self._queued.get(sid, 0) + len(data)
+        if end:
+            self.end(sid)
+
+    def end(self, sid: int) -> None:
+        if self._pending.get(sid):
+            self._ending.add(sid)
+            return
+        self._forget(sid)
+        try:
+            self.conn.end_stream(sid)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def reset(self, sid: int, code: int) -> None:
+        self._forget(sid)
+        try:
+            self.conn.reset_stream(sid, code)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def ack(self, sid: int, amount: int) -> None:
+        if amount:
+            try:
+                self.conn.acknowledge_received_data(amount, sid)
+            except h2.exceptions.ProtocolError:
+                # The stream is gone; the connection's window still needs the bytes back.
+                self.conn.increment_flow_control_window(amount)
+
+    def queued(self, sid: int | None = None) -> int:
+        if sid is None:
+            return sum(self._queued.values())
+        return self._queued.get(sid, 0)
+
+    def goaway(self, code: int, lastStreamID: int | None) -> None:
+        try:
+            self.conn.close_connection(code, last_stream_id=lastStreamID)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def shutdownNotice(self) -> None:
+        self.goaway(NO_ERROR, 2**31 - 1)
+
+
+def available(mode: str) -> str | None:
+    """The engine C{mode} (auto, native, python) gives on this machine, or None (none can be imported)."""
+    if mode in ("auto", "native") and ngh2 is not None:
+        return "native"
+    if mode in ("auto", "python") and h2 is not None:
+        return "python"
+    return None
+
+
+def makeEngine(name: str, maxHeaderList: int = 65536) -> Engine:
+    """A fresh engine for one connection: C{name} from L{available}."""
+    if name == "native":
+        return NativeEngine(maxHeaderList)
+    return PythonEngine(maxHeaderList)
+
+
+def describe(name: str | None) -> str:
+    """What C{/status} says of the engine in use, e.g. C{native (libnghttp2 1.64.0, ngh2 0.3.0)}."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if name is None:
+        return "off"
+    package = "ngh2" if name == "native" else "h2"
+    try:
+        where = f"{package} {version(package)}"
+    except PackageNotFoundError:  # pragma: no cover
+        where = package
+    return f"{name} ({'libnghttp2 via ' if name == 'native' else 'pure Python, '}{where})"

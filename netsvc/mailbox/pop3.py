@@ -437,13 +437,18 @@ class POP3Session(Protocol):
         self._flush()
         self._process()
 
-    def _later(self, d: defer.Deferred, done: Callable[[Any], None], what: str) -> None:
-        """Hold input until C{d} fires; C{done(result)} answers (unless closed); a failure is -ERR [SYS/TEMP]."""
+    def _later(self, d: defer.Deferred, done: Callable[[Any], Any], what: str) -> None:
+        """
+        Hold input until C{d} fires; C{done(result)} answers (unless closed), and
+        when it returns a Deferred input stays held until that fires too; a failure
+        is -ERR [SYS/TEMP].
+        """
         self._hold()
 
-        def ok(result: Any) -> None:
+        def ok(result: Any) -> Any:
             if not self._closed:
-                done(result)
+                return done(result)  # (a Deferred: input stays held until it fires too)
+            return None
 
         def failed(f: Any) -> None:
             log.failure("pop3: {what} failed for {user}", f, what=what, user=self.user)
@@ -609,7 +614,7 @@ class POP3Session(Protocol):
         d = limitedCheck(c.failures, self.host, lambda: c.authenticator.check(user, secret, self.host))
         self._later(d, lambda ok: self._checked(user, ok), "the password check")
 
-    def _checked(self, user: str, ok: Any) -> None:
+    def _checked(self, user: str, ok: Any) -> defer.Deferred | None:
         if isinstance(ok, Refused):
             self.config.metrics.login("rate_limited" if ok.reason == "rate" else "busy")
             if ok.reason == "rate":
@@ -617,11 +622,11 @@ class POP3Session(Protocol):
                             % int(ok.retryAfter), "auth_rate")
             else:
                 self._send(b"-ERR [SYS/TEMP] Temporary authentication failure; try again later.")
-            return
+            return None
         if ok is not True:
             self._loginFailed("failed", reserved=True)
-            return
-        self._open(user)
+            return None
+        return self._open(user)
 
     def _loginFailed(self, kind: str, reserved: bool) -> None:
         """A failed login; C{reserved}: its failure was taken from the client's allowance before the check."""
@@ -637,7 +642,8 @@ class POP3Session(Protocol):
         else:
             self._send(b"-ERR [AUTH] Authentication failed.")
 
-    def _open(self, user: str) -> None:
+    def _open(self, user: str) -> defer.Deferred:
+        """The maildrop of C{user}, opened in a thread; the answer once it is (or -ERR)."""
         c = self.config
         name = c.mailboxName(user)
 
@@ -654,7 +660,13 @@ class POP3Session(Protocol):
             total = sum(m.size for m in drop.messages)
             self._send(b"+OK Logged in; %d messages (%d octets)." % (len(drop.messages), total))
 
-        self._later(c.run(openDrop), opened, "opening the mailbox")
+        def failed(f: Any) -> None:
+            log.failure("pop3: opening the mailbox of {user} failed", f, user=name)
+            if not self._closed:
+                c.metrics.reject("store_error")
+                self._send(b"-ERR [SYS/TEMP] Cannot open the mailbox; try again later.")
+
+        return c.run(openDrop).addCallbacks(lambda drop: None if self._closed else opened(drop), failed)
 
     def do_STAT(self, rest: bytes) -> None:
         assert self.drop is not None

@@ -92,7 +92,14 @@ def makeService(settings: Settings, context: Any) -> IService:
 
 def _imapFactory(settings: Settings, context: Any, **shared: Any) -> Any:
     """The IMAP factory of L{netsvc.mailbox.imap} for one listener."""
-    from netsvc.mailbox import imap
+    try:
+        from netsvc.mailbox import imap
+    except ImportError:
+        from netsvc.config import Problem
+        from netsvc.runtime import StartupError
+
+        raise StartupError([Problem(context.configFile, "services.mailbox.listen",
+                                    "IMAP is not available in this build (netsvc.mailbox.imap)")]) from None
 
     return imap.factoryFor(settings, context, **shared)
 

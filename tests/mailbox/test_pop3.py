@@ -7,8 +7,12 @@ never reads, junk forever and a flood of bad passwords.
 from __future__ import annotations
 
 import base64
+import poplib
+import socket
+import ssl
+from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, endpoints, reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
@@ -16,10 +20,11 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import directlyProvides
 
-from netsvc.auth import FailureLimit, Refused
+from netsvc.auth import FailureLimit, Refused, addUser, hashPool
 from netsvc.mailbox.maildir import Maildirs
-from netsvc.mailbox.pop3 import CHUNK, POP3Config, POP3Metrics, POP3Session, topLines, toWire
+from netsvc.mailbox.pop3 import CHUNK, POP3Config, POP3Factory, POP3Metrics, POP3Session, topLines, toWire
 from netsvc.metrics import Registry
+from tests.helpers import Keeping, port, silentClient, sleep, startDaemon, unsentBytes
 
 MESSAGE = (b"From: alice@lab.test\r\nTo: dev@lab.test\r\nSubject: one\r\n\r\n"
            b"first line\r\n.starts with a dot\r\n..two dots\r\n.\r\nlast\r\n")
@@ -249,6 +254,26 @@ class LoginTests(SessionTestCase):
         proto, t = self.connect()
         self.assertEqual(self.send(proto, t, b"AUTH"), b"+OK Mechanisms follow.\r\nPLAIN\r\n.\r\n")
 
+    def test_inputHeldWhileOpening(self):
+        """Commands pipelined behind PASS wait until the maildrop is open (store work in a thread)."""
+        calls = []
+
+        def later(f, *args):
+            d = defer.Deferred()
+            calls.append((d, f, args))
+            return d
+
+        self.config.run = later
+        self.store.deliver("dev", MESSAGE)
+        proto, t = self.connect()
+        out = self.send(proto, t, b"USER dev", b"PASS dev", b"STAT", b"QUIT")
+        self.assertEqual(out, b"+OK Send PASS.\r\n")
+        d, f, args = calls.pop()
+        t.clear()
+        d.callback(f(*args))
+        self.assertEqual(t.value(), b"+OK Logged in; 1 messages (%d octets).\r\n+OK 1 %d\r\n+OK Logging out.\r\n"
+                         % (len(MESSAGE), len(MESSAGE)))
+
     def test_floodOfBadPasswordsLimited(self):
         """
         Failures are reserved per client IP before the check: after the burst (5)
@@ -446,3 +471,257 @@ class JunkTests(SessionTestCase):
         proto.drain()
         self.assertIn(b"-ERR [SYS/TEMP] Server shutting down", t.value())
         self.assertTrue(t.disconnecting)
+
+
+# -- over loopback sockets ---------------------------------------------------------------------
+
+ATTACHMENT = bytes(range(256)) * 64
+
+
+def bigMessage() -> bytes:
+    import email.policy
+    from email.message import EmailMessage
+
+    m = EmailMessage(policy=email.policy.SMTP)
+    m["From"], m["To"], m["Subject"] = "alice@lab.test", "dev@lab.test", "with an attachment"
+    m.set_content("Hello dev,\n.a line with a dot\n\nbye\n")
+    m.add_attachment(ATTACHMENT, maintype="application", subtype="octet-stream", filename="blob.bin")
+    return m.as_bytes()
+
+
+def inThread(f, *args):
+    return threads.deferToThread(f, *args)
+
+
+class LoopbackTests(unittest.TestCase):
+    """A daemon with POP3 on a plain (STLS) and a tls: listener; Python's poplib as the client."""
+
+    burst = 4
+
+    def setUp(self):
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        users = folder / "users.txt"
+        addUser(users, "dev", "dev")
+        self.daemon = startDaemon(self, f"""
+services:
+  mailbox:
+    listen:
+      - {{endpoint: "tcp:0:interface=127.0.0.1", protocol: pop3}}
+      - {{endpoint: "tls:0:interface=127.0.0.1", protocol: pop3}}
+    users: {users}
+    fsync: false
+    auth_failures: {{per_session: 3, rate: 0.001, burst: {self.burst}}}
+""")
+        state = Path(self.daemon.context.stateDir)
+        self.store = Maildirs(state / "mail", fsync=False)
+        self.plainPort = port(self.daemon, 0, "mailbox")
+        self.tlsPort = port(self.daemon, 1, "mailbox")
+        self.tls = ssl.create_default_context(cafile=str(state / "tls" / "selfsigned.pem"))
+
+    def pop3s(self):
+        return poplib.POP3_SSL("127.0.0.1", self.tlsPort, context=self.tls, timeout=10)
+
+    @defer.inlineCallbacks
+    def test_booksRecipe(self):
+        """POP3_SSL user/pass_/list/retr gives the delivered bytes (the attachment byte for byte)."""
+        data = bigMessage()
+        self.store.deliver("dev", data)
+
+        def recipe():
+            p = self.pop3s()
+            try:
+                p.user("dev")
+                p.pass_("dev")
+                resp, listing, _ = p.list()
+                resp, lines, octets = p.retr(1)
+                uidl = p.uidl()
+            finally:
+                p.quit()
+            return listing, lines, octets, uidl
+
+        listing, lines, octets, uidl = yield inThread(recipe)
+        self.assertEqual(listing, [b"1 %d" % len(data)])
+        got = b"\r\n".join(lines) + b"\r\n"
+        self.assertEqual(got, data.replace(b"\n", b"\r\n") if b"\r\n" not in data else data)
+        import email
+
+        attachment = [part for part in email.message_from_bytes(got).walk()
+                      if part.get_filename() == "blob.bin"][0]
+        self.assertEqual(attachment.get_payload(decode=True), ATTACHMENT)
+        folder = self.store.inbox("dev")
+        self.assertEqual(uidl[1], [b"1 %08x%08x" % (folder.messages()[0].uid, folder.uidvalidity)])
+
+    @defer.inlineCallbacks
+    def test_stls(self):
+        """On the plain port: CAPA offers STLS, USER is refused before it and works after it."""
+        self.store.deliver("dev", b"Subject: x\r\n\r\nhi\r\n")
+
+        def session():
+            p = poplib.POP3("127.0.0.1", self.plainPort, timeout=10)
+            try:
+                before = p.capa()
+                try:
+                    p.user("dev")
+                    refused = None
+                except poplib.error_proto as e:
+                    refused = e.args[0]
+                p.stls(self.tls)
+                after = p.capa()
+                p.user("dev")
+                p.pass_("dev")
+                stat = p.stat()
+            finally:
+                p.quit()
+            return before, refused, after, stat
+
+        before, refused, after, stat = yield inThread(session)
+        self.assertIn("STLS", before)
+        self.assertNotIn("USER", before)
+        self.assertTrue(refused.startswith(b"-ERR [AUTH]"))
+        self.assertIn("USER", after)
+        self.assertEqual(after["SASL"], ["PLAIN"])
+        self.assertEqual(stat[0], 1)
+
+    @defer.inlineCallbacks
+    def test_deleAtQuitOnly(self):
+        """DELE, then the connection dropped: nothing deleted; DELE then QUIT: deleted."""
+        self.store.deliver("dev", b"Subject: 1\r\n\r\none\r\n")
+        self.store.deliver("dev", b"Subject: 2\r\n\r\ntwo\r\n")
+
+        def vanish():
+            p = self.pop3s()
+            p.user("dev")
+            p.pass_("dev")
+            p.dele(1)
+            p.dele(2)
+            p.sock.close()  # no QUIT
+
+        yield inThread(vanish)
+        yield sleep(0.2)
+        self.assertEqual(len(self.store.inbox("dev").messages()), 2)
+
+        def quit():
+            p = self.pop3s()
+            p.user("dev")
+            p.pass_("dev")
+            p.dele(1)
+            return p.quit()
+
+        answer = yield inThread(quit)
+        self.assertTrue(answer.startswith(b"+OK"))
+        left = self.store.inbox("dev").messages()
+        self.assertEqual([self.store.inbox("dev").read(m.uid) for m in left], [b"Subject: 2\r\n\r\ntwo\r\n"])
+
+    @defer.inlineCallbacks
+    def test_floodOfBadPasswords(self):
+        """
+        Sessions from one address keep guessing: after the burst the server answers
+        -ERR [SYS/TEMP] without hashing anything; each session closes after 3 failures.
+        """
+        pool = hashPool(reactor)
+        before = pool.ran.value
+
+        def guess():
+            answers = []
+            for _ in range(5):
+                p = self.pop3s()
+                try:
+                    for _ in range(3):
+                        p.user("dev")
+                        try:
+                            p.pass_("wrong")
+                        except poplib.error_proto as e:
+                            answers.append(e.args[0])
+                except (poplib.error_proto, OSError) as e:
+                    answers.append(str(e).encode())
+                finally:
+                    p.close()
+            return answers
+
+        answers = yield inThread(guess)
+        self.assertLessEqual(pool.ran.value - before, self.burst)
+        self.assertTrue(any(a.startswith(b"-ERR [SYS/TEMP] Too many failed logins") for a in answers), answers)
+        # the right password is refused too while the allowance is spent: it is not even checked
+        def right():
+            p = self.pop3s()
+            try:
+                p.user("dev")
+                p.pass_("dev")
+            except poplib.error_proto as e:
+                return e.args[0]
+            finally:
+                p.close()
+        self.assertTrue((yield inThread(right)).startswith(b"-ERR [SYS/TEMP]"))
+
+    @defer.inlineCallbacks
+    def test_junkForever(self):
+        """A client sending junk without end is closed after the junk limit; what it sends later is not read."""
+        def junk():
+            with socket.create_connection(("127.0.0.1", self.plainPort), timeout=10) as s:
+                s.recv(100)
+                sent = 0
+                try:
+                    for sent in range(1, 100_000):
+                        s.sendall(b"JUNK\r\n")
+                        if sent % 50 == 0:
+                            s.settimeout(0.01)
+                            try:
+                                if s.recv(65536) == b"":
+                                    return sent, b"closed"
+                            except TimeoutError:
+                                pass
+                            s.settimeout(10)
+                except OSError:
+                    return sent, b"reset"
+                return sent, b"open"
+
+        sent, how = yield inThread(junk)
+        self.assertIn(how, (b"closed", b"reset"))
+        self.assertLess(sent, 5000)
+
+
+class _TrustedSession(POP3Session):
+    """As if under TLS (the back-pressure test is about TCP's buffers, not TLS)."""
+
+    def connectionMade(self):
+        POP3Session.connectionMade(self)
+        self.secure = True
+
+
+class _TrustedFactory(POP3Factory):
+    def buildProtocol(self, addr):
+        return _TrustedSession(self.config)
+
+
+class NeverReadingClientTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_bounded(self):
+        """
+        A client that asks for an 8 MB message and never reads: the server holds
+        its transport's buffer and the message, and stops writing; unsent output
+        stays near one chunk and the transport's buffer size.
+        """
+        store = Maildirs(self.mktemp(), fsync=False)
+        big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 8000
+        store.deliver("dev", big)
+        config = POP3Config(store=store, authenticator=FakeAuthenticator(), metrics=POP3Metrics(Registry()),
+                            clock=reactor, run=inThread)
+        factory = Keeping(_TrustedFactory(config))
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        client = silentClient()
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port)
+        yield endpoints.connectProtocol(endpoint, client)
+        self.addCleanup(client.transport.abortConnection)
+        client.transport.write(b"USER dev\r\nPASS dev\r\nRETR 1\r\n")
+        for _ in range(200):  # until the server is paused by its full buffer (bounded wait)
+            yield sleep(0.02)
+            if factory.built and factory.built[0]._stream is not None and factory.built[0]._writesPaused:
+                break
+        session = factory.built[0]
+        self.assertTrue(session._writesPaused)
+        yield sleep(0.2)
+        self.assertIsNotNone(session._stream)
+        self.assertLess(session._streamPos, len(big))
+        self.assertLessEqual(unsentBytes(session.transport), 2 * CHUNK + 64 * 1024)

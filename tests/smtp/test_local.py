@@ -370,6 +370,31 @@ class SessionTests(unittest.TestCase):
         self.assertFalse(self.root.exists())
 
 
+class ThreadedDeliveryTests(unittest.TestCase):
+    """LocalDelivery in the reactor's thread pool, with the real store."""
+
+    @defer.inlineCallbacks
+    def test_concurrentFirstDeliveries(self):
+        from twisted.internet import reactor
+
+        root = Path(self.mktemp())
+        registry = Registry()
+        local = LocalDelivery(router(), Maildirs(root, fsync=True), LocalMetrics(registry), reactor)
+        queue = Queue()
+        for round in range(5):  # a fresh user each round: several threads make its Maildir at once
+            user = f"u{round}"
+            incoming = []
+            for i in range(8):
+                m = queue.newMessage()
+                m.write(b"Subject: %d\r\n\r\nhi\r\n" % i)
+                incoming.append(m)
+            results = yield defer.DeferredList(
+                [local.deliver(m, "s@example.org", [Mailbox(user, f"{user}@lab.test")]) for m in incoming],
+                consumeErrors=True)
+            self.assertEqual([ok for ok, _ in results], [True] * 8, [r for ok, r in results if not ok])
+            self.assertEqual(len(newFiles(root, user)), 8)
+
+
 # -- the daemon over loopback ------------------------------------------------------------------
 
 

@@ -17,12 +17,14 @@ failure limits are per worker.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.threads import deferToThreadPool
 
+from netsvc import endpoints
 from netsvc.auth import FailureLimit, authenticatorFor
 from netsvc.mailbox.maildir import Maildirs
 from netsvc.mailbox.pop3 import POP3Config, POP3Factory, POP3Metrics
@@ -51,6 +53,10 @@ class MailboxService(ServerService):
         for config in self.pop3:
             config.junkLimit = settings.junk_command_limit
             config.authPerSession = settings.auth_failures.per_session
+        for factory in self.imap:
+            factory.maxAuthFailures = settings.auth_failures.per_session
+            factory.maxLiteral = settings.max_message_size
+            factory.idleTimeout = float(settings.imap_idle_timeout)
 
 
 def _runner(reactor: Any) -> Any:
@@ -73,7 +79,7 @@ def makeService(settings: Settings, context: Any) -> IService:
     tlsOptions = _starttls(context)
     run = _runner(reactor)
     svc.store, svc.failures, svc.pop3, svc.imap = store, failures, [], []
-    pop3Metrics = None
+    pop3Metrics = imapCounts = None
     for i, listener in enumerate(settings.listen):
         if listener.protocol == "pop3":
             pop3Metrics = pop3Metrics or POP3Metrics(context.metrics)
@@ -83,25 +89,59 @@ def makeService(settings: Settings, context: Any) -> IService:
             svc.pop3.append(config)
             factory: Any = POP3Factory(config)
         else:
-            factory = _imapFactory(settings, context, store=store, authenticator=authenticator,
-                                   failures=failures, tlsOptions=tlsOptions, run=run)
+            if imapCounts is None:  # (one for every IMAP listener; an empty Counter is falsy)
+                imapCounts = _ExportedCounts(context.metrics)
+            factory = _imapFactory(settings, context, listener, store=store, authenticator=authenticator,
+                                   failures=failures, run=run, counts=imapCounts)
             svc.imap.append(factory)
         svc.listen(i, listener, svc.guard.wrap(factory))
     return svc
 
 
-def _imapFactory(settings: Settings, context: Any, **shared: Any) -> Any:
+def _imapFactory(settings: Settings, context: Any, listener: Any, *, store: Maildirs, authenticator: Any,
+                 failures: FailureLimit, run: Any, counts: Any) -> Any:
     """The IMAP factory of L{netsvc.mailbox.imap} for one listener."""
     try:
-        from netsvc.mailbox import imap
+        from netsvc.mailbox.imap import IMAPFactory
     except ImportError:
         from netsvc.config import Problem
         from netsvc.runtime import StartupError
 
         raise StartupError([Problem(context.configFile, "services.mailbox.listen",
                                     "IMAP is not available in this build (netsvc.mailbox.imap)")]) from None
+    kind = endpoints.split(listener.endpoint)[0]
+    factory = IMAPFactory(store, authenticator, _SharedTLS(context), failureLimit=failures,
+                          implicitTLS=kind in ("tls", "ssl"), maxLiteral=settings.max_message_size,
+                          idleTimeout=float(settings.imap_idle_timeout),
+                          maxAuthFailures=settings.auth_failures.per_session, run=run, clock=context.reactor)
+    factory.counts = counts
+    return factory
 
-    return imap.factoryFor(settings, context, **shared)
+
+class _SharedTLS:
+    """
+    The STARTTLS context for IMAP: the shared certificate's I{current} options at
+    each handshake (a certificate reloaded on SIGHUP is used from then on).
+    """
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+
+    def getContext(self) -> Any:
+        return self.context.certificate.options().getContext()
+
+
+class _ExportedCounts(collections.Counter):
+    """The IMAP factories' C{counts}, also kept as C{netsvc_imap_events_total{service, event}}."""
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        self._family = registry.counter("netsvc_imap_events_total", "IMAP sessions' events (logins, failures, "
+                                        "refusals, bad commands, limits), by kind.", ["service", "event"])
+
+    def __setitem__(self, key: str, value: int) -> None:
+        super().__setitem__(key, value)
+        self._family.labels(service="mailbox", event=key).value = value
 
 
 def _starttls(context: Any) -> Any:

@@ -134,6 +134,8 @@ services:
     listen:
       - {endpoint: "tcp:1110:interface=127.0.0.1", protocol: pop3}
       - {endpoint: "tls:1995:interface=127.0.0.1", protocol: pop3}
+      - {endpoint: "tcp:1143:interface=127.0.0.1", protocol: imap}
+      - {endpoint: "tls:1993:interface=127.0.0.1", protocol: imap}
     users: users.txt
 """)
         self.assertEqual(dryRun(config.load(path), path), [])
@@ -162,7 +164,10 @@ services:
     listen:
       - {{endpoint: "tcp:0:interface=127.0.0.1", protocol: pop3}}
       - {{endpoint: "tls:0:interface=127.0.0.1", protocol: pop3}}
+      - {{endpoint: "tcp:0:interface=127.0.0.1", protocol: imap}}
+      - {{endpoint: "tls:0:interface=127.0.0.1", protocol: imap}}
     users: {users}
+    fsync: false
     limits: {{max_connections_per_ip: 2}}
 """)
         self.state = Path(self.daemon.context.stateDir)
@@ -185,6 +190,49 @@ services:
         self.assertEqual(first, b"+OK netsvc POP3 ready.\r\n")
         self.assertEqual(second, b"+OK netsvc POP3 ready.\r\n")
         self.assertIn('netsvc_pop3_sessions_total{service="mailbox"} 2', self.daemon.context.metrics.render())
+
+    @defer.inlineCallbacks
+    def test_imapAndPop3SeeOneStore(self):
+        """
+        The IMAP listeners are wired: STARTTLS on the plain one (LOGINDISABLED before
+        it), implicit TLS on the other; what POP3 deletes at QUIT is gone for IMAP.
+        """
+        import imaplib
+        import poplib
+
+        from netsvc.mailbox.maildir import Maildirs
+
+        Maildirs(self.state / "mail", fsync=False).deliver("dev", b"Subject: one\r\n\r\nhello\r\n")
+        tls = ssl.create_default_context(cafile=str(self.state / "tls" / "selfsigned.pem"))
+        pop3s, imapPlain, imaps = (port(self.daemon, i, "mailbox") for i in (1, 2, 3))
+
+        def session():
+            plain = imaplib.IMAP4("127.0.0.1", imapPlain, timeout=10)
+            before = plain.capabilities
+            plain.starttls(tls)
+            plain.login("dev", "dev")
+            plain.logout()
+            m = imaplib.IMAP4_SSL("127.0.0.1", imaps, ssl_context=tls, timeout=10)
+            m.login("dev", "dev")
+            m.select("Inbox")
+            fetched = m.fetch("1", "(RFC822)")[1][0][1]
+            p = poplib.POP3_SSL("127.0.0.1", pop3s, context=tls, timeout=10)
+            p.user("dev")
+            p.pass_("dev")
+            p.dele(1)
+            p.quit()
+            m.noop()
+            after = m.search(None, "ALL")[1]
+            m.logout()
+            return before, fetched, after
+
+        before, fetched, after = yield threads.deferToThread(session)
+        self.assertIn("LOGINDISABLED", before)
+        self.assertIn("STARTTLS", before)
+        self.assertEqual(fetched, b"Subject: one\r\n\r\nhello\r\n")
+        self.assertEqual(after, [b""])
+        self.assertIn('netsvc_imap_events_total{event="logins",service="mailbox"} 2',
+                      self.daemon.context.metrics.render())
 
     @defer.inlineCallbacks
     def test_connectionsPerIPLimited(self):

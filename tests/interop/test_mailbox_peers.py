@@ -1,0 +1,731 @@
+"""
+The mailboxes (C{services.mailbox}: IMAP4rev1 and POP3) and SMTP local delivery,
+run as the real daemon (C{twistd -n netsvc --config ...}), read by clients nobody
+here wrote: Python's imaplib and poplib (the books' recipes), curl (C{imaps://},
+C{pop3s://}, and STARTTLS/STLS on the plain ports), fetchmail (POP3 and IMAP, into
+an MDA that writes files) and mbsync (isync: a two-way IMAP sync with a local
+Maildir); and the end-to-end path: smtplib -> local delivery -> IMAP FETCH of the
+same bytes -> POP3 DELE -> IMAP sees it gone -> restart -> the same UIDs.
+
+Every listener is on 127.0.0.1 port 0 (the ports are read from status.json).  The
+peer tests put their messages in the Maildir through the store
+(L{netsvc.mailbox.maildir.Maildirs}, as delivery does, from this process while
+the daemon runs), so that what they find is about IMAP/POP3 alone; the
+end-to-end tests send through SMTP.  The certificate is the daemon's generated
+one (C{tls.cert: auto}: localhost, 127.0.0.1, ::1) and every client verifies it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import imaplib
+import importlib.util
+import logging
+import logging.handlers
+import os
+import poplib
+import re
+import smtplib
+import ssl
+import subprocess
+import time
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from netsvc import auth
+from tests.interop._daemon import IO_TIMEOUT, decoded, requirePeer, runToCompletion, startNetsvc
+
+#: the mailbox listeners: name -> (endpoint, protocol); plain ports offer STARTTLS/STLS
+LISTENERS = {
+    "imap": ("tcp:0:interface=127.0.0.1", "imap"),
+    "imaps": ("tls:0:interface=127.0.0.1", "imap"),
+    "pop3": ("tcp:0:interface=127.0.0.1", "pop3"),
+    "pop3s": ("tls:0:interface=127.0.0.1", "pop3"),
+}
+IMAP, IMAPS, POP3, POP3S = LISTENERS
+SMTP = "services.smtp.listen[0]"
+
+
+def imapInBuild() -> bool:
+    """Whether netsvc.mailbox.imap exists (the daemon refuses an IMAP listener without it)."""
+    return importlib.util.find_spec("netsvc.mailbox.imap") is not None
+
+
+MAILBOX_CONFIG = """\
+state_dir: {state}
+drain_timeout: 1s
+services:
+  mailbox:
+    listen:
+{listen}
+    users: {users}
+    maildir: {mail}
+"""
+
+SMTP_CONFIG = """\
+  smtp:
+    listen: ["tcp:0:interface=127.0.0.1"]
+    hostname: mail.test
+    mynetworks: [127.0.0.1/32]
+    users: {users}
+    local: {{domains: [lab.test, localhost], maildir: {mail}, aliases: {{postmaster: dev, root: dev}}}}
+    limits: {{rate: 0}}
+"""
+
+#: IMAP capabilities the issue asks for (after TLS and login).
+EXTENSIONS = ["IMAP4REV1", "IDLE", "UIDPLUS", "MOVE", "LITERAL+", "SPECIAL-USE", "ENABLE", "NAMESPACE"]
+
+
+def crlf(data: bytes) -> bytes:
+    """C{data} with every line ending CRLF (what IMAP and POP3 put on the wire)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def lf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n")
+
+
+def sampleMessage(subject: str, to: str = "dev@lab.test", attachment: bytes | None = None) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = "Sender <sender@example.test>"
+    m["To"] = to
+    m["Subject"] = subject
+    m["Message-ID"] = f"<{subject.replace(' ', '.')}@example.test>"
+    m.set_content(f"Hello,\n.a line starting with a dot\nFrom the start of a line\n\n{subject}\n")
+    if attachment is not None:
+        m.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="blob.bin")
+    return m
+
+
+def messageBytes(m: EmailMessage) -> bytes:
+    return m.as_bytes(policy=policy.SMTP)  # CRLF, as an SMTP client sends it
+
+
+#: an attachment with every byte value (base64 on the wire, byte-identical after decoding)
+BLOB = bytes(range(256)) * 300
+
+
+class MailboxDaemonTestCase(unittest.TestCase):
+    """A daemon with the mailbox service (and SMTP local delivery when C{withSMTP})."""
+
+    withSMTP = False
+
+    def setUp(self) -> None:
+        base = Path(self.mktemp()).resolve()
+        base.mkdir(parents=True)
+        self.base = base
+        self.users = base / "users.txt"
+        auth.addUser(self.users, "dev", "devpass")
+        auth.addUser(self.users, "qa", "qapass")
+        self.mail = base / "mail"
+        # Without IMAP in the build only the POP3 listeners are configured (the daemon would
+        # refuse to start), and every IMAP test fails on its missing listener: not skipped.
+        self.listeners = [name for name, (_, protocol) in LISTENERS.items() if protocol != "imap" or imapInBuild()]
+        listen = "".join(f'      - {{endpoint: "{LISTENERS[name][0]}", protocol: {LISTENERS[name][1]}}}\n'
+                         for name in self.listeners)
+        text = MAILBOX_CONFIG.format(state=base / "state", users=self.users, mail=self.mail, listen=listen)
+        if self.withSMTP:
+            text += SMTP_CONFIG.format(users=self.users, mail=self.mail)
+        (base / "netsvc.yaml").write_text(text)
+        self.start()
+
+    def start(self) -> None:
+        self.daemon = startNetsvc(self, self.base / "netsvc.yaml", self.base / "state")
+        self.cafile = self.daemon.cafile
+
+    def restart(self) -> None:
+        status = self.daemon.stop()
+        self.assertEqual(status, 0, self.daemon.output())
+        self.start()
+
+    def port(self, key: str) -> int:
+        """The port of a mailbox listener (C{IMAPS}...) or of C{SMTP}."""
+        if key in LISTENERS:
+            if key not in self.listeners:
+                self.fail(f"no {key} listener: IMAP is not in this build (netsvc.mailbox.imap is missing)")
+            key = f"services.mailbox.listen[{self.listeners.index(key)}]"
+        return self.daemon.port(key)
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cafile)
+
+    def store(self, user: str, data: bytes, folder: str = "INBOX") -> None:
+        """Put a message in C{user}'s folder the way delivery does (the store, while the daemon runs)."""
+        from netsvc.mailbox.maildir import Maildirs
+
+        Maildirs(self.mail).deliver(user, data, folder)
+
+    def storeSamples(self, count: int = 3, user: str = "dev") -> list[bytes]:
+        """C{count} messages (the first with an attachment) in C{user}'s INBOX; their bytes."""
+        out = []
+        for i in range(count):
+            data = messageBytes(sampleMessage(f"sample {i}", attachment=BLOB if i == 0 else None))
+            self.store(user, data)
+            out.append(data)
+        return out
+
+    # -- clients -------------------------------------------------------------------------
+
+    def imaps(self, user: str = "dev", password: str = "devpass") -> imaplib.IMAP4_SSL:
+        """The books' recipe: IMAP4_SSL, login, select('Inbox')."""
+        c = imaplib.IMAP4_SSL("127.0.0.1", self.port(IMAPS), ssl_context=self.context(), timeout=IO_TIMEOUT)
+        self.addCleanup(self._closeQuietly, c)
+        c.login(user, password)
+        typ, data = c.select("Inbox")
+        self.assertEqual(typ, "OK", data)
+        return c
+
+    def pop3s(self, user: str = "dev", password: str = "devpass") -> poplib.POP3_SSL:
+        """The books' recipe: POP3_SSL, user, pass_."""
+        c = poplib.POP3_SSL("127.0.0.1", self.port(POP3S), context=self.context(), timeout=IO_TIMEOUT)
+        self.addCleanup(self._closeQuietly, c)
+        c.user(user)
+        c.pass_(password)
+        return c
+
+    @staticmethod
+    def _closeQuietly(client) -> None:
+        try:
+            if isinstance(client, imaplib.IMAP4):
+                if client.state != "LOGOUT":
+                    client.shutdown()
+            else:
+                client.close()
+        except OSError:
+            pass
+
+    def fetchAll(self, c: imaplib.IMAP4) -> dict[int, bytes]:
+        """UID -> RFC822 bytes of every message in the selected folder."""
+        typ, data = c.uid("FETCH", "1:*", "(UID RFC822)")
+        self.assertEqual(typ, "OK", data)
+        out = {}
+        for item in data:
+            if isinstance(item, tuple):
+                m = re.search(rb"UID (\d+)", item[0])
+                self.assertIsNotNone(m, item[0])
+                out[int(m.group(1))] = item[1]
+        return out
+
+    def uids(self, c: imaplib.IMAP4) -> list[int]:
+        typ, data = c.uid("SEARCH", None, "ALL")
+        self.assertEqual(typ, "OK", data)
+        return [int(u) for u in data[0].split()]
+
+
+# -- Python's imaplib ------------------------------------------------------------------
+
+
+class ImaplibTests(MailboxDaemonTestCase):
+    def test_booksRecipe(self):
+        """IMAP4_SSL, login, select('Inbox'), search ALL, fetch (RFC822): the stored messages, in order."""
+        stored = self.storeSamples(3)
+        c = self.imaps()
+        typ, data = c.search(None, "ALL")
+        self.assertEqual((typ, data), ("OK", [b"1 2 3"]))
+        for num, expected in zip(data[0].split(), stored, strict=True):
+            typ, msg = c.fetch(num, "(RFC822)")
+            self.assertEqual(typ, "OK", msg)
+            self.assertEqual(msg[0][1], crlf(expected))
+        (att,) = message_from_bytes(c.fetch(b"1", "(RFC822)")[1][0][1], policy=policy.default).iter_attachments()
+        self.assertEqual(att.get_payload(decode=True), BLOB)
+        typ, data = c.fetch(b"2", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)] RFC822.SIZE FLAGS)")
+        self.assertEqual(typ, "OK", data)
+        self.assertIn(b"Subject: sample 1", data[0][1])
+        self.assertIn(f"RFC822.SIZE {len(crlf(stored[1]))}".encode(), data[0][0])
+        self.assertEqual(c.logout()[0], "BYE")
+
+    def test_starttlsThenLogin(self):
+        """The plain port: STARTTLS and LOGINDISABLED before TLS, LOGIN refused; after STARTTLS it works."""
+        self.storeSamples(1)
+        c = imaplib.IMAP4("127.0.0.1", self.port(IMAP), timeout=IO_TIMEOUT)
+        self.addCleanup(self._closeQuietly, c)
+        self.assertIn("STARTTLS", c.capabilities)
+        self.assertIn("LOGINDISABLED", c.capabilities)
+        # imaplib refuses to send LOGIN when LOGINDISABLED is advertised; send it anyway
+        try:
+            typ, data = c._simple_command("LOGIN", "dev", "devpass")  # noqa: SLF001 - a raw command on purpose
+        except imaplib.IMAP4.error as e:  # BAD
+            typ, data = "BAD", [str(e)]
+        self.assertIn(typ, ("NO", "BAD"), data)
+        self.assertEqual(c.state, "NONAUTH")
+        c.starttls(ssl_context=self.context())
+        self.assertNotIn("LOGINDISABLED", c.capabilities)
+        c.login("dev", "devpass")
+        typ, data = c.capability()
+        caps = data[0].upper().split()
+        for ext in EXTENSIONS:
+            self.assertIn(ext.encode(), caps, data)
+        self.assertEqual(c.select("INBOX"), ("OK", [b"1"]))
+        c.logout()
+
+    def test_wrongPassword(self):
+        c = imaplib.IMAP4_SSL("127.0.0.1", self.port(IMAPS), ssl_context=self.context(), timeout=IO_TIMEOUT)
+        self.addCleanup(self._closeQuietly, c)
+        with self.assertRaises(imaplib.IMAP4.error) as e:
+            c.login("dev", "wrong")
+        self.assertIn("AUTHENTICATIONFAILED", str(e.exception).upper())
+        c.login("dev", "devpass")  # the same session may try again
+        c.logout()
+
+    def test_foldersAppendMoveExpunge(self):
+        """LIST with SPECIAL-USE, APPEND (APPENDUID), UID MOVE (COPYUID), STORE \\Deleted + EXPUNGE."""
+        c = self.imaps()
+        typ, data = c.list()
+        self.assertEqual(typ, "OK", data)
+        listing = b"\n".join(data)
+        for name, attr in (("Sent", "\\Sent"), ("Drafts", "\\Drafts"), ("Trash", "\\Trash"),
+                           ("Archive", "\\Archive")):
+            self.assertRegex(listing, re.compile(rb"\(.*" + re.escape(attr.encode()) + rb".*\) \"\.\" \"?"
+                                                 + name.encode() + rb"\"?", re.I))
+        draft = messageBytes(sampleMessage("a draft"))
+        typ, data = c.append("Drafts", "(\\Draft \\Seen)", imaplib.Time2Internaldate(time.time()), draft)
+        self.assertEqual(typ, "OK", data)
+        self.assertRegex(data[0], rb"\[APPENDUID \d+ \d+\]")
+        self.assertEqual(c.select("Drafts")[0], "OK")
+        (uid,) = self.uids(c)
+        typ, data = c.uid("FETCH", str(uid), "(FLAGS RFC822)")
+        self.assertEqual(data[0][1], crlf(draft))
+        self.assertIn(b"\\Draft", data[0][0])
+        typ, data = c.uid("MOVE", str(uid), "Archive")
+        self.assertEqual(typ, "OK", data)
+        self.assertEqual(self.uids(c), [])
+        self.assertEqual(c.select("Archive")[0], "OK")
+        (moved,) = self.uids(c)
+        self.assertEqual(c.uid("STORE", str(moved), "+FLAGS", "(\\Deleted)")[0], "OK")
+        typ, data = c.expunge()
+        self.assertEqual(typ, "OK", data)
+        self.assertEqual(self.uids(c), [])
+        # a folder of one's own, and one with a name outside ASCII (modified UTF-7 on the wire)
+        self.assertEqual(c.create("Projects")[0], "OK")
+        self.assertEqual(c.create("&AMk-t&AOk-")[0], "OK")  # "Été"
+        names = b"\n".join(c.list()[1])
+        self.assertIn(b"Projects", names)
+        self.assertIn(b"&AMk-t&AOk-", names)
+        c.logout()
+
+    def test_idleSeesDeliveryAndOtherSession(self):
+        """IDLE reports a message delivered meanwhile (EXISTS); NOOP reports another session's EXPUNGE."""
+        self.storeSamples(1)
+        c = self.imaps()
+        c.send(b"X1 IDLE\r\n")
+        self.assertTrue(c.readline().startswith(b"+"))
+        self.store("dev", messageBytes(sampleMessage("while idling")))
+        c.sock.settimeout(IO_TIMEOUT)
+        self.assertEqual(c.readline().strip(), b"* 2 EXISTS")
+        c.send(b"DONE\r\n")
+        for _ in range(20):
+            line = c.readline()
+            if line.startswith(b"X1 "):
+                break
+        self.assertTrue(line.startswith(b"X1 OK"), line)
+
+        other = self.imaps()
+        (first, _) = self.uids(other)
+        self.assertEqual(other.uid("STORE", str(first), "+FLAGS", "(\\Deleted)")[0], "OK")
+        self.assertEqual(other.expunge()[0], "OK")
+        other.logout()
+        typ, data = c.noop()
+        self.assertEqual(typ, "OK")
+        self.assertIn(b"1", c.untagged_responses.get("EXPUNGE", []), c.untagged_responses)
+        self.assertEqual(len(self.uids(c)), 1)
+        c.logout()
+
+
+# -- Python's poplib -------------------------------------------------------------------
+
+
+class PoplibTests(MailboxDaemonTestCase):
+    def test_booksRecipe(self):
+        """POP3_SSL, user, pass_, stat, list, retr: the stored messages; uidl and top."""
+        stored = self.storeSamples(3)
+        c = self.pop3s()
+        self.assertEqual(c.stat(), (3, sum(len(crlf(m)) for m in stored)))
+        resp, listing, _ = c.list()
+        self.assertTrue(resp.startswith(b"+OK"))
+        self.assertEqual(listing, [f"{i + 1} {len(crlf(m))}".encode() for i, m in enumerate(stored)])
+        for i, expected in enumerate(stored):
+            resp, lines, octets = c.retr(i + 1)
+            self.assertEqual(b"\r\n".join(lines) + b"\r\n", crlf(expected))  # poplib undoes the dot-stuffing
+        resp, uidls, _ = c.uidl()
+        ids = [line.split()[1] for line in uidls]
+        self.assertEqual(len(set(ids)), 3)
+        resp, lines, _ = c.top(2, 1)
+        self.assertIn(b"Subject: sample 1", lines)
+        self.assertEqual(c.quit()[:3], b"+OK")
+        c2 = self.pop3s()  # the same unique ids in the next session
+        self.assertEqual([line.split()[1] for line in c2.uidl()[1]], ids)
+        c2.quit()
+
+    def test_stlsThenUser(self):
+        """The plain port: CAPA has STLS; USER before STLS is refused; after STLS it works."""
+        self.storeSamples(1)
+        c = poplib.POP3("127.0.0.1", self.port(POP3), timeout=IO_TIMEOUT)
+        self.addCleanup(self._closeQuietly, c)
+        self.assertIn("STLS", c.capa())
+        with self.assertRaises(poplib.error_proto):
+            c.user("dev")
+            c.pass_("devpass")
+        c.stls(context=self.context())
+        c.user("dev")
+        c.pass_("devpass")
+        self.assertEqual(c.stat()[0], 1)
+        c.quit()
+
+    def test_wrongPassword(self):
+        c = poplib.POP3_SSL("127.0.0.1", self.port(POP3S), context=self.context(), timeout=IO_TIMEOUT)
+        self.addCleanup(self._closeQuietly, c)
+        c.user("dev")
+        with self.assertRaises(poplib.error_proto):
+            c.pass_("wrong")
+
+    def test_deleTakesEffectAtQuit(self):
+        """DELE then a dropped connection: nothing deleted; DELE then QUIT: gone (IMAP agrees)."""
+        stored = self.storeSamples(2)
+        c = self.pop3s()
+        c.dele(1)
+        c.sock.close()  # no QUIT: the UPDATE state is never entered
+        c = self.pop3s()
+        for _ in range(50):  # the server may still be tearing the first session down
+            if c.stat()[0] == 2:
+                break
+            c.quit()
+            time.sleep(0.1)
+            c = self.pop3s()
+        self.assertEqual(c.stat()[0], 2)
+        c.dele(1)
+        self.assertEqual(c.stat()[0], 1)  # marked messages are not counted
+        c.quit()
+        c = self.pop3s()
+        self.assertEqual(c.stat()[0], 1)
+        self.assertEqual(b"\r\n".join(c.retr(1)[1]) + b"\r\n", crlf(stored[1]))
+        c.quit()
+
+
+# -- curl --------------------------------------------------------------------------------
+
+
+class CurlTests(MailboxDaemonTestCase):
+    def curl(self, *args: str, user: str = "dev:devpass") -> tuple[int, bytes, str]:
+        curl = requirePeer("curl", "curl")
+        result = runToCompletion(self, [curl, "-sS", "--max-time", "20", "--cacert", self.cafile,
+                                        "-u", user, *args], timeout=30)
+        return result.returncode, result.stdout, result.stderr.decode(errors="replace")
+
+    def test_imaps(self):
+        """imaps://: LIST of the folders, SEARCH, and one message by UID, the stored bytes."""
+        stored = self.storeSamples(2)
+        base = f"imaps://127.0.0.1:{self.port(IMAPS)}"
+        rc, out, err = self.curl(base + "/")
+        self.assertEqual(rc, 0, err)
+        for name in (b"INBOX", b"Sent", b"Drafts", b"Trash", b"Archive"):
+            self.assertIn(name, out)
+        rc, out, err = self.curl(base + "/INBOX?ALL")
+        self.assertEqual((rc, out.strip()), (0, b"* SEARCH 1 2"), err)
+        rc, out, err = self.curl(base + "/INBOX;UID=2")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, crlf(stored[1]))
+        rc, out, err = self.curl(base + "/INBOX;UID=1")
+        (att,) = message_from_bytes(out, policy=policy.default).iter_attachments()
+        self.assertEqual(att.get_payload(decode=True), BLOB)
+
+    def test_imapStarttls(self):
+        stored = self.storeSamples(1)
+        rc, out, err = self.curl("--ssl-reqd", f"imap://127.0.0.1:{self.port(IMAP)}/INBOX;UID=1")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, crlf(stored[0]))
+
+    def test_pop3s(self):
+        """pop3s://: LIST, and RETR of one message, the stored bytes."""
+        stored = self.storeSamples(2)
+        base = f"pop3s://127.0.0.1:{self.port(POP3S)}"
+        rc, out, err = self.curl(base + "/")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out.split(b"\r\n")[:2], [f"{i + 1} {len(crlf(m))}".encode() for i, m in enumerate(stored)])
+        rc, out, err = self.curl(base + "/2")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, crlf(stored[1]))
+
+    def test_pop3Stls(self):
+        stored = self.storeSamples(1)
+        rc, out, err = self.curl("--ssl-reqd", f"pop3://127.0.0.1:{self.port(POP3)}/1")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, crlf(stored[0]))
+
+    def test_wrongPassword(self):
+        """curl's 'Login denied' (67) on both protocols; and no login in clear text without TLS."""
+        self.storeSamples(1)
+        rc, _, err = self.curl(f"imaps://127.0.0.1:{self.port(IMAPS)}/INBOX;UID=1", user="dev:wrong")
+        self.assertEqual(rc, 67, err)
+        rc, _, err = self.curl(f"pop3s://127.0.0.1:{self.port(POP3S)}/1", user="dev:wrong")
+        self.assertEqual(rc, 67, err)
+        rc, out, err = self.curl(f"imap://127.0.0.1:{self.port(IMAP)}/INBOX;UID=1")
+        self.assertNotEqual(rc, 0, out)
+        rc, out, err = self.curl(f"pop3://127.0.0.1:{self.port(POP3)}/1")
+        self.assertNotEqual(rc, 0, out)
+
+
+# -- fetchmail ----------------------------------------------------------------------------
+
+
+class FetchmailTests(MailboxDaemonTestCase):
+    def fetchmail(self, protocol: str, port: int, tls: str, keep: bool = True) -> tuple[int, str, list[bytes]]:
+        """
+        One fetchmail poll of C{dev}'s INBOX (C{tls}: "ssl" for implicit TLS, "starttls"
+        for STARTTLS/STLS), every message piped to an MDA that writes it to its own file.
+        Returns fetchmail's status, its output and the files, in delivery order.
+        """
+        fetchmail = requirePeer("fetchmail", "fetchmail")
+        home = Path(self.mktemp()).resolve()
+        out = home / "out"
+        out.mkdir(parents=True)
+        tlsLine = "ssl sslcertck" if tls == "ssl" else "sslproto tls1.2+ sslcertck"
+        rc = home / "fetchmailrc"
+        rc.write_text(
+            "set no syslog\n"
+            "set no bouncemail\n"
+            # localhost (fetchmail checks DNS names, not IP addresses, in the certificate)
+            f"poll localhost service {port} protocol {protocol} auth password timeout 10\n"
+            f'  user "dev" there with password "devpass" is "{getpass.getuser()}" here\n'
+            f'  {tlsLine} sslcertfile "{self.cafile}"\n'
+            f"  {'keep' if keep else 'nokeep'} fetchall\n"
+            f"  mda \"/bin/sh -c 'cat > {out}/m.$$'\"\n")  # one shell per message
+        os.chmod(rc, 0o600)
+        result = subprocess.run([fetchmail, "-f", str(rc), "-v", "--nosyslog"], capture_output=True,
+                                timeout=60, env=dict(os.environ, FETCHMAILHOME=str(home)))
+        files = [p.read_bytes() for p in sorted(out.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
+        return result.returncode, decoded(result) + "\n--- the daemon said:\n" + self.daemon.output()[-3000:], files
+
+    def assertFetched(self, files: list[bytes], stored: list[bytes], output: str) -> None:
+        self.assertEqual(len(files), len(stored), output)
+        for got, expected in zip(files, stored, strict=True):
+            self.assertTrue(got.startswith(b"Received: "), got[:200])  # fetchmail's own
+            self.assertTrue(lf(got).endswith(lf(expected)), (got[-300:], output[-2000:]))
+
+    def test_pop3ImplicitTLS(self):
+        stored = self.storeSamples(3)
+        status, out, files = self.fetchmail("POP3", self.port(POP3S), "ssl")
+        self.assertEqual(status, 0, out)
+        self.assertFetched(files, stored, out)
+
+    def test_pop3Stls(self):
+        stored = self.storeSamples(2)
+        status, out, files = self.fetchmail("POP3", self.port(POP3), "starttls")
+        self.assertEqual(status, 0, out)
+        self.assertIn("STLS", out)
+        self.assertFetched(files, stored, out)
+
+    def test_imapBothWaysThenPop3Deletes(self):
+        """IMAP over TLS and with STARTTLS (keep), then POP3 without keep: the INBOX is empty after."""
+        stored = self.storeSamples(3)
+        status, out, files = self.fetchmail("IMAP", self.port(IMAPS), "ssl")
+        self.assertEqual(status, 0, out)
+        self.assertFetched(files, stored, out)
+        status, out, files = self.fetchmail("IMAP", self.port(IMAP), "starttls")
+        self.assertEqual(status, 0, out)
+        self.assertIn("STARTTLS", out)
+        self.assertFetched(files, stored, out)  # fetchall: the \Seen ones too
+        status, out, files = self.fetchmail("POP3", self.port(POP3S), "ssl", keep=False)
+        self.assertEqual(status, 0, out)
+        self.assertFetched(files, stored, out)
+        c = self.imaps()
+        self.assertEqual(self.uids(c), [])
+        c.logout()
+
+
+# -- mbsync (isync) ------------------------------------------------------------------------
+
+
+class MbsyncTests(MailboxDaemonTestCase):
+    def mbsync(self, local: Path) -> tuple[int, str]:
+        mbsync = requirePeer("mbsync", "isync")
+        home = local.parent
+        rc = home / "mbsyncrc"
+        rc.write_text(
+            "IMAPAccount netsvc\n"
+            "Host localhost\n"  # mbsync checks DNS names, not IP addresses, in the certificate
+            f"Port {self.port(IMAPS)}\n"
+            "User dev\n"
+            "Pass devpass\n"
+            "SSLType IMAPS\n"
+            f"CertificateFile {self.cafile}\n"
+            "\n"
+            "IMAPStore remote\n"
+            "Account netsvc\n"
+            "\n"
+            "MaildirStore local\n"
+            f"Path {local}/\n"
+            f"Inbox {local}/INBOX\n"
+            "SubFolders Verbatim\n"
+            "\n"
+            "Channel everything\n"
+            "Far :remote:\n"
+            "Near :local:\n"
+            "Patterns *\n"
+            "Create Both\n"
+            "Expunge Both\n"
+            "SyncState *\n")
+        result = subprocess.run([mbsync, "-c", str(rc), "-V", "-a"], capture_output=True, timeout=60,
+                                env=dict(os.environ, HOME=str(home)))
+        return result.returncode, decoded(result)
+
+    @staticmethod
+    def localMessages(folder: Path) -> list[bytes]:
+        files = [p for sub in ("cur", "new") if (folder / sub).is_dir() for p in (folder / sub).iterdir()]
+        return [p.read_bytes() for p in sorted(files, key=lambda p: p.name)]
+
+    def test_twoWaySync(self):
+        """Pull the INBOX and the special folders; push a local draft (APPEND) and a local flag and delete."""
+        stored = self.storeSamples(3)
+        home = Path(self.mktemp()).resolve()
+        local = home / "Mail"
+        local.mkdir(parents=True)
+        status, out = self.mbsync(local)
+        self.assertEqual(status, 0, out)
+        got = self.localMessages(local / "INBOX")
+        self.assertEqual(sorted(lf(m) for m in got), sorted(lf(m) for m in stored), out[-3000:])
+        for name in ("Sent", "Drafts", "Trash", "Archive"):
+            self.assertTrue((local / name / "cur").is_dir(), (name, sorted(p.name for p in local.iterdir())))
+
+        # local changes: a new draft, the first INBOX message seen, the second deleted
+        draft = messageBytes(sampleMessage("written offline"))
+        (local / "Drafts" / "new" / "1800000000.1_1.offline").write_bytes(lf(draft))
+        inbox = sorted((local / "INBOX" / "cur").iterdir())
+        byName = {message_from_bytes(p.read_bytes())["Subject"]: p for p in inbox}
+        seen = byName["sample 0"]
+        seen.rename(seen.with_name(seen.name.split(":2,")[0] + ":2,S"))
+        byName["sample 1"].rename(byName["sample 1"].with_name(byName["sample 1"].name.split(":2,")[0] + ":2,T"))
+        status, out = self.mbsync(local)
+        self.assertEqual(status, 0, out)
+
+        c = self.imaps()
+        typ, data = c.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        flags = {}
+        for item in data:
+            if isinstance(item, tuple):
+                subject = message_from_bytes(item[1])["Subject"]
+                flags[subject] = item[0]
+        self.assertEqual(sorted(flags), ["sample 0", "sample 2"], data)
+        self.assertIn(b"\\Seen", flags["sample 0"])
+        self.assertNotIn(b"\\Seen", flags["sample 2"])
+        self.assertEqual(c.select("Drafts")[0], "OK")
+        self.assertEqual([crlf(m) for m in self.fetchAll(c).values()], [crlf(draft)])
+        c.logout()
+
+        # and a server-side change comes back down
+        self.store("dev", messageBytes(sampleMessage("arrived later")))
+        status, out = self.mbsync(local)
+        self.assertEqual(status, 0, out)
+        subjects = sorted(message_from_bytes(m)["Subject"] for m in self.localMessages(local / "INBOX"))
+        self.assertEqual(subjects, ["arrived later", "sample 0", "sample 2"])
+
+
+# -- end to end: SMTP local delivery, IMAP, POP3, restart ------------------------------------
+
+
+class EndToEndTests(MailboxDaemonTestCase):
+    withSMTP = True
+
+    def send(self, message: EmailMessage, to: list[str] | None = None) -> bytes:
+        data = messageBytes(message)
+        with smtplib.SMTP("127.0.0.1", self.port(SMTP), timeout=IO_TIMEOUT) as s:
+            refused = s.sendmail("sender@example.test", to or [message["To"]], data)
+        self.assertEqual(refused, {})
+        return data
+
+    def test_smtpToImapToPop3AndRestart(self):
+        sent = self.send(sampleMessage("end to end", attachment=BLOB))
+        other = self.send(sampleMessage("kept"))
+        watcher = self.imaps()  # stays selected on INBOX throughout
+
+        # IMAP FETCH: the same bytes, after the headers delivery adds
+        c = self.imaps()
+        messages = self.fetchAll(c)
+        self.assertEqual(len(messages), 2, messages.keys())
+        (uidA, fetchedA), (uidB, fetchedB) = sorted(messages.items())
+        self.assertTrue(fetchedA.endswith(sent), fetchedA[:600])
+        self.assertTrue(fetchedB.endswith(other), fetchedB[:600])
+        head = fetchedA[: len(fetchedA) - len(sent)]
+        self.assertTrue(head.startswith(b"Return-Path: <sender@example.test>\r\n"), head)
+        self.assertIn(b"Delivered-To: dev@lab.test\r\n", head)
+        self.assertIn(b"Received: from ", head)
+        (att,) = message_from_bytes(fetchedA, policy=policy.default).iter_attachments()
+        self.assertEqual((att.get_filename(), att.get_payload(decode=True)), ("blob.bin", BLOB))
+        typ, data = c.status("INBOX", "(UIDVALIDITY UIDNEXT MESSAGES)")
+        uidvalidity = int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))
+        c.logout()
+
+        # POP3: the same message, found by its Message-ID; DELE, QUIT
+        p = self.pop3s()
+        count, _ = p.stat()
+        self.assertEqual(count, 2)
+        target = None
+        for n in range(1, count + 1):
+            _, lines, _ = p.top(n, 0)
+            if b"Message-ID: <end.to.end@example.test>" in lines:
+                target = n
+        self.assertIsNotNone(target)
+        _, lines, _ = p.retr(target)
+        self.assertEqual(b"\r\n".join(lines) + b"\r\n", fetchedA)
+        p.dele(target)
+        p.quit()
+
+        # IMAP sees it gone: the open session by NOOP (EXPUNGE), a new one by SEARCH
+        self.assertEqual(watcher.noop()[0], "OK")
+        self.assertIn(b"1", watcher.untagged_responses.get("EXPUNGE", []), watcher.untagged_responses)
+        c = self.imaps()
+        self.assertEqual(self.uids(c), [uidB])
+        c.logout()
+        watcher.logout()
+
+        # restart: the same UIDVALIDITY and UIDs; a new message gets a higher UID
+        self.restart()
+        c = self.imaps()
+        typ, data = c.status("INBOX", "(UIDVALIDITY)")
+        self.assertEqual(int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1)), uidvalidity)
+        self.assertEqual(self.fetchAll(c), {uidB: fetchedB})
+        c.logout()
+        self.send(sampleMessage("after restart"))
+        c = self.imaps()
+        uids = self.uids(c)
+        self.assertEqual(len(uids), 2)
+        self.assertEqual(uids[0], uidB)
+        self.assertGreater(uids[1], uidA)
+        c.logout()
+
+    def test_aliasesPlusAddressesUnknownUsers(self):
+        """postmaster (an alias) and dev+tag reach dev; an unknown local user is refused at RCPT (550)."""
+        self.send(sampleMessage("to postmaster", to="postmaster@lab.test"))
+        self.send(sampleMessage("plus address", to="dev+lists@lab.test"))
+        self.send(sampleMessage("to qa", to="qa@localhost"))
+        with smtplib.SMTP("127.0.0.1", self.port(SMTP), timeout=IO_TIMEOUT) as s:
+            with self.assertRaises(smtplib.SMTPRecipientsRefused) as e:
+                s.sendmail("sender@example.test", ["nobody@lab.test"], b"Subject: x\r\n\r\nx\r\n")
+        self.assertEqual(e.exception.recipients["nobody@lab.test"][0], 550)
+        c = self.imaps()
+        subjects = sorted(message_from_bytes(m)["Subject"] for m in self.fetchAll(c).values())
+        self.assertEqual(subjects, ["plus address", "to postmaster"])
+        c.logout()
+        p = self.pop3s("qa", "qapass")
+        self.assertEqual(p.stat()[0], 1)
+        p.quit()
+
+    def test_loggingHandlerToLocalhost(self):
+        """The books' SMTPHandler mailing user@localhost, read back with poplib."""
+        handler = logging.handlers.SMTPHandler(("127.0.0.1", self.port(SMTP)), "app@example.test",
+                                               ["dev@localhost"], "an error in the app", timeout=IO_TIMEOUT)
+        logger = logging.getLogger("netsvc.tests.mailbox")
+        logger.propagate = False
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        logger.error("disk %s is full", "/var")
+        p = self.pop3s()
+        self.assertEqual(p.stat()[0], 1)
+        _, lines, _ = p.retr(1)
+        msg = message_from_bytes(b"\r\n".join(lines), policy=policy.default)
+        self.assertEqual(msg["Subject"], "an error in the app")
+        self.assertIn("disk /var is full", msg.get_content())
+        p.quit()
+

@@ -231,7 +231,7 @@ services:
         self.assertIn("STARTTLS", before)
         self.assertEqual(fetched, b"Subject: one\r\n\r\nhello\r\n")
         self.assertEqual(after, [b""])
-        self.assertIn('netsvc_imap_events_total{event="logins",service="mailbox"} 2',
+        self.assertIn('netsvc_imap_events_total{service="mailbox",event="logins"} 2',
                       self.daemon.context.metrics.render())
 
     @defer.inlineCallbacks

@@ -1,0 +1,452 @@
+"""The IMAP server over loopback: Python's imaplib (the books' recipe), STARTTLS, limits and faults."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import re
+import ssl as stdssl
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from netsvc.auth import FailureLimit
+from netsvc.mailbox import imap
+from netsvc.mailbox.imap import IMAPFactory
+from netsvc.mailbox.maildir import Maildirs
+from netsvc.tls.certificates import generateSelfSigned
+from tests.helpers import Keeping, sleep, unsentBytes
+
+PASSWORD = "secret"
+
+
+class Users:
+    """An authenticator: bob/secret and alice/secret; counts the checks made."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def isReserved(self, user: str) -> bool:
+        return user in ("bob", "alice")
+
+    def check(self, user: str, password: str, client=None):
+        self.checks += 1
+        return defer.succeed(user.lower() in ("bob", "alice") and password == PASSWORD)
+
+
+class Raw(Protocol):
+    """A raw client: keeps what arrives; C{expect} waits (bounded) for a pattern."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.closed = True
+        self.lost.callback(None)
+
+    def send(self, line: bytes) -> None:
+        self.transport.write(line)
+
+    async def expect(self, pattern: bytes, timeout: float = 10.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, bytes(self.data))
+            if m:
+                return m
+            if time.monotonic() > deadline or self.closed:
+                raise AssertionError(f"{pattern!r} not seen; got {bytes(self.data)[-500:]!r}")
+            await sleep(0.01)
+
+
+def sample(attachment: bytes = os.urandom(30000)) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Alice <alice@lab.test>"
+    msg["To"] = "bob@lab.test"
+    msg["Subject"] = "report"
+    msg["Message-ID"] = "<1@lab.test>"
+    msg.set_content("Hello Bob,\nthe report is attached.\n")
+    msg.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="r.bin")
+    return msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class IMAPTestCase(unittest.TestCase):
+    def setUp(self):
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir(parents=True)
+        self.cert, key = folder / "cert.pem", folder / "key.pem"
+        generateSelfSigned(self.cert, key, ["127.0.0.1", "localhost"])
+        self.options = ssl.PrivateCertificate.loadPEM(self.cert.read_text() + key.read_text()).options()
+        self.store = Maildirs(folder / "mail", fsync=False)
+        self.users = Users()
+
+    def serve(self, tls: str = "implicit", **kwargs) -> int:
+        """A server on 127.0.0.1: C{tls} "implicit" (TLS port), "starttls" (plain port with STARTTLS),
+        "pretend" (plain TCP treated as secure: raw-socket tests)."""
+        kwargs.setdefault("pollInterval", 0.05)
+        factory = IMAPFactory(self.store, self.users, self.options if tls != "pretend" else None,
+                              implicitTLS=tls in ("implicit", "pretend"), **kwargs)
+        self.factory = factory
+        self.keeping = Keeping(factory)
+        if tls == "implicit":
+            port = reactor.listenSSL(0, self.keeping, self.options, interface="127.0.0.1")
+        else:
+            port = reactor.listenTCP(0, self.keeping, interface="127.0.0.1")
+        self.addCleanup(self._stop, port)
+        return port.getHost().port
+
+    async def _closedAll(self):
+        deadline = time.monotonic() + 10
+        while any(p.transport is not None and p.transport.connected for p in self.keeping.built):
+            if time.monotonic() > deadline:
+                for p in self.keeping.built:
+                    if p.transport is not None and p.transport.connected:
+                        p.transport.abortConnection()
+                await sleep(0.1)
+                break
+            await sleep(0.01)
+
+    def _stop(self, port):
+        d = defer.Deferred.fromCoroutine(self._closedAll())
+        return d.addCallback(lambda _: port.stopListening())
+
+    def sslContext(self) -> stdssl.SSLContext:
+        return stdssl.create_default_context(cafile=str(self.cert))
+
+    async def raw(self, portNumber: int) -> Raw:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        client = Raw()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", portNumber), client)
+        self.addCleanup(lambda: client.transport.abortConnection() if not client.closed else None)
+        await client.expect(rb"^\* OK .*\r\n")
+        return client
+
+
+class BooksRecipeTests(IMAPTestCase):
+    def test_imapSSLFetchSameBytes(self):
+        """IMAP4_SSL login / select('Inbox') / search / fetch '(RFC822)' gives the bytes delivered."""
+        data = sample()
+        self.store.deliver("bob", data)
+        port = self.serve("implicit")
+
+        def client():
+            with imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=self.sslContext()) as m:
+                m.login("bob", PASSWORD)
+                typ, count = m.select("Inbox")
+                typ, numbers = m.search(None, "ALL")
+                out = []
+                for num in numbers[0].split():
+                    typ, parts = m.fetch(num, "(RFC822)")
+                    out.append(parts[0][1])
+                typ, flags = m.fetch(b"1", "(FLAGS)")
+                m.logout()
+                return count, out, flags
+
+        def check(result):
+            count, out, flags = result
+            self.assertEqual(count, [b"1"])
+            self.assertEqual(out, [data])
+            self.assertIn(b"\\Seen", flags[0])  # RFC822 (not PEEK) sets \Seen
+            self.assertEqual(self.store.inbox("bob").messages()[0].flags, {"\\Seen"})
+
+        return deferToThread(client).addCallback(check)
+
+    def test_manyOperations(self):
+        """Folders, APPEND (APPENDUID), UID COPY/MOVE (COPYUID), STORE, EXPUNGE, partial and header fetches."""
+        for i in range(3):
+            self.store.deliver("bob", b"Subject: m%d\r\nFrom: a@b\r\n\r\nbody %d\r\n" % (i, i))
+        port = self.serve("implicit")
+
+        def client():
+            r = {}
+            with imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=self.sslContext()) as m:
+                m.login("bob", PASSWORD)
+                r["caps"] = m.capabilities
+                r["list"] = m.list()[1]
+                r["create"] = m.create("Work.Projects")[0]
+                r["createBad"] = m.create("../etc")[0]
+                m.select("INBOX")
+                r["append"] = m.append("INBOX", "(\\Flagged)", None, b"Subject: appended\r\n\r\nx\r\n")
+                r["peek"] = m.uid("FETCH", "4", "(BODY.PEEK[HEADER.FIELDS (Subject)] BODY.PEEK[]<0.7> FLAGS)")
+                m.uid("COPY", "1:2", "Work.Projects")
+                r["copy"] = m.response("COPYUID")
+                m.uid("MOVE", "3", "Archive")
+                r["move"] = m.response("COPYUID")
+                r["after"] = m.uid("SEARCH", None, "ALL")
+                r["store"] = m.store("1", "+FLAGS", "(\\Deleted)")
+                r["expunge"] = m.expunge()
+                r["status"] = m.status("Work.Projects", "(MESSAGES UIDNEXT UNSEEN)")
+                r["flagged"] = m.search(None, "FLAGGED")
+                r["text"] = m.search(None, "BODY", "body")
+                r["tocreate"] = m.append("Nope", None, None, b"x")
+                m.logout()
+            return r
+
+        def check(r):
+            for cap in ("UIDPLUS", "MOVE", "IDLE", "SPECIAL-USE", "NAMESPACE", "LITERAL+", "ENABLE"):
+                self.assertIn(cap, r["caps"])
+            self.assertIn(b'(\\HasNoChildren \\Sent) "." "Sent"', r["list"])
+            self.assertEqual(r["create"], "OK")
+            self.assertEqual(r["createBad"], "NO")
+            self.assertEqual(r["append"][0], "OK")
+            self.assertRegex(r["append"][1][0], rb"\[APPENDUID \d+ 4\]")
+            body = r["peek"][1]
+            self.assertEqual(body[0][1], b"Subject: appended\r\n\r\n")
+            self.assertEqual(body[1][1], b"Subject")
+            self.assertIn(b"BODY[]<0>", body[1][0])
+            self.assertRegex(r["copy"][1][0], rb"^\d+ 1:2 1:2$")
+            self.assertRegex(r["move"][1][0], rb"^\d+ 3 1$")
+            self.assertEqual(r["after"][1], [b"1 2 4"])
+            self.assertEqual(r["expunge"][1], [b"3", b"1"])  # the MOVE's, then its own
+            self.assertEqual(r["status"][1], [b'"Work.Projects" (MESSAGES 2 UIDNEXT 3 UNSEEN 2)'])
+            self.assertEqual(r["flagged"][1], [b"2"])  # the appended one, now sequence 2
+            self.assertEqual(r["text"][1], [b"1"])
+            self.assertIn(b"TRYCREATE", r["tocreate"][1][0])
+            self.assertEqual([m.uid for m in self.store.inbox("bob").messages()], [2, 4])
+            self.assertEqual(len(self.store.folder("bob", "Archive").messages()), 1)
+            self.assertEqual(self.store.inbox("bob").messages()[1].flags, {"\\Flagged"})
+
+        return deferToThread(client).addCallback(check)
+
+
+class TLSTests(IMAPTestCase):
+    def test_starttls(self):
+        """Plain port: LOGINDISABLED and LOGIN refused before STARTTLS; after it, LOGIN and AUTH=PLAIN."""
+        port = self.serve("starttls")
+
+        def client():
+            with imaplib.IMAP4("127.0.0.1", port) as m:
+                before = m.capabilities
+                try:
+                    m.login("bob", PASSWORD)
+                    refused = None
+                except imaplib.IMAP4.error as e:
+                    refused = str(e)
+                m.starttls(ssl_context=self.sslContext())
+                after = m.capabilities
+                typ, _ = m.authenticate("PLAIN", lambda _: b"\0bob\0" + PASSWORD.encode())
+                m.logout()
+                return before, refused, after, typ
+
+        def check(result):
+            before, refused, after, typ = result
+            self.assertIn("STARTTLS", before)
+            self.assertIn("LOGINDISABLED", before)
+            self.assertNotIn("AUTH=PLAIN", before)
+            self.assertIn("PRIVACYREQUIRED", refused)
+            self.assertNotIn("LOGINDISABLED", after)
+            self.assertIn("AUTH=PLAIN", after)
+            self.assertEqual(typ, "OK")
+            self.assertEqual(self.users.checks, 1)  # the refused LOGIN checked nothing
+
+        return deferToThread(client).addCallback(check)
+
+    async def _starttlsInjection(self):
+        port = self.serve("starttls")
+        client = await self.raw(port)
+        client.send(b"a STARTTLS\r\nb LOGIN bob secret\r\n")
+        await client.expect(rb"a OK .*\r\n")
+        await sleep(0.2)
+        self.assertNotIn(b"b ", bytes(client.data))
+        self.assertEqual(self.users.checks, 0)
+        client.transport.abortConnection()
+
+    def test_starttlsInjection(self):
+        """Commands pipelined behind STARTTLS (before the handshake) are dropped, not run."""
+        return defer.Deferred.fromCoroutine(self._starttlsInjection())
+
+
+class LimitTests(IMAPTestCase):
+    async def _flood(self):
+        limit = FailureLimit(reactor, rate=0.001, burst=3, overallRate=0)
+        port = self.serve("pretend", failureLimit=limit, maxAuthFailures=100)
+        client = await self.raw(port)
+        for i in range(10):
+            client.send(b"t%d LOGIN bob wrong%d\r\n" % (i, i))
+        await client.expect(rb"t9 NO .*\r\n")
+        text = bytes(client.data)
+        self.assertEqual(self.users.checks, 3)
+        self.assertEqual(len(re.findall(rb"t\d NO \[AUTHENTICATIONFAILED\]", text)), 3)
+        self.assertEqual(len(re.findall(rb"t\d NO \[UNAVAILABLE\]", text)), 7)
+        # answers come in order, one command at a time
+        self.assertEqual(re.findall(rb"(t\d) NO", text), [b"t%d" % i for i in range(10)])
+        # the right password is refused too while the allowance is spent (nothing is checked)
+        client.send(b"u LOGIN bob secret\r\n")
+        await client.expect(rb"u NO \[UNAVAILABLE\].*\r\n")
+        self.assertEqual(self.users.checks, 3)
+        client.transport.loseConnection()
+
+    def test_badPasswordFlood(self):
+        """A flood of bad passwords: only the allowance is checked; the rest get NO [UNAVAILABLE]."""
+        return defer.Deferred.fromCoroutine(self._flood())
+
+    async def _perConnection(self):
+        port = self.serve("pretend", maxAuthFailures=3)
+        client = await self.raw(port)
+        for i in range(5):
+            client.send(b"t%d LOGIN bob wrong\r\n" % i)
+        await client.lost
+        self.assertEqual(self.users.checks, 3)
+        self.assertIn(b"* BYE Too many authentication failures", bytes(client.data))
+
+    def test_authFailuresClose(self):
+        return defer.Deferred.fromCoroutine(self._perConnection())
+
+    async def _junk(self):
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        start = time.monotonic()
+        for i in range(200):
+            if client.closed:
+                break
+            client.send(b"x%d FROB the knob\r\n" % i if i % 2 else b"\x00\xff junk\r\n")
+            await sleep(0.001)
+        await client.lost
+        self.assertLess(time.monotonic() - start, 30)
+        text = bytes(client.data)
+        self.assertIn(b"* BYE Too many invalid commands", text)
+        self.assertEqual(text.count(b"BAD"), 20)
+        self.assertEqual(self.factory.counts["closed_bad_commands"], 1)
+
+    def test_junkForever(self):
+        """Junk commands get BAD, and after 20 in a row the connection is closed."""
+        return defer.Deferred.fromCoroutine(self._junk())
+
+    async def _longLine(self):
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a " + b"x" * 100_000)
+        await client.lost
+        self.assertIn(b"* BYE Command line too long", bytes(client.data))
+
+    def test_longLine(self):
+        """A command line longer than the limit is not buffered: BYE and close."""
+        return defer.Deferred.fromCoroutine(self._longLine())
+
+    async def _silent(self):
+        big = os.urandom(3 * 2**20)
+        for _ in range(4):
+            self.store.deliver("bob", b"Subject: big\r\n\r\n" + big)
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\n")
+        await client.expect(rb"b OK .*\r\n")
+        import socket
+
+        client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        client.transport.pauseProducing()
+        client.send(b"c FETCH 1:* (RFC822)\r\n" + b"d NOOP\r\n" * 1000)
+        server = self.keeping.built[0]
+        peak = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            await sleep(0.05)
+            peak = max(peak, unsentBytes(server.transport))
+        self.assertGreater(peak, 0)  # the kernel's buffers are full: the FETCH is waiting for us
+        self.assertLessEqual(peak, imap.HIGH_WATER + imap.CHUNK + 4096)
+        self.assertTrue(server.paused)  # the pipelined NOOPs stay in the kernel
+        self.assertLess(len(server._buffer), 70_000)
+        client.transport.resumeProducing()
+        await client.expect(rb"c OK FETCH completed\r\n", timeout=30)
+        await client.expect(rb"(d OK NOOP completed\r\n.*){1000}", timeout=30)
+        client.transport.loseConnection()
+
+    def test_nonReadingClientBounded(self):
+        """A client that never reads during a big FETCH: the server holds at most ~HIGH_WATER unsent."""
+        return defer.Deferred.fromCoroutine(self._silent())
+
+
+class AppendTests(IMAPTestCase):
+    async def _aborted(self):
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb APPEND INBOX (\\Seen) {100000}\r\n")
+        await client.expect(rb"\+ .*\r\n")
+        client.send(b"x" * 50000)
+        await sleep(0.1)
+        client.transport.abortConnection()
+        await client.lost
+        await self._closedAll()
+        inbox = self.store.inbox("bob")
+        self.assertEqual(inbox.messages(), [])
+        for sub in ("tmp", "new", "cur"):
+            self.assertEqual(os.listdir(inbox.path / sub), [])
+
+    def test_abortedMidLiteral(self):
+        """A client that vanishes mid-APPEND leaves nothing behind."""
+        return defer.Deferred.fromCoroutine(self._aborted())
+
+    async def _tooBig(self):
+        port = self.serve("pretend", maxLiteral=1000)
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb APPEND INBOX {5000}\r\n")
+        await client.expect(rb"b NO \[TOOBIG\].*\r\n")
+        self.assertNotIn(b"\r\n+ ", bytes(client.data))  # the literal was never asked for
+        client.send(b"c APPEND INBOX {5+}\r\nhello\r\n")
+        await client.expect(rb"c OK \[APPENDUID \d+ 1\].*\r\n")
+        client.send(b"d APPEND INBOX {5000+}\r\n" + b"y" * 5000)
+        await client.lost
+        self.assertIn(b"* BYE [TOOBIG]", bytes(client.data))
+        self.assertEqual([m.size for m in self.store.inbox("bob").messages()], [5])
+
+    def test_literalLimits(self):
+        """A literal over the limit: NO [TOOBIG] before reading it; LITERAL+ within the limit works;
+        LITERAL+ over the limit closes (its bytes are on the way)."""
+        return defer.Deferred.fromCoroutine(self._tooBig())
+
+
+class IdleTests(IMAPTestCase):
+    async def _idle(self):
+        self.store.deliver("bob", b"Subject: one\r\n\r\n1\r\n")
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\nc IDLE\r\n")
+        await client.expect(rb"\+ idling\r\n")
+        await deferToThread(self.store.deliver, "bob", b"Subject: two\r\n\r\n2\r\n")
+        await client.expect(rb"\* 2 EXISTS\r\n")
+        other = self.store.inbox("bob")
+        await deferToThread(other.messages)
+        await deferToThread(other.setFlags, 1, ["\\Flagged"])
+        await client.expect(rb"\* 1 FETCH \(FLAGS \(\\Flagged\)\)\r\n")
+        await deferToThread(other.remove, [1])
+        await client.expect(rb"\* 1 EXPUNGE\r\n")
+        client.send(b"DONE\r\nd UID SEARCH ALL\r\n")
+        await client.expect(rb"c OK IDLE terminated\r\n")
+        await client.expect(rb"\* SEARCH 2\r\nd OK")
+        client.transport.loseConnection()
+
+    def test_idleSeesOtherChanges(self):
+        """IDLE reports a delivery, another session's flag change and removal."""
+        return defer.Deferred.fromCoroutine(self._idle())
+
+    async def _restart(self):
+        for i in range(3):
+            self.store.deliver("bob", b"Subject: %d\r\n\r\n" % i)
+        port = self.serve("pretend")
+        first = await self.raw(port)
+        first.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\nc UID FETCH 1:* (UID)\r\n")
+        m1 = await first.expect(rb"UIDVALIDITY (\d+)[\s\S]*c OK")
+        uids1 = re.findall(rb"FETCH \(UID (\d+)\)", bytes(first.data))
+        first.transport.loseConnection()
+        self.store = Maildirs(self.store.root, fsync=False)  # a new store: as after a restart
+        port2 = self.serve("pretend")
+        second = await self.raw(port2)
+        second.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\nc UID FETCH 1:* (UID)\r\n")
+        m2 = await second.expect(rb"UIDVALIDITY (\d+)[\s\S]*c OK")
+        self.assertEqual(m1.group(1), m2.group(1))
+        self.assertEqual(re.findall(rb"FETCH \(UID (\d+)\)", bytes(second.data)), uids1)
+        self.assertEqual(uids1, [b"1", b"2", b"3"])
+        second.transport.loseConnection()
+
+    def test_uidsAcrossRestart(self):
+        return defer.Deferred.fromCoroutine(self._restart())

@@ -20,6 +20,9 @@ from typing import Any
 
 CLIENTS = ["netsvc.echo.client", "netsvc.chat.client", "netsvc.dns.client", "netsvc.forward.client",
            "netsvc.fetch.cli", "netsvc.smtp.client", "netsvc.ldap.clientcli"]
+#: Subcommands a module adds under another module's command (its C{addSubparsers(subparsers)}):
+#: C{netsvc mail read} is the mailbox client, under the SMTP client's C{netsvc mail}.
+SUBCOMMANDS = {"mail": ["netsvc.mailbox.client"]}
 
 
 def checkConfig(reactor: Any, args: argparse.Namespace) -> int:
@@ -87,6 +90,13 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     for module in modules:
         client = importlib.import_module(module).addParser(sub)
         top.commands[client.prog.split()[-1]] = client  # type: ignore[attr-defined]
+    for name, extra in SUBCOMMANDS.items():
+        parent = top.commands.get(name)  # type: ignore[attr-defined]
+        if parent is None:
+            continue
+        (children,) = [a for a in parent._actions if isinstance(a, argparse._SubParsersAction)]
+        for module in extra:
+            importlib.import_module(module).addSubparsers(children)
     _plainHelp(top)
     return top
 

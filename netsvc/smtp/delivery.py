@@ -21,6 +21,11 @@ Control requests from C{netsvc mail queue} (files in C{<queue>/ctl/}:
 C{retry-ID}, C{retry-all}, C{delete-ID}) are applied every L{TICK} seconds.
 At start-up every queued message is scheduled again (a restart resumes).
 
+With local delivery (C{local}, a L{netsvc.smtp.local.LocalDelivery}, set by the
+service) recipients at a local domain -- bounces and delay warnings to a local
+sender, mostly -- are grouped apart (L{LOCAL}) and written to their mailboxes
+instead of being routed.
+
 With C{workers: N} this runs in the delivery owner (worker 0) only; mail the
 other workers commit reaches it through L{Delivery.discover}
 (L{netsvc.smtp.watch}: inotify, and a periodic scan).
@@ -56,6 +61,8 @@ MESSAGES_PER_CONNECTION = 100
 LOADED_PER_CONNECTION = 20
 #: At shutdown, how long transactions in progress get to finish.
 STOP_GRACE = 5.0
+#: The outbox of the recipients delivered locally (never a domain name).
+LOCAL = "\0local"
 
 
 def _hasEightBit(path: Path) -> bool:
@@ -107,6 +114,8 @@ class Delivery(service.Service):
         self._loop: task.LoopingCall | None = None
         self._stopped: defer.Deferred | None = None
         self.writer = EnvelopeWriter(queue)
+        #: Local delivery (L{netsvc.smtp.local.LocalDelivery}) for recipients at a local domain; None: none.
+        self.local: Any = None
         self.outcomes = Outcomes(settings, queue, self.writer, metrics, clock, schedule=self._schedule,
                                  kick=self.kick, finished=self._finished)
         metrics.queued.setFunction(lambda: len(self.scheduled) + len(self.flights))
@@ -251,7 +260,11 @@ class Delivery(service.Service):
         flight = Flight(id, env, path, size, eightBit)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(env.recipients):
-            if r.status == "pending":
+            if r.status != "pending":
+                continue
+            if self.local is not None and self.local.router.isLocal(r.address):
+                groups[LOCAL].append(i)
+            else:
                 groups["*" if self.smarthost else r.address.rpartition("@")[2].lower()].append(i)
         if not groups:
             self.writer.remove(id)  # finished before a crash that kept the envelope
@@ -294,6 +307,15 @@ class Delivery(service.Service):
                 self.starting[domain] -= 1
 
         try:
+            if domain == LOCAL:
+                started()
+                box = self.outbox.get(domain)
+                while box and self.running:
+                    job = box.popleft()
+                    outcomes = yield self.local.deliverQueued(job.flight.path, job.flight.envelope, job.indexes,
+                                                              self.queue)
+                    self.outcomes.groupAnswered(job, outcomes)
+                return
             try:
                 targets = yield self.router.route(domain)
             except RoutingError as e:

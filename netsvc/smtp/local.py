@@ -48,6 +48,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -281,6 +282,16 @@ class LocalMetrics:
                                       ["service"]).labels(service=service)
 
 
+class _FileSource:
+    """A queued message's file, read (in the thread) by L{LocalDelivery._deliver}."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def contents(self) -> bytes:
+        return self.path.read_bytes()
+
+
 def traceHeaders(sender: str, mailbox: Mailbox) -> bytes:
     """C{Return-Path} and C{Delivered-To} for one mailbox's copy."""
     return f"Return-Path: <{sender}>\r\nDelivered-To: {mailbox.address}\r\n".encode()
@@ -346,6 +357,55 @@ class LocalDelivery:
             self._remove(written)
             raise
         return written, size
+
+    @defer.inlineCallbacks
+    def deliverQueued(self, path: Path, envelope: Any, indexes: Sequence[int], queue: Any) -> Any:
+        """
+        Queued mail for local recipients (bounces and delay warnings to a local
+        sender, mail queued before its domain was local): recipients
+        C{envelope.recipients[i]} for i in C{indexes}, the message in C{path}.
+        Fires with the outcomes L{netsvc.smtp.outcomes.Outcomes.groupAnswered}
+        takes: "sent" once every copy is durable (and what aliases forward is
+        queued again as a new message), "fail" 5.1.1 for an unknown user,
+        "defer" 4.3.0 when a mailbox cannot be written (no copy kept).
+        """
+        from netsvc.smtp.queue import Recipient
+
+        outcomes: list[tuple[int, str, Any]] = []
+        mailboxes: dict[str, Mailbox] = {}
+        forwards: list[Any] = []
+        resolved = []
+        for i in indexes:
+            r = envelope.recipients[i]
+            try:
+                resolution = self.router.resolve(r.address)
+            except UnknownRecipient as e:
+                outcomes.append((i, "fail", ("5.1.1", f"x-netsvc; {e}", None)))
+                continue
+            if resolution is None:  # (grouped as local: cannot happen)
+                outcomes.append((i, "defer", ("4.3.5", f"{r.address} is not local")))
+                continue
+            resolved.append(i)
+            for mailbox in resolution.mailboxes:
+                mailboxes.setdefault(mailbox.user, mailbox)
+            forwards += [Recipient(address=a, notify=r.notify, orcpt=r.orcpt or f"rfc822;{r.address}")
+                         for a in resolution.remote]
+        if not resolved:
+            return outcomes
+        written: list[tuple[str, str]] = []
+        try:
+            written = yield self.deliver(_FileSource(path), envelope.sender, list(mailboxes.values()))
+            if forwards:
+                data = yield self._run(path.read_bytes)
+                yield queue.enqueueBytes(envelope.sender, forwards, data, dsn=envelope.dsn)
+        except Exception as e:
+            log.error("smtp local: queued {id}: {error}", id=envelope.id, error=str(e))
+            if written:
+                yield self.undo(written)
+            return outcomes + [(i, "defer", ("4.3.0", f"local delivery failed: {e}")) for i in resolved]
+        log.info("delivery {id}: delivered to local mailboxes {users}", id=envelope.id,
+                 users=", ".join(sorted(mailboxes)))
+        return outcomes + [(i, "sent", "delivered to a local mailbox") for i in resolved]
 
     def undo(self, written: Sequence[tuple[str, str]]) -> defer.Deferred:
         """Remove copies L{deliver} wrote (the queue commit that should follow failed); in a thread."""

@@ -119,8 +119,11 @@ def makeService(settings: Settings, context: Any) -> IService:
     # First child: recovery runs before delivery starts reading the queue.
     _Recovery(store).setServiceParent(svc)
     onNew = capture.discover if capture is not None else None
+    authenticator = authenticatorFor(settings.users, context, "services.smtp.users") if settings.users else None
+    svc.local = _local(settings, context, authenticator)
     if queue is not None and writer.owner:
         delivery = makeDelivery(settings, queue, context)
+        delivery.local = svc.local
         delivery.setServiceParent(svc)
         onAccepted = delivery.kick
         onNew = delivery.discover
@@ -130,9 +133,7 @@ def makeService(settings: Settings, context: Any) -> IService:
     svc.capture = capture
     svc.queue = queue
 
-    authenticator = authenticatorFor(settings.users, context, "services.smtp.users") if settings.users else None
     metrics = SMTPMetrics(context.metrics)
-    svc.local = _local(settings, context, authenticator)
     shared = dict(queue=store, metrics=metrics, clock=reactor, authenticator=authenticator,
                   onAccepted=onAccepted, local=svc.local, **_limits(settings, reactor))
     context.certificate  # noqa: B018 - STARTTLS needs it: a bad certificate fails at start-up, not mid-session

@@ -11,10 +11,11 @@ from __future__ import annotations
 import shutil
 import smtplib
 import subprocess
+import time
 from email import message_from_bytes
 from pathlib import Path
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
@@ -23,6 +24,7 @@ from netsvc import auth, config
 from netsvc.mailbox.maildir import MailboxError, Maildirs
 from netsvc.metrics import Registry
 from netsvc.policies import RateLimiter
+from netsvc.smtp.delivery import Delivery, DeliveryMetrics
 from netsvc.smtp.local import (
     LocalDelivery,
     LocalMetrics,
@@ -35,6 +37,7 @@ from netsvc.smtp.local import (
 from netsvc.smtp.protocol import ServerConfig, SMTPFactory, SMTPMetrics
 from netsvc.smtp.settings import Settings
 from tests.helpers import port, startDaemon
+from tests.smtp.test_delivery import settings as deliverySettings
 
 
 class Users:
@@ -393,6 +396,83 @@ class ThreadedDeliveryTests(unittest.TestCase):
                 consumeErrors=True)
             self.assertEqual([ok for ok, _ in results], [True] * 8, [r for ok, r in results if not ok])
             self.assertEqual(len(newFiles(root, user)), 8)
+
+
+class QueuedLocalTests(unittest.TestCase):
+    """The delivery side: queued mail for local recipients (bounces to a local sender) goes to mailboxes."""
+
+    def setUp(self):
+        from twisted.internet import reactor
+        from twisted.internet.task import Clock
+
+        from netsvc.smtp.queue import Queue as RealQueue
+        from tests.smtp.test_delivery import FakeRouter, FakeSessions
+
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        self.queue = RealQueue(Path(self.mktemp()), fsync=False, reactor=reactor)
+        self.sessions = FakeSessions()
+        self.registry = Registry()
+        self.root = Path(self.mktemp())
+        self.store = FailingStore(self.root, fsync=False)
+        self.delivery = Delivery(deliverySettings("smarthost"), self.queue, FakeRouter(), self.sessions, self.clock,
+                                 DeliveryMetrics(self.registry))
+        self.delivery.local = LocalDelivery(router(), self.store, LocalMetrics(self.registry), reactor)
+        self.addCleanup(lambda: self.delivery.running and self.delivery.stopService())
+
+    @defer.inlineCallbacks
+    def settle(self, until):
+        deadline = time.monotonic() + 10
+        while not until():
+            self.clock.advance(0)
+            yield task.deferLater(reactor, 0.005, lambda: None)
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out")
+
+    @defer.inlineCallbacks
+    def test_bounceToLocalSenderDeliveredLocally(self):
+        from netsvc.smtp.sendertypes import Reply
+        from tests.smtp.test_delivery import MESSAGE as QUEUED
+
+        self.sessions.script = lambda target, address: Reply(550, "5.1.1 no such user")
+        yield self.queue.enqueueBytes("alice@lab.test", ["x@example.org"], QUEUED)
+        self.delivery.startService()
+        yield self.settle(lambda: not self.queue.ids() and newFiles(self.root, "alice"))
+        # the bounce never went to the smarthost: only the original message did
+        self.assertEqual([sender for sender, _, _ in self.sessions.received], ["alice@lab.test"])
+        (path,) = newFiles(self.root, "alice")
+        data = path.read_bytes()
+        self.assertTrue(data.startswith(b"Return-Path: <>\r\nDelivered-To: alice@lab.test\r\n"), data[:100])
+        self.assertIn(b"x@example.org", data)
+        self.assertEqual(self.registry.get("netsvc_smtp_delivered_total").labels(service="smtp").value, 1)
+
+    @defer.inlineCallbacks
+    def test_aliasForwardQueuedAgainUnknownBounced(self):
+        from tests.smtp.test_delivery import MESSAGE as QUEUED
+
+        yield self.queue.enqueueBytes("s@example.org", ["ops@lab.test", "nobody@lab.test"], QUEUED)
+        self.delivery.startService()
+        # dev's copy; the forward to oncall@example.org sent as a new message; nobody bounced to s@example.org
+        yield self.settle(lambda: not self.queue.ids() and len(self.sessions.received) == 2)
+        self.assertEqual(len(newFiles(self.root, "dev")), 1)
+        received = sorted((sender, rcpts) for sender, rcpts, _ in self.sessions.received)
+        self.assertEqual(received, [("", ["s@example.org"]), ("s@example.org", ["oncall@example.org"])])
+        bounce = [data for sender, _, data in self.sessions.received if sender == ""][0]
+        self.assertIn(b"nobody@lab.test", bounce)
+
+    @defer.inlineCallbacks
+    def test_storeFailureRetried(self):
+        from tests.smtp.test_delivery import MESSAGE as QUEUED
+
+        self.store.failAt = 1
+        id = yield self.queue.enqueueBytes("s@example.org", ["bob@lab.test"], QUEUED)
+        self.delivery.startService()
+        yield self.settle(lambda: id in self.delivery.scheduled)
+        self.assertEqual(newFiles(self.root, "bob"), [])
+        self.assertEqual(self.queue.envelope(id).recipients[0].status, "pending")
+        self.clock.advance(61)
+        yield self.settle(lambda: not self.queue.ids())
+        self.assertEqual(len(newFiles(self.root, "bob")), 1)
 
 
 # -- the daemon over loopback ------------------------------------------------------------------

@@ -179,6 +179,17 @@ class H2Client:
         self.conn = conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=validate)
         )
+        # h2 treats a received GOAWAY as the end of everything and refuses the frames that follow it,
+        # while RFC 9113 (section 6.8) lets streams up to its last stream ID go on: this client goes on.
+        machine = conn.state_machine
+        process = machine.process_input
+
+        def processInput(input_: Any) -> Any:
+            if input_ is h2.connection.ConnectionInputs.RECV_GOAWAY:
+                return []
+            return process(input_)
+
+        machine.process_input = processInput
         conn.initiate_connection()
         conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         if window > 65535:
@@ -188,6 +199,8 @@ class H2Client:
         self.goaway: Any = None
         self.closed = False
         self.gotSettings = False
+        #: What happened, in order (event class names, "EOF", a socket error).
+        self.log: list[str] = []
         self.sock = h2Socket(portNumber, cafile)
         self.sock.sendall(conn.data_to_send())
 
@@ -227,17 +240,20 @@ class H2Client:
                 data = self.sock.recv(1 << 20)
             except TimeoutError:
                 continue
-            except (OSError, ssl.SSLError):
+            except (OSError, ssl.SSLError) as e:
                 self.closed = True
+                self.log.append(repr(e))
                 break
             if not data:
                 self.closed = True
+                self.log.append("EOF")
                 break
             try:
                 events = conn.receive_data(data)
             except h2.exceptions.ProtocolError as e:
                 raise AssertionError(f"the server's frames broke HTTP/2: {e!r}") from None
             for e in events:
+                self.log.append(type(e).__name__)
                 r = self.results.get(getattr(e, "stream_id", 0) or 0)
                 if isinstance(e, h2.events.ResponseReceived):
                     r.status = int(dict(e.headers)[b":status"])
@@ -673,10 +689,11 @@ def idleThenRead(portNumber: int, cafile: str, ready: threading.Event) -> tuple[
     return order, True
 
 
-def slowBigRead(portNumber: int, cafile: str, started: threading.Event) -> H2Client:
-    """(In a thread.)  /big.bin read slowly (8 KB stream window, each DATA acknowledged late);
+def slowBigRead(portNumber: int, cafile: str, started: threading.Event, window: int = 8192,
+                ackDelay: float = 0.004) -> H2Client:
+    """(In a thread.)  /big.bin read slowly (a small stream window, each DATA acknowledged late);
     C{started} is set once some of it has arrived; read until the stream ends or the connection does."""
-    client = H2Client(portNumber, cafile, window=8192, ackDelay=0.004)
+    client = H2Client(portNumber, cafile, window=window, ackDelay=ackDelay)
     try:
         sid = client.send("GET", "/big.bin")
         client.pump(lambda: len(client.results[sid].body) > 0)
@@ -723,6 +740,47 @@ class ShutdownMixin(EngineMixin):
         else:
             self.assertTrue(client.closed, f"{self.engine}: neither completed nor closed: {result!r}")
         self.assertEqual(errorsLogged(events), [])
+
+
+    @defer.inlineCallbacks
+    def test_inFlightResponseFinishedAfterGoaway(self) -> Any:
+        """
+        What H2Channel.drain promises: streams already opened are still answered.  A /big.bin
+        (512 KiB, streamed from disk) being read at a pace that ends well within the drain timeout
+        (16 KB window, a 2 ms pause per DATA frame: under a second) when the daemon stops: GOAWAY
+        first, then the whole body, then EOF.
+        """
+        drain = 10.0
+        events = observeLog(self)
+        daemon = startSite(self, self.engine, top=f"drain_timeout: {int(drain * 1000)}ms\n")
+        big = (daemon.root / "big.bin").read_bytes()
+        started = threading.Event()
+        slow = threads.deferToThread(slowBigRead, daemon.port, daemon.cafile, started, 16384, 0.002)
+        for _ in range(200):
+            if started.is_set():
+                break
+            yield sleep(0.05)
+        self.assertTrue(started.is_set())
+        yield daemon.stopService().addTimeout(drain + 10, reactor)
+        client = yield slow
+        (result,) = client.results.values()
+        self.assertIsNotNone(client.goaway, f"{self.engine}: no GOAWAY")
+        self.assertEqual((result.ended, result.reset, len(result.body)), (True, None, len(big)),
+                         f"{self.engine}: the response in flight at GOAWAY was not finished: {squeeze(client.log)}")
+        self.assertEqual(bytes(result.body), big)
+        self.assertEqual(errorsLogged(events), [])
+
+
+def squeeze(log: list[str]) -> list[str]:
+    """C{log} with runs of the same entry as C{name x n}."""
+    out: list[str] = []
+    for name in log:
+        if out and out[-1].split(" x ")[0] == name:
+            head, _, n = out[-1].partition(" x ")
+            out[-1] = f"{head} x {int(n or 1) + 1}"
+        else:
+            out.append(name)
+    return out
 
 
 # -- 5. WebSocket over HTTP/2

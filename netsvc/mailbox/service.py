@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
 
 from netsvc import endpoints
 from netsvc.auth import FailureLimit, authenticatorFor
@@ -118,6 +120,7 @@ def _imapFactory(settings: Settings, context: Any, listener: Any, *, store: Mail
     return factory
 
 
+@implementer(IOpenSSLContextFactory)
 class _SharedTLS:
     """
     The STARTTLS context for IMAP: the shared certificate's I{current} options at

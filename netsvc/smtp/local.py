@@ -92,6 +92,11 @@ class UnknownRecipient(Exception):
 class AliasLoop(ValueError):
     """An alias leads back to itself, goes too deep, or expands too far (a configuration problem)."""
 
+    def __init__(self, message: str, cycle: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        #: The names on the loop (empty: not a loop).
+        self.cycle = cycle
+
 
 def splitAddress(address: str) -> tuple[str, str]:
     """C{local@domain} -> (local part unquoted, lower-cased domain); C{postmaster} -> ("postmaster", "")."""
@@ -144,8 +149,8 @@ class _Aliases:
                 if key == current or key not in self.table:  # itself (its own mailbox), or a user
                     mailboxes.setdefault(key, Mailbox(key, f"{local}@{domain}" if domain else local))
                 elif key in path:
-                    chain = " -> ".join((*path[path.index(key):], current, key))
-                    raise AliasLoop(f"alias loop: {chain}")
+                    names = (*path[path.index(key):], current)
+                    raise AliasLoop(f"alias loop: {' -> '.join((*names, key))}", frozenset(names))
                 else:
                     walk(key, (*path, current))
 
@@ -187,10 +192,14 @@ def aliasProblems(aliases: Mapping[str, Sequence[str]], domains: Sequence[str],
     if problems:
         return problems
     table = _Aliases(aliases, domains, delimiter)
+    loops: set[frozenset[str]] = set()
     for name in table.table:
         try:
             table.expand(name, "")
         except AliasLoop as e:
+            if e.cycle and e.cycle in loops:
+                continue  # said once, at its first name
+            loops.add(e.cycle)
             problems.append((f"aliases.{seen[name]}", str(e)))
     if "postmaster" not in table.table:
         problems.append(("aliases", "postmaster must be deliverable (RFC 5321 4.5.1): add postmaster: <user> "
@@ -212,6 +221,17 @@ class LocalRouter:
         self.aliases = _Aliases(aliases, domains, delimiter)
         self.users = users
         self.delimiter = delimiter
+
+    def unknownTargets(self) -> list[tuple[str, str]]:
+        """(alias, user) for every alias leading to a name the user source does not know now (to warn at start)."""
+        out = []
+        for name in sorted(self.aliases.table):
+            try:
+                mailboxes, _ = self.aliases.expand(name, "")
+            except AliasLoop:
+                continue
+            out += [(name, m.user) for m in mailboxes if not self._isUser(m.user)]
+        return out
 
     def isLocal(self, address: str) -> bool:
         _, domain = splitAddress(address)

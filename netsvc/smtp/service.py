@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.service import IService
+from twisted.logger import Logger
 
 from netsvc import workers
 from netsvc.auth import authenticatorFor
@@ -42,6 +43,8 @@ from netsvc.smtp.settings import Settings
 from netsvc.smtp.watch import QueueWatcher
 
 __all__ = ["SMTPService", "Settings", "makeService"]
+
+log = Logger()
 
 
 class _Recovery(service.Service):
@@ -153,6 +156,10 @@ def _local(settings: Settings, context: Any, users: Any) -> LocalDelivery | None
     from netsvc.mailbox.maildir import Maildirs
 
     router = LocalRouter(local.domains, local.aliases, users, delimiter=local.recipient_delimiter)
+    if settings.users is not None and settings.users.kind == "file":  # (an LDAP source's names load later)
+        for alias, user in router.unknownTargets():
+            log.warn("services.smtp.local.aliases.{alias}: {user} is not a user of services.smtp.users: mail to "
+                     "{alias} is refused (550 5.1.1) until it is", alias=alias, user=user)
     store = Maildirs(Path(context.stateDir) / local.maildir, fsync=settings.queue.fsync)
     return LocalDelivery(router, store, LocalMetrics(context.metrics), context.reactor)
 

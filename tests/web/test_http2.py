@@ -786,19 +786,21 @@ def squeeze(log: list[str]) -> list[str]:
 # -- 5. WebSocket over HTTP/2
 
 
-def connectThenGet(portNumber: int, cafile: str, pseudo: list[tuple[str, str]],
-                   headers: dict[str, str]) -> tuple[Result, Result | None, Any]:
+def connectThenGet(portNumber: int, cafile: str, pseudo: list[tuple[str, str]], headers: dict[str, str],
+                   endStream: bool) -> tuple[Result, Result | None, Any, list[str]]:
+    """(In a thread.)  A CONNECT request (the stream left open, as a tunnel leaves it, or ended), up to
+    5 s for its answer, then a GET on the same connection."""
     client = H2Client(portNumber, cafile, validate=False)
     try:
         client.settled()
-        sid = client.send("CONNECT", "", headers, pseudo=pseudo, endStream=False)
-        client.pump(lambda: client.done(sid) or client.results[sid].status is not None, 10)
+        sid = client.send("CONNECT", "", headers, pseudo=pseudo, endStream=endStream)
+        client.pump(lambda: client.done(sid) or client.results[sid].status is not None, 5)
         after = None
         if not client.closed and client.goaway is None:
             a = client.send("GET", "/small.bin")
             client.pump(lambda: client.done(a), 10)
             after = client.results[a]
-        return client.results[sid], after, client.goaway
+        return client.results[sid], after, client.goaway, squeeze(client.log)
     finally:
         client.close()
 
@@ -806,31 +808,42 @@ def connectThenGet(portNumber: int, cafile: str, pseudo: list[tuple[str, str]],
 class WebSocketMixin(EngineMixin):
     @defer.inlineCallbacks
     def test_connectRefused(self) -> Any:
-        """Extended CONNECT (:protocol websocket to the chat's /chat/ws) and a plain CONNECT: a stream
-        reset or a 4xx, nothing logged as an error, and the connection still answers a GET."""
+        """
+        Extended CONNECT (:protocol websocket to the chat's /chat/ws; we never sent
+        SETTINGS_ENABLE_CONNECT_PROTOCOL) and a plain CONNECT, each with the stream left open (what a
+        tunnel does) and with END_STREAM: a stream reset, a 4xx or 501, within 5 s; nothing logged as
+        an error; the connection still answers a GET.
+        """
         events = observeLog(self)
         daemon = startSite(self, self.engine, '  chat:\n    listen: ["tcp:0:interface=127.0.0.1"]\n')
+        extended = (
+            [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+             (":path", "/chat/ws"), (":authority", "localhost")],
+            {"sec-websocket-version": "13", "origin": "https://localhost"},
+        )
+        plain = ([(":method", "CONNECT"), (":authority", "localhost:443")], {})
         cases = {
-            "extended CONNECT": (
-                [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
-                 (":path", "/chat/ws"), (":authority", "localhost")],
-                {"sec-websocket-version": "13", "origin": "https://localhost"},
-            ),
-            "CONNECT": ([(":method", "CONNECT"), (":authority", "localhost:443")], {}),
+            "extended CONNECT, stream open": (*extended, False),
+            "extended CONNECT, END_STREAM": (*extended, True),
+            "CONNECT, stream open": (*plain, False),
+            "CONNECT, END_STREAM": (*plain, True),
         }
         problems = []
-        for name, (pseudo, headers) in cases.items():
-            refused, after, goaway = yield threads.deferToThread(
-                connectThenGet, daemon.port, daemon.cafile, pseudo, headers
+        for name, (pseudo, headers, end) in cases.items():
+            refused, after, goaway, log = yield threads.deferToThread(
+                connectThenGet, daemon.port, daemon.cafile, pseudo, headers, end
             )
-            if not (refused.reset is not None or (refused.status is not None and 400 <= refused.status < 500)):
-                problems.append(f"{name}: neither a reset nor a 4xx: {refused!r}")
+            status = refused.status
+            if not (refused.reset is not None or (status is not None and (400 <= status < 500 or status == 501))):
+                problems.append(f"{name}: neither a reset nor a 4xx/501 in 5 s: {refused!r} {log}")
             if goaway is not None:
                 problems.append(f"{name}: the connection was ended (GOAWAY {goaway})")
             if after is None or (after.status, bytes(after.body)) != (200, SMALL):
-                problems.append(f"{name}: the GET after it: {after!r}")
-        self.assertEqual(problems, [], f"{self.engine}: " + "; ".join(problems))
-        self.assertEqual(errorsLogged(events), [])
+                problems.append(f"{name}: the GET after it: {after!r} {log}")
+        bad = errorsLogged(events)
+        if bad:
+            problems.append(f"logged: {bad}")
+        self.assertEqual(problems, [], f"{self.engine}:\n" + "\n".join(problems))
 
 
 # -- 6. access log and metrics

@@ -25,6 +25,7 @@ import logging.handlers
 import os
 import poplib
 import re
+import signal
 import smtplib
 import ssl
 import subprocess
@@ -138,7 +139,8 @@ class MailboxDaemonTestCase(unittest.TestCase):
 
     def restart(self) -> None:
         status = self.daemon.stop()
-        self.assertEqual(status, 0, self.daemon.output())
+        self.assertIn(status, (0, -signal.SIGTERM), self.daemon.output())  # twistd ends with the signal
+        self.assertNotIn("Traceback", self.daemon.output())
         self.start()
 
     def port(self, key: str) -> int:
@@ -234,7 +236,9 @@ class ImaplibTests(MailboxDaemonTestCase):
         typ, data = c.fetch(b"2", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)] RFC822.SIZE FLAGS)")
         self.assertEqual(typ, "OK", data)
         self.assertIn(b"Subject: sample 1", data[0][1])
-        self.assertIn(f"RFC822.SIZE {len(crlf(stored[1]))}".encode(), data[0][0])
+        # the items after the literal arrive as the next element
+        rest = data[0][0] + b" " + b" ".join(d for d in data[1:] if isinstance(d, bytes))
+        self.assertIn(f"RFC822.SIZE {len(crlf(stored[1]))}".encode(), rest)
         self.assertEqual(c.logout()[0], "BYE")
 
     def test_starttlsThenLogin(self):
@@ -573,8 +577,10 @@ class MbsyncTests(MailboxDaemonTestCase):
 
     @staticmethod
     def localMessages(folder: Path) -> list[bytes]:
+        """The messages of a local Maildir folder, without the X-TUID header mbsync adds to each."""
         files = [p for sub in ("cur", "new") if (folder / sub).is_dir() for p in (folder / sub).iterdir()]
-        return [p.read_bytes() for p in sorted(files, key=lambda p: p.name)]
+        return [re.sub(rb"(?m)^X-TUID: .*\n", b"", p.read_bytes(), count=1)
+                for p in sorted(files, key=lambda p: p.name)]
 
     def test_twoWaySync(self):
         """Pull the INBOX and the special folders; push a local draft (APPEND) and a local flag and delete."""
@@ -592,11 +598,14 @@ class MbsyncTests(MailboxDaemonTestCase):
         # local changes: a new draft, the first INBOX message seen, the second deleted
         draft = messageBytes(sampleMessage("written offline"))
         (local / "Drafts" / "new" / "1800000000.1_1.offline").write_bytes(lf(draft))
-        inbox = sorted((local / "INBOX" / "cur").iterdir())
+        inbox = [p for sub in ("cur", "new") for p in (local / "INBOX" / sub).iterdir()]
         byName = {message_from_bytes(p.read_bytes())["Subject"]: p for p in inbox}
-        seen = byName["sample 0"]
-        seen.rename(seen.with_name(seen.name.split(":2,")[0] + ":2,S"))
-        byName["sample 1"].rename(byName["sample 1"].with_name(byName["sample 1"].name.split(":2,")[0] + ":2,T"))
+
+        def flag(path: Path, letters: str) -> None:  # as a mail reader does: into cur/ with :2,FLAGS
+            path.rename(local / "INBOX" / "cur" / (path.name.split(":2,")[0] + ":2," + letters))
+
+        flag(byName["sample 0"], "S")
+        flag(byName["sample 1"], "T")
         status, out = self.mbsync(local)
         self.assertEqual(status, 0, out)
 
@@ -611,7 +620,9 @@ class MbsyncTests(MailboxDaemonTestCase):
         self.assertIn(b"\\Seen", flags["sample 0"])
         self.assertNotIn(b"\\Seen", flags["sample 2"])
         self.assertEqual(c.select("Drafts")[0], "OK")
-        self.assertEqual([crlf(m) for m in self.fetchAll(c).values()], [crlf(draft)])
+        # mbsync puts its X-TUID header into what it uploads (Dovecot gets the same)
+        self.assertEqual([re.sub(rb"(?m)^X-TUID: .*\r\n", b"", m, count=1) for m in self.fetchAll(c).values()],
+                         [crlf(draft)])
         c.logout()
 
         # and a server-side change comes back down

@@ -8,14 +8,19 @@ scripts/install-test-peers):
 The three servers run at the same time on 127.0.0.1, each serving the same folder over TLS
 (one self-signed certificate), each with access logging as shipped off:
 
-* netsvc: ``twistd -n netsvc --config <tmp yaml>`` with only ``services.web`` (tls:PORT);
+* netsvc: ``twistd -n netsvc --config <tmp yaml>`` with only ``services.web`` (tls:PORT), HTTP/2 on
+  the native engine (libnghttp2);
+* netsvc h2 python: the same with ``http2: python`` (the fallback engine, h2), for the HTTP/2 10x10 rows
+  (h2load -D does not finish when the first flight of 100x100 takes longer than the duration);
+* netsvc workers 2: the same with ``workers: 2``, not pinned (both CPUs: the load tool shares CPU 1);
 * twistd web: ``twistd -n web --path DIR --listen ssl:PORT:...`` (what ``twistd web --https`` does);
 * nginx: one worker process, ``ssl http2``, sendfile, ``keepalive_requests 100000``, no access log.
 
 Workloads, each repeated --runs times with the servers interleaved (medians reported):
 
 * wrk (HTTP/1.1 over TLS, keep-alive, 1 thread, --connections connections): a 1 KB file and a 100 KB file;
-* h2load (HTTP/2 over TLS, 10 connections x 10 streams): the 1 KB file.
+* h2load (HTTP/2 over TLS, 1 thread): 10 connections x 10 streams for the 1 KB and the 100 KB file,
+  100 connections x 100 streams for the 1 KB file.
 
 With two or more CPUs the servers are pinned to CPU 0 and the load tools to CPU 1 (taskset).
 Prints one markdown table on stdout (progress on stderr).  Every process started is killed at the
@@ -42,17 +47,22 @@ from _common import free_port as freePort
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
-TARGETS = "targets: netsvc >= 2x twistd web and >= 0.15x nginx requests/s, 1 KB over HTTPS with keep-alive"
+TARGETS = (
+    "targets: netsvc >= 2x twistd web and >= 0.15x nginx requests/s, 1 KB over HTTPS with keep-alive; "
+    "HTTP/2 10x10 1 KB >= 0.3x nginx with one process, >= 0.5x with workers: 2"
+)
 
 NETSVC = """\
 state_dir: {state}
 log: {{level: warn}}
+workers: {workers}
 tls: {{cert: {cert}, key: {key}}}
 services:
   web:
     listen: ["tls:{port}:interface=127.0.0.1"]
     root: {root}
     limits: {{max_connections: 20000, max_connections_per_ip: 20000}}
+    http2: {http2}
 """
 
 NGINX = """\
@@ -100,15 +110,20 @@ def waitForPort(port: int, process: subprocess.Popen, timeout: float = 20.0) -> 
     raise RuntimeError(f"port {port} not listening after {timeout:g}s")
 
 
-def pin(cpu: int) -> list[str]:
+def pin(cpu: int | str) -> list[str]:
     if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
         return ["taskset", "-c", str(cpu)]
     return []
 
 
 class Server:
-    def __init__(self, name: str, command: list[str], port: int, env: dict | None = None) -> None:
+    def __init__(
+        self, name: str, command: list[str], port: int, env: dict | None = None, cpus: str = "0", only: str = ""
+    ) -> None:
         self.name = name
+        self.cpus = cpus
+        #: Runs only the workloads whose label contains this ("" = all).
+        self.only = only
         self.command = command
         self.port = port
         self.env = env
@@ -118,7 +133,7 @@ class Server:
     def start(self) -> None:
         try:
             self.process = subprocess.Popen(
-                pin(0) + self.command,
+                pin(self.cpus) + self.command,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 env=self.env,
@@ -158,7 +173,7 @@ def wrk(port: int, path: str, duration: float, connections: int) -> float | None
     return float(m.group(1))
 
 
-def h2load(port: int, path: str, duration: float) -> float | None:
+def h2load(port: int, path: str, duration: float, clients: int = 10, streams: int = 10) -> float | None:
     out = subprocess.run(
         pin(1)
         + [
@@ -166,9 +181,9 @@ def h2load(port: int, path: str, duration: float) -> float | None:
             "-D",
             str(int(duration)),
             "-c",
-            "10",
+            str(clients),
             "-m",
-            "10",
+            str(streams),
             "-t",
             "1",
             f"https://127.0.0.1:{port}{path}",
@@ -208,20 +223,30 @@ def main() -> int:
     generateSelfSigned(cert, key, ["localhost", "127.0.0.1"])
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    ports = {name: freePort() for name in ("netsvc", "twistd web", "nginx")}
-    (tmp / "netsvc.yaml").write_text(
-        NETSVC.format(state=tmp / "state", cert=cert, key=key, port=ports["netsvc"], root=root)
-    )
+    names = ("netsvc", "netsvc h2 python", "netsvc workers 2", "twistd web", "nginx")
+    ports = {name: freePort() for name in names}
+    configs = {"netsvc": ("native", 1), "netsvc h2 python": ("python", 1), "netsvc workers 2": ("native", 2)}
+    for name, (engine, workers) in configs.items():
+        (tmp / f"{name.replace(' ', '-')}.yaml").write_text(
+            NETSVC.format(state=tmp / f"state-{name.replace(' ', '-')}", cert=cert, key=key, port=ports[name],
+                          root=root, http2=engine, workers=workers)
+        )
     (tmp / "nginx.conf").write_text(
         NGINX.format(tmp=tmp, port=ports["nginx"], cert=cert, key=key, root=root)
     )
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     servers = [
-        Server(
-            "netsvc",
-            [str(BIN / "twistd"), "-n", "--pidfile=", "netsvc", "--config", str(tmp / "netsvc.yaml")],
-            ports["netsvc"],
-            env,
+        *(
+            Server(
+                name,
+                [str(BIN / "twistd"), "-n", "--pidfile=", "netsvc", "--config",
+                 str(tmp / f"{name.replace(' ', '-')}.yaml")],
+                ports[name],
+                env,
+                cpus="0-1" if name == "netsvc workers 2" else "0",
+                only="HTTP/2 10x10" if name == "netsvc h2 python" else "",
+            )
+            for name in configs
         ),
         Server(
             "twistd web",
@@ -257,6 +282,11 @@ def main() -> int:
             lambda p: wrk(p, "/100k.bin", args.duration, args.connections),
         ),
         ("h2load HTTP/2 10x10 streams, 1 KB (req/s)", lambda p: h2load(p, "/1k.txt", args.duration)),
+        ("h2load HTTP/2 10x10 streams, 100 KB (req/s)", lambda p: h2load(p, "/100k.bin", args.duration)),
+        (
+            "h2load HTTP/2 100x100 streams, 1 KB (req/s)",
+            lambda p: h2load(p, "/1k.txt", args.duration, clients=100, streams=100),
+        ),
     ]
     results: dict[tuple[str, str], list[float]] = {}
     #: Per run: {(label, server): value}, for ratios measured in the same run.
@@ -269,7 +299,7 @@ def main() -> int:
             perRun.append({})
             for label, work in workloads:
                 for s in servers:
-                    if not s.up:
+                    if not s.up or s.only not in label:
                         continue
                     value = work(s.port)
                     log(f"run {run + 1} {label} {s.name}: {value}")
@@ -293,13 +323,20 @@ def main() -> int:
         ratios = [r[(label, a)] / r[(label, b)] for r in perRun if (label, a) in r and r.get((label, b))]
         return f"{statistics.median(ratios):.2f}x" if ratios else "n/a"
 
-    print("| workload | twistd web | nginx (1 worker) | netsvc | netsvc / twistd web | netsvc / nginx |")
-    print("|---|---|---|---|---|---|")
+    others = [n for n in configs if n != "netsvc"]
+    print(
+        "| workload | twistd web | nginx (1 worker) | netsvc | netsvc / twistd web | netsvc / nginx | "
+        + " | ".join(f"{n} | {n} / nginx" for n in others)
+        + " |"
+    )
+    print("|---" * (6 + 2 * len(others)) + "|")
     for label, _ in workloads:
         t, n, s = median(label, "twistd web"), median(label, "nginx"), median(label, "netsvc")
         print(
             f"| {label} | {fmt(t)} | {fmt(n)} | {fmt(s)} | {ratio(label, 'netsvc', 'twistd web')} "
-            f"| {ratio(label, 'netsvc', 'nginx')} |"
+            f"| {ratio(label, 'netsvc', 'nginx')} | "
+            + " | ".join(f"{fmt(median(label, o))} | {ratio(label, o, 'nginx')}" for o in others)
+            + " |"
         )
     print(
         f"\nrequests/s: medians of {args.runs} runs of {args.duration:g} s "

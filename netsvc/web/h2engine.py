@@ -207,6 +207,50 @@ class NativeEngine(Engine):
 
 
 try:
+    import hpack
+except ImportError:  # pragma: no cover - comes with h2
+    hpack = None  # type: ignore[assignment]
+
+#: Response header blocks encoded without a dynamic table, shared by every connection: such a block
+#: depends on nothing but its headers (a cached file's are the same all second long).
+_BLOCKS: dict[tuple, bytes] = {}
+_MAX_BLOCKS = 1024
+
+if hpack is not None:
+
+    class _StatelessEncoder(hpack.Encoder):  # type: ignore[misc,valid-type]
+        """
+        HPACK with a dynamic table of size 0, so that a response's header block is encoded once and
+        reused (pure-Python HPACK was a third of a response's cost).  An encoder may always use less
+        table than the decoder allows (RFC 7541 section 4.2): the client's SETTINGS_HEADER_TABLE_SIZE
+        changes nothing here.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            hpack.Encoder.header_table_size.fset(self, 0)  # announced in the first block
+
+        @property  # type: ignore[override]
+        def header_table_size(self) -> int:
+            return 0
+
+        @header_table_size.setter
+        def header_table_size(self, value: int) -> None:
+            pass
+
+        def encode(self, headers: Any, huffman: bool = True) -> bytes:
+            if self.table_size_changes:  # the first block says "size 0": not shareable
+                return super().encode(headers, huffman)
+            key = tuple(headers)
+            block = _BLOCKS.get(key)
+            if block is None:
+                if len(_BLOCKS) >= _MAX_BLOCKS:
+                    _BLOCKS.clear()
+                block = _BLOCKS[key] = super().encode(key, huffman)
+            return block
+
+
+try:
     import h2.config
     import h2.connection
     import h2.errors
@@ -223,7 +267,8 @@ class PythonEngine(Engine):
     client's window and one frame size at a time, so this engine keeps each stream's unsent body
     (what libnghttp2 queues itself) and frames as much as the windows allow at every L{output}.
     Outbound headers are not re-validated (they are ours, lower case, no connection headers): h2's
-    validation was a quarter of a response's cost.  A rapid-reset flood is refused by the protocol's
+    validation was a quarter of a response's cost; their HPACK blocks are made once and shared
+    (L{_StatelessEncoder}).  A rapid-reset flood is refused by the protocol's
     own token bucket (L{netsvc.web.http2}), as h2 has none.
     """
 
@@ -240,6 +285,7 @@ class PythonEngine(Engine):
         )
         self.conn = h2.connection.H2Connection(config)
         self.conn.DEFAULT_MAX_HEADER_LIST_SIZE = maxHeaderList
+        self.conn.encoder = _StatelessEncoder()
         #: Per stream: unsent body chunks, and whether END_STREAM follows them.
         self._pending: dict[int, deque[bytes]] = {}
         self._ending: set[int] = set()

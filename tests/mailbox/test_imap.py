@@ -345,8 +345,9 @@ class LimitTests(IMAPTestCase):
 
         client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         client.transport.pauseProducing()
-        client.send(b"c FETCH 1:* (RFC822)\r\n" + b"d NOOP\r\n" * 1000)
         server = self.keeping.built[0]
+        server.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        client.send(b"c FETCH 1:* (RFC822)\r\n" + b"d NOOP\r\n" * 1000)
         peak = 0
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

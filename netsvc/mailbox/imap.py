@@ -49,6 +49,7 @@ import re
 import time
 from collections import Counter
 from email import message_from_bytes
+from email.header import decode_header, make_header
 from email.policy import compat32
 from io import BytesIO
 from typing import Any
@@ -176,6 +177,14 @@ def _filterHeader(block: bytes, names: list[bytes], negate: bool) -> bytes:
     return b"".join(kept) + b"\r\n"
 
 
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
 def _ascii(value: Any) -> str:
     text = str(value)
     return text.encode("ascii", "replace").decode("ascii")
@@ -278,6 +287,21 @@ class _Message:
                 value = re.sub(rb"\r?\n[ \t]+", b" ", value)
                 out[name.decode("ascii", "replace")] = value.decode("ascii", "replace").replace("\ufffd", "?")
         return out
+
+    def headerText(self, name: str) -> str:
+        """Every C{name} field's value, unfolded, RFC 2047-decoded, joined by newlines ("" if none)."""
+        wanted = name.lower().encode("ascii", "replace")
+        values = []
+        for field, raw in _headerFields(self.header()):
+            if field == wanted:
+                value = re.sub(rb"\r?\n[ \t]+", b" ", raw.split(b":", 1)[1].strip())
+                text = value.decode("utf-8", "replace")
+                try:
+                    text = str(make_header(decode_header(text)))
+                except Exception:
+                    pass
+                values.append(text)
+        return "\n".join(values)
 
     def getBodyFile(self) -> BytesIO:
         return BytesIO(self.body())
@@ -1319,6 +1343,43 @@ class IMAPServer(imap4.IMAP4Server):
         step()
 
     select_SEARCH = (do_SEARCH, imap4.IMAP4Server.opt_charset, imap4.IMAP4Server.arg_searchkeys)
+
+    # Twisted's header searches compare its bytes arguments with str headers (TypeError), KEYWORD never
+    # matches and TEXT skips the header: replaced.  Header values are RFC 2047-decoded, compared caseless.
+
+    def _headerHas(self, msg: _Message, name: Any, needle: Any) -> bool:
+        return _text(needle).casefold() in msg.headerText(_text(name)).casefold()
+
+    def search_SUBJECT(self, query: list, id: int, msg: _Message) -> bool:
+        return self._headerHas(msg, "subject", query.pop(0))
+
+    def search_FROM(self, query: list, id: int, msg: _Message) -> bool:
+        return self._headerHas(msg, "from", query.pop(0))
+
+    def search_TO(self, query: list, id: int, msg: _Message) -> bool:
+        return self._headerHas(msg, "to", query.pop(0))
+
+    def search_CC(self, query: list, id: int, msg: _Message) -> bool:
+        return self._headerHas(msg, "cc", query.pop(0))
+
+    def search_BCC(self, query: list, id: int, msg: _Message) -> bool:
+        return self._headerHas(msg, "bcc", query.pop(0))
+
+    def search_HEADER(self, query: list, id: int, msg: _Message) -> bool:
+        name = query.pop(0)
+        return self._headerHas(msg, name, query.pop(0))
+
+    def search_KEYWORD(self, query: list, id: int, msg: _Message) -> bool:
+        return _text(query.pop(0)) in msg.meta.flags
+
+    def search_UNKEYWORD(self, query: list, id: int, msg: _Message) -> bool:
+        return _text(query.pop(0)) not in msg.meta.flags
+
+    def search_BODY(self, query: list, id: int, msg: _Message) -> bool:
+        return _bytes(query.pop(0)).lower() in msg.body().lower()
+
+    def search_TEXT(self, query: list, id: int, msg: _Message) -> bool:
+        return _bytes(query.pop(0)).lower() in msg.raw().lower()
 
 
 class IMAPFactory(Factory):

@@ -189,6 +189,10 @@ class BooksRecipeTests(IMAPTestCase):
                 r["flagged"] = m.search(None, "FLAGGED")
                 r["text"] = m.search(None, "BODY", "body")
                 r["tocreate"] = m.append("Nope", None, None, b"x")
+                r["subject"] = m.uid("SEARCH", None, "SUBJECT", "M1")
+                m.store("1", "+FLAGS", "(Work)")
+                r["keyword"] = m.search(None, "KEYWORD", "Work")
+                r["header"] = m.search(None, "HEADER", "From", "A@B", "NOT", "KEYWORD", "Work")
                 m.logout()
             return r
 
@@ -212,6 +216,9 @@ class BooksRecipeTests(IMAPTestCase):
             self.assertEqual(r["flagged"][1], [b"2"])  # the appended one, now sequence 2
             self.assertEqual(r["text"][1], [b"1"])
             self.assertIn(b"TRYCREATE", r["tocreate"][1][0])
+            self.assertEqual(r["subject"][1], [b"2"])
+            self.assertEqual(r["keyword"][1], [b"1"])
+            self.assertEqual(r["header"][1], [b""])  # the appended one has no From
             self.assertEqual([m.uid for m in self.store.inbox("bob").messages()], [2, 4])
             self.assertEqual(len(self.store.folder("bob", "Archive").messages()), 1)
             self.assertEqual(self.store.inbox("bob").messages()[1].flags, {"\\Flagged"})

@@ -64,7 +64,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from netsvc.auth import FailureLimit, Refused, limitedCheck
-from netsvc.mailbox.maildir import NoSuchMessage
+from netsvc.mailbox.maildir import InvalidName, NoSuchMessage
 from netsvc.metrics import Registry
 
 __all__ = ["POP3Config", "POP3Factory", "POP3Metrics", "POP3Session", "toWire", "topLines"]
@@ -661,6 +661,12 @@ class POP3Session(Protocol):
             self._send(b"+OK Logged in; %d messages (%d octets)." % (len(drop.messages), total))
 
         def failed(f: Any) -> None:
+            if f.check(InvalidName):  # a user the directory knows whose name cannot be a folder
+                log.warn("pop3: {user} logged in but has no mailbox: {error}", user=name, error=str(f.value))
+                if not self._closed:
+                    c.metrics.reject("no_mailbox")
+                    self._send(b"-ERR [SYS/PERM] There is no mailbox for this user.")
+                return
             log.failure("pop3: opening the mailbox of {user} failed", f, user=name)
             if not self._closed:
                 c.metrics.reject("store_error")

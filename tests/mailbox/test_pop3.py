@@ -214,6 +214,14 @@ class LoginTests(SessionTestCase):
         self.assertEqual(proto.user, "dev")
         self.assertEqual(len(proto.drop.messages), 1)
 
+    def test_userWithoutMailbox(self):
+        """A user the authenticator accepts whose name the store refuses: -ERR [SYS/PERM], not logged in."""
+        self.auth.users["../etc"] = "pw"
+        proto, t = self.connect()
+        out = self.send(proto, t, b"USER ../etc", b"PASS pw")
+        self.assertTrue(out.endswith(b"-ERR [SYS/PERM] There is no mailbox for this user.\r\n"), out)
+        self.assertIsNone(proto.drop)
+
     def test_wrongPassword(self):
         proto, t = self.connect()
         out = self.send(proto, t, b"USER dev", b"PASS nope")

@@ -72,7 +72,8 @@ class Settings(ServiceSettings):
     #: The longest one IMAP IDLE may last before the server ends it (RFC 2177).
     imap_idle_timeout: Duration = field(Duration(1800), min=1, max=86400)
     #: idle_timeout: RFC 1939 asks at least 10 minutes of POP3, RFC 3501 30 minutes of IMAP (authenticated).
-    #: max_message: the longest command line (IMAP literals other than APPEND's count into it).
+    #: max_message is unused: command lines are bounded by each protocol (POP3 2 KiB, IMAP its MAX_LENGTH),
+    #: APPEND by max_message_size.
     limits: Limits = field(factory=lambda: Limits(
         max_connections=1024, max_connections_per_ip=32, idle_timeout=Duration(1800), max_message=Size(65536)))
 

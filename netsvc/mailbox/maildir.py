@@ -200,7 +200,18 @@ def _uniqueKey(size: int) -> str:
         _seq += 1
         seq = _seq
     now = time.time()
-    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{seq}.{_hostname},S={size}"
+    return f"{int(now)}.M{int(now % 1 * 1e6):06d}P{os.getpid()}Q{seq}.{_hostname},S={size}"
+
+
+_KEY_TIME = re.compile(r"(\d+)\.(?:M(\d+))?")
+
+
+def _arrival(key: str) -> tuple:
+    """A sort key putting keys in arrival order (seconds, microseconds from the name; then the name)."""
+    m = _KEY_TIME.match(key)
+    if not m:
+        return (float("inf"), 0, key)
+    return (int(m.group(1)), int(m.group(2) or 0), key)
 
 
 def _fsyncDir(path: Path) -> None:
@@ -391,7 +402,7 @@ class Folder:
         for key in [k for k in entries if k not in byKey]:
             del entries[key]
             dirty = True
-        for key in sorted(k for k in byKey if k not in entries):
+        for key in sorted((k for k in byKey if k not in entries), key=_arrival):
             entries[key] = (uidnext, [])
             uidnext += 1
             dirty = True

@@ -93,6 +93,16 @@ class UidTests(StoreTestCase):
         self.assertEqual(again.uidnext, 6)
         self.assertEqual([again.read(u) for u, _ in first], [b"m%d" % i for i in range(5)])
 
+    def test_uidsInArrivalOrder(self):
+        """New messages get UIDs in arrival order (time, then microseconds as numbers), not name order."""
+        base = self.store.userPath("bob")
+        self.store.inbox("bob")
+        for name in ["1700000001.M99P1.h", "1700000001.M100000P1.h", "1700000000.M5P1.h", "foreign"]:
+            (base / "new" / name).write_bytes(name.encode())
+        inbox = self.store.inbox("bob")
+        self.assertEqual([inbox.read(m.uid) for m in inbox.messages()],
+                         [b"1700000000.M5P1.h", b"1700000001.M99P1.h", b"1700000001.M100000P1.h", b"foreign"])
+
     def test_removedUidsNotReused(self):
         for i in range(3):
             self.store.deliver("bob", b"m%d" % i)

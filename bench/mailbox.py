@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import imaplib
+import importlib.util
 import json
 import os
 import poplib
@@ -259,7 +260,8 @@ services:
     listen: ["tcp:0:interface=127.0.0.1"]
     hostname: bench.test
     relay: {{capture: true, keep: 1000000}}
-    local: {{domains: [bench.test], maildir: {mail}}}
+    users: {users}
+    local: {{domains: [bench.test], maildir: {mail}, aliases: {{postmaster: bench}}}}
     queue: {{fsync: true, retry: [5s]}}
     max_messages_per_session: 100000
     limits: {{max_connections_per_ip: 1024, rate: 0}}
@@ -454,7 +456,7 @@ def warmUp(server: Server, context: ssl.SSLContext, count: int) -> None:
 # -- SMTP: local delivery vs the relay ---------------------------------------------
 
 
-def smtpRates(netsvc: Netsvc, scratch: Scratch, args: argparse.Namespace,
+def smtpRates(daemon: Netsvc, scratch: Scratch, args: argparse.Namespace,
               rows: dict[str, dict[str, list[float]]]) -> Callable[[int], None] | None:
     """The SMTP figures' run function (one call per run), or None when smtp-source/Postfix are missing."""
     from tests.interop._mailpeers import PostfixInstance, runSmtpSource
@@ -474,17 +476,17 @@ def smtpRates(netsvc: Netsvc, scratch: Scratch, args: argparse.Namespace,
         return time.monotonic() - started
 
     def inbox() -> int:
-        return sum(len(os.listdir(netsvc.mail / USER / sub)) for sub in ("new", "cur"))  # type: ignore[attr-defined]
+        return sum(len(os.listdir(daemon.mail / USER / sub)) for sub in ("new", "cur"))  # type: ignore[attr-defined]
 
     def run(n: int) -> None:
         name = "SMTP accept (smtp-source -s 8 -d), 250 after fsync"
         before = inbox()
-        elapsed = send(netsvc.smtp, f"{USER}@bench.test")
+        elapsed = send(daemon.smtp, f"{USER}@bench.test")
         if inbox() - before != args.smtp_messages:
             raise RuntimeError(f"netsvc local delivery: {inbox() - before} of {args.smtp_messages} in the Maildir")
         rows.setdefault(name + ": local delivery to Maildir", {}).setdefault("netsvc", []).append(
             args.smtp_messages / elapsed)
-        elapsed = send(netsvc.smtp, "sink@example.test")
+        elapsed = send(daemon.smtp, "sink@example.test")
         rows.setdefault(name + ": relay queue (capture)", {}).setdefault("netsvc", []).append(
             args.smtp_messages / elapsed)
         if postfix is not None:
@@ -502,10 +504,8 @@ def smtpRates(netsvc: Netsvc, scratch: Scratch, args: argparse.Namespace,
         log(f"run {n}: " + "; ".join(f"{k[len(name) + 2:]}: " + ", ".join(f"{s} {v[-1]:.0f}" for s, v in f.items())
                                      for k, f in figures.items()))
 
-    try:
-        import netsvc.smtp.local  # noqa: F401
-    except ImportError as e:
-        log(f"no SMTP local delivery figures: {e}")
+    if importlib.util.find_spec("netsvc.smtp.local") is None:
+        log("no SMTP local delivery figures: netsvc.smtp.local is missing")
         return None
     return run
 

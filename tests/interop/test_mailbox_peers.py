@@ -241,6 +241,36 @@ class ImaplibTests(MailboxDaemonTestCase):
         self.assertIn(f"RFC822.SIZE {len(crlf(stored[1]))}".encode(), rest)
         self.assertEqual(c.logout()[0], "BYE")
 
+    def test_otherDeliverersOrder(self):
+        """
+        Messages another MDA (Dovecot's LDA, Postfix, procmail) put into new/ get
+        UIDs, IMAP sequence numbers and POP3 numbers in delivery order: the time,
+        then the microseconds of the name (C{time.M<usec>P<pid>...}, not zero-padded:
+        M99999 came before M100000).
+        """
+        new = self.mail / "dev" / "new"
+        for sub in ("cur", "new", "tmp"):
+            (self.mail / "dev" / sub).mkdir(parents=True, exist_ok=True)
+        stamps = [(1800000000, 5), (1800000000, 40), (1800000000, 99999), (1800000000, 100000),
+                  (1800000000, 999999), (1800000001, 7), (1800000001, 123456)]
+        subjects = []
+        for n, (t, usec) in enumerate(stamps):
+            data = messageBytes(sampleMessage(f"delivered {n}"))
+            (new / f"{t}.M{usec}P4242Q{n}.other.test,S={len(data)}").write_bytes(data)
+            subjects.append(f"delivered {n}")
+        c = self.imaps()
+        typ, data = c.fetch("1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        self.assertEqual(typ, "OK", data)
+        got = [message_from_bytes(item[1])["Subject"] for item in data if isinstance(item, tuple)]
+        self.assertEqual(got, subjects)
+        uids = [int(re.search(rb"UID (\d+)", item[0]).group(1)) for item in data if isinstance(item, tuple)]
+        self.assertEqual(uids, sorted(uids))
+        c.logout()
+        p = self.pop3s()
+        self.assertEqual([message_from_bytes(b"\r\n".join(p.top(n, 0)[1]))["Subject"]
+                          for n in range(1, len(stamps) + 1)], subjects)
+        p.quit()
+
     def test_starttlsThenLogin(self):
         """The plain port: STARTTLS and LOGINDISABLED before TLS, LOGIN refused; after STARTTLS it works."""
         self.storeSamples(1)

@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.threads import deferToThreadPool
-from zope.interface import implementer
 
 from netsvc import endpoints
 from netsvc.auth import FailureLimit, authenticatorFor
@@ -112,26 +110,12 @@ def _imapFactory(settings: Settings, context: Any, listener: Any, *, store: Mail
         raise StartupError([Problem(context.configFile, "services.mailbox.listen",
                                     "IMAP is not available in this build (netsvc.mailbox.imap)")]) from None
     kind = endpoints.split(listener.endpoint)[0]
-    factory = IMAPFactory(store, authenticator, _SharedTLS(context), failureLimit=failures,
+    factory = IMAPFactory(store, authenticator, context.certificate.connectionCreator(), failureLimit=failures,
                           implicitTLS=kind in ("tls", "ssl"), maxLiteral=settings.max_message_size,
                           idleTimeout=float(settings.imap_idle_timeout),
                           maxAuthFailures=settings.auth_failures.per_session, run=run, clock=context.reactor)
     factory.counts = counts
     return factory
-
-
-@implementer(IOpenSSLContextFactory)
-class _SharedTLS:
-    """
-    The STARTTLS context for IMAP: the shared certificate's I{current} options at
-    each handshake (a certificate reloaded on SIGHUP is used from then on).
-    """
-
-    def __init__(self, context: Any) -> None:
-        self.context = context
-
-    def getContext(self) -> Any:
-        return self.context.certificate.options().getContext()
 
 
 class _ExportedCounts(collections.Counter):

@@ -1,7 +1,8 @@
 """
 The web service, run as the real daemon (C{twistd -n netsvc --config ...}),
-exercised by clients nobody here wrote: curl (HTTP/1.1 and HTTP/2), openssl
-s_client (ALPN, protocol versions) and Python's urllib.
+exercised by clients nobody here wrote: curl (HTTP/1.1 and HTTP/2), nghttp and
+h2load (HTTP/2), openssl s_client (ALPN, protocol versions), Python's urllib and
+Chromium.  The HTTP/2 clients run against both engines (libnghttp2 and h2).
 
 Each test class starts one daemon per test on port 0 (a TLS listener and a
 plain one redirecting to it) and reads the bound ports from C{status.json}.
@@ -31,6 +32,9 @@ DATA = bytes(range(256)) * 64  # 16 KiB
 
 
 class WebDaemonTestCase(unittest.TestCase):
+    #: services.web.http2 for this class's daemon.
+    http2 = "auto"
+
     def setUp(self) -> None:
         base = Path(self.mktemp()).resolve()
         www = base / "www"
@@ -48,6 +52,7 @@ class WebDaemonTestCase(unittest.TestCase):
             '      - "tls:0:interface=127.0.0.1"\n'
             '      - {endpoint: "tcp:0:interface=127.0.0.1", redirect_to_https: true}\n'
             "    root: www\n"
+            f"    http2: {self.http2}\n"
         )
         self.daemon = startNetsvc(self, config, base / "state", cwd=base)
         self.cafile = self.daemon.cafile
@@ -166,6 +171,62 @@ class CurlTests(WebDaemonTestCase):
         self.assertEqual(result.stdout, TEXT)
 
 
+class CurlPythonEngineTests(CurlTests):
+    """The same curl tests with HTTP/2 on the fallback engine (h2)."""
+
+    http2 = "python"
+
+
+class NghttpTests(WebDaemonTestCase):
+    """nghttp (nghttp2's client) and h2load: several streams on one connection, and under load."""
+
+    def setUp(self) -> None:
+        self.nghttp = requirePeer("nghttp", "nghttp2-client")
+        self.h2load = requirePeer("h2load", "nghttp2-client")
+        super().setUp()
+
+    def test_streamsOnOneConnection(self) -> None:
+        urls = [f"{self.base}/text.txt", f"{self.base}/data.bin", f"{self.base}/missing", f"{self.base}/"]
+        result = self.run_([self.nghttp, "-n", "-s", "-v", *urls])
+        out = result.stdout.decode("latin-1")
+        self.assertEqual(result.returncode, 0, decoded(result))
+        # One connection (one ACK of its SETTINGS from the server), four responses, each complete.
+        self.assertEqual(out.count("recv SETTINGS frame <length=0, flags=0x01"), 1, out[-2000:])
+        statuses = sorted(line.split(":status: ")[1] for line in out.splitlines() if ":status: " in line)
+        self.assertEqual(statuses, ["200", "200", "200", "404"])
+        self.assertEqual(out.count("; END_STREAM"), 4 + 4)  # our four HEADERS, their four last frames
+        stats = " ".join(out.split())
+        self.assertIn("200 16K /data.bin", stats)
+        self.assertIn("404 169 /missing", stats)
+        self.assertNotIn("PROTOCOL_ERROR", out)
+
+    def test_bodiesMatch(self) -> None:
+        out = Path(self.mktemp())
+        out.mkdir()
+        for name, data in (("text.txt", TEXT), ("data.bin", DATA)):
+            result = self.run_([self.nghttp, f"{self.base}/{name}"])
+            self.assertEqual(result.returncode, 0, decoded(result))
+            self.assertEqual(result.stdout, data)
+
+    def test_smallWindow(self) -> None:
+        """A client window (2^10 bytes) much smaller than the file: flow control, not a stall."""
+        result = self.run_([self.nghttp, "-w", "10", "-W", "10", f"{self.base}/text.txt"])
+        self.assertEqual(result.returncode, 0, decoded(result))
+        self.assertEqual(result.stdout, TEXT)
+
+    def test_h2load(self) -> None:
+        result = self.run_([self.h2load, "-n", "2000", "-c", "4", "-m", "10", "-t", "1", f"{self.base}/text.txt"])
+        out = result.stdout.decode()
+        self.assertIn("2000 succeeded, 0 failed, 0 errored", out, out[-1500:])
+        self.assertIn("status codes: 2000 2xx", out)
+
+
+class NghttpPythonEngineTests(NghttpTests):
+    """The same with HTTP/2 on the fallback engine (h2)."""
+
+    http2 = "python"
+
+
 class OpenSSLTests(WebDaemonTestCase):
     def setUp(self) -> None:
         self.openssl = requirePeer("openssl", "openssl")
@@ -246,15 +307,21 @@ class BrowserChatOverHTTPSTests(unittest.TestCase):
 
     timeout = 90
 
+    def test_browserAndTCPClientOverTheWebService(self) -> Any:
+        return self.browserChat("auto")
+
+    def test_browserOverTheFallbackEngine(self) -> Any:
+        return self.browserChat("python")
+
     @defer.inlineCallbacks
-    def test_browserAndTCPClientOverTheWebService(self) -> None:
+    def browserChat(self, http2: str) -> Any:
         from tests.interop.test_chat_browser import requireBrowser, say, waitForText
 
         requireBrowser()
         from tests.helpers import port
         from tests.web._support import startWeb, webPort
 
-        daemon = startWeb(self, extra='  chat:\n    listen: ["tcp:0:interface=127.0.0.1"]\n')
+        daemon = startWeb(self, extra=f'    http2: {http2}\n  chat:\n    listen: ["tcp:0:interface=127.0.0.1"]\n')
         profile = Path(self.mktemp()).absolute()
         profile.mkdir(parents=True)
 
@@ -290,6 +357,11 @@ class BrowserChatOverHTTPSTests(unittest.TestCase):
         self.addCleanup(lambda: threads.deferToThread(driver.quit))
         yield threads.deferToThread(driver.get, f"https://localhost:{webPort(daemon, 0)}/chat/")
         yield threads.deferToThread(waitForText, driver, "welcome to netsvc chat")
+        # The page came over HTTP/2 (ALPN h2); its WebSocket is HTTP/1.1 (no RFC 8441 here).
+        protocol = yield threads.deferToThread(
+            driver.execute_script, "return performance.getEntriesByType('navigation')[0].nextHopProtocol"
+        )
+        self.assertEqual(protocol, "h2")
 
         from tests.chat.test_service import readUntil
 

@@ -733,3 +733,95 @@ class NeverReadingClientTests(unittest.TestCase):
         self.assertIsNotNone(session._stream)
         self.assertLess(session._streamPos, len(big))
         self.assertLessEqual(unsentBytes(session.transport), 2 * CHUNK + 64 * 1024)
+
+
+# -- the session fed arbitrary bytes (a fuzz target, run derandomised) --------------------------
+
+
+class _MemoryFolder:
+    uidvalidity = 1234
+
+    def __init__(self):
+        from netsvc.mailbox.maildir import Message
+
+        self.data = {1: MESSAGE, 5: b"Subject: x\n\n.\n..\n"}
+        self.list = [Message(uid, f"k{uid}", len(d), frozenset(), 0.0, f"k{uid}:2,")
+                     for uid, d in self.data.items()]
+        self.removed = []
+
+    def messages(self):
+        return self.list
+
+    def read(self, uid):
+        return self.data[uid]
+
+    def remove(self, uids):
+        self.removed += uids
+        return uids
+
+
+class _MemoryStore:
+    def __init__(self):
+        self.folders = []
+
+    def inbox(self, user):
+        self.folders.append(_MemoryFolder())
+        return self.folders[-1]
+
+
+def pop3Session(data: bytes, pieces: list[bytes] | None = None) -> tuple[bytes, bool, list]:
+    """
+    Feed C{data} (in C{pieces} if given) to a logged-out POP3 session under TLS, with
+    an in-memory maildrop of two messages: the output, whether it closed, what was removed.
+    """
+    store = _MemoryStore()
+    clock = Clock()
+    config = POP3Config(store=store, authenticator=FakeAuthenticator(), metrics=POP3Metrics(Registry()),
+                        clock=clock, failures=FailureLimit(clock, rate=0.01, burst=5), tlsOptions=lambda: "ctx",
+                        run=syncRun, junkLimit=20)
+    proto = POP3Session(config)
+    transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1))
+    directlyProvides(transport, ISSLTransport)
+    proto.makeConnection(transport)
+    for piece in pieces if pieces is not None else [data]:
+        proto.dataReceived(piece)
+    proto.connectionLost(None)
+    return transport.value(), transport.disconnecting, [f.removed for f in store.folders]
+
+
+class SessionFuzzTests(unittest.TestCase):
+    """Arbitrary input: no exception; the same answers however the bytes are cut into reads; bounded."""
+
+    def check(self, data: bytes) -> None:
+        out, closed, removed = pop3Session(data)
+        cuts = [data[i:i + 1] for i in range(len(data))] if len(data) < 400 else [data[i:i + 7]
+                                                                                  for i in range(0, len(data), 7)]
+        self.assertEqual(pop3Session(data, cuts), (out, closed, removed))
+        answers = out.count(b"\r\n+OK") + out.count(b"\r\n-ERR") + out.count(b"\r\n+ ")
+        # every line of input is answered at most once (plus listings); junk is cut off at the limit
+        self.assertLessEqual(answers, data.count(b"\n") + 1)
+        if removed and any(removed):
+            self.assertIn(b"QUIT", data.upper())
+
+    def test_seeds(self):
+        self.check(b"USER dev\r\nPASS dev\r\nSTAT\r\nLIST\r\nUIDL\r\nTOP 1 2\r\nRETR 2\r\nDELE 1\r\nQUIT\r\n")
+        self.check(b"AUTH PLAIN\r\n" + base64.b64encode(b"\0dev\0dev") + b"\r\nRETR 1\r\nDELE 2\r\nRSET\r\nQUIT\n")
+        self.check(b"\r\n" * 50 + b"USER \xff\r\nPASS\r\n" + b"A" * 3000 + b"\nCAPA\r\n")
+
+    def test_arbitrary(self):
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        words = st.sampled_from([b"USER dev", b"PASS dev", b"PASS x", b"STAT", b"LIST", b"LIST 2", b"UIDL 1",
+                                 b"RETR 1", b"RETR 9", b"TOP 2 0", b"DELE 1", b"DELE 2", b"RSET", b"NOOP",
+                                 b"QUIT", b"CAPA", b"STLS", b"AUTH PLAIN", b"AUTH PLAIN AGRldgBkZXY=", b"*", b"",
+                                 b"\xff\x00", b"RETR 0", b"LIST 99999999999"])
+        ends = st.sampled_from([b"\r\n", b"\n", b"\r"])
+        commands = st.lists(st.tuples(words, ends).map(lambda t: t[0] + t[1]), max_size=40).map(b"".join)
+
+        @settings(derandomize=True, max_examples=300, deadline=None, database=None)
+        @given(st.one_of(commands, st.binary(max_size=600)))
+        def run(data):
+            self.check(data)
+
+        run()

@@ -388,6 +388,12 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionMade(self) -> None:
         self.factory.counts["connections"] += 1
+        try:
+            # a response often leaves in two writes (the data, then the tagged line a turn later):
+            # with Nagle the second waits for the client's delayed ACK, ~40 ms per command
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
         super().connectionMade()
 
     def connectionLost(self, reason: Any) -> None:

@@ -353,6 +353,7 @@ class LimitTests(IMAPTestCase):
         client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         client.transport.pauseProducing()
         server = self.keeping.built[0]
+        self.assertTrue(server.transport.getTcpNoDelay())  # no Nagle wait on the tagged line
         server.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
         client.send(b"c FETCH 1:* (RFC822)\r\n" + b"d NOOP\r\n" * 1000)
         peak = 0

@@ -272,6 +272,16 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="unknown_user"), 1)
         self.assertTrue(self.send(p, t, b"RCPT TO:<ghost@LAB.test>\r\n").startswith("550 5.1.1"))
 
+    def test_guessingUsersEndsTheSession(self):
+        """A dictionary attack gets 20 answers per connection (the session's error limit), then 421."""
+        p, t = self.connect(peer="192.0.2.7")
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")
+        out = self.send(p, t, b"".join(b"RCPT TO:<guess%d@lab.test>\r\n" % i for i in range(50)))
+        self.assertEqual(out.count("550 5.1.1"), 19)
+        self.assertTrue(out.endswith("421 4.7.0 mx.test Error: too many errors\r\n"), out[-200:])
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="unknown_user"), 20)
+
     def test_outsiderMaySendToLocalUsersOnly(self):
         p, t = self.connect(peer="192.0.2.7")
         self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")

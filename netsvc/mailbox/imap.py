@@ -356,6 +356,30 @@ def _withFlags(m: Message, flags: frozenset[str]) -> Message:
     return Message(m.uid, m.key, m.size, flags, m.internaldate, m.name)
 
 
+def _safe(parser: Any) -> Any:
+    """Twisted's argument parser C{parser}, with its other exceptions (e.g. the FETCH attribute parser's
+    bare C{Exception}) turned into C{IllegalClientResponse}: a tagged BAD, not a logged server error."""
+
+    def parse(self: Any, line: bytes) -> Any:
+        try:
+            return parser(self, line)
+        except (IllegalClientResponse, imap4.IllegalOperation, IllegalMailboxEncoding):
+            raise
+        except Exception:
+            raise IllegalClientResponse("Malformed arguments") from None
+
+    return parse
+
+
+_S = imap4.IMAP4Server
+_astring, _finalastring, _atom, _line = (_safe(_S.arg_astring), _safe(_S.arg_finalastring), _safe(_S.arg_atom),
+                                         _safe(_S.arg_line))
+_plist, _optPlist, _optDatetime, _literal = (_safe(_S.arg_plist), _safe(_S.opt_plist), _safe(_S.opt_datetime),
+                                             _safe(_S.arg_literal))
+_seqset, _fetchatt, _flaglist = _safe(_S.arg_seqset), _safe(_S.arg_fetchatt), _safe(_S.arg_flaglist)
+_charset, _searchkeys = _safe(_S.opt_charset), _safe(_S.arg_searchkeys)
+
+
 class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection (see the module docstring)."""
 
@@ -370,6 +394,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.timeOut = factory.preauthTimeout
         self.POSTAUTH_TIMEOUT = factory.idleTimeout
         self._scheduler = self._schedule
+        self.callLater = factory.clock.callLater  # TimeoutMixin's clock
         self.user: str | None = None
         self._busy = False
         self._tag = b""
@@ -476,6 +501,34 @@ class IMAPServer(imap4.IMAP4Server):
             self._nonSync = True
         super().lineReceived(line)
         self._updateReading()
+
+    def parse_command(self, line: bytes) -> None:
+        try:
+            super().parse_command(line)
+        except Exception:
+            log.failure("IMAP command failed")
+            self.sendBadResponse(self._tag, b"[SERVERBUG] Internal error")
+
+    def _IMAP4Server__ebDispatch(self, failure: Any, tag: bytes) -> None:
+        # (Twisted's private errback of a command whose arguments came asynchronously, e.g. after a literal)
+        e = failure.value
+        if isinstance(e, IllegalClientResponse):
+            self.sendBadResponse(tag, b"Illegal syntax: " + str(e).encode("ascii", "replace")[:200])
+        elif isinstance(e, imap4.IllegalOperation):
+            self.sendNegativeResponse(tag, b"Illegal operation: " + str(e).encode("ascii", "replace")[:200])
+        elif isinstance(e, IllegalMailboxEncoding):
+            self.sendNegativeResponse(tag, b"Illegal mailbox name")
+        elif isinstance(e, MailboxError):
+            self._fail(failure, tag)
+        else:
+            log.failure("IMAP command failed", failure)
+            self.sendBadResponse(tag, b"[SERVERBUG] Internal error")
+
+    def lookupCommand(self, cmd: bytes) -> Any:
+        # Twisted decodes the command as ASCII: other bytes raised (and were logged as a server error)
+        if not cmd.isalpha() or not cmd.isascii():
+            return None
+        return super().lookupCommand(cmd)
 
     def _respond(self, state: bytes, tag: bytes | None, message: bytes | None) -> None:
         super()._respond(state, tag, message)
@@ -644,7 +697,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         self._checkPassword(tag, user, password)
 
-    unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
+    unauth_LOGIN = (do_LOGIN, _astring, _finalastring)
 
     def do_AUTHENTICATE(self, tag: bytes, line: bytes) -> None:
         mechanism, _, initial = line.strip().partition(b" ")
@@ -662,7 +715,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._pendingLiteral.addCallback(self._plainResponse, tag)
         self.sendContinuationRequest(b"")
 
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_line)
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, _line)
 
     def sendContinuationRequest(self, msg: bytes = b"Ready for additional command text") -> None:
         self.sendLine(b"+ " + msg if msg else b"+ ")
@@ -745,7 +798,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b"ENABLED")
         self.sendPositiveResponse(tag, b"ENABLE completed")
 
-    auth_ENABLE = (do_ENABLE, imap4.IMAP4Server.arg_line)
+    auth_ENABLE = (do_ENABLE, _line)
     select_ENABLE = auth_ENABLE
 
     def do_NAMESPACE(self, tag: bytes) -> None:
@@ -763,7 +816,7 @@ class IMAPServer(imap4.IMAP4Server):
         folder = _mailboxName(name).rstrip(SEPARATOR)
         self._folderCommand(tag, b"CREATE completed", self.store.createFolder, folder)
 
-    auth_CREATE = (do_CREATE, imap4.IMAP4Server.arg_finalastring)
+    auth_CREATE = (do_CREATE, _finalastring)
     select_CREATE = auth_CREATE
 
     def do_DELETE(self, tag: bytes, name: bytes) -> None:
@@ -773,25 +826,25 @@ class IMAPServer(imap4.IMAP4Server):
             return
         self._folderCommand(tag, b"DELETE completed", self.store.deleteFolder, folder)
 
-    auth_DELETE = (do_DELETE, imap4.IMAP4Server.arg_finalastring)
+    auth_DELETE = (do_DELETE, _finalastring)
     select_DELETE = auth_DELETE
 
     def do_RENAME(self, tag: bytes, old: bytes, new: bytes) -> None:
         self._folderCommand(tag, b"RENAME completed", self.store.renameFolder, _mailboxName(old), _mailboxName(new))
 
-    auth_RENAME = (do_RENAME, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
+    auth_RENAME = (do_RENAME, _astring, _finalastring)
     select_RENAME = auth_RENAME
 
     def do_SUBSCRIBE(self, tag: bytes, name: bytes) -> None:
         self._folderCommand(tag, b"SUBSCRIBE completed", self.store.subscribe, _mailboxName(name))
 
-    auth_SUBSCRIBE = (do_SUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
+    auth_SUBSCRIBE = (do_SUBSCRIBE, _finalastring)
     select_SUBSCRIBE = auth_SUBSCRIBE
 
     def do_UNSUBSCRIBE(self, tag: bytes, name: bytes) -> None:
         self._folderCommand(tag, b"UNSUBSCRIBE completed", self.store.unsubscribe, _mailboxName(name))
 
-    auth_UNSUBSCRIBE = (do_UNSUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
+    auth_UNSUBSCRIBE = (do_UNSUBSCRIBE, _finalastring)
     select_UNSUBSCRIBE = auth_UNSUBSCRIBE
 
     def _listWork(self, tag: bytes, ref: bytes, pattern: bytes, sub: int, cmdName: bytes) -> None:
@@ -824,9 +877,9 @@ class IMAPServer(imap4.IMAP4Server):
                       self.user)
         d.addCallbacks(listed, self._fail, errbackArgs=(tag,))
 
-    auth_LIST = (_listWork, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_astring, 0, b"LIST")
+    auth_LIST = (_listWork, _astring, _astring, 0, b"LIST")
     select_LIST = auth_LIST
-    auth_LSUB = (_listWork, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_astring, 1, b"LSUB")
+    auth_LSUB = (_listWork, _astring, _astring, 1, b"LSUB")
     select_LSUB = auth_LSUB
 
     def do_STATUS(self, tag: bytes, mailbox: bytes, names: list) -> None:
@@ -852,7 +905,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(status, self.user).addCallbacks(answer, self._fail, errbackArgs=(tag,))
 
-    auth_STATUS = (do_STATUS, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_plist)
+    auth_STATUS = (do_STATUS, _astring, _plist)
     select_STATUS = auth_STATUS
 
     # -- selecting ---------------------------------------------------------------------------
@@ -887,9 +940,9 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(select, self.user).addCallbacks(opened, self._fail, errbackArgs=(tag,))
 
-    auth_SELECT = (_selectWork, imap4.IMAP4Server.arg_astring, 1, b"SELECT")
+    auth_SELECT = (_selectWork, _astring, 1, b"SELECT")
     select_SELECT = auth_SELECT
-    auth_EXAMINE = (_selectWork, imap4.IMAP4Server.arg_astring, 0, b"EXAMINE")
+    auth_EXAMINE = (_selectWork, _astring, 0, b"EXAMINE")
     select_EXAMINE = auth_EXAMINE
 
     def _unselect(self) -> None:
@@ -1023,8 +1076,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._run(append, self.user).addCallbacks(appended, self._fail, errbackArgs=(tag, True)).addErrback(
             self._fail, tag)
 
-    auth_APPEND = (do_APPEND, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.opt_plist,
-                   imap4.IMAP4Server.opt_datetime, imap4.IMAP4Server.arg_literal)
+    auth_APPEND = (do_APPEND, _astring, _optPlist,
+                   _optDatetime, _literal)
     select_APPEND = auth_APPEND
 
     def do_FETCH(self, tag: bytes, messages: MessageSet, query: list, uid: int = 0) -> None:
@@ -1056,7 +1109,7 @@ class IMAPServer(imap4.IMAP4Server):
         d = self._run(markSeen) if unseen else defer.succeed([])
         d.addCallbacks(marked, self._fail, errbackArgs=(tag,))
 
-    select_FETCH = (do_FETCH, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_fetchatt)
+    select_FETCH = (do_FETCH, _seqset, _fetchatt)
 
     def spew_internaldate(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> None:
         _w(b"INTERNALDATE " + _imapDate(msg.meta.internaldate))
@@ -1248,8 +1301,8 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(store).addCallbacks(stored, self._fail, errbackArgs=(tag,))
 
-    select_STORE = (do_STORE, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_atom,
-                    imap4.IMAP4Server.arg_flaglist)
+    select_STORE = (do_STORE, _seqset, _atom,
+                    _flaglist)
 
     def do_COPY(self, tag: bytes, messages: MessageSet, mailbox: bytes, uid: int = 0, move: bool = False) -> None:
         view = self.mbox
@@ -1281,12 +1334,12 @@ class IMAPServer(imap4.IMAP4Server):
         self._run(copy, self.user).addCallbacks(copied, self._fail, errbackArgs=(tag, True)).addErrback(
             self._fail, tag)
 
-    select_COPY = (do_COPY, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_COPY = (do_COPY, _seqset, _finalastring)
 
     def do_MOVE(self, tag: bytes, messages: MessageSet, mailbox: bytes, uid: int = 0) -> None:
         self.do_COPY(tag, messages, mailbox, uid, move=True)
 
-    select_MOVE = (do_MOVE, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_MOVE = (do_MOVE, _seqset, _finalastring)
 
     def do_EXPUNGE(self, tag: bytes, only: MessageSet | None = None) -> None:
         view = self.mbox
@@ -1315,7 +1368,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise IllegalClientResponse("Unknown UID command")
         self.dispatchCommand(tag, command, line, uid=1)
 
-    select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+    select_UID = (do_UID, _atom, _line)
 
     def do_SEARCH(self, tag: bytes, charset: bytes | None, query: list, uid: int = 0) -> None:
         if charset is not None and charset.upper() not in (b"US-ASCII", b"UTF-8"):
@@ -1348,7 +1401,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         step()
 
-    select_SEARCH = (do_SEARCH, imap4.IMAP4Server.opt_charset, imap4.IMAP4Server.arg_searchkeys)
+    select_SEARCH = (do_SEARCH, _charset, _searchkeys)
 
     # Twisted's header searches compare its bytes arguments with str headers (TypeError), KEYWORD never
     # matches and TEXT skips the header: replaced.  Header values are RFC 2047-decoded, compared caseless.

@@ -459,3 +459,109 @@ class IdleTests(IMAPTestCase):
 
     def test_uidsAcrossRestart(self):
         return defer.Deferred.fromCoroutine(self._restart())
+
+
+# -- a session fed arbitrary input (the IMAP parser's fuzz target) ----------------------------------
+
+_POOL = [
+    b"a LOGIN bob secret", b"a LOGIN {3}", b"bob {6+}", b"secret", b"b SELECT INBOX", b"b EXAMINE \"Sent\"",
+    b"c FETCH 1:* (FLAGS UID RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE)",
+    b"c UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (Subject From)] BODY[]<0.10> BODY[1] BODY[1.MIME] BODY[TEXT])",
+    b"d STORE 1 +FLAGS (\\Seen $Label)", b"d UID STORE 2 FLAGS.SILENT (\\Deleted)", b"e EXPUNGE",
+    b"e UID EXPUNGE 1:3", b"f SEARCH OR UNSEEN SUBJECT hi NOT KEYWORD x", b"f UID SEARCH 1:* TEXT hello",
+    b"g APPEND INBOX (\\Flagged) \" 7-Dec-2026 05:10:54 +0100\" {5}", b"hello", b"g APPEND Sent {3+}",
+    b"h COPY 1 Trash", b"h UID MOVE 1:* Archive", b"i CREATE A.B", b"i RENAME A C", b"i DELETE C.B",
+    b"j LIST \"\" *", b"j LSUB \"\" %", b"j STATUS INBOX (MESSAGES UIDNEXT UNSEEN)", b"k IDLE", b"DONE",
+    b"k NOOP", b"k CHECK", b"l CLOSE", b"l UNSELECT", b"m NAMESPACE", b"m ENABLE CONDSTORE",
+    b"n AUTHENTICATE PLAIN AGJvYgBzZWNyZXQ=", b"n AUTHENTICATE PLAIN", b"AGJvYgBzZWNyZXQ=", b"*",
+    b"o CAPABILITY", b"o STARTTLS", b"p LOGOUT", b"",
+]
+
+
+def imap_session(data: bytes) -> None:
+    """
+    An IMAP session over a StringTransport on a store with two messages: whatever the bytes, no
+    error is logged (Twisted answers an exception with "* BAD Server error" and logs it), every
+    answer ends with CRLF, unparsed input stays bounded, and the session's state stays consistent.
+    """
+    import tempfile
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(dir=shm) as root:  # (making and removing folders is slow on some disks)
+        store = Maildirs(root, fsync=False)
+        store.deliver("bob", sample(b"attached"))
+        store.deliver("bob", b"Subject: hi\r\n\r\nhello\r\n")
+        clock = MemoryReactorClock()
+        factory = IMAPFactory(store, Users(), implicitTLS=True, maxLiteral=4096, clock=clock,
+                              run=lambda f, *a: defer.maybeDeferred(f, *a))
+        server = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1234))
+        server.makeConnection(transport)
+        for piece in _pieces(data):
+            if transport.disconnecting:
+                break
+            server.dataReceived(piece)
+            clock.advance(0.1)
+            assert len(server._buffer) <= server.MAX_LENGTH + 8192, len(server._buffer)
+        for _ in range(5):
+            clock.advance(1)
+        out = transport.value()
+        assert b"Server error" not in out, out[-300:]
+        assert out.endswith(b"\r\n"), out[-100:]
+        assert server.state in ("unauth", "auth", "select", "logout"), server.state
+        if not transport.disconnecting:  # every command got its tagged answer (none hangs)
+            assert not (server._busy and server.parseState == "command"), out[-300:]
+        if server.state == "select":
+            assert server.mbox is not None
+        server.connectionLost(None)
+        clock.advance(100)
+
+
+def _pieces(data: bytes) -> list[bytes]:
+    """C{data} cut in a few places that depend on its bytes only."""
+    import zlib
+
+    crc = zlib.crc32(data)
+    cuts = sorted({(crc >> s) % (len(data) + 1) for s in (0, 7, 13, 21)})
+    out, last = [], 0
+    for c in cuts:
+        out.append(data[last:c])
+        last = c
+    out.append(data[last:])
+    return [p for p in out if p]
+
+
+class SessionFuzzTests(unittest.TestCase):
+    def test_seedSessions(self):
+        """The pool's lines in order (a full session), and each line alone after a login."""
+        imap_session(b"\r\n".join(_POOL) + b"\r\n")
+        for line in _POOL:
+            imap_session(b"a LOGIN bob secret\r\nb SELECT INBOX\r\n" + line + b"\r\n")
+
+    def test_arbitrary(self):
+        """Derandomised hypothesis: lines from the pool, mutated, in any order; and arbitrary bytes."""
+        from hypothesis import HealthCheck, given, settings
+        from hypothesis import strategies as st
+
+        @st.composite
+        def sessions(draw):
+            lines = draw(st.lists(st.sampled_from(_POOL), min_size=1, max_size=12))
+            data = bytearray(b"a LOGIN bob secret\r\n" if draw(st.booleans()) else b"")
+            for line in lines:
+                line = bytearray(line)
+                if line and draw(st.integers(0, 3)) == 0:
+                    pos = draw(st.integers(0, len(line) - 1))
+                    line[pos:pos + draw(st.integers(0, 3))] = draw(st.binary(max_size=4))
+                data += line + b"\r\n"
+            return bytes(data)
+
+        @settings(derandomize=True, max_examples=200, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.one_of(sessions(), st.binary(max_size=300)))
+        def run(data):
+            imap_session(data)
+
+        run()

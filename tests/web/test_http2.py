@@ -877,7 +877,9 @@ class AccessLogMixin(EngineMixin):
         missing = counterValue(daemon, "netsvc_http_requests_total", service="web", code="404")
         fast.clear()
         got = yield threads.deferToThread(twoRequests, daemon.port, daemon.cafile)
-        self.assertEqual([r.status for r in got], [200, 200, 404])
+        self.assertEqual([(r.status, r.ended) for r in got], [(200, True), (200, True), (404, True)])
+        self.assertEqual(bytes(got[0].body), SMALL)
+        self.assertEqual(bytes(got[1].body), SMALL)
         self.assertEqual(fast, [b"/small.bin"], "exactly the first request should take the HTTP/2 fast path")
         lines: list[dict[str, Any]] = []
         for _ in range(60):  # the log is flushed every second

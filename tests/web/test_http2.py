@@ -641,7 +641,7 @@ class FloodMixin(EngineMixin):
         self.assertTrue(any(k.startswith("h2_") for k in grown),
                         f"{self.engine}: the CONTINUATION flood was not counted (errors grown: {grown})")
         self.assertNotIn("HeadersFrame", kinds, "the server answered a request it never finished reading")
-        self.assertEqual(errorsLogged(events), [])
+        self.assertEqual(errorsLogged(events), [], f"{self.engine}: counted {grown}, the server sent {kinds}")
         yield self.stillServes(daemon)
 
     def test_continuationFlood(self) -> Any:

@@ -780,11 +780,19 @@ class Maildirs:
         return ["INBOX", *sorted(names)]
 
     def createFolder(self, user: str, name: str) -> None:
-        """Create folder C{name}.  @raise FolderExists, InvalidName, MailboxError"""
+        """Create folder C{name}, and its missing parents (RFC 3501).  @raise FolderExists, InvalidName, MailboxError"""
         name, path = self._folderPath(user, name)
         base = self._ensureUser(user)
         if name == "INBOX" or (path / "cur").is_dir():
             raise FolderExists(f"folder {name} exists")
+        parts = name.split(SEPARATOR)
+        for i in range(1, len(parts)):
+            parent = SEPARATOR.join(parts[:i])
+            if not (self._folderPath(user, parent)[1] / "cur").is_dir():
+                try:
+                    self.createFolder(user, parent)
+                except FolderExists:
+                    pass
         try:
             tmp = base / f".netsvc-new-{os.getpid()}-{threading.get_ident()}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -226,6 +226,76 @@ class BooksRecipeTests(IMAPTestCase):
         return deferToThread(client).addCallback(check)
 
 
+class MoreTests(IMAPTestCase):
+    def test_foldersAndStructure(self):
+        """EXAMINE leaves \\Seen alone; modified UTF-7 names; RENAME/DELETE/LSUB; MIME parts and structure."""
+        attachment = os.urandom(5000)
+        data = sample(attachment)
+        self.store.deliver("bob", data)
+        port = self.serve("implicit")
+
+        def client():
+            r = {}
+            with imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=self.sslContext()) as m:
+                m.login("bob", PASSWORD)
+                m.select("INBOX", readonly=True)
+                r["body"] = m.fetch("1", "(BODY[] ENVELOPE BODYSTRUCTURE)")
+                r["part2"] = m.fetch("1", "(BODY.PEEK[2] BODY.PEEK[2.MIME])")
+                r["flags"] = m.fetch("1", "(FLAGS)")
+                r["store"] = m.store("1", "+FLAGS", "(\\Flagged)")[0]
+                r["create"] = m.create("&ANw-ber.Sub")[0]
+                r["list"] = m.list('""', "*")[1]
+                r["subscribe"] = m.subscribe("&ANw-ber.Sub")[0]
+                r["rename"] = m.rename("&ANw-ber", "Ueber")[0]
+                r["lsub"] = m.lsub('""', "*")[1]
+                r["deleteSelected"] = m.delete("INBOX")[0]
+                r["delete"] = m.delete("Ueber.Sub")[0]
+                r["percent"] = m.list('""', "%")[1]
+                m.logout()
+            return r
+
+        def check(r):
+            import base64
+            import email
+
+            self.assertEqual(r["body"][1][0][1], data)
+            head = b"".join(x if isinstance(x, bytes) else x[0] for x in r["body"][1])
+            self.assertIn(b'"report"', head)  # the envelope's subject
+            self.assertIn(b'"APPLICATION" "OCTET-STREAM"', head.upper())
+            part = r["part2"][1][0][1]
+            self.assertEqual(base64.b64decode(part), attachment)  # the attachment, byte-identical
+            mime = r["part2"][1][1][1]
+            self.assertIn(b"Content-Disposition: attachment", mime)
+            self.assertNotIn(b"\\Seen", r["flags"][1][0])  # EXAMINE: read-only, nothing marked
+            self.assertEqual(r["store"], "NO")
+            self.assertEqual(r["create"], "OK")
+            self.assertIn(b'(\\HasChildren) "." "&ANw-ber"', r["list"])
+            self.assertIn(b'(\\HasNoChildren) "." "&ANw-ber.Sub"', r["list"])
+            self.assertEqual(r["rename"], "OK")
+            self.assertIn(b'(\\HasNoChildren) "." "Ueber.Sub"', r["lsub"])
+            self.assertEqual(r["deleteSelected"], "NO")
+            self.assertEqual(r["delete"], "OK")
+            self.assertIn(b'(\\HasNoChildren) "." "Ueber"', r["percent"])
+            self.assertFalse(any(b"Ueber." in line for line in r["percent"]))
+            self.assertNotIn("Ueber.Sub", self.store.subscriptions("bob"))
+            self.assertEqual(email.message_from_bytes(data).get_payload()[1].get_payload(decode=True), attachment)
+
+        return deferToThread(client).addCallback(check)
+
+    async def _idleTimeouts(self):
+        port = self.serve("pretend", keepalive=0.2, idleTimeout=1.5)
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb IDLE\r\n")
+        await client.expect(rb"\+ idling\r\n")
+        await client.expect(rb"(\* OK Still here\r\n){2}")
+        await client.expect(rb"\* BYE Autologout")
+        await client.lost
+
+    def test_idleKeepaliveAndTimeout(self):
+        """IDLE: "* OK Still here" now and then; after the idle timeout without DONE, BYE and close."""
+        return defer.Deferred.fromCoroutine(self._idleTimeouts())
+
+
 class TLSTests(IMAPTestCase):
     def test_starttls(self):
         """Plain port: LOGINDISABLED and LOGIN refused before STARTTLS; after it, LOGIN and AUTH=PLAIN."""

@@ -192,6 +192,7 @@ class FolderTests(StoreTestCase):
         self.store.createFolder("bob", "Work.Projects")
         self.store.createFolder("bob", "Über")
         self.assertIn("Work.Projects", self.store.folders("bob"))
+        self.assertIn("Work", self.store.folders("bob"))  # parents are made too (RFC 3501 CREATE)
         self.assertIn("Über", self.store.folders("bob"))
         self.assertTrue((self.store.userPath("bob") / ".&ANw-ber" / "cur").is_dir())
         self.assertRaises(FolderExists, self.store.createFolder, "bob", "Work.Projects")

@@ -1298,3 +1298,93 @@ def http_headers(data: bytes) -> None:
     again = tree.lookup(key)
     assert type(again) is type(found) and getattr(again, "path", None) == getattr(found, "path", None), \
         (path, key, found, again)
+
+
+# -- HTTP/2 ---------------------------------------------------------------------------
+
+#: What every client sends first (RFC 9113 section 3.4): the fuzzed bytes follow it.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _h2Frames(out: bytes) -> list[tuple[int, int, int]]:
+    """(type, flags, stream) of each frame in C{out}; asserts the frames are whole."""
+    frames, pos = [], 0
+    while pos < len(out):
+        assert pos + 9 <= len(out), ("a partial frame header", out[pos:pos + 9])
+        length = int.from_bytes(out[pos:pos + 3], "big")
+        kind, flags = out[pos + 3], out[pos + 4]
+        stream = int.from_bytes(out[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+        assert length <= 16384, ("a frame over the default SETTINGS_MAX_FRAME_SIZE", length)
+        pos += 9 + length
+        assert pos <= len(out), "a partial frame"
+        frames.append((kind, flags, stream))
+    return frames
+
+
+def _h2Run(engine: str, pieces: list[bytes]) -> tuple[list[tuple[int, int, int]], bool, int]:
+    from netsvc.web.http2 import MAX_STREAMS, H2Channel
+
+    clock, _, site = _site()
+    channel = H2Channel(site, engine)
+    transport = _LenientTransport(peerAddress=PEER)
+    channel.makeConnection(transport)
+    most = 0
+    for piece in pieces:
+        if transport.disconnecting:
+            break
+        channel.dataReceived(piece)
+        most = max(most, len(channel.streams))
+    out, closed = transport.value(), transport.disconnecting
+    channel.connectionLost(None)
+    for c in clock.getDelayedCalls():
+        if c.active():
+            c.cancel()
+    assert most <= MAX_STREAMS, ("more streams open than announced", most)
+    return _h2Frames(out), closed, most
+
+
+@target
+def http2_frames(data: bytes) -> None:
+    """
+    Frames after the client preface into the HTTP/2 protocol on each engine (libnghttp2 and h2):
+    no exception, whole frames out (none over the default frame size), never more streams open
+    than announced; a GOAWAY is the last thing sent when the connection is closed for a fault,
+    and both engines answer the same streams with HEADERS.
+    """
+    from netsvc.web import h2engine
+
+    pieces = chunks(H2_PREFACE + data)
+    results = {}
+    for engine in ("native", "python"):
+        if h2engine.available(engine) != engine:
+            continue
+        frames, closed, _ = _h2Run(engine, pieces)
+        goaways = [i for i, f in enumerate(frames) if f[0] == 0x7]
+        if closed and goaways:
+            assert all(f[0] in (0x7, 0x4, 0x6, 0x8) or f[2] for f in frames[goaways[0]:]), frames
+        # Streams answered with a response head (HEADERS on a client-initiated stream).
+        results[engine] = (closed, sorted({f[2] for f in frames if f[0] == 0x1 and f[2] % 2 == 1}))
+    if len(results) == 2 and not any(closed for closed, _ in results.values()):
+        # Engines differ in what they tolerate (a fault may end one's connection and not the other's);
+        # where both go on, they answered the same streams.
+        assert results["native"][1] == results["python"][1], results
+
+
+# -- POP3 ---------------------------------------------------------------------------
+
+
+@target
+def pop3_session(data: bytes) -> None:
+    """
+    A logged-out POP3 session under TLS over an in-memory maildrop: the same answers, close and
+    removals however the bytes are cut into reads; no more answers than lines; nothing removed
+    without QUIT.
+    """
+    from tests.mailbox.test_pop3 import pop3Session
+
+    out, closed, removed = pop3Session(data)
+    assert pop3Session(data, chunks(data, 40)) == (out, closed, removed)
+    answers = out.count(b"\r\n+OK") + out.count(b"\r\n-ERR") + out.count(b"\r\n+ ")
+    assert answers <= data.count(b"\n") + 1, (answers, data.count(b"\n"))
+    if b"QUIT" not in data.upper():
+        assert not any(removed), removed

@@ -20,6 +20,7 @@ from L{Engine.receive}; the engine has then queued its GOAWAY (write L{Engine.ou
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any
 
@@ -314,6 +315,10 @@ class PythonEngine(Engine):
         for e in events:
             t = type(e)
             if t is ev.RequestReceived:
+                if not _wellFormed(e.headers):
+                    self.reset(e.stream_id, PROTOCOL_ERROR)  # what libnghttp2 does with it
+                    ended.add(e.stream_id)
+                    continue
                 end = e.stream_ended is not None
                 if end:
                     ended.add(e.stream_id)
@@ -432,6 +437,32 @@ class PythonEngine(Engine):
 
     def shutdownNotice(self) -> None:
         self.goaway(NO_ERROR, 2**31 - 1)
+
+
+#: What libnghttp2 accepts in :authority (nghttp2_check_authority: RFC 3986's authority characters)
+#: and in :method (a token); h2 checks neither, and a Host of "a/b" would reach the routing.
+_AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:@\[\]]*")
+_TOKEN = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
+#: :path: visible ASCII and obs-text, no space or control character (nghttp2_check_path).
+_PATH = re.compile(rb"[\x21-\x7e\x80-\xff]+")
+
+
+def _wellFormed(headers: Any) -> bool:
+    """The request pseudo-headers as libnghttp2 checks them, so that both engines refuse the same."""
+    for name, value in headers:
+        if name[:1] != b":":
+            break
+        if name == b":authority":
+            ok = _AUTHORITY.fullmatch(value)
+        elif name == b":method":
+            ok = _TOKEN.fullmatch(value)
+        elif name == b":path":
+            ok = _PATH.fullmatch(value)
+        else:
+            continue
+        if ok is None:
+            return False
+    return True
 
 
 def available(mode: str) -> str | None:

@@ -118,3 +118,34 @@ class LocalDNSZoneIndex(unittest.TestCase):
         problems = Record(name="v6.lab", type="AAAA", value="fd00::7%eth0").check()
         self.assertEqual([key for key, _ in problems], ["value"], problems)
         self.assertEqual(Record(name="v6.lab", type="AAAA", value="fd00::7").check(), [])
+
+
+class HTTP2EnginesRefuseTheSameHeads(unittest.TestCase):
+    """
+    http2_frames: a mutated :authority ("loc0/host", put in HPACK's dynamic table and reused by
+    every later request) made libnghttp2 reset each stream while h2 answered them all (and routed
+    by that Host).  The fallback engine now checks :authority, :method and :path as libnghttp2 does.
+    """
+
+    def test_badAuthorityResetOnBothEngines(self):
+        from pathlib import Path
+
+        from fuzz.targets import H2_PREFACE, _h2Run, chunks
+
+        corpus = Path(__file__).resolve().parents[1] / "corpus" / "http2_frames"
+        data = (corpus / "finding-authority-slash").read_bytes()
+        for engine in ("native", "python"):
+            frames, closed, _ = _h2Run(engine, chunks(H2_PREFACE + data))
+            self.assertFalse(closed, engine)
+            self.assertEqual([f[2] for f in frames if f[0] == 0x1], [], engine)  # no response head
+            self.assertEqual(sorted(f[2] for f in frames if f[0] == 0x3), [1, 3, 5, 7], engine)  # RST_STREAM each
+
+    def test_checks(self):
+        from netsvc.web.h2engine import _wellFormed
+
+        good = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a?b=%20"), (b":authority", b"[::1]:8443")]
+        self.assertTrue(_wellFormed(good))
+        for name, value in ((b":authority", b"a/b"), (b":authority", b"a b"), (b":method", b"G ET"),
+                            (b":path", b"/a b"), (b":path", b"/\x00")):
+            bad = [(n, value if n == name else v) for n, v in good]
+            self.assertFalse(_wellFormed(bad), (name, value))

@@ -47,6 +47,7 @@ import copy
 import email.utils
 import re
 import time
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from email import message_from_bytes
 from email.header import decode_header, make_header
@@ -334,26 +335,29 @@ class _View:
         return self.messages[seq - 1].uid
 
     def resolve(self, messages: MessageSet, uid: bool) -> list[tuple[int, Message]]:
-        """(sequence number, message) of those C{messages} names (UIDs or sequence numbers)."""
-        if not self.messages:
+        """(sequence number, message) of those C{messages} names (UIDs or sequence numbers), in order."""
+        count = len(self.messages)
+        if not count:
             return []
-        try:
-            messages.last = self.messages[-1].uid if uid else len(self.messages)
-        except ValueError:
-            pass  # already set
-        if uid:
-            return [(i, m) for i, m in enumerate(self.messages, 1) if m.uid in messages]
-        return [(i, m) for i, m in enumerate(self.messages, 1) if i in messages]
+        last = self.messages[-1].uid if uid else count
+        keys = [m.uid for m in self.messages] if uid else None
+        chosen: set[int] = set()
+        for low, high in messages.ranges:
+            low = last if low is None else low
+            high = last if high is None else high
+            if low > high:
+                low, high = high, low
+            if uid:
+                chosen.update(range(bisect_left(keys, low), bisect_right(keys, high)))
+            else:
+                chosen.update(range(max(low, 1) - 1, min(high, count)))
+        return [(i + 1, self.messages[i]) for i in sorted(chosen)]
 
     def fetch(self, messages: MessageSet, uid: bool) -> list[tuple[int, _Message]]:
         return [(i, _Message(self, m)) for i, m in self.resolve(messages, uid)]
 
     def replace(self, seq: int, meta: Message) -> None:
         self.messages[seq - 1] = meta
-
-
-def _withFlags(m: Message, flags: frozenset[str]) -> Message:
-    return Message(m.uid, m.key, m.size, flags, m.internaldate, m.name)
 
 
 def _safe(parser: Any) -> Any:
@@ -394,6 +398,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.timeOut = factory.preauthTimeout
         self.POSTAUTH_TIMEOUT = factory.idleTimeout
         self._scheduler = self._schedule
+        self._depth = 0
         self.callLater = factory.clock.callLater  # TimeoutMixin's clock
         self.user: str | None = None
         self._busy = False
@@ -626,7 +631,14 @@ class IMAPServer(imap4.IMAP4Server):
                         r.addCallbacks(step, done.errback)
                         return
             except StopIteration:
-                self.factory.clock.callLater(0, done.callback, None)
+                # Twisted chains the next message on this Deferred: fired now, the next one runs on this
+                # stack.  A few back to back, then a fresh stack (the next reactor turn).
+                if self._depth < 16:
+                    self._depth += 1
+                    done.callback(None)
+                else:
+                    self._depth = 0
+                    self.factory.clock.callLater(0, done.callback, None)
                 return
             except Exception:
                 done.errback()
@@ -1096,7 +1108,7 @@ class IMAPServer(imap4.IMAP4Server):
                     flags = view.folder.setFlags(m.uid, m.flags | {"\\Seen"})
                 except MailboxError:
                     continue
-                out.append((seq, _withFlags(m, flags)))
+                out.append((seq, m.withFlags(frozenset(flags))))
             return out
 
         def marked(changed: list[tuple[int, Message]]) -> None:
@@ -1287,7 +1299,7 @@ class IMAPServer(imap4.IMAP4Server):
                         if "keyword" in str(e):
                             raise
                         continue
-                out.append((seq, _withFlags(m, frozenset(new))))
+                out.append((seq, m.withFlags(frozenset(new))))
             return out
 
         def stored(changed: list[tuple[int, Message]]) -> None:

@@ -86,18 +86,41 @@ class NoSuchMessage(MailboxError):
 
 class Message:
     """One message's metadata: C{uid}, C{key}, C{size} (bytes), C{flags} (a frozenset
-    of IMAP flag strings, keywords included), C{internaldate} (seconds since the epoch)."""
+    of IMAP flag strings, keywords included), C{internaldate} (seconds since the epoch:
+    the file's mtime, read on first use)."""
 
-    __slots__ = ("uid", "key", "size", "flags", "internaldate", "name")
+    __slots__ = ("uid", "key", "size", "flags", "_date", "name", "_dir")
 
-    def __init__(self, uid: int, key: str, size: int, flags: frozenset[str], internaldate: float,
-                 name: str) -> None:
+    def __init__(self, uid: int, key: str, size: int, flags: frozenset[str], internaldate: float | None,
+                 name: str, directory: str = "") -> None:
         self.uid = uid
         self.key = key
         self.size = size
         self.flags = flags
-        self.internaldate = internaldate
+        self._date = internaldate
         self.name = name  # the file's name in cur/
+        self._dir = directory  # cur/, for the mtime when it is asked for
+
+    @property
+    def internaldate(self) -> float:
+        if self._date is None:
+            try:
+                self._date = os.stat(os.path.join(self._dir, self.name)).st_mtime
+            except OSError:  # renamed by a flag change meanwhile: find it by its key
+                self._date = 0.0
+                try:
+                    with os.scandir(self._dir) as it:
+                        for e in it:
+                            if e.name.partition(":")[0] == self.key:
+                                self._date = e.stat().st_mtime
+                                break
+                except OSError:
+                    pass
+        return self._date
+
+    def withFlags(self, flags: frozenset[str]) -> Message:
+        """A copy with other flags."""
+        return Message(self.uid, self.key, self.size, flags, self._date, self.name, self._dir)
 
     def __repr__(self) -> str:
         return f"<Message uid={self.uid} size={self.size} flags={sorted(self.flags)}>"
@@ -296,6 +319,7 @@ class Folder:
         self.user = user
         self.name = name
         self.path = path
+        self._cur = os.path.join(path, "cur")
         self._names: dict[int, str] = {}  # uid -> file name in cur/, from the last listing
         self._seen: tuple | None = None
         self._uidvalidity = 0
@@ -409,20 +433,23 @@ class Folder:
         if dirty:
             self._writeUidlist(validity, uidnext, entries)
         messages = []
-        for key, (uid, keywords) in entries.items():
+        curPath = self._cur
+        flagCache: dict[str, frozenset[str]] = {}
+        for key, (uid, keywords) in sorted(entries.items(), key=lambda kv: kv[1][0]):
             filename = byKey[key]
-            info = _splitName(filename)[1]
+            info = filename[len(key) + 1:]
             size = _sizeFromKey(key)
-            try:
-                st = os.stat(cur / filename)
-            except FileNotFoundError:
-                continue  # flags changed (renamed) or removed meanwhile; the next listing has it
-            if size is None:
-                size = st.st_size
-            flags = _flagsOf(info)
-            flags.update(keywords)
-            messages.append(Message(uid, key, size, frozenset(flags), st.st_mtime, filename))
-        messages.sort(key=lambda m: m.uid)
+            if size is None:  # not a name we made: ask the file
+                try:
+                    size = os.stat(os.path.join(curPath, filename)).st_size
+                except FileNotFoundError:
+                    continue  # flags changed (renamed) or removed meanwhile; the next listing has it
+            flags = flagCache.get(info)
+            if flags is None:
+                flags = flagCache[info] = frozenset(_flagsOf(info))
+            if keywords:
+                flags = flags | frozenset(keywords)
+            messages.append(Message(uid, key, size, flags, None, filename, curPath))
         self._uidvalidity, self._uidnext = validity, uidnext
         self._names = {m.uid: m.name for m in messages}
         self._seen = generation if not dirty and not moved else self.generation()
@@ -464,10 +491,16 @@ class Folder:
 
     def open(self, uid: int) -> BinaryIO:
         """The message's file, open for reading (the caller closes it).  @raise NoSuchMessage"""
+        name = self._names.get(uid)
+        if name is not None:  # the common case, without a stat first
+            try:
+                return open(os.path.join(self._cur, name), "rb")
+            except OSError:
+                pass
         for _ in range(3):
             name = self._filename(uid)
             try:
-                return open(self.path / "cur" / name, "rb")
+                return open(os.path.join(self._cur, name), "rb")
             except FileNotFoundError:
                 continue  # renamed by a flag change meanwhile
             except OSError as e:

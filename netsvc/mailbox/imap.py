@@ -84,6 +84,7 @@ __all__ = ["IMAPFactory", "IMAPServer"]
 HIGH_WATER = 256 * 1024  # unsent bytes above which FETCH waits and reading pauses
 LOW_WATER = 64 * 1024
 CHUNK = 64 * 1024
+HEADER_LIMIT = 1024 * 1024  # a header block longer than this is cut (FETCH HEADER, ENVELOPE, SEARCH FROM ...)
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _CANONICAL = {f.lower(): f for f in SYSTEM_FLAGS}
 _LITERAL_PLUS = re.compile(rb"\{(\d{1,20})\+\}$")
@@ -244,6 +245,7 @@ class _Message:
         self.meta = meta
         self._raw: bytes | None = None
         self._mime: Any = None
+        self._header: bytes | None = None
 
     def raw(self) -> bytes:
         if self._raw is None:
@@ -254,8 +256,25 @@ class _Message:
         return self._raw
 
     def header(self) -> bytes:
-        raw = self.raw()
-        return raw[:_splitMessage(raw)]
+        """The header block (with its blank line), read from the file's start only."""
+        if self._raw is not None:
+            return self._raw[:_splitMessage(self._raw)]
+        if self._header is None:
+            head = b""
+            try:
+                with self.view.folder.open(self.meta.uid) as f:
+                    while len(head) < HEADER_LIMIT:
+                        chunk = f.read(16384)
+                        head += chunk
+                        end = _splitMessage(head)
+                        if end < len(head) or not chunk:
+                            break
+                        if head.endswith((b"\r\n\r", b"\r", b"\n")):  # maybe cut inside the blank line
+                            continue
+            except MailboxError:
+                pass
+            self._header = head[:_splitMessage(head)]
+        return self._header
 
     def body(self) -> bytes:
         raw = self.raw()

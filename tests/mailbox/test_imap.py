@@ -635,3 +635,79 @@ class SessionFuzzTests(unittest.TestCase):
             imap_session(data)
 
         run()
+
+
+class DaemonTests(unittest.TestCase):
+    """The IMAP listener as the daemon runs it: behind the Guard, implicit TLS, the shared certificate."""
+
+    def test_nonReadingClientOverTLSBounded(self):
+        """A TLS client that stops reading during a 12 MB FETCH: the server holds ~HIGH_WATER unsent, no more."""
+        import socket
+        import threading
+
+        from netsvc import auth
+        from tests.helpers import port, startDaemon
+
+        users = Path(self.mktemp()).absolute()
+        auth.addUser(users, "dev", "dev")
+        daemon = startDaemon(self, f"""
+services:
+  mailbox:
+    listen:
+      - {{endpoint: "tls:0:interface=127.0.0.1", protocol: imap}}
+    users: {users}
+    fsync: false
+""")
+        svc = daemon.getServiceNamed("mailbox")
+        big = os.urandom(3 * 2**20)
+        for _ in range(4):
+            svc.store.deliver("dev", b"Subject: big\r\n\r\n" + big)
+        cafile = Path(daemon.context.stateDir) / "tls" / "selfsigned.pem"
+        imaps = port(daemon, 0, "mailbox")
+        ready, go = threading.Event(), threading.Event()
+
+        def client():
+            tls = stdssl.create_default_context(cafile=str(cafile))
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            raw.settimeout(30)
+            raw.connect(("127.0.0.1", imaps))
+            with tls.wrap_socket(raw, server_hostname="localhost") as s:
+                got = b""
+                s.sendall(b"a LOGIN dev dev\r\nb SELECT INBOX\r\n")
+                while b"b OK" not in got:
+                    got += s.recv(65536)
+                ready.set()
+                go.wait(30)
+                s.sendall(b"c FETCH 1:* (BODY.PEEK[])\r\n")
+                time.sleep(3)  # not reading
+                total = 0
+                tail = b""
+                while not tail.endswith(b"c OK FETCH completed\r\n"):
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    tail = (tail + chunk)[-64:]
+                s.sendall(b"d LOGOUT\r\n")
+                return total
+
+        async def run():
+            done = deferToThread(client)
+            while not ready.is_set():
+                await sleep(0.01)
+            (conn,) = list(svc.guard.connections)
+            tcp = conn.transport.transport  # the guard's transport is TLS; under it, TCP
+            tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+            go.set()
+            peak = 0
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                await sleep(0.05)
+                peak = max(peak, unsentBytes(tcp))
+            self.assertGreater(peak, 0)
+            self.assertLessEqual(peak, imap.HIGH_WATER + imap.CHUNK + 64 * 1024)  # (TLS records' overhead)
+            total = await done
+            self.assertGreater(total, 12 * 2**20)
+
+        return defer.Deferred.fromCoroutine(run())

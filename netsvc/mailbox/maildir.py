@@ -50,6 +50,7 @@ UIDLIST = "netsvc-uidlist"
 LOCKFILE = "netsvc-uidlist.lock"
 SUBSCRIPTIONS = "subscriptions"
 SEPARATOR = "."
+TMP_MAX_AGE = 36 * 3600  # seconds: a file in tmp/ older than this is a crashed writer's (the Maildir spec)
 
 #: the folders every user gets, with their RFC 6154 attribute
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Archive": "\\Archive"}
@@ -420,6 +421,7 @@ class Folder:
         if moved and self.store.fsync:
             _fsyncDir(cur)
             _fsyncDir(new)
+        self._cleanTmp()
         byKey: dict[str, str] = {}
         for filename in names:
             byKey[_splitName(filename)[0]] = filename
@@ -454,6 +456,20 @@ class Folder:
         self._names = {m.uid: m.name for m in messages}
         self._seen = generation if not dirty and not moved else self.generation()
         return messages, validity, uidnext
+
+    def _cleanTmp(self) -> None:
+        """Remove what a crashed writer left in tmp/ (older than TMP_MAX_AGE, as the Maildir spec says)."""
+        cutoff = time.time() - TMP_MAX_AGE
+        try:
+            with os.scandir(self.path / "tmp") as it:
+                for e in it:
+                    try:
+                        if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(e.path)
+                    except OSError:
+                        continue
+        except OSError:
+            pass
 
     def messages(self) -> list[Message]:
         """

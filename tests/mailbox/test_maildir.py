@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from unittest import mock
 
 from twisted.trial import unittest
@@ -64,6 +65,16 @@ class DeliverTests(StoreTestCase):
             self.assertRaises(MailboxError, self.store.deliver, "bob", b"x")
         self.assertEqual(os.listdir(base / "tmp"), [])
         self.assertEqual(len(os.listdir(base / "new")), 1)
+
+    def test_staleTmpRemoved(self):
+        """Listing removes what a crashed writer left in tmp/ more than 36 hours ago, and nothing newer."""
+        inbox = self.store.inbox("bob")
+        old, fresh = inbox.path / "tmp" / "old", inbox.path / "tmp" / "fresh"
+        old.write_bytes(b"half")
+        fresh.write_bytes(b"being written")
+        os.utime(old, (time.time() - 37 * 3600,) * 2)
+        inbox.messages()
+        self.assertEqual(os.listdir(inbox.path / "tmp"), ["fresh"])
 
     def test_uniqueKeys(self):
         keys = {self.store.deliver("bob", b"m") for _ in range(200)}

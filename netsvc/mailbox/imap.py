@@ -783,8 +783,11 @@ class IMAPServer(imap4.IMAP4Server):
             return
         if isinstance(ok, Refused):
             self.factory.counts["login_refused_" + ok.reason] += 1
-            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins; try again in %d s"
-                                      % int(ok.retryAfter))
+            if ok.reason == "busy":
+                self.sendNegativeResponse(tag, b"[UNAVAILABLE] Busy checking passwords; try again later")
+            else:
+                self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins; try again in %d s"
+                                          % int(ok.retryAfter))
             return
         if ok is not True:
             self._loginFailed(tag)

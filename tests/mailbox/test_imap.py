@@ -282,6 +282,27 @@ class MoreTests(IMAPTestCase):
 
         return deferToThread(client).addCallback(check)
 
+    async def _closeUnselect(self):
+        for i in range(3):
+            self.store.deliver("bob", b"Subject: %d\r\n\r\n" % i)
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\nc STORE 1:2 +FLAGS.SILENT (\\Deleted)\r\n"
+                    b"d UNSELECT\r\ne SELECT INBOX\r\nf UID STORE 3 +FLAGS (\\Deleted)\r\ng CLOSE\r\n"
+                    b"h FETCH 1 FLAGS\r\n")
+        await client.expect(rb"h BAD .*\r\n")  # CLOSE left the selected state
+        text = bytes(client.data)
+        self.assertIn(b"c OK STORE completed", text)
+        self.assertIn(b"* 3 EXISTS", text.split(b"e OK")[0].split(b"d OK")[1])  # UNSELECT expunged nothing
+        self.assertIn(b"* 3 FETCH (FLAGS (\\Deleted) UID 3)", text)
+        self.assertEqual(self.store.inbox("bob").messages(), [])  # CLOSE expunged all three
+        self.assertNotIn(b"EXPUNGE", text)  # silently
+        client.transport.loseConnection()
+
+    def test_closeAndUnselect(self):
+        """UNSELECT leaves \\Deleted messages; CLOSE removes them without EXPUNGE responses."""
+        return defer.Deferred.fromCoroutine(self._closeUnselect())
+
     async def _idleTimeouts(self):
         port = self.serve("pretend", keepalive=0.2, idleTimeout=1.5)
         client = await self.raw(port)

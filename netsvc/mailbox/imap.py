@@ -20,11 +20,26 @@ IMAP4rev1 server (RFC 3501) over the Maildir++ store, on C{twisted.mail.imap4}.
   - C{factory.counts}: a dict of counters (logins, login_failures, login_refused_rate,
     bad_commands, closed_bad_commands, literal_too_big, ...) the service can export.
 
+Capabilities: IMAP4rev1 LITERAL+ ENABLE (enables nothing) IDLE NAMESPACE UIDPLUS MOVE SPECIAL-USE
+UNSELECT CHILDREN APPENDLIMIT; before TLS STARTTLS LOGINDISABLED, after it AUTH=PLAIN SASL-IR.
+Folders are the store's (C{.} separator, INBOX plus Sent/Drafts/Trash/Archive with their
+special-use attributes); names are modified UTF-7 on the wire.  Not there: \\Recent (always 0),
+CONDSTORE/QRESYNC, MULTIAPPEND, LIST-EXTENDED, QUOTA, ID, SEARCH literals and CHARSET other
+than US-ASCII/UTF-8.
+
 Wire behaviour: one command at a time per connection (reading pauses while a command runs; the
 next command waits in the kernel), bounded command lines (C{MAX_LENGTH}) and literals, FETCH
 output written only while the transport holds less than C{HIGH_WATER} unsent bytes (a client
-that never reads stalls its own FETCH, nothing grows), a connection sending junk gets C{BAD}
-and is closed after C{maxBadCommands} in a row.
+that never reads stalls its own FETCH, nothing grows; one that takes nothing for C{idleTimeout}
+is aborted), a connection sending junk gets C{BAD} and is closed after C{maxBadCommands} in a
+row, C{maxAuthFailures} failed logins close it too.  Changes made elsewhere (delivery, POP3,
+another session) are reported on NOOP/CHECK, during IDLE (polled every C{pollInterval}) and
+after the session's own EXPUNGE/MOVE/APPEND.  TCP_NODELAY is set (a tagged line leaving a
+reactor turn after its data would otherwise wait for the client's delayed ACK).  Blocking
+store work runs through C{run}; reading a message for FETCH happens on the reactor (one open
+and read per message, the header alone where only the header is asked for).
+
+L{imap_session} in C{tests/mailbox/test_imap.py} is the session's fuzz target.
 
 Twisted 26's C{IMAP4Server} is used for its parser, dispatch, FETCH item machinery and search
 filters.  Replaced here because broken or missing there: LOGIN/AUTHENTICATE (any password check

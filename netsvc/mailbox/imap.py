@@ -682,9 +682,15 @@ class IMAPServer(imap4.IMAP4Server):
         step()
         return done
 
-    def _writeLiteral(self, data: bytes, write: Any) -> None:
+    def _writeLiteral(self, data: bytes, write: Any, flush: Any = None) -> defer.Deferred | None:
+        """C{data} as a literal: written at once when small, else streamed under back-pressure (a Deferred)."""
+        if flush is None or len(data) <= CHUNK:
+            write(b"{%d}\r\n" % len(data))
+            write(data)
+            return None
         write(b"{%d}\r\n" % len(data))
-        write(data)
+        flush()
+        return self._stream(BytesIO(data), len(data))
 
     # -- literals --------------------------------------------------------------------------
 
@@ -1183,13 +1189,13 @@ class IMAPServer(imap4.IMAP4Server):
             return b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" %d %d)' % (
                 len(msg.body()), msg.body().count(b"\n"))
 
-    def spew_rfc822header(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> None:
+    def spew_rfc822header(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> Any:
         _w(b"RFC822.HEADER ")
-        self._writeLiteral(msg.header(), _w)
+        return self._writeLiteral(msg.header(), _w, _f)
 
-    def spew_rfc822text(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> None:
+    def spew_rfc822text(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> Any:
         _w(b"RFC822.TEXT ")
-        self._writeLiteral(msg.body(), _w)
+        return self._writeLiteral(msg.body(), _w, _f)
 
     def spew_rfc822(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> Any:
         _w(b"RFC822 ")
@@ -1217,8 +1223,7 @@ class IMAPServer(imap4.IMAP4Server):
         data = self._section(msg, part)
         if begin is not None:
             data = data[begin:begin + length]
-        self._writeLiteral(data, _w)
-        return None
+        return self._writeLiteral(data, _w, _f)
 
     def _section(self, msg: _Message, part: Any) -> bytes:
         if not part.part:

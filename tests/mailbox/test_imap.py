@@ -431,7 +431,7 @@ class LimitTests(IMAPTestCase):
         """A command line longer than the limit is not buffered: BYE and close."""
         return defer.Deferred.fromCoroutine(self._longLine())
 
-    async def _silent(self):
+    async def _silent(self, item=b"RFC822"):
         big = os.urandom(3 * 2**20)
         for _ in range(4):
             self.store.deliver("bob", b"Subject: big\r\n\r\n" + big)
@@ -446,7 +446,7 @@ class LimitTests(IMAPTestCase):
         server = self.keeping.built[0]
         self.assertTrue(server.transport.getTcpNoDelay())  # no Nagle wait on the tagged line
         server.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
-        client.send(b"c FETCH 1:* (RFC822)\r\n" + b"d NOOP\r\n" * 1000)
+        client.send(b"c FETCH 1:* (" + item + b")\r\n" + b"d NOOP\r\n" * 1000)
         peak = 0
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -464,6 +464,10 @@ class LimitTests(IMAPTestCase):
     def test_nonReadingClientBounded(self):
         """A client that never reads during a big FETCH: the server holds at most ~HIGH_WATER unsent."""
         return defer.Deferred.fromCoroutine(self._silent())
+
+    def test_nonReadingClientBoundedSection(self):
+        """The same for a section (BODY[TEXT]: made in memory, then streamed under the same bound)."""
+        return defer.Deferred.fromCoroutine(self._silent(b"BODY.PEEK[TEXT]"))
 
 
 class AppendTests(IMAPTestCase):

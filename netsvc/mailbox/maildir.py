@@ -62,6 +62,7 @@ _SYSTEM_FLAGS = {f.lower(): f for f in _FLAG_LETTERS}
 _KEYWORD = re.compile(r"[!#$&'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]{1,64}")
 _USER = re.compile(r"[a-z0-9_=+-][a-z0-9_.=+@-]{0,127}")
 _MAX_KEYWORDS = 64
+_FILE_NAME = re.compile(r"[!-~]{1,255}")  # message file names we list: printable ASCII, no space
 _MAX_NAME = 200  # characters of a folder name
 
 
@@ -403,8 +404,8 @@ class Folder:
         try:
             with os.scandir(new) as it:
                 for e in it:
-                    if e.name.startswith("."):
-                        continue
+                    if e.name.startswith(".") or not _FILE_NAME.fullmatch(e.name):
+                        continue  # not a message name (a space or byte outside ASCII would break the uidlist)
                     key = _splitName(e.name)[0]
                     try:
                         os.rename(e.path, cur / (key + ":2,"))
@@ -414,7 +415,7 @@ class Folder:
             names = []
             with os.scandir(cur) as it:
                 for e in it:
-                    if not e.name.startswith("."):
+                    if not e.name.startswith(".") and _FILE_NAME.fullmatch(e.name):
                         names.append(e.name)
         except OSError as e:
             raise MailboxError(f"cannot list folder {self.name}: {e.strerror}") from None

@@ -114,6 +114,16 @@ class UidTests(StoreTestCase):
         self.assertEqual([inbox.read(m.uid) for m in inbox.messages()],
                          [b"1700000000.M5P1.h", b"1700000001.M99P1.h", b"1700000001.M100000P1.h", b"foreign"])
 
+    def test_oddFileNamesIgnored(self):
+        """Files whose names could not go into the uidlist (spaces, non-ASCII) are left alone, not listed."""
+        self.store.deliver("bob", b"good")
+        base = self.store.userPath("bob")
+        (base / "new" / "a b").write_bytes(b"x")
+        (base / "cur" / "caf\u00e9:2,S").write_bytes(b"x")
+        inbox = self.store.inbox("bob")
+        self.assertEqual([inbox.read(m.uid) for m in inbox.messages()], [b"good"])
+        self.assertEqual([m.uid for m in Maildirs(self.root, fsync=False).inbox("bob").messages()], [1])
+
     def test_removedUidsNotReused(self):
         for i in range(3):
             self.store.deliver("bob", b"m%d" % i)

@@ -1030,7 +1030,13 @@ class IMAPServer(imap4.IMAP4Server):
         view = self.mbox
         if view is None or (not force and not view.folder.changed()):
             return defer.succeed(None)
-        return self._run(view.folder.messages).addCallback(self._report, view)
+        return self._run(view.folder.messages).addCallbacks(self._report, self._unreadable, callbackArgs=(view,))
+
+    def _unreadable(self, failure: Any) -> None:
+        """The selected folder cannot be listed any more (deleted by another session): BYE, as Dovecot does."""
+        failure.trap(MailboxError)
+        self.factory.counts["selected_folder_gone"] += 1
+        self._close(b"Selected mailbox was deleted or cannot be read")
 
     def _report(self, listing: list[Message], view: _View) -> None:
         if view is not self.mbox or self._closing:

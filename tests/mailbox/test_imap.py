@@ -529,6 +529,20 @@ class IdleTests(IMAPTestCase):
         await client.expect(rb"\* SEARCH 2\r\nd OK")
         client.transport.loseConnection()
 
+    async def _deleted(self):
+        self.store.createFolder("bob", "Work")
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb SELECT Work\r\nc IDLE\r\n")
+        await client.expect(rb"\+ idling\r\n")
+        await deferToThread(self.store.deleteFolder, "bob", "Work")
+        await client.expect(rb"\* BYE Selected mailbox was deleted")
+        await client.lost
+
+    def test_selectedFolderDeletedElsewhere(self):
+        """The selected folder deleted by another session: BYE (no error logged every poll)."""
+        return defer.Deferred.fromCoroutine(self._deleted())
+
     def test_idleSeesOtherChanges(self):
         """IDLE reports a delivery, another session's flag change and removal."""
         return defer.Deferred.fromCoroutine(self._idle())

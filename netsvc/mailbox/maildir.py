@@ -507,13 +507,23 @@ class Folder:
         return name
 
     def open(self, uid: int) -> BinaryIO:
-        """The message's file, open for reading (the caller closes it).  @raise NoSuchMessage"""
+        """
+        The message's file, open for reading (the caller closes it).  For a UID of the last
+        listing this takes no lock (it may run on a reactor): a file renamed meanwhile (flags
+        changed elsewhere) is found again by its key.  @raise NoSuchMessage
+        """
         name = self._names.get(uid)
-        if name is not None:  # the common case, without a stat first
-            try:
-                return open(os.path.join(self._cur, name), "rb")
-            except OSError:
-                pass
+        if name is not None:
+            for _ in range(3):
+                try:
+                    return open(os.path.join(self._cur, name), "rb")
+                except FileNotFoundError:
+                    found = self._findKey(name.partition(":")[0])
+                    if found is None:
+                        raise NoSuchMessage(f"no message with UID {uid} in {self.name}") from None
+                    self._names[uid] = name = found
+                except OSError as e:
+                    raise MailboxError(f"cannot read message {uid}: {e.strerror}") from None
         for _ in range(3):
             name = self._filename(uid)
             try:
@@ -523,6 +533,17 @@ class Folder:
             except OSError as e:
                 raise MailboxError(f"cannot read message {uid}: {e.strerror}") from None
         raise NoSuchMessage(f"no message with UID {uid} in {self.name}")
+
+    def _findKey(self, key: str) -> str | None:
+        """The name in cur/ of the message with C{key} now (a directory read, no lock), or None."""
+        try:
+            with os.scandir(self._cur) as it:
+                for e in it:
+                    if e.name.partition(":")[0] == key:
+                        return e.name
+        except OSError:
+            pass
+        return None
 
     def read(self, uid: int) -> bytes:
         """The message's bytes.  @raise NoSuchMessage"""

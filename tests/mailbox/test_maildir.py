@@ -190,6 +190,19 @@ class FlagTests(StoreTestCase):
         self.assertEqual(m3.flags, {"\\Seen"})
         self.assertEqual(inbox.read(m.uid), b"x")
 
+    def test_readAfterRenameElsewhere(self):
+        """A message whose flags another session changed is still read, without listing again (no lock)."""
+        self.store.deliver("bob", b"x")
+        mine, other = self.store.inbox("bob"), self.store.inbox("bob")
+        (m,) = mine.messages()
+        other.messages()
+        other.setFlags(m.uid, ["\\Seen"])
+        with mock.patch.object(mine, "messages", side_effect=AssertionError("listed again")):
+            self.assertEqual(mine.read(m.uid), b"x")
+        other.remove([m.uid])
+        with mock.patch.object(mine, "messages", side_effect=AssertionError("listed again")):
+            self.assertRaises(NoSuchMessage, mine.read, m.uid)
+
     def test_badKeyword(self):
         self.store.deliver("bob", b"x")
         inbox = self.store.inbox("bob")

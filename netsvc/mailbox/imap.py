@@ -202,6 +202,24 @@ def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
+def _disposition(value: str) -> str:
+    """A Content-Disposition value as Twisted's BODYSTRUCTURE code can split it ("; " and "="):
+    parameter values unquoted (it kept the quotes: ("filename" "\\"r.bin\\""))."""
+    from email.message import Message as EmailMessage
+    from email.utils import collapse_rfc2231_value
+
+    m = EmailMessage()
+    m["Content-Disposition"] = value
+    params = m.get_params(header="content-disposition") or []
+    if not params:
+        return value
+    out = [params[0][0].lower()]
+    for k, v in params[1:]:
+        v = collapse_rfc2231_value(v) if v else ""
+        out.append(f"{k.lower()}={v.replace('; ', ';')}")
+    return "; ".join(out)
+
+
 def _ascii(value: Any) -> str:
     text = str(value)
     return text.encode("ascii", "replace").decode("ascii")
@@ -218,7 +236,7 @@ class _Part:
         out: dict[str, str] = {}
         for k, v in self.part.items():
             if (k.lower() in wanted) != negate and k.lower() not in out:
-                out[k.lower()] = _ascii(v)
+                out[k.lower()] = _disposition(_ascii(v)) if k.lower() == "content-disposition" else _ascii(v)
         return out
 
     def rawBody(self) -> bytes:
@@ -320,7 +338,8 @@ class _Message:
             if name and (name in wanted) != negate and name.decode("ascii", "replace") not in out:
                 value = raw.split(b":", 1)[1].strip() if b":" in raw else b""
                 value = re.sub(rb"\r?\n[ \t]+", b" ", value)
-                out[name.decode("ascii", "replace")] = value.decode("ascii", "replace").replace("\ufffd", "?")
+                text = value.decode("ascii", "replace").replace("\ufffd", "?")
+                out[name.decode("ascii", "replace")] = _disposition(text) if name == b"content-disposition" else text
         return out
 
     def headerText(self, name: str) -> str:

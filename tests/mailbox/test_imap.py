@@ -262,6 +262,7 @@ class MoreTests(IMAPTestCase):
             head = b"".join(x if isinstance(x, bytes) else x[0] for x in r["body"][1])
             self.assertIn(b'"report"', head)  # the envelope's subject
             self.assertIn(b'"APPLICATION" "OCTET-STREAM"', head.upper())
+            self.assertIn(b'("attachment" ("filename" "r.bin"))', head)  # unquoted (Twisted kept the quotes)
             part = r["part2"][1][0][1]
             self.assertEqual(base64.b64decode(part), attachment)  # the attachment, byte-identical
             mime = r["part2"][1][1][1]

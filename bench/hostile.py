@@ -199,7 +199,7 @@ def httpExchange(sock: socket.socket, path: str, extra: str = "") -> bytes:
 class Target:
     name: str
     key: str  # the status.json listener key
-    kind: str  # echo, http, dns, chat-line, chat-nul, ldap, smtp, metrics
+    kind: str  # echo, http, h2, dns, chat-line, chat-nul, ldap, smtp, imap, pop3, metrics
     tls: bool = False
     alpn: list[str] | None = None
     host: str = "127.0.0.1"
@@ -217,7 +217,14 @@ class Target:
             "chat-nul": b"/help\0",
             "ldap": ldapSearch(1, b"dc=example,dc=com", 2),
             "smtp": b"NOOP\r\n",
+            "h2": h2Requests("/big.txt", 99),
+            "imap": b"a CAPABILITY\r\n",
+            "pop3": b"CAPA\r\n",
         }[self.kind]
+
+    def first(self) -> bytes:
+        """What a connection sends before its first request (HTTP/2: the preface, SETTINGS and windows)."""
+        return h2Preface() if self.kind == "h2" else b""
 
     def endless(self) -> tuple[bytes, bytes]:
         """The start of a request that never ends, and the byte that continues it (slowloris)."""
@@ -229,6 +236,9 @@ class Target:
             return b"\x30\x84\x00\x0f\x00\x00", b"\0"
         if self.kind == "chat-nul":
             return b"", b"a"
+        if self.kind == "h2":
+            # A SETTINGS frame announcing 16 KB of payload, sent a byte at a time.
+            return h2Preface() + b"\x00\x40\x00\x04\x00\x00\x00\x00\x00", b"\x00"
         return b"", b"a"
 
     def probe(self) -> None:
@@ -300,9 +310,104 @@ def probeSmtp(t: Target) -> None:
         s.sendall(b"QUIT\r\n")
 
 
+def h2Preface() -> bytes:
+    """A client's first flight: the preface, SETTINGS (windows opened wide) and a connection WINDOW_UPDATE."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({4: 2**31 - 1})
+    conn.increment_flow_control_window(2**31 - 1 - 65535)
+    return conn.data_to_send()
+
+
+def h2Requests(path: str, count: int) -> bytes:
+    """HEADERS frames asking for C{path} on C{count} streams (after L{h2Preface}; HPACK without indexing)."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.data_to_send()
+    conn.encoder.header_table_size = 0  # stateless blocks: repeating them stays valid
+    out = bytearray()
+    for i in range(count):
+        headers = [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", "localhost")]
+        conn.send_headers(1 + 2 * i, headers, end_stream=True)
+        out += conn.data_to_send()
+    return bytes(out)
+
+
+def probeH2(t: Target) -> None:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "localhost")],
+                      end_stream=True)
+    with connect(t) as s:
+        s.sendall(conn.data_to_send())
+        while True:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("closed before the answer")
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    if dict(event.headers).get(b":status") != b"200":
+                        raise ValueError(event.headers)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return
+            out = conn.data_to_send()
+            if out:
+                s.sendall(out)
+
+
+def _lineReply(s: socket.socket, buf: bytearray, done: Callable[[bytes], bool]) -> bytes:
+    """Lines until one satisfies C{done}; returns that line (and drops what was read)."""
+    while True:
+        end = buf.find(b"\r\n")
+        while end < 0:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed after {bytes(buf[:80])!r}")
+            buf += chunk
+            end = buf.find(b"\r\n")
+        line = bytes(buf[:end])
+        del buf[:end + 2]
+        if done(line):
+            return line
+
+
+def probeImap(t: Target) -> None:
+    with connect(t) as s:
+        buf = bytearray()
+        _lineReply(s, buf, lambda line: line.startswith(b"* OK"))
+        s.sendall(b"p1 LOGIN dev " + PASSWORD.encode() + b"\r\np2 SELECT INBOX\r\np3 LOGOUT\r\n")
+        for tag in (b"p1 ", b"p2 "):
+            reply = _lineReply(s, buf, lambda line, tag=tag: line.startswith(tag))
+            if not reply.startswith(tag + b"OK"):
+                raise ValueError(reply)
+
+
+def probePop3(t: Target) -> None:
+    with connect(t) as s:
+        buf = bytearray()
+        for send in (None, b"USER dev", b"PASS " + PASSWORD.encode(), b"STAT"):
+            if send is not None:
+                s.sendall(send + b"\r\n")
+            reply = _lineReply(s, buf, lambda line: line[:1] in (b"+", b"-"))
+            if not reply.startswith(b"+OK"):
+                raise ValueError(reply)
+        s.sendall(b"QUIT\r\n")
+
+
 PROBES: dict[str, Callable[[Target], None]] = {
     "echo": probeEcho, "http": probeHttp, "redirect": probeHttp, "metrics": probeMetrics, "dns": probeDns,
-    "chat-line": probeChat, "chat-nul": probeChat, "ldap": probeLdap, "smtp": probeSmtp,
+    "chat-line": probeChat, "chat-nul": probeChat, "ldap": probeLdap, "smtp": probeSmtp, "h2": probeH2,
+    "imap": probeImap, "pop3": probePop3,
 }
 
 #: (name, status.json key, kind, tls, ALPN)
@@ -314,6 +419,7 @@ TARGETS = [
     ("chat.nul", "services.chat.listen[1]", "chat-nul", False, None),
     ("chat.tls", "services.chat.listen[2]", "chat-line", True, None),
     ("web.https", "services.web.listen[0]", "http", True, ["http/1.1"]),
+    ("web.h2", "services.web.listen[0]", "h2", True, ["h2"]),
     ("web.http", "services.web.listen[1]", "redirect", False, None),
     ("dns.tcp", "services.dns.listen[1]", "dns", False, None),
     ("dns.tls", "services.dns.listen[2]", "dns", True, None),
@@ -321,11 +427,14 @@ TARGETS = [
     ("ldaps", "services.ldap.listen[1]", "ldap", True, None),
     ("smtp", "services.smtp.listen[0]", "smtp", False, None),
     ("smtps", "services.smtp.listen[2]", "smtp", True, None),
+    ("imaps", "services.mailbox.listen[1]", "imap", True, None),
+    ("pop3s", "services.mailbox.listen[3]", "pop3", True, None),
     ("metrics", "metrics.listen[0]", "metrics", False, None),
 ]
 
 #: The well-behaved clients, one per service (the UDP DNS listener included).
-PROBE_TARGETS = ["echo.tcp", "forward", "chat.line", "web.https", "dns.udp", "dns.tcp", "ldap", "smtp", "metrics"]
+PROBE_TARGETS = ["echo.tcp", "forward", "chat.line", "web.https", "web.h2", "dns.udp", "dns.tcp", "ldap", "smtp",
+                 "imaps", "pop3s", "metrics"]
 
 
 # -- the daemon ----------------------------------------------------------------------------------------
@@ -370,6 +479,7 @@ def harnessConfig(tmp: Path, repo: Path) -> Path:
     (tmp / "users.txt").write_text(f"dev:{stored}\nroot:{stored}\n")
     services["chat"]["auth"] = {"password_file": str(tmp / "users.txt")}
     services["smtp"]["users"] = str(tmp / "users.txt")
+    services["mailbox"]["users"] = str(tmp / "users.txt")
     services["ldap"]["ldif"] = [str((etc / p).resolve()) for p in services["ldap"]["ldif"]]
     dns = services["dns"]
     dns["hosts"] = []
@@ -500,7 +610,11 @@ def attackNoread(t: Target, stop: Stop) -> int:
         s = _attackConnect(t, stop)
         if s is not None:
             with s:
-                _sendFor(s, t.unit(), stop, 64 << 20)
+                s.sendall(t.first())
+                if t.kind == "h2":
+                    s.sendall(t.unit())  # stream IDs may not repeat: one flight of 99 requests, then hold
+                else:
+                    _sendFor(s, t.unit(), stop, 64 << 20)
                 stop.sleep(60)  # hold the connection (and its unread answers) until the attack ends
     return _threads(one, 4)
 
@@ -652,6 +766,21 @@ def attackPasswords(t: Target, stop: Stop) -> int:
             total = end + (int(length.group(1)) if length else 0)
             recvUntil(s, buf, lambda b: len(b) >= total)
             del buf[:total]
+    elif t.kind == "imap":
+        def hello(s, buf):
+            _lineReply(s, buf, lambda line: line.startswith(b"* OK"))
+
+        def attempt(s, buf):
+            s.sendall(b"a LOGIN dev wrong\r\n")
+            _lineReply(s, buf, lambda line: line.startswith(b"a "))
+    elif t.kind == "pop3":
+        def hello(s, buf):
+            _lineReply(s, buf, lambda line: line[:1] in (b"+", b"-"))
+
+        def attempt(s, buf):
+            s.sendall(b"USER dev\r\nPASS wrong\r\n")
+            for _ in range(2):
+                _lineReply(s, buf, lambda line: line[:1] in (b"+", b"-"))
     elif t.kind.startswith("chat"):
         end = b"\0" if t.kind == "chat-nul" else b"\n"
 
@@ -670,7 +799,8 @@ def attackPasswords(t: Target, stop: Stop) -> int:
 
 #: The fuzz corpus (tests/corpus/TARGET/) whose seeds the mutated attack starts from, by listener kind.
 _CORPUS = {"http": "http_request", "redirect": "http_request", "metrics": "http_request", "dns": "dns_stream",
-           "smtp": "smtp_session", "chat-line": "chat_stream", "chat-nul": "chat_stream"}
+           "smtp": "smtp_session", "chat-line": "chat_stream", "chat-nul": "chat_stream", "h2": "http2_frames",
+           "pop3": "pop3_session"}
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
@@ -708,7 +838,7 @@ def sendMutated(t: Target, rng: random.Random, count: int) -> list[socket.socket
             continue
         try:
             s.settimeout(0.05)
-            s.send(mutate(rng, rng.choice(seeds))[:65536])
+            s.send(t.first() + mutate(rng, rng.choice(seeds))[:65536])
             if i % 10 == 9:
                 held.append(s)
                 continue
@@ -735,7 +865,7 @@ ATTACKS: dict[str, Callable[[Target, Stop], int]] = {
     "noread": attackNoread, "junk": attackJunk, "slowloris": attackSlowloris, "connflood": attackConnflood,
     "midmessage": attackMidmessage, "passwords": attackPasswords,
 }
-PASSWORD_TARGETS = ["smtps", "ldap", "web.https", "chat.line"]
+PASSWORD_TARGETS = ["smtps", "ldap", "web.https", "chat.line", "imaps", "pop3s"]
 
 
 # -- one run -------------------------------------------------------------------------------------------

@@ -63,13 +63,14 @@ class HostileClientsTests(SynchronousTestCase):
         self.check("junk", ALL)
 
     def test_slowloris(self) -> None:
-        self.check("slowloris", ["web.https", "web.http", "dns.tcp", "smtp", "ldap", "chat.line", "metrics"])
+        self.check("slowloris", ["web.https", "web.h2", "web.http", "dns.tcp", "smtp", "ldap", "chat.line", "imaps",
+                                 "pop3s", "metrics"])
 
     def test_connflood(self) -> None:
-        self.check("connflood", ["echo.tcp", "web.https", "dns.tcp", "smtp", "ldap", "chat.line"])
+        self.check("connflood", ["echo.tcp", "web.https", "dns.tcp", "smtp", "ldap", "chat.line", "imaps"])
 
     def test_midmessage(self) -> None:
-        self.check("midmessage", ["web.https", "dns.tls", "smtps", "ldaps", "chat.tls", "forward"])
+        self.check("midmessage", ["web.https", "web.h2", "dns.tls", "smtps", "ldaps", "chat.tls", "forward", "pop3s"])
 
     def test_passwords(self) -> None:
         """A flood of wrong passwords on every service that takes one; mail is still accepted meanwhile."""

@@ -69,7 +69,9 @@ class Engine:
     def ack(self, sid: int, amount: int) -> None: ...
     def queued(self, sid: int | None = None) -> int: ...  # type: ignore[empty-body]
     def goaway(self, code: int, lastStreamID: int | None) -> None: ...
-    def shutdownNotice(self) -> None: ...
+
+    #: Streams whose response has started and not yet ended on the wire (closing waits for them).
+    active: set[int]
 
 
 try:
@@ -81,9 +83,9 @@ except ImportError:  # pragma: no cover - the wheel is a dependency; "auto" then
 class NativeEngine(Engine):
     """
     libnghttp2 through C{ngh2} (pinned: alpha, one maintainer -- what netsvc relies on is listed in
-    the README's HTTP/2 section and held by tests/web/test_http2.py).  libnghttp2 brings the limits
-    curl and Apache rely on: rapid reset (a token bucket on RST_STREAM), CONTINUATION floods, header
-    list size and count, SETTINGS and PING-ack floods; each ends the connection with GOAWAY.
+    the README's HTTP/2 section and held by tests/web/test_http2.py).  libnghttp2 refuses CONTINUATION
+    floods, oversized header lists, SETTINGS and PING-ack floods and malformed requests; rapid reset
+    is refused by the protocol's own token bucket (libnghttp2's lets a burst of 1,000 through).
     Request bodies are flow-controlled by hand (C{auto_window_update=False}): the window reopens as
     twisted.web consumes the body, not as it arrives.
     """
@@ -97,10 +99,13 @@ class NativeEngine(Engine):
             max_inbound_header_count=256,
         )
         self.conn = conn = ngh2.Connection(ngh2.Role.SERVER, config)
-        # Bound once: these run per request.
-        self.output = conn.data_to_send  # type: ignore[method-assign]
+        #: Streams whose response has started and not yet ended on the wire.
+        self.active: set[int] = set()
+        # Bound once: this runs per request.
         self.queued = conn.queued_body_size  # type: ignore[method-assign]
-        self.ack = self._ack  # type: ignore[method-assign]
+        self._events: list[Any] = []
+        self._failed = False
+        self._final = b""
         self._classes = {
             ngh2.RequestReceived: self._request,
             ngh2.DataReceived: self._data,
@@ -117,17 +122,44 @@ class NativeEngine(Engine):
     def receive(self, data: bytes) -> list[tuple[int, int, Any, Any]]:
         try:
             self.conn.receive_data(data)
-        except ngh2.DenialOfServiceError as e:
-            raise EngineError("flood", str(e)) from None
         except ngh2.NGH2Error as e:
-            raise EngineError("protocol", str(e)) from None
+            # libnghttp2 has failed the session: nothing more comes out of it (L{goaway} writes the
+            # GOAWAY by hand).
+            self._fail()
+            raise EngineError("flood" if isinstance(e, ngh2.DenialOfServiceError) else "protocol", str(e)) from None
+        self._collect()
+        events, self._events = self._events, []
         out: list[tuple[int, int, Any, Any]] = []
         classes = self._classes
-        for event in self.conn.events():
+        for event in events:
             handler = classes.get(type(event))
             if handler is not None:
                 handler(event, out)
         return out
+
+    def output(self, amount: int | None = None) -> bytes:
+        if self._failed:
+            final, self._final = self._final, b""
+            return final
+        out = self.conn.data_to_send(amount)
+        if out:
+            self._collect()  # streams closed by what was just framed (their END_STREAM)
+        return out
+
+    def _collect(self) -> None:
+        events = self.conn.events()
+        if events:
+            self._events += events
+            active = self.active
+            if active:
+                for e in events:
+                    if type(e) is ngh2.StreamClosed:
+                        active.discard(e.stream_id)
+
+    def _fail(self) -> None:
+        self._failed = True
+        self.active.clear()
+        self.queued = lambda sid=None: 0  # type: ignore[method-assign]
 
     @staticmethod
     def _request(e: Any, out: list) -> None:
@@ -160,34 +192,35 @@ class NativeEngine(Engine):
     def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         try:
             self.conn.send_response(sid, headers, end_stream=end)
-        except ngh2.StreamUnavailableError:
-            pass  # reset by the client meanwhile
+        except ngh2.NGH2Error:
+            return  # reset by the client meanwhile
+        self.active.add(sid)
 
     def informational(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         try:
             self.conn.send_informational_response(sid, headers)
-        except ngh2.StreamUnavailableError:
+        except ngh2.NGH2Error:
             pass
 
     def send(self, sid: int, data: bytes, end: bool) -> None:
         try:
             self.conn.send_data(sid, data, end_stream=end)
-        except ngh2.StreamUnavailableError:
+        except ngh2.NGH2Error:
             pass
 
     def end(self, sid: int) -> None:
         try:
             self.conn.end_stream(sid)
-        except ngh2.StreamUnavailableError:
+        except ngh2.NGH2Error:
             pass
 
     def reset(self, sid: int, code: int) -> None:
         try:
             self.conn.reset_stream(sid, code)
-        except ngh2.StreamUnavailableError:
+        except ngh2.NGH2Error:
             pass
 
-    def _ack(self, sid: int, amount: int) -> None:
+    def ack(self, sid: int, amount: int) -> None:
         if amount:
             try:
                 self.conn.acknowledge_received_data(amount, sid)
@@ -195,16 +228,19 @@ class NativeEngine(Engine):
                 pass  # the stream is gone: libnghttp2 has given the connection window back
 
     def goaway(self, code: int, lastStreamID: int | None) -> None:
+        if self._failed:
+            self._final = goawayFrame(code, lastStreamID or 0)
+            return
         try:
             self.conn.send_goaway(code, last_stream_id=lastStreamID)
         except ngh2.NGH2Error:
             pass  # already going away
 
-    def shutdownNotice(self) -> None:
-        try:
-            self.conn.send_shutdown_notice()
-        except ngh2.NGH2Error:
-            pass
+
+def goawayFrame(code: int, lastStreamID: int) -> bytes:
+    """A GOAWAY frame (RFC 9113 section 6.8), for an engine that can no longer make one."""
+    header = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"  # length 8, type GOAWAY, no flags, stream 0
+    return header + (lastStreamID & 0x7FFFFFFF).to_bytes(4, "big") + code.to_bytes(4, "big")
 
 
 try:
@@ -287,6 +323,10 @@ class PythonEngine(Engine):
         self.conn = h2.connection.H2Connection(config)
         self.conn.DEFAULT_MAX_HEADER_LIST_SIZE = maxHeaderList
         self.conn.encoder = _StatelessEncoder()
+        #: Streams whose response has started and not yet ended on the wire.
+        self.active: set[int] = set()
+        #: A graceful GOAWAY, written by hand: h2's own stops every stream at once (it closes its state).
+        self._extra = b""
         #: Per stream: unsent body chunks, and whether END_STREAM follows them.
         self._pending: dict[int, deque[bytes]] = {}
         self._ending: set[int] = set()
@@ -336,6 +376,7 @@ class PythonEngine(Engine):
                     out.append((END, e.stream_id, None, None))
             elif t is ev.StreamReset:
                 self._forget(e.stream_id)
+                self.active.discard(e.stream_id)
                 out.append((RESET, e.stream_id, e.error_code, None))
                 out.append((CLOSED, e.stream_id, e.error_code, None))
             elif t is ev.WindowUpdated:
@@ -350,7 +391,10 @@ class PythonEngine(Engine):
     def output(self, amount: int | None = None) -> bytes:
         if self._pending:
             self._frame()
-        return self.conn.data_to_send(amount) if amount is not None else self.conn.data_to_send()
+        out = self.conn.data_to_send(amount) if amount is not None else self.conn.data_to_send()
+        if self._extra:
+            out, self._extra = self._extra + out, b""
+        return out
 
     def _frame(self) -> None:
         """Frame each stream's pending body as far as the windows go (what libnghttp2 does inside)."""
@@ -369,7 +413,10 @@ class PythonEngine(Engine):
                     else:
                         chunks.popleft()
                     self._queued[sid] -= len(chunk)
-                    conn.send_data(sid, chunk, end_stream=not chunks and sid in self._ending)
+                    last = not chunks and sid in self._ending
+                    conn.send_data(sid, chunk, end_stream=last)
+                    if last:
+                        self.active.discard(sid)
             except h2.exceptions.ProtocolError:  # the stream was reset or closed meanwhile
                 chunks.clear()
             if not chunks:
@@ -384,7 +431,9 @@ class PythonEngine(Engine):
         try:
             self.conn.send_headers(sid, headers, end_stream=end)
         except h2.exceptions.ProtocolError:
-            pass  # reset by the client meanwhile
+            return  # reset by the client meanwhile
+        if not end:
+            self.active.add(sid)
 
     def informational(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         try:
@@ -404,6 +453,7 @@ class PythonEngine(Engine):
             self._ending.add(sid)
             return
         self._forget(sid)
+        self.active.discard(sid)
         try:
             self.conn.end_stream(sid)
         except h2.exceptions.ProtocolError:
@@ -411,6 +461,7 @@ class PythonEngine(Engine):
 
     def reset(self, sid: int, code: int) -> None:
         self._forget(sid)
+        self.active.discard(sid)
         try:
             self.conn.reset_stream(sid, code)
         except h2.exceptions.ProtocolError:
@@ -430,13 +481,14 @@ class PythonEngine(Engine):
         return self._queued.get(sid, 0)
 
     def goaway(self, code: int, lastStreamID: int | None) -> None:
+        if code == NO_ERROR:
+            # Graceful: the streams already open are still answered, so h2 must stay open.
+            self._extra += goawayFrame(code, lastStreamID or 0)
+            return
         try:
             self.conn.close_connection(code, last_stream_id=lastStreamID)
         except h2.exceptions.ProtocolError:
             pass
-
-    def shutdownNotice(self) -> None:
-        self.goaway(NO_ERROR, 2**31 - 1)
 
 
 #: What libnghttp2 accepts in :authority (nghttp2_check_authority: RFC 3986's authority characters)
@@ -458,6 +510,8 @@ def _wellFormed(headers: Any) -> bool:
             ok = _TOKEN.fullmatch(value)
         elif name == b":path":
             ok = _PATH.fullmatch(value)
+        elif name == b":protocol":
+            return False  # extended CONNECT (RFC 8441): not offered (no SETTINGS_ENABLE_CONNECT_PROTOCOL)
         else:
             continue
         if ok is None:

@@ -43,6 +43,8 @@ from netsvc.web.h2engine import (
     MAX_CONCURRENT_STREAMS,
     MAX_HEADER_LIST_SIZE,
     NO_ERROR,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
     REQUEST,
     RESET,
     WINDOW,
@@ -139,6 +141,7 @@ class H2Channel(Protocol):
             events = engine.receive(data)
         except EngineError as e:
             self._count("error", "h2_" + e.kind)
+            engine.goaway(ENHANCE_YOUR_CALM if e.kind == "flood" else PROTOCOL_ERROR, self._lastStream)
             self._flush(always=True)
             self._close()
             return
@@ -161,7 +164,8 @@ class H2Channel(Protocol):
                 if sid > self._lastStream:
                     self._lastStream = sid
                 if self._closing:
-                    continue  # after our GOAWAY (the engine refuses most of these itself)
+                    self.engine.reset(sid, REFUSED_STREAM)  # after our GOAWAY: the client may retry it
+                    continue
                 if resets is not None and sid in resets:
                     self._countReset()  # reset in the same read: nothing to answer
                     continue
@@ -196,12 +200,12 @@ class H2Channel(Protocol):
                 self._closing = True
         if windowed:
             self._wakeProducers()
-        if self._closing and not self.streams:
-            self._flush(always=True)
-            self._close()
 
     def _request(self, sid: int, headers: Any, ended: bool) -> None:
         if ended and self._fast(sid, headers):
+            return
+        if headers[0] == (b":method", b"CONNECT") or (b":method", b"CONNECT") in headers:
+            self._refuse(sid, 405)  # no tunnels here (twisted.web would fail on its missing :path)
             return
         stream = H2Stream(sid, self, headers, self.site.requestFactory, self.site, self.site)
         if sid in self._refused:  # answered while its head was read (413 on Content-Length)
@@ -287,10 +291,7 @@ class H2Channel(Protocol):
     def endRequest(self, streamID: int) -> None:
         if self.streams.pop(streamID, None) is not None:
             self.engine.end(streamID)
-            self._flushSoon()
-            if self._closing and not self.streams and not self._dispatching:
-                self._flush(always=True)
-                self._close()
+            self._flushSoon()  # (going away: closes once this was the last)
 
     def abortRequest(self, streamID: int) -> None:
         if self.streams.pop(streamID, None) is not None:
@@ -369,6 +370,8 @@ class H2Channel(Protocol):
             transport.write(out)
             if self._paused and not always:
                 break
+        if self._closing and not self._dispatching and self._abortCall is None:
+            self._closeWhenDone()
 
     def _wakeProducers(self) -> None:
         """Window opened or output drained: streams whose producer was paused may go on."""
@@ -413,8 +416,14 @@ class H2Channel(Protocol):
             return
         self._closing = True
         self.engine.goaway(NO_ERROR, self._lastStream)
-        self._flush(always=True)
-        if not self.streams:
+        self._flush(always=True)  # (and closes, if nothing is under way)
+
+    def _closeWhenDone(self) -> None:
+        """Going away: close once every stream is answered and every response body has left the engine
+        (a body still waiting for the client's window would be cut off).  A client that never opens its
+        window is aborted by the service's drain deadline or the idle timeout."""
+        engine = self.engine
+        if not self.streams and not engine.active and not engine.queued():
             self._close()
 
     def timedOut(self) -> None:

@@ -146,9 +146,9 @@ class WebRequest(server.Request):
         if isinstance(channel, http.HTTPChannel):
             body = pages.errorBody(413)
             channel.transport.write(
-                b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\n"
+                b"HTTP/1.1 413 Content Too Large\r\n%sConnection: close\r\n"
                 b"Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(body), body)
+                % (channel.site.fastPrefix(self.isSecure()), len(body), body)
             )
             channel.loseConnection()
             # The client may go on sending its body and never read our close: cut it off.

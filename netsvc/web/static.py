@@ -122,14 +122,17 @@ class StaticResource(resource.Resource):
             return False
         return parseHTTPDate(ifRange) == entry.mtime
 
-    def notModified(self, request: server.Request, entry: FileEntry, etag: bytes) -> bytes:
+    def notModified(self, request: server.Request, entry: FileEntry, etag: bytes) -> Any:
         request.setResponseCode(304)
         raw = request.responseHeaders._rawHeaders
         raw[b"ETag"] = [etag]
         raw[b"Last-Modified"] = [entry.lastModified]
         if entry.compressible or entry.hasGzip:
             raw[b"Vary"] = [b"Accept-Encoding"]
-        return b""
+        # Finished here: a body returned from render (even b"") gets "Content-Length: 0", which a
+        # 304 must not carry unless the file is empty (RFC 9110 section 8.6).
+        request.finish()
+        return server.NOT_DONE_YET
 
     def partial(self, request: server.Request, entry: FileEntry, ranges: list[tuple[int, int]]) -> Any:
         request.setResponseCode(206)

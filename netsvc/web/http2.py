@@ -106,8 +106,9 @@ class H2Channel(Protocol):
         self.metrics = metrics
         #: Streams answered by twisted.web, by ID.
         self.streams: dict[int, H2Stream] = {}
-        #: Streams answered before their request body ended (413, 400): the rest of it is dropped.
-        self._refused: set[int] = set()
+        #: The stream whose twisted.web request is being built (it may be refused from its head: 413).
+        self._building = 0
+        self._buildingRefused = False
         self._held: list[bytes] = []
         self._heldSize = 0
         self._lastStream = 0
@@ -161,11 +162,11 @@ class H2Channel(Protocol):
         windowed = False
         for kind, sid, a, b in events:
             if kind == REQUEST:
-                if sid > self._lastStream:
-                    self._lastStream = sid
                 if self._closing:
                     self.engine.reset(sid, REFUSED_STREAM)  # after our GOAWAY: the client may retry it
                     continue
+                if sid > self._lastStream:
+                    self._lastStream = sid
                 if resets is not None and sid in resets:
                     self._countReset()  # reset in the same read: nothing to answer
                     continue
@@ -183,7 +184,6 @@ class H2Channel(Protocol):
                 if stream is not None:
                     stream.requestComplete()
             elif kind == RESET:
-                self._refused.discard(sid)
                 stream = self.streams.pop(sid, None)
                 if stream is not None:
                     self._countReset()
@@ -205,10 +205,14 @@ class H2Channel(Protocol):
         if ended and self._fast(sid, headers):
             return
         if headers[0] == (b":method", b"CONNECT") or (b":method", b"CONNECT") in headers:
-            self._refuse(sid, 405)  # no tunnels here (twisted.web would fail on its missing :path)
+            self._refuse(sid, 405, fresh=True)  # no tunnels here (twisted.web would fail on its missing :path)
             return
-        stream = H2Stream(sid, self, headers, self.site.requestFactory, self.site, self.site)
-        if sid in self._refused:  # answered while its head was read (413 on Content-Length)
+        self._building, self._buildingRefused = sid, False
+        try:
+            stream = H2Stream(sid, self, headers, self.site.requestFactory, self.site, self.site)
+        finally:
+            self._building = 0
+        if self._buildingRefused:  # answered while its head was read (413 on Content-Length)
             return
         self.streams[sid] = stream
         if ended:
@@ -331,10 +335,15 @@ class H2Channel(Protocol):
         """Whether the stream has been reset or answered already (L{netsvc.web.site.WebRequest})."""
         return streamID not in self.streams
 
-    def _refuse(self, streamID: int, code: int) -> None:
-        if streamID in self._refused:
-            return
-        self._refused.add(streamID)
+    def _refuse(self, streamID: int, code: int, fresh: bool = False) -> None:
+        """Answer C{code} at once and stop the stream (C{fresh}: one not handed to twisted.web); its
+        request body, if any more comes, is dropped."""
+        if streamID == self._building:
+            if self._buildingRefused:
+                return
+            self._buildingRefused = True
+        elif not fresh and streamID not in self.streams:
+            return  # answered already
         stream = self.streams.pop(streamID, None)
         body = pages.errorBody(code)
         headers = [(b":status", b"%d" % code), *self.site.h2Prefix(self._secure),

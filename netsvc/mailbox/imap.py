@@ -225,6 +225,13 @@ def _ascii(value: Any) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
 
+def _withEncoding(headers: dict[str, str], negate: bool, names: tuple) -> dict[str, str]:
+    """C{headers} with Content-Transfer-Encoding defaulted to 7bit (BODYSTRUCTURE may not say NIL there)."""
+    if not negate and "content-transfer-encoding" in [n.lower() for n in names]:
+        headers.setdefault("content-transfer-encoding", "7bit")
+    return headers
+
+
 class _Part:
     """A MIME part (an C{email} Message, compat32) as Twisted's C{IMessagePart}."""
 
@@ -237,7 +244,7 @@ class _Part:
         for k, v in self.part.items():
             if (k.lower() in wanted) != negate and k.lower() not in out:
                 out[k.lower()] = _disposition(_ascii(v)) if k.lower() == "content-disposition" else _ascii(v)
-        return out
+        return _withEncoding(out, negate, names)
 
     def rawBody(self) -> bytes:
         if self.part.is_multipart():
@@ -365,6 +372,26 @@ class _Message:
 
     def getSubPart(self, index: int) -> _Part:
         return _Part(self.mime()).getSubPart(index)
+
+
+class _BodyOnly:
+    """A message as Twisted's BODYSTRUCTURE code should see it: its size is the body's (RFC 3501),
+    not the whole message's (which Twisted reported for a single-part message)."""
+
+    def __init__(self, msg: _Message) -> None:
+        self._msg = msg
+
+    def getSize(self) -> int:
+        return len(self._msg.body())
+
+    def getHeaders(self, negate: bool, *names: str) -> dict[str, str]:
+        return _withEncoding(self._msg.getHeaders(negate, *names), negate, names)
+
+    def getSubPart(self, index: int) -> Any:
+        return _Part(self._msg.mime()).getSubPart(index)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._msg, name)
 
 
 class _View:
@@ -1209,7 +1236,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _structure(self, msg: _Message, extended: bool) -> bytes:
         try:
-            return imap4.collapseNestedLists([imap4.getBodyStructure(msg, extended)])
+            return imap4.collapseNestedLists([imap4.getBodyStructure(_BodyOnly(msg), extended)])
         except Exception:
             return b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" %d %d)' % (
                 len(msg.body()), msg.body().count(b"\n"))

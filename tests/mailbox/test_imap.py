@@ -283,6 +283,21 @@ class MoreTests(IMAPTestCase):
 
         return deferToThread(client).addCallback(check)
 
+    async def _simpleStructure(self):
+        self.store.deliver("bob", b"Subject: s\r\nContent-Type: text/plain\r\n\r\nline one\r\nline two\r\n")
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb EXAMINE INBOX\r\nc FETCH 1 (BODYSTRUCTURE RFC822.SIZE)\r\n")
+        await client.expect(rb"c OK")
+        # the body is 20 bytes, 2 lines; the message 60; the encoding is never NIL (RFC 3501's grammar)
+        self.assertRegex(bytes(client.data),
+                         rb'BODYSTRUCTURE \("text" "plain" NIL NIL NIL "7bit" 20 2 .*RFC822.SIZE 60\)')
+        client.transport.loseConnection()
+
+    def test_singlePartStructure(self):
+        """BODYSTRUCTURE of a single-part message gives the body's size and lines (Twisted gave the whole size)."""
+        return defer.Deferred.fromCoroutine(self._simpleStructure())
+
     async def _closeUnselect(self):
         for i in range(3):
             self.store.deliver("bob", b"Subject: %d\r\n\r\n" % i)

@@ -27,12 +27,14 @@ import poplib
 import re
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import BinaryIO
 
 from twisted.trial import unittest
 
@@ -340,6 +342,64 @@ class ImaplibTests(MailboxDaemonTestCase):
         self.assertIn(b"&AMk-t&AOk-", names)
         c.logout()
 
+    def rawImaps(self) -> tuple[ssl.SSLSocket, BinaryIO]:
+        """A verified TLS connection to the IMAPS port, logged in as dev (tag L1), greeting read."""
+        raw = socket.create_connection(("127.0.0.1", self.port(IMAPS)), timeout=IO_TIMEOUT)
+        s = self.context().wrap_socket(raw, server_hostname="localhost")
+        self.addCleanup(s.close)
+        f = s.makefile("rb")
+        self.assertTrue(f.readline().startswith(b"* OK"))
+        s.sendall(b"L1 LOGIN dev devpass\r\n")
+        for _ in range(10):
+            line = f.readline()
+            if line.startswith(b"L1 "):
+                break
+        self.assertTrue(line.startswith(b"L1 OK"), line)
+        self.addCleanup(f.close)
+        return s, f
+
+    def leftovers(self, folder: str = "") -> list[str]:
+        """Files in the tmp/ folders of dev's INBOX (or of C{folder}, Maildir++ name like '.Drafts')."""
+        tmp = self.mail / "dev" / folder / "tmp"
+        return sorted(os.listdir(tmp)) if tmp.is_dir() else []
+
+    def test_vanishedMidAppend(self):
+        """A client that goes away in the middle of an APPEND literal leaves nothing behind."""
+        self.storeSamples(1)
+        s, f = self.rawImaps()
+        s.sendall(b"A1 APPEND INBOX {200000}\r\n")
+        self.assertTrue(f.readline().startswith(b"+"))
+        s.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
+        time.sleep(0.2)  # let the server take some of it
+        s.close()
+        c = self.imaps()
+        self.assertEqual(len(self.uids(c)), 1)
+        c.logout()
+        for _ in range(50):  # the server notices the close when it next reads
+            if not self.leftovers():
+                break
+            time.sleep(0.1)
+        self.assertEqual(self.leftovers(), [])
+
+    def test_appendOverTheLimit(self):
+        """An APPEND announcing more than APPENDLIMIT is refused before its literal is sent."""
+        c = self.imaps()
+        limits = [cap for cap in c.capabilities if cap.startswith("APPENDLIMIT=")]
+        self.assertTrue(limits, c.capabilities)
+        limit = int(limits[0].split("=", 1)[1])
+        c.logout()
+        s, f = self.rawImaps()
+        s.sendall(b"A1 APPEND INBOX {%d}\r\n" % (limit + 1))
+        line = f.readline()
+        self.assertRegex(line, rb"^A1 (NO|BAD) ", line)
+        self.assertIn(b"TOOBIG", line.upper())
+        s.sendall(b"A2 NOOP\r\n")  # the session goes on
+        self.assertTrue(f.readline().startswith(b"A2 OK"))
+        # LITERAL+ (no continuation to wait for): refused too, and the bytes are not kept
+        s.sendall(b"A3 APPEND INBOX {%d+}\r\n" % (limit + 1))
+        line = f.readline()
+        self.assertRegex(line, rb"^(A3 (NO|BAD) |\* BYE )", line)
+
     def test_idleSeesDeliveryAndOtherSession(self):
         """IDLE reports a message delivered meanwhile (EXISTS); NOOP reports another session's EXPUNGE."""
         self.storeSamples(1)
@@ -573,17 +633,17 @@ class FetchmailTests(MailboxDaemonTestCase):
 
 
 class MbsyncTests(MailboxDaemonTestCase):
-    def mbsync(self, local: Path) -> tuple[int, str]:
+    def mbsync(self, local: Path, starttls: bool = False) -> tuple[int, str]:
         mbsync = requirePeer("mbsync", "isync")
         home = local.parent
         rc = home / "mbsyncrc"
         rc.write_text(
             "IMAPAccount netsvc\n"
             "Host localhost\n"  # mbsync checks DNS names, not IP addresses, in the certificate
-            f"Port {self.port(IMAPS)}\n"
+            f"Port {self.port(IMAP if starttls else IMAPS)}\n"
             "User dev\n"
             "Pass devpass\n"
-            "SSLType IMAPS\n"
+            f"SSLType {'STARTTLS' if starttls else 'IMAPS'}\n"
             f"CertificateFile {self.cafile}\n"
             "\n"
             "IMAPStore remote\n"
@@ -661,6 +721,33 @@ class MbsyncTests(MailboxDaemonTestCase):
         self.assertEqual(status, 0, out)
         subjects = sorted(message_from_bytes(m)["Subject"] for m in self.localMessages(local / "INBOX"))
         self.assertEqual(subjects, ["arrived later", "sample 0", "sample 2"])
+
+    def test_starttlsAndNestedFolders(self):
+        """Over STARTTLS: a server folder two levels deep comes down; a folder made locally goes up."""
+        c = self.imaps()
+        self.assertEqual(c.create("Projects.2026")[0], "OK")
+        nested = messageBytes(sampleMessage("in a nested folder"))
+        self.assertEqual(c.append("Projects.2026", None, None, nested)[0], "OK")
+        c.logout()
+        home = Path(self.mktemp()).resolve()
+        local = home / "Mail"
+        local.mkdir(parents=True)
+        status, out = self.mbsync(local, starttls=True)
+        self.assertEqual(status, 0, out)
+        self.assertIn("STARTTLS", out.upper())
+        self.assertEqual([lf(m) for m in self.localMessages(local / "Projects" / "2026")], [lf(nested)], out[-3000:])
+        # a folder of one's own, made by the local mail reader
+        for sub in ("cur", "new", "tmp"):
+            (local / "Local" / sub).mkdir(parents=True)
+        mine = messageBytes(sampleMessage("filed locally"))
+        (local / "Local" / "cur" / "1800000000.2_1.offline:2,S").write_bytes(lf(mine))
+        status, out = self.mbsync(local, starttls=True)
+        self.assertEqual(status, 0, out)
+        c = self.imaps()
+        self.assertEqual(c.select("Local")[0], "OK")
+        self.assertEqual([re.sub(rb"(?m)^X-TUID: .*\r\n", b"", m, count=1) for m in self.fetchAll(c).values()],
+                         [crlf(mine)])
+        c.logout()
 
 
 # -- end to end: SMTP local delivery, IMAP, POP3, restart ------------------------------------

@@ -27,12 +27,14 @@ L{FolderExists}, L{NoSuchMessage}.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import re
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -736,13 +738,20 @@ class Maildirs:
         return base
 
     def _writeAtomic(self, path: Path, text: str) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # A temporary name of its own: two sessions (threads, workers) making the same new mailbox
+        # shared one "NAME.tmp" and the second's rename found it gone.
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     # -- writing messages --------------------------------------------------------------------
 

@@ -318,3 +318,32 @@ class ConcurrencyTests(StoreTestCase):
         messages = Maildirs(self.root, fsync=False).inbox("bob").messages()
         self.assertEqual([m.uid for m in messages], list(range(1, 182)))
         self.assertEqual(len({m.key for m in messages}), 181)
+
+
+class NewMailboxRaceTests(unittest.TestCase):
+    """Eight threads delivering the first messages of one new user at once: each gets its message in.
+    (The mailbox's subscriptions file was written through one fixed temporary name; the threads that
+    lost the rename race failed with 'cannot create the mailbox: No such file or directory'.)"""
+
+    def test_concurrentFirstDeliveries(self):
+        import threading
+
+        for _ in range(10):
+            store = Maildirs(self.mktemp(), fsync=False)
+            barrier = threading.Barrier(8)
+            errors: list[str] = []
+
+            def deliver(store=store, barrier=barrier, errors=errors):
+                barrier.wait()
+                try:
+                    store.deliver("newcomer", b"Subject: x\r\n\r\nhi\r\n")
+                except Exception as e:  # noqa: BLE001 - collected and asserted below
+                    errors.append(repr(e))
+
+            threads = [threading.Thread(target=deliver) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            self.assertEqual(errors, [])
+            self.assertEqual(len(store.inbox("newcomer").messages()), 8)

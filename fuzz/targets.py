@@ -1388,3 +1388,18 @@ def pop3_session(data: bytes) -> None:
     assert answers <= data.count(b"\n") + 1, (answers, data.count(b"\n"))
     if b"QUIT" not in data.upper():
         assert not any(removed), removed
+
+
+# -- IMAP ---------------------------------------------------------------------------
+
+
+@target
+def imap_session(data: bytes) -> None:
+    """
+    An IMAP session over a StringTransport on a store with two messages: no error logged, every
+    answer ends with CRLF, unparsed input bounded, the session's state consistent
+    (tests/mailbox/test_imap.py's own fuzz test).
+    """
+    from tests.mailbox.test_imap import imap_session as run
+
+    run(data)

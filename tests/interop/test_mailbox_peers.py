@@ -30,6 +30,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -111,10 +112,31 @@ def messageBytes(m: EmailMessage) -> bytes:
 BLOB = bytes(range(256)) * 300
 
 
+def fetched(data: list) -> list[tuple[bytes, bytes]]:
+    """
+    imaplib's FETCH answer as (items outside the literal, literal) per message: the
+    items after a literal (C{BODY[...] {n}...  UID 7)}) come as the next element.
+    """
+    out = []
+    for i, item in enumerate(data):
+        if isinstance(item, tuple):
+            after = data[i + 1] if i + 1 < len(data) and isinstance(data[i + 1], bytes) else b""
+            out.append((item[0] + b" " + after, item[1]))
+    return out
+
+
+def uidOf(items: bytes) -> int:
+    m = re.search(rb"\bUID (\d+)", items)
+    if m is None:
+        raise AssertionError(f"no UID in a UID FETCH answer: {items!r}")
+    return int(m.group(1))
+
+
 class MailboxDaemonTestCase(unittest.TestCase):
     """A daemon with the mailbox service (and SMTP local delivery when C{withSMTP})."""
 
     withSMTP = False
+    workers = 1
 
     def setUp(self) -> None:
         base = Path(self.mktemp()).resolve()
@@ -132,6 +154,8 @@ class MailboxDaemonTestCase(unittest.TestCase):
         text = MAILBOX_CONFIG.format(state=base / "state", users=self.users, mail=self.mail, listen=listen)
         if self.withSMTP:
             text += SMTP_CONFIG.format(users=self.users, mail=self.mail)
+        if self.workers > 1:
+            text = f"workers: {self.workers}\n" + text
         (base / "netsvc.yaml").write_text(text)
         self.start()
 
@@ -205,13 +229,7 @@ class MailboxDaemonTestCase(unittest.TestCase):
         """UID -> RFC822 bytes of every message in the selected folder."""
         typ, data = c.uid("FETCH", "1:*", "(UID RFC822)")
         self.assertEqual(typ, "OK", data)
-        out = {}
-        for item in data:
-            if isinstance(item, tuple):
-                m = re.search(rb"UID (\d+)", item[0])
-                self.assertIsNotNone(m, item[0])
-                out[int(m.group(1))] = item[1]
-        return out
+        return {uidOf(items): literal for items, literal in fetched(data)}
 
     def uids(self, c: imaplib.IMAP4) -> list[int]:
         typ, data = c.uid("SEARCH", None, "ALL")
@@ -263,9 +281,9 @@ class ImaplibTests(MailboxDaemonTestCase):
         c = self.imaps()
         typ, data = c.fetch("1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
         self.assertEqual(typ, "OK", data)
-        got = [message_from_bytes(item[1])["Subject"] for item in data if isinstance(item, tuple)]
+        got = [message_from_bytes(literal)["Subject"] for _, literal in fetched(data)]
         self.assertEqual(got, subjects)
-        uids = [int(re.search(rb"UID (\d+)", item[0]).group(1)) for item in data if isinstance(item, tuple)]
+        uids = [uidOf(items) for items, _ in fetched(data)]
         self.assertEqual(uids, sorted(uids))
         c.logout()
         p = self.pop3s()
@@ -701,11 +719,7 @@ class MbsyncTests(MailboxDaemonTestCase):
 
         c = self.imaps()
         typ, data = c.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-        flags = {}
-        for item in data:
-            if isinstance(item, tuple):
-                subject = message_from_bytes(item[1])["Subject"]
-                flags[subject] = item[0]
+        flags = {message_from_bytes(literal)["Subject"]: items for items, literal in fetched(data)}
         self.assertEqual(sorted(flags), ["sample 0", "sample 2"], data)
         self.assertIn(b"\\Seen", flags["sample 0"])
         self.assertNotIn(b"\\Seen", flags["sample 2"])
@@ -857,3 +871,83 @@ class EndToEndTests(MailboxDaemonTestCase):
         self.assertIn("disk /var is full", msg.get_content())
         p.quit()
 
+
+class WorkersTests(MailboxDaemonTestCase):
+    """
+    C{workers: 2}: each connection goes to either process, and both deliver,
+    assign UIDs and expunge in the same Maildirs (the store's flock).
+    """
+
+    withSMTP = True
+    workers = 2
+    MESSAGES = 40
+
+    def sendMany(self, count: int, threads: int = 4) -> None:
+        """C{count} messages to dev, one SMTP connection each, from C{threads} threads."""
+        errors: list[BaseException] = []
+
+        def sender(first: int) -> None:
+            try:
+                for n in range(first, count, threads):
+                    with smtplib.SMTP("127.0.0.1", self.port(SMTP), timeout=IO_TIMEOUT) as s:
+                        s.sendmail("sender@example.test", ["dev@lab.test"], messageBytes(sampleMessage(f"m{n:03d}")))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        workers = [threading.Thread(target=sender, args=(i,)) for i in range(threads)]
+        for t in workers:
+            t.start()
+        # meanwhile, new IMAP sessions on either worker take new/ into cur/ and assign UIDs
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in workers) and time.monotonic() < deadline:
+            c = self.imaps()
+            self.uids(c)
+            c.logout()
+        for t in workers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.assertEqual(errors, [])
+
+    def uidMap(self) -> dict[int, str]:
+        c = self.imaps()
+        typ, data = c.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        c.logout()
+        self.assertEqual(typ, "OK", data)
+        return {uidOf(items): message_from_bytes(literal)["Subject"] for items, literal in fetched(data)}
+
+    def test_bothWorkersOneMailbox(self):
+        """Every message once, one UID each, the same map from every session; IDLE sees the other worker's mail."""
+        idler = self.imaps()
+        idler.send(b"X1 IDLE\r\n")
+        self.assertTrue(idler.readline().startswith(b"+"))
+        self.sendMany(self.MESSAGES)
+
+        maps = [self.uidMap() for _ in range(6)]  # six connections: both workers answer
+        for m in maps[1:]:
+            self.assertEqual(m, maps[0])
+        self.assertEqual(sorted(maps[0].values()), [f"m{n:03d}" for n in range(self.MESSAGES)])
+
+        idler.sock.settimeout(IO_TIMEOUT)
+        seen = 0
+        for _ in range(self.MESSAGES * 4):  # EXISTS lines (and keepalives), bounded
+            line = idler.readline()
+            m = re.match(rb"\* (\d+) EXISTS", line)
+            if m:
+                seen = int(m.group(1))
+                if seen == self.MESSAGES:
+                    break
+        self.assertEqual(seen, self.MESSAGES)
+        idler.send(b"DONE\r\n")
+
+        # POP3 from either worker: the same unique ids; DELE at QUIT seen by IMAP everywhere
+        p = self.pop3s()
+        count, _ = p.stat()
+        self.assertEqual(count, self.MESSAGES)
+        ids = [line.split()[1] for line in p.uidl()[1]]
+        self.assertEqual(len(set(ids)), self.MESSAGES)
+        for n in range(1, 11):
+            p.dele(n)
+        p.quit()
+        after = [self.uidMap() for _ in range(4)]
+        for m in after:
+            self.assertEqual(len(m), self.MESSAGES - 10)
+            self.assertEqual(m, {uid: subject for uid, subject in maps[0].items() if uid in m})

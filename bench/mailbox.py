@@ -46,8 +46,6 @@ import importlib.util
 import json
 import os
 import poplib
-import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -55,6 +53,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import SkipTest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +61,7 @@ from bench._common import log, prepare  # noqa: E402
 from netsvc import auth  # noqa: E402
 from netsvc.tls.certificates import generateSelfSigned  # noqa: E402
 from tests.interop._daemon import _dieWithParent  # noqa: E402
+from tests.interop._dovecot import NOBODY, Dovecot  # noqa: E402
 from tests.interop._mailpeers import Scratch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,6 @@ PASSWORD = "bench-password"
 LOAD_USER = "load"
 START_TIMEOUT = 30.0
 IO_TIMEOUT = 60.0
-NOBODY = 65534
 
 
 # -- the messages -----------------------------------------------------------------
@@ -114,22 +113,6 @@ def crlf(data: bytes) -> bytes:
 # -- the servers ------------------------------------------------------------------
 
 
-def waitForGreeting(port: int, process: subprocess.Popen, what: str, logPath: Path,
-                    timeout: float = START_TIMEOUT) -> None:
-    """Until a TCP connection to 127.0.0.1:C{port} is accepted (TLS listeners greet only after a handshake)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode}: "
-                               f"{logPath.read_text(errors='replace')[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what}: nothing listening on 127.0.0.1:{port} within {timeout:g}s")
-
-
 def stopProcess(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -138,74 +121,6 @@ def stopProcess(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-DOVECOT_CONF = """\
-# A private Dovecot for bench/mailbox.py: everything under {base}.
-base_dir = {base}/run
-state_dir = {base}/state
-log_path = {base}/dovecot.log
-info_log_path = {base}/dovecot.log
-instance_name = bench-{imaps}
-protocols = imap pop3
-listen = 127.0.0.1
-ssl = required
-ssl_cert = <{cert}
-ssl_key = <{key}
-ssl_dh = </usr/share/dovecot/dh.pem
-ssl_min_protocol = TLSv1.2
-disable_plaintext_auth = yes
-auth_mechanisms = plain login
-default_internal_user = dovecot
-default_login_user = dovenull
-first_valid_uid = {uid}
-mail_location = maildir:{mail}/%u
-passdb {{
-  driver = passwd-file
-  args = {base}/passwd
-}}
-userdb {{
-  driver = static
-  args = uid={uid} gid={uid} home={base}/home/%u
-}}
-# Dovecot's high-performance login mode (one login process serves many
-# connections; the default forks one per connection), and imap/pop3 processes
-# reused for later sessions: the fastest documented setup, not the safest.
-service imap-login {{
-  service_count = 0
-  process_min_avail = 1
-  inet_listener imap {{
-    port = 0
-  }}
-  inet_listener imaps {{
-    port = {imaps}
-    ssl = yes
-  }}
-}}
-service imap {{
-  service_count = 0
-}}
-service pop3 {{
-  service_count = 0
-}}
-service pop3-login {{
-  service_count = 0
-  process_min_avail = 1
-  inet_listener pop3 {{
-    port = 0
-  }}
-  inet_listener pop3s {{
-    port = {pop3s}
-    ssl = yes
-  }}
-}}
-"""
 
 
 class Server:
@@ -221,36 +136,13 @@ class Server:
 
 
 def startDovecot(scratch: Scratch, messages: list[bytes], cert: Path, key: Path) -> Server:
-    """Dovecot (C{dovecot -F -c CONF}) with C{messages} in the user's INBOX."""
-    program = shutil.which("dovecot") or shutil.which("dovecot", path="/usr/sbin:/sbin")
-    if program is None or not Path("/usr/lib/dovecot/imap").exists() or not Path("/usr/lib/dovecot/pop3").exists():
-        raise RuntimeError("Dovecot not found: install with scripts/install-test-peers "
-                           "(Debian packages dovecot-imapd dovecot-pop3d)")
-    if os.geteuid() != 0:
-        raise RuntimeError("a private Dovecot needs root here (it switches to its dovecot and dovenull users)")
-    base = Path(scratch.mktemp())
-    base.mkdir()
-    os.chmod(base, 0o755)
-    mail = base / "mail"
-    fillMaildir(mail / USER, messages, owner=NOBODY)
-    (base / "home" / USER).mkdir(parents=True)
-    os.chown(base / "home" / USER, NOBODY, NOBODY)
-    # {SSHA}, the same hash netsvc checks: a login costs both the same.
-    (base / "passwd").write_text(f"{USER}:{auth.hashPassword(PASSWORD, 'ssha')}\n")
-    imaps, pop3s = freePort(), freePort()
-    conf = base / "dovecot.conf"
-    conf.write_text(DOVECOT_CONF.format(base=base, cert=cert, key=key, mail=mail, uid=NOBODY,
-                                        imaps=imaps, pop3s=pop3s))
-    logPath = base / "out.log"
-    out = open(logPath, "wb")  # noqa: SIM115 - closed with the scratch folder
-    process = subprocess.Popen([program, "-F", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out,
-                               stderr=subprocess.STDOUT, preexec_fn=_dieWithParent)
-    scratch.addCleanup(stopProcess, process)
-    scratch.addCleanup(out.close)
-    for port in (imaps, pop3s):
-        waitForGreeting(port, process, "dovecot", base / "dovecot.log" if (base / "dovecot.log").exists()
-                        else logPath)
-    return Server("Dovecot", imaps, pop3s, process, base / "dovecot.log")
+    """A private Dovecot (tests/interop/_dovecot.py) with C{messages} in the user's INBOX."""
+    try:
+        dovecot = Dovecot(scratch, {USER: PASSWORD}, cert, key)
+    except SkipTest as e:
+        raise RuntimeError(str(e)) from None
+    fillMaildir(dovecot.maildir(USER), messages, owner=NOBODY)
+    return Server("Dovecot", dovecot.imaps, dovecot.pop3s, dovecot.process, dovecot.base / "dovecot.log")
 
 
 NETSVC_CONFIG = """\

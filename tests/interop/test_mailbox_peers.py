@@ -30,6 +30,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from email import message_from_bytes, policy
@@ -40,7 +41,15 @@ from typing import BinaryIO
 from twisted.trial import unittest
 
 from netsvc import auth
-from tests.interop._daemon import IO_TIMEOUT, decoded, requirePeer, runToCompletion, startNetsvc
+from tests.interop._daemon import (
+    IO_TIMEOUT,
+    REPO,
+    childEnvironment,
+    decoded,
+    requirePeer,
+    runToCompletion,
+    startNetsvc,
+)
 
 #: the mailbox listeners: name -> (endpoint, protocol); plain ports offer STARTTLS/STLS
 LISTENERS = {
@@ -951,3 +960,90 @@ class WorkersTests(MailboxDaemonTestCase):
         for m in after:
             self.assertEqual(len(m), self.MESSAGES - 10)
             self.assertEqual(m, {uid: subject for uid, subject in maps[0].items() if uid in m})
+
+
+# -- netsvc mail read against a real server (Dovecot) --------------------------------------
+
+
+class MailReadDovecotTests(unittest.TestCase):
+    """
+    The client side, C{netsvc mail read}, against Dovecot 2.3 (a private instance,
+    tests/interop/_dovecot.py): listing and --show over IMAPS, POP3S and both plain
+    ports with STARTTLS/STLS, the certificate verified, a wrong password one line
+    and status 1, and reading changes nothing on the server (no \\Seen, nothing deleted).
+    """
+
+    def setUp(self) -> None:
+        from netsvc.tls.certificates import generateSelfSigned
+        from tests.interop._dovecot import Dovecot
+
+        base = Path(self.mktemp()).resolve()
+        base.mkdir(parents=True)
+        self.cert, key = base / "cert.pem", base / "key.pem"
+        generateSelfSigned(self.cert, key, ["localhost", "127.0.0.1"])
+        self.dovecot = Dovecot(self, {"dev": "devpass"}, self.cert, key)
+        self.stored = []
+        for i in range(3):
+            data = messageBytes(sampleMessage(f"dovecot {i}", attachment=BLOB if i == 0 else None))
+            self.dovecot.deliver("dev", data, name=f"{1800000000 + i}.M1P1Q{i}.test")
+            self.stored.append(data)
+
+    def read(self, *args: str, password: str = "devpass") -> tuple[int, str, str]:
+        result = subprocess.run([sys.executable, "-m", "netsvc", "mail", "read", "--cacert", str(self.cert),
+                                 "--user", "dev", *args], capture_output=True, timeout=60,
+                                cwd=str(REPO), env=dict(childEnvironment(), NETSVC_MAIL_PASSWORD=password))
+        return result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+
+    def assertListing(self, out: str, err: str) -> None:
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 3, (out, err, self.dovecot.output()))
+        for line, i in zip(lines, range(3), strict=True):
+            self.assertIn(f"dovecot {i}", line)
+            self.assertIn("sender@example.test", line)
+
+    def test_imap(self):
+        for args in (["--server", f"127.0.0.1:{self.dovecot.imaps}"],
+                     ["--starttls", "--server", f"127.0.0.1:{self.dovecot.imap}"]):
+            status, out, err = self.read(*args)
+            self.assertEqual(status, 0, (args, err, self.dovecot.output()))
+            self.assertListing(out, err)
+            status, out, err = self.read(*args, "--show", "1")
+            self.assertEqual(status, 0, (args, err))
+            self.assertEqual(out.encode(), lf(self.stored[0]))
+        # EXAMINE: nothing was marked \Seen
+        c = imaplib.IMAP4_SSL("127.0.0.1", self.dovecot.imaps, ssl_context=ssl.create_default_context(
+            cafile=str(self.cert)), timeout=IO_TIMEOUT)
+        c.login("dev", "devpass")
+        c.select("INBOX", readonly=True)
+        typ, data = c.fetch("1:*", "(FLAGS)")
+        c.logout()
+        self.assertEqual(len(data), 3, data)
+        self.assertFalse(any(b"\\Seen" in d for d in data), data)
+
+    def test_pop3(self):
+        for args in (["--pop3", "--server", f"127.0.0.1:{self.dovecot.pop3s}"],
+                     ["--pop3", "--starttls", "--server", f"127.0.0.1:{self.dovecot.pop3}"]):
+            status, out, err = self.read(*args)
+            self.assertEqual(status, 0, (args, err, self.dovecot.output()))
+            self.assertListing(out, err)
+            status, out, err = self.read(*args, "--show", "2")
+            self.assertEqual(status, 0, (args, err))
+            self.assertEqual(out.encode(), lf(self.stored[1]))
+        p = poplib.POP3_SSL("127.0.0.1", self.dovecot.pop3s, context=ssl.create_default_context(
+            cafile=str(self.cert)), timeout=IO_TIMEOUT)
+        p.user("dev")
+        p.pass_("devpass")
+        self.assertEqual(p.stat()[0], 3)  # nothing deleted
+        p.quit()
+
+    def test_failures(self):
+        """A wrong password, an unknown folder, a message that is not there: one line on stderr, status 1."""
+        cases = [(["--server", f"127.0.0.1:{self.dovecot.imaps}"], "wrong"),
+                 (["--pop3", "--server", f"127.0.0.1:{self.dovecot.pop3s}"], "wrong"),
+                 (["--server", f"127.0.0.1:{self.dovecot.imaps}", "--folder", "Nope"], "devpass"),
+                 (["--server", f"127.0.0.1:{self.dovecot.imaps}", "--show", "99"], "devpass")]
+        for args, password in cases:
+            status, out, err = self.read(*args, password=password)
+            self.assertEqual(status, 1, (args, out, err))
+            self.assertEqual(len(err.strip().splitlines()), 1, (args, err))
+            self.assertNotIn("Traceback", err)

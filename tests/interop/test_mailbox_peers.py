@@ -1296,3 +1296,26 @@ class DovecotComparisonTests(MailboxDaemonTestCase):
             if oursTag.split()[1] != b"OK" or [g.split() for g in got] != [w.split() for w in want]:
                 mismatches.append((criteria, got or oursTag, want))
         self.assertNoMismatches(mismatches)
+
+    def test_pop3(self):
+        """POP3 on the same messages: LIST sizes, RETR and TOP n 0 / TOP n 3 line for line."""
+        clients = []
+        for port in (self.port(POP3S), self.dovecot.pop3s):
+            p = poplib.POP3_SSL("127.0.0.1", port, context=self.context(), timeout=IO_TIMEOUT)
+            self.addCleanup(self._closeQuietly, p)
+            p.user("dev")
+            p.pass_("devpass")
+            clients.append(p)
+        ours, theirs = clients
+        mismatches = []
+        if ours.list()[1] != theirs.list()[1]:
+            mismatches.append(("LIST", ours.list()[1], theirs.list()[1]))
+        for n in range(1, len(self.messages) + 1):
+            for what, call in (("RETR", lambda p, n=n: p.retr(n)[1]), ("TOP 0", lambda p, n=n: p.top(n, 0)[1]),
+                               ("TOP 3", lambda p, n=n: p.top(n, 3)[1])):
+                a, b = call(ours), call(theirs)
+                if a != b:
+                    mismatches.append((what, n, b"\n".join(a), b"\n".join(b)))
+        for p in clients:
+            p.quit()
+        self.assertNoMismatches(mismatches)

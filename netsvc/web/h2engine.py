@@ -57,6 +57,9 @@ class Engine:
     """What both engines provide (documentation; see L{NativeEngine} and L{PythonEngine})."""
 
     name = ""
+    #: The engine ended the connection itself (a protocol error it answered with GOAWAY): write the
+    #: output, then close.
+    closed = False
 
     def start(self, settings: dict[int, int]) -> None: ...
     def receive(self, data: bytes) -> list[tuple[int, int, Any, Any]]: ...  # type: ignore[empty-body]
@@ -101,6 +104,8 @@ class NativeEngine(Engine):
         self.conn = conn = ngh2.Connection(ngh2.Role.SERVER, config)
         #: Streams whose response has started and not yet ended on the wire.
         self.active: set[int] = set()
+        #: libnghttp2 ended the session itself (a connection error it answered with GOAWAY).
+        self.closed = False
         # Bound once: this runs per request.
         self.queued = conn.queued_body_size  # type: ignore[method-assign]
         self._events: list[Any] = []
@@ -151,10 +156,14 @@ class NativeEngine(Engine):
         if events:
             self._events += events
             active = self.active
-            if active:
-                for e in events:
-                    if type(e) is ngh2.StreamClosed:
-                        active.discard(e.stream_id)
+            for e in events:
+                kind = type(e)
+                if kind is ngh2.StreamClosed:
+                    active.discard(e.stream_id)
+                elif kind is ngh2.ConnectionClosed:
+                    # A connection error libnghttp2 handled itself (its GOAWAY is queued): nothing more
+                    # will be answered; the caller writes the output and closes.
+                    self.closed = True
 
     def _fail(self) -> None:
         self._failed = True

@@ -97,6 +97,8 @@ class H2Channel(Protocol):
     _paused = False
     _dispatching = False
     _closing = False
+    #: loseConnection called (the transport goes once what is written has left).
+    _closed = False
     _gone = False
     _abortCall: Any = None
 
@@ -145,6 +147,9 @@ class H2Channel(Protocol):
             engine.goaway(ENHANCE_YOUR_CALM if e.kind == "flood" else PROTOCOL_ERROR, self._lastStream)
             self._flush(always=True)
             self._close()
+            return
+        if engine.closed:  # a connection error the engine answered itself: nothing more is answered
+            self._flush(always=True)  # (counts it and closes)
             return
         self._dispatching = True
         try:
@@ -379,7 +384,12 @@ class H2Channel(Protocol):
             transport.write(out)
             if self._paused and not always:
                 break
-        if self._closing and not self._dispatching and self._abortCall is None:
+        if self._closed:
+            return
+        if self.engine.closed:
+            self._count("error", "h2_protocol")
+            self._close()
+        elif self._closing and not self._dispatching:
             self._closeWhenDone()
 
     def _wakeProducers(self) -> None:
@@ -445,9 +455,9 @@ class H2Channel(Protocol):
     def _close(self) -> None:
         """Close after what is written; a client that does not read it is cut off later."""
         transport = self.transport
-        if self._gone or transport is None or self._abortCall is not None:
+        if self._gone or transport is None or self._closed:
             return
-        self._closing = True
+        self._closing = self._closed = True
         transport.unregisterProducer()  # (with a paused producer registered, TCP and TLS never close)
         transport.loseConnection()
         clock = getattr(self.site, "reactor", None)

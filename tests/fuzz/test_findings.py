@@ -149,3 +149,23 @@ class HTTP2EnginesRefuseTheSameHeads(unittest.TestCase):
                             (b":path", b"/a b"), (b":path", b"/\x00")):
             bad = [(n, value if n == name else v) for n, v in good]
             self.assertFalse(_wellFormed(bad), (name, value))
+
+
+class HTTP2ConnectionErrorsClose(unittest.TestCase):
+    """
+    http2_frames: after a request, a frame header announcing more than SETTINGS_MAX_FRAME_SIZE.
+    libnghttp2 answered with GOAWAY(FRAME_SIZE_ERROR) and ended its session without raising, and the
+    connection stayed open, answering nothing (its ConnectionClosed event was ignored).  Now the
+    GOAWAY is written, the connection closed and the error counted.
+    """
+
+    def test_closedWithGoaway(self):
+        from pathlib import Path
+
+        from fuzz.targets import H2_PREFACE, _h2Run, chunks
+
+        corpus = Path(__file__).resolve().parents[1] / "corpus" / "http2_frames"
+        data = (corpus / "finding-frame-size-goaway").read_bytes()
+        frames, closed, _ = _h2Run("native", chunks(H2_PREFACE + data))
+        self.assertTrue(closed)
+        self.assertEqual(frames[-1][0], 0x7)  # GOAWAY last

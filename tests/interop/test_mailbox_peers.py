@@ -42,6 +42,7 @@ from typing import BinaryIO
 from twisted.trial import unittest
 
 from netsvc import auth
+from tests.helpers import loopbackAliasesWork
 from tests.interop._daemon import (
     IO_TIMEOUT,
     REPO,
@@ -1319,3 +1320,51 @@ class DovecotComparisonTests(MailboxDaemonTestCase):
         for p in clients:
             p.quit()
         self.assertNoMismatches(mismatches)
+
+
+# -- a flood of bad passwords -------------------------------------------------------------------
+
+
+class LoginFloodTests(MailboxDaemonTestCase):
+    """
+    The default limit (auth_failures: burst 10, then 0.1 a second, per client IP,
+    shared by IMAP and POP3): a client guessing passwords is soon refused even the
+    right one, on both protocols, while another address logs in as usual.
+    """
+
+    def login(self, password: str, source: str = "127.0.0.1") -> bytes:
+        """One IMAPS connection from C{source}: LOGIN dev, the tagged answer."""
+        raw = socket.create_connection(("127.0.0.1", self.port(IMAPS)), timeout=IO_TIMEOUT,
+                                       source_address=(source, 0))
+        with self.context().wrap_socket(raw, server_hostname="localhost") as s, s.makefile("rb") as f:
+            f.readline()
+            s.sendall(b"A1 LOGIN dev " + password.encode() + b"\r\n")
+            for _ in range(10):
+                line = f.readline()
+                if line.startswith(b"A1 ") or not line:
+                    return line
+        raise AssertionError("no answer to LOGIN")
+
+    def test_floodRefusesEvenTheRightPassword(self):
+        answers = []
+        refusedRight = None
+        for attempt in range(1, 21):  # bounded: the limit is 10
+            answers.append(self.login("wrong"))
+            right = self.login("devpass")
+            if not right.startswith(b"A1 OK"):
+                refusedRight = (attempt, right)
+                break
+        self.assertIsNotNone(refusedRight, answers)
+        attempt, right = refusedRight
+        self.assertLessEqual(attempt, 11, answers)
+        self.assertTrue(right.startswith(b"A1 NO"), right)
+        self.assertTrue(all(a.startswith((b"A1 NO", b"")) for a in answers), answers)
+        # the same address over POP3: refused too (one limit for both protocols)
+        p = poplib.POP3_SSL("127.0.0.1", self.port(POP3S), context=self.context(), timeout=IO_TIMEOUT)
+        self.addCleanup(self._closeQuietly, p)
+        p.user("dev")
+        with self.assertRaises(poplib.error_proto):
+            p.pass_("devpass")
+        # another address is not held up by it
+        if loopbackAliasesWork():
+            self.assertTrue(self.login("devpass", source="127.0.0.2").startswith(b"A1 OK"))

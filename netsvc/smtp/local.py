@@ -326,6 +326,9 @@ class LocalDelivery:
         to take a copy back: C{messages()}, C{remove(uids)}).
     """
 
+    #: Capture mode's copy: the local user whose INBOX gets every captured message, or None.
+    captured: str | None = None
+
     def __init__(self, router: LocalRouter, store: Any, metrics: LocalMetrics, reactor: Any,
                  run: Callable[..., defer.Deferred] | None = None) -> None:
         self.router = router

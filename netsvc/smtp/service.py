@@ -161,7 +161,13 @@ def _local(settings: Settings, context: Any, users: Any) -> LocalDelivery | None
             log.warn("services.smtp.local.aliases.{alias}: {user} is not a user of services.smtp.users: mail to "
                      "{alias} is refused (550 5.1.1) until it is", alias=alias, user=user)
     store = Maildirs(Path(context.stateDir) / local.maildir, fsync=settings.queue.fsync)
-    return LocalDelivery(router, store, LocalMetrics(context.metrics), context.reactor)
+    delivery = LocalDelivery(router, store, LocalMetrics(context.metrics), context.reactor)
+    if local.captured is not None and settings.relay.mode == "capture":
+        delivery.captured = local.captured.lower()
+        if settings.users is not None and settings.users.kind == "file" and not users.isReserved(delivery.captured):
+            log.warn("services.smtp.local.captured: {user} is not a user of services.smtp.users: it cannot log in "
+                     "to read the captured mail", user=local.captured)
+    return delivery
 
 
 def _starttls(context: Any) -> Any:

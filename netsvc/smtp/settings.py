@@ -193,6 +193,9 @@ class LocalSettings:
     aliases: dict[str, AliasTargets] = field(factory=dict)
     #: C{bob+tag@} is delivered to bob (Postfix's recipient_delimiter); "" turns it off.
     recipient_delimiter: str = field("+")
+    #: In capture mode: a local user whose INBOX also gets a copy of every captured message (mail for
+    #: other domains), so that it can be read over IMAP and POP3 as well as at /mail/.  None: nobody.
+    captured: str | None = field(None)
 
     def check(self) -> list[tuple[str, str]]:
         from netsvc.smtp.local import aliasProblems
@@ -269,4 +272,7 @@ class Settings(ServiceSettings):
             problems.append(("users", "submission listeners require AUTH: set users"))
         if self.local is not None and self.users is None:
             problems.append(("local", "local delivery needs users (the local users are its names)"))
+        if self.local is not None and self.local.captured is not None and self.relay.mode != "capture":
+            problems.append(("local.captured", "only in capture mode (relay: {capture: true}): nothing is "
+                                               "captured otherwise"))
         return problems

@@ -169,6 +169,9 @@ class TransactionCommands:
             self.recipients.append(recipient)
             if resolution is None:
                 self._queue(key, recipient)
+                if c.local is not None and c.local.captured is not None:
+                    # capture mode: one copy of the captured message in the chosen user's INBOX too
+                    self._mailboxes.setdefault(c.local.captured, Mailbox(c.local.captured, address))
             else:
                 for mailbox in resolution.mailboxes:  # one copy per mailbox
                     self._mailboxes.setdefault(mailbox.user, mailbox)

@@ -487,7 +487,8 @@ class QueuedLocalTests(unittest.TestCase):
 # -- the daemon over loopback ------------------------------------------------------------------
 
 
-def daemonConfig(users, mynetworks):
+def daemonConfig(users, mynetworks, captured=""):
+    captured = f", captured: {captured}" if captured else ""
     return f"""
 services:
   smtp:
@@ -498,7 +499,7 @@ services:
     users: {users}
     relay: {{capture: true}}
     queue: {{fsync: true}}
-    local: {{domains: [lab.test, localhost], aliases: {{postmaster: dev, root: dev}}}}
+    local: {{domains: [lab.test, localhost], aliases: {{postmaster: dev, root: dev}}{captured}}}
     limits: {{rate: 0}}
 """
 
@@ -511,11 +512,13 @@ class LoopbackCase(unittest.TestCase):
     """The daemon with local delivery and capture; clients from C{mynetworks} may relay (no tests here)."""
 
     mynetworks = "[]"
+    #: services.smtp.local.captured
+    captured = ""
 
     def setUp(self):
         users = Path(self.mktemp()).absolute()
         auth.addUser(users, "dev", "devpass")
-        self.daemon = startDaemon(self, daemonConfig(users, self.mynetworks))
+        self.daemon = startDaemon(self, daemonConfig(users, self.mynetworks, self.captured))
         self.svc = self.daemon.getServiceNamed("smtp")
         self.state = Path(self.daemon.context.stateDir)
         self.mail = self.state / "mail"
@@ -626,3 +629,38 @@ class TrustedLoopbackTests(LoopbackCase):
         (id,) = self.svc.capture.ids()
         self.assertEqual([r.address for r in self.svc.capture.envelope(id).recipients], ["someone@example.org"])
         self.assertNotIn(b"Delivered-To", self.svc.capture.raw(id))
+
+
+class CapturedMailboxTests(LoopbackCase):
+    """Capture mode with C{local.captured: dev}: captured mail is listed at /mail/ and is in dev's INBOX too."""
+
+    mynetworks = "[127.0.0.0/8]"
+    captured = "Dev"
+
+    @defer.inlineCallbacks
+    def test_capturedCopyInTheInbox(self):
+        refused, files = yield self.send(["someone@example.org", "other@example.net"])
+        self.assertEqual(refused, {})
+        (path,) = files  # one copy however many captured recipients, in new/ before the 250
+        self.assertTrue(path.read_bytes().startswith(b"Return-Path: <sender@example.org>\r\n"
+                                                     b"Delivered-To: someone@example.org\r\n"))
+        (id,) = self.svc.capture.ids()  # and captured as before
+        self.assertEqual([r.address for r in self.svc.capture.envelope(id).recipients],
+                         ["someone@example.org", "other@example.net"])
+        self.assertTrue(path.read_bytes().endswith(MESSAGE))
+
+    @defer.inlineCallbacks
+    def test_localMailNotCopiedTwice(self):
+        refused, files = yield self.send(["dev@lab.test", "someone@example.org"])
+        self.assertEqual((refused, len(files)), ({}, 1))  # dev's own copy is the one copy
+        refused, files = yield self.send(["root@lab.test"])
+        self.assertEqual(len(files), 2)
+        self.assertEqual(len(self.svc.capture.ids()), 1)  # only the first had a recipient elsewhere
+
+    def test_onlyInCaptureMode(self):
+        from netsvc.config import ConfigError, parse
+
+        text = daemonConfig("users.txt", "[]", "dev").replace("relay: {capture: true}",
+                                                               'relay: {smarthost: "tcp:host=127.0.0.1:port=25"}')
+        e = self.assertRaises(ConfigError, parse, "state_dir: s\n" + text, "f.yaml")
+        self.assertIn("services.smtp.local.captured: only in capture mode", str(e))

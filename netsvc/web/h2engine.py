@@ -364,7 +364,7 @@ class PythonEngine(Engine):
         for e in events:
             t = type(e)
             if t is ev.RequestReceived:
-                if not _wellFormed(e.headers):
+                if not _wellFormed(e.headers, e.stream_ended is not None):
                     self.reset(e.stream_id, PROTOCOL_ERROR)  # what libnghttp2 does with it
                     ended.add(e.stream_id)
                     continue
@@ -508,24 +508,36 @@ _TOKEN = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 _PATH = re.compile(rb"[\x21-\x7e\x80-\xff]+")
 
 
-def _wellFormed(headers: Any) -> bool:
-    """The request pseudo-headers as libnghttp2 checks them, so that both engines refuse the same."""
+def _wellFormed(headers: Any, ended: bool = False) -> bool:
+    """
+    The request head as libnghttp2 checks it, so that both engines refuse the same: the pseudo-headers;
+    an authority (C{:authority} or C{host}), neither empty; a Content-Length other than 0 on a request
+    that ended with its HEADERS (RFC 9113 8.1.1).
+    """
+    authority = False
     for name, value in headers:
         if name[:1] != b":":
-            break
+            if name == b"host":
+                if not value or _AUTHORITY.fullmatch(value) is None:
+                    return False
+                authority = True
+            elif ended and name == b"content-length" and value.strip(b" \t") != b"0":
+                return False
+            continue
         if name == b":authority":
-            ok = _AUTHORITY.fullmatch(value)
+            ok = _AUTHORITY.fullmatch(value) if value else None
+            authority = True
         elif name == b":method":
             ok = _TOKEN.fullmatch(value)
-        elif name == b":path":
-            ok = _PATH.fullmatch(value)
+        elif name == b":path":  # origin form, or * (OPTIONS)
+            ok = _PATH.fullmatch(value) if value[:1] == b"/" or value == b"*" else None
         elif name == b":protocol":
             return False  # extended CONNECT (RFC 8441): not offered (no SETTINGS_ENABLE_CONNECT_PROTOCOL)
         else:
             continue
         if ok is None:
             return False
-    return True
+    return authority
 
 
 def available(mode: str) -> str | None:

@@ -149,6 +149,30 @@ class HTTP2EnginesRefuseTheSameHeads(unittest.TestCase):
                             (b":path", b"/a b"), (b":path", b"/\x00")):
             bad = [(n, value if n == name else v) for n, v in good]
             self.assertFalse(_wellFormed(bad), (name, value))
+        # finding-ended-with-content-length: a POST that ends with its HEADERS yet says Content-Length: 11
+        withLength = [*good, (b"content-length", b"11")]
+        self.assertTrue(_wellFormed(withLength))
+        self.assertFalse(_wellFormed(withLength, ended=True))
+        self.assertTrue(_wellFormed([*good, (b"content-length", b"0")], ended=True))
+        # an authority is needed, and may not be empty (host: "" in place of :authority, found next)
+        noAuthority = good[:3]
+        self.assertFalse(_wellFormed(noAuthority))
+        self.assertTrue(_wellFormed([*noAuthority, (b"host", b"example.test")]))
+        self.assertFalse(_wellFormed([*noAuthority, (b"host", b"")]))
+        self.assertFalse(_wellFormed([*good, (b"host", b"")]))
+        self.assertFalse(_wellFormed([*noAuthority, (b":authority", b"")]))
+
+    def test_contentLengthOnAnEndedRequest(self):
+        from pathlib import Path
+
+        from fuzz.targets import H2_PREFACE, _h2Run, chunks
+
+        corpus = Path(__file__).resolve().parents[1] / "corpus" / "http2_frames"
+        data = (corpus / "finding-ended-with-content-length").read_bytes()
+        for engine in ("native", "python"):
+            frames, closed, _ = _h2Run(engine, chunks(H2_PREFACE + data))
+            self.assertEqual([f[2] for f in frames if f[0] == 0x1], [], engine)  # no response head
+            self.assertEqual([f[2] for f in frames if f[0] == 0x3], [1], engine)  # RST_STREAM
 
 
 class HTTP2ConnectionErrorsClose(unittest.TestCase):

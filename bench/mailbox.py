@@ -11,8 +11,9 @@ Both servers read the same messages: the same files are written into both
 Maildirs' new/ before either starts, and one warm-up session per server moves
 them to cur/ and assigns the UIDs (Dovecot builds its index, netsvc its UID list)
 before anything is timed.  Dovecot 2.3 runs from its own dovecot.conf in a
-temporary folder (C{dovecot -F -c CONF}: base_dir, state, logs and mail there, a
-passwd-file user, free loopback ports; nothing under /etc or /var is touched).
+temporary folder (tests/interop/_dovecot.py, C{dovecot -F -c CONF}: base_dir,
+state, logs and mail there, a passwd-file user, free loopback ports, its
+high-performance login mode; nothing under /etc or /var is touched).
 Both serve implicit TLS with the same certificate (netsvc allows LOGIN only
 after TLS; so Dovecot gets C{ssl = required} too) and the same {SSHA} password
 hash.

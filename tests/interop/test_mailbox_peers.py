@@ -5,7 +5,12 @@ here wrote: Python's imaplib and poplib (the books' recipes), curl (C{imaps://},
 C{pop3s://}, and STARTTLS/STLS on the plain ports), fetchmail (POP3 and IMAP, into
 an MDA that writes files) and mbsync (isync: a two-way IMAP sync with a local
 Maildir); and the end-to-end path: smtplib -> local delivery -> IMAP FETCH of the
-same bytes -> POP3 DELE -> IMAP sees it gone -> restart -> the same UIDs.
+same bytes -> POP3 DELE -> IMAP sees it gone -> restart -> the same UIDs.  Also:
+C{workers: 2} sharing one mailbox, a flood of bad passwords, a client gone
+mid-APPEND, and, against a private Dovecot 2.3 (tests/interop/_dovecot.py, root
+only): C{netsvc mail read} as its client, and netsvc's IMAP and POP3 answers
+compared with Dovecot's on the same messages (FETCH sections, BODYSTRUCTURE,
+ENVELOPE, SEARCH; RETR, TOP).
 
 Every listener is on 127.0.0.1 port 0 (the ports are read from status.json).  The
 peer tests put their messages in the Maildir through the store

@@ -73,6 +73,10 @@ class Engine:
     def queued(self, sid: int | None = None) -> int: ...  # type: ignore[empty-body]
     def goaway(self, code: int, lastStreamID: int | None) -> None: ...
 
+    def takeClosed(self) -> list[int]:
+        """Streams the engine closed by itself since the last call (besides the events)."""
+        return []
+
     #: Streams whose response has started and not yet ended on the wire (closing waits for them).
     active: set[int]
 
@@ -109,6 +113,7 @@ class NativeEngine(Engine):
         # Bound once: this runs per request.
         self.queued = conn.queued_body_size  # type: ignore[method-assign]
         self._events: list[Any] = []
+        self._closedIds: list[int] = []
         self._failed = False
         self._final = b""
         self._classes = {
@@ -160,10 +165,16 @@ class NativeEngine(Engine):
                 kind = type(e)
                 if kind is ngh2.StreamClosed:
                     active.discard(e.stream_id)
+                    self._closedIds.append(e.stream_id)
                 elif kind is ngh2.ConnectionClosed:
                     # A connection error libnghttp2 handled itself (its GOAWAY is queued): nothing more
                     # will be answered; the caller writes the output and closes.
                     self.closed = True
+
+    def takeClosed(self) -> list[int]:
+        """Streams libnghttp2 has closed since the last call (some close as their frames are sent)."""
+        closed, self._closedIds = self._closedIds, []
+        return closed
 
     def _fail(self) -> None:
         self._failed = True

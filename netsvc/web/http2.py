@@ -35,6 +35,7 @@ from netsvc.web import pages
 from netsvc.web.fast import _FAST_HEADERS, _Record, cachedAnswer
 from netsvc.web.h2engine import (
     CANCEL,
+    CLOSED,
     CONNECTION_HEADERS,
     DATA,
     END,
@@ -97,6 +98,8 @@ class H2Channel(Protocol):
     _paused = False
     _dispatching = False
     _closing = False
+    _flushing = False
+    _flushAgain = False
     #: loseConnection called (the transport goes once what is written has left).
     _closed = False
     _gone = False
@@ -111,6 +114,8 @@ class H2Channel(Protocol):
         #: The stream whose twisted.web request is being built (it may be refused from its head: 413).
         self._building = 0
         self._buildingRefused = False
+        #: Refused streams to reset (RST_STREAM NO_ERROR) once their whole answer has left the engine.
+        self._resetAfter: set[int] = set()
         self._held: list[bytes] = []
         self._heldSize = 0
         self._lastStream = 0
@@ -189,6 +194,7 @@ class H2Channel(Protocol):
                 if stream is not None:
                     stream.requestComplete()
             elif kind == RESET:
+                self._resetAfter.discard(sid)
                 stream = self.streams.pop(sid, None)
                 if stream is not None:
                     self._countReset()
@@ -199,6 +205,11 @@ class H2Channel(Protocol):
                     self._flush(always=True)
                     self._close()
                     return
+            elif kind == CLOSED:
+                self._resetAfter.discard(sid)
+                stream = self.streams.pop(sid, None)
+                if stream is not None:  # the engine ended it (a body shorter than its Content-Length ...)
+                    stream.connectionLost(Failure(ConnectionLost("Stream closed with code %s" % a)))
             elif kind == WINDOW:
                 windowed = True
             elif kind == GOAWAY:
@@ -356,9 +367,9 @@ class H2Channel(Protocol):
         engine = self.engine
         engine.respond(streamID, headers, False)
         engine.send(streamID, body, True)
-        self._flush()
-        # RFC 9113 section 8.1: a complete response, then RST_STREAM(NO_ERROR) stops the upload.
-        engine.reset(streamID, NO_ERROR)
+        # RFC 9113 section 8.1: a complete response, then RST_STREAM(NO_ERROR) stops the upload -- once
+        # the response has left whole (the client's window may hold part of it back).
+        self._resetAfter.add(streamID)
         self._flushSoon()
         if stream is not None:
             stream.connectionLost(Failure(ConnectionLost("Request refused with %d" % code)))
@@ -372,18 +383,42 @@ class H2Channel(Protocol):
             self._flush()
 
     def _flush(self, always: bool = False) -> None:
-        """Hand the engine's frames to the transport, L{FLUSH} bytes at a time, until it pauses us."""
+        """
+        Hand the engine's frames to the transport, L{FLUSH} bytes at a time, until it pauses us; then
+        let paused producers go on (what they were waiting for has left the engine) and send what
+        they write.  (Woken only on WINDOW_UPDATE, a producer whose bytes were still in the engine
+        then stalled for good with a client that updates its window at half of it, as curl does.)
+        """
         transport = self.transport
         if transport is None or self._gone or (self._paused and not always):
             return
-        output = self.engine.output
-        while True:
-            out = output(FLUSH)
-            if not out:
-                break
-            transport.write(out)
-            if self._paused and not always:
-                break
+        if self._flushing:
+            self._flushAgain = True  # a producer woken below wrote: the loop below sends it
+            return
+        self._flushing = True
+        try:
+            output = self.engine.output
+            while True:
+                self._flushAgain = False
+                wrote = False
+                while True:
+                    out = output(FLUSH)
+                    if not out:
+                        break
+                    transport.write(out)
+                    wrote = True
+                    if self._paused and not always:
+                        break
+                if wrote:
+                    self._forgetClosed()
+                if wrote and not self._paused:
+                    if self._resetAfter:
+                        self._resetAnswered()
+                    self._wakeProducers()
+                if not self._flushAgain or (self._paused and not always):
+                    break
+        finally:
+            self._flushing = False
         if self._closed:
             return
         if self.engine.closed:
@@ -391,6 +426,23 @@ class H2Channel(Protocol):
             self._close()
         elif self._closing and not self._dispatching:
             self._closeWhenDone()
+
+    def _forgetClosed(self) -> None:
+        """Let go of twisted.web streams the engine has closed itself (a stream error it answered with
+        RST_STREAM: a body shorter than its Content-Length ...); they held their request for good."""
+        for sid in self.engine.takeClosed():
+            self._resetAfter.discard(sid)
+            stream = self.streams.pop(sid, None)
+            if stream is not None:
+                stream.connectionLost(Failure(ConnectionLost("Stream closed by the HTTP/2 engine")))
+
+    def _resetAnswered(self) -> None:
+        """RST_STREAM(NO_ERROR) for refused streams whose answer has now left the engine whole."""
+        engine = self.engine
+        for sid in [sid for sid in self._resetAfter if not engine.queued(sid)]:
+            self._resetAfter.discard(sid)
+            engine.reset(sid, NO_ERROR)
+            self._flushAgain = True
 
     def _wakeProducers(self) -> None:
         """Window opened or output drained: streams whose producer was paused may go on."""
@@ -420,8 +472,8 @@ class H2Channel(Protocol):
             self._receive(data)
         if not self._paused and not self._gone:
             self._wakeProducers()
-            if self.transport is not None and not self._closing:
-                self.transport.resumeProducing()
+            if self.transport is not None and not self._closed:
+                self.transport.resumeProducing()  # (going away too: WINDOW_UPDATEs let answers finish)
 
     def stopProducing(self) -> None:
         self._paused = True

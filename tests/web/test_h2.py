@@ -236,3 +236,195 @@ class StreamCapTests(unittest.TestCase):
         daemon = startWeb(self)
         done, reset = yield threads.deferToThread(_manyStreamsAtOnce, webPort(daemon, TLS), self.cafile, 40, "/")
         self.assertEqual((done, reset), (40, False))
+
+
+# -- in memory: the HTTP/2 channel over a StringTransport, driven by an h2 client (review findings) --
+
+
+def _memorySite(testCase: Any, extra: str = "") -> Any:
+    """(clock, site): the web service of a real configuration on a memory reactor, with a 1 MB file
+    streamed from disk (over the cache limit) and a small one."""
+    import os
+    from pathlib import Path
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from netsvc import config
+    from netsvc.runtime import buildDaemon
+
+    base = Path(testCase.mktemp()).absolute()
+    root = base / "www"
+    root.mkdir(parents=True)
+    (root / "small.txt").write_bytes(b"hello\n" * 50)
+    testCase.big = os.urandom(1 << 20)
+    (root / "big.bin").write_bytes(testCase.big)
+    clock = MemoryReactorClock()
+    settings = config.parse(f"state_dir: {base / 'state'}\nservices:\n  web:\n"
+                            f"    listen: ['tcp:0:interface=127.0.0.1']\n    root: {root}\n{extra}", "x.yaml")
+    fast = buildDaemon(settings, clock).getServiceNamed("web").listeners[0].target.wrappedFactory
+    fast.site.reactor = clock
+    return clock, fast.site
+
+
+class _Lenient:
+    """A StringTransport on which resuming a closing transport is a no-op (as TCP)."""
+
+    @staticmethod
+    def make() -> Any:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        class Lenient(StringTransport):
+            def resumeProducing(self) -> None:
+                if not self.disconnecting:
+                    super().resumeProducing()
+
+        return Lenient(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+
+
+def _memoryConnection(site: Any, engine: str, window: int | None = None) -> tuple[Any, Any, Any]:
+    import h2.config
+    import h2.connection
+
+    from netsvc.web.http2 import H2Channel
+
+    channel = H2Channel(site, engine)
+    transport = _Lenient.make()
+    channel.makeConnection(transport)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    if window is not None:
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    return channel, transport, client
+
+
+def _pump(channel: Any, transport: Any, client: Any, rounds: int = 50) -> list[Any]:
+    """Bytes both ways until quiet; the client's events."""
+    events: list[Any] = []
+    for _ in range(rounds):
+        out = transport.value()
+        transport.clear()
+        if out:
+            events += client.receive_data(out)
+        data = client.data_to_send()
+        if data and not transport.disconnecting:
+            channel.dataReceived(data)
+        if not out and not data:
+            break
+    return events
+
+
+def _get(client: Any, path: bytes, method: bytes = b"GET", extra: tuple = (), end: bool = True) -> int:
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, [(b":method", method), (b":scheme", b"https"), (b":authority", b"localhost"),
+                              (b":path", path), *extra], end_stream=end)
+    return sid
+
+
+def _turn() -> None:
+    """Let the reactor run the file producer's scheduled reads (twisted.web's FileSender is a pull producer)."""
+    from twisted.internet import reactor
+
+    for _ in range(3):
+        reactor.iterate(0.001)
+
+
+class MemoryTests(unittest.TestCase):
+    """Each on both engines."""
+
+    engines = ("native", "python")
+
+    def test_halfWindowUpdatesFinishABigFile(self) -> Any:
+        """A client that sends WINDOW_UPDATE once half its stream window is used (nghttp2, curl) gets the
+        whole of a file streamed from disk.  (The producer, paused while its bytes sat in the engine, was
+        woken only on WINDOW_UPDATE and stalled for good: 327,680 of 1,048,576 bytes with a 256 KB window.)"""
+        import contextlib
+
+        import h2.events
+        import h2.exceptions
+
+        clock, site = _memorySite(self)
+        for engine in self.engines:
+            for window in (256 * 1024, 512 * 1024):
+                channel, transport, client = _memoryConnection(site, engine, window)
+                client.increment_flow_control_window(2**30)
+                sid = _get(client, b"/big.bin")
+                got, unacked, ended = [], 0, False
+                for _ in range(300):
+                    for e in _pump(channel, transport, client):
+                        if isinstance(e, h2.events.DataReceived):
+                            got.append(e.data)
+                            unacked += e.flow_controlled_length
+                            if unacked >= window // 2:
+                                with contextlib.suppress(h2.exceptions.StreamClosedError):  # (ended in this read)
+                                    client.increment_flow_control_window(unacked, stream_id=sid)
+                                unacked = 0
+                        elif isinstance(e, h2.events.StreamEnded):
+                            ended = True
+                    if ended:
+                        break
+                    _turn()
+                self.assertTrue(ended, (engine, window, sum(map(len, got))))
+                self.assertEqual(b"".join(got), self.big, (engine, window))
+                channel.connectionLost(None)
+
+    def test_streamsTheEngineClosesAreForgotten(self) -> None:
+        """A body shorter than its Content-Length: libnghttp2 resets the stream itself; the twisted.web
+        stream behind it is let go (500 such requests held 500 streams for the connection's life)."""
+        clock, site = _memorySite(self)
+        channel, transport, client = _memoryConnection(site, "native")
+        _pump(channel, transport, client)
+        for _ in range(50):
+            sid = _get(client, b"/small.txt", b"POST", ((b"content-length", b"5"),), end=False)
+            client.send_data(sid, b"abc", end_stream=True)
+            _pump(channel, transport, client)
+        self.assertEqual(channel.streams, {})
+        channel.connectionLost(None)
+
+    def test_readingResumesWhileDraining(self) -> None:
+        """After GOAWAY, a transport that paused us and drained is read again: the client's WINDOW_UPDATEs
+        are what lets the answers under way finish (reading stayed paused until the drain deadline)."""
+        clock, site = _memorySite(self)
+        for engine in self.engines:
+            channel, transport, client = _memoryConnection(site, engine)
+            _pump(channel, transport, client)
+            _get(client, b"/big.bin")
+            for _ in range(5):
+                _pump(channel, transport, client)
+                _turn()
+            channel.drain()
+            channel.pauseProducing()
+            channel.resumeProducing()
+            self.assertEqual(transport.producerState, "producing", engine)
+            channel.connectionLost(None)
+
+    def test_refusalAnsweredWholeThroughASmallWindow(self) -> None:
+        """413 to a client whose window is smaller than the error page: the page arrives whole, with
+        END_STREAM, before the RST_STREAM(NO_ERROR) that stops the upload (the reset came first and cut
+        the page at 100 of 199 bytes)."""
+        import contextlib
+
+        import h2.events
+        import h2.exceptions
+
+        from netsvc.web import pages
+
+        clock, site = _memorySite(self, "    limits: {max_message: 1KiB}\n")
+        for engine in self.engines:
+            channel, transport, client = _memoryConnection(site, engine, window=100)
+            _pump(channel, transport, client)
+            sid = _get(client, b"/small.txt", b"POST", ((b"content-length", b"5000"),), end=False)
+            got, ended, status = b"", False, None
+            for _ in range(5):
+                for e in _pump(channel, transport, client):
+                    if isinstance(e, h2.events.ResponseReceived):
+                        status = dict(e.headers)[b":status"]
+                    elif isinstance(e, h2.events.DataReceived):
+                        got += e.data
+                        with contextlib.suppress(h2.exceptions.StreamClosedError):  # (ended in this read)
+                            client.increment_flow_control_window(e.flow_controlled_length, stream_id=sid)
+                        client.increment_flow_control_window(e.flow_controlled_length)
+                    elif isinstance(e, h2.events.StreamEnded):
+                        ended = True
+            self.assertEqual((status, got, ended), (b"413", pages.errorBody(413), True), engine)
+            channel.connectionLost(None)

@@ -47,7 +47,10 @@ without a limit, LOGIN answered C{BAD} before TLS, no C{[AUTHENTICATIONFAILED]})
 (input pipelined behind it was kept: injection), literals (no size limit on APPEND, no
 LITERAL+), FETCH bodies (C{FileProducer} as a pull producer never resumes behind a transport
 that writes eagerly; partial C{<a.b>} fetches sent the whole body; C{\\Seen} never set; header
-values outside ASCII raised), SELECT (no PERMANENTFLAGS/UIDNEXT/UNSEEN), LIST (no child or
+values outside ASCII raised), BODY[n...] sections and BODY/BODYSTRUCTURE (from C{_Node}, byte
+ranges of the stored message: C{email} objects re-serialised gave LF where CRLF was stored; a
+message/rfc822 part had its extension data before the envelope, an LF-counted size and the
+body's lines for the whole held message's), SELECT (no PERMANENTFLAGS/UIDNEXT/UNSEEN), LIST (no child or
 special-use attributes, C{/} as separator), APPEND/COPY (no UIDPLUS codes), EXPUNGE/MOVE/UID
 EXPUNGE/UNSELECT/ENABLE (missing), SEARCH (copies the rest of the list every five messages),
 IDLE (no updates, any line ended it), commands running concurrently (answers out of order).
@@ -67,6 +70,7 @@ from collections import Counter
 from email import message_from_bytes
 from email.header import decode_header, make_header
 from email.policy import compat32
+from email.utils import collapse_rfc2231_value
 from io import BytesIO
 from typing import Any
 
@@ -232,49 +236,205 @@ def _withEncoding(headers: dict[str, str], negate: bool, names: tuple) -> dict[s
     return headers
 
 
-class _Part:
-    """A MIME part (an C{email} Message, compat32) as Twisted's C{IMessagePart}."""
+_MAX_DEPTH = 32  # MIME nesting described in BODYSTRUCTURE (deeper: the plain fallback structure)
+_IDENTITY = ("", "7bit", "8bit", "binary")
 
-    def __init__(self, part: Any) -> None:
-        self.part = part
 
-    def getHeaders(self, negate: bool, *names: str) -> dict[str, str]:
-        wanted = {n.lower() for n in names}
-        out: dict[str, str] = {}
-        for k, v in self.part.items():
-            if (k.lower() in wanted) != negate and k.lower() not in out:
-                out[k.lower()] = _disposition(_ascii(v)) if k.lower() == "content-disposition" else _ascii(v)
-        return _withEncoding(out, negate, names)
+def _bodyOffset(raw: bytes, start: int, end: int) -> int:
+    """Where the body of the entity raw[start:end] starts (C{_splitMessage} without copying)."""
+    if raw.startswith(b"\r\n", start, end):
+        return start + 2
+    if raw.startswith(b"\n", start, end):
+        return start + 1
+    i = raw.find(b"\r\n\r\n", start, end)
+    limit = end if i < 0 else i + 4
+    j = raw.find(b"\n\n", start, limit)
+    candidates = [x for x in (i + 4 if i >= 0 else -1, j + 2 if j >= 0 else -1) if x >= 0]
+    return min(candidates) if candidates else end
 
-    def rawBody(self) -> bytes:
-        if self.part.is_multipart():
-            raw = self.part.as_bytes()
-            return raw[_splitMessage(raw):]
-        payload = self.part.get_payload(decode=False)
-        if isinstance(payload, list):  # message/rfc822
-            return b"".join(p.as_bytes() for p in payload)
-        return (payload or "").encode("ascii", "surrogateescape")
 
-    def rawHeader(self) -> bytes:
-        raw = self.part.as_bytes()
-        return raw[:_splitMessage(raw)]
+def _lines(raw: bytes, start: int, end: int) -> int:
+    """Lines in raw[start:end] (a last line without its line break counts)."""
+    n = raw.count(b"\n", start, end)
+    return n + 1 if end > start and raw[end - 1:end] != b"\n" else n
 
-    def getBodyFile(self) -> BytesIO:
-        return BytesIO(self.rawBody())
 
-    def getSize(self) -> int:
-        return len(self.rawBody())
+def _headerDict(block: bytes, negate: bool, names: tuple) -> dict[str, str]:
+    """Twisted's C{getHeaders}: lower-case name -> unfolded value (ASCII, "?" for other bytes), first wins."""
+    wanted = {n.lower().encode("ascii", "replace") for n in names}
+    out: dict[str, str] = {}
+    for name, raw in _headerFields(block):
+        if name and (name in wanted) != negate and name.decode("ascii", "replace") not in out:
+            value = raw.split(b":", 1)[1].strip() if b":" in raw else b""
+            value = re.sub(rb"\r?\n[ \t]+", b" ", value)
+            text = value.decode("ascii", "replace").replace("\ufffd", "?")
+            out[name.decode("ascii", "replace")] = _disposition(text) if name == b"content-disposition" else text
+    return out
+
+
+class _Node:
+    """
+    One MIME entity of a stored message as offsets into the message's bytes: its header is
+    C{raw[start:bodyStart]}, its body C{raw[bodyStart:end]}.  Sections are served from these ranges,
+    so they are the bytes as stored (RFC 3501 6.4.5), CRLF and all; an C{email} object re-serialised
+    gave LF.  Children: the parts of a multipart (split at its boundary lines, the line break before
+    a delimiter being the delimiter's, RFC 2046 5.1.1), or the encapsulated message of a
+    message/rfc822.  Also Twisted's C{IMessagePart}.
+    """
+
+    def __init__(self, raw: bytes, start: int, end: int, depth: int = 0, digest: bool = False) -> None:
+        self.raw, self.start, self.end, self.depth = raw, start, end, depth
+        self.bodyStart = _bodyOffset(raw, start, end)
+        self._head = message_from_bytes(raw[start:self.bodyStart], policy=compat32)
+        if digest:
+            self._head.set_default_type("message/rfc822")
+        self.contentType = self._head.get_content_type()
+        self._children: list[_Node] | None = None
+
+    def header(self) -> bytes:
+        return self.raw[self.start:self.bodyStart]
+
+    def body(self) -> bytes:
+        return self.raw[self.bodyStart:self.end]
 
     def isMultipart(self) -> bool:
-        return self.part.is_multipart()
+        return self.contentType.startswith("multipart/")
 
-    def getSubPart(self, index: int) -> _Part:
-        if not self.part.is_multipart():
+    def children(self) -> list[_Node]:
+        if self._children is None:
+            self._children = []
+            if self.depth < _MAX_DEPTH:
+                if self.isMultipart():
+                    self._children = self._parts()
+                elif self.contentType == "message/rfc822" and self.getHeaders(
+                        False, "content-transfer-encoding").get("content-transfer-encoding", "").lower() in _IDENTITY:
+                    self._children = [_Node(self.raw, self.bodyStart, self.end, self.depth + 1)]
+        return self._children
+
+    def encapsulated(self) -> _Node | None:
+        """The message a message/rfc822 entity holds (None for other types)."""
+        if self.contentType != "message/rfc822":
+            return None
+        children = self.children()
+        return children[0] if children else None
+
+    def _parts(self) -> list[_Node]:
+        boundary = self._head.get_boundary()
+        if not boundary:
+            return []
+        try:
+            delimiter = b"--" + boundary.encode("ascii", "surrogateescape")
+        except UnicodeEncodeError:
+            return []
+        raw, end, digest = self.raw, self.end, self.contentType == "multipart/digest"
+        spans: list[tuple[int, int]] = []
+        partStart: int | None = None
+        pos = self.bodyStart
+        while True:
+            i = raw.find(delimiter, pos, end)
+            if i < 0:
+                break
+            lineEnd = raw.find(b"\n", i, end)
+            lineEnd = end if lineEnd < 0 else lineEnd + 1
+            rest = raw[i + len(delimiter):lineEnd].rstrip(b"\r\n")
+            close = rest.startswith(b"--")
+            if (i > self.bodyStart and raw[i - 1:i] != b"\n") or (rest[2:] if close else rest).strip(b" \t"):
+                pos = i + 1  # not a delimiter line
+                continue
+            if partStart is not None:
+                stop = i
+                if stop > partStart and raw[stop - 1:stop] == b"\n":
+                    stop -= 1
+                    if stop > partStart and raw[stop - 1:stop] == b"\r":
+                        stop -= 1
+                spans.append((partStart, stop))
+            if close:
+                partStart = None
+                break
+            partStart = pos = lineEnd
+        if partStart is not None:  # no close delimiter: the last part runs to the end
+            spans.append((partStart, end))
+        return [_Node(raw, s, e, self.depth + 1, digest) for s, e in spans]
+
+    def params(self) -> list[str] | None:
+        """The Content-Type parameters as a flat list (in their order), the default's if there is none."""
+        if "content-type" not in self._head:
+            return ["charset", "us-ascii"] if self.contentType == "text/plain" else None
+        out: list[str] = []
+        for key, value in (self._head.get_params(header="content-type") or [])[1:]:
+            out += [_ascii(key), _ascii(collapse_rfc2231_value(value) if value else "")]
+        return out or None
+
+    # IMessagePart
+    def getHeaders(self, negate: bool, *names: str) -> dict[str, str]:
+        return _withEncoding(_headerDict(self.header(), negate, names), negate, names)
+
+    def getBodyFile(self) -> BytesIO:
+        return BytesIO(self.body())
+
+    def getSize(self) -> int:
+        return self.end - self.bodyStart
+
+    def getSubPart(self, index: int) -> _Node:
+        children = self.children() if self.isMultipart() else []
+        if index >= len(children):
             raise IndexError(index)
-        parts = self.part.get_payload()
-        if index >= len(parts):
-            raise IndexError(index)
-        return _Part(parts[index])
+        return children[index]
+
+
+def _findPart(root: _Node, path: list[int]) -> _Node | None:
+    """The entity of section part C{path} (zero-based numbers) of the message C{root}, or None.  Part 1
+    of a message that is not multipart is its body (the message itself here); the numbers after a
+    message/rfc822 part number the parts of the message it holds (RFC 3501 6.4.5)."""
+    node = root
+    for n, index in enumerate(path):
+        inner = node.encapsulated() if n > 0 else None
+        if node.isMultipart():
+            children = node.children()
+        elif inner is not None:
+            children = inner.children() if inner.isMultipart() else [inner]
+        else:
+            children = [node]
+        if index >= len(children):
+            return None
+        node = children[index]
+    return node
+
+
+def _dispositionList(value: str | None) -> list | None:
+    """A (normalised, see L{_disposition}) Content-Disposition as BODYSTRUCTURE's (type (params))."""
+    if not value:
+        return None
+    kind, *rest = value.split("; ")
+    params = [x for p in rest for x in p.split("=", 1)]
+    return [kind.lower(), params or None]
+
+
+def _bodyStructure(node: _Node, extended: bool) -> list:
+    """RFC 3501 7.4.2 BODY (C{extended}: BODYSTRUCTURE) of C{node}, as a nested list.  A message/rfc822
+    part: the basic fields, its envelope, body structure and lines (the held message's, header
+    included), then the extension data (Twisted put the extension data first)."""
+    main, _, sub = node.contentType.partition("/")
+    headers = node.getHeaders(False, "content-id", "content-description", "content-transfer-encoding",
+                              "content-md5", "content-disposition", "content-language", "content-location")
+    extension = [_dispositionList(headers.get("content-disposition")), headers.get("content-language"),
+                 headers.get("content-location")]
+    if node.isMultipart():
+        if node.depth >= _MAX_DEPTH:
+            raise ValueError("MIME nesting too deep")
+        parts = node.children() or [_Node(node.raw, node.end, node.end, node.depth + 1)]
+        out = [_bodyStructure(p, extended) for p in parts] + [sub]
+        return out + [node.params()] + extension if extended else out
+    out = [main, sub, node.params(), headers.get("content-id"), headers.get("content-description"),
+           headers.get("content-transfer-encoding"), node.getSize()]
+    inner = node.encapsulated()
+    if inner is not None:
+        out += [imap4.getEnvelope(inner), _bodyStructure(inner, extended), _lines(node.raw, inner.start, inner.end)]
+    elif node.contentType == "message/rfc822" and node.depth >= _MAX_DEPTH:
+        raise ValueError("MIME nesting too deep")
+    elif main == "text":
+        out.append(_lines(node.raw, node.bodyStart, node.end))
+    return out + [headers.get("content-md5")] + extension if extended else out
 
 
 class _Message:
@@ -284,7 +444,7 @@ class _Message:
         self.view = view
         self.meta = meta
         self._raw: bytes | None = None
-        self._mime: Any = None
+        self._tree: _Node | None = None
         self._header: bytes | None = None
 
     def raw(self) -> bytes:
@@ -320,10 +480,12 @@ class _Message:
         raw = self.raw()
         return raw[_splitMessage(raw):]
 
-    def mime(self) -> Any:
-        if self._mime is None:
-            self._mime = message_from_bytes(self.raw(), policy=compat32)
-        return self._mime
+    def tree(self) -> _Node:
+        """The message's MIME structure, as byte ranges of its stored bytes."""
+        if self._tree is None:
+            raw = self.raw()
+            self._tree = _Node(raw, 0, len(raw))
+        return self._tree
 
     # IMessage
     def getUID(self) -> int:
@@ -339,15 +501,7 @@ class _Message:
         return self.meta.size
 
     def getHeaders(self, negate: bool, *names: str) -> dict[str, str]:
-        wanted = {n.lower().encode("ascii", "replace") for n in names}
-        out: dict[str, str] = {}
-        for name, raw in _headerFields(self.header()):
-            if name and (name in wanted) != negate and name.decode("ascii", "replace") not in out:
-                value = raw.split(b":", 1)[1].strip() if b":" in raw else b""
-                value = re.sub(rb"\r?\n[ \t]+", b" ", value)
-                text = value.decode("ascii", "replace").replace("\ufffd", "?")
-                out[name.decode("ascii", "replace")] = _disposition(text) if name == b"content-disposition" else text
-        return out
+        return _headerDict(self.header(), negate, names)
 
     def headerText(self, name: str) -> str:
         """Every C{name} field's value, unfolded, RFC 2047-decoded, joined by newlines ("" if none)."""
@@ -368,30 +522,10 @@ class _Message:
         return BytesIO(self.body())
 
     def isMultipart(self) -> bool:
-        return self.mime().is_multipart()
+        return self.tree().isMultipart()
 
-    def getSubPart(self, index: int) -> _Part:
-        return _Part(self.mime()).getSubPart(index)
-
-
-class _BodyOnly:
-    """A message as Twisted's BODYSTRUCTURE code should see it: its size is the body's (RFC 3501),
-    not the whole message's (which Twisted reported for a single-part message)."""
-
-    def __init__(self, msg: _Message) -> None:
-        self._msg = msg
-
-    def getSize(self) -> int:
-        return len(self._msg.body())
-
-    def getHeaders(self, negate: bool, *names: str) -> dict[str, str]:
-        return _withEncoding(self._msg.getHeaders(negate, *names), negate, names)
-
-    def getSubPart(self, index: int) -> Any:
-        return _Part(self._msg.mime()).getSubPart(index)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._msg, name)
+    def getSubPart(self, index: int) -> _Node:
+        return self.tree().getSubPart(index)
 
 
 class _View:
@@ -1236,7 +1370,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _structure(self, msg: _Message, extended: bool) -> bytes:
         try:
-            return imap4.collapseNestedLists([imap4.getBodyStructure(_BodyOnly(msg), extended)])
+            return imap4.collapseNestedLists([_bodyStructure(msg.tree(), extended)])
         except Exception:
             return b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" %d %d)' % (
                 len(msg.body()), msg.body().count(b"\n"))
@@ -1285,27 +1419,20 @@ class IMAPServer(imap4.IMAP4Server):
                     return _filterHeader(block, list(part.header.fields), bool(part.header.negate))
                 return block
             return msg.body()  # TEXT
-        node: Any = _Part(msg.mime())
-        try:
-            for index in part.part:
-                if node.isMultipart():
-                    node = node.getSubPart(index)
-                elif index != 0:
-                    return b""
-        except IndexError:
+        node = _findPart(msg.tree(), list(part.part))
+        if node is None:
             return b""
         if part.mime:
-            return node.rawHeader()
-        if part.header or part.text:
-            inner = node.part.get_payload() if node.part.get_content_type() == "message/rfc822" else None
-            inner = _Part(inner[0]) if isinstance(inner, list) and inner else node
+            return node.header()
+        if part.header or part.text:  # of the message a message/rfc822 part holds
+            inner = node.encapsulated() or node
             if part.text:
-                return inner.rawBody()
-            block = inner.rawHeader()
+                return inner.body()
+            block = inner.header()
             if part.header.fields:
                 return _filterHeader(block, list(part.header.fields), bool(part.header.negate))
             return block
-        return node.rawBody()
+        return node.body()
 
     def _sendWhole(self, msg: _Message, begin: int | None, length: int | None, _w: Any, _f: Any) -> Any:
         """The message's bytes (or the slice begin:begin+length) as a literal, streamed from its file."""

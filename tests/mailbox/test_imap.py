@@ -333,6 +333,102 @@ class MoreTests(IMAPTestCase):
         return defer.Deferred.fromCoroutine(self._idleTimeouts())
 
 
+INNER = (b"From: Sender <sender@example.test>\r\n"
+         b"Subject: plain one\r\n"
+         b"Date: Sat, 28 Nov 2026 23:30:00 -0800\r\n"
+         b"Content-Type: text/plain; charset=utf-8\r\n"
+         b"\r\n"
+         b"Hello,\r\nplain one\r\n")
+INNER_MULTI = (b"Subject: inner multi\r\n"
+               b"Content-Type: multipart/alternative; boundary=in\r\n"
+               b"\r\n"
+               b"--in\r\nContent-Type: text/plain\r\n\r\nplain\r\n"
+               b"--in\r\nContent-Type: text/html\r\n\r\n<p>html</p>\r\n"
+               b"--in--\r\n")
+MIME2 = b"Content-Type: message/rfc822\r\nContent-Disposition: attachment\r\n\r\n"
+MIME3 = b"Content-Type: message/rfc822\r\n\r\n"
+FORWARD = (b"From: forwarder@example.test\r\n"
+           b"Subject: Fwd: plain one\r\n"
+           b"MIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/mixed; boundary="XX"\r\n'
+           b"\r\n"
+           b"preamble\r\n"
+           b"--XX\r\nContent-Type: text/plain\r\n\r\nForwarded below.\r\n"
+           b"\r\n--XX\r\n" + MIME2 + INNER +
+           b"\r\n--XX\r\n" + MIME3 + INNER_MULTI +
+           b"\r\n--XX--\r\n")
+
+
+class SectionAndStructureTests(IMAPTestCase):
+    """Sections are the stored bytes, message/rfc822 parts described in RFC 3501's order."""
+
+    async def _fetch(self, items: bytes) -> dict[bytes, bytes]:
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        client.send(b"a LOGIN bob secret\r\nb EXAMINE INBOX\r\nc FETCH 1 (" + items + b")\r\n")
+        await client.expect(rb"c OK")
+        client.transport.loseConnection()
+        text = bytes(client.data)
+        out, pos = {}, text.index(b"* 1 FETCH (") + len(b"* 1 FETCH (")
+        while True:  # BODY[...] {n}\r\n<n bytes>, one after another
+            m = re.compile(rb" ?(BODY\[[^\]]*\](?:<\d+>)?) \{(\d+)\}\r\n").match(text, pos)
+            if not m:
+                break
+            out[m.group(1)] = text[m.end():m.end() + int(m.group(2))]
+            pos = m.end() + int(m.group(2))
+        return out, text
+
+    async def _sections(self):
+        self.store.deliver("bob", FORWARD)
+        got, _ = await self._fetch(b"BODY.PEEK[1] BODY.PEEK[1.MIME] BODY.PEEK[2] BODY.PEEK[2.MIME] "
+                                   b"BODY.PEEK[2.HEADER] BODY.PEEK[2.TEXT] BODY.PEEK[2.1] "
+                                   b"BODY.PEEK[2.HEADER.FIELDS (Subject)] BODY.PEEK[3.1] BODY.PEEK[3.2] "
+                                   b"BODY.PEEK[3.2.MIME] BODY.PEEK[3.1.MIME] BODY.PEEK[2]<7.5>")
+        head, body = INNER.split(b"\r\n\r\n", 1)
+        self.assertEqual(got, {
+            b"BODY[1]": b"Forwarded below.\r\n",
+            b"BODY[1.MIME]": b"Content-Type: text/plain\r\n\r\n",
+            b"BODY[2]": INNER,  # the encapsulated message as stored: CRLF (it was re-serialised with LF)
+            b"BODY[2.MIME]": MIME2,
+            b"BODY[2.HEADER]": head + b"\r\n\r\n",
+            b"BODY[2.TEXT]": body,
+            b"BODY[2.1]": body,
+            b"BODY[2.HEADER.FIELDS (Subject)]": b"Subject: plain one\r\n\r\n",
+            b"BODY[3.1]": b"plain",  # the first part of the encapsulated multipart (its CRLF: the delimiter's)
+            b"BODY[3.2]": b"<p>html</p>",
+            b"BODY[3.2.MIME]": b"Content-Type: text/html\r\n\r\n",
+            b"BODY[3.1.MIME]": b"Content-Type: text/plain\r\n\r\n",
+            b"BODY[2]<7>": INNER[7:12],
+        })
+
+    def test_sectionsAreStoredBytes(self):
+        """BODY[n], [n.MIME], [n.HEADER], [n.TEXT] and parts inside a message/rfc822 part: byte ranges
+        of the stored message (RFC 3501 6.4.5), CRLF as stored, not an email object re-serialised."""
+        return defer.Deferred.fromCoroutine(self._sections())
+
+    async def _rfc822Structure(self):
+        self.store.deliver("bob", FORWARD)
+        _, text = await self._fetch(b"BODYSTRUCTURE BODY")
+        envelope = rb'\("Sat, 28 Nov 2026 23:30:00 -0800" "plain one" \(\("Sender" NIL "sender" "example.test"\)\)'
+        inner = rb'\("text" "plain" \("charset" "utf-8"\) NIL NIL "7bit" 19 2%s\)'
+        # type subtype params id description encoding size, envelope, body structure, lines (of the
+        # encapsulated message as a whole: 7), then the extension data (RFC 3501 7.4.2)
+        rfc822 = (rb'\("message" "rfc822" NIL NIL NIL "7bit" %d ' % len(INNER) + envelope + rb'[^\r]*?\) '
+                  + inner + rb' 7%s\)')
+        extension = rb' NIL \("attachment" NIL\) NIL NIL'  # md5 disposition language location
+        self.assertRegex(text, rb"BODYSTRUCTURE \(\(.*?\) " + rfc822 % (rb" NIL NIL NIL NIL", extension))
+        self.assertRegex(text, rb"BODY \(\(.*?\) " + rfc822 % (b"", b""))
+        # the encapsulated multipart: its parts, its subtype; 12 lines, its size as stored
+        self.assertRegex(text, rb'\("message" "rfc822" NIL NIL NIL "7bit" %d \(NIL "inner multi" [^\r]*?\) '
+                         rb'\(\("text" "plain" NIL NIL NIL "7bit" 5 1\) \("text" "html" NIL NIL NIL "7bit" 11 1\) '
+                         rb'"alternative"\) 12\)' % len(INNER_MULTI))
+
+    def test_rfc822PartStructure(self):
+        """BODYSTRUCTURE/BODY of a message/rfc822 part: envelope, body structure and lines before the
+        extension data; size and lines of the encapsulated message as stored (CRLF, header included)."""
+        return defer.Deferred.fromCoroutine(self._rfc822Structure())
+
+
 class TLSTests(IMAPTestCase):
     def test_starttls(self):
         """Plain port: LOGINDISABLED and LOGIN refused before STARTTLS; after it, LOGIN and AUTH=PLAIN."""

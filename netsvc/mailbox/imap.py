@@ -52,7 +52,8 @@ ranges of the stored message: C{email} objects re-serialised gave LF where CRLF 
 message/rfc822 part had its extension data before the envelope, an LF-counted size and the
 body's lines for the whole held message's), SELECT (no PERMANENTFLAGS/UIDNEXT/UNSEEN), LIST (no child or
 special-use attributes, C{/} as separator), APPEND/COPY (no UIDPLUS codes), EXPUNGE/MOVE/UID
-EXPUNGE/UNSELECT/ENABLE (missing), SEARCH (copies the rest of the list every five messages),
+EXPUNGE/UNSELECT/ENABLE (missing), SEARCH (copies the rest of the list every five messages;
+SENT*/BEFORE/ON/SINCE answered BAD; C{HEADER name ""} matched every message),
 IDLE (no updates, any line ended it), commands running concurrently (answers out of order).
 """
 
@@ -167,6 +168,18 @@ def _parseAppendDate(raw: bytes | None) -> float | None:
         raise IllegalClientResponse("Malformed date-time") from None
     offset = (int(m.group(8)) * 60 + int(m.group(9))) * 60
     return float(ts - offset if m.group(7) == b"+" else ts + offset)
+
+
+def _searchDay(raw: Any) -> tuple[int, int, int]:
+    """A SEARCH date (C{1-Feb-1994}) as (year, month, day).  @raise IllegalClientResponse"""
+    m = re.fullmatch(rb"(\d{1,2})-([A-Za-z]{3})-(\d{4})", _bytes(raw))
+    months = [x.lower() for x in _MONTHS]
+    if not m or m.group(2).decode().lower() not in months:
+        raise IllegalClientResponse("Malformed date")
+    day, mon, year = int(m.group(1)), months.index(m.group(2).decode().lower()) + 1, int(m.group(3))
+    if not 1 <= day <= calendar.monthrange(year, mon)[1]:
+        raise IllegalClientResponse("Malformed date")
+    return year, mon, day
 
 
 def _splitMessage(raw: bytes) -> int:
@@ -486,6 +499,10 @@ class _Message:
             raw = self.raw()
             self._tree = _Node(raw, 0, len(raw))
         return self._tree
+
+    def hasHeader(self, name: str) -> bool:
+        wanted = name.lower().encode("ascii", "replace")
+        return any(field == wanted for field, _ in _headerFields(self.header()))
 
     # IMessage
     def getUID(self) -> int:
@@ -1658,8 +1675,42 @@ class IMAPServer(imap4.IMAP4Server):
         return self._headerHas(msg, "bcc", query.pop(0))
 
     def search_HEADER(self, query: list, id: int, msg: _Message) -> bool:
-        name = query.pop(0)
-        return self._headerHas(msg, name, query.pop(0))
+        name, needle = query.pop(0), query.pop(0)
+        if not needle:  # RFC 3501 6.4.4: "" matches every message that has the field (Twisted: every message)
+            return msg.hasHeader(_text(name))
+        return self._headerHas(msg, name, needle)
+
+    # Twisted's date searches run a str pattern on the bytes argument (TypeError: answered BAD), and
+    # compared times of day where RFC 3501 compares days.  SENT*: the day written in the Date header
+    # (its time and zone disregarded); BEFORE/ON/SINCE: the internal date's day (as shown, UTC).
+
+    def _sentDay(self, msg: _Message) -> tuple[int, int, int] | None:
+        parsed = email.utils.parsedate(msg.getHeaders(False, "date").get("date", ""))
+        return tuple(parsed[:3]) if parsed else None  # type: ignore[return-value]
+
+    def _internalDay(self, msg: _Message) -> tuple[int, int, int]:
+        return tuple(time.gmtime(msg.meta.internaldate)[:3])  # type: ignore[return-value]
+
+    def search_SENTBEFORE(self, query: list, id: int, msg: _Message) -> bool:
+        day, sent = _searchDay(query.pop(0)), self._sentDay(msg)
+        return sent is not None and sent < day
+
+    def search_SENTON(self, query: list, id: int, msg: _Message) -> bool:
+        day, sent = _searchDay(query.pop(0)), self._sentDay(msg)
+        return sent is not None and sent == day
+
+    def search_SENTSINCE(self, query: list, id: int, msg: _Message) -> bool:
+        day, sent = _searchDay(query.pop(0)), self._sentDay(msg)
+        return sent is not None and sent >= day
+
+    def search_BEFORE(self, query: list, id: int, msg: _Message) -> bool:
+        return self._internalDay(msg) < _searchDay(query.pop(0))
+
+    def search_ON(self, query: list, id: int, msg: _Message) -> bool:
+        return self._internalDay(msg) == _searchDay(query.pop(0))
+
+    def search_SINCE(self, query: list, id: int, msg: _Message) -> bool:
+        return self._internalDay(msg) >= _searchDay(query.pop(0))
 
     def search_KEYWORD(self, query: list, id: int, msg: _Message) -> bool:
         return _text(query.pop(0)) in msg.meta.flags

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import imaplib
 import os
 import re
@@ -360,7 +361,7 @@ FORWARD = (b"From: forwarder@example.test\r\n"
 
 
 class SectionAndStructureTests(IMAPTestCase):
-    """Sections are the stored bytes, message/rfc822 parts described in RFC 3501's order."""
+    """Sections are the stored bytes, message/rfc822 parts described in RFC 3501's order, SENT* dates."""
 
     async def _fetch(self, items: bytes) -> dict[bytes, bytes]:
         port = self.serve("pretend")
@@ -427,6 +428,39 @@ class SectionAndStructureTests(IMAPTestCase):
         """BODYSTRUCTURE/BODY of a message/rfc822 part: envelope, body structure and lines before the
         extension data; size and lines of the encapsulated message as stored (CRLF, header included)."""
         return defer.Deferred.fromCoroutine(self._rfc822Structure())
+
+    async def _searchDates(self):
+        inbox = self.store.inbox("bob")
+        day = 86400
+        base = calendar.timegm((2026, 12, 1, 0, 0, 0))
+        inbox.append(b"Date: Sat, 28 Nov 2026 23:30:00 -0800\r\nSubject: one\r\n\r\n1\r\n", date=base - 2 * day)
+        inbox.append(b"Date: Tue, 01 Dec 2026 10:00:00 +0100\r\nIn-Reply-To: <x@lab.test>\r\n\r\n2\r\n",
+                     date=base + 3600)
+        inbox.append(b"Date: Thu, 03 Dec 2026 12:00:00 +0000\r\nIn-Reply-To:\r\n\r\n3\r\n", date=base + 2 * day)
+        inbox.append(b"Subject: no date\r\n\r\n4\r\n", date=base + 5 * day)
+        port = self.serve("pretend")
+        client = await self.raw(port)
+        searches = [(b"SENTSINCE 1-Dec-2026", b" 2 3"), (b"SENTBEFORE 1-Dec-2026", b" 1"),
+                    (b"SENTON 28-Nov-2026", b" 1"),  # the header's own date, not UTC's 29 Nov
+                    (b"SENTON 29-Nov-2026", b""), (b"SENTSINCE 4-Dec-2026", b""),
+                    (b'SENTON "01-Dec-2026"', b" 2"),
+                    (b"SINCE 1-Dec-2026", b" 2 3 4"), (b"BEFORE 1-Dec-2026", b" 1"), (b"ON 3-Dec-2026", b" 3"),
+                    (b'HEADER "In-Reply-To" ""', b" 2 3"),  # present, even empty: RFC 3501 6.4.4
+                    (b'HEADER "In-Reply-To" "x@"', b" 2"), (b'NOT HEADER "In-Reply-To" ""', b" 1 4")]
+        client.send(b"a LOGIN bob secret\r\nb EXAMINE INBOX\r\n"
+                    + b"".join(b"s%d SEARCH %s\r\n" % (i, q) for i, (q, _) in enumerate(searches))
+                    + b"z SEARCH SENTON 32-Foo-2026\r\n")
+        await client.expect(rb"z (OK|NO|BAD)[^\r]*\r\n")
+        text = bytes(client.data)
+        for i, (q, want) in enumerate(searches):
+            self.assertIn(b"* SEARCH%s\r\ns%d OK" % (want, i), text, q)
+        self.assertRegex(text, rb"z BAD ")
+        client.transport.loseConnection()
+
+    def test_searchSentDatesAndEmptyHeader(self):
+        """SENTBEFORE/SENTON/SENTSINCE compare the Date header's own day (they answered BAD: a str pattern
+        on bytes), BEFORE/ON/SINCE the internal date's; HEADER name "" matches messages having the field."""
+        return defer.Deferred.fromCoroutine(self._searchDates())
 
 
 class TLSTests(IMAPTestCase):

@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 UIDLIST = "netsvc-uidlist"
+#: In a user's mailbox: the last UIDVALIDITY given out (a new folder gets a larger one).
+VALIDITY_MARK = "netsvc-uidvalidity"
 LOCKFILE = "netsvc-uidlist.lock"
 SUBSCRIPTIONS = "subscriptions"
 SEPARATOR = "."
@@ -169,6 +171,8 @@ def _checkFolderName(name: str) -> str:
         raise InvalidName(f"invalid folder name {name!r}: INBOX cannot have subfolders")
     if name.startswith("netsvc-"):
         raise InvalidName(f"invalid folder name {name!r}")
+    if len(_encodeFolder(name)) > 255:  # the directory name on disk (ENAMETOOLONG was a traceback)
+        raise InvalidName(f"folder name too long: {name[:40]!r}...")
     return name
 
 
@@ -391,6 +395,35 @@ class Folder:
             raise MailboxError(f"cannot write {UIDLIST}: {e.strerror}") from None
         _bump(self.path)
 
+    def _newValidity(self) -> int:
+        """
+        A UIDVALIDITY this user's mailbox never gave out: max(now, the last one + 1), the last kept in
+        C{netsvc-uidvalidity}.  (The time alone gave a folder deleted and made again -- or renamed and
+        made again -- in the same second its old UIDVALIDITY: a client's cached UID 1 named another
+        message; RFC 3501 2.3.1.1.)
+        """
+        home = self.path if self.name == "INBOX" else self.path.parent
+        try:
+            fd = os.open(home / VALIDITY_MARK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise MailboxError(f"cannot write {VALIDITY_MARK}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (other folders of this user, other processes)
+            try:
+                last = int(os.pread(fd, 32, 0).strip() or 0)
+            except ValueError:
+                last = 0
+            validity = max(int(time.time()), last + 1, 1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % validity, 0)
+            if self.store.fsync:
+                os.fsync(fd)
+        except OSError as e:
+            raise MailboxError(f"cannot write {VALIDITY_MARK}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        return validity
+
     # -- listing -----------------------------------------------------------------------------
 
     def _scan(self) -> tuple[list[Message], int, int]:
@@ -399,7 +432,7 @@ class Folder:
         validity, uidnext, entries = self._readUidlist()
         dirty = False
         if validity == 0:
-            validity = max(int(time.time()), 1)
+            validity = self._newValidity()
             uidnext, entries, dirty = 1, {}, True
         cur, new = self.path / "cur", self.path / "new"
         moved = False
@@ -568,8 +601,12 @@ class Folder:
             if newName != name:
                 try:
                     os.rename(self.path / "cur" / name, self.path / "cur" / newName)
+                    if self.store.fsync:
+                        _fsyncDir(self.path / "cur")  # the flags are durable before the answer
                 except FileNotFoundError:
                     raise NoSuchMessage(f"no message with UID {uid} in {self.name}") from None
+                except OSError as e:
+                    raise MailboxError(f"cannot change the flags: {e.strerror}") from None
                 self._names[uid] = newName
                 _bump(self.path)
             validity, uidnext, entries = self._readUidlist()

@@ -211,6 +211,13 @@ class LocalSettings:
             problems.append(("recipient_delimiter", "one character (not @ or .), or \"\" for none"))
         if not self.maildir:
             problems.append(("maildir", "needs a folder"))
+        if self.captured is not None:
+            from netsvc.mailbox.maildir import InvalidName, normaliseUser
+
+            try:
+                normaliseUser(self.captured)
+            except InvalidName as e:
+                problems.append(("captured", f"{e}: a user name of services.smtp.users"))
         problems += aliasProblems(self.aliases, self.domains, self.recipient_delimiter)
         return problems
 

@@ -347,3 +347,40 @@ class NewMailboxRaceTests(unittest.TestCase):
                 t.join(10)
             self.assertEqual(errors, [])
             self.assertEqual(len(store.inbox("newcomer").messages()), 8)
+
+
+class ReviewFindingsTests(unittest.TestCase):
+    """What the review of the store found (each seen failing before its fix)."""
+
+    def setUp(self):
+        self.store = Maildirs(self.mktemp(), fsync=True)
+        self.store.deliver("bob", b"Subject: a\r\n\r\nx\r\n")
+
+    def test_uidvalidityNewAfterDeleteAndCreate(self):
+        """A folder deleted (or renamed away) and made again in the same second gets a new UIDVALIDITY:
+        with the time alone it got the old one, and UID 1 named another message (RFC 3501 2.3.1.1)."""
+        with mock.patch.object(maildir.time, "time", return_value=1_800_000_000.0):
+            self.store.createFolder("bob", "A")
+            first = self.store.folder("bob", "A")
+            first.append(b"Subject: old\r\n\r\n")
+            before = first.uidvalidity
+            self.store.deleteFolder("bob", "A")
+            self.store.createFolder("bob", "A")
+            self.assertGreater(self.store.folder("bob", "A").uidvalidity, before)
+            self.store.renameFolder("bob", "A", "B")
+            self.store.createFolder("bob", "A")
+            validities = {self.store.folder("bob", n).uidvalidity for n in ("A", "B", "INBOX")}
+            self.assertEqual(len(validities), 3)
+
+    def test_flagChangesFsynced(self):
+        """A system flag lives in the file name: the rename is fsync'd before the answer."""
+        inbox = self.store.inbox("bob")
+        (message,) = inbox.messages()
+        with mock.patch.object(maildir, "_fsyncDir") as fsynced:
+            inbox.setFlags(message.uid, ["\\Seen", "\\Deleted"])
+        self.assertIn(inbox.path / "cur", [c.args[0] for c in fsynced.call_args_list])
+
+    def test_longFolderNameRefused(self):
+        """120 x "é" is within the name length but 322 bytes on disk: refused, not ENAMETOOLONG."""
+        self.assertRaises(InvalidName, self.store.createFolder, "bob", "\u00e9" * 120)
+        self.assertRaises(InvalidName, self.store.folder, "bob", "\u00e9" * 120)

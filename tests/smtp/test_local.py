@@ -664,3 +664,7 @@ class CapturedMailboxTests(LoopbackCase):
                                                                'relay: {smarthost: "tcp:host=127.0.0.1:port=25"}')
         e = self.assertRaises(ConfigError, parse, "state_dir: s\n" + text, "f.yaml")
         self.assertIn("services.smtp.local.captured: only in capture mode", str(e))
+        # a name that cannot be a mailbox is a configuration problem (it was 451 for every captured message)
+        bad = daemonConfig("users.txt", "[]", '"Dev Team"')
+        e = self.assertRaises(ConfigError, parse, "state_dir: s\n" + bad, "f.yaml")
+        self.assertIn("services.smtp.local.captured: invalid user name 'Dev Team'", str(e))

@@ -644,6 +644,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._idleLoop = None
         self._closing = False
         self._abortCall = None
+        self._polling = False
+        self._idleEnd: Any = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -1275,6 +1277,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._idleStarted = self.factory.clock.seconds()
         self._lastKeepalive = self._idleStarted
         self._polling = False
+        self._idleEnd = None
         loop = task.LoopingCall(self._idlePoll)
         loop.clock = self.factory.clock
         self._idleLoop = loop
@@ -1291,6 +1294,9 @@ class IMAPServer(imap4.IMAP4Server):
 
         def done(_: Any) -> None:
             self._polling = False
+            end, self._idleEnd = self._idleEnd, None
+            if end is not None and not self._closing:
+                end()
 
         self._refresh().addErrback(lambda f: log.failure("IDLE poll", f)).addBoth(done)
 
@@ -1304,9 +1310,15 @@ class IMAPServer(imap4.IMAP4Server):
         tag = self.parseTag
         del self.parseTag
         if line.strip().upper() == b"DONE":
-            self.sendPositiveResponse(tag, b"IDLE terminated")
+            end = lambda: self.sendPositiveResponse(tag, b"IDLE terminated")  # noqa: E731
         else:
-            self.sendBadResponse(tag, b"Expected DONE")
+            end = lambda: self.sendBadResponse(tag, b"Expected DONE")  # noqa: E731
+        if self._polling:
+            # a poll is still listing the folder: its untagged answers come first, then the tagged
+            # line, and only then is the next command read (an EXPUNGE inside its answer: RFC 3501 7.4.1)
+            self._idleEnd = end
+        else:
+            end()
 
     auth_IDLE = (do_IDLE,)
     select_IDLE = auth_IDLE

@@ -716,6 +716,101 @@ class IdleTests(IMAPTestCase):
         return defer.Deferred.fromCoroutine(self._restart())
 
 
+# -- sessions over a StringTransport, store calls through a run function the test controls ------------
+
+
+class _Session:
+    """An IMAP session over a StringTransport and a MemoryReactorClock; store calls go through C{run},
+    which can hold them (C{hold = True}: each call waits in C{held} until C{release()})."""
+
+    def __init__(self, store: Maildirs, **kwargs) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        self.hold = False
+        self.held: list = []
+        self.calls = 0
+        self.clock = MemoryReactorClock()
+        self.factory = IMAPFactory(store, Users(), implicitTLS=True, clock=self.clock, run=self.run, **kwargs)
+        self.server = self.factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1234))
+        self.server.makeConnection(self.transport)
+
+    def run(self, f, *args):
+        self.calls += 1
+        if self.hold:
+            d = defer.Deferred()
+            self.held.append((d, f, args))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, f, args in held:
+            defer.maybeDeferred(f, *args).chainDeferred(d)
+
+    def send(self, data: bytes) -> None:
+        self.server.dataReceived(data)
+        self.clock.advance(0)
+
+    def until(self, pattern: bytes, turns: int = 5000) -> bytes:
+        """Turn the clock until C{pattern} is in the output (taken away as it comes)."""
+        for _ in range(turns):
+            if re.search(pattern, self.transport.value()):
+                return self.transport.value()
+            self.clock.advance(0.01)
+        raise AssertionError(f"{pattern!r} not seen; got {self.transport.value()[-300:]!r}")
+
+
+class IdleRaceTests(unittest.TestCase):
+    def test_pollInFlightAtDone(self):
+        """An IDLE poll still listing the folder when DONE arrives: its EXPUNGE comes before the tagged OK
+        of IDLE, never inside the next command's FETCH answer (RFC 3501 7.4.1), and the next command
+        numbers the messages as the client does."""
+        store = Maildirs(Path(self.mktemp()).absolute(), fsync=False)
+        for i in range(3):
+            store.deliver("bob", b"Subject: m%d\r\n\r\n" % i + b"x" * 1000 + b"\r\n")
+        session = _Session(store, pollInterval=1)
+        session.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\nc IDLE\r\n")
+        session.until(rb"\+ idling\r\n")
+        session.transport.clear()
+        other = store.inbox("bob")
+        other.remove([other.messages()[0].uid])  # another session expunges message 1
+        session.hold = True
+        session.clock.advance(1)  # the poll starts listing the folder ("in a thread", still running)
+        self.assertTrue(session.held)
+        session.hold = False
+        session.send(b"DONE\r\n")
+        session.server.dataReceived(b"d FETCH 2:3 (UID)\r\ne STORE 1 +FLAGS (\\Seen)\r\n")
+        session.clock.advance(0)
+        self.assertNotIn(b"c OK", session.transport.value())  # the poll has not answered yet
+        session.release()
+        out = session.until(rb"e OK")
+        lines = re.findall(rb"(?m)^(\* \d+ \w+|[a-z] OK)", out)
+        self.assertEqual(lines, [b"* 1 EXPUNGE", b"c OK", b"* 2 FETCH", b"d OK", b"* 1 FETCH", b"e OK"])
+        self.assertIn(b"* 2 FETCH (UID 3)", out)
+
+    def test_pollInFlightAtBadEnd(self):
+        """The same when IDLE is ended by something other than DONE: the BAD waits for the poll too."""
+        store = Maildirs(Path(self.mktemp()).absolute(), fsync=False)
+        for i in range(2):
+            store.deliver("bob", b"Subject: m%d\r\n\r\n" % i)
+        session = _Session(store, pollInterval=1)
+        session.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\nc IDLE\r\n")
+        session.until(rb"\+ idling\r\n")
+        session.transport.clear()
+        other = store.inbox("bob")
+        other.remove([other.messages()[0].uid])
+        session.hold = True
+        session.clock.advance(1)
+        session.hold = False
+        session.send(b"NOPE\r\nd FETCH 1 (UID)\r\n")
+        session.release()
+        out = session.until(rb"d OK")
+        self.assertEqual(re.findall(rb"(?m)^(\* \d+ \w+|[a-z] (?:OK|BAD))", out),
+                         [b"* 1 EXPUNGE", b"c BAD", b"* 1 FETCH", b"d OK"])
+
+
 # -- a session fed arbitrary input (the IMAP parser's fuzz target) ----------------------------------
 
 _POOL = [

@@ -120,7 +120,9 @@ class HeaderReader:
         want = 4 if parts[1] == b"TCP4" else 6
         if src.version != want or dst.version != want or not (0 <= sport < 65536 and 0 <= dport < 65536):
             raise ProxyHeaderError(f"malformed PROXY v1 header {line!r}")
-        return (str(src), sport), (str(dst), dport), rest
+        # An IPv4-mapped address is the IPv4 client, as in v2 (a TCP6 line from a dual-stack proxy); the
+        # hex form was what v2 headers of the same connection gave as plain IPv4 (found by fuzzing).
+        return (_plain(src), sport), (_plain(dst), dport), rest
 
     def _v2(self, buf: bytes) -> tuple[Address | None, Address | None, bytes] | None:
         if len(buf) < 16:

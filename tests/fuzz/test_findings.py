@@ -193,3 +193,20 @@ class HTTP2ConnectionErrorsClose(unittest.TestCase):
         frames, closed, _ = _h2Run("native", chunks(H2_PREFACE + data))
         self.assertTrue(closed)
         self.assertEqual(frames[-1][0], 0x7)  # GOAWAY last
+
+
+class ProxyV1MappedAddresses(unittest.TestCase):
+    """
+    proxy_header: a v2 header with an IPv4-mapped destination gave it as plain IPv4, and the same
+    addresses in a v1 TCP6 line gave the hex form ('::ffff:ffff:ffff'): one client, two addresses
+    for the access lists and logs depending on the header's version.
+    """
+
+    def test_mappedIsIPv4InBothVersions(self):
+        from netsvc.forward.proxyheader import HeaderReader, v1, v2
+
+        line = b"PROXY TCP6 ::ffff:192.0.2.7 2001:db8::1 4000 443\r\nrest"
+        self.assertEqual(HeaderReader().feed(line), (("192.0.2.7", 4000), ("2001:db8::1", 443), b"rest"))
+        src, dst = ("2a03:b6cc:b63b:3b3b:3b3b::", 65535), ("255.255.255.255", 65535)
+        for encode in (v1, v2):
+            self.assertEqual(HeaderReader().feed(encode(src, dst) + b"x"), (src, dst, b"x"), encode.__name__)

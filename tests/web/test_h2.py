@@ -266,30 +266,15 @@ def _memorySite(testCase: Any, extra: str = "") -> Any:
     return clock, fast.site
 
 
-class _Lenient:
-    """A StringTransport on which resuming a closing transport is a no-op (as TCP)."""
-
-    @staticmethod
-    def make() -> Any:
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import StringTransport
-
-        class Lenient(StringTransport):
-            def resumeProducing(self) -> None:
-                if not self.disconnecting:
-                    super().resumeProducing()
-
-        return Lenient(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-
-
 def _memoryConnection(site: Any, engine: str, window: int | None = None) -> tuple[Any, Any, Any]:
     import h2.config
     import h2.connection
 
+    from fuzz.targets import PEER, _LenientTransport
     from netsvc.web.http2 import H2Channel
 
     channel = H2Channel(site, engine)
-    transport = _Lenient.make()
+    transport = _LenientTransport(peerAddress=PEER)
     channel.makeConnection(transport)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     client.initiate_connection()

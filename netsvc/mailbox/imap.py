@@ -36,8 +36,14 @@ row, C{maxAuthFailures} failed logins close it too.  Changes made elsewhere (del
 another session) are reported on NOOP/CHECK, during IDLE (polled every C{pollInterval}) and
 after the session's own EXPUNGE/MOVE/APPEND.  TCP_NODELAY is set (a tagged line leaving a
 reactor turn after its data would otherwise wait for the client's delayed ACK).  Blocking
-store work runs through C{run}; reading a message for FETCH happens on the reactor (one open
-and read per message, the header alone where only the header is asked for).
+store work runs through C{run}.  FETCH and SEARCH hold about one message at a time, not the
+folder: what FETCH items need from the contents (header, BODYSTRUCTURE, a section's byte range)
+is made in C{run} calls a few messages each (C{PREPARE_BUDGET}), the message's bytes dropped
+there; BODY[], RFC822, TEXT and BODY[n...] sections are then streamed from the file on the
+reactor (C{CHUNK}s, under the output bound); each message is let go once its answer is written.
+SEARCH keys that read headers or contents run in C{run} calls, TEXT/BODY reading each message in
+chunks.  An IDLE ended while a poll is listing the folder answers its tagged line after the
+poll's untagged ones (never inside the next command's answer).
 
 L{imap_session} in C{tests/mailbox/test_imap.py} is the session's fuzz target.
 
@@ -54,7 +60,9 @@ body's lines for the whole held message's), SELECT (no PERMANENTFLAGS/UIDNEXT/UN
 special-use attributes, C{/} as separator), APPEND/COPY (no UIDPLUS codes), EXPUNGE/MOVE/UID
 EXPUNGE/UNSELECT/ENABLE (missing), SEARCH (copies the rest of the list every five messages;
 SENT*/BEFORE/ON/SINCE answered BAD; C{HEADER name ""} matched every message),
-IDLE (no updates, any line ended it), commands running concurrently (answers out of order).
+IDLE (no updates, any line ended it), commands running concurrently (answers out of order),
+the FETCH loop (every message read was kept until the command ended) and SEARCH TEXT/BODY (each
+message read whole on the reactor).
 """
 
 from __future__ import annotations
@@ -76,7 +84,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin  # noqa: F401  (documented contract of authenticators)
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
@@ -104,6 +112,8 @@ __all__ = ["IMAPFactory", "IMAPServer"]
 HIGH_WATER = 256 * 1024  # unsent bytes above which FETCH waits and reading pauses
 LOW_WATER = 64 * 1024
 CHUNK = 64 * 1024
+PREPARE_BUDGET = 4 * 2**20  # bytes a FETCH/SEARCH store call reads (or keeps) before answering them
+FETCH_BATCH = 256  # messages at most per such call
 HEADER_LIMIT = 1024 * 1024  # a header block longer than this is cut (FETCH HEADER, ENVELOPE, SEARCH FROM ...)
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _CANONICAL = {f.lower(): f for f in SYSTEM_FLAGS}
@@ -451,7 +461,13 @@ def _bodyStructure(node: _Node, extended: bool) -> list:
 
 
 class _Message:
-    """One message of a selected folder, as Twisted's C{IMessage} (contents read lazily)."""
+    """
+    One message of a selected folder, as Twisted's C{IMessage}.  Its contents are read lazily and
+    kept only until L{release}: FETCH and SEARCH read them in store calls (a thread) a few messages at
+    a time (L{prepare}: what the FETCH items need, sections as byte ranges of the file, then the bytes
+    dropped) and let each message go once its answer is written, so a command holds about one
+    message, not the folder.
+    """
 
     def __init__(self, view: _View, meta: Message) -> None:
         self.view = view
@@ -459,6 +475,13 @@ class _Message:
         self._raw: bytes | None = None
         self._tree: _Node | None = None
         self._header: bytes | None = None
+        self._bodyStart: int | None = None
+        self._ready: dict[Any, Any] = {}
+
+    def release(self) -> None:
+        """Let go of everything read or made from the message's contents."""
+        self._raw = self._tree = self._header = None
+        self._ready = {}
 
     def raw(self) -> bytes:
         if self._raw is None:
@@ -470,28 +493,64 @@ class _Message:
 
     def header(self) -> bytes:
         """The header block (with its blank line), read from the file's start only."""
+        if self._header is not None:
+            return self._header
         if self._raw is not None:
-            return self._raw[:_splitMessage(self._raw)]
-        if self._header is None:
-            head = b""
-            try:
-                with self.view.folder.open(self.meta.uid) as f:
-                    while len(head) < HEADER_LIMIT:
-                        chunk = f.read(16384)
-                        head += chunk
-                        end = _splitMessage(head)
-                        if end < len(head) or not chunk:
-                            break
-                        if head.endswith((b"\r\n\r", b"\r", b"\n")):  # maybe cut inside the blank line
-                            continue
-            except MailboxError:
-                pass
-            self._header = head[:_splitMessage(head)]
+            self._header = self._raw[:_splitMessage(self._raw)]
+            return self._header
+        head = b""
+        try:
+            with self.view.folder.open(self.meta.uid) as f:
+                while len(head) < HEADER_LIMIT:
+                    chunk = f.read(16384)
+                    head += chunk
+                    end = _splitMessage(head)
+                    if end < len(head) or not chunk:
+                        break
+                    if head.endswith((b"\r\n\r", b"\r", b"\n")):  # maybe cut inside the blank line
+                        continue
+        except MailboxError:
+            pass
+        self._header = head[:_splitMessage(head)]
         return self._header
+
+    def bodyOffset(self) -> int:
+        """Where the body starts in the stored message (its length if it has none): read in chunks."""
+        if self._bodyStart is None:
+            if self._raw is not None:
+                self._bodyStart = _splitMessage(self._raw)
+            else:
+                try:
+                    with self.view.folder.open(self.meta.uid) as f:
+                        self._bodyStart = _scanBodyOffset(f)
+                except MailboxError:
+                    self._bodyStart = 0
+        return self._bodyStart
 
     def body(self) -> bytes:
         raw = self.raw()
         return raw[_splitMessage(raw):]
+
+    def contains(self, needle: bytes, body: bool) -> bool:
+        """Whether the message (its body only: C{body}) holds C{needle}, ASCII letters caseless; read
+        in chunks, so a big message is never held whole."""
+        needle = needle.lower()
+        start = self.bodyOffset() if body else 0
+        try:
+            f = self.view.folder.open(self.meta.uid)
+        except MailboxError:
+            return not needle  # expunged meanwhile: as an empty message
+        with f:
+            f.seek(start)
+            tail = b""
+            while True:
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    return not needle
+                window = tail + chunk.lower()
+                if needle in window:
+                    return True
+                tail = window[len(window) - len(needle) + 1:] if len(needle) > 1 else b""
 
     def tree(self) -> _Node:
         """The message's MIME structure, as byte ranges of its stored bytes."""
@@ -499,6 +558,82 @@ class _Message:
             raw = self.raw()
             self._tree = _Node(raw, 0, len(raw))
         return self._tree
+
+    # -- what FETCH items need from the contents (made in L{prepare}, kept until L{release}) --
+
+    def structure(self, extended: bool) -> bytes:
+        """BODYSTRUCTURE (C{extended}) or BODY, as bytes."""
+        key = ("structure", extended)
+        if key not in self._ready:
+            try:
+                value = imap4.collapseNestedLists([_bodyStructure(self.tree(), extended)])
+            except Exception:
+                body = self.body()
+                value = b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" %d %d)' % (
+                    len(body), body.count(b"\n"))
+            self._ready[key] = value
+        return self._ready[key]
+
+    def envelope(self) -> bytes:
+        if "envelope" not in self._ready:
+            try:
+                value = imap4.collapseNestedLists([imap4.getEnvelope(self)])
+            except Exception:
+                value = b"(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)"
+            self._ready["envelope"] = value
+        return self._ready["envelope"]
+
+    def section(self, part: Any) -> bytes | tuple[int, int | None]:
+        """The section C{part} names (not BODY[] itself): its bytes (header fields), or the byte range
+        (start, end; end None: the file's end) of the stored message it is."""
+        key = ("section", id(part))
+        if key not in self._ready:
+            self._ready[key] = self._section(part)
+        return self._ready[key]
+
+    def _section(self, part: Any) -> bytes | tuple[int, int | None]:
+        if not part.part:
+            if part.header:
+                block = self.header()
+                if part.header.fields:
+                    return _filterHeader(block, list(part.header.fields), bool(part.header.negate))
+                return block
+            return (self.bodyOffset(), None)  # TEXT
+        node = _findPart(self.tree(), list(part.part))
+        if node is None:
+            return b""
+        if part.mime:
+            return (node.start, node.bodyStart)
+        if part.header or part.text:  # of the message a message/rfc822 part holds
+            inner = node.encapsulated() or node
+            if part.text:
+                return (inner.bodyStart, inner.end)
+            if part.header.fields:
+                return _filterHeader(inner.header(), list(part.header.fields), bool(part.header.negate))
+            return (inner.start, inner.bodyStart)
+        return (node.bodyStart, node.end)
+
+    def prepare(self, query: list) -> int:
+        """Make what the FETCH items C{query} need from the contents (a store call: blocking), then drop
+        the message's bytes.  Returns about how many bytes that read and kept."""
+        for part in query:
+            if part.type == "envelope":
+                self.envelope()
+            elif part.type == "bodystructure":
+                self.structure(True)
+            elif part.type == "rfc822header":
+                self.header()
+            elif part.type == "rfc822text":
+                self.bodyOffset()
+            elif part.type == "body":
+                if not (part.header or part.text or part.mime or part.empty):
+                    self.structure(False)
+                elif part.part or not part.empty:
+                    self.section(part)
+        weight = len(self._raw or b"") + len(self._header or b"") + sum(
+            len(v) for v in self._ready.values() if isinstance(v, bytes))
+        self._raw = self._tree = None
+        return weight
 
     def hasHeader(self, name: str) -> bool:
         wanted = name.lower().encode("ascii", "replace")
@@ -543,6 +678,58 @@ class _Message:
 
     def getSubPart(self, index: int) -> _Node:
         return self.tree().getSubPart(index)
+
+
+def _scanBodyOffset(f: Any) -> int:
+    """C{_splitMessage} of the file C{f}, read in chunks (a long header is never held whole)."""
+    chunk = f.read(CHUNK)
+    if chunk.startswith((b"\r\n", b"\n")):
+        return 2 if chunk.startswith(b"\r\n") else 1
+    base, tail = 0, b""
+    while chunk:
+        window = tail + chunk
+        origin = base - len(tail)
+        i, j = window.find(b"\r\n\r\n"), window.find(b"\n\n")
+        ends = [origin + i + 4] if i >= 0 else []
+        ends += [origin + j + 2] if j >= 0 else []
+        if ends:
+            return min(ends)
+        base += len(chunk)
+        tail = window[-3:]
+        chunk = f.read(CHUNK)
+    return base
+
+
+def _prepareAll(messages: list[_Message], query: list) -> int:
+    """L{_Message.prepare} for the first messages of C{messages}, until about C{PREPARE_BUDGET} bytes
+    were read or kept (one message at least); returns how many were prepared.  A store call."""
+    weight = 0
+    for n, msg in enumerate(messages, 1):
+        weight += msg.prepare(query)
+        if weight >= PREPARE_BUDGET:
+            return n
+    return len(messages)
+
+
+def _needsContents(query: list) -> bool:
+    """Whether the FETCH items C{query} need the message's contents beyond its whole bytes streamed."""
+    return any(p.type in ("envelope", "bodystructure", "rfc822header", "rfc822text")
+               or (p.type == "body" and (p.part or not p.empty)) for p in query)
+
+
+_CONTENT_KEYS = {b"SUBJECT", b"FROM", b"TO", b"CC", b"BCC", b"HEADER", b"SENTBEFORE", b"SENTON", b"SENTSINCE",
+                 b"BODY", b"TEXT"}
+
+
+def _searchWords(query: list) -> set[bytes]:
+    """Every word of a parsed SEARCH query, upper-case (search keys and their arguments alike)."""
+    out: set[bytes] = set()
+    for item in query:
+        if isinstance(item, list):
+            out |= _searchWords(item)
+        else:
+            out.add(_bytes(item).upper())
+    return out
 
 
 class _View:
@@ -1268,8 +1455,6 @@ class IMAPServer(imap4.IMAP4Server):
     select_CHECK = (do_NOOP,)
 
     def do_IDLE(self, tag: bytes) -> None:
-        from twisted.internet import task
-
         self.sendContinuationRequest(b"idling")
         self.parseTag = tag
         self.lastState = self.parseState
@@ -1374,12 +1559,63 @@ class IMAPServer(imap4.IMAP4Server):
                 for seq, m in changed:
                     if seq <= len(view.messages) and view.messages[seq - 1].uid == m.uid:
                         view.replace(seq, m)
-            imap4.IMAP4Server.do_FETCH(self, tag, messages, query, uid=uid)
+            self._fetch(tag, view, messages, query, uid)
 
         d = self._run(markSeen) if unseen else defer.succeed([])
         d.addCallbacks(marked, self._fail, errbackArgs=(tag,))
 
     select_FETCH = (do_FETCH, _seqset, _fetchatt)
+
+    def _fetch(self, tag: bytes, view: _View, messages: MessageSet, query: list, uid: int) -> None:
+        """The FETCH answers, one message after another (Twisted's loop, replaced: it kept every
+        message it had read until the command ended).  What the items need from the contents is made in
+        store calls (L{_prepareAll}, a few messages each); each message is let go once written."""
+        if not query:
+            self.sendPositiveResponse(tag, b"FETCH complete")
+            return
+        targets = view.resolve(messages, bool(uid))
+        contents = _needsContents(query)
+        oldTimeout = self.setTimeout(None)  # (the stall bound covers a client that does not read)
+        failedAt: list[int] = []
+
+        @defer.inlineCallbacks
+        def answer() -> Any:
+            position = 0
+            while position < len(targets):
+                batch = [(seq, _Message(view, m)) for seq, m in targets[position:position + FETCH_BATCH]]
+                if contents:
+                    count = yield self._run(_prepareAll, [msg for _, msg in batch], query)
+                    del batch[count:]
+                position += len(batch)
+                while batch:
+                    seq, msg = batch.pop(0)
+                    if self._closing:
+                        return
+                    try:
+                        yield self.spewMessage(seq, msg, query, uid)
+                    except Exception:
+                        failedAt.append(seq)  # inside a message's answer: nothing more can be said
+                        raise
+                    msg.release()
+                    del msg
+
+        def answered(_: Any) -> None:
+            if self._closing:
+                return
+            self.setTimeout(oldTimeout)
+            self.sendPositiveResponse(tag, b"FETCH completed")
+
+        def failed(failure: Any) -> None:
+            log.failure("IMAP FETCH failed", failure)
+            if self._closing:
+                return
+            if failedAt:
+                self.transport.loseConnection()
+                return
+            self.setTimeout(oldTimeout)
+            self.sendBadResponse(tag, b"FETCH failed: " + str(failure.value).encode("ascii", "replace")[:100])
+
+        answer().addCallbacks(answered, failed)
 
     def spew_internaldate(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> None:
         _w(b"INTERNALDATE " + _imapDate(msg.meta.internaldate))
@@ -1388,21 +1624,10 @@ class IMAPServer(imap4.IMAP4Server):
         _w(b"FLAGS (" + self._flagBytes(msg.meta.flags) + b")")
 
     def spew_envelope(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> None:
-        try:
-            envelope = imap4.collapseNestedLists([imap4.getEnvelope(msg)])
-        except Exception:
-            envelope = b"(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)"
-        _w(b"ENVELOPE " + envelope)
+        _w(b"ENVELOPE " + msg.envelope())
 
     def spew_bodystructure(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> None:
-        _w(b"BODYSTRUCTURE " + self._structure(msg, True))
-
-    def _structure(self, msg: _Message, extended: bool) -> bytes:
-        try:
-            return imap4.collapseNestedLists([_bodyStructure(msg.tree(), extended)])
-        except Exception:
-            return b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" %d %d)' % (
-                len(msg.body()), msg.body().count(b"\n"))
+        _w(b"BODYSTRUCTURE " + msg.structure(True))
 
     def spew_rfc822header(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> Any:
         _w(b"RFC822.HEADER ")
@@ -1410,15 +1635,15 @@ class IMAPServer(imap4.IMAP4Server):
 
     def spew_rfc822text(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> Any:
         _w(b"RFC822.TEXT ")
-        return self._writeLiteral(msg.body(), _w, _f)
+        return self._sendRange(msg, msg.bodyOffset(), None, None, None, _w, _f)
 
     def spew_rfc822(self, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> Any:
         _w(b"RFC822 ")
-        return self._sendWhole(msg, None, None, _w, _f)
+        return self._sendRange(msg, 0, None, None, None, _w, _f)
 
     def spew_body(self, part: Any, id: int, msg: _Message, _w: Any = None, _f: Any = None) -> Any:
         if not (part.header or part.text or part.mime or part.empty):
-            _w(b"BODY " + self._structure(msg, False))
+            _w(b"BODY " + msg.structure(False))
             return None
         section = b".".join(b"%d" % (p + 1) for p in part.part)
         suffix = b""
@@ -1434,37 +1659,18 @@ class IMAPServer(imap4.IMAP4Server):
             label += b"<%d>" % begin
         _w(label + b" ")
         if part.empty and not part.part:
-            return self._sendWhole(msg, begin, length, _w, _f)
-        data = self._section(msg, part)
+            return self._sendRange(msg, 0, None, begin, length, _w, _f)
+        data = msg.section(part)
+        if isinstance(data, tuple):
+            return self._sendRange(msg, data[0], data[1], begin, length, _w, _f)
         if begin is not None:
             data = data[begin:begin + length]
         return self._writeLiteral(data, _w, _f)
 
-    def _section(self, msg: _Message, part: Any) -> bytes:
-        if not part.part:
-            if part.header:
-                block = msg.header()
-                if part.header.fields:
-                    return _filterHeader(block, list(part.header.fields), bool(part.header.negate))
-                return block
-            return msg.body()  # TEXT
-        node = _findPart(msg.tree(), list(part.part))
-        if node is None:
-            return b""
-        if part.mime:
-            return node.header()
-        if part.header or part.text:  # of the message a message/rfc822 part holds
-            inner = node.encapsulated() or node
-            if part.text:
-                return inner.body()
-            block = inner.header()
-            if part.header.fields:
-                return _filterHeader(block, list(part.header.fields), bool(part.header.negate))
-            return block
-        return node.body()
-
-    def _sendWhole(self, msg: _Message, begin: int | None, length: int | None, _w: Any, _f: Any) -> Any:
-        """The message's bytes (or the slice begin:begin+length) as a literal, streamed from its file."""
+    def _sendRange(self, msg: _Message, start: int, end: int | None, begin: int | None, length: int | None,
+                   _w: Any, _f: Any) -> Any:
+        """The stored message's bytes start:end (None: to the file's end), or the slice begin:begin+length
+        of them, as a literal streamed from its file."""
         try:
             f = msg.view.folder.open(msg.meta.uid)
         except MailboxError:
@@ -1472,8 +1678,11 @@ class IMAPServer(imap4.IMAP4Server):
             return None
         try:
             size = f.seek(0, 2)
-            start = min(begin or 0, size)
-            end = size if begin is None else min(size, start + length)
+            end = size if end is None else min(end, size)
+            start = min(start, end)
+            if begin is not None:
+                start = min(start + begin, end)
+                end = min(end, start + (length if length is not None else end))
             f.seek(start)
             if end - start <= CHUNK:
                 self._writeLiteral(f.read(end - start), _w)
@@ -1637,31 +1846,53 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[BADCHARSET (US-ASCII UTF-8)] Unsupported charset")
             return
         view = self.mbox
-        candidates = [(seq, _Message(view, m)) for seq, m in enumerate(view.messages, 1)]
-        lastSeq = len(candidates)
-        lastUid = candidates[-1][1].getUID() if candidates else 0
-        found: list[bytes] = []
-        position = 0
+        metas = list(view.messages)
+        lastSeq, lastUid = len(metas), (metas[-1].uid if metas else 0)
+        words = _searchWords(query)
+        contents = bool(words & _CONTENT_KEYS)  # (an argument spelt like a key only costs a store call)
+        whole = bool(words & {b"BODY", b"TEXT"})
 
-        def step() -> None:
-            nonlocal position
-            if self._closing:
-                return
-            try:
-                for seq, msg in candidates[position:position + 200]:
-                    if self._searchFilter(copy.deepcopy(query), seq, msg, lastSeq, lastUid):
-                        found.append(b"%d" % (msg.getUID() if uid else seq))
-            except Exception as e:
-                self.sendBadResponse(tag, b"Invalid search: " + str(e).encode("ascii", "replace")[:100])
-                return
-            position += 200
-            if position < len(candidates):
-                self.factory.clock.callLater(0, step)
+        def match(batch: list[tuple[int, Message]]) -> list[bytes]:
+            found = []
+            for seq, meta in batch:
+                msg = _Message(view, meta)
+                if self._searchFilter(copy.deepcopy(query), seq, msg, lastSeq, lastUid):
+                    found.append(b"%d" % (meta.uid if uid else seq))
+                msg.release()
+            return found
+
+        @defer.inlineCallbacks
+        def search() -> Any:
+            found: list[bytes] = []
+            position = 0
+            while position < len(metas):
+                if self._closing:
+                    return None
+                end, weight = position, 0
+                while end < len(metas) and end - position < 200 and weight < PREPARE_BUDGET:
+                    weight += metas[end].size if whole else 0
+                    end += 1
+                batch = list(enumerate(metas[position:end], position + 1))
+                position = end
+                if contents:  # headers or contents are read: a store call (a thread), a few messages each
+                    found += yield self._run(match, batch)
+                else:
+                    found += match(batch)
+                    if position < len(metas):
+                        yield task.deferLater(self.factory.clock, 0, lambda: None)
+            return found
+
+        def answer(found: list[bytes] | None) -> None:
+            if found is None or self._closing:
                 return
             self.sendUntaggedResponse(b"SEARCH" + b"".join(b" " + f for f in found))
             self.sendPositiveResponse(tag, b"SEARCH completed")
 
-        step()
+        def failed(failure: Any) -> None:
+            if not self._closing:
+                self.sendBadResponse(tag, b"Invalid search: " + str(failure.value).encode("ascii", "replace")[:100])
+
+        search().addCallbacks(answer, failed)
 
     select_SEARCH = (do_SEARCH, _charset, _searchkeys)
 
@@ -1731,10 +1962,10 @@ class IMAPServer(imap4.IMAP4Server):
         return _text(query.pop(0)) not in msg.meta.flags
 
     def search_BODY(self, query: list, id: int, msg: _Message) -> bool:
-        return _bytes(query.pop(0)).lower() in msg.body().lower()
+        return msg.contains(_bytes(query.pop(0)), body=True)
 
     def search_TEXT(self, query: list, id: int, msg: _Message) -> bool:
-        return _bytes(query.pop(0)).lower() in msg.raw().lower()
+        return msg.contains(_bytes(query.pop(0)), body=False)
 
 
 class IMAPFactory(Factory):

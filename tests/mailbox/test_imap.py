@@ -762,6 +762,101 @@ class _Session:
         raise AssertionError(f"{pattern!r} not seen; got {self.transport.value()[-300:]!r}")
 
 
+class MemoryTests(unittest.TestCase):
+    """FETCH of text sections and SEARCH TEXT/BODY hold about one message at a time, not the folder,
+    and parse message contents through the store's run function (a thread), not on the reactor."""
+
+    COUNT, SIZE = 20, 2**20
+
+    def setUp(self):
+        self.store = Maildirs(Path(self.mktemp()).absolute(), fsync=False)
+        line = b"A" * 1022 + b"\r\n"
+        for i in range(self.COUNT):
+            self.store.deliver("bob", b"Subject: m%d\r\n\r\n" % i + line * (self.SIZE // len(line)))
+
+    def _peak(self, command: bytes) -> tuple[int, bytes]:
+        import tracemalloc
+
+        session = _Session(self.store)
+        session.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\n")
+        session.until(rb"b OK")
+        session.transport.clear()
+        written = [0]
+
+        def write(data: bytes) -> None:  # counted, not kept
+            written[0] += len(data)
+            session.transport.io.seek(0)
+            session.transport.io.truncate()
+            session.transport.io.write(data[-200:])
+
+        session.transport.write = write
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            session.send(b"c " + command + b"\r\n")
+            tail = session.until(rb"c (OK|NO|BAD)")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertIn(b"c OK", tail)
+        return peak, written[0]
+
+    def test_textSectionsBounded(self):
+        """BODY.PEEK[TEXT], RFC822.TEXT and BODY.PEEK[1] of 20 x 1 MB messages: the peak is a few MB (was
+        the folder's 20 MB: every message's bytes kept until the command ended); all bytes are sent."""
+        for item in (b"BODY.PEEK[TEXT]", b"RFC822.TEXT", b"BODY.PEEK[1]", b"BODY.PEEK[TEXT]<10.2000000>",
+                     b"BODYSTRUCTURE BODY.PEEK[HEADER]"):
+            peak, written = self._peak(b"FETCH 1:* (" + item + b")")
+            self.assertLess(peak, 4 * 2**20, item)
+            if b"STRUCTURE" not in item:
+                self.assertGreater(written, self.COUNT * (self.SIZE - 4096), item)
+
+    def test_searchTextBounded(self):
+        """SEARCH TEXT/BODY over 20 x 1 MB messages: the peak is a few MB; matches are still found."""
+        for query in (b"SEARCH TEXT zzz", b"SEARCH BODY zzz", b"SEARCH TEXT m7", b"UID SEARCH BODY aaaa"):
+            peak, _ = self._peak(query)
+            self.assertLess(peak, 4 * 2**20, query)
+
+    def test_searchResults(self):
+        """SEARCH TEXT/BODY across the chunks a message is read in: a match spanning two chunks is found."""
+        inbox = self.store.inbox("bob")
+        pad = b"x" * (imap.CHUNK - 3)
+        inbox.append(b"Subject: t\r\n\r\n" + pad + b"NeedLE" + b"\r\n")
+        inbox.append(b"Subject: needle\r\n\r\nnothing\r\n")
+        session = _Session(self.store)
+        session.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\n")
+        session.until(rb"b OK")
+        for query, want in ((b"TEXT needle", b" 21 22"), (b"BODY needle", b" 21"), (b"TEXT m7", b" 8"),
+                            (b"BODY m7", b""), (b"SUBJECT needle BODY nothing", b" 22"),
+                            (b"NOT BODY needle 20:*", b" 20 22")):
+            session.transport.clear()
+            session.send(b"s SEARCH " + query + b"\r\n")
+            self.assertIn(b"* SEARCH%s\r\ns OK" % want, session.until(rb"s OK"), query)
+
+    def test_contentsParsedThroughRun(self):
+        """SEARCH TEXT and FETCH BODYSTRUCTURE/BODY[TEXT] read contents in store calls (a thread): held
+        calls hold the answer; nothing is answered on the reactor meanwhile."""
+        session = _Session(self.store)
+        session.send(b"a LOGIN bob secret\r\nb SELECT INBOX\r\n")
+        session.until(rb"b OK")
+        for command, answer in ((b"SEARCH TEXT m3", rb"\* SEARCH 4\r\nc OK"),
+                                (b"FETCH 2 (BODYSTRUCTURE)", rb"\* 2 FETCH \(BODYSTRUCTURE \("),
+                                (b"FETCH 2 (BODY.PEEK[TEXT])", rb"\* 2 FETCH \(BODY\[TEXT\] \{")):
+            session.transport.clear()
+            session.hold = True
+            session.send(b"c " + command + b"\r\n")
+            for _ in range(10):
+                session.clock.advance(0.1)
+            self.assertTrue(session.held, command)
+            self.assertEqual(session.transport.value(), b"", command)
+            session.hold = False
+            while session.held:
+                session.release()
+                session.clock.advance(0)
+            session.until(answer)
+            session.until(rb"c OK")
+
+
 class IdleRaceTests(unittest.TestCase):
     def test_pollInFlightAtDone(self):
         """An IDLE poll still listing the folder when DONE arrives: its EXPUNGE comes before the tagged OK

@@ -24,6 +24,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.http import _parseRequestLine
 from zope.interface import implementer
 
+try:  # WebSocket support (twisted[websocket])
+    from wsproto.utilities import LocalProtocolError as _WSLocalProtocolError
+
+    _WS_LOCAL_ERRORS: tuple[type[Exception], ...] = (_WSLocalProtocolError,)
+except ImportError:  # pragma: no cover
+    _WS_LOCAL_ERRORS = ()
+
 from netsvc.web.files import FileEntry
 from netsvc.web.negotiate import acceptsGzip, etagMatches, parseHTTPDate
 from netsvc.web.static import StaticResource
@@ -242,7 +249,17 @@ class FastHTTPChannel(Protocol):
             delegate = self.delegate = self.site.buildProtocol(self.addr)
         delegate.makeConnection(self.transport)
         if data:
+            self._feed(delegate, data)
+
+    def _feed(self, delegate: Protocol, data: bytes) -> None:
+        try:
             delegate.dataReceived(data)
+        except _WS_LOCAL_ERRORS:
+            # Twisted 26's WebSocket glue (twisted.web._websocket_impl._handle_closeConnection) answers a
+            # client's protocol error that arrives after our own Close with a second Close, which wsproto
+            # refuses (LocalProtocolError) before the connection is closed: it was closing anyway
+            # (found by fuzzing ws_message; a traceback in the log before).
+            self.transport.loseConnection()
 
     def _close(self) -> None:
         """Close after what is written (a transport with a producer registered would wait for it)."""
@@ -302,7 +319,7 @@ class FastHTTPChannel(Protocol):
                 # reading until close_notify, and a line fed to it now would be parsed as the rest
                 # of the refused head (AttributeError: '_version').
                 return
-            delegate.dataReceived(data)
+            self._feed(delegate, data)
             return
         if self._closing:
             return

@@ -210,3 +210,19 @@ class ProxyV1MappedAddresses(unittest.TestCase):
         src, dst = ("2a03:b6cc:b63b:3b3b:3b3b::", 65535), ("255.255.255.255", 65535)
         for encode in (v1, v2):
             self.assertEqual(HeaderReader().feed(encode(src, dst) + b"x"), (src, dst, b"x"), encode.__name__)
+
+
+class WebSocketErrorAfterOurClose(unittest.TestCase):
+    """
+    ws_message: a client's protocol error (a fragmented control frame) after our own Close made
+    Twisted 26's WebSocket glue send a second Close, which wsproto refuses: LocalProtocolError out of
+    dataReceived, logged as a failure of the connection's protocol.  Now the connection just closes.
+    """
+
+    def test_closedQuietly(self):
+        from pathlib import Path
+
+        from fuzz.targets import TARGETS
+
+        corpus = Path(__file__).resolve().parents[1] / "corpus" / "ws_message"
+        TARGETS["ws_message"]((corpus / "finding-close-after-close").read_bytes())

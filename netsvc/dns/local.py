@@ -237,7 +237,9 @@ class LocalData:
             if rtype == "PTR":
                 explicitPTR.add(owner)
             elif rtype in ("A", "AAAA"):
-                autoPTR.append((value, owner, ttl))
+                # as makePayload reads it: around spaces (a value "10.1.1.2 " raised ValueError here at
+                # start and at every reload -- found by fuzzing dns_local_data)
+                autoPTR.append((str(value).strip(), owner, ttl))
         for watched in self.hosts:
             for address, hostNames in parseHosts(watched.read()):
                 kind = "AAAA" if ":" in address else "A"

@@ -120,6 +120,25 @@ class LocalDNSZoneIndex(unittest.TestCase):
         self.assertEqual(Record(name="v6.lab", type="AAAA", value="fd00::7").check(), [])
 
 
+class LocalDNSAddressWithSpaces(unittest.TestCase):
+    """
+    dns_local_data (make fuzz, 10 minutes): an A value with a space after it ("10.1.1.2 ", e.g. a quoted
+    YAML value) was accepted, then making its PTR raised ValueError: a traceback at start and at every
+    reload.  The PTR is made from the address as the record holds it.
+    """
+
+    def test_answersAndHasItsPTR(self):
+        from twisted.names import dns
+
+        from netsvc.dns.local import LocalData
+
+        local = LocalData([("t.lab", "A", "10.1.1.2 ", 300), ("u.lab", "AAAA", " fd00::9", 300)], [], None)
+        self.assertEqual([rr.payload.dottedQuad() for rr in local.names["t.lab"]], ["10.1.1.2"])
+        self.assertEqual([rr.payload.name.name for rr in local.names["2.1.1.10.in-addr.arpa"]], [b"t.lab"])
+        self.assertIn("9.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa", local.names)
+        self.assertEqual(local.names["t.lab"][0].type, dns.A)
+
+
 class HTTP2EnginesRefuseTheSameHeads(unittest.TestCase):
     """
     http2_frames: a mutated :authority ("loc0/host", put in HPACK's dynamic table and reused by

@@ -431,6 +431,8 @@ class FastHTTPChannel(Protocol):
         if _notFast(head):
             return None  # twisted.web's 400
         lines = head.split(b"\r\n")
+        if b"\t" in lines[0]:
+            return None  # twisted.web splits the request line at any whitespace: a tab makes it 400
         try:
             method, target, version = lines[0].split(b" ")
         except ValueError:

@@ -109,6 +109,22 @@ class FastPathNonASCIITarget(unittest.TestCase):
         TARGETS["http_request"](b"GET /??\xff\xff??a.txt HTTP/1.1\r\nHost:\r\n\r\n1\r\n")
 
 
+class FastPathTabInRequestLine(unittest.TestCase):
+    """http_request (make fuzz, 10 minutes): a tab in the request line (HEAD /?\tA HTTP/1.1) -- twisted.web
+    splits the line at any whitespace and answers 400, the fast path split at spaces and answered 200."""
+
+    def test_handedToTwistedWeb(self):
+        from fuzz.targets import PEER, _httpRun, _site
+
+        clock, fast, site = _site()
+        for line in (b"HEAD /?\t\tA HTTP/1.1", b"GET /\ta.txt HTTP/1.1", b"GET\t/ HTTP/1.1"):
+            request = line + b"\r\nHost: x\r\n\r\n"
+            out, closed = _httpRun(fast.buildProtocol(PEER), [request], clock)
+            theirs, _ = _httpRun(site.buildProtocol(PEER), [request], clock)
+            self.assertEqual(out.split(b"\r\n", 1)[0], theirs.split(b"\r\n", 1)[0], line)
+            self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:40])
+
+
 class LocalDNSZoneIndex(unittest.TestCase):
     """dns_local_data: an AAAA value with a zone index (fd00::7%eth0) passed ipaddress, then raised OSError."""
 

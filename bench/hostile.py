@@ -820,10 +820,10 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(out)
 
 
-def sendMutated(t: Target, rng: random.Random, count: int) -> list[socket.socket]:
+def sendMutated(t: Target, rng: random.Random, count: int, moment: float = 0.05) -> list[socket.socket]:
     """
     C{count} connections to C{t}, each sending a mutated request (from the listener's own request and its
-    fuzz corpus) and then going: closed at once, reset, or after reading for a moment; every tenth is left
+    fuzz corpus) and then going: closed at once, reset, or after reading for a C{moment}; every tenth is left
     open mid-message and returned (the caller closes them).
     """
     seeds = [t.unit()]
@@ -837,7 +837,7 @@ def sendMutated(t: Target, rng: random.Random, count: int) -> list[socket.socket
         except (OSError, ValueError):
             continue
         try:
-            s.settimeout(0.05)
+            s.settimeout(moment)
             s.send(t.first() + mutate(rng, rng.choice(seeds))[:65536])
             if i % 10 == 9:
                 held.append(s)

@@ -22,7 +22,8 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+# Appended, not inserted: bench/dns.py must not shadow dnspython for the tests that run after this one.
+sys.path.append(str(REPO / "bench"))
 
 import hostile  # noqa: E402  (bench/hostile.py)
 

@@ -696,6 +696,11 @@ def _places(context: Context) -> tuple[list[tuple[str, Path]], list[tuple[str, P
     smtp = enabled("smtp")
     if smtp is not None and getattr(getattr(smtp, "relay", None), "mode", None) != "capture":
         own.append(("services.smtp.queue.dir", Path(context.stateDir) / smtp.queue.dir))
+    if smtp is not None and getattr(smtp, "local", None) is not None:
+        own.append(("services.smtp.local.maildir", Path(context.stateDir) / smtp.local.maildir))
+    mailbox = enabled("mailbox")
+    if mailbox is not None:
+        own.append(("services.mailbox.maildir", Path(context.stateDir) / mailbox.maildir))
     ldap = enabled("ldap")
     if ldap is not None and getattr(ldap, "writable", False) and ldap.ldif:
         written.append(("services.ldap.ldif[0]", settings.path(ldap.ldif[0]).parent))
@@ -720,7 +725,7 @@ def _within(path: Path, folders: list[Path]) -> bool:
 def claimFolders(context: Context) -> None:
     """
     Before anything is written in them, with C{--uid} (C{context.runAs}): the
-    folders that are netsvc's own (state_dir, an SMTP queue folder outside it).
+    folders that are netsvc's own (state_dir; an SMTP queue folder or Maildirs folder outside it).
     One that is missing is made now by root, and stays root's (nobody else can
     write in it) until L{handOver} gives it and what root made in it to the run
     user; one that exists must belong to the run user, and what netsvc writes in

@@ -25,6 +25,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
+from netsvc import auth
 from netsvc.runtime import _chownTree, asRunUser
 from tests.interop._daemon import IO_TIMEOUT, REPO, runToCompletion, startNetsvc, startTwistd, twistdCommand
 
@@ -288,6 +289,32 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         self.assertEqual(len(queued), 1, daemon.output())
         self.assertEqual([_owner(p) for p in (spool, spool / "env", queued[0])], ["nobody"] * 3)
         self.assertEqual(_owner(base / "spool"), "root")
+
+    def test_maildirsOutsideStateDir(self):
+        """
+        (d) The Maildirs folder of local delivery, outside state_dir and made in this run, is handed over
+        too (the mailbox service is given the same folder).  Before: it stayed root's, and every local
+        delivery got 451 (the run user could not write in it).
+        """
+        _needRoot()
+        base = _base(self)
+        port = _lowPort()
+        mail = base / "var-mail" / "netsvc"
+        users = base / "users.txt"
+        auth.addUser(users, "bob", "bobpass")
+        os.chmod(users, 0o644)
+        daemon = self.startAsNobody(
+            base, f"  smtp:\n    listen: ['tcp:{port}:interface=127.0.0.1']\n"
+                  f"    relay: {{capture: true}}\n    users: {users}\n"
+                  f"    local: {{domains: [example.test], maildir: '{mail}', aliases: {{postmaster: bob}}}}\n"
+                  f"  mailbox:\n    listen: [{{endpoint: 'tcp:0:interface=127.0.0.1', protocol: imap}}]\n"
+                  f"    users: {users}\n    maildir: '{mail}'\n")
+        code, reply = _send(port)
+        self.assertEqual(code, 250, (reply, daemon.output()))
+        delivered = list((mail / "bob").glob("new/*"))
+        self.assertEqual(len(delivered), 1, daemon.output())
+        self.assertEqual([_owner(p) for p in (mail, mail / "bob", delivered[0])], ["nobody"] * 3)
+        self.assertEqual(_owner(base / "var-mail"), "root")
 
     def test_queueLinkChoosesNothing(self):
         """

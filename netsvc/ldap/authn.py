@@ -260,6 +260,11 @@ class RemoteDirectory:
         self.refresh(force=False)
         return user.lower() in self._known
 
+    @property
+    def namesLoaded(self) -> bool:
+        """Whether the names have loaded once (until then L{isReserved} cannot say no)."""
+        return self._knownAt is not None
+
     def refresh(self, force: bool = True) -> defer.Deferred:
         """(Re)load the known names now (or, unless C{force}, only when due); fires when done, never fails."""
         if self._refreshing is not None:

@@ -89,6 +89,14 @@ class UnknownRecipient(Exception):
         self.address = address
 
 
+class LookupPending(Exception):
+    """
+    The user source cannot say yet whether a name is a user (a directory whose names have not loaded
+    since the start): RCPT gets 451 4.3.0, as Postfix answers a failed table lookup, so the sender tries
+    again instead of bouncing mail for a user who exists.
+    """
+
+
 class AliasLoop(ValueError):
     """An alias leads back to itself, goes too deep, or expands too far (a configuration problem)."""
 
@@ -242,6 +250,7 @@ class LocalRouter:
         None if C{address} is not local; else where it leads.
 
         @raise UnknownRecipient: no user or alias of that name, or an alias that leads to an unknown user.
+        @raise LookupPending: the user source has not loaded its names yet.
         """
         if not self.isLocal(address):
             return None
@@ -277,7 +286,11 @@ class LocalRouter:
 
     def _isUser(self, name: str) -> bool:
         """A user of the user source whose name the store takes as a mailbox name."""
-        if self.users is None or not self.users.isReserved(name):
+        if self.users is None:
+            return False
+        if not self.users.isReserved(name):
+            if getattr(self.users, "namesLoaded", True) is False:
+                raise LookupPending(name)
             return False
         from netsvc.mailbox.maildir import InvalidName, normaliseUser
 

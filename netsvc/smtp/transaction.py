@@ -29,7 +29,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from netsvc.smtp.data import DataReader
-from netsvc.smtp.local import Mailbox, UnknownRecipient
+from netsvc.smtp.local import LookupPending, Mailbox, UnknownRecipient
 from netsvc.smtp.queue import Envelope, Recipient
 from netsvc.smtp.syntax import SyntaxProblem, checkMailbox, parseDSNMail, parseDSNRcpt, parsePathArgument
 
@@ -153,6 +153,9 @@ class TransactionCommands:
             except UnknownRecipient:
                 self._error(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in local "
                                           f"recipient table", "unknown_user")
+                return
+            except LookupPending:  # the directory's names are not loaded yet: try again later (as Postfix)
+                self._error(451, "4.3.0", f"<{address}>: Temporary lookup failure", "user_lookup")
                 return
         if resolution is None and self.user is None and not c.isTrusted(self.host):
             self._error(554, "5.7.1", f"<{address}>: Relay access denied", "relay_denied")

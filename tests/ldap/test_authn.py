@@ -128,7 +128,9 @@ class RemoteInMemoryTests(unittest.TestCase):
     def test_reservedNames(self):
         users = remote(self.url, self)
         self.assertFalse(users.isReserved("jo"))  # not loaded yet: the first question starts the load
+        self.assertFalse(users.namesLoaded)  # (so local delivery answers 451, not 550)
         yield users.refresh(force=False)
+        self.assertTrue(users.namesLoaded)
         self.assertTrue(users.isReserved("jo"))
         self.assertTrue(users.isReserved("Al"))
         self.assertFalse(users.isReserved("nobody"))

@@ -29,6 +29,7 @@ from netsvc.smtp.local import (
     LocalDelivery,
     LocalMetrics,
     LocalRouter,
+    LookupPending,
     Mailbox,
     Resolution,
     UnknownRecipient,
@@ -87,6 +88,16 @@ class RouterTests(unittest.TestCase):
     def test_unknownUser(self):
         self.assertRaises(UnknownRecipient, router().resolve, "nobody@lab.test")
         self.assertRaises(UnknownRecipient, router().resolve, "nobody+bob@lab.test")
+
+    def test_namesNotLoadedYet(self):
+        """A user source that has not loaded its names (a directory just started) cannot say no: pending."""
+        r = router()
+        r.users.namesLoaded = False
+        self.assertEqual(r.resolve("bob@lab.test").mailboxes, [Mailbox("bob", "bob@lab.test")])
+        self.assertEqual(r.resolve("postmaster@lab.test").mailboxes, [Mailbox("dev", "dev@lab.test")])
+        self.assertRaises(LookupPending, r.resolve, "nobody@lab.test")
+        r.users.namesLoaded = True
+        self.assertRaises(UnknownRecipient, r.resolve, "nobody@lab.test")
 
     def test_aliases(self):
         r = router()
@@ -271,6 +282,16 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(out.startswith("550 5.1.1 <nobody@lab.test>: Recipient address rejected"), out)
         self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="unknown_user"), 1)
         self.assertTrue(self.send(p, t, b"RCPT TO:<ghost@LAB.test>\r\n").startswith("550 5.1.1"))
+
+    def test_namesNotLoaded451AtRcpt(self):
+        """Before the directory's names have loaded, an unknown name is 451 4.3.0 (the sender retries), not 550."""
+        self.local.router.users.namesLoaded = False
+        p, t = self.connect()
+        self.send(p, t, b"MAIL FROM:<s@example.test>\r\n")
+        out = self.send(p, t, b"RCPT TO:<carl@lab.test>\r\n")
+        self.assertEqual(out, "451 4.3.0 <carl@lab.test>: Temporary lookup failure\r\n")
+        self.assertEqual(self.metric("netsvc_smtp_rejects_total", reason="user_lookup"), 1)
+        self.assertTrue(self.send(p, t, b"RCPT TO:<bob@lab.test>\r\n").startswith("250 2.1.5"))
 
     def test_guessingUsersEndsTheSession(self):
         """A dictionary attack gets 20 answers per connection (the session's error limit), then 421."""

@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from netsvc.mailbox.maildir import MailboxError
 from netsvc.smtp.data import DataReader
 from netsvc.smtp.local import LookupPending, Mailbox, UnknownRecipient
 from netsvc.smtp.queue import Envelope, Recipient
@@ -277,7 +278,11 @@ class TransactionCommands:
 
         def failed(f: Any) -> None:
             if f.check(LocalDeliveryError):
-                log.failure("smtp: local delivery failed", f.value.failure)
+                cause = f.value.failure
+                if cause.check(MailboxError, OSError):  # the store's own words (permissions, disk full): one line
+                    log.error("smtp: local delivery failed: {error}", error=str(cause.value))
+                else:
+                    log.failure("smtp: local delivery failed", cause)
                 self.config.metrics.reject("local_delivery_error")
             else:
                 log.failure("smtp: queue commit failed", f)

@@ -1,5 +1,6 @@
 """
-Delivery status notifications (RFC 3464): bounces and delay warnings.
+Delivery status notifications (RFC 3464): bounces, delay warnings, and success
+reports for local delivery (NOTIFY=SUCCESS).
 
     report = buildReport(envelope, originalBytes, [ReportItem(recipient, "5.1.1",
                          "smtp; 550 5.1.1 no such user", remoteMTA="mx.example")],
@@ -13,12 +14,14 @@ recipient Original-Recipient, Final-Recipient, Action, Status, Remote-MTA,
 Diagnostic-Code, Last-Attempt-Date, Will-Retry-Until), and the original message
 (C{message/rfc822}) or only its headers (C{text/rfc822-headers}) -- as the
 sender's RET asked (RFC 3461), headers when the message is larger than
-L{FULL_LIMIT}.  It is sent from the null reverse-path C{<>} to the envelope
-sender, marked C{Auto-Submitted: auto-replied} and C{dsn=True} in the queue.
+L{FULL_LIMIT} (and always for a success report, RFC 3461 4.3).  It is sent from
+the null reverse-path C{<>} to the envelope sender, marked C{Auto-Submitted:
+auto-replied} and C{dsn=True} in the queue.
 
 No report (None) for: a message that is itself a report (never bounce a bounce),
 a null sender, and recipients whose NOTIFY does not ask for this kind (NEVER;
-a list without FAILURE or DELAY).  Without NOTIFY, failures and delays are reported.
+a list without FAILURE, DELAY or SUCCESS).  Without NOTIFY, failures and delays are
+reported, successes are not.
 
 The report is written by hand rather than with the C{email} package so that
 the original message goes back byte for byte (the package re-serialises it).
@@ -46,14 +49,16 @@ class ReportItem:
     None), and the C{remoteMTA} that answered (None: none did).
     """
 
-    __slots__ = ("recipient", "status", "diagnostic", "remoteMTA")
+    __slots__ = ("recipient", "status", "diagnostic", "remoteMTA", "action")
 
     def __init__(self, recipient: Any, status: str, diagnostic: str | None = None,
-                 remoteMTA: str | None = None) -> None:
+                 remoteMTA: str | None = None, action: str | None = None) -> None:
         self.recipient = recipient
         self.status = status
         self.diagnostic = diagnostic
         self.remoteMTA = remoteMTA
+        #: This recipient's Action when it differs from the report's ("expanded" in a "delivered" report).
+        self.action = action
 
 
 def statusOf(code: int, text: str) -> str:
@@ -64,24 +69,29 @@ def statusOf(code: int, text: str) -> str:
     return f"{str(code)[0]}.0.0" if code >= 400 else "4.0.0"
 
 
+#: The actions of a success report (RFC 3464 2.3.3), reported only when NOTIFY asked for SUCCESS.
+SUCCESS_ACTIONS = ("delivered", "expanded")
+ACTIONS = ("failed", "delayed", *SUCCESS_ACTIONS)
+
+
 def wantsReport(envelope: Any, recipient: Any, action: str) -> bool:
-    """Whether a report of C{action} ("failed" | "delayed") goes out for this recipient."""
+    """Whether a report of C{action} (one of L{ACTIONS}) goes out for this recipient."""
     if envelope.dsn or not envelope.sender:
         return False
     notify = (getattr(recipient, "notify", None) or "").upper()
     if not notify:
-        return True
+        return action not in SUCCESS_ACTIONS
     asked = {n.strip() for n in notify.split(",")}
     if "NEVER" in asked:
         return False
-    return ("FAILURE" if action == "failed" else "DELAY") in asked
+    return {"failed": "FAILURE", "delayed": "DELAY"}.get(action, "SUCCESS") in asked
 
 
 def _date(when: float) -> str:
     return email.utils.formatdate(when, localtime=False)
 
 
-def _headerBlock(original: bytes) -> bytes:
+def headerBlock(original: bytes) -> bytes:
     end = original.find(b"\r\n\r\n")
     return original if end < 0 else original[:end + 2]
 
@@ -95,11 +105,12 @@ def buildReport(envelope: Any, original: bytes, items: Sequence[ReportItem], act
                 now: float | None = None, retryUntil: float | None = None) -> bytes | None:
     """
     The report as bytes (CRLF), or None when nothing is to be reported (see the
-    module docstring).  C{action}: "failed" (a bounce) or "delayed" (a warning;
-    C{retryUntil} says until when delivery goes on).
+    module docstring).  C{action}: "failed" (a bounce), "delayed" (a warning;
+    C{retryUntil} says until when delivery goes on), or "delivered" / "expanded"
+    (success, as NOTIFY=SUCCESS asks: with the message's headers only, RFC 3461 4.3).
     """
-    if action not in ("failed", "delayed"):
-        raise ValueError(f"action must be failed or delayed, not {action!r}")
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
     items = [i for i in items if wantsReport(envelope, i.recipient, action)]
     if not items:
         return None
@@ -111,6 +122,11 @@ def buildReport(envelope: Any, original: bytes, items: Sequence[ReportItem], act
         intro = ("This is the mail system at host {host}.\r\n\r\n"
                  "Your message could not be delivered to one or more recipients;\r\n"
                  "it has been given up on. The details follow.\r\n")
+    elif action in SUCCESS_ACTIONS:
+        subject = "Successful Mail Delivery Report"
+        intro = ("This is the mail system at host {host}.\r\n\r\n"
+                 "Your message was successfully delivered to the destination(s)\r\n"
+                 "listed below.\r\n")
     else:
         subject = "Delayed Mail (still being retried)"
         intro = ("This is the mail system at host {host}.\r\n\r\n"
@@ -134,7 +150,7 @@ def buildReport(envelope: Any, original: bytes, items: Sequence[ReportItem], act
         if getattr(r, "orcpt", None):
             block.append(f"Original-Recipient: {_clean(r.orcpt)}")
         block.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
-        block.append(f"Action: {action}")
+        block.append(f"Action: {i.action or action}")
         block.append(f"Status: {i.status}")
         if i.remoteMTA:
             block.append(f"Remote-MTA: dns; {_clean(i.remoteMTA)}")
@@ -145,17 +161,19 @@ def buildReport(envelope: Any, original: bytes, items: Sequence[ReportItem], act
             block.append(f"Will-Retry-Until: {_date(retryUntil)}")
         status += "\r\n" + "\r\n".join(block) + "\r\n"
 
-    full = (getattr(envelope, "ret", None) or "FULL").upper() == "FULL" and len(original) <= FULL_LIMIT
+    full = ((getattr(envelope, "ret", None) or "FULL").upper() == "FULL" and len(original) <= FULL_LIMIT
+            and action not in SUCCESS_ACTIONS)
     if full:
         third = b"Content-Type: message/rfc822\r\n"
         body = original if original.endswith(b"\r\n") else original + b"\r\n"
     else:
         third = b"Content-Type: text/rfc822-headers\r\n"
-        body = _headerBlock(original)
+        body = headerBlock(original)
     eightBit = not body.isascii()
     if eightBit:
         third += b"Content-Transfer-Encoding: 8bit\r\n"
-    third += b"Content-Description: " + (b"Undelivered message" if full else b"Undelivered message headers")
+    third += b"Content-Description: " + (b"Undelivered message" if full else b"Undelivered message headers"
+                                          if action not in SUCCESS_ACTIONS else b"Delivered message headers")
 
     domain = hostname if "." in hostname else f"{hostname}.invalid"
     head = (f"From: Mail Delivery System <{daemon}>\r\n"

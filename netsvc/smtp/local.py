@@ -325,6 +325,16 @@ class _FileSource:
         return self.path.read_bytes()
 
 
+class _BytesSource:
+    """A message in memory (a report netsvc wrote), for L{LocalDelivery.deliver}."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def contents(self) -> bytes:
+        return self.data
+
+
 def traceHeaders(sender: str, mailbox: Mailbox) -> bytes:
     """C{Return-Path} and C{Delivered-To} for one mailbox's copy."""
     return f"Return-Path: <{sender}>\r\nDelivered-To: {mailbox.address}\r\n".encode()
@@ -393,6 +403,16 @@ class LocalDelivery:
             self._remove(written)
             raise
         return written, size
+
+    def deliverReport(self, data: bytes, mailboxes: Sequence[Mailbox]) -> defer.Deferred:
+        """A report from C{<>} (bytes) written to C{mailboxes}, as L{deliver} writes a message."""
+        return self.deliver(_BytesSource(data), "", mailboxes)
+
+    def headers(self, incoming: Any) -> defer.Deferred:
+        """The header block of the message C{incoming} holds (for a success report), read in a thread."""
+        from netsvc.smtp.dsn import headerBlock
+
+        return self._run(lambda: headerBlock(incoming.contents()))
 
     @defer.inlineCallbacks
     def deliverQueued(self, path: Path, envelope: Any, indexes: Sequence[int], queue: Any) -> Any:

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from netsvc.mailbox.maildir import MailboxError
 from netsvc.smtp.data import DataReader
+from netsvc.smtp.dsn import ReportItem, buildReport
 from netsvc.smtp.local import LookupPending, Mailbox, UnknownRecipient
 from netsvc.smtp.queue import Envelope, Recipient
 from netsvc.smtp.syntax import SyntaxProblem, checkMailbox, parseDSNMail, parseDSNRcpt, parsePathArgument
@@ -76,6 +77,8 @@ class TransactionCommands:
         self._mailboxes: dict[str, Mailbox] = {}
         self._queued: list[Recipient] = []
         self._queuedKeys: set[str] = set()
+        #: Local recipients whose NOTIFY asked for SUCCESS: reported once their copies are written.
+        self._successes: list[ReportItem] = []
         self.ret: str | None = None
         self.envid: str | None = None
         self.smtputf8 = False
@@ -179,6 +182,12 @@ class TransactionCommands:
             else:
                 for mailbox in resolution.mailboxes:  # one copy per mailbox
                     self._mailboxes.setdefault(mailbox.user, mailbox)
+                if resolution.mailboxes and "SUCCESS" in (notify or "").upper():
+                    expanded = len(resolution.mailboxes) + len(resolution.remote) > 1  # an alias of several
+                    self._successes.append(ReportItem(
+                        recipient, "2.0.0", "x-netsvc; delivered to " + ("several destinations (an alias)"
+                                                                        if expanded else "mailbox"),
+                        action="expanded" if expanded else None))
                 for forward in resolution.remote:  # an alias forwards elsewhere
                     self._queue(_key(forward), Recipient(address=forward, notify=notify,
                                                          orcpt=orcpt or f"rfc822;{address}"))
@@ -256,10 +265,12 @@ class TransactionCommands:
         envelope = Envelope.new(self.mailFrom or "", self._queued, ret=self.ret, envid=self.envid,
                                 client={"address": self.host, "helo": self.helo, "user": self.user})
         mailboxes = list(self._mailboxes.values())
+        successes, headers = self._successes if envelope.sender else [], []
         self._resetTransaction()
         self._hold()
         queued = bool(envelope.recipients)
-        d = incoming.commit(envelope) if not mailboxes else self._deliverLocally(incoming, envelope, mailboxes)
+        d = (incoming.commit(envelope) if not mailboxes
+             else self._deliverLocally(incoming, envelope, mailboxes, headers if successes else None))
 
         def committed(id: str) -> None:
             c = self.config
@@ -275,6 +286,8 @@ class TransactionCommands:
             if not self._closed:
                 self._send(250, "2.0.0", f"Ok: queued as {id}")
                 self._release()
+            if headers:
+                self._reportSuccess(id, envelope, headers[0], successes)
 
         def failed(f: Any) -> None:
             if f.check(LocalDeliveryError):
@@ -293,15 +306,28 @@ class TransactionCommands:
 
         d.addCallbacks(committed, failed)
 
-    def _deliverLocally(self, incoming: Any, envelope: Envelope, mailboxes: list[Mailbox]) -> Any:
+    def _deliverLocally(self, incoming: Any, envelope: Envelope, mailboxes: list[Mailbox],
+                        headers: list[bytes] | None = None) -> Any:
         """
         Every local copy first (in a thread), then the queue for the other recipients;
         fires with the message id once both are durable.  On a failure nothing is
-        kept: the tmp file is dropped, local copies written are removed.
+        kept: the tmp file is dropped, local copies written are removed.  With a
+        C{headers} list, the message's header block is added to it (for a success
+        report) before the tmp file goes.
         """
         local = self.config.local
 
         def delivered(written: list[tuple[str, str]]) -> Any:
+            if headers is None:
+                return keep(written)
+
+            def unread(f: Any) -> None:  # the report is lost, not the delivery
+                log.error("smtp: cannot read the message back for its success report: {error}",
+                          error=f.getErrorMessage())
+
+            return local.headers(incoming).addCallbacks(headers.append, unread).addCallback(lambda _: keep(written))
+
+        def keep(written: list[tuple[str, str]]) -> Any:
             if not envelope.recipients:  # nothing to relay: the queue's tmp file is not needed
                 incoming.abort()
                 return incoming.id
@@ -317,6 +343,40 @@ class TransactionCommands:
             raise LocalDeliveryError(f)
 
         return local.deliver(incoming, envelope.sender, mailboxes).addCallbacks(delivered, notDelivered)
+
+    def _reportSuccess(self, id: str, envelope: Envelope, headers: bytes, items: list[ReportItem]) -> None:
+        """
+        Queue a success report (RFC 3464, Action delivered/expanded) to the sender, for the local
+        recipients whose NOTIFY asked for SUCCESS, as Postfix's local(8) does; the message is already
+        acknowledged, so a report that cannot be queued is logged, not answered.
+        """
+        c = self.config
+        report = buildReport(envelope, headers, items, "delivered", c.hostname)
+        if report is None:
+            return
+        try:  # a local sender's report goes to its mailbox (in capture mode too), not through the queue
+            sender = c.local.router.resolve(envelope.sender)
+        except (UnknownRecipient, LookupPending):
+            sender = None
+
+        def sent(result: Any) -> None:
+            if isinstance(result, str):  # queued
+                log.info("smtp: {id}: success report {report} queued to <{sender}>", id=id, report=result,
+                         sender=envelope.sender)
+                if c.onAccepted is not None:
+                    c.onAccepted(result)
+            else:
+                log.info("smtp: {id}: success report delivered to <{sender}>", id=id, sender=envelope.sender)
+
+        if sender is not None and sender.mailboxes and not sender.remote:
+            d = c.local.deliverReport(report, sender.mailboxes)
+        else:
+            d = c.queue.enqueueBytes("", [envelope.sender], report, dsn=True)
+            if c.local.captured is not None:  # capture mode: captured, and a copy in the chosen INBOX
+                d.addCallback(lambda queued: c.local.deliverReport(
+                    report, [Mailbox(c.local.captured, envelope.sender)]).addCallback(lambda _: queued))
+        d.addCallbacks(sent, lambda f: log.error("smtp: cannot send a success report to <{sender}>: {error}",
+                                                 sender=envelope.sender, error=f.getErrorMessage()))
 
     def _abortData(self) -> None:
         if self._incoming is not None:

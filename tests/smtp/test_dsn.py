@@ -92,13 +92,43 @@ class ReportTests(unittest.TestCase):
     def test_notify(self) -> None:
         env = envelope()
         r = env.recipients[0]
-        for notify, failed, delayed in ((None, True, True), ("NEVER", False, False), ("FAILURE", True, False),
-                                        ("DELAY,SUCCESS", False, True), ("success,failure", True, False)):
+        for notify, failed, delayed, delivered in (
+                (None, True, True, False), ("NEVER", False, False, False), ("FAILURE", True, False, False),
+                ("DELAY,SUCCESS", False, True, True), ("success,failure", True, False, True)):
             r.notify = notify
-            self.assertEqual((wantsReport(env, r, "failed"), wantsReport(env, r, "delayed")), (failed, delayed),
-                             notify)
+            self.assertEqual((wantsReport(env, r, "failed"), wantsReport(env, r, "delayed"),
+                              wantsReport(env, r, "delivered")), (failed, delayed, delivered), notify)
         r.notify = "NEVER"
         self.assertIsNone(buildReport(env, ORIGINAL, [ReportItem(r, "5.0.0")], "failed", "h"))
+
+    def test_successReport(self) -> None:
+        """NOTIFY=SUCCESS: a "delivered" report (an alias of several: "expanded"), with the headers only."""
+        env = envelope(envid="ENV-2")  # RET absent: FULL for failures, never for success (RFC 3461 4.3)
+        bob, carol = env.recipients
+        bob.notify, carol.notify = "SUCCESS", "SUCCESS,FAILURE"
+        items = [ReportItem(bob, "2.0.0", "x-netsvc; delivered to mailbox"),
+                 ReportItem(carol, "2.0.0", "x-netsvc; delivered to several destinations (an alias)",
+                            action="expanded")]
+        data = buildReport(env, ORIGINAL, items, "delivered", "mail.lab")
+        m = parse(data)
+        self.assertEqual(m["Subject"], "Successful Mail Delivery Report")
+        self.assertEqual(m["To"].addresses[0].addr_spec, "alice@lab")
+        parts = list(m.iter_parts())
+        self.assertEqual([p.get_content_type() for p in parts],
+                         ["text/plain", "message/delivery-status", "text/rfc822-headers"])
+        self.assertIn("successfully delivered", parts[0].get_content())
+        self.assertIn("<bob@example.org>: x-netsvc; delivered to mailbox", parts[0].get_content())
+        _, first, second = parts[1].get_payload()
+        self.assertEqual((first["Final-Recipient"], first["Action"], first["Status"]),
+                         ("rfc822; bob@example.org", "delivered", "2.0.0"))
+        self.assertEqual((second["Final-Recipient"], second["Action"]), ("rfc822; carol@example.org", "expanded"))
+        self.assertNotIn(b"Body line", data)
+        self.assertIn(b"Subject: hello\r\n", data)
+        # not asked for: nothing; a report is never reported
+        bob.notify, carol.notify = None, "FAILURE"
+        self.assertIsNone(buildReport(env, ORIGINAL, items, "delivered", "mail.lab"))
+        bob.notify = "SUCCESS"
+        self.assertIsNone(buildReport(envelope(dsn=True), ORIGINAL, items, "delivered", "mail.lab"))
 
     def test_headerInjectionFlattened(self) -> None:
         env = envelope(envid="a\r\nBcc: evil@example")

@@ -645,6 +645,73 @@ class LoopbackTests(LoopbackCase):
         self.assertIn(b"Subject: from swaks\r\n", data)
 
 
+class SuccessReportTests(LoopbackCase):
+    """NOTIFY=SUCCESS for a local recipient: a "delivered" report (RFC 3464) to the sender, as Postfix's local(8)."""
+
+    def transaction(self, sender, rcpts):
+        """One message; C{rcpts}: [(address, RCPT options)]."""
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as c:
+                c.ehlo("client.test")
+                c.mail(sender)
+                for address, options in rcpts:
+                    self.assertEqual(c.rcpt(address, options)[0], 250)
+                return c.data(MESSAGE)
+
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def waitFor(self, until):
+        for _ in range(400):
+            if until():
+                return
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.fail("not before 4 s")
+
+    def report(self, data):
+        msg = message_from_bytes(data)
+        status = next(p for p in msg.walk() if p.get_content_type() == "message/delivery-status")
+        return msg, status.get_payload()[1:]
+
+    @defer.inlineCallbacks
+    def test_reportToARemoteSenderIsQueued(self):
+        code, _ = yield self.transaction("sender@example.org", [("dev@lab.test", ["NOTIFY=SUCCESS"]),
+                                                                ("root@localhost", [])])
+        self.assertEqual(code, 250)
+        yield self.waitFor(lambda: self.svc.capture.ids())  # capture mode: the report is captured
+        (id,) = self.svc.capture.ids()
+        envelope = self.svc.capture.envelope(id)
+        self.assertEqual((envelope.sender, [r.address for r in envelope.recipients]), ("", ["sender@example.org"]))
+        msg, recipients = self.report(self.svc.capture.raw(id))
+        self.assertEqual(msg["Subject"], "Successful Mail Delivery Report")
+        self.assertEqual([(r["Final-Recipient"], r["Action"], r["Status"]) for r in recipients],
+                         [("rfc822; dev@lab.test", "delivered", "2.0.0")])  # root@ did not ask
+        self.assertNotIn(b"line 1999 of the message", self.svc.capture.raw(id))  # the headers only
+
+    @defer.inlineCallbacks
+    def test_reportToALocalSenderInItsMailbox(self):
+        code, _ = yield self.transaction("dev@lab.test", [("root@lab.test", ["NOTIFY=SUCCESS,FAILURE"])])
+        self.assertEqual(code, 250)
+        yield self.waitFor(lambda: len(newFiles(self.mail, "dev")) == 2)
+        reports = [p.read_bytes() for p in newFiles(self.mail, "dev") if b"Return-Path: <>" in p.read_bytes()]
+        self.assertEqual(len(reports), 1)
+        msg, recipients = self.report(reports[0])
+        self.assertEqual(msg["Delivered-To"], "dev@lab.test")
+        self.assertEqual([(r["Final-Recipient"], r["Action"]) for r in recipients],
+                         [("rfc822; root@lab.test", "delivered")])
+        self.assertEqual(self.svc.capture.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_noReportUnlessAsked(self):
+        code, _ = yield self.transaction("sender@example.org", [("dev@lab.test", ["NOTIFY=FAILURE"]),
+                                                                ("root@lab.test", [])])
+        self.assertEqual(code, 250)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.svc.capture.ids(), [])
+        self.assertEqual(len(newFiles(self.mail, "dev")), 1)
+
+
 class TrustedLoopbackTests(LoopbackCase):
     """From mynetworks: mail for elsewhere is relayed (captured)."""
 
@@ -676,6 +743,27 @@ class CapturedMailboxTests(LoopbackCase):
         self.assertEqual([r.address for r in self.svc.capture.envelope(id).recipients],
                          ["someone@example.org", "other@example.net"])
         self.assertTrue(path.read_bytes().endswith(MESSAGE))
+
+    @defer.inlineCallbacks
+    def test_successReportCapturedAndInTheInbox(self):
+        """A success report captured in capture mode is a captured message: in dev's INBOX too."""
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as c:
+                c.ehlo("client.test")
+                c.mail("sender@example.org")
+                c.rcpt("root@lab.test", ["NOTIFY=SUCCESS"])
+                return c.data(MESSAGE)[0]
+
+        self.assertEqual((yield threads.deferToThread(run)), 250)
+        for _ in range(400):
+            if len(newFiles(self.mail, "dev")) == 2 and self.svc.capture.ids():
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        (id,) = self.svc.capture.ids()
+        self.assertIn(b"Successful Mail Delivery Report", self.svc.capture.raw(id))
+        copies = [p.read_bytes() for p in newFiles(self.mail, "dev")]
+        self.assertEqual(sum(b"Successful Mail Delivery Report" in c for c in copies), 1)
 
     @defer.inlineCallbacks
     def test_localMailNotCopiedTwice(self):

@@ -46,7 +46,6 @@ relayed message cannot: that is why they are written first).
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -358,9 +357,6 @@ class LocalDelivery:
         self.store = store
         self.metrics = metrics
         self.reactor = reactor
-        #: Held around a delivery that makes a user's Maildir: two threads making the same one at once
-        #: fail (the store writes the new Maildir's subscriptions file through one fixed tmp name).
-        self._creating = threading.Lock()
         #: Runs the blocking store work: the reactor's thread pool (tests may run it at once).
         self._run = run or (lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
 
@@ -392,11 +388,8 @@ class LocalDelivery:
         try:
             for mailbox in mailboxes:
                 copy = traceHeaders(sender, mailbox) + data
-                if self.store.exists(mailbox.user):
-                    key = self.store.deliver(mailbox.user, copy)
-                else:  # the store's first delivery makes the Maildir: one thread at a time (see __init__)
-                    with self._creating:
-                        key = self.store.deliver(mailbox.user, copy)
+                # (the store's first delivery makes the Maildir; threads and workers may race to: it is safe)
+                key = self.store.deliver(mailbox.user, copy)
                 written.append((mailbox.user, key))
                 size += len(copy)
         except BaseException:

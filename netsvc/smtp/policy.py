@@ -65,6 +65,8 @@ class ServerConfig:
     messageRate: RateLimiter | None = None
     #: Called with each accepted message's queue id.
     onAccepted: Callable[[str], None] | None = None
+    #: A L{netsvc.smtp.local.LocalDelivery} (its C{router} decides at RCPT); None: no local domains.
+    local: Any = None
     trusted: AccessList | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:

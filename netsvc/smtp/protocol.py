@@ -51,13 +51,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 
-from netsvc.smtp import policy
 from netsvc.smtp.data import DataReader
-from netsvc.smtp.policy import SMTPMetrics, reply
+from netsvc.smtp.policy import ServerConfig, SMTPMetrics, reply
 from netsvc.smtp.sasl import AuthCommands
 from netsvc.smtp.transaction import TransactionCommands
 
@@ -74,14 +72,6 @@ OUTPUT_CHUNK = 16 * 1024
 #: Seconds a closing connection has to take its last reply before it is aborted: a TLS close
 #: waits for the peer (for ever if it never did the handshake), and so does a full write buffer.
 CLOSE_GRACE = 10.0
-
-
-@attrs.define
-class ServerConfig(policy.ServerConfig):
-    """L{netsvc.smtp.policy.ServerConfig} with local delivery."""
-
-    #: A L{netsvc.smtp.local.LocalDelivery} (its C{router} decides at RCPT); None: no local domains.
-    local: Any = None
 
 
 class SMTPSession(TransactionCommands, AuthCommands, Protocol):

@@ -18,8 +18,8 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial import unittest
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial import unittest
 
 from netsvc import auth, config
 from netsvc.mailbox.maildir import MailboxError, Maildirs

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
 from pathlib import Path
 
 from twisted.internet import defer, endpoints, reactor
@@ -129,3 +132,16 @@ def silentClient(rcvbuf: int = 16 * 1024):
 def unsentBytes(transport) -> int:
     """Output a TCP transport holds in user space (not yet taken by the socket)."""
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def machineLock(testCase, name: str) -> None:
+    """
+    Hold, until C{testCase}'s cleanups have run, a lock that every test process on this machine
+    shares (C{flock} on a file in the temporary folder): for tests that need a fixed resource --
+    the shipped configuration's fixed ports, the few ports below 1024 -- while trial's workers
+    (C{make test} runs one per CPU) run other tests at the same time.  Take it first, so that it is
+    released after the test's own cleanups (a daemon stopped) have run.
+    """
+    fd = os.open(os.path.join(tempfile.gettempdir(), f"netsvc-tests-{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    testCase.addCleanup(os.close, fd)  # closing it releases the lock

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from tests.helpers import machineLock
 from tests.interop._daemon import (
     IO_TIMEOUT,
     REPO,
@@ -85,8 +86,12 @@ def assertStoppedCleanly(testCase: unittest.TestCase, status: int | None, output
     testCase.assertNotIn("Traceback", output)
 
 
-def skipUnlessFixedPortsFree() -> None:
-    """Skip when a port the shipped configuration needs is in use (bound as twistd would)."""
+def skipUnlessFixedPortsFree(testCase: unittest.TestCase) -> None:
+    """
+    Skip when a port the shipped configuration needs is in use (bound as twistd would); else keep
+    them for C{testCase} (from other trial workers) until its cleanups have run.
+    """
+    machineLock(testCase, "fixed-ports")
     if not ipv6LoopbackWorks():
         raise unittest.SkipTest("the shipped configuration listens on ::1; this machine has no IPv6 loopback")
     for family, kind, host, port in FIXED_PORTS:
@@ -121,7 +126,7 @@ class ShippedConfigurationTests(unittest.TestCase):
     """C{twistd -n netsvc --config etc/netsvc.yaml --state-dir TMP}."""
 
     def setUp(self) -> None:
-        skipUnlessFixedPortsFree()
+        skipUnlessFixedPortsFree(self)
         self.stateDir = Path(self.mktemp()).resolve()
         self.daemon = startNetsvc(self, CONFIG, self.stateDir, cwd=REPO)
         self.cafile = self.daemon.cafile
@@ -308,7 +313,7 @@ class TacTests(unittest.TestCase):
     """C{twistd -ny etc/netsvc.tac}, from the repository root (its state goes to var/)."""
 
     def test_tacServesEchoSMTPAndLDAP(self) -> None:
-        skipUnlessFixedPortsFree()
+        skipUnlessFixedPortsFree(self)
         daemon = startTwistd(self, ["-y", TAC], stateDir=REPO / "var", cwd=REPO)
         self.assertEqual(tcpEcho("127.0.0.1", 7007, b"from the tac"), b"from the tac")
         self.assertEqual(udpEcho("127.0.0.1", 7007, b"udp too"), b"udp too")

@@ -27,6 +27,7 @@ from twisted.trial import unittest
 
 from netsvc import auth
 from netsvc.runtime import _chownTree, asRunUser
+from tests.helpers import machineLock
 from tests.interop._daemon import IO_TIMEOUT, REPO, runToCompletion, startNetsvc, startTwistd, twistdCommand
 
 UNIT = REPO / "etc" / "netsvc.service"
@@ -41,8 +42,9 @@ def _needRoot() -> None:
         raise unittest.SkipTest("no user 'nobody' on this machine") from None
 
 
-def _lowPort() -> int:
-    """A free TCP port below 1024 on 127.0.0.1 (a bounded search)."""
+def _lowPort(testCase: unittest.TestCase) -> int:
+    """A free TCP port below 1024 on 127.0.0.1 (a bounded search), kept from other trial workers for C{testCase}."""
+    machineLock(testCase, "low-ports")
     for port in list(range(587, 588)) + list(range(900, 1024)):
         with socket.socket() as s:
             try:
@@ -84,7 +86,7 @@ class UnprivilegedTests(unittest.TestCase):
     def start(self, smtp: str, extra: str = "", uid: str = "nobody") -> tuple[object, Path, int]:
         _needRoot()
         base = _base(self)
-        port = _lowPort()
+        port = _lowPort(self)
         config = base / "netsvc.yaml"
         config.write_text(
             f"state_dir: state\n"
@@ -277,7 +279,7 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         """(d) An SMTP queue folder outside state_dir that netsvc makes in this run is handed over too."""
         _needRoot()
         base = _base(self)
-        port = _lowPort()
+        port = _lowPort(self)
         spool = base / "spool" / "netsvc"
         daemon = self.startAsNobody(
             base, f"  smtp:\n    listen: ['tcp:{port}:interface=127.0.0.1']\n"
@@ -298,7 +300,7 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         """
         _needRoot()
         base = _base(self)
-        port = _lowPort()
+        port = _lowPort(self)
         mail = base / "var-mail" / "netsvc"
         users = base / "users.txt"
         auth.addUser(users, "bob", "bobpass")

@@ -295,8 +295,7 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
     def test_maildirsOutsideStateDir(self):
         """
         (d) The Maildirs folder of local delivery, outside state_dir and made in this run, is handed over
-        too (the mailbox service is given the same folder).  Before: it stayed root's, and every local
-        delivery got 451 (the run user could not write in it).
+        too.  Before: it stayed root's, and every local delivery got 451 (the run user could not write in it).
         """
         _needRoot()
         base = _base(self)
@@ -308,15 +307,26 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         daemon = self.startAsNobody(
             base, f"  smtp:\n    listen: ['tcp:{port}:interface=127.0.0.1']\n"
                   f"    relay: {{capture: true}}\n    users: {users}\n"
-                  f"    local: {{domains: [example.test], maildir: '{mail}', aliases: {{postmaster: bob}}}}\n"
-                  f"  mailbox:\n    listen: [{{endpoint: 'tcp:0:interface=127.0.0.1', protocol: imap}}]\n"
-                  f"    users: {users}\n    maildir: '{mail}'\n")
+                  f"    local: {{domains: [example.test], maildir: '{mail}', aliases: {{postmaster: bob}}}}\n")
         code, reply = _send(port)
         self.assertEqual(code, 250, (reply, daemon.output()))
         delivered = list((mail / "bob").glob("new/*"))
         self.assertEqual(len(delivered), 1, daemon.output())
         self.assertEqual([_owner(p) for p in (mail, mail / "bob", delivered[0])], ["nobody"] * 3)
         self.assertEqual(_owner(base / "var-mail"), "root")
+
+    def test_mailboxMaildirsOutsideStateDir(self):
+        """(d) So is the mailbox service's (IMAP's APPEND and flag changes write there)."""
+        _needRoot()
+        base = _base(self)
+        mail = base / "imap-mail"
+        users = base / "users.txt"
+        auth.addUser(users, "bob", "bobpass")
+        os.chmod(users, 0o644)
+        daemon = self.startAsNobody(
+            base, f"  mailbox:\n    listen: [{{endpoint: 'tcp:0:interface=127.0.0.1', protocol: imap}}]\n"
+                  f"    users: {users}\n    maildir: '{mail}'\n")
+        self.assertEqual(_owner(mail), "nobody", daemon.output())
 
     def test_queueLinkChoosesNothing(self):
         """

@@ -758,18 +758,23 @@ class Maildirs:
 
     def _ensureUser(self, user: str) -> Path:
         base = self.userPath(user)
-        if (base / "cur").is_dir():
+        # The subscriptions file is written last, once the folders are durable: a thread (or worker)
+        # that sees it may deliver at once; one that does not makes (idempotently) and syncs them
+        # itself, rather than acknowledge a copy in a Maildir whose own entry is not on disk yet.
+        if (base / SUBSCRIPTIONS).exists():
             return base
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._makeMaildir(base, False)
             for name in SPECIAL_USE:
                 self._makeMaildir(base / _encodeFolder(name), True)
-            if not (base / SUBSCRIPTIONS).exists():
-                self._writeAtomic(base / SUBSCRIPTIONS, "".join(n + "\n" for n in ["INBOX", *SPECIAL_USE]))
             if self.fsync:
                 _fsyncDir(base)
                 _fsyncDir(self.root)
+            if not (base / SUBSCRIPTIONS).exists():
+                self._writeAtomic(base / SUBSCRIPTIONS, "".join(n + "\n" for n in ["INBOX", *SPECIAL_USE]))
+                if self.fsync:
+                    _fsyncDir(base)
         except OSError as e:
             raise MailboxError(f"cannot create the mailbox of {user}: {e.strerror}") from None
         return base

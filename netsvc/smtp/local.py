@@ -324,6 +324,18 @@ class _FileSource:
         return self.path.read_bytes()
 
 
+def forwardedNotify(notify: str | None, resolution: Resolution) -> str | None:
+    """
+    The NOTIFY of the addresses an alias forwards to: the recipient's own for an alias of one; for an
+    alias of several, without SUCCESS (its success is the "expanded" report, RFC 3461 6.2.7.3, as
+    Postfix does), NEVER when nothing is left.
+    """
+    if not notify or len(resolution.mailboxes) + len(resolution.remote) <= 1:
+        return notify
+    kept = [n for n in (part.strip() for part in notify.split(",")) if n.upper() != "SUCCESS"]
+    return ",".join(kept) if kept else "NEVER"
+
+
 class _BytesSource:
     """A message in memory (a report netsvc wrote), for L{LocalDelivery.deliver}."""
 
@@ -403,9 +415,7 @@ class LocalDelivery:
 
     def headers(self, incoming: Any) -> defer.Deferred:
         """The header block of the message C{incoming} holds (for a success report), read in a thread."""
-        from netsvc.smtp.dsn import headerBlock
-
-        return self._run(lambda: headerBlock(incoming.contents()))
+        return self._run(incoming.head)
 
     @defer.inlineCallbacks
     def deliverQueued(self, path: Path, envelope: Any, indexes: Sequence[int], queue: Any) -> Any:
@@ -431,13 +441,17 @@ class LocalDelivery:
             except UnknownRecipient as e:
                 outcomes.append((i, "fail", ("5.1.1", f"x-netsvc; {e}", None)))
                 continue
+            except LookupPending:
+                outcomes.append((i, "defer", ("4.3.0", "the user source has not loaded its names yet")))
+                continue
             if resolution is None:  # (grouped as local: cannot happen)
                 outcomes.append((i, "defer", ("4.3.5", f"{r.address} is not local")))
                 continue
             resolved.append(i)
             for mailbox in resolution.mailboxes:
                 mailboxes.setdefault(mailbox.user, mailbox)
-            forwards += [Recipient(address=a, notify=r.notify, orcpt=r.orcpt or f"rfc822;{r.address}")
+            notify = forwardedNotify(r.notify, resolution)
+            forwards += [Recipient(address=a, notify=notify, orcpt=r.orcpt or f"rfc822;{r.address}")
                          for a in resolution.remote]
         if not resolved:
             return outcomes

@@ -456,6 +456,26 @@ class IncomingMessage:
         self._file.flush()
         return self.tmpPath.read_bytes()
 
+    def head(self, limit: int = 1024 * 1024) -> bytes:
+        """
+        (A thread: it reads the file.)  The header block written so far (up to and with its
+        ending blank line), at most C{limit} bytes: what a success report carries, without reading
+        the whole message back.
+        """
+        self._file.flush()
+        data = b""
+        with open(self.tmpPath, "rb") as f:
+            while len(data) < limit:
+                chunk = f.read(65536)
+                if not chunk:
+                    break
+                start = max(0, len(data) - 3)
+                data += chunk
+                end = data.find(b"\r\n\r\n", start)
+                if end >= 0:
+                    return data[:min(end + 4, limit)]
+        return data[:limit]
+
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """Make it durable under this message's id; fires with the id (or errbacks, nothing kept)."""
         if self._done:

@@ -26,12 +26,13 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from netsvc.mailbox.maildir import MailboxError
 from netsvc.smtp.data import DataReader
 from netsvc.smtp.dsn import ReportItem, buildReport
-from netsvc.smtp.local import LookupPending, Mailbox, UnknownRecipient
+from netsvc.smtp.local import LookupPending, Mailbox, UnknownRecipient, forwardedNotify
 from netsvc.smtp.queue import Envelope, Recipient
 from netsvc.smtp.syntax import SyntaxProblem, checkMailbox, parseDSNMail, parseDSNRcpt, parsePathArgument
 
@@ -182,14 +183,15 @@ class TransactionCommands:
             else:
                 for mailbox in resolution.mailboxes:  # one copy per mailbox
                     self._mailboxes.setdefault(mailbox.user, mailbox)
-                if resolution.mailboxes and "SUCCESS" in (notify or "").upper():
-                    expanded = len(resolution.mailboxes) + len(resolution.remote) > 1  # an alias of several
+                expanded = len(resolution.mailboxes) + len(resolution.remote) > 1  # an alias of several
+                if (resolution.mailboxes or expanded) and "SUCCESS" in (notify or "").upper():
                     self._successes.append(ReportItem(
-                        recipient, "2.0.0", "x-netsvc; delivered to " + ("several destinations (an alias)"
-                                                                        if expanded else "mailbox"),
+                        recipient, "2.0.0", "x-netsvc; " + ("expanded to several destinations (an alias)"
+                                                            if expanded else "delivered to mailbox"),
                         action="expanded" if expanded else None))
+                forwarded = forwardedNotify(notify, resolution)
                 for forward in resolution.remote:  # an alias forwards elsewhere
-                    self._queue(_key(forward), Recipient(address=forward, notify=notify,
+                    self._queue(_key(forward), Recipient(address=forward, notify=forwarded,
                                                          orcpt=orcpt or f"rfc822;{address}"))
         self._send(250, "2.1.5", "Ok")
 
@@ -269,8 +271,16 @@ class TransactionCommands:
         self._resetTransaction()
         self._hold()
         queued = bool(envelope.recipients)
-        d = (incoming.commit(envelope) if not mailboxes
-             else self._deliverLocally(incoming, envelope, mailboxes, headers if successes else None))
+        d: Any = defer.succeed(None)
+        if successes:  # the headers for the success report, read back before the tmp file goes
+
+            def unread(f: Any) -> None:  # the report is lost, not the message
+                log.error("smtp: cannot read the message back for its success report: {error}",
+                          error=f.getErrorMessage())
+
+            d = self.config.local.headers(incoming).addCallbacks(headers.append, unread)
+        d.addCallback(lambda _: incoming.commit(envelope) if not mailboxes
+                      else self._deliverLocally(incoming, envelope, mailboxes))
 
         def committed(id: str) -> None:
             c = self.config
@@ -306,28 +316,15 @@ class TransactionCommands:
 
         d.addCallbacks(committed, failed)
 
-    def _deliverLocally(self, incoming: Any, envelope: Envelope, mailboxes: list[Mailbox],
-                        headers: list[bytes] | None = None) -> Any:
+    def _deliverLocally(self, incoming: Any, envelope: Envelope, mailboxes: list[Mailbox]) -> Any:
         """
         Every local copy first (in a thread), then the queue for the other recipients;
         fires with the message id once both are durable.  On a failure nothing is
-        kept: the tmp file is dropped, local copies written are removed.  With a
-        C{headers} list, the message's header block is added to it (for a success
-        report) before the tmp file goes.
+        kept: the tmp file is dropped, local copies written are removed.
         """
         local = self.config.local
 
         def delivered(written: list[tuple[str, str]]) -> Any:
-            if headers is None:
-                return keep(written)
-
-            def unread(f: Any) -> None:  # the report is lost, not the delivery
-                log.error("smtp: cannot read the message back for its success report: {error}",
-                          error=f.getErrorMessage())
-
-            return local.headers(incoming).addCallbacks(headers.append, unread).addCallback(lambda _: keep(written))
-
-        def keep(written: list[tuple[str, str]]) -> Any:
             if not envelope.recipients:  # nothing to relay: the queue's tmp file is not needed
                 incoming.abort()
                 return incoming.id
@@ -364,14 +361,17 @@ class TransactionCommands:
                 log.info("smtp: {id}: success report {report} queued to <{sender}>", id=id, report=result,
                          sender=envelope.sender)
                 if c.onAccepted is not None:
-                    c.onAccepted(result)
+                    try:
+                        c.onAccepted(result)
+                    except Exception:  # the report is durable: delivery finds it at its next scan
+                        log.failure("smtp: the accept hook failed for {id}", id=result)
             else:
                 log.info("smtp: {id}: success report delivered to <{sender}>", id=id, sender=envelope.sender)
 
         if sender is not None and sender.mailboxes and not sender.remote:
             d = c.local.deliverReport(report, sender.mailboxes)
-        else:
-            d = c.queue.enqueueBytes("", [envelope.sender], report, dsn=True)
+        else:  # (opening the queue file may raise at once: disk full, no file descriptors)
+            d = defer.maybeDeferred(c.queue.enqueueBytes, "", [envelope.sender], report, dsn=True)
             if c.local.captured is not None:  # capture mode: captured, and a copy in the chosen INBOX
                 d.addCallback(lambda queued: c.local.deliverReport(
                     report, [Mailbox(c.local.captured, envelope.sender)]).addCallback(lambda _: queued))

@@ -349,6 +349,46 @@ class NewMailboxRaceTests(unittest.TestCase):
             self.assertEqual(len(store.inbox("newcomer").messages()), 8)
 
 
+class NewMailboxDurableTests(unittest.TestCase):
+    """
+    A delivery into a Maildir another thread is making returns only once the Maildir's own entries
+    are on disk (before: a thread that saw C{cur/} delivered at once, and its copy was acknowledged
+    before the new user's folder was fsync'd in the root: lost with the folder on a power cut).
+    """
+
+    def test_noDeliveryBeforeTheFoldersAreSynced(self):
+        synced: list[str] = []
+        real = maildir._fsyncDir
+
+        def tracing(path):
+            real(path)
+            synced.append(str(path))
+
+        self.patch(maildir, "_fsyncDir", tracing)
+        early = 0
+        for _ in range(10):
+            store = Maildirs(self.mktemp(), fsync=True)
+            root = str(store.root)
+            synced.clear()
+            barrier = threading.Barrier(8)
+            lock = threading.Lock()
+
+            def deliver(store=store, barrier=barrier, lock=lock, root=root):
+                nonlocal early
+                barrier.wait()
+                store.deliver("newcomer", b"Subject: x\r\n\r\nhi\r\n")
+                with lock:
+                    early += root not in synced
+
+            threads = [threading.Thread(target=deliver) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            self.assertEqual(len(store.inbox("newcomer").messages()), 8)
+        self.assertEqual(early, 0)
+
+
 class ReviewFindingsTests(unittest.TestCase):
     """What the review of the store found (each seen failing before its fix)."""
 

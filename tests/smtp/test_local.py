@@ -498,6 +498,27 @@ class QueuedLocalTests(unittest.TestCase):
         self.assertIn(b"nobody@lab.test", bounce)
 
     @defer.inlineCallbacks
+    def test_namesNotLoadedDeferred(self):
+        """
+        Queued mail for a local name while the user source has not loaded its names: deferred and
+        retried (before: LookupPending escaped, logged as a traceback, and the message stayed in
+        flight for ever).
+        """
+        from tests.smtp.test_delivery import MESSAGE as QUEUED
+
+        self.delivery.local.router.users.namesLoaded = False
+        id = yield self.queue.enqueueBytes("s@example.org", ["carl@lab.test"], QUEUED)
+        self.delivery.startService()
+        yield self.settle(lambda: id in self.delivery.scheduled)
+        self.assertEqual(self.queue.envelope(id).recipients[0].status, "pending")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.delivery.local.router.users.names.add("carl")
+        self.delivery.local.router.users.namesLoaded = True
+        self.clock.advance(61)
+        yield self.settle(lambda: not self.queue.ids())
+        self.assertEqual(len(newFiles(self.root, "carl")), 1)
+
+    @defer.inlineCallbacks
     def test_storeFailureRetried(self):
         from tests.smtp.test_delivery import MESSAGE as QUEUED
 
@@ -527,7 +548,8 @@ services:
     users: {users}
     relay: {{capture: true}}
     queue: {{fsync: true}}
-    local: {{domains: [lab.test, localhost], aliases: {{postmaster: dev, root: dev}}{captured}}}
+    local: {{domains: [lab.test, localhost], aliases: {{postmaster: dev, root: dev, ops: [dev, oncall@example.org],
+             lists: [a@example.org, b@example.org]}}{captured}}}
     limits: {{rate: 0}}
 """
 
@@ -707,9 +729,49 @@ class SuccessReportTests(LoopbackCase):
         code, _ = yield self.transaction("sender@example.org", [("dev@lab.test", ["NOTIFY=FAILURE"]),
                                                                 ("root@lab.test", [])])
         self.assertEqual(code, 250)
-        yield task.deferLater(reactor, 0.3, lambda: None)
-        self.assertEqual(self.svc.capture.ids(), [])
-        self.assertEqual(len(newFiles(self.mail, "dev")), 1)
+        # a second message that asks: its report is the only one (the first's would have come before it)
+        code, _ = yield self.transaction("later@example.org", [("dev@lab.test", ["NOTIFY=SUCCESS"])])
+        self.assertEqual(code, 250)
+        yield self.waitFor(lambda: self.svc.capture.ids())
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        (id,) = self.svc.capture.ids()
+        self.assertEqual([r.address for r in self.svc.capture.envelope(id).recipients], ["later@example.org"])
+        self.assertEqual(len(newFiles(self.mail, "dev")), 2)
+
+    @defer.inlineCallbacks
+    def test_aliasOfSeveralExpanded(self):
+        """
+        An alias of several: one "expanded" report, and its forwards lose SUCCESS (NEVER when it was
+        all), as Postfix: the sender is not told again by the servers downstream.
+        """
+        code, _ = yield self.transaction("sender@example.org", [("ops@lab.test", ["NOTIFY=SUCCESS"]),
+                                                                ("lists@lab.test", ["NOTIFY=SUCCESS,FAILURE"])])
+        self.assertEqual(code, 250)
+        yield self.waitFor(lambda: len(self.svc.capture.ids()) == 2)
+        envelopes = {id: self.svc.capture.envelope(id) for id in self.svc.capture.ids()}
+        (reportId,) = [id for id, e in envelopes.items() if e.sender == ""]
+        (forwarded,) = [e for e in envelopes.values() if e.sender]
+        self.assertEqual(sorted((r.address, r.notify, r.orcpt) for r in forwarded.recipients),
+                         [("a@example.org", "FAILURE", "rfc822;lists@lab.test"),
+                          ("b@example.org", "FAILURE", "rfc822;lists@lab.test"),
+                          ("oncall@example.org", "NEVER", "rfc822;ops@lab.test")])
+        _, recipients = self.report(self.svc.capture.raw(reportId))
+        self.assertEqual([(r["Final-Recipient"], r["Action"]) for r in recipients],
+                         [("rfc822; ops@lab.test", "expanded"), ("rfc822; lists@lab.test", "expanded")])
+        self.assertEqual(len(newFiles(self.mail, "dev")), 1)  # ops's local copy
+
+    def test_headOnly(self):
+        """A success report reads back the header block only, wherever the reads cut it."""
+        from netsvc.smtp.queue import Queue as RealQueue
+
+        queue = RealQueue(Path(self.mktemp()), fsync=False, reactor=reactor)
+        head = b"Subject: x\r\n" + b"X-Long: " + b"y" * 70000 + b"\r\n\r\n"
+        for body in (b"", b"body\r\n" * 50000):
+            incoming = queue.newMessage()
+            incoming.write(head + body)
+            self.assertEqual(incoming.head(), head)
+            self.assertEqual(incoming.head(limit=100), head[:100])
+            incoming.abort()
 
 
 class TrustedLoopbackTests(LoopbackCase):

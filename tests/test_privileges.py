@@ -275,22 +275,30 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         self.assertUntouched(rootsFile)
         self.assertEqual(_owner(base), "root")
 
+    def assertOneMessageHandedOver(self, base: Path, services: str, port: int, folder: Path, pattern: str) -> None:
+        """
+        Started as nobody with C{services}, one message sent to C{port}: it is the one file C{pattern}
+        finds under C{folder} (made outside state_dir in this run), and it and the folders between are
+        nobody's; what holds C{folder} stays root's.
+        """
+        daemon = self.startAsNobody(base, services)
+        code, reply = _send(port)
+        self.assertEqual(code, 250, (reply, daemon.output()))
+        found = list(folder.glob(pattern))
+        self.assertEqual(len(found), 1, daemon.output())
+        self.assertEqual([_owner(p) for p in (folder, found[0].parent, found[0])], ["nobody"] * 3)
+        self.assertEqual(_owner(folder.parent), "root")
+
     def test_queueOutsideStateDir(self):
         """(d) An SMTP queue folder outside state_dir that netsvc makes in this run is handed over too."""
         _needRoot()
         base = _base(self)
         port = _lowPort(self)
         spool = base / "spool" / "netsvc"
-        daemon = self.startAsNobody(
+        self.assertOneMessageHandedOver(
             base, f"  smtp:\n    listen: ['tcp:{port}:interface=127.0.0.1']\n"
                   f"    relay: {{smarthost: 'tcp:127.0.0.1:1', starttls: none}}\n"
-                  f"    queue: {{dir: '{spool}'}}\n")
-        code, reply = _send(port)
-        self.assertEqual(code, 250, (reply, daemon.output()))
-        queued = list((spool / "env").glob("*.json"))
-        self.assertEqual(len(queued), 1, daemon.output())
-        self.assertEqual([_owner(p) for p in (spool, spool / "env", queued[0])], ["nobody"] * 3)
-        self.assertEqual(_owner(base / "spool"), "root")
+                  f"    queue: {{dir: '{spool}'}}\n", port, spool, "env/*.json")
 
     def test_maildirsOutsideStateDir(self):
         """
@@ -304,16 +312,11 @@ class RootNeverWritesForTheUserTests(unittest.TestCase):
         users = base / "users.txt"
         auth.addUser(users, "bob", "bobpass")
         os.chmod(users, 0o644)
-        daemon = self.startAsNobody(
+        self.assertOneMessageHandedOver(
             base, f"  smtp:\n    listen: ['tcp:{port}:interface=127.0.0.1']\n"
                   f"    relay: {{capture: true}}\n    users: {users}\n"
-                  f"    local: {{domains: [example.test], maildir: '{mail}', aliases: {{postmaster: bob}}}}\n")
-        code, reply = _send(port)
-        self.assertEqual(code, 250, (reply, daemon.output()))
-        delivered = list((mail / "bob").glob("new/*"))
-        self.assertEqual(len(delivered), 1, daemon.output())
-        self.assertEqual([_owner(p) for p in (mail, mail / "bob", delivered[0])], ["nobody"] * 3)
-        self.assertEqual(_owner(base / "var-mail"), "root")
+                  f"    local: {{domains: [example.test], maildir: '{mail}', aliases: {{postmaster: bob}}}}\n",
+            port, mail, "bob/new/*")
 
     def test_mailboxMaildirsOutsideStateDir(self):
         """(d) So is the mailbox service's (IMAP's APPEND and flag changes write there)."""

@@ -184,7 +184,10 @@ class TransactionCommands:
                 for mailbox in resolution.mailboxes:  # one copy per mailbox
                     self._mailboxes.setdefault(mailbox.user, mailbox)
                 expanded = len(resolution.mailboxes) + len(resolution.remote) > 1  # an alias of several
-                if (resolution.mailboxes or expanded) and "SUCCESS" in (notify or "").upper():
+                # Only for a client we know (mynetworks, AUTH): a report to the unverified sender of an
+                # outsider would be backscatter, one report to any address of its choosing per message.
+                known = self.user is not None or c.isTrusted(self.host)
+                if known and (resolution.mailboxes or expanded) and "SUCCESS" in (notify or "").upper():
                     self._successes.append(ReportItem(
                         recipient, "2.0.0", "x-netsvc; " + ("expanded to several destinations (an alias)"
                                                             if expanded else "delivered to mailbox"),

@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from netsvc import auth, config
 from netsvc.mailbox.maildir import MailboxError, Maildirs
 from netsvc.metrics import Registry
-from netsvc.policies import RateLimiter
+from netsvc.policies import AccessList, RateLimiter
 from netsvc.smtp.delivery import Delivery, DeliveryMetrics
 from netsvc.smtp.local import (
     LocalDelivery,
@@ -668,7 +668,12 @@ class LoopbackTests(LoopbackCase):
 
 
 class SuccessReportTests(LoopbackCase):
-    """NOTIFY=SUCCESS for a local recipient: a "delivered" report (RFC 3464) to the sender, as Postfix's local(8)."""
+    """
+    NOTIFY=SUCCESS for a local recipient, from a client of mynetworks: a "delivered" report (RFC 3464) to
+    the sender, as Postfix's local(8).
+    """
+
+    mynetworks = "[127.0.0.0/8]"
 
     def transaction(self, sender, rcpts):
         """One message; C{rcpts}: [(address, RCPT options)]."""
@@ -759,6 +764,24 @@ class SuccessReportTests(LoopbackCase):
         self.assertEqual([(r["Final-Recipient"], r["Action"]) for r in recipients],
                          [("rfc822; ops@lab.test", "expanded"), ("rfc822; lists@lab.test", "expanded")])
         self.assertEqual(len(newFiles(self.mail, "dev")), 1)  # ops's local copy
+
+    @defer.inlineCallbacks
+    def test_notForAnOutsider(self):
+        """
+        From outside mynetworks without AUTH, SUCCESS is not honoured: a report to the unverified
+        sender would be backscatter (one message to any address of the outsider's choosing per message).
+        """
+        self.svc.configs[0].trusted = None  # the same daemon, now from outside mynetworks
+        code, _ = yield self.transaction("victim@example.org", [("dev@lab.test", ["NOTIFY=SUCCESS"])])
+        self.assertEqual(code, 250)
+        self.assertEqual(len(newFiles(self.mail, "dev")), 1)
+        self.svc.configs[0].trusted = AccessList(["127.0.0.0/8"])
+        code, _ = yield self.transaction("sender@example.org", [("dev@lab.test", ["NOTIFY=SUCCESS"])])
+        self.assertEqual(code, 250)
+        yield self.waitFor(lambda: self.svc.capture.ids())
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        (id,) = self.svc.capture.ids()  # the trusted client's only: none went to victim@
+        self.assertEqual([r.address for r in self.svc.capture.envelope(id).recipients], ["sender@example.org"])
 
     def test_headOnly(self):
         """A success report reads back the header block only, wherever the reads cut it."""

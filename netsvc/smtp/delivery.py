@@ -312,8 +312,12 @@ class Delivery(service.Service):
                 box = self.outbox.get(domain)
                 while box and self.running:
                     job = box.popleft()
-                    outcomes = yield self.local.deliverQueued(job.flight.path, job.flight.envelope, job.indexes,
-                                                              self.queue)
+                    try:
+                        outcomes = yield self.local.deliverQueued(job.flight.path, job.flight.envelope, job.indexes,
+                                                                  self.queue)
+                    except Exception:  # a bug: logged, and the job answered (retried), never left in flight
+                        log.failure("delivery {id}: local delivery", id=job.flight.id)
+                        outcomes = [(i, "defer", ("4.3.0", "local delivery failed")) for i in job.indexes]
                     self.outcomes.groupAnswered(job, outcomes)
                 return
             try:

@@ -519,6 +519,23 @@ class QueuedLocalTests(unittest.TestCase):
         self.assertEqual(len(newFiles(self.root, "carl")), 1)
 
     @defer.inlineCallbacks
+    def test_aBugRetriedNotStuck(self):
+        """An unexpected error in local delivery is logged and the message retried, not left in flight."""
+        from tests.smtp.test_delivery import MESSAGE as QUEUED
+
+        router = self.delivery.local.router
+        self.patch(router, "resolve", lambda address: 1 / 0)
+        id = yield self.queue.enqueueBytes("s@example.org", ["bob@lab.test"], QUEUED)
+        self.delivery.startService()
+        yield self.settle(lambda: id in self.delivery.scheduled)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.queue.envelope(id).recipients[0].status, "pending")
+        del router.resolve
+        self.clock.advance(61)
+        yield self.settle(lambda: not self.queue.ids())
+        self.assertEqual(len(newFiles(self.root, "bob")), 1)
+
+    @defer.inlineCallbacks
     def test_storeFailureRetried(self):
         from tests.smtp.test_delivery import MESSAGE as QUEUED
 

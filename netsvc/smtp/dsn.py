@@ -172,8 +172,10 @@ def buildReport(envelope: Any, original: bytes, items: Sequence[ReportItem], act
     eightBit = not body.isascii()
     if eightBit:
         third += b"Content-Transfer-Encoding: 8bit\r\n"
-    third += b"Content-Description: " + (b"Undelivered message" if full else b"Undelivered message headers"
-                                          if action not in SUCCESS_ACTIONS else b"Delivered message headers")
+    if action in SUCCESS_ACTIONS:
+        third += b"Content-Description: Delivered message headers"
+    else:
+        third += b"Content-Description: " + (b"Undelivered message" if full else b"Undelivered message headers")
 
     domain = hostname if "." in hostname else f"{hostname}.invalid"
     head = (f"From: Mail Delivery System <{daemon}>\r\n"

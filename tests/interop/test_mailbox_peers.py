@@ -621,7 +621,10 @@ class FetchmailTests(MailboxDaemonTestCase):
             f"  {'keep' if keep else 'nokeep'} fetchall\n"
             f"  mda \"/bin/sh -c 'cat > {out}/m.$$'\"\n")  # one shell per message
         os.chmod(rc, 0o600)
-        result = subprocess.run([fetchmail, "-f", str(rc), "-v", "--nosyslog"], capture_output=True,
+        # a lock file of its own: as root fetchmail locks /var/run/fetchmail.pid whatever FETCHMAILHOME
+        # says, and another test worker's fetchmail would find it held
+        result = subprocess.run([fetchmail, "-f", str(rc), "-v", "--nosyslog", "--pidfile", str(home / "pid")],
+                                capture_output=True,
                                 timeout=60, env=dict(os.environ, FETCHMAILHOME=str(home)))
         files = [p.read_bytes() for p in sorted(out.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
         return result.returncode, decoded(result) + "\n--- the daemon said:\n" + self.daemon.output()[-3000:], files
